@@ -1,0 +1,35 @@
+# The two commands: `make demo` (sample an image) and `make test` (the whole suite).
+# Both set up .venv first. TORCH picks the torch build: the default pin takes the local CPU
+# wheel on CPU-only machines and the CUDA build from PyPI on CUDA machines.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+EXTRAS ?= dev
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(EXTRAS)
+
+.PHONY: setup demo test default-model bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+# Samples from the bundled default model; until it exists, from a small model built on the spot.
+demo: setup
+	@if [ -f gen/assets/default/model_index.json ]; then \
+	  $(VENV)/bin/gen sample "a red circle left of a blue square" --num-images 4 --out out/demo; \
+	else \
+	  $(PY) -m gen.models.tiny out/demo-model && \
+	  $(VENV)/bin/gen sample "a red circle left of a blue square" --model out/demo-model --num-images 4 --out out/demo; \
+	fi
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,133 @@
+"""The `gen` command: sample, info (train, lora and eval come with their stages)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from gen.errors import GenError
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="generate images from a prompt")
+    p.add_argument("prompt")
+    p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--guidance-rescale", type=float, default=None)
+    p.add_argument("--sampler", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--attention", default=None, help="attention backend (default: auto)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on CUDA)")
+    p.add_argument("--out", default="outputs", help="a .png file, or a folder (default: outputs/)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle-based weight files (unsafe)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_sample)
+
+
+def _out_paths(out: str, seeds: list[int]) -> list[Path]:
+    """A .png path names the file (with -i for several images); otherwise a folder of SEED.png files,
+    never overwriting an existing image."""
+    out = Path(out)
+    if out.suffix.lower() == ".png":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return [out] if len(seeds) == 1 else [out.with_name(f"{out.stem}-{i}.png") for i in range(len(seeds))]
+    if out.exists() and not out.is_dir():
+        raise GenError(f"--out {out} exists and is not a folder; give a folder or a .png path")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in seeds:
+        p, k = out / f"{s}.png", 1
+        while p.exists():
+            p, k = out / f"{s}-{k}.png", k + 1
+        paths.append(p)
+    return paths
+
+
+def cmd_sample(args) -> int:
+    from gen.io import png_parameters, save_png
+    from gen.pipeline import Pipeline
+
+    if args.steps is not None and args.steps < 1:  # fail before loading anything
+        raise GenError(f"--steps must be >= 1, not {args.steps}")
+    if args.guidance is not None and args.guidance < 0:
+        raise GenError(f"--guidance must be >= 0, not {args.guidance}")
+    pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                    attention=args.attention, allow_pickle=args.allow_pickle)
+    pipe.progress = not args.no_progress
+    d = pipe.defaults
+    settings = dict(num_inference_steps=args.steps or d["steps"],
+                    guidance_scale=d["guidance"] if args.guidance is None else args.guidance,
+                    height=args.height or d["height"], width=args.width or d["width"],
+                    sampler=args.sampler or d["sampler"])
+    out = pipe(args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
+               seed=args.seed, guidance_rescale=args.guidance_rescale, **settings)
+    model = Path(args.model).name if args.model else "gen-default"
+    for image, seed, path in zip(out.images, out.seeds, _out_paths(args.out, out.seeds)):
+        params = png_parameters(args.prompt, args.negative_prompt or "", settings["num_inference_steps"],
+                                settings["sampler"], settings["guidance_scale"], seed, settings["width"],
+                                settings["height"], model)
+        save_png(image, path, params)
+        print(path)
+    return 0
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="describe a model folder or a .safetensors file")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args) -> int:
+    from gen.info import describe
+
+    print(describe(args.path))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="gen", description="Train, fine-tune and sample text-to-image models.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = ap.add_subparsers(dest="command", required=True)
+    _add_sample(sub)
+    _add_info(sub)
+    return ap
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    for lib in (dlog, tlog):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        _quiet_libraries()
+        return args.func(args)
+    except GenError as e:
+        if args.debug:
+            raise
+        print(f"gen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gen: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an internal bug: one line unless --debug
+        if args.debug:
+            raise
+        print(f"gen: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1

@@ -1,0 +1,74 @@
+"""`gen info`: describe a model folder or a .safetensors file without loading the models."""
+
+from __future__ import annotations
+
+import json
+from math import prod
+from pathlib import Path
+
+from safetensors import safe_open
+
+from gen.errors import GenError
+from gen.io import read_json
+
+
+def _count(files: list[Path]) -> int:
+    n = 0
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                n += sum(prod(h.get_slice(k).get_shape()) for k in h.keys())
+        except Exception as e:
+            raise GenError(f"{f} is not a valid safetensors file ({e})") from None
+    return n
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
+
+def describe_folder(path: Path) -> str:
+    index = read_json(path / "model_index.json")
+    lines = [f"model folder {path}", f"  pipeline: {index.get('_class_name', '?')}"]
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        weights = sorted((path / name).glob("*.safetensors"))
+        size = f", {_human(_count(weights))} parameters" if weights else ""
+        lines.append(f"  {name}: {spec[1]}{size}")
+    gen_cfg = path / "gen_config.json"
+    if gen_cfg.is_file():
+        extra = read_json(gen_cfg)
+        f = dict(extra.get("formulation", {}))
+        lines.append(f"  formulation: {f.pop('type', '?')} " + ", ".join(f"{k}={v}" for k, v in f.items()))
+        lines.append("  sampling defaults: " + ", ".join(f"{k}={v}" for k, v in extra.get("sampling", {}).items()))
+        if extra.get("recipe"):
+            lines.append("  recipe: " + json.dumps(extra["recipe"]))
+    else:
+        sched = read_json(path / "scheduler" / "scheduler_config.json")
+        lines.append(f"  formulation: read from {sched.get('_class_name')} "
+                     f"(prediction_type={sched.get('prediction_type', 'flow')})")
+    return "\n".join(lines)
+
+
+def describe_file(path: Path) -> str:
+    try:
+        with safe_open(str(path), framework="pt") as h:
+            keys = list(h.keys())
+            meta = h.metadata() or {}
+    except Exception as e:
+        raise GenError(f"{path} is not a valid safetensors file ({e})") from None
+    lines = [f"safetensors file {path}", f"  tensors: {len(keys)}, parameters: {_human(_count([path]))}"]
+    lines += [f"  {k}: {v[:200]}" for k, v in meta.items()]
+    return "\n".join(lines)
+
+
+def describe(path: str | Path) -> str:
+    path = Path(path)
+    if path.is_dir() and (path / "model_index.json").is_file():
+        return describe_folder(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        return describe_file(path)
+    if not path.exists():
+        raise GenError(f"not found: {path}")
+    raise GenError(f"{path} is neither a model folder (with model_index.json) nor a .safetensors file")

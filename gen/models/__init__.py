@@ -1,0 +1,1 @@
+"""Model components: CLIP text encoder, VAE, UNet presets and the project's DiT."""

@@ -1,0 +1,75 @@
+"""CLIP text encoder + tokenizer: prompts -> (hidden states, pooled embedding)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+log = logging.getLogger("gen")
+
+# Small CLIP text towers (transformers CLIPTextConfig fields). "tiny" is for tests.
+TEXT_PRESETS = {
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=77, projection_dim=32),
+    "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                  max_position_embeddings=77, projection_dim=256),
+}
+
+
+def byte_level_tokenizer(merges: list[str] | None = None, vocab_extra: list[str] | None = None,
+                         model_max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over the 256 byte symbols (+ optional merges): needs no downloaded vocab."""
+    from tokenizers import pre_tokenizers
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    for tok in vocab_extra or []:
+        vocab.setdefault(tok, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges or []],
+                         model_max_length=model_max_length)
+
+
+def build_text_encoder(preset: str = "tiny", vocab_size: int = 514, **overrides) -> CLIPTextModel:
+    """A randomly initialised CLIP text encoder from a named preset."""
+    if preset not in TEXT_PRESETS:
+        raise ValueError(f"unknown text encoder preset {preset!r}; choose from {sorted(TEXT_PRESETS)}")
+    cfg = CLIPTextConfig(vocab_size=vocab_size, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                         **{**TEXT_PRESETS[preset], **overrides})
+    return CLIPTextModel(cfg)
+
+
+class TextEncoder:
+    """Tokenizes prompts and runs the CLIP text tower, as diffusers' Stable Diffusion pipeline does."""
+
+    def __init__(self, model: CLIPTextModel, tokenizer: CLIPTokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @property
+    def max_length(self) -> int:
+        return min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """(B, L) token ids, padded and truncated to the model's length; warns with any dropped text."""
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        full = self.tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
+        if full.shape[-1] > ids.shape[-1]:
+            special = set(self.tokenizer.all_special_ids)
+            for row in full.tolist():
+                dropped = [i for i in row[self.max_length - 1:] if i not in special]
+                if dropped:
+                    log.warning("prompt is longer than %d tokens; this part was dropped: %r",
+                                self.max_length, self.tokenizer.decode(dropped))
+        return ids
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns hidden states (B, L, D) and the pooled embedding (B, D)."""
+        ids = self.tokenize(prompts).to(self.model.device)
+        out = self.model(ids)
+        return out.last_hidden_state, out.pooler_output

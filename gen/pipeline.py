@@ -1,0 +1,367 @@
+"""Pipeline: prompt -> CLIP text embeddings -> latent sampling loop with CFG -> VAE decode."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from gen import attention as attn
+from gen import formulations
+from gen.errors import GenError
+from gen.guidance import check_guidance, guide, in_interval, uses_cfg
+from gen.io import PICKLE_SUFFIXES, read_json
+from gen.models import vae as vae_lib
+from gen.models.text import TextEncoder
+from gen.samplers import check_sampler, make_scheduler, sampler_name
+
+log = logging.getLogger("gen")
+
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "default"
+GEN_CONFIG = "gen_config.json"
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+MAX_SEED = 2 ** 64 - 1
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class PipelineOutput:
+    images: list | np.ndarray | torch.Tensor
+    seeds: list[int] = field(default_factory=list)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise GenError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GenError("device 'cuda' was asked for, but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """fp32 on CPU by default, fp16 on CUDA."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise GenError(f"unknown dtype {dtype!r}; choose from fp32, fp16, bf16")
+    return DTYPES[dtype]
+
+
+def _check_safetensors(folder: Path, allow_pickle: bool) -> None:
+    """Refuses a component whose only weights are pickle-based, before anything is unpickled."""
+    files = [p for p in folder.iterdir() if p.is_file()]
+    if any(p.suffix == ".safetensors" for p in files):
+        return
+    pickles = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
+    if pickles and not allow_pickle:
+        raise GenError(f"{folder} has only pickle-based weights ({', '.join(pickles)}), which can run code "
+                       "when loaded; refused. Convert them to safetensors, or pass --allow-pickle if you trust them.")
+    if not pickles:
+        raise GenError(f"{folder} has no weights file (.safetensors)")
+
+
+class Pipeline:
+    """Text-to-image sampling with a UNet or DiT denoiser in a VAE's latent space.
+
+    Args:
+        text_encoder: transformers CLIPTextModel.
+        tokenizer: its CLIPTokenizer.
+        vae: diffusers AutoencoderKL.
+        denoiser: diffusers UNet2DConditionModel or gen's DiT.
+        scheduler_config: the folder's diffusers scheduler config (step spacing; the maths by default).
+        formulation: the training objective; read off `scheduler_config` when None.
+        defaults: sampling defaults (steps, guidance, sampler, height, width, guidance_rescale).
+        recipe: the training recipe, recorded in saved folders.
+    """
+
+    def __init__(self, text_encoder, tokenizer, vae, denoiser, scheduler_config: dict | None = None,
+                 formulation=None, defaults: dict | None = None, recipe: dict | None = None,
+                 name: str = "model", attention: str | None = None):
+        self.text = TextEncoder(text_encoder, tokenizer)
+        self.vae = vae
+        self.denoiser = denoiser
+        self.formulation = formulation or formulations.from_scheduler_config(scheduler_config or {})
+        self.scheduler_config = dict(scheduler_config) if scheduler_config else None
+        self.recipe = dict(recipe or {})
+        self.name = name
+        self.progress = True
+        self.defaults = self._default_settings() | dict(defaults or {})
+        attn.set_backend(attention)
+        for m in (self.text.model, self.vae, self.denoiser):
+            m.eval().requires_grad_(False)
+
+    # ---- properties -------------------------------------------------------------------------
+    @property
+    def is_dit(self) -> bool:
+        return not hasattr(self.denoiser.config, "block_out_channels")
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return vae_lib.scale_factor(self.vae)
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this: the VAE factor, times the DiT patch size."""
+        return self.vae_scale_factor * (self.denoiser.config.patch_size if self.is_dit else 1)
+
+    def _default_settings(self) -> dict:
+        size = self.denoiser.config.sample_size * self.vae_scale_factor
+        flow = self.formulation.kind == "flow"
+        sampler = sampler_name(self.scheduler_config, self.formulation) if self.scheduler_config else (
+            "flow-euler" if flow else "dpm++2m")
+        return dict(steps=28 if flow else 50, guidance=5.0 if flow else 7.5, sampler=sampler,
+                    height=size, width=size, guidance_rescale=0.0)
+
+    def to(self, device=None, dtype=None) -> "Pipeline":
+        for m in (self.text.model, self.vae, self.denoiser):
+            m.to(device=device)
+            if dtype is not None and m.dtype != dtype:
+                m.to(dtype=dtype)
+        return self
+
+    # ---- loading and saving -----------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, device=None, dtype=None,
+                        attention: str | None = None, allow_pickle: bool = False) -> "Pipeline":
+        """Loads a diffusers-layout folder (SD-1.x/2.x, or gen's UNet/DiT models); None = the bundled default."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        from gen.models.dit import DiT
+
+        if path is None:
+            path = DEFAULT_MODEL
+            if not (path / "model_index.json").is_file():
+                raise GenError("this install has no bundled default model; pass --model PATH "
+                               "(or build it with `make default-model`)")
+        path = Path(path)
+        if not path.exists():
+            raise GenError(f"model folder not found: {path}")
+        if not (path / "model_index.json").is_file():
+            raise GenError(f"{path} is not a model folder (no model_index.json); expected the diffusers layout")
+        index = read_json(path / "model_index.json")
+        name = "transformer" if (path / "transformer").is_dir() else "unet"
+        parts = {"text_encoder": CLIPTextModel, "vae": AutoencoderKL,
+                 name: DiT if name == "transformer" else UNet2DConditionModel}
+        for part in [*parts, "tokenizer", "scheduler"]:
+            if not (path / part).is_dir():
+                raise GenError(f"{path} is missing the {part}/ folder; a text-to-image model folder needs "
+                               "text_encoder/, tokenizer/, vae/, unet/ or transformer/, and scheduler/")
+        if name == "transformer" and index.get("transformer", [None, None])[1] not in ("DiT", None):
+            raise GenError(f"{path}: unsupported transformer class {index['transformer'][1]!r} (gen loads its DiT)")
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        models = {}
+        for part, klass in parts.items():
+            _check_safetensors(path / part, allow_pickle)
+            try:
+                models[part] = klass.from_pretrained(path / part, use_safetensors=not allow_pickle or None)
+            except (OSError, ValueError, KeyError, RuntimeError) as e:
+                raise GenError(f"could not load {path / part}: {str(e).splitlines()[0]}") from None
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
+        except (OSError, ValueError, TypeError) as e:
+            raise GenError(f"could not load {path / 'tokenizer'}: {str(e).splitlines()[0]}") from None
+        scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
+        extra = read_json(path / GEN_CONFIG) if (path / GEN_CONFIG).is_file() else {}
+        formulation = formulations.from_dict(extra["formulation"]) if "formulation" in extra else None
+        pipe = cls(models["text_encoder"], tokenizer, models["vae"], models[name], scheduler_config,
+                   formulation=formulation, defaults=extra.get("sampling"), recipe=extra.get("recipe"),
+                   name=path.name, attention=attention)
+        return pipe.to(device, dtype)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Writes the diffusers layout (safetensors), with sampling defaults and recipe in gen_config.json.
+        The folder is written beside the target and renamed into place, so a failed save loses nothing."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            self._write(tmp)
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                path.rename(old)
+                tmp.rename(path)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _write(self, path: Path) -> None:
+        import diffusers
+
+        self.text.model.save_pretrained(path / "text_encoder")
+        self.text.tokenizer.save_pretrained(path / "tokenizer")
+        self.vae.save_pretrained(path / "vae")
+        part = "transformer" if self.is_dit else "unet"
+        self.denoiser.save_pretrained(path / part)
+        scheduler = make_scheduler(self.defaults["sampler"], self.formulation, self.scheduler_config)
+        scheduler.save_pretrained(path / "scheduler")
+        index = {"_class_name": "GenDiTPipeline" if self.is_dit else "StableDiffusionPipeline",
+                 "_diffusers_version": diffusers.__version__,
+                 "text_encoder": ["transformers", "CLIPTextModel"],
+                 "tokenizer": ["transformers", "CLIPTokenizer"],
+                 "vae": ["diffusers", "AutoencoderKL"],
+                 "scheduler": ["diffusers", type(scheduler).__name__]}
+        if self.is_dit:
+            index["transformer"] = ["gen", "DiT"]
+        else:
+            index |= {"unet": ["diffusers", "UNet2DConditionModel"], "safety_checker": [None, None],
+                      "feature_extractor": [None, None], "image_encoder": [None, None],
+                      "requires_safety_checker": False}
+        (path / "model_index.json").write_text(json.dumps(index, indent=2))
+        extra = {"formulation": formulations.to_dict(self.formulation), "sampling": self.defaults,
+                 "recipe": self.recipe}
+        (path / GEN_CONFIG).write_text(json.dumps(extra, indent=2, default=str))
+
+    # ---- sampling ---------------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, pooled = self.text(prompts)
+        return hidden.to(self.dtype), pooled.to(self.dtype)
+
+    def _predict(self, x: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """The denoiser contract: model(x_t, t, encoder_hidden_states, **extra) -> prediction."""
+        extra = {"pooled_projections": pooled} if self.is_dit else {}
+        return self.denoiser(x, t, encoder_hidden_states=hidden, return_dict=False, **extra)[0]
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
+                 seed: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
+                 sampler: str | None = None, output_type: str = "pil", guidance_rescale: float | None = None,
+                 guidance_interval: tuple[float, float] = (0.0, 1.0)) -> PipelineOutput:
+        """Generates images.
+
+        Args:
+            prompt: a prompt or a list of prompts.
+            negative_prompt: what to steer away from; one for all prompts, or one per prompt.
+            seed: image i of the call starts from noise seeded with seed + i (random when None).
+            generator: a torch.Generator or one per image, as in diffusers; overrides `seed`.
+            output_type: "pil" (list of PIL images), "np" (B, H, W, 3) in [0, 1], "pt" (B, 3, H, W)
+                in [0, 1], or "latent" (B, C, H/f, W/f) model-space latents.
+            guidance_interval: (start, end) fractions of the run where guidance applies.
+
+        Returns:
+            PipelineOutput with `.images` and the `.seeds` used.
+        """
+        d = self.defaults
+        steps = d["steps"] if num_inference_steps is None else num_inference_steps
+        scale = d["guidance"] if guidance_scale is None else guidance_scale
+        rescale = d.get("guidance_rescale", 0.0) if guidance_rescale is None else guidance_rescale
+        height, width = height or d["height"], width or d["width"]
+        sampler = sampler or d["sampler"]
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negs = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
+        self._check(prompts, negs, steps, scale, rescale, guidance_interval, height, width,
+                    num_images_per_prompt, sampler, output_type)
+        n = len(prompts) * num_images_per_prompt
+        seeds, generator = self._generators(seed, generator, n)
+
+        hidden, pooled = self.encode_prompts(prompts)
+        hidden, pooled = hidden.repeat_interleave(num_images_per_prompt, 0), pooled.repeat_interleave(num_images_per_prompt, 0)
+        cfg = uses_cfg(scale)
+        if cfg:
+            neg_hidden, neg_pooled = self.encode_prompts(negs)
+            neg_hidden = neg_hidden.repeat_interleave(num_images_per_prompt, 0)
+            neg_pooled = neg_pooled.repeat_interleave(num_images_per_prompt, 0)
+            both = (torch.cat([neg_hidden, hidden]), torch.cat([neg_pooled, pooled]))
+
+        scheduler = make_scheduler(sampler, self.formulation, self.scheduler_config)
+        scheduler.set_timesteps(steps, device=self.device)
+        f = self.vae_scale_factor
+        shape = (n, self.denoiser.config.in_channels, height // f, width // f)
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+        latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # FlowMatch: 1
+        cond = (hidden, pooled)
+        latents = denoise(self._predict, scheduler, latents, cond, both if cfg else None, scale, rescale,
+                          guidance_interval, generator, self.progress)
+
+        if output_type == "latent":
+            return PipelineOutput(latents, seeds)
+        images = vae_lib.decode(self.vae, latents)  # (B, 3, H, W) in [0, 1]
+        if output_type == "pt":
+            return PipelineOutput(images, seeds)
+        array = images.cpu().permute(0, 2, 3, 1).float().numpy()
+        if output_type == "np":
+            return PipelineOutput(array, seeds)
+        from PIL import Image
+        return PipelineOutput([Image.fromarray(a) for a in (array * 255).round().astype("uint8")], seeds)
+
+    def _generators(self, seed, generator, n):
+        if generator is not None:
+            if isinstance(generator, list) and len(generator) != n:
+                raise GenError(f"got {len(generator)} generators for {n} images")
+            return [], generator
+        if seed is None:
+            seed = random.randrange(2 ** 32)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0 or seed + n - 1 > MAX_SEED:
+            raise GenError(f"seed must be an integer in [0, {MAX_SEED - n + 1}], not {seed!r}")
+        seeds = [seed + i for i in range(n)]
+        return seeds, [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+    def _check(self, prompts, negs, steps, scale, rescale, interval, height, width, num_images, sampler, output_type):
+        if not all(isinstance(p, str) for p in prompts) or not prompts:
+            raise GenError("prompt must be a string or a non-empty list of strings")
+        if len(negs) != len(prompts) or not all(isinstance(p, str) for p in negs):
+            raise GenError(f"negative_prompt must be a string or a list of {len(prompts)} strings")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise GenError(f"steps must be an integer >= 1, not {steps!r}")
+        check_guidance(scale, rescale, tuple(interval))
+        m = self.size_multiple
+        for side, v in (("height", height), ("width", width)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % m:
+                raise GenError(f"{side} must be a positive multiple of {m} for this model, not {v!r}")
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+            raise GenError(f"num_images_per_prompt must be an integer >= 1, not {num_images!r}")
+        check_sampler(sampler, self.formulation)
+        if output_type not in OUTPUT_TYPES:
+            raise GenError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, not {output_type!r}")
+
+
+def denoise(predict, scheduler, latents: torch.Tensor, cond: tuple, uncond_cond: tuple | None, scale: float,
+            rescale: float = 0.0, interval: tuple[float, float] = (0.0, 1.0), generator=None,
+            progress: bool = False) -> torch.Tensor:
+    """The sampling loop: `predict(x, t, *cond)` over the scheduler's timesteps, with CFG in one batched
+    forward where `uncond_cond` (the negative and positive conditioning, concatenated) is given."""
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    scale_input = getattr(scheduler, "scale_model_input", None)  # FlowMatch schedulers need none
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling", leave=False)):
+        guided = uncond_cond is not None and in_interval(i, len(timesteps), interval)
+        x = torch.cat([latents] * 2) if guided else latents
+        if scale_input is not None:
+            x = scale_input(x, t)
+        pred = predict(x, t, *(uncond_cond if guided else cond))
+        if guided:
+            uncond, c = pred.chunk(2)
+            pred = guide(uncond, c, scale, rescale)
+        latents = scheduler.step(pred, t, latents, return_dict=False, **step_kwargs)[0]
+    return latents

@@ -1,0 +1,68 @@
+"""Sampler names -> diffusers schedulers configured for the model's formulation."""
+
+from __future__ import annotations
+
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
+                       HeunDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
+
+from gen.errors import GenError
+from gen.formulations import Formulation
+
+# name -> (formulation kind, scheduler class, settings that define the sampler)
+SAMPLERS = {
+    "ddpm": ("ddpm", DDPMScheduler, {}),
+    "ddim": ("ddpm", DDIMScheduler, {}),
+    "pndm": ("ddpm", PNDMScheduler, {"skip_prk_steps": True}),
+    "dpm++2m": ("ddpm", DPMSolverMultistepScheduler,
+                {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}),
+    "dpm++2m-karras": ("ddpm", DPMSolverMultistepScheduler,
+                       {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "euler": ("ddpm", EulerDiscreteScheduler, {}),
+    "euler-a": ("ddpm", EulerAncestralDiscreteScheduler, {}),
+    "heun": ("ddpm", HeunDiscreteScheduler, {}),
+    "unipc": ("ddpm", UniPCMultistepScheduler, {}),
+    "flow-euler": ("flow", FlowMatchEulerDiscreteScheduler, {}),
+    "flow-heun": ("flow", FlowMatchHeunDiscreteScheduler, {}),
+}
+
+# Step spacing for folders gen creates (SD's convention; trailing when the schedule ends at SNR 0).
+_DDPM_SPACING = dict(timestep_spacing="leading", steps_offset=1, clip_sample=False, set_alpha_to_one=False)
+
+
+def names_for(kind: str) -> list[str]:
+    return [n for n, (k, _, _) in SAMPLERS.items() if k == kind]
+
+
+def check_sampler(name: str, formulation: Formulation) -> None:
+    valid = names_for(formulation.kind)
+    if name not in SAMPLERS:
+        raise GenError(f"unknown sampler {name!r}; valid for this {formulation.kind} model: {', '.join(valid)}")
+    if SAMPLERS[name][0] != formulation.kind:
+        raise GenError(f"sampler {name!r} is for {SAMPLERS[name][0]} models, but this model is a "
+                       f"{formulation.kind} model; valid: {', '.join(valid)}")
+
+
+def make_scheduler(name: str, formulation: Formulation, base_config: dict | None = None):
+    """A fresh scheduler: the folder's scheduler config (step spacing etc.), the formulation's maths,
+    then the sampler's own settings, in that order of precedence."""
+    check_sampler(name, formulation)
+    _, cls, settings = SAMPLERS[name]
+    if base_config is None:
+        base_config = _DDPM_SPACING if formulation.kind == "ddpm" else {}
+        if formulation.kind == "ddpm" and formulation.zero_terminal_snr:
+            base_config = {**base_config, "timestep_spacing": "trailing", "steps_offset": 0}
+    # Passed as kwargs so that diffusers' from_config still drops the source's unset defaults
+    # (`_use_default_values`), exactly as `NewScheduler.from_config(pipe.scheduler.config)` does.
+    return cls.from_config(base_config, **{**formulation.scheduler_config(), **settings})
+
+
+def sampler_name(scheduler_config: dict, formulation: Formulation) -> str:
+    """The table name of a folder's scheduler, or the formulation's default sampler."""
+    cls_name = scheduler_config.get("_class_name")
+    if cls_name == "DPMSolverMultistepScheduler":
+        return "dpm++2m-karras" if scheduler_config.get("use_karras_sigmas") else "dpm++2m"
+    for name, (kind, cls, _) in SAMPLERS.items():
+        if cls.__name__ == cls_name and kind == formulation.kind:
+            return name
+    return "flow-euler" if formulation.kind == "flow" else "dpm++2m"

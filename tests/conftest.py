@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random models built on the fly (no network), saved to real folders."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def tiny_sd_components(seed: int = 0):
+    """A tiny SD-architecture model built with diffusers/transformers classes directly (not with gen)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from gen.models.text import byte_level_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = byte_level_tokenizer()
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                norm_num_groups=32)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    text = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32,
+                                        intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
+                                        vocab_size=len(tokenizer), max_position_embeddings=77))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return dict(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler)
+
+
+@pytest.fixture(scope="session")
+def sd_folder(tmp_path_factory):
+    """A tiny StableDiffusionPipeline saved by diffusers."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**tiny_sd_components(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    path = tmp_path_factory.mktemp("sd") / "tiny-sd"
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def dit_folder(tmp_path_factory):
+    """A tiny DiT + rectified-flow model saved by gen."""
+    from gen.models.tiny import tiny_pipeline
+
+    path = tmp_path_factory.mktemp("dit") / "tiny-dit"
+    tiny_pipeline("dit").save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def dit_pipe(dit_folder):
+    from gen.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(dit_folder)
+    pipe.progress = False
+    return pipe
