@@ -1,0 +1,293 @@
+"""Typed training config: YAML + `key=value` overrides (dotted keys, e.g. `optim.lr=1e-4`).
+
+Every key maps onto a dataclass field; an unknown key or a value of the wrong type is a GenError
+naming the key. The resolved config is what the run folder, checkpoints and the model's recipe hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from gen.errors import GenError
+
+
+@dataclass
+class ModelConfig:
+    base: str = ""                          # model folder giving the frozen text encoder, tokenizer and VAE
+    denoiser: Literal["dit", "unet"] = "dit"
+    preset: str = "DiT-T/2"                 # gen.models.dit.DIT_PRESETS or gen.models.unet.UNET_PRESETS
+    options: dict = field(default_factory=dict)  # extra constructor arguments for the denoiser
+    init_from_base: bool = False            # start from the base folder's denoiser instead of random weights
+
+
+@dataclass
+class ObjectiveConfig:
+    type: Literal["ddpm", "flow"] = "flow"
+    # ddpm
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear"
+    zero_terminal_snr: bool = False
+    min_snr_gamma: float | None = None      # Hang et al. 2023; 5.0 is the paper's choice
+    offset_noise: float = 0.0               # adds offset * N(0, 1) per (sample, channel)
+    # flow
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    source: Literal["folder", "shapes"] = "folder"
+    path: str = ""                          # image folder (source=folder)
+    resolution: int = 64
+    crop: Literal["center", "random"] = "center"
+    flip: bool = False                      # off by default: it would falsify "left of" captions
+    num_images: int = 10000                 # size of the synthetic shapes world (source=shapes)
+    seed: int = 0                           # shapes world seed (the data order uses train.seed)
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0               # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0                  # 0 disables clipping
+
+
+@dataclass
+class TrainOptions:
+    output_dir: str = "runs/train"
+    seed: int = 0
+    max_steps: int = 1000                   # optimizer steps
+    batch_size: int = 16                    # per process, per micro-batch
+    grad_accum: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.999                # 0 disables EMA
+    ema_warmup: bool = True                 # decay ramps as (1 + n) / (10 + n)
+    cond_dropout: float = 0.1               # fraction of captions replaced by "" (trains for CFG)
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: str = "auto"                    # auto | none | path to a checkpoint folder
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 500                        # 0: only at the end
+    prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square left of a green triangle"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    use_ema: bool = True
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling defaults recorded in the output model folder (None: the formulation's default)."""
+    steps: int | None = None
+    guidance: float | None = None
+    sampler: str | None = None
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    tracker: Literal["auto", "tensorboard", "wandb", "none"] = "auto"
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainOptions = field(default_factory=TrainOptions)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+
+
+def _plain(x):
+    """Tuples -> lists, for YAML/JSON."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` against the annotation `tp`; ints are accepted for floats, lists for tuples."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for a in args:
+            try:
+                return _coerce(value, a, key)
+            except GenError as e:
+                errors.append(e)
+        raise GenError(f"config key {key!r}: {value!r} is not a {_name(tp)}") from None
+    if tp is type(None):
+        if value is None:
+            return None
+    elif origin is Literal:
+        if value in args:
+            return value
+        raise GenError(f"config key {key!r}: {value!r} is not one of {', '.join(map(repr, args))}")
+    elif origin in (list, tuple) or tp in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            if origin is tuple and args and len(args) != len(value):
+                raise GenError(f"config key {key!r}: expected {len(args)} values, got {len(value)}")
+            items = [_coerce(v, args[i if origin is tuple else 0], f"{key}[{i}]") if args else v
+                     for i, v in enumerate(value)]
+            return tuple(items) if origin is tuple else items
+    elif origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int or tp is bool or tp is str:
+        if type(value) is tp:
+            return value
+    raise GenError(f"config key {key!r}: {value!r} is not a {_name(tp)}")
+
+
+_NAMES = {int: "integer", float: "number", bool: "boolean (true/false)", str: "string", dict: "mapping",
+          list: "list", type(None): "null"}
+
+
+def _name(tp) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (list, tuple):
+        return "list"
+    return _NAMES.get(tp, str(tp).replace("typing.", ""))
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise GenError(f"config key {prefix.rstrip('.') or '<root>'!r} must be a mapping, not {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise GenError(f"unknown config key {prefix + str(unknown[0])!r}; valid keys under "
+                       f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}")
+    kwargs = {}
+    for k, v in data.items():
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v, f"{prefix}{k}.")
+        else:
+            kwargs[k] = _coerce(v, tp, prefix + k)
+    return cls(**kwargs)
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for i, p in enumerate(parents):
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise GenError(f"config key {'.'.join(parents[:i + 1])!r} is not a section; cannot set {dotted!r}")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`a.b=value` strings -> (key, YAML-parsed value)."""
+    out = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise GenError(f"override {item!r} is not key=value (e.g. optim.lr=1e-4)")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str) and _looks_like_float(raw):  # YAML 1.1 reads 1e-4 as a string
+            value = float(raw)
+        out.append((key.strip(), value))
+    return out
+
+
+def _looks_like_float(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), extra: dict | None = None) -> Config:
+    """YAML file (optional) + overrides -> a checked Config."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise GenError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise GenError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise GenError(f"{path} must hold a mapping of config sections")
+        _fix_floats(tree)
+    for k, v in (extra or {}).items():
+        _set(tree, k, v)
+    for k, v in parse_overrides(list(overrides)):
+        _set(tree, k, v)
+    return validate(_build(Config, tree, ""))
+
+
+def _fix_floats(node):
+    """PyYAML (YAML 1.1) reads `1e-4` as a string; read such strings as floats."""
+    for k, v in list(node.items()):
+        if isinstance(v, dict):
+            _fix_floats(v)
+        elif isinstance(v, str) and _looks_like_float(v) and not v.strip().isdigit():
+            node[k] = float(v)
+
+
+def validate(cfg: Config) -> Config:
+    """Checks values the types cannot express, naming the key."""
+    checks = [("train.max_steps", cfg.train.max_steps >= 1), ("train.batch_size", cfg.train.batch_size >= 1),
+              ("train.grad_accum", cfg.train.grad_accum >= 1), ("optim.lr", cfg.optim.lr > 0),
+              ("train.ema_decay", 0 <= cfg.train.ema_decay < 1), ("train.cond_dropout", 0 <= cfg.train.cond_dropout <= 1),
+              ("train.checkpoint_every", cfg.train.checkpoint_every >= 0),
+              ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1),
+              ("data.resolution", cfg.data.resolution >= 8), ("data.num_images", cfg.data.num_images >= 1),
+              ("optim.warmup_steps", cfg.optim.warmup_steps >= 0), ("objective.logit_std", cfg.objective.logit_std > 0),
+              ("objective.shift", cfg.objective.shift > 0), ("log.every", cfg.log.every >= 1)]
+    for key, ok in checks:
+        if not ok:
+            section, name = key.split(".")
+            raise GenError(f"config key {key!r} has an invalid value {getattr(getattr(cfg, section), name)!r}")
+    if not cfg.model.base:
+        raise GenError("config key 'model.base' is empty: give a model folder holding the text encoder, "
+                       "tokenizer and VAE to train with")
+    if cfg.data.source == "folder" and not cfg.data.path:
+        raise GenError("config key 'data.path' is empty: give an image folder (or set data.source=shapes)")
+    if len(cfg.validation.seeds) == 0 and cfg.validation.prompts:
+        raise GenError("config key 'validation.seeds' is empty: give at least one seed")
+    return cfg

@@ -1,0 +1,93 @@
+"""Image folders with captions: HF imagefolder `metadata.jsonl` (`file_name` + `text`) or kohya-style
+`.txt` sidecars. Unreadable files are skipped with one warning that names them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from gen.errors import GenError
+
+log = logging.getLogger("gen")
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+METADATA = "metadata.jsonl"
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as im:
+            im.verify()  # header + checksums; no full decode
+        return True
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False
+
+
+def _from_metadata(root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
+    items, bad = [], []
+    for n, line in enumerate((root / METADATA).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            items.append((root / row["file_name"], str(row.get("text", ""))))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            bad.append(f"{METADATA} line {n}")
+    return items, bad
+
+
+def _from_sidecars(root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
+    items, bad, uncaptioned = [], [], 0
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(root).parts):
+            continue
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            txt = p.with_suffix(".txt")
+            uncaptioned += not txt.is_file()
+            items.append((p, txt.read_text().strip() if txt.is_file() else ""))
+        elif p.suffix.lower() != ".txt":
+            bad.append(str(p.relative_to(root)))
+    if uncaptioned:
+        log.warning("%d images in %s have no caption (.txt sidecar); they train with the empty caption",
+                    uncaptioned, root)
+    return items, bad
+
+
+class ImageFolder:
+    """(PIL image, caption) items of a folder, scanned once; unreadable files are left out."""
+
+    def __init__(self, path: str | Path):
+        root = Path(path)
+        if not root.is_dir():
+            raise GenError(f"config key 'data.path': image folder not found: {root}")
+        items, bad = _from_metadata(root) if (root / METADATA).is_file() else _from_sidecars(root)
+        good = []
+        for p, text in items:
+            if p.is_file() and _readable(p):
+                good.append((p, text))
+            else:
+                bad.append(str(p.relative_to(root)) if p.is_relative_to(root) else str(p))
+        if bad:
+            log.warning("skipped %d unreadable or non-image file(s) in %s: %s", len(bad), root, ", ".join(bad))
+        if not good:
+            raise GenError(f"config key 'data.path': no readable images in {root} (expected images with a "
+                           f"{METADATA} of file_name/text rows, or .txt caption sidecars)")
+        self.root, self.items = root, good
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, str]:
+        p, text = self.items[i]
+        with Image.open(p) as im:
+            return im.convert("RGB"), text
+
+    def fingerprint(self) -> dict:
+        h = hashlib.sha256()
+        for p, text in self.items:
+            h.update(f"{p.relative_to(self.root)}\0{p.stat().st_size}\0{text}\n".encode())
+        return {"source": "folder", "num_images": len(self.items), "sha256": h.hexdigest()[:16]}
