@@ -93,12 +93,26 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a denoiser from a YAML recipe (also under `accelerate launch`)")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    import train  # training-only code loads only here
+
+    return train.main(args.config, args.overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gen", description="Train, fine-tune and sample text-to-image models.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = ap.add_subparsers(dest="command", required=True)
     _add_sample(sub)
     _add_info(sub)
+    _add_train(sub)
     return ap
 
 

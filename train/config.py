@@ -145,7 +145,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except GenError as e:
                 errors.append(e)
-        raise GenError(f"config key {key!r}: {value!r} is not a {_name(tp)}") from None
+        raise GenError(f"config key {key!r}: expected {_name(tp)}, got {value!r}") from None
     if tp is type(None):
         if value is None:
             return None
@@ -169,7 +169,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is int or tp is bool or tp is str:
         if type(value) is tp:
             return value
-    raise GenError(f"config key {key!r}: {value!r} is not a {_name(tp)}")
+    raise GenError(f"config key {key!r}: expected {_name(tp)}, got {value!r}")
 
 
 _NAMES = {int: "integer", float: "number", bool: "boolean (true/false)", str: "string", dict: "mapping",
@@ -244,7 +244,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), extra
     tree: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists() or path.is_dir():
             raise GenError(f"config file not found: {path}")
         try:
             tree = yaml.safe_load(path.read_text()) or {}

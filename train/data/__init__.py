@@ -65,8 +65,9 @@ class TrainData(torch.utils.data.Dataset):
 class OrderSampler(Sampler):
     """Endless batches of (item, position) for one process; epoch e is a permutation seeded by seed + e.
 
-    Micro-batch m takes global positions [m*B*W, (m+1)*B*W) of the stream, and process r the r-th slice,
-    so 1 process with batch B*W sees what W processes with batch B see together."""
+    From stream position `start`, batch k of process r takes positions start + (k*W + r)*B ... + B, so
+    W processes with batch B together see what 1 process with batch W*B sees, and the position to
+    resume at is just the number of samples consumed."""
 
     def __init__(self, n: int, seed: int, batch_size: int, start: int = 0, world: int = 1, rank: int = 0):
         self.n, self.seed, self.bs, self.start, self.world, self.rank = n, seed, batch_size, start, world, rank
@@ -78,15 +79,15 @@ class OrderSampler(Sampler):
             self._perm = (epoch, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)))
         return int(self._perm[1][pos % self.n])
 
-    def batch(self, micro_step: int) -> list[tuple[int, int]]:
-        first = (micro_step * self.world + self.rank) * self.bs
+    def batch(self, k: int) -> list[tuple[int, int]]:
+        first = self.start + (k * self.world + self.rank) * self.bs
         return [(self.item(p), p) for p in range(first, first + self.bs)]
 
     def __iter__(self):
-        m = self.start
+        k = 0
         while True:
-            yield self.batch(m)
-            m += 1
+            yield self.batch(k)
+            k += 1
 
     def __len__(self) -> int:  # endless; DataLoader only needs it for its own length
         return 2 ** 62
@@ -97,9 +98,9 @@ def collate(rows: list[dict]) -> dict:
             "index": torch.tensor([r["index"] for r in rows])}
 
 
-def loader(data: TrainData, batch_size: int, start_micro_step: int, world: int, rank: int,
+def loader(data: TrainData, batch_size: int, position: int, world: int, rank: int,
            num_workers: int = 0) -> DataLoader:
-    """Batches from micro-step `start_micro_step` on, for process `rank` of `world`."""
-    sampler = OrderSampler(len(data), data.seed, batch_size, start_micro_step, world, rank)
+    """Batches from stream position `position` (samples consumed by all processes) on, for process `rank`."""
+    sampler = OrderSampler(len(data), data.seed, batch_size, position, world, rank)
     return DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                       persistent_workers=num_workers > 0)

@@ -1,0 +1,198 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint is a folder `step-NNNNNNNN/` written as `.tmp-step-NNNNNNNN/`, every file fsynced, the
+folder renamed into place (atomic), its parent fsynced, and only then the `latest` marker replaced
+(atomic) and old checkpoints pruned. A crash at any point leaves the previous checkpoint intact;
+`.tmp-*` folders are partial by construction and never read.
+
+Tensors go to safetensors; everything else (step, schedules, RNG states, config) to JSON; nothing is
+pickled. Nested state (an optimizer's state_dict, numpy's RNG state) is split into a JSON skeleton
+whose leaves point into the safetensors file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from gen.errors import GenError
+
+LATEST = "latest"
+STATE = "state.json"
+_NAME = re.compile(r"^step-(\d{8})$")
+# Test hook: SIGKILL this process in the middle of saving the checkpoint of this step.
+KILL_ENV = "GEN_TEST_KILL_DURING_SAVE"
+
+
+# ---- nested state <-> (JSON skeleton, flat tensors) -----------------------------------------------
+def flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(obj, np.ndarray):
+        tensors[path] = torch.from_numpy(obj.astype(np.int64) if obj.dtype.kind in "iu" else obj)
+        return {"__ndarray__": path, "dtype": str(obj.dtype)}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: flatten(v, tensors, f"{path}.{k}" if path else k) for k, v in obj.items()}
+        return {"__items__": [[k, flatten(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        items = [flatten(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {path!r}")
+
+
+def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return tensors[obj["__ndarray__"]].numpy().astype(obj["dtype"])
+        if "__items__" in obj:
+            return {k: unflatten(v, tensors) for k, v in obj["__items__"]}
+        if "__tuple__" in obj:
+            return tuple(unflatten(v, tensors) for v in obj["__tuple__"])
+        return {k: unflatten(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied weights): copy the repeats."""
+    seen, out = set(), {}
+    for k, t in tensors.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.nbytes) if t.numel() else None
+        out[k] = t.clone() if key in seen else t
+        seen.add(key)
+    return out
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_state(folder: Path, name: str, obj: Any) -> None:
+    """`name.json` (skeleton) and, when it holds tensors, `name.safetensors`; both fsynced."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = flatten(obj, tensors)
+    if tensors:
+        save_file(_unshare(tensors), str(folder / f"{name}.safetensors"))
+        _fsync(folder / f"{name}.safetensors")
+    with open(folder / f"{name}.json", "w") as f:
+        json.dump(skeleton, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_state(folder: Path, name: str) -> Any:
+    tensors_path = folder / f"{name}.safetensors"
+    tensors = load_file(str(tensors_path)) if tensors_path.is_file() else {}
+    return unflatten(json.loads((folder / f"{name}.json").read_text()), tensors)
+
+
+# ---- RNG --------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- the checkpoint folder --------------------------------------------------------------------
+class Checkpointer:
+    """Saves and finds checkpoints under `root`; `barrier` syncs processes (accelerate's wait_for_everyone)."""
+
+    def __init__(self, root: str | Path, keep: int = 2, rank: int = 0, barrier=lambda: None):
+        self.root, self.keep, self.rank, self.barrier = Path(root), keep, rank, barrier
+
+    def committed(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / STATE).is_file()]
+        return sorted(found, key=lambda p: p.name)
+
+    def find(self, resume: str) -> Path | None:
+        """resume: 'none', 'auto' (the newest complete checkpoint, if any) or a checkpoint folder."""
+        if resume == "none":
+            return None
+        if resume == "auto":
+            done = self.committed()
+            return done[-1] if done else None
+        path = Path(resume)
+        if not (path / STATE).is_file():
+            raise GenError(f"config key 'train.resume': {path} is not a complete checkpoint folder "
+                           f"(no {STATE}); use 'auto', 'none' or a step-NNNNNNNN folder")
+        return path
+
+    def save(self, step: int, shared: dict[str, Any], local: dict[str, Any], state: dict) -> Path:
+        """Writes `shared` parts and `state` from process 0, `local` parts from every process, atomically."""
+        final = self.root / f"step-{step:08d}"
+        tmp = self.root / f".tmp-{final.name}"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial folder left by an earlier crash
+            tmp.mkdir(parents=True)
+        self.barrier()
+        files = []
+        for name, obj in local.items():
+            write_state(tmp, f"{name}-{self.rank}", obj)
+        if self.rank == 0:
+            for name, obj in shared.items():
+                write_state(tmp, name, obj)
+                files.append(name)
+                if os.environ.get(KILL_ENV) == str(step):
+                    os.kill(os.getpid(), signal.SIGKILL)
+        self.barrier()
+        if self.rank == 0:
+            write_state(tmp, STATE[:-5], {**state, "step": step, "parts": files, "local_parts": list(local)})
+            _fsync(tmp)
+            if final.exists():  # the same step saved again (e.g. a re-run): replace it
+                shutil.rmtree(final)
+            tmp.rename(final)
+            _fsync(self.root)
+            marker = self.root / f".{LATEST}.tmp"
+            marker.write_text(final.name + "\n")
+            _fsync(marker)
+            os.replace(marker, self.root / LATEST)
+            _fsync(self.root)
+            for old in self.committed()[:-self.keep]:
+                shutil.rmtree(old)
+        self.barrier()
+        return final
+
+    def load(self, path: Path) -> tuple[dict, dict, dict]:
+        """(shared parts, this process's local parts, state) of a checkpoint."""
+        state = read_state(path, STATE[:-5])
+        missing = [p for p in state["parts"] if not (path / f"{p}.json").is_file()]
+        if missing:
+            raise GenError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); remove it or "
+                           "resume from another")
+        shared = {name: read_state(path, name) for name in state["parts"]}
+        local = {name: read_state(path, f"{name}-{self.rank}") for name in state["local_parts"]
+                 if (path / f"{name}-{self.rank}.json").is_file()}  # absent when the run has more processes now
+        return shared, local, state

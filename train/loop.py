@@ -1,0 +1,244 @@
+"""The one training loop: every model, objective and (later) stage runs through `train`.
+
+accelerate gives the processes (DDP over NCCL or gloo), mixed precision with fp32 trainable weights
+and gradient accumulation; a Task (train/task.py) says what is trained and how its loss is computed.
+Exact resume rests on three facts: the data order is a function of the stream position, the loss's
+randomness comes from a generator seeded by (seed, process, micro-step), and a checkpoint holds every
+other piece of state (weights, EMA, optimizer, LR schedule, grad scaler, RNG states, step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gen.errors import GenError
+from train.checkpoint import Checkpointer, rng_state, set_rng_state
+from train.config import Config
+from train.data import TrainData, loader
+from train.ema import EMA
+
+log = logging.getLogger("gen")
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def lr_lambda(cfg: Config):
+    """Linear warmup, then constant or cosine decay to min_lr_ratio over train.max_steps."""
+    o, total = cfg.optim, cfg.train.max_steps
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def step_generator(seed: int, rank: int, micro_step: int) -> torch.Generator:
+    """The source of all randomness of one micro-batch's loss: a pure function of its coordinates."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank, micro_step]).generate_state(1)[0]))
+
+
+def grid(images: list, cols: int):
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = math.ceil(len(images) / cols)
+    out = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        out.paste(im, ((i % cols) * w, (i // cols) * h))
+    return out
+
+
+class Trackers:
+    """metrics.jsonl always (the loss curve, truncated to the resumed step); TensorBoard or wandb if asked."""
+
+    def __init__(self, cfg: Config, run_dir: Path, step: int, enabled: bool):
+        self.enabled, self.tb, self.wandb = enabled, None, None
+        self.path = run_dir / "metrics.jsonl"
+        if not enabled:
+            return
+        if self.path.is_file():  # a resumed run rewrites what came after its checkpoint
+            rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+            self.path.write_text("".join(r + "\n" for r in rows))
+        kind = cfg.log.tracker
+        if kind in ("auto", "tensorboard"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(run_dir / "logs"))
+            except ImportError:
+                if kind == "tensorboard":
+                    raise GenError("log.tracker=tensorboard needs TensorBoard: pip install tensorboard") from None
+                log.info("TensorBoard is not installed (pip install tensorboard); logging to %s only", self.path)
+        elif kind == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise GenError("log.tracker=wandb needs wandb: pip install wandb") from None
+            self.wandb = wandb.init(project="gen", dir=str(run_dir), config=cfg.to_dict(), resume="allow")
+
+    def scalars(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb:
+            for k, v in values.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+        if self.wandb:
+            self.wandb.log(values, step=step)
+
+    def image(self, step: int, image) -> None:
+        if self.tb:
+            self.tb.add_image("validation", np.asarray(image), step, dataformats="HWC")
+        if self.wandb:
+            import wandb
+            self.wandb.log({"validation": wandb.Image(image)}, step=step)
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def train(cfg: Config, task_class=None) -> Path:
+    """Runs (or resumes) a training run; returns the exported model folder."""
+    from accelerate import Accelerator
+
+    from train.task import DenoiserTask
+
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum)
+    main, rank, world = acc.is_main_process, acc.process_index, acc.num_processes
+    run_dir = Path(cfg.train.output_dir)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        print(f"# resolved config (saved to {run_dir / 'config.yaml'})\n{cfg.to_yaml()}", file=sys.stderr)
+    torch.manual_seed(cfg.train.seed + rank)
+    np.random.seed((cfg.train.seed + rank) % 2 ** 32)
+
+    data = TrainData(cfg.data, cfg.train.seed)  # fails on a missing path or zero images before any model loads
+    task = (task_class or DenoiserTask)(cfg, acc.device, WEIGHT_DTYPES[cfg.train.mixed_precision])
+    model = task.model
+    model.train()
+    if cfg.train.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    ema = EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay > 0 else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))  # stepped by us, once per step
+    model, optimizer = acc.prepare(model, optimizer)
+    fingerprint = json.loads(json.dumps({**task.fingerprint(), "data": data.fingerprint()}))
+
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints, rank, acc.wait_for_everyone)
+    step, position = 0, 0
+    found = ckpt.find(cfg.train.resume)
+    if found:
+        shared, local, state = ckpt.load(found)
+        _check_fingerprint(state["fingerprint"], fingerprint, found)
+        acc.unwrap_model(model).load_state_dict(shared["model"])
+        if ema is not None and "ema" in shared:
+            ema.load_state_dict(shared["ema"], state["ema_updates"])
+        optimizer.load_state_dict(shared["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if acc.scaler is not None and state.get("scaler"):
+            acc.scaler.load_state_dict(state["scaler"])
+        if "rng" in local:
+            set_rng_state(local["rng"])
+        step, position = state["step"], state["position"]
+        if main:
+            log.info("resumed from %s (step %d)", found, step)
+
+    def save() -> None:
+        shared = {"model": acc.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict()}
+        if ema is not None:
+            shared["ema"] = ema.state_dict()
+        state = {"position": position, "scheduler": scheduler.state_dict(), "fingerprint": fingerprint,
+                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                 "ema_updates": ema.num_updates if ema else 0, "config": cfg.to_dict()}
+        ckpt.save(step, shared, {"rng": rng_state()}, state)
+
+    def sampling_model():
+        return ema.model if ema is not None and cfg.validation.use_ema else acc.unwrap_model(model)
+
+    def validate() -> None:
+        images = task.validate(sampling_model()) if main else None
+        if images:
+            image = grid(images, cols=len(cfg.validation.prompts))
+            (run_dir / "samples").mkdir(exist_ok=True)
+            image.save(run_dir / "samples" / f"step-{step:08d}.png")
+            trackers.image(step, image)
+        acc.wait_for_everyone()
+
+    trackers = Trackers(cfg, run_dir, step, main)
+    batches = iter(loader(data, cfg.train.batch_size, position, world, rank, cfg.data.num_workers))
+    accum, per_step = cfg.train.grad_accum, cfg.train.batch_size * world * cfg.train.grad_accum
+    bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not (main and cfg.log.progress),
+               desc="train", unit="step", dynamic_ncols=True)
+    loss_sum, n_logged, t0, saved = torch.zeros((), device=acc.device), 0, time.perf_counter(), step
+    while step < cfg.train.max_steps:
+        for micro in range(accum):
+            batch = next(batches)
+            with acc.accumulate(model):
+                loss = task.loss(model, batch, step_generator(cfg.train.seed, rank, step * accum + micro))
+                acc.backward(loss)
+                if acc.sync_gradients and o.grad_clip > 0:
+                    acc.clip_grad_norm_(model.parameters(), o.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach() / accum
+        scheduler.step()
+        if ema is not None:
+            ema.update(acc.unwrap_model(model))
+        step, position, n_logged = step + 1, position + per_step, n_logged + 1
+        bar.update(1)
+        if step % cfg.log.every == 0 or step == cfg.train.max_steps:
+            loss_value = acc.reduce(loss_sum, "mean").item() / n_logged  # the only host sync, every log.every
+            elapsed = time.perf_counter() - t0
+            trackers.scalars(step, {"loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                                    "images_per_s": n_logged * per_step / elapsed})
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            loss_sum.zero_()
+            n_logged, t0 = 0, time.perf_counter()
+        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+            save()
+            saved = step
+        if cfg.validation.every and step % cfg.validation.every == 0 and step < cfg.train.max_steps:
+            validate()
+    bar.close()
+    if saved != step:
+        save()  # the end of a run is always resumable (e.g. to train it further)
+    validate()
+    out = run_dir / "model"
+    if main:
+        recipe = {**cfg.to_dict(), "trained_steps": step}
+        task.export(sampling_model(), out, recipe)
+        print(f"wrote {out}", file=sys.stderr)
+    trackers.close()
+    acc.wait_for_everyone()
+    acc.end_training()
+    return out
+
+
+def _check_fingerprint(saved: dict, now: dict, path: Path) -> None:
+    """A resume must continue the same model on the same data."""
+    for part in now:
+        if saved.get(part) != now[part]:
+            a, b = saved.get(part) or {}, now[part]
+            keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) if isinstance(a, dict) else []
+            what = "dataset" if part == "data" else part
+            raise GenError(f"cannot resume from {path}: the {what} changed since that checkpoint "
+                           f"({', '.join(keys) or 'differs'}); use train.resume=none or a new train.output_dir")

@@ -1,0 +1,136 @@
+"""Training tasks: what is trained, its loss, how it samples and what a run exports.
+
+The loop (train/loop.py) is the same for every task; a new stage (a VAE, a CLIP tower, LoRA adapters)
+is a small class with this surface, never a copy of the loop:
+
+    model                      the nn.Module whose trainable parameters the optimizer updates
+    fingerprint() -> dict      what must not change across a resume (architecture, objective, ...)
+    loss(model, batch, g)      scalar loss of one micro-batch; all randomness drawn from generator g
+    validate(model, cfg)       images for the periodic validation grid (or None)
+    export(model, path, recipe) writes the run's product (a model folder, a LoRA file, ...)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gen import formulations
+from gen.errors import GenError
+from gen.models import vae as vae_lib
+from gen.pipeline import Pipeline
+from train.config import Config
+
+
+def build_formulation(cfg: Config):
+    o = cfg.objective
+    if o.type == "flow":
+        return formulations.Flow(shift=o.shift, logit_mean=o.logit_mean, logit_std=o.logit_std)
+    return formulations.DDPM(prediction_type=o.prediction_type, beta_schedule=o.beta_schedule,
+                             zero_terminal_snr=o.zero_terminal_snr)
+
+
+class DenoiserTask:
+    """A text-conditioned UNet or DiT denoiser, trained with DDPM or rectified flow in a frozen VAE's
+    latent space, conditioned by a frozen CLIP text encoder (both from `model.base`)."""
+
+    def __init__(self, cfg: Config, device: torch.device, weight_dtype: torch.dtype = torch.float32):
+        self.cfg = cfg
+        base = Pipeline.from_pretrained(cfg.model.base, device="cpu", dtype=torch.float32)
+        self.text, self.vae = base.text, base.vae
+        self.text.model.to(device, weight_dtype)
+        self.vae.to(device, weight_dtype)
+        self.formulation = build_formulation(cfg)
+        self.model = self._denoiser(base).to(device)
+        self.is_dit = not hasattr(self.model.config, "block_out_channels")
+        self.empty = self.text([""])  # conditioning dropout target: the empty prompt, as CFG's negative
+
+    def _denoiser(self, base: Pipeline) -> nn.Module:
+        from gen.models.dit import build_dit
+        from gen.models.unet import build_unet
+
+        m, res, f = self.cfg.model, self.cfg.data.resolution, self.vae_scale_factor
+        if m.init_from_base:
+            if base.is_dit != (m.denoiser == "dit"):
+                raise GenError(f"config key 'model.init_from_base': {m.base} holds a "
+                               f"{'dit' if base.is_dit else 'unet'} denoiser, but model.denoiser is {m.denoiser!r}")
+            return base.denoiser.float()
+        if res % f:
+            raise GenError(f"config key 'data.resolution': {res} is not a multiple of the VAE factor {f}")
+        hidden = self.text.model.config.hidden_size
+        common = dict(sample_size=res // f, in_channels=self.vae.config.latent_channels)
+        try:
+            if m.denoiser == "dit":
+                model = build_dit(m.preset, **common, cross_attention_dim=hidden, pooled_projection_dim=hidden,
+                                  **m.options)
+                if common["sample_size"] % model.config.patch_size:
+                    raise GenError(f"config key 'data.resolution': {res} is not a multiple of "
+                                   f"{f * model.config.patch_size} (VAE factor x DiT patch size)")
+                return model
+            return build_unet(m.preset, **common, out_channels=common["in_channels"], cross_attention_dim=hidden,
+                              **m.options)
+        except (ValueError, TypeError) as e:
+            if isinstance(e, GenError):
+                raise
+            raise GenError(f"config key 'model.preset' / 'model.options': {e}") from None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return vae_lib.scale_factor(self.vae)
+
+    def fingerprint(self) -> dict:
+        return {"denoiser": {k: v for k, v in dict(self.model.config).items() if not k.startswith("_")},
+                "objective": formulations.to_dict(self.formulation)}
+
+    def loss(self, model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
+        """Denoising loss of one micro-batch (DDPM: eps or v target, min-SNR-gamma; flow: velocity)."""
+        o, f = self.cfg.objective, self.formulation
+        pixels = batch["pixel_values"]
+        n = pixels.shape[0]
+        device = self.vae.device
+        with torch.no_grad():
+            x0 = vae_lib.encode(self.vae, pixels.to(device), generator=g).float()  # (N, C, h, w)
+            hidden, pooled = self.text(batch["text"])
+            drop = (torch.rand(n, generator=g) < self.cfg.train.cond_dropout).to(device)
+            hidden = torch.where(drop[:, None, None], self.empty[0], hidden)
+            pooled = torch.where(drop[:, None], self.empty[1], pooled)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        if o.type == "ddpm" and o.offset_noise:  # Guttenberg 2023: learn to shift the mean brightness
+            noise = noise + o.offset_noise * torch.randn((n, x0.shape[1], 1, 1), generator=g).to(device)
+        t = f.sample_timesteps(n, generator=g, device=device)
+        x_t = f.add_noise(x0, noise, t)
+        target = f.target(x0, noise, t)
+        extra = {"pooled_projections": pooled} if self.is_dit else {}
+        pred = model(x_t, f.model_timestep(t), encoder_hidden_states=hidden, return_dict=False, **extra)[0]
+        per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
+        weight = f.loss_weight(t, o.min_snr_gamma if o.type == "ddpm" else None)
+        return (per_sample * weight).mean()
+
+    def pipeline(self, model: nn.Module, recipe: dict | None = None) -> Pipeline:
+        """A sampling Pipeline around the live text encoder, VAE and `model` (Pipeline freezes `model`)."""
+        s = self.cfg.sampling
+        defaults = {k: v for k, v in dict(steps=s.steps, guidance=s.guidance, sampler=s.sampler).items()
+                    if v is not None}
+        pipe = Pipeline(self.text.model, self.text.tokenizer, self.vae, model, formulation=self.formulation,
+                        defaults=defaults, recipe=recipe, name="validation")
+        pipe.progress = False
+        return pipe
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module) -> list | None:
+        """Validation images (PIL), rows = seeds, columns = prompts."""
+        v = self.cfg.validation
+        if not v.prompts:
+            return None
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        was_training = model.training
+        try:
+            pipe = self.pipeline(model)
+            return [im for seed in v.seeds for im in pipe(list(v.prompts), seed=seed).images]
+        finally:  # Pipeline put the model in eval mode and froze it
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            model.train(was_training)
+
+    def export(self, model: nn.Module, path, recipe: dict) -> None:
+        self.pipeline(model, recipe).save_pretrained(path)
