@@ -30,7 +30,8 @@ def from_dict(d: dict) -> Formulation:
 
 def from_scheduler_config(cfg: dict) -> Formulation:
     """Reads the objective off a diffusers scheduler config (for folders that gen did not write)."""
-    if "FlowMatch" in cfg.get("_class_name", ""):
+    # A live scheduler's config has no _class_name; flow schedulers have a shift and no betas.
+    if "FlowMatch" in cfg.get("_class_name", "") or ("shift" in cfg and "beta_start" not in cfg):
         return Flow(shift=cfg.get("shift", 1.0), num_train_timesteps=cfg.get("num_train_timesteps", 1000))
     return DDPM(prediction_type=cfg.get("prediction_type", "epsilon"),
                 beta_schedule=cfg.get("beta_schedule", "scaled_linear"),

@@ -16,8 +16,8 @@ UNET_PRESETS = {
                   down_block_types=("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2,
                   cross_attention_dim=256, attention_head_dim=8, norm_num_groups=32),
-    # ~90M parameters: the SD layout at 3/5 width, one layer per block.
-    "base": dict(block_out_channels=(192, 384, 768, 768), layers_per_block=1, sample_size=32,
+    # ~81M parameters: the SD-1.5 layout at 3/10 width.
+    "base": dict(block_out_channels=(96, 192, 384, 384), layers_per_block=2, sample_size=32,
                  down_block_types=_SD_DOWN, up_block_types=_SD_UP,
                  cross_attention_dim=768, attention_head_dim=8),
     "sd15": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, sample_size=64,

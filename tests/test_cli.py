@@ -1,0 +1,83 @@
+"""The `gen` command, run as a real subprocess."""
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+
+def gen(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "gen", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_sample_writes_pngs_with_a1111_parameters(dit_folder, tmp_path):
+    r = gen("sample", "a red circle", "--model", dit_folder, "--negative-prompt", "blurry", "--steps", 3,
+            "--guidance", 4.5, "--seed", 42, "--num-images", 2, "--sampler", "flow-heun", "--out", tmp_path,
+            "--no-progress")
+    assert r.returncode == 0, r.stderr
+    files = sorted(tmp_path.glob("*.png"))
+    assert [f.name for f in files] == ["42.png", "43.png"]
+    params = Image.open(files[1]).text["parameters"]
+    assert params.splitlines()[0] == "a red circle"
+    assert params.splitlines()[1] == "Negative prompt: blurry"
+    assert "Steps: 3, Sampler: flow-heun, CFG scale: 4.5, Seed: 43, Size: 32x32, Model: tiny-dit" in params
+    # the parameters regenerate the image: the same seed alone gives the same pixels
+    r = gen("sample", "a red circle", "--model", dit_folder, "--negative-prompt", "blurry", "--steps", 3,
+            "--guidance", 4.5, "--seed", 43, "--sampler", "flow-heun", "--out", tmp_path / "again.png")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "again.png").tobytes() == Image.open(files[1]).tobytes()
+
+
+def test_sample_never_overwrites(dit_folder, tmp_path):
+    for _ in range(2):
+        assert gen("sample", "x", "--model", dit_folder, "--steps", 1, "--seed", 5, "--out", tmp_path).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["5-1.png", "5.png"]
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--model", "/nonexistent/model"], "model folder not found"),
+    (["--model", "{tmp}"], "not a model folder"),
+    (["--height", "30"], "height must be a positive multiple of 4"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--guidance", "-2"], "--guidance must be >= 0"),
+    (["--sampler", "bogus"], "unknown sampler 'bogus'; valid for this flow model: flow-euler, flow-heun"),
+    (["--device", "cuda"], "no CUDA GPU"),
+    (["--dtype", "fp8"], "unknown dtype"),
+    (["--seed", "-5"], "seed must be an integer"),
+])
+def test_bad_input_one_line_exit_2(dit_folder, tmp_path, args, msg):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--model" not in args:
+        args += ["--model", str(dit_folder)]
+    r = gen("sample", "a red circle", *args, "--out", tmp_path / "o")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("gen: error")]
+    assert len(lines) == 1 and msg in lines[0], r.stderr
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_empty_and_unicode_prompts_work(dit_folder, tmp_path):
+    for i, prompt in enumerate(["", "un cercle rouge ✓ 赤い"]):
+        r = gen("sample", prompt, "--model", dit_folder, "--steps", 2, "--out", tmp_path / f"{i}.png")
+        assert r.returncode == 0, r.stderr
+        assert Image.open(tmp_path / f"{i}.png").text["parameters"].splitlines()[0] == prompt
+
+
+def test_info_describes_a_model_folder(dit_folder, sd_folder):
+    r = gen("info", dit_folder)
+    assert r.returncode == 0, r.stderr
+    assert "transformer: DiT" in r.stdout and "formulation: flow" in r.stdout
+    assert "sampler=flow-euler" in r.stdout
+    r = gen("info", sd_folder)
+    assert r.returncode == 0, r.stderr
+    assert "unet: UNet2DConditionModel" in r.stdout and "prediction_type=epsilon" in r.stdout
+    r = gen("info", "/nonexistent")
+    assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = gen("--debug", "sample", "x", "--model", tmp_path / "missing")
+    assert r.returncode != 0 and "Traceback" in r.stderr

@@ -1,0 +1,138 @@
+"""The Pipeline contract: seeds, output types, guidance, DiT + flow end to end, prompts, bad input."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gen.errors import GenError
+from gen.pipeline import Pipeline
+
+
+def call(pipe, prompt="a red circle", **kw):
+    kw = {"num_inference_steps": 4, "seed": 3, "output_type": "np", **kw}
+    return pipe(prompt, **kw).images
+
+
+def test_image_k_of_a_batch_equals_it_alone(dit_pipe):
+    batch = call(dit_pipe, num_images_per_prompt=3, seed=10)
+    for k in range(3):
+        alone = call(dit_pipe, num_images_per_prompt=1, seed=10 + k)
+        assert np.abs(batch[k] - alone[0]).max() <= 1e-5
+    assert np.abs(batch[0] - batch[1]).max() > 1e-3  # different seeds, different images
+
+
+@pytest.mark.parametrize("sampler", ["flow-euler", "flow-heun"])
+def test_dit_flow_samples_end_to_end(dit_pipe, sampler):
+    out = dit_pipe(["a red circle", "a blue square"], num_inference_steps=3, sampler=sampler, seed=0)
+    assert len(out.images) == 2 and all(isinstance(i, Image.Image) for i in out.images)
+    assert out.images[0].size == (dit_pipe.defaults["width"], dit_pipe.defaults["height"])
+    assert out.seeds == [0, 1]
+
+
+def test_output_types_agree(dit_pipe):
+    pt = dit_pipe("a red circle", num_inference_steps=3, seed=1, output_type="pt").images
+    np_ = call(dit_pipe, num_inference_steps=3, seed=1)
+    pil = dit_pipe("a red circle", num_inference_steps=3, seed=1).images
+    lat = dit_pipe("a red circle", num_inference_steps=3, seed=1, output_type="latent").images
+    assert pt.shape == (1, 3, 32, 32) and np_.shape == (1, 32, 32, 3) and lat.shape == (1, 4, 16, 16)
+    assert np.allclose(pt.permute(0, 2, 3, 1).numpy(), np_)
+    assert np.abs(np.asarray(pil[0]) / 255.0 - np_[0]).max() <= 0.5 / 255 + 1e-6
+    from gen.models.vae import decode
+    assert torch.allclose(decode(dit_pipe.vae, lat), pt, atol=1e-6)
+
+
+def count_batches(pipe):
+    sizes = []
+    pipe.denoiser.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    return sizes
+
+
+def test_guidance_at_most_one_skips_unconditional_pass(dit_folder):
+    pipe = Pipeline.from_pretrained(dit_folder)
+    pipe.progress = False
+    sizes = count_batches(pipe)
+    call(pipe, guidance_scale=1.0, num_inference_steps=3)
+    assert sizes == [1, 1, 1]
+    sizes.clear()
+    call(pipe, guidance_scale=4.0, num_inference_steps=3)
+    assert sizes == [2, 2, 2]  # conditional and unconditional in one batched forward
+    sizes.clear()
+    call(pipe, guidance_scale=4.0, num_inference_steps=4, guidance_interval=(0.5, 1.0))
+    assert sizes == [1, 1, 2, 2]
+
+
+def test_negative_prompt_and_rescale_change_the_result(sd_folder):
+    pipe = Pipeline.from_pretrained(sd_folder)
+    pipe.progress = False
+    base = call(pipe, sampler="ddim")
+    assert np.abs(base - call(pipe, sampler="ddim", negative_prompt="green")).max() > 1e-3
+    assert np.abs(base - call(pipe, sampler="ddim", guidance_rescale=0.7)).max() > 1e-4
+    assert np.abs(base - call(pipe, sampler="ddim")).max() == 0  # and it is deterministic
+
+
+def test_empty_unicode_and_long_prompts(dit_pipe, caplog):
+    assert call(dit_pipe, "").shape == (1, 32, 32, 3)
+    assert call(dit_pipe, "ein rotes Quadrat, 赤い円 🎨").shape == (1, 32, 32, 3)
+    long = "a red circle " * 30 + "THE DROPPED TAIL"
+    with caplog.at_level(logging.WARNING, logger="gen"):
+        call(dit_pipe, long)
+    assert "dropped" in caplog.text and "the dropped tail" in caplog.text
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"height": 33}, "height must be a positive multiple of 4"),
+    ({"width": 0}, "width must be a positive multiple"),
+    ({"num_inference_steps": 0}, "steps must be an integer >= 1"),
+    ({"guidance_scale": -1.0}, "guidance scale must be >= 0"),
+    ({"sampler": "ddim"}, "is for ddpm models"),
+    ({"sampler": "nope"}, "unknown sampler"),
+    ({"seed": -1}, "seed must be an integer"),
+    ({"seed": 2 ** 64}, "seed must be an integer"),
+    ({"output_type": "jpg"}, "output_type must be one of"),
+    ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
+])
+def test_bad_input_is_a_clear_error(dit_pipe, kw, msg):
+    with pytest.raises(GenError, match=msg):
+        call(dit_pipe, **kw)
+
+
+def test_bad_model_paths(tmp_path, dit_folder):
+    with pytest.raises(GenError, match="not found"):
+        Pipeline.from_pretrained(tmp_path / "missing")
+    with pytest.raises(GenError, match="not a model folder"):
+        Pipeline.from_pretrained(tmp_path)
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(dit_folder, broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(GenError, match="missing the vae/ folder"):
+        Pipeline.from_pretrained(broken)
+
+
+def test_pickle_only_weights_are_refused(tmp_path, dit_folder):
+    import shutil
+    folder = tmp_path / "pickled"
+    shutil.copytree(dit_folder, folder)
+    canary = tmp_path / "canary"
+    torch.save({"x": torch.zeros(1)}, folder / "vae" / "diffusion_pytorch_model.bin")
+    (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(GenError, match="pickle-based"):
+        Pipeline.from_pretrained(folder)
+    assert not canary.exists()
+
+
+def test_save_pretrained_round_trip_keeps_defaults_and_recipe(dit_pipe, tmp_path):
+    dit_pipe.defaults["steps"] = 7
+    dit_pipe.recipe = {"lr": 1e-4}
+    dit_pipe.save_pretrained(tmp_path / "m")
+    dit_pipe.save_pretrained(tmp_path / "m")  # overwriting an existing folder is atomic and fine
+    again = Pipeline.from_pretrained(tmp_path / "m")
+    assert again.defaults["steps"] == 7 and again.recipe == {"lr": 1e-4}
+    assert again.formulation == dit_pipe.formulation
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folders left behind
+    a = call(dit_pipe)
+    again.progress = False
+    assert np.abs(a - call(again)).max() == 0
