@@ -1,4 +1,5 @@
-"""The `gen` command: sample, info (train, lora and eval come with their stages)."""
+"""The `gen` command: sample, info, train, lora, eval, data. Training-only code is imported only by the
+commands that need it, so `gen sample` starts fast."""
 
 from __future__ import annotations
 
@@ -29,8 +30,19 @@ def _add_sample(sub) -> None:
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on CUDA)")
     p.add_argument("--out", default="outputs", help="a .png file, or a folder (default: outputs/)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle-based weight files (unsafe)")
+    p.add_argument("--lora", action="append", default=[], type=_lora_arg, metavar="PATH[:SCALE]",
+                   help="apply a LoRA file at SCALE (default 1); repeat to stack several")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sample)
+
+
+def _lora_arg(text: str) -> tuple[str, float]:
+    """PATH[:SCALE]: split at the last ':' only when what follows is a number, so C:\\x.safetensors stays a path."""
+    path, sep, tail = text.rpartition(":")
+    try:
+        return (path, float(tail)) if sep and path else (text, 1.0)
+    except ValueError:
+        return text, 1.0
 
 
 def _out_paths(out: str, seeds: list[int]) -> list[Path]:
@@ -63,11 +75,13 @@ def cmd_sample(args) -> int:
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                     attention=args.attention, allow_pickle=args.allow_pickle)
     pipe.progress = not args.no_progress
+    for path, scale in args.lora:
+        pipe.load_lora(path, scale=scale, allow_pickle=args.allow_pickle)
     d = pipe.defaults
-    settings = dict(num_inference_steps=args.steps or d["steps"],
-                    guidance_scale=d["guidance"] if args.guidance is None else args.guidance,
-                    height=args.height or d["height"], width=args.width or d["width"],
-                    sampler=args.sampler or d["sampler"])
+    pick = lambda value, key: d[key] if value is None else value  # noqa: E731
+    settings = dict(num_inference_steps=pick(args.steps, "steps"), guidance_scale=pick(args.guidance, "guidance"),
+                    height=pick(args.height, "height"), width=pick(args.width, "width"),
+                    sampler=pick(args.sampler, "sampler"))
     out = pipe(args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
                seed=args.seed, guidance_rescale=args.guidance_rescale, **settings)
     model = Path(args.model).name if args.model else "gen-default"
@@ -106,6 +120,61 @@ def cmd_train(args) -> int:
     return train.main(args.config, args.overrides)
 
 
+def _add_lora(sub) -> None:
+    p = sub.add_parser("lora", help="LoRA fine-tune a model folder from a YAML recipe (also under `accelerate launch`)")
+    p.add_argument("config", help="YAML config (see configs/lora-*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.rank=16")
+    p.set_defaults(func=cmd_lora)
+
+
+def cmd_lora(args) -> int:
+    from train.lora import main as lora_main
+
+    return lora_main(args.config, args.overrides)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    a = kinds.add_parser("adherence", help="prompt adherence on the shapes world, scored by pixel statistics")
+    a.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    a.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--steps", type=int, default=None)
+    a.add_argument("--guidance", type=float, default=None)
+    a.add_argument("--sampler", default=None)
+    a.add_argument("--batch-size", type=int, default=16)
+    a.add_argument("--reference", choices=["ground-truth", "noise"], default=None,
+                   help="score the world's own images or noise instead of a model (a check of the scorer)")
+    a.add_argument("--json", default=None, help="write per-image scores and the summary here")
+    a.add_argument("--save-images", default=None, help="also save the scored images in this folder")
+    a.add_argument("--device", default=None)
+    a.add_argument("--no-progress", action="store_true")
+    a.set_defaults(func=cmd_eval_adherence)
+
+
+def cmd_eval_adherence(args) -> int:
+    from train.evaluate import main as eval_main
+
+    return eval_main(args)
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="prepare training data")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    k = kinds.add_parser("pack", help="write WebDataset shards (.tar) from an image folder")
+    k.add_argument("src", help="image folder (metadata.jsonl or .txt sidecars)")
+    k.add_argument("out", help="output folder for shard-NNNNNN.tar files")
+    k.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    k.set_defaults(func=cmd_data_pack)
+
+
+def cmd_data_pack(args) -> int:
+    from train.data.shards import pack_main
+
+    return pack_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gen", description="Train, fine-tune and sample text-to-image models.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -113,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_info(sub)
     _add_train(sub)
+    _add_lora(sub)
+    _add_eval(sub)
+    _add_data(sub)
     return ap
 
 

@@ -84,7 +84,6 @@ def _overlap(a: tuple, b: tuple, gap: int) -> bool:
 
 def sample_scene(rng: np.random.Generator, size: int = SIZE) -> Scene:
     """A random scene: 1-2 objects of distinct (color, shape), a relation that is true when stated."""
-    k = size / SIZE
     n = int(rng.integers(1, 3))
     colors, shapes = list(COLORS), list(SHAPES)
     kinds: list[tuple[str, str]] = []
@@ -93,13 +92,21 @@ def sample_scene(rng: np.random.Generator, size: int = SIZE) -> Scene:
         if kind not in kinds:
             kinds.append(kind)
     want = None if n == 1 else [None, *RELATIONS][rng.integers(len(RELATIONS) + 1)]
+    return place_scene(kinds, want, rng, size)
+
+
+def place_scene(kinds: list[tuple[str, str]], want: str | None, rng: np.random.Generator,
+                size: int = SIZE) -> Scene:
+    """Places objects of the given (color, shape) kinds so that they do not overlap and `want`
+    (how the first relates to the second, or None) is true."""
+    k = size / SIZE
     while True:  # rejection sampling; a placement fits within a few tries
         objs = []
         for color, shape in kinds:
             side = int(round(rng.integers(MIN_SIDE, MAX_SIDE + 1) * k))
             x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, size=2))
             objs.append(Obj(shape, color, (x0, y0, x0 + side, y0 + side)))
-        if n == 2 and _overlap(objs[0].box, objs[1].box, gap=max(1, round(2 * k))):
+        if len(objs) == 2 and _overlap(objs[0].box, objs[1].box, gap=max(1, round(2 * k))):
             continue
         if want is not None and relation_of(objs[0], objs[1]) != want:
             continue
