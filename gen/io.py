@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from math import prod
 from pathlib import Path
 
 import torch
@@ -12,6 +13,72 @@ from safetensors.torch import load_file
 from gen.errors import GenError
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+# safetensors dtype string -> bytes per element
+SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+                      "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "C64": 8}
+
+
+def _refuse_pickle(path: Path) -> GenError:
+    return GenError(f"{path} is a pickle-based file, which can run code when loaded; refused. "
+                    "Convert it to .safetensors, or pass allow_pickle=True / --allow-pickle if you trust it.")
+
+
+def check_safetensors(path: str | Path) -> dict:
+    """Validates a safetensors file before any tensor is read: the header length is bounded by the file and
+    MAX_HEADER_BYTES (so a forged length allocates nothing), every dtype is known, every tensor's byte range
+    lies in the data section and matches its shape. Returns the header; raises a one-line GenError."""
+    path = Path(path)
+
+    def bad(why: str) -> GenError:
+        return GenError(f"{path} is not a valid safetensors file: {why}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"it is {size} bytes, shorter than the 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > min(MAX_HEADER_BYTES, size - 8):
+            raise bad(f"the header claims {n} bytes but the file has {size - 8} after the length (truncated?)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise bad("the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    data = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            count = prod(int(d) for d in shape) if all(isinstance(d, int) and d >= 0 for d in shape) else -1
+        except (TypeError, KeyError, ValueError):
+            raise bad(f"tensor {name!r} has a malformed entry") from None
+        if dtype not in SAFETENSORS_DTYPES:
+            raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data):
+            raise bad(f"tensor {name!r} has offsets [{start}, {end}] outside the {data}-byte data section "
+                      "(truncated or corrupt)")
+        if count < 0 or count * SAFETENSORS_DTYPES[dtype] != end - start:
+            raise bad(f"tensor {name!r}: shape {shape} of {dtype} does not match its {end - start} bytes")
+    return header
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """The one audited place a pickle-based file is opened (tests/test_lint.py checks it is the only one).
+    torch's weights_only unpickler builds tensors and plain containers only: a pickle that names any other
+    callable (os.system, a __reduce__ payload) is refused before that callable runs, even when allowed."""
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for a refused global; others for a broken file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GenError(f"refused to load {path}: it is not a plain tensor file ({first[:200]})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # Lightning / original SD .ckpt
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise GenError(f"{path} does not hold a flat dict of tensors")
+    return obj
 
 
 def load_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -20,25 +87,58 @@ def load_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
     if not path.is_file():
         raise GenError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
+        check_safetensors(path)
         try:
             return load_file(str(path))
         except Exception as e:  # safetensors raises several types for malformed files
             raise GenError(f"{path} is not a valid safetensors file ({e})") from None
     if path.suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
-            raise GenError(
-                f"{path} is a pickle-based file, which can run code when loaded; refused. "
-                "Convert it to .safetensors, or pass allow_pickle=True / --allow-pickle if you trust it."
-            )
-        try:
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise GenError(f"could not load {path} ({e})") from None
+            raise _refuse_pickle(path)
+        return _load_pickle(path)
     raise GenError(f"unsupported weights format {path.suffix!r} for {path}: expected .safetensors")
+
+
+def load_model(klass, folder: str | Path, allow_pickle: bool = False):
+    """A diffusers or transformers model class from a component folder (config.json + weights), every weights
+    file going through this module: safetensors are validated before the library reads them; pickle-based
+    files (.bin, .ckpt, ...) are refused unless allowed, and then read by `_load_pickle` only."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    tensors = [p for p in files if p.suffix == ".safetensors"]
+    pickles = [p for p in files if p.suffix in PICKLE_SUFFIXES]
+    if not tensors and not pickles:
+        raise GenError(f"{folder} has no weights file (.safetensors)")
+    if not tensors and not allow_pickle:
+        raise GenError(f"{folder} has only pickle-based weights ({', '.join(p.name for p in pickles)}), which "
+                       "can run code when loaded; refused. Convert them to safetensors, or pass "
+                       "allow_pickle=True / --allow-pickle if you trust them.")
+    try:
+        if tensors:
+            for p in tensors:
+                check_safetensors(p)
+            return klass.from_pretrained(folder, use_safetensors=True)
+        state = {}
+        for p in pickles:  # several files: a sharded checkpoint
+            state.update(load_state_dict(p, allow_pickle=True))
+        if hasattr(klass, "load_config"):  # diffusers ModelMixin
+            model = klass.from_config(klass.load_config(folder))
+        else:  # transformers PreTrainedModel
+            model = klass(klass.config_class.from_pretrained(folder))
+        missing, _ = model.load_state_dict(state, strict=False)  # unexpected keys: legacy buffers
+        if missing:
+            raise GenError(f"{folder}: the weights lack {len(missing)} parameters, e.g. {missing[0]}")
+        return model
+    except GenError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GenError(f"could not load {folder}: {first}") from None
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The `__metadata__` of a safetensors header."""
+    check_safetensors(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})

@@ -20,7 +20,7 @@ from gen import attention as attn
 from gen import formulations
 from gen.errors import GenError
 from gen.guidance import check_guidance, guide, in_interval, uses_cfg
-from gen.io import PICKLE_SUFFIXES, read_json
+from gen.io import PICKLE_SUFFIXES, load_model, read_json
 from gen.models import vae as vae_lib
 from gen.models.text import TextEncoder
 from gen.samplers import check_sampler, make_scheduler, sampler_name
@@ -64,19 +64,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
-def _check_safetensors(folder: Path, allow_pickle: bool) -> None:
-    """Refuses a component whose only weights are pickle-based, before anything is unpickled."""
-    files = [p for p in folder.iterdir() if p.is_file()]
-    if any(p.suffix == ".safetensors" for p in files):
-        return
-    pickles = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
-    if pickles and not allow_pickle:
-        raise GenError(f"{folder} has only pickle-based weights ({', '.join(pickles)}), which can run code "
-                       "when loaded; refused. Convert them to safetensors, or pass --allow-pickle if you trust them.")
-    if not pickles:
-        raise GenError(f"{folder} has no weights file (.safetensors)")
-
-
 class Pipeline:
     """Text-to-image sampling with a UNet or DiT denoiser in a VAE's latent space.
 
@@ -89,11 +76,16 @@ class Pipeline:
         formulation: the training objective; read off `scheduler_config` when None.
         defaults: sampling defaults (steps, guidance, sampler, height, width, guidance_rescale).
         recipe: the training recipe, recorded in saved folders.
+        attention: attention backend, triton | xformers | sdpa | math | auto (None = auto); a UNet's
+            attention layers are routed through it (gen.attention.install_processor).
+        compile: torch.compile the denoiser (the first call then compiles, for minutes on a CPU).
+        channels_last: keep the UNet's and the VAE's convolution weights in channels-last layout.
     """
 
     def __init__(self, text_encoder, tokenizer, vae, denoiser, scheduler_config: dict | None = None,
                  formulation=None, defaults: dict | None = None, recipe: dict | None = None,
-                 name: str = "model", attention: str | None = None):
+                 name: str = "model", attention: str | None = None, compile: bool = False,
+                 channels_last: bool = False):
         self.text = TextEncoder(text_encoder, tokenizer)
         self.vae = vae
         self.denoiser = denoiser
@@ -104,8 +96,15 @@ class Pipeline:
         self.progress = True
         self.defaults = self._default_settings() | dict(defaults or {})
         attn.set_backend(attention)
+        if not self.is_dit:  # a UNet's attention runs through gen's backend too (the DiT calls it directly)
+            attn.install_processor(self.denoiser)
         for m in (self.text.model, self.vae, self.denoiser):
             m.eval().requires_grad_(False)
+        if channels_last:
+            for m in (self.vae, self.denoiser) if not self.is_dit else (self.vae,):
+                m.to(memory_format=torch.channels_last)
+        if compile:  # in place: the module, its config and its state_dict stay as they are
+            self.denoiser.compile()
 
     # ---- properties -------------------------------------------------------------------------
     @property
@@ -147,8 +146,10 @@ class Pipeline:
     # ---- loading and saving -----------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device=None, dtype=None,
-                        attention: str | None = None, allow_pickle: bool = False) -> "Pipeline":
-        """Loads a diffusers-layout folder (SD-1.x/2.x, or gen's UNet/DiT models); None = the bundled default."""
+                        attention: str | None = None, allow_pickle: bool = False, compile: bool = False,
+                        channels_last: bool = False) -> "Pipeline":
+        """Loads a diffusers-layout folder (SD-1.x/2.x, or gen's UNet/DiT models); None = the bundled default.
+        attention, compile and channels_last are as in Pipeline."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -162,6 +163,10 @@ class Pipeline:
         path = Path(path)
         if not path.exists():
             raise GenError(f"model folder not found: {path}")
+        if path.is_file():  # a single-file checkpoint: never opened, so a pickle in it never runs
+            risk = " (pickle-based, so never unpickled here)" if path.suffix in PICKLE_SUFFIXES else ""
+            raise GenError(f"{path} is a single file{risk}; gen loads diffusers-layout model folders "
+                           "(convert it with diffusers' from_single_file(...).save_pretrained(FOLDER))")
         if not (path / "model_index.json").is_file():
             raise GenError(f"{path} is not a model folder (no model_index.json); expected the diffusers layout")
         index = read_json(path / "model_index.json")
@@ -178,11 +183,7 @@ class Pipeline:
         dtype = resolve_dtype(dtype, device)
         models = {}
         for part, klass in parts.items():
-            _check_safetensors(path / part, allow_pickle)
-            try:
-                models[part] = klass.from_pretrained(path / part, use_safetensors=not allow_pickle or None)
-            except (OSError, ValueError, KeyError, RuntimeError) as e:
-                raise GenError(f"could not load {path / part}: {str(e).splitlines()[0]}") from None
+            models[part] = load_model(klass, path / part, allow_pickle)
         try:
             tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
         except (OSError, ValueError, TypeError) as e:
@@ -192,12 +193,14 @@ class Pipeline:
         formulation = formulations.from_dict(extra["formulation"]) if "formulation" in extra else None
         pipe = cls(models["text_encoder"], tokenizer, models["vae"], models[name], scheduler_config,
                    formulation=formulation, defaults=extra.get("sampling"), recipe=extra.get("recipe"),
-                   name=path.name, attention=attention)
+                   name=path.name, attention=attention, compile=compile, channels_last=channels_last)
         return pipe.to(device, dtype)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Writes the diffusers layout (safetensors), with sampling defaults and recipe in gen_config.json.
         The folder is written beside the target and renamed into place, so a failed save loses nothing."""
+        if "_loras" in self.__dict__ and self._loras.weights:
+            raise GenError("unload_lora() before save_pretrained (after fuse_lora() to bake the LoRA in)")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -241,6 +244,41 @@ class Pipeline:
                  "recipe": self.recipe}
         (path / GEN_CONFIG).write_text(json.dumps(extra, indent=2, default=str))
 
+    # ---- LoRA (gen/lora.py does the work) ----------------------------------------------------
+    @property
+    def loras(self):
+        """The loaded LoRA adapters: `.weights` (name -> weight), `.active` (names in use)."""
+        from gen.lora import Adapters
+
+        return Adapters.of(self)
+
+    def load_lora(self, path: str | Path, scale: float = 1.0, adapter_name: str | None = None,
+                  allow_pickle: bool = False) -> str:
+        """Adds a LoRA file (diffusers/peft or kohya/A1111 layout) to the denoiser and text encoder, active
+        at weight `scale` beside those already loaded. Returns its adapter name (default: the file's stem).
+        A file that does not fit this model raises GenError and changes nothing."""
+        return self.loras.load(path, scale, adapter_name, allow_pickle)
+
+    def set_adapters(self, names: str | list[str], weights: float | list[float] | None = None) -> None:
+        """Uses only adapters `names`, with these weights (default 1.0), composed as in diffusers' set_adapters."""
+        self.loras.set_adapters(names, weights)
+
+    def fuse_lora(self) -> None:
+        """Merges the active adapters at their weights into the base weights (faster sampling)."""
+        self.loras.fuse()
+
+    def unfuse_lora(self) -> None:
+        """Restores the base weights exactly as they were before fuse_lora."""
+        self.loras.unfuse()
+
+    def unload_lora(self) -> None:
+        """Removes all adapters (fused weights stay fused, as in diffusers)."""
+        self.loras.unload()
+
+    def save_lora(self, path: str | Path, adapter_name: str | None = None, format: str = "diffusers") -> Path:
+        """Writes a loaded adapter as a .safetensors LoRA file: format "diffusers" or "kohya"."""
+        return self.loras.save(path, adapter_name, format)
+
     # ---- sampling ---------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, pooled = self.text(prompts)
@@ -257,7 +295,7 @@ class Pipeline:
                  height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
                  seed: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
                  sampler: str | None = None, output_type: str = "pil", guidance_rescale: float | None = None,
-                 guidance_interval: tuple[float, float] = (0.0, 1.0)) -> PipelineOutput:
+                 guidance_interval: tuple[float, float] = (0.0, 1.0), cache_interval: int = 1) -> PipelineOutput:
         """Generates images.
 
         Args:
@@ -268,6 +306,8 @@ class Pipeline:
             output_type: "pil" (list of PIL images), "np" (B, H, W, 3) in [0, 1], "pt" (B, 3, H, W)
                 in [0, 1], or "latent" (B, C, H/f, W/f) model-space latents.
             guidance_interval: (start, end) fractions of the run where guidance applies.
+            cache_interval: the approximate fast mode (gen.fastmode, after DeepCache) where > 1: the whole
+                denoiser runs every cache_interval-th step, the steps between reuse its deep features.
 
         Returns:
             PipelineOutput with `.images` and the `.seeds` used.
@@ -276,7 +316,8 @@ class Pipeline:
         steps = d["steps"] if num_inference_steps is None else num_inference_steps
         scale = d["guidance"] if guidance_scale is None else guidance_scale
         rescale = d.get("guidance_rescale", 0.0) if guidance_rescale is None else guidance_rescale
-        height, width = height or d["height"], width or d["width"]
+        height = d["height"] if height is None else height
+        width = d["width"] if width is None else width
         sampler = sampler or d["sampler"]
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negs = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
@@ -301,7 +342,11 @@ class Pipeline:
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # FlowMatch: 1
         cond = (hidden, pooled)
-        latents = denoise(self._predict, scheduler, latents, cond, both if cfg else None, scale, rescale,
+        predict = self._predict
+        if cache_interval != 1:
+            from gen.fastmode import FeatureCache
+            predict = FeatureCache(self.denoiser, cache_interval)
+        latents = denoise(predict, scheduler, latents, cond, both if cfg else None, scale, rescale,
                           guidance_interval, generator, self.progress)
 
         if output_type == "latent":

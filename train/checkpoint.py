@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from gen.errors import GenError
+from gen.io import load_state_dict, read_json
 
 LATEST = "latest"
 STATE = "state.json"
@@ -103,8 +104,8 @@ def write_state(folder: Path, name: str, obj: Any) -> None:
 
 def read_state(folder: Path, name: str) -> Any:
     tensors_path = folder / f"{name}.safetensors"
-    tensors = load_file(str(tensors_path)) if tensors_path.is_file() else {}
-    return unflatten(json.loads((folder / f"{name}.json").read_text()), tensors)
+    tensors = load_state_dict(tensors_path) if tensors_path.is_file() else {}  # validated; never unpickled
+    return unflatten(read_json(folder / f"{name}.json"), tensors)
 
 
 # ---- RNG --------------------------------------------------------------------------------------
