@@ -9,12 +9,13 @@ from pathlib import Path
 from safetensors import safe_open
 
 from gen.errors import GenError
-from gen.io import read_json
+from gen.io import check_safetensors, read_json
 
 
 def _count(files: list[Path]) -> int:
     n = 0
     for f in files:
+        check_safetensors(f)  # bounded header, offsets in range: before safetensors reads it
         try:
             with safe_open(str(f), framework="pt") as h:
                 n += sum(prod(h.get_slice(k).get_shape()) for k in h.keys())
@@ -52,12 +53,17 @@ def describe_folder(path: Path) -> str:
 
 
 def describe_file(path: Path) -> str:
+    check_safetensors(path)
     try:
         with safe_open(str(path), framework="pt") as h:
             keys = list(h.keys())
             meta = h.metadata() or {}
     except Exception as e:
         raise GenError(f"{path} is not a valid safetensors file ({e})") from None
+    from gen import lora
+
+    if lora.is_lora(keys):
+        return lora.describe(path) + f"\n  parameters: {_human(_count([path]))}"
     lines = [f"safetensors file {path}", f"  tensors: {len(keys)}, parameters: {_human(_count([path]))}"]
     lines += [f"  {k}: {v[:200]}" for k, v in meta.items()]
     return "\n".join(lines)
