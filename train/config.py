@@ -25,6 +25,8 @@ class ModelConfig:
     preset: str = "DiT-T/2"                 # gen.models.dit.DIT_PRESETS or gen.models.unet.UNET_PRESETS
     options: dict = field(default_factory=dict)  # extra constructor arguments for the denoiser
     init_from_base: bool = False            # start from the base folder's denoiser instead of random weights
+    text_encoder: str = ""                  # a folder with text_encoder/ + tokenizer/ (a `clip` stage's output)
+    vae: str = ""                           # a folder with vae/ (a `vae` stage's output); both override base's
 
 
 @dataclass
@@ -44,14 +46,20 @@ class ObjectiveConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["folder", "shapes"] = "folder"
-    path: str = ""                          # image folder (source=folder)
+    source: Literal["folder", "shapes", "shards"] = "folder"
+    path: str = ""                          # image folder (folder); folder, glob or URL of .tar shards (shards)
     resolution: int = 64
     crop: Literal["center", "random"] = "center"
     flip: bool = False                      # off by default: it would falsify "left of" captions
     num_images: int = 10000                 # size of the synthetic shapes world (source=shapes)
     seed: int = 0                           # shapes world seed (the data order uses train.seed)
     num_workers: int = 0
+    buckets: bool = False                   # aspect-ratio buckets of about resolution^2 pixels
+    bucket_step: int = 64                   # bucket sides are multiples of this (VAE factor x patch size or more)
+    max_aspect: float = 2.0                 # the widest bucket is at most this much wider than tall (and v.v.)
+    cache: bool = False                     # encode latents + text embeddings once to disk; skip VAE/CLIP in training
+    cache_dir: str = ""                     # "" = <train.output_dir>/cache; share one between runs to reuse it
+    cache_latents: Literal["sample", "mean"] = "sample"  # sample: store the VAE's moments, draw per step
 
 
 @dataclass
@@ -70,7 +78,8 @@ class OptimConfig:
 class TrainOptions:
     output_dir: str = "runs/train"
     seed: int = 0
-    max_steps: int = 1000                   # optimizer steps
+    max_steps: int = 1000                   # optimizer steps; also the length of the LR schedule
+    stop_at_step: int | None = None         # pause here with a checkpoint (a time-limited job); resume later
     batch_size: int = 16                    # per process, per micro-batch
     grad_accum: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -100,6 +109,29 @@ class SamplingConfig:
 
 
 @dataclass
+class VAEStage:
+    """stage=vae: an AutoencoderKL trained from scratch (reconstruction + KL)."""
+    preset: str = "small"                   # gen.models.vae.VAE_PRESETS
+    options: dict = field(default_factory=dict)
+    kl_weight: float = 1e-6                 # per pixel, as SD's autoencoder (1e-6 of the summed KL)
+    recon: Literal["l1", "mse", "l1+mse"] = "l1+mse"
+    eval_images: int = 256                  # held-out images for PSNR
+
+
+@dataclass
+class CLIPStage:
+    """stage=clip: a small CLIP (text + vision towers) trained contrastively on image-caption pairs."""
+    text_preset: str = "small"              # gen.models.text.TEXT_PRESETS
+    text_options: dict = field(default_factory=dict)
+    vision: dict = field(default_factory=lambda: dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                                                      num_attention_heads=4, patch_size=8))
+    projection_dim: int = 128
+    tokenizer: str = ""                     # a folder with a CLIP tokenizer; "" trains a BPE on the captions
+    vocab_size: int = 1000
+    eval_images: int = 512                  # held-out pairs for text->image retrieval
+
+
+@dataclass
 class LogConfig:
     every: int = 10
     tracker: Literal["auto", "tensorboard", "wandb", "none"] = "auto"
@@ -108,6 +140,7 @@ class LogConfig:
 
 @dataclass
 class Config:
+    stage: Literal["denoiser", "vae", "clip"] = "denoiser"
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -116,6 +149,8 @@ class Config:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    vae: VAEStage = field(default_factory=VAEStage)
+    clip: CLIPStage = field(default_factory=CLIPStage)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -271,11 +306,13 @@ def _fix_floats(node):
 
 def validate(cfg: Config) -> Config:
     """Checks values the types cannot express, naming the key."""
-    checks = [("train.max_steps", cfg.train.max_steps >= 1), ("train.batch_size", cfg.train.batch_size >= 1),
+    checks = [("vae.eval_images", cfg.vae.eval_images >= 1), ("clip.eval_images", cfg.clip.eval_images >= 2),
+              ("train.max_steps", cfg.train.max_steps >= 1), ("train.batch_size", cfg.train.batch_size >= 1),
               ("train.grad_accum", cfg.train.grad_accum >= 1), ("optim.lr", cfg.optim.lr > 0),
               ("train.ema_decay", 0 <= cfg.train.ema_decay < 1), ("train.cond_dropout", 0 <= cfg.train.cond_dropout <= 1),
               ("train.checkpoint_every", cfg.train.checkpoint_every >= 0),
               ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1),
+              ("train.stop_at_step", cfg.train.stop_at_step is None or cfg.train.stop_at_step >= 1),
               ("data.resolution", cfg.data.resolution >= 8), ("data.num_images", cfg.data.num_images >= 1),
               ("optim.warmup_steps", cfg.optim.warmup_steps >= 0), ("objective.logit_std", cfg.objective.logit_std > 0),
               ("objective.shift", cfg.objective.shift > 0), ("log.every", cfg.log.every >= 1)]
@@ -283,11 +320,12 @@ def validate(cfg: Config) -> Config:
         if not ok:
             section, name = key.split(".")
             raise GenError(f"config key {key!r} has an invalid value {getattr(getattr(cfg, section), name)!r}")
-    if not cfg.model.base:
+    if cfg.stage == "denoiser" and not cfg.model.base and not (cfg.model.text_encoder and cfg.model.vae):
         raise GenError("config key 'model.base' is empty: give a model folder holding the text encoder, "
-                       "tokenizer and VAE to train with")
-    if cfg.data.source == "folder" and not cfg.data.path:
-        raise GenError("config key 'data.path' is empty: give an image folder (or set data.source=shapes)")
+                       "tokenizer and VAE to train with (or set model.text_encoder and model.vae)")
+    if cfg.data.source in ("folder", "shards") and not cfg.data.path:
+        what = "an image folder" if cfg.data.source == "folder" else "a folder, glob or URL of .tar shards"
+        raise GenError(f"config key 'data.path' is empty: give {what} (or set data.source=shapes)")
     if len(cfg.validation.seeds) == 0 and cfg.validation.prompts:
         raise GenError("config key 'validation.seeds' is empty: give at least one seed")
     return cfg

@@ -1,4 +1,5 @@
-"""Training data: sources (image folders, the shapes world), augmentation, and a resumable order.
+"""Training data: sources (image folders, WebDataset shards, the shapes world), augmentation, aspect-ratio
+buckets and a resumable order.
 
 A sample is addressed by its *position* in the run's stream of samples. The order and every random
 augmentation are pure functions of (seed, position), so resuming at a position replays exactly the
@@ -7,59 +8,110 @@ samples an uninterrupted run would have seen, with no loader state to save.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 
+from gen.errors import GenError
 from train.config import DataConfig
+from train.data.buckets import Buckets, BucketSampler
 from train.data.folder import ImageFolder
 from train.data.shapes import ShapesWorld
+from train.data.shards import Shards, ShardStream
 
 
-def build_source(cfg: DataConfig) -> ImageFolder | ShapesWorld:
+def build_source(cfg: DataConfig) -> ImageFolder | ShapesWorld | Shards:
     if cfg.source == "shapes":
         return ShapesWorld(cfg.num_images, cfg.seed)
+    if cfg.source == "shards":
+        return Shards(cfg.path)
     return ImageFolder(cfg.path)
 
 
-def transform(img: Image.Image, resolution: int, crop: str, flip: bool, rng: np.random.Generator) -> torch.Tensor:
-    """Resize the short side to `resolution`, crop a square (center or random), maybe flip -> (3, R, R) in [-1, 1]."""
+def transform(img: Image.Image, size: int | tuple[int, int], crop: str, flip: bool,
+              rng: np.random.Generator) -> torch.Tensor:
+    """Resize to cover `size` (a square side or (width, height)), crop it (center or random), maybe flip
+    -> (3, H, W) in [-1, 1]."""
     w, h = img.size
-    s = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+    tw, th = (size, size) if isinstance(size, int) else size
+    s = max(tw / w, th / h)
+    nw, nh = max(tw, round(w * s)), max(th, round(h * s))
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=None)
     if crop == "random":
-        x, y = int(rng.integers(0, nw - resolution + 1)), int(rng.integers(0, nh - resolution + 1))
+        x, y = int(rng.integers(0, nw - tw + 1)), int(rng.integers(0, nh - th + 1))
     else:
-        x, y = (nw - resolution) // 2, (nh - resolution) // 2
-    img = img.crop((x, y, x + resolution, y + resolution))
+        x, y = (nw - tw) // 2, (nh - th) // 2
+    img = img.crop((x, y, x + tw, y + th))
     if flip and rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
     return a.float() / 127.5 - 1
 
 
+def image_sizes(source) -> list[tuple[int, int]]:
+    """(width, height) of every item, from image headers where the source has files."""
+    if isinstance(source, ImageFolder):
+        out = []
+        for p, _ in source.items:
+            with Image.open(p) as im:
+                out.append(im.size)
+        return out
+    return [source[i][0].size for i in range(len(source))]
+
+
+def collate(rows: list[dict]) -> dict:
+    """Tensors are stacked, ints become a tensor, anything else (captions) a list."""
+    out = {}
+    for k, v0 in rows[0].items():
+        vs = [r[k] for r in rows]
+        out[k] = torch.stack(vs) if isinstance(v0, torch.Tensor) else torch.tensor(vs) if isinstance(v0, int) else vs
+    return out
+
+
 class TrainData(torch.utils.data.Dataset):
-    """Indexed by (item, position): the augmentation draws from a generator seeded by the position."""
+    """Indexed by (item, position): the augmentation draws from a generator seeded by the position.
+
+    With data.buckets, `assignment[i]` is item i's bucket in `buckets` (its training size)."""
+
+    collate = staticmethod(collate)
 
     def __init__(self, cfg: DataConfig, seed: int):
         self.cfg, self.seed = cfg, seed
         self.source = build_source(cfg)
+        self.streaming = isinstance(self.source, Shards)
+        self.buckets = Buckets(cfg.resolution, cfg.bucket_step, cfg.max_aspect) if cfg.buckets else None
+        self.assignment = None
+        if self.buckets and not self.streaming:
+            self.assignment = self.buckets.assign_all(image_sizes(self.source), cfg.max_aspect)
+        elif self.buckets and not cfg.cache:
+            raise GenError("config key 'data.buckets': bucketing WebDataset shards needs data.cache=true "
+                           "(the cache records each image's bucket in one pass over the shards)")
 
     def __len__(self) -> int:
         return len(self.source)
 
+    def size(self, i: int) -> int | tuple[int, int]:
+        return self.cfg.resolution if self.assignment is None else self.buckets.sizes[self.assignment[i]]
+
+    def example(self, i: int, pos: int, img: Image.Image, text: str) -> dict:
+        rng = np.random.default_rng([self.seed, pos])
+        pixels = transform(img, self.size(i), self.cfg.crop, self.cfg.flip, rng)
+        return {"pixel_values": pixels, "text": text, "index": i}
+
     def __getitem__(self, key: tuple[int, int]) -> dict:
         i, pos = key
         img, text = self.source[i]
-        rng = np.random.default_rng([self.seed, pos])
-        pixels = transform(img, self.cfg.resolution, self.cfg.crop, self.cfg.flip, rng)
-        return {"pixel_values": pixels, "text": text, "index": i}
+        return self.example(i, pos, img, text)
 
     def fingerprint(self) -> dict:
-        return {**self.source.fingerprint(), "resolution": self.cfg.resolution}
+        fp = {**self.source.fingerprint(), "resolution": self.cfg.resolution}
+        if self.buckets:
+            fp |= {"bucket_step": self.cfg.bucket_step, "max_aspect": self.cfg.max_aspect}
+        return fp
 
 
 class OrderSampler(Sampler):
@@ -93,14 +145,17 @@ class OrderSampler(Sampler):
         return 2 ** 62
 
 
-def collate(rows: list[dict]) -> dict:
-    return {"pixel_values": torch.stack([r["pixel_values"] for r in rows]), "text": [r["text"] for r in rows],
-            "index": torch.tensor([r["index"] for r in rows])}
-
-
-def loader(data: TrainData, batch_size: int, position: int, world: int, rank: int,
-           num_workers: int = 0) -> DataLoader:
-    """Batches from stream position `position` (samples consumed by all processes) on, for process `rank`."""
-    sampler = OrderSampler(len(data), data.seed, batch_size, position, world, rank)
-    return DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+def loader(data, batch_size: int, position: int, world: int, rank: int, num_workers: int = 0) -> DataLoader:
+    """Batches from stream position `position` (samples consumed by all processes) on, for process `rank`.
+    `data` is a TrainData or a cache (train/data/cache.py) with the same surface."""
+    if getattr(data, "streaming", False):
+        return DataLoader(ShardStream(data, batch_size, position, world, rank), batch_size=None,
+                          num_workers=num_workers, persistent_workers=num_workers > 0)
+    if data.assignment is not None:
+        sampler = BucketSampler(data.assignment, data.seed, batch_size, position, world, rank)
+        if rank == 0:
+            print(data.buckets.report(data.assignment, batch_size), file=sys.stderr)
+    else:
+        sampler = OrderSampler(len(data), data.seed, batch_size, position, world, rank)
+    return DataLoader(data, batch_sampler=sampler, collate_fn=data.collate, num_workers=num_workers,
                       persistent_workers=num_workers > 0)
