@@ -3,14 +3,16 @@ guidance interval (Kynkaanniemi et al. 2024)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from gen.errors import GenError
 
 
 def check_guidance(scale: float, rescale: float, interval: tuple[float, float]) -> None:
-    if scale < 0:
-        raise GenError(f"guidance scale must be >= 0, not {scale}")
+    if not math.isfinite(scale) or scale < 0:
+        raise GenError(f"guidance scale must be >= 0 and finite, not {scale}")
     if not 0 <= rescale <= 1:
         raise GenError(f"guidance rescale must be in [0, 1], not {rescale}")
     lo, hi = interval

@@ -177,6 +177,13 @@ class Pipeline:
             if not (path / part).is_dir():
                 raise GenError(f"{path} is missing the {part}/ folder; a text-to-image model folder needs "
                                "text_encoder/, tokenizer/, vae/, unet/ or transformer/, and scheduler/")
+        extra_parts = [k for k in ("text_encoder_2", "text_encoder_3", "prior", "image_encoder") if index.get(k, [None])[0]]
+        added = name == "unet" and (path / "unet" / "config.json").is_file() and read_json(
+            path / "unet" / "config.json").get("addition_embed_type")
+        if extra_parts or added:
+            raise GenError(f"{path}: {index.get('_class_name', 'this pipeline')} is not supported (it has "
+                           f"{extra_parts[0] + '/' if extra_parts else f'addition_embed_type={added!r}'}); "
+                           "gen loads SD-1.x/2.x-layout folders and its own UNet/DiT models")
         if name == "transformer" and index.get("transformer", [None, None])[1] not in ("DiT", None):
             raise GenError(f"{path}: unsupported transformer class {index['transformer'][1]!r} (gen loads its DiT)")
         device = resolve_device(device)
@@ -319,7 +326,7 @@ class Pipeline:
         height = d["height"] if height is None else height
         width = d["width"] if width is None else width
         sampler = sampler or d["sampler"]
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]  # _check rejects non-strings
         negs = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
         self._check(prompts, negs, steps, scale, rescale, guidance_interval, height, width,
                     num_images_per_prompt, sampler, output_type)

@@ -63,8 +63,9 @@ class TextEncoder:
             for row in full.tolist():
                 dropped = [i for i in row[self.max_length - 1:] if i not in special]
                 if dropped:
-                    log.warning("prompt is longer than %d tokens; this part was dropped: %r",
-                                self.max_length, self.tokenizer.decode(dropped))
+                    text = self.tokenizer.decode(dropped)
+                    log.warning("prompt is longer than %d tokens; %d tokens were dropped: %r", self.max_length,
+                                len(dropped), text if len(text) <= 200 else f"{text[:95]} ... {text[-95:]}")
         return ids
 
     @torch.no_grad()
