@@ -1,0 +1,311 @@
+"""LoRA files: the diffusers/peft and kohya/A1111 key layouts, read into one in-memory form and written back.
+
+A LoRA on layer W adds `weight * (alpha / rank) * B @ A`; the files differ only in naming:
+
+    diffusers  unet.<layer>.lora_A.weight / .lora_B.weight (also `transformer.`, `text_encoder.text_model.`);
+               rank from the shapes, alpha in the `lora_adapter_metadata` header (a peft LoraConfig as JSON,
+               with per-layer rank_pattern / alpha_pattern), absent = alpha equals rank.
+               DoRA adds <layer>.lora_magnitude_vector.
+    peft       the same with `base_model.model.` in front, or bare layer names (one model's adapter),
+               alpha in an adapter_config.json beside the file.
+    kohya      lora_unet_<layer with dots as underscores>.lora_down.weight / .lora_up.weight / .alpha
+               (text encoder: lora_te_text_model_...), `ss_*` header fields; A1111, ComfyUI and diffusers read it.
+
+Components are "denoiser" (the UNet or DiT) and "text_encoder". Text-encoder layer names are kept without
+transformers' optional `text_model.` level and written with it, which is what every tool reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gen.errors import GenError
+
+DIFFUSERS_META = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+KOHYA_PREFIXES = {"lora_unet_": "denoiser", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
+TEXT = "text_encoder"
+PEFT_WRAPPER = "base_model.model."  # what PeftModel puts in front of every key
+FORMATS = ("diffusers", "kohya")
+MAGNITUDE = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")  # DoRA, peft >= 0.12 and before
+
+
+@dataclass
+class Factor:
+    """One adapted layer: down (A) is (rank, in[, kh, kw]), up (B) is (out, rank[, 1, 1])."""
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float | None = None  # None: alpha = rank (the diffusers/peft convention when nothing is stored)
+    magnitude: torch.Tensor | None = None  # DoRA: one magnitude per output channel, as peft shapes it
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return (self.rank if self.alpha is None else self.alpha) / self.rank
+
+
+@dataclass
+class LoraFile:
+    factors: dict[str, dict[str, Factor]]  # component ("denoiser" | "text_encoder") -> layer name -> Factor
+    layout: str  # "diffusers", "peft" or "kohya"; kohya layer names are flat (dots as underscores)
+    metadata: dict[str, str] = field(default_factory=dict)
+    prefixes: dict[str, str] = field(default_factory=dict)  # component -> the prefix the file used
+
+    def count(self) -> int:
+        return sum(len(f) for f in self.factors.values())
+
+
+def neutral(name: str) -> str:
+    return name.removeprefix("text_model.")
+
+
+def flat(component: str, name: str) -> str:
+    """The kohya/A1111 layer name without its lora_unet_/lora_te_ prefix: dots become underscores."""
+    return ("text_model_" if component == TEXT else "") + name.replace(".", "_")
+
+
+def num(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """peft's rank_pattern/alpha_pattern lookup (peft.utils.other.get_pattern_key): first key matching the end."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name) or re.match(rf"(.*\.)?({key})$", "text_model." + name):
+            return value
+    return default
+
+
+# ---- reading ------------------------------------------------------------------------------------------
+def parse(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+          peft_config: dict | None = None, source: str = "LoRA") -> LoraFile:
+    """A LoRA state dict in the diffusers, peft (`base_model.model.` keys) or kohya layout -> LoraFile."""
+    metadata = dict(metadata or {})
+    kohya = bool(state_dict) and all(k.startswith(tuple(KOHYA_PREFIXES)) for k in state_dict)
+    down_s, up_s = (".lora_down.weight", ".lora_up.weight") if kohya else (".lora_A.weight", ".lora_B.weight")
+    suffixes = (down_s, up_s, ".alpha") if kohya else (down_s, up_s, ".alpha", *MAGNITUDE)
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    prefixes, unknown = {}, []
+    layout = "kohya" if kohya else "diffusers"
+    for key, tensor in state_dict.items():
+        suffix = next((s for s in suffixes if key.endswith(s)), None)
+        if suffix is None:
+            unknown.append(key)
+            continue
+        name = key[: -len(suffix)]
+        if kohya:
+            prefix = next(p for p in KOHYA_PREFIXES if name.startswith(p))
+            comp, name = KOHYA_PREFIXES[prefix], name[len(prefix):]
+        else:
+            if name.startswith(PEFT_WRAPPER):
+                name, layout = name[len(PEFT_WRAPPER):], "peft"
+            prefix, _, rest = name.partition(".")
+            if prefix in ("unet", "transformer", TEXT):
+                comp, name = (TEXT if prefix == TEXT else "denoiser"), rest
+            else:  # a bare peft adapter of one model: the denoiser
+                prefix, comp, layout = "", "denoiser", "peft"
+            if comp == TEXT:
+                name = neutral(name)
+        prefixes[comp] = prefix
+        parts.setdefault((comp, name), {})["magnitude" if suffix in MAGNITUDE else suffix] = tensor
+    if unknown:
+        dora = any("dora_scale" in k for k in unknown)
+        hint = ("kohya/LyCORIS DoRA files (dora_scale) are not supported; DoRA loads from the diffusers layout"
+                if dora else "LoHa/LoKr and other LyCORIS variants are not supported; expected lora_A/lora_B "
+                "or lora_down/lora_up")
+        raise GenError(f"{source}: {len(unknown)} keys gen cannot read ({', '.join(unknown[:3])}); {hint}")
+    if not parts:
+        raise GenError(f"{source} has no LoRA weights")
+
+    configs = _header_configs(metadata, peft_config, prefixes)
+    factors: dict[str, dict[str, Factor]] = {}
+    for (comp, name), t in parts.items():
+        down, up = t.get(down_s), t.get(up_s)
+        if down is None or up is None:
+            raise GenError(f"{source}: layer {name!r} has only one of its two LoRA matrices")
+        alpha = t[".alpha"].item() if ".alpha" in t else None
+        cfg = configs.get(comp)
+        if alpha is None and cfg is not None and "lora_alpha" in cfg:
+            alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, name, cfg["lora_alpha"]))
+            if cfg.get("use_rslora"):  # rsLoRA scales by alpha / sqrt(r): the same as alpha' = alpha * sqrt(r)
+                alpha *= math.sqrt(down.shape[0])
+        factors.setdefault(comp, {})[name] = Factor(down, up, alpha, t.get("magnitude"))
+    return LoraFile(factors, layout, metadata, prefixes)
+
+
+def _header_configs(metadata: dict, peft_config: dict | None, prefixes: dict[str, str]) -> dict[str, dict]:
+    """Per-component LoraConfig fields from diffusers' header JSON (or a peft adapter_config.json)."""
+    if peft_config is not None:
+        return {"denoiser": peft_config}
+    raw = metadata.get(DIFFUSERS_META)
+    if not raw:
+        return {}
+    try:
+        whole = json.loads(raw)
+    except json.JSONDecodeError:
+        raise GenError(f"the {DIFFUSERS_META} header of this LoRA is not valid JSON") from None
+    return {comp: {k[len(prefix) + 1:]: v for k, v in whole.items() if k.startswith(prefix + ".")}
+            for comp, prefix in prefixes.items()}
+
+
+def read(path: str | Path, allow_pickle: bool = False) -> LoraFile:
+    """Reads a LoRA file (.safetensors; pickle formats only with allow_pickle) in any supported layout."""
+    from gen.io import load_state_dict, read_json, read_metadata
+
+    path = Path(path)
+    state_dict = load_state_dict(path, allow_pickle=allow_pickle)
+    metadata = read_metadata(path) if path.suffix == ".safetensors" else {}
+    sidecar = path.with_name("adapter_config.json")  # peft's save_pretrained writes it beside the weights
+    peft_config = read_json(sidecar) if sidecar.is_file() and DIFFUSERS_META not in metadata else None
+    return parse(state_dict, metadata, peft_config, source=str(path))
+
+
+# ---- writing ------------------------------------------------------------------------------------------
+def config_fields(factors: dict[str, Factor], anchor: str = "") -> dict:
+    """LoraConfig fields for these layers: the commonest rank and alpha, the others as per-layer patterns
+    (what diffusers' get_peft_kwargs derives from a state dict)."""
+    ranks = {n: f.rank for n, f in factors.items()}
+    alphas = {n: float(f.rank if f.alpha is None else f.alpha) for n, f in factors.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    a = Counter(alphas.values()).most_common(1)[0][0]
+    return dict(r=r, lora_alpha=num(a), target_modules=sorted(ranks),
+                use_dora=any(f.magnitude is not None for f in factors.values()),
+                rank_pattern={anchor + n: v for n, v in ranks.items() if v != r},
+                alpha_pattern={anchor + n: num(v) for n, v in alphas.items() if v != a})
+
+
+def _diffusers_layout(factors: dict[str, dict[str, Factor]], prefix: str):
+    tensors, config = {}, {}
+    for comp, layers in factors.items():
+        p = TEXT if comp == TEXT else prefix
+        keys = f"{p}.text_model." if comp == TEXT else f"{p}."
+        for name, f in layers.items():
+            tensors[f"{keys}{name}.lora_A.weight"], tensors[f"{keys}{name}.lora_B.weight"] = f.down, f.up
+            if f.magnitude is not None:
+                tensors[f"{keys}{name}.lora_magnitude_vector"] = f.magnitude
+        config |= {f"{p}.{k}": v for k, v in config_fields(layers).items()}
+    return tensors, {"format": "pt", DIFFUSERS_META: json.dumps(config, indent=2, sort_keys=True)}
+
+
+def _kohya_layout(factors: dict[str, dict[str, Factor]], base_version: str):
+    if any(f.magnitude is not None for layers in factors.values() for f in layers.values()):
+        raise GenError("a DoRA adapter cannot be written in the kohya layout; use format diffusers")
+    tensors = {}
+    for comp, layers in factors.items():
+        prefix = "lora_te_" if comp == TEXT else "lora_unet_"
+        for name, f in layers.items():
+            key = prefix + flat(comp, name)
+            tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = f.down, f.up
+            tensors[f"{key}.alpha"] = torch.tensor(float(f.rank if f.alpha is None else f.alpha))
+    return tensors, {"ss_network_module": "networks.lora", "ss_network_args": "{}",
+                     "ss_base_model_version": base_version, "ss_v2": str(base_version.startswith("sd_v2")),
+                     "ss_text_encoder_lr": "0" if TEXT not in factors else "",
+                     "ss_network_train_unet_only": str(TEXT not in factors)}
+
+
+def _kohya_recipe(recipe: dict) -> dict[str, str]:
+    """The kohya ss_* training fields a gen recipe (a train Config as a dict) can fill."""
+    get = lambda section, key: (recipe.get(section) or {}).get(key)  # noqa: E731
+    out = {"ss_learning_rate": get("optim", "lr"), "ss_max_train_steps": recipe.get("trained_steps"),
+           "ss_seed": get("train", "seed"), "ss_network_dropout": get("lora", "dropout"),
+           "ss_mixed_precision": get("train", "mixed_precision"), "ss_lr_scheduler": get("optim", "schedule")}
+    res = get("data", "resolution")
+    if res:
+        out["ss_resolution"] = f"({res}, {res})"
+    return {k: str(v) for k, v in out.items() if v not in (None, "")}
+
+
+def write(path: str | Path, factors: dict[str, dict[str, Factor]], format: str = "diffusers",
+          denoiser_prefix: str = "unet", base_version: str = "sd_v1", recipe: dict | None = None,
+          base_model: str | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Writes {component: {layer: Factor}} as one .safetensors LoRA file (atomically).
+
+    format "diffusers": `<denoiser_prefix>.<layer>.lora_A.weight` keys, rank/alpha/patterns in the
+    `lora_adapter_metadata` header; "kohya": `lora_unet_*`/`lora_te_*` keys with `.alpha` tensors and `ss_*`
+    header fields. Both carry gen.rank, gen.alpha, gen.base_model and the recipe (gen.recipe, JSON)."""
+    from safetensors.torch import save_file
+
+    if format not in FORMATS:
+        raise GenError(f"unknown LoRA format {format!r}; choose from {', '.join(FORMATS)}")
+    if format == "diffusers":
+        tensors, meta = _diffusers_layout(factors, denoiser_prefix)
+    else:
+        tensors, meta = _kohya_layout(factors, base_version)
+        meta |= _kohya_recipe(recipe or {})
+    tensors = {k: v.detach().to("cpu", dtype if dtype is not None and v.ndim else v.dtype).contiguous()
+               for k, v in tensors.items()}
+    every = [f for layers in factors.values() for f in layers.values()]
+    ranks = sorted({f.rank for f in every})
+    alphas = sorted({float(f.rank if f.alpha is None else f.alpha) for f in every})
+    meta["gen.lora_format"] = "1"
+    meta["gen.rank"] = meta["ss_network_dim"] = str(ranks[0]) if len(ranks) == 1 else "Dynamic"
+    meta["gen.alpha"] = meta["ss_network_alpha"] = str(num(alphas[0])) if len(alphas) == 1 else "Dynamic"
+    if format == "diffusers":
+        del meta["ss_network_dim"], meta["ss_network_alpha"]
+    if base_model:
+        meta["gen.base_model"] = str(base_model)
+        if format == "kohya":
+            meta["ss_sd_model_name"] = str(base_model)
+    if recipe:
+        meta["gen.recipe"] = json.dumps(recipe, default=str)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+# ---- gen info -----------------------------------------------------------------------------------------
+def is_lora(keys) -> bool:
+    return any(re.search(r"\.lora_(A|B|up|down)\.weight$", k) for k in keys)
+
+
+def base_of(metadata: dict) -> str:
+    for key in ("gen.base_model", "ss_sd_model_name", "ss_base_model_version", "modelspec.architecture"):
+        if metadata.get(key):
+            return metadata[key]
+    return "not recorded"
+
+
+def _spread(values: list[float]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{num(lo)}" if lo == hi else f"{num(lo)}..{num(hi)} (varies by layer)"
+
+
+def _targets(lora: LoraFile) -> str:
+    """Which kinds of layer are adapted: the distinct last parts of the layer names."""
+    kinds = set()
+    for layers in lora.factors.values():
+        for name in layers:
+            m = re.search(r"(?:^|[._])((?:self_|cross_)?attn\d?|ff|mlp|proj_in|proj_out)(?:[._]|$)", name)
+            kinds.add(name[m.start(1):] if m else name)
+    return ", ".join(sorted(kinds)[:12]) + (", ..." if len(kinds) > 12 else "")
+
+
+def describe(path: str | Path) -> str:
+    """`gen info` for a LoRA file: layout, targets, rank, alpha, base model and recipe from its header."""
+    lora = read(path)
+    every = [f for layers in lora.factors.values() for f in layers.values()]
+    comps = sorted(lora.factors, key=lambda c: c == TEXT)  # the denoiser first
+    parts = ", ".join(f"{(lora.prefixes.get(c) or c).rstrip('_')} {len(lora.factors[c])}" for c in comps)
+    lines = [f"LoRA file {path}", f"  layout: {lora.layout}" + (" (DoRA)" if every[0].magnitude is not None else ""),
+             f"  targets: {len(every)} layers ({parts})", f"  layer kinds: {_targets(lora)}",
+             f"  rank: {_spread([f.rank for f in every])}",
+             f"  alpha: {_spread([f.rank if f.alpha is None else f.alpha for f in every])}"
+             + ("" if any(f.alpha is not None for f in every) else " (not stored: alpha = rank)"),
+             f"  scale alpha/rank: {_spread([round(f.scale, 6) for f in every])}",
+             f"  base model: {base_of(lora.metadata)}"]
+    if lora.metadata.get("gen.recipe"):
+        lines.append(f"  recipe: {lora.metadata['gen.recipe'][:500]}")
+    return "\n".join(lines)

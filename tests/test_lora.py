@@ -1,0 +1,252 @@
+"""LoRA against real diffusers + peft: the same images both ways, kohya export, scale, fuse, compose, load-check."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_sd_components
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from peft import LoraConfig, inject_adapter_in_model
+from peft.utils import get_peft_model_state_dict
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from gen import lora
+from gen.cli import _lora_arg, main
+from gen.errors import GenError
+from gen.pipeline import Pipeline
+
+PROMPT, NEG, SEED = "a red circle", "blurry", 7
+RUN = dict(num_inference_steps=3, guidance_scale=6.0, height=16, width=16)
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in"]  # proj_in is a 1x1 conv in this UNet
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+def theirs_images(pipe):
+    return pipe(PROMPT, negative_prompt=NEG, generator=[torch.Generator("cpu").manual_seed(SEED)],
+                output_type="np", **RUN).images
+
+
+def our_images(pipe, output_type="np"):
+    return pipe(PROMPT, negative_prompt=NEG, seed=SEED, sampler="ddim", output_type=output_type, **RUN).images
+
+
+def diff(a, b) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+def has_adapters(pipe) -> bool:
+    return any(".lora_A." in k for m in (pipe.denoiser, pipe.text.model) for k in m.state_dict())
+
+
+def peft_lora_saved_by_diffusers(path, seed, r, unet_alpha, text_alpha, unet=None):
+    """A LoRA made with peft (random non-zero B) and written by diffusers' save_lora_weights with the
+    LoraConfig header diffusers' training scripts write."""
+    parts = tiny_sd_components()
+    unet, text = unet or parts["unet"], parts["text_encoder"]
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=r, lora_alpha=unet_alpha, target_modules=UNET_TARGETS, init_lora_weights=False))
+    text.add_adapter(LoraConfig(r=r, lora_alpha=text_alpha, target_modules=TEXT_TARGETS, init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(
+        path.parent, weight_name=path.name, unet_lora_layers=get_peft_model_state_dict(unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(text),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        text_encoder_lora_adapter_metadata=text.peft_config["default"].to_dict())
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("loras")
+    other_unet = UNet2DConditionModel(**{**tiny_sd_components()["unet"].config, "cross_attention_dim": 48})
+    return {"a": peft_lora_saved_by_diffusers(d / "a.safetensors", 1, r=4, unet_alpha=8, text_alpha=2),
+            "b": peft_lora_saved_by_diffusers(d / "b.safetensors", 2, r=2, unet_alpha=1, text_alpha=3),
+            "other": peft_lora_saved_by_diffusers(d / "other.safetensors", 3, 4, 4, 4, unet=other_unet)}
+
+
+@pytest.fixture(scope="module")
+def theirs(sd_folder):
+    pipe = StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def reference(theirs, files):
+    base = theirs_images(theirs)
+    theirs.load_lora_weights(files["a"])
+    with_a = theirs_images(theirs)
+    theirs.unload_lora_weights()
+    assert diff(with_a, base) > 0.02  # the LoRA really changes the image
+    return {"base": base, "a": with_a}
+
+
+@pytest.fixture(scope="module")
+def shared_pipe(sd_folder):
+    pipe = Pipeline.from_pretrained(sd_folder)
+    pipe.progress = False
+    return pipe
+
+
+@pytest.fixture()
+def pipe(shared_pipe):
+    yield shared_pipe
+    if shared_pipe.loras._backup is not None:
+        shared_pipe.unfuse_lora()
+    shared_pipe.unload_lora()
+    lora.remove_adapters(shared_pipe.denoiser), lora.remove_adapters(shared_pipe.text.model)
+
+
+def test_lora_saved_by_diffusers_gives_diffusers_images(pipe, files, reference):
+    assert pipe.load_lora(files["a"]) == "a"
+    assert diff(our_images(pipe), reference["a"]) <= 1e-4  # alpha 8 and 2 at rank 4 both came through
+
+
+def test_lora_saved_by_gen_and_its_kohya_export_load_in_diffusers(pipe, theirs, tmp_path):
+    torch.manual_seed(5)  # a LoRA trained in gen: peft layers in gen's models, written by save_lora
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=6, target_modules=UNET_TARGETS, init_lora_weights=False),
+                            pipe.denoiser)
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=3, target_modules=TEXT_TARGETS, init_lora_weights=False),
+                            pipe.text.model)
+    ours = our_images(pipe)
+    paths = {f: lora.save_lora(tmp_path / f"{f}.safetensors", pipe.denoiser, pipe.text.model, format=f,
+                               recipe={"rank": 4}, base_model="tiny-sd") for f in ("diffusers", "kohya")}
+    lora.remove_adapters(pipe.denoiser), lora.remove_adapters(pipe.text.model)
+    assert load_file(paths["kohya"])["lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"].item() == 3
+    for path in paths.values():
+        theirs.load_lora_weights(path)
+        try:
+            assert diff(theirs_images(theirs), ours) <= 1e-4
+        finally:
+            theirs.unload_lora_weights()
+    pipe.load_lora(paths["kohya"])  # and back into gen
+    assert diff(our_images(pipe), ours) <= 1e-4
+
+
+def test_scale_zero_is_no_lora(pipe, files, reference):
+    pipe.load_lora(files["a"], scale=0.0)
+    assert diff(our_images(pipe), reference["base"]) <= 1e-6
+
+
+def test_fuse_gives_the_same_images_and_unfuse_restores_the_base_weights_exactly(pipe, files, reference):
+    models = (pipe.denoiser, pipe.text.model)
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    pipe.load_lora(files["a"])
+    pipe.fuse_lora()
+    assert diff(our_images(pipe), reference["a"]) <= 1e-4
+    with pytest.raises(GenError, match="unfuse_lora"):
+        pipe.load_lora(files["b"])
+    pipe.unfuse_lora()
+    pipe.unload_lora()
+    for m, b in zip(models, before):
+        after = m.state_dict()
+        assert after.keys() == b.keys() and all(torch.equal(after[k], b[k]) for k in b)
+
+
+def test_two_adapters_compose_as_diffusers_set_adapters(pipe, theirs, files):
+    theirs.load_lora_weights(files["a"], adapter_name="a")
+    theirs.load_lora_weights(files["b"], adapter_name="b")
+    theirs.set_adapters(["a", "b"], adapter_weights=[0.7, -0.5])
+    try:
+        ref = theirs_images(theirs)
+    finally:
+        theirs.unload_lora_weights()
+    pipe.load_lora(files["a"], scale=0.7)
+    pipe.load_lora(files["b"], scale=-0.5)
+    assert diff(our_images(pipe), ref) <= 1e-4
+    pipe.set_adapters("b")
+    only_b = our_images(pipe)
+    pipe.set_adapters(["a", "b"], [0.7, -0.5])
+    assert diff(our_images(pipe), ref) <= 1e-4 < diff(only_b, ref)
+    with pytest.raises(GenError, match="no LoRA adapter named 'c'"):
+        pipe.set_adapters(["a", "c"])
+
+
+def test_partly_matching_lora_is_an_error_with_counts(pipe, files, tmp_path):
+    state = load_file(files["a"])
+    moved = [k for k in state if "up_blocks.0.attentions.0" in k]
+    for k in moved:
+        state[k.replace("up_blocks.0.attentions.0", "up_blocks.0.attentions.9")] = state.pop(k)
+    save_file(state, tmp_path / "partial.safetensors")
+    n_total, n_moved = len(state) // 2, len({k.split(".lora_")[0] for k in moved})
+    with pytest.raises(GenError, match=rf"matches only {n_total - n_moved} of its {n_total} layers.*attentions\.9"):
+        pipe.load_lora(tmp_path / "partial.safetensors")
+    dit_style = {k.replace("unet.", "transformer.", 1): v for k, v in load_file(files["a"]).items()
+                 if k.startswith("unet.")}
+    save_file(dit_style, tmp_path / "dit.safetensors")
+    with pytest.raises(GenError, match="matches none of its"):
+        pipe.load_lora(tmp_path / "dit.safetensors")
+    assert not has_adapters(pipe) and not pipe.loras.weights
+
+
+def test_lora_for_other_shapes_fails_in_one_line_and_changes_nothing(pipe, files):
+    before = our_images(pipe, output_type="latent")
+    with pytest.raises(GenError, match="made for a model of other shapes") as e:
+        pipe.load_lora(files["other"])
+    assert "\n" not in str(e.value) and "attn2.to_k" in str(e.value)
+    assert not has_adapters(pipe)
+    assert torch.equal(our_images(pipe, output_type="latent"), before)
+
+
+def test_pickle_lora_is_refused_unless_allowed(pipe, files, tmp_path):
+    torch.save(load_file(files["a"]), tmp_path / "a.pt")
+    with pytest.raises(GenError, match="pickle"):
+        pipe.load_lora(tmp_path / "a.pt")
+    pipe.load_lora(tmp_path / "a.pt", allow_pickle=True)
+    assert has_adapters(pipe)
+
+
+def test_dit_lora_round_trips_in_both_layouts(dit_pipe, tmp_path):
+    torch.manual_seed(4)
+    with torch.no_grad():  # a fresh DiT is adaLN-zero: every block is the identity until its gates move
+        for p in dit_pipe.denoiser.parameters():
+            if not p.any():
+                p.normal_(std=0.05)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=2, target_modules=lora.target_modules("dit", ("attn", "ff")),
+                                       init_lora_weights=False), dit_pipe.denoiser)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=TEXT_TARGETS, init_lora_weights=False),
+                            dit_pipe.text.model)
+    run = dict(num_inference_steps=2, seed=1, output_type="latent", height=16, width=16)
+    with_lora = dit_pipe("a red circle", **run).images
+    paths = [lora.save_lora(tmp_path / f"{f}.safetensors", dit_pipe.denoiser, dit_pipe.text.model, format=f)
+             for f in lora.FORMATS]
+    lora.remove_adapters(dit_pipe.denoiser), lora.remove_adapters(dit_pipe.text.model)
+    base = dit_pipe("a red circle", **run).images
+    assert diff(base, with_lora) > 1e-3
+    for path in paths:
+        dit_pipe.load_lora(path)
+        assert diff(dit_pipe("a red circle", **run).images, with_lora) <= 1e-5
+        dit_pipe.unload_lora()
+
+
+def test_lora_arg_splits_scale_only_when_it_is_a_number():
+    assert _lora_arg("a.safetensors") == ("a.safetensors", 1.0)
+    assert _lora_arg("dir/a:b.safetensors:0.5") == ("dir/a:b.safetensors", 0.5)
+    assert _lora_arg("C:\\loras\\a.safetensors") == ("C:\\loras\\a.safetensors", 1.0)
+    assert _lora_arg("C:\\loras\\a.safetensors:-1") == ("C:\\loras\\a.safetensors", -1.0)
+
+
+def test_cli_sample_with_lora(pipe, files, sd_folder, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    args = [sys.executable, "-m", "gen", "sample", PROMPT, "--model", str(sd_folder), "--lora", f"{files['a']}:0.5",
+            "--negative-prompt", NEG, "--seed", str(SEED), "--sampler", "ddim", "--steps", "3", "--guidance", "6",
+            "--height", "16", "--width", "16", "--out", str(out), "--no-progress"]
+    subprocess.run(args, check=True, capture_output=True)
+    pipe.load_lora(files["a"], scale=0.5)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(our_images(pipe, "pil")[0]))
+    assert main([*args[3:7], "--lora", str(files["other"]), "--out", str(tmp_path)]) == 2
+    assert "other shapes" in capsys.readouterr().err
+
+
+def test_gen_info_describes_a_lora(pipe, files, tmp_path, capsys):
+    pipe.load_lora(files["b"])
+    pipe.save_lora(tmp_path / "b-kohya.safetensors", format="kohya")
+    assert main(["info", str(files["a"])]) == 0
+    text = capsys.readouterr().out
+    assert "layout: diffusers" in text and "targets: 84 layers (unet 54, text_encoder 30)" in text
+    assert "rank: 4" in text and "alpha: 2..8" in text
+    assert main(["info", str(tmp_path / "b-kohya.safetensors")]) == 0
+    text = capsys.readouterr().out
+    assert "layout: kohya" in text and "rank: 2" in text and "alpha: 1..3" in text and "base model: tiny-sd" in text
