@@ -108,6 +108,17 @@ def read_state(folder: Path, name: str) -> Any:
     return unflatten(read_json(folder / f"{name}.json"), tensors)
 
 
+def nonfinite(obj: Any, path: str = "") -> list[str]:
+    """Paths of the floating-point tensors in nested state that hold a NaN or an inf."""
+    if isinstance(obj, torch.Tensor):
+        return [path] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in nonfinite(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [p for i, v in enumerate(obj) for p in nonfinite(v, f"{path}.{i}")]
+    return []
+
+
 # ---- RNG --------------------------------------------------------------------------------------
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
@@ -153,6 +164,10 @@ class Checkpointer:
 
     def save(self, step: int, shared: dict[str, Any], local: dict[str, Any], state: dict) -> Path:
         """Writes `shared` parts and `state` from process 0, `local` parts from every process, atomically."""
+        bad = nonfinite(shared)
+        if bad:  # every process holds the same shared parts, so all of them stop here together
+            raise GenError(f"refusing to save the step-{step} checkpoint: {len(bad)} tensors hold NaN or inf "
+                           f"(e.g. {bad[0]}); the previous checkpoint is kept. Lower optim.lr or check the data")
         final = self.root / f"step-{step:08d}"
         tmp = self.root / f".tmp-{final.name}"
         if self.rank == 0:

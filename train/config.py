@@ -90,6 +90,7 @@ class TrainOptions:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     resume: str = "auto"                    # auto | none | path to a checkpoint folder
+    max_bad_steps: int = 10                 # stop after this many consecutive steps with a NaN/inf loss
 
 
 @dataclass
@@ -312,6 +313,7 @@ def validate(cfg: Config) -> Config:
               ("train.ema_decay", 0 <= cfg.train.ema_decay < 1), ("train.cond_dropout", 0 <= cfg.train.cond_dropout <= 1),
               ("train.checkpoint_every", cfg.train.checkpoint_every >= 0),
               ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1),
+              ("train.max_bad_steps", cfg.train.max_bad_steps >= 1),
               ("train.stop_at_step", cfg.train.stop_at_step is None or cfg.train.stop_at_step >= 1),
               ("data.resolution", cfg.data.resolution >= 8), ("data.num_images", cfg.data.num_images >= 1),
               ("optim.warmup_steps", cfg.optim.warmup_steps >= 0), ("objective.logit_std", cfg.objective.logit_std > 0),

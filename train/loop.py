@@ -189,24 +189,45 @@ def train(cfg: Config, task_class=None) -> Path:
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not (main and cfg.log.progress),
                desc="train", unit="step", dynamic_ncols=True)
     loss_sum, n_logged, t0, saved = torch.zeros((), device=acc.device), 0, time.perf_counter(), step
+    bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient
     while step < cfg.train.max_steps:
+        bad = torch.zeros((), dtype=torch.bool, device=acc.device)
+        step_loss, skip = torch.zeros((), device=acc.device), False
         for micro in range(accum):
             batch = next(batches)
             with acc.accumulate(model):
                 loss = task.loss(model, batch, step_generator(cfg.train.seed, rank, step * accum + micro))
+                bad |= ~torch.isfinite(loss.detach())
                 acc.backward(loss)
-                if acc.sync_gradients and o.grad_clip > 0:
-                    acc.clip_grad_norm_(model.parameters(), o.grad_clip)
-                optimizer.step()
+                if acc.sync_gradients:
+                    # max_norm=inf measures the norm without clipping; under fp16 the grad scaler itself
+                    # skips steps whose (scaled) gradients overflow, so only the loss counts there
+                    norm = acc.clip_grad_norm_(model.parameters(), o.grad_clip if o.grad_clip > 0 else math.inf)
+                    if acc.scaler is None:
+                        bad |= ~torch.isfinite(norm)
+                    skip = acc.reduce(bad.float(), "sum").item() > 0  # one host sync per step; every process agrees
+                    if not skip:
+                        optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach() / accum
+            step_loss += loss.detach() / accum
+        if skip:  # the data is consumed, nothing else moves: no update, no LR or EMA step
+            position, bad_steps = position + per_step, bad_steps + 1
+            if main:
+                log.warning("step %d: non-finite loss or gradients; update skipped (%d in a row, the run stops at "
+                            "train.max_bad_steps=%d)", step + 1, bad_steps, cfg.train.max_bad_steps)
+            if bad_steps >= cfg.train.max_bad_steps:
+                raise GenError(f"stopped at step {step + 1}: {bad_steps} steps in a row had a non-finite loss or "
+                               "gradients (diverged, or bad data); the last checkpoint holds finite weights. "
+                               "Lower optim.lr or check the data, then resume")
+            continue
+        bad_steps, loss_sum = 0, loss_sum + step_loss
         scheduler.step()
         if ema is not None:
             ema.update(acc.unwrap_model(model))
         step, position, n_logged = step + 1, position + per_step, n_logged + 1
         bar.update(1)
         if step % cfg.log.every == 0 or step == cfg.train.max_steps:
-            loss_value = acc.reduce(loss_sum, "mean").item() / n_logged  # the only host sync, every log.every
+            loss_value = acc.reduce(loss_sum, "mean").item() / n_logged  # a host sync every log.every
             elapsed = time.perf_counter() - t0
             trackers.scalars(step, {"loss": loss_value, "lr": scheduler.get_last_lr()[0],
                                     "images_per_s": n_logged * per_step / elapsed})

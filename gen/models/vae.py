@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from diffusers import AutoencoderKL
+
+log = logging.getLogger("gen")
 
 VAE_PRESETS = {
     # 2 levels -> downsampling factor 2; for tests.
@@ -54,5 +58,14 @@ def encode(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator 
 
 def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """Model-space latents -> images in [0, 1] (B, 3, H, W), float32."""
-    x = vae.decode(from_latents(vae, latents).to(vae.dtype)).sample
+    z = from_latents(vae, latents)
+    x = vae.decode(z.to(vae.dtype)).sample
+    if vae.dtype != torch.float32 and not bool(torch.isfinite(x).all()):  # one sync per decode, fp16/bf16 only
+        # fp16 activations overflow in some VAEs (SDXL's): NaN would clamp to black images; redo in fp32
+        log.warning("VAE decode overflowed in %s (NaN/inf); decoding again in float32", str(vae.dtype).split(".")[-1])
+        dtype = vae.dtype  # nn.Module.to: diffusers' own .to() warns about this cast, which is deliberate here
+        try:
+            x = torch.nn.Module.to(vae, torch.float32).decode(z.float()).sample
+        finally:
+            torch.nn.Module.to(vae, dtype)
     return (x.float() / 2 + 0.5).clamp(0, 1)
