@@ -167,12 +167,23 @@ def _add_data(sub) -> None:
     k.add_argument("out", help="output folder for shard-NNNNNN.tar files")
     k.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     k.set_defaults(func=cmd_data_pack)
+    c = kinds.add_parser("cache", help="encode a training config's latents and text embeddings to disk "
+                                       "(run under `accelerate launch` to split it across processes)")
+    c.add_argument("config", help="the training YAML config (its data.* and model.* keys)")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.cache_dir=DIR")
+    c.set_defaults(func=cmd_data_cache)
 
 
 def cmd_data_pack(args) -> int:
     from train.data.shards import pack_main
 
     return pack_main(args)
+
+
+def cmd_data_cache(args) -> int:
+    from train.data.cache import main as cache_main
+
+    return cache_main(args.config, args.overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,127 @@
+"""Latent/text caches: 2 processes build what 1 builds; a changed setting rebuilds, an unchanged one reuses;
+training from the cache matches training without it and never runs the VAE or text encoder."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from gen.pipeline import Pipeline
+from tests.train.conftest import checkpoint_tensors, fast_config, losses
+from train.data import TrainData
+from train.data.cache import build
+from train.data.shapes import write_folder
+from train.loop import train
+from train.task import DenoiserTask
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache-src")
+    write_folder(root, 12, seed=2)
+    return root
+
+
+def cache_config(base, shapes, tmp_path, run="run", **kw):
+    kw = {"data__cache": True, **kw}
+    return fast_config(base, tmp_path / run, data__source="folder", data__path=str(shapes),
+                       data__cache_dir=str(tmp_path / "cache"), train__batch_size=2, **kw)
+
+
+def contents(folder):
+    """{item: {tensor name: tensor}} plus the index rows (caption, size) of a cache folder."""
+    index = json.loads((folder / "index.json").read_text())
+    out, rows = {}, {}
+    for name, rs in index["files"].items():
+        with safe_open(str(folder / name), "pt") as f:
+            for key in f.keys():
+                i, part = key.split(".", 1)
+                out.setdefault(int(i), {})[part] = f.get_tensor(key)
+        rows |= {i: (caption, size) for i, caption, size in rs}
+    return out, rows
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_build_what_one_builds(shapes, base_dit, tmp_path):
+    cfg = cache_config(base_dit, shapes, tmp_path, data__flip=True)
+    pipe = Pipeline.from_pretrained(base_dit)
+    one, built = build(cfg, TrainData(cfg.data, 0), pipe.text, pipe.vae, progress=False)
+    assert built
+    (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
+    # accelerate's multi-CPU mode under torchrun; the same thread count as here (CPU kernels may split sums by it)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(free_port()), "-m", "gen", "data", "cache", str(tmp_path / "cfg.yaml"),
+                        f"data.cache_dir={tmp_path / 'cache2'}", "log.progress=false"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = tmp_path / "cache2" / one.name  # the same key: same weights, data and settings
+    assert {f.name[:9] for f in two.glob("*.safetensors")} == {"w002-r000", "w002-r001"}  # each wrote its part
+    (a, rows_a), (b, rows_b) = contents(one), contents(two)
+    assert rows_a == rows_b and sorted(a) == list(range(12))
+    assert set(a[0]) == {"mean", "std", "flip.mean", "flip.std", "hidden", "pooled"}
+    for i in a:
+        assert a[i].keys() == b[i].keys()
+        for k in a[i]:
+            assert torch.equal(a[i][k], b[i][k]), (i, k, (a[i][k] - b[i][k]).abs().max())
+
+
+def test_changed_settings_rebuild_and_unchanged_reuse(shapes, base_dit, tmp_path):
+    pipe = Pipeline.from_pretrained(base_dit)
+
+    def run(text=pipe.text, vae=pipe.vae, **kw):
+        cfg = cache_config(base_dit, shapes, tmp_path, **kw)
+        return build(cfg, TrainData(cfg.data, 0), text, vae, progress=False)
+
+    first, built = run()
+    stamps = {f.name: f.stat().st_mtime_ns for f in first.iterdir()}
+    again, rebuilt = run()
+    assert built and not rebuilt and again == first
+    assert stamps == {f.name: f.stat().st_mtime_ns for f in first.iterdir()}  # nothing rewritten
+    folders = {first}
+    for kw in ({"data__resolution": 24}, {"data__cache_latents": "mean"}):
+        folder, built = run(**kw)
+        assert built and folder not in folders, kw
+        folders.add(folder)
+    bf16 = Pipeline.from_pretrained(base_dit, dtype=torch.bfloat16)
+    folder, built = run(text=bf16.text, vae=bf16.vae)
+    assert built and folder not in folders and contents(folder)[0][0]["mean"].dtype == torch.bfloat16
+    changed = Pipeline.from_pretrained(base_dit)
+    with torch.no_grad():
+        changed.vae.decoder.conv_out.bias.add_(1e-3)  # another VAE: even a decoder-only change counts
+    folder, built = run(vae=changed.vae)
+    assert built and folder not in folders
+
+
+class CountingTask(DenoiserTask):
+    """Counts forward calls of the frozen VAE encoder and text encoder after construction."""
+    calls: list = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.vae.encoder.register_forward_hook(lambda *_: CountingTask.calls.append("vae"))
+        self.text.model.register_forward_hook(lambda *_: CountingTask.calls.append("text"))
+
+
+def test_cached_training_matches_uncached_and_skips_the_encoders(shapes, base_dit, tmp_path):
+    kw = dict(data__flip=True, train__max_steps=3, train__checkpoint_every=0)
+    train(cache_config(base_dit, shapes, tmp_path, "plain", **kw, data__cache=False))
+    train(cache_config(base_dit, shapes, tmp_path, "first", **kw))  # builds the cache
+    CountingTask.calls.clear()
+    train(cache_config(base_dit, shapes, tmp_path, "cached", **kw), task_class=CountingTask)  # reuses it
+    assert CountingTask.calls == []
+    plain, cached = losses(tmp_path / "plain"), losses(tmp_path / "cached")
+    assert plain == pytest.approx(cached, rel=1e-4) and len(plain) == 3
+    a, b = checkpoint_tensors(tmp_path / "plain", 3), checkpoint_tensors(tmp_path / "cached", 3)
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,259 @@
+"""Latent and text-embedding caches: the frozen VAE and text encoder run once per image, not once per step.
+
+A cache is a folder `<data.cache_dir>/<key>/` named by a hash of everything its contents depend on: the
+VAE's and text encoder's weights and config, the tokenizer, the dataset's fingerprint, the resolution or
+bucket sizes, the crop and flip settings, the encoders' dtype and the latent mode. A changed setting
+gives a new key, so stale data is never reused; an unchanged one finds `index.json` and reuses it.
+
+Building splits the data into units (runs of items of a folder, or whole shards) dealt round-robin to
+the processes under accelerate; each process encodes its units in batches (the same batches whatever
+the number of processes) and writes its own safetensors files; the main process then merges their
+item lists into `index.json`. Per image it stores the VAE posterior's mean (and std, for
+data.cache_latents=sample, so each step draws a fresh latent exactly as the uncached path does), the
+mirrored image's too when data.flip is on, and the caption's hidden states and pooled embedding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from gen.errors import GenError
+from gen.models import vae as vae_lib
+from train.data import TrainData, collate, transform
+from train.data.shards import decode
+
+log = logging.getLogger("gen")
+
+VERSION = 1
+FLUSH_ITEMS = 1024  # items per written file: bounds a process's memory while building
+
+
+def module_digest(module: torch.nn.Module) -> str:
+    """sha256 of a module's config and weights (names, dtypes, shapes, bytes): its identity."""
+    config = getattr(module, "config", {})
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # transformers | diffusers
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def key_parts(data: TrainData, text, vae) -> dict:
+    c = data.cfg
+    tok = text.tokenizer
+    if hasattr(tok, "backend_tokenizer"):  # minus the padding/truncation state that a call leaves behind
+        state = {k: v for k, v in json.loads(tok.backend_tokenizer.to_str()).items() if k not in ("padding", "truncation")}
+        tok_state = json.dumps(state, sort_keys=True)
+    else:
+        tok_state = json.dumps(tok.get_vocab(), sort_keys=True)
+    return {"version": VERSION, "data": data.fingerprint(), "vae": module_digest(vae),
+            "text_encoder": module_digest(text.model),
+            "tokenizer": hashlib.sha256(f"{tok_state}\0{text.max_length}".encode()).hexdigest()[:16],
+            "buckets": data.buckets.sizes if data.buckets else None, "crop": c.crop, "flip": c.flip,
+            "dtype": str(vae.dtype).removeprefix("torch."), "latents": c.cache_latents}
+
+
+def cache_folder(cfg, parts: dict) -> Path:
+    root = Path(cfg.data.cache_dir or Path(cfg.train.output_dir) / "cache")
+    return root / hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _units(data: TrainData, unit: int) -> list[tuple[int, object]]:
+    """Work units (number of items, iterable factory of (item, name, image or None, caption)): whole shards,
+    or runs of `unit` items of a folder."""
+    if data.streaming:
+        return [(n, lambda j=j: ((i, name, decode(b, name), t or "") for i, name, b, t in data.source.read(j)))
+                for j, n in enumerate(data.source.counts)]
+
+    def run(lo):
+        for i in range(lo, min(lo + unit, len(data))):
+            img, text = data.source[i]
+            yield i, str(i), img, text
+    return [(min(unit, len(data) - lo), lambda lo=lo: run(lo)) for lo in range(0, len(data), unit)]
+
+
+class _Writer:
+    """Encodes batches of one size and writes this process's files `w{world}-r{rank}-{n}.safetensors`."""
+
+    def __init__(self, folder: Path, data: TrainData, text, vae, rank: int, world: int, bar):
+        self.folder, self.data, self.text, self.vae, self.bar = folder, data, text, vae, bar
+        self.prefix, self.n = f"w{world:03d}-r{rank:03d}", 0
+        self.tensors, self.rows = {}, []
+
+    @torch.no_grad()
+    def encode(self, batch: list[tuple[int, torch.Tensor, str]]) -> None:
+        items, pixels, captions = zip(*batch)
+        x = torch.stack(pixels).to(self.vae.device, self.vae.dtype)  # (B, 3, H, W)
+        views = {"": x, "flip.": x.flip(-1)} if self.data.cfg.flip else {"": x}
+        out = {}
+        for tag, v in views.items():
+            dist = self.vae.encode(v).latent_dist
+            out[f"{tag}mean"] = dist.mean
+            if self.data.cfg.cache_latents == "sample":
+                out[f"{tag}std"] = dist.std
+        out["hidden"], out["pooled"] = self.text(list(captions))
+        for k, i in enumerate(items):
+            for name, t in out.items():
+                self.tensors[f"{i}.{name}"] = t[k].detach().cpu().clone(memory_format=torch.contiguous_format)
+        h, w = x.shape[-2:]
+        self.rows += [(i, c, (w, h)) for i, c in zip(items, captions)]
+        self.bar.update(len(items))
+        if len(self.rows) >= FLUSH_ITEMS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        path = self.folder / f"{self.prefix}-{self.n:05d}.safetensors"
+        save_file(self.tensors, str(path.with_suffix(".tmp")), metadata={"rows": json.dumps(self.rows)})
+        path.with_suffix(".tmp").replace(path)
+        self.tensors, self.rows, self.n = {}, [], self.n + 1
+
+
+def build(cfg, data: TrainData, text, vae, rank: int = 0, world: int = 1, wait=lambda: None,
+          progress: bool = True) -> tuple[Path, bool]:
+    """Builds (or finds) the cache of `data`; returns (its folder, whether it was built now). Every process
+    calls this; `wait` is a barrier (accelerate's wait_for_everyone)."""
+    c = data.cfg
+    if c.crop == "random":
+        raise GenError("config key 'data.crop': a cache holds one crop per image; use data.crop=center with "
+                       "data.cache=true (flips are cached both ways)")
+    folder = cache_folder(cfg, key_parts(data, text, vae))
+    if (folder / "index.json").is_file():  # nobody writes index.json before the barrier below
+        wait()
+        if rank == 0:
+            log.info("reusing the latent/text cache %s", folder)
+        return folder, False
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(f"w{world:03d}-r{rank:03d}-*"):  # an interrupted build of this process
+        stale.unlink()
+    units = _units(data, 4 * cfg.train.batch_size)[rank::world]
+    bar = tqdm(total=sum(n for n, _ in units), desc=f"cache (process {rank} of {world})" if world > 1 else "cache",
+               unit="img", disable=not (progress and rank == 0), dynamic_ncols=True)
+    writer = _Writer(folder, data, text, vae, rank, world, bar)
+    for _, unit in units:
+        pending: dict[tuple[int, int], list] = {}  # one batch per size; flushed at the unit's end
+        for i, name, img, caption in unit():
+            if img is None:
+                continue  # a corrupt sample (warned by decode): not in the cache
+            size = _size(data, i, img)
+            pixels = transform(img, size, "center", False, None)
+            group = pending.setdefault(size if isinstance(size, tuple) else (size, size), [])
+            group.append((i, pixels, caption))
+            if len(group) == cfg.train.batch_size:
+                writer.encode(group)
+                group.clear()
+        for group in pending.values():
+            if group:
+                writer.encode(group)
+    writer.flush()
+    bar.close()
+    wait()
+    if rank == 0:
+        files = sorted(folder.glob(f"w{world:03d}-r*-*.safetensors"))
+        index = {"key": key_parts(data, text, vae), "files": {}}
+        for f in files:
+            with safe_open(str(f), "pt") as h:
+                index["files"][f.name] = json.loads(h.metadata()["rows"])
+        n = sum(len(v) for v in index["files"].values())
+        (folder / "index.tmp").write_text(json.dumps(index))
+        (folder / "index.tmp").replace(folder / "index.json")
+        for f in folder.glob("w*-r*-*.safetensors"):
+            if f not in files:
+                f.unlink()  # left by an interrupted build with another number of processes
+        print(f"cached latents and text embeddings of {n} images in {folder}", file=sys.stderr)
+    wait()
+    return folder, True
+
+
+def _size(data: TrainData, i: int, img) -> int | tuple[int, int]:
+    if data.buckets is None:
+        return data.cfg.resolution
+    if data.assignment is not None:
+        return data.size(i)
+    return data.buckets.sizes[data.buckets.assign(*img.size)]  # shards: bucketed as they stream by
+
+
+class CachedData(torch.utils.data.Dataset):
+    """The cached dataset, with TrainData's surface: indexed by (k, position), k over the cached items in
+    item order; a flip (data.flip) is drawn from the position exactly as `transform` draws it."""
+
+    streaming = False
+    collate = staticmethod(collate)
+
+    def __init__(self, folder: Path, data: TrainData):
+        self.folder, self.cfg, self.seed, self.data = folder, data.cfg, data.seed, data
+        index = json.loads((folder / "index.json").read_text())
+        rows = sorted((i, caption, tuple(size), name) for name, rs in index["files"].items()
+                      for i, caption, size in rs)
+        if not rows:
+            raise GenError(f"the cache {folder} holds no images; check data.path")
+        self.items, self.captions, self.sizes, self.files = (list(v) for v in zip(*rows))
+        self.buckets = data.buckets
+        self.assignment = [self.buckets.sizes.index(s) for s in self.sizes] if self.buckets else None
+        self._open: dict[str, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        k, pos = key
+        i, name = self.items[k], self.files[k]
+        if name not in self._open:
+            self._open[name] = safe_open(str(self.folder / name), "pt")
+        f = self._open[name]
+        tag = "flip." if self.cfg.flip and np.random.default_rng([self.seed, pos]).random() < 0.5 else ""
+        row = {"latents": f.get_tensor(f"{i}.{tag}mean")}
+        if self.cfg.cache_latents == "sample":
+            row["latents_std"] = f.get_tensor(f"{i}.{tag}std")
+        return {**row, "hidden": f.get_tensor(f"{i}.hidden"), "pooled": f.get_tensor(f"{i}.pooled"),
+                "text": self.captions[k], "index": i}
+
+    def fingerprint(self) -> dict:
+        return self.data.fingerprint()  # the same data as uncached: a run may resume with the cache on
+
+
+def latents(vae, batch: dict, g: torch.Generator) -> torch.Tensor:
+    """Model-space latents of a cached batch: the stored mean, or mean + std * noise drawn from `g` as
+    diffusers' DiagonalGaussianDistribution.sample draws it (so cached and uncached runs match)."""
+    z = batch["latents"]
+    if "latents_std" in batch:
+        z = z + batch["latents_std"] * torch.randn(z.shape, generator=g, dtype=z.dtype)
+    return vae_lib.to_latents(vae, z.to(vae.device))
+
+
+def cached(cfg, data: TrainData, text, vae, acc) -> CachedData:
+    """The loop's entry: build or reuse the cache across accelerate's processes, then read it."""
+    folder, _ = build(cfg, data, text, vae, acc.process_index, acc.num_processes, acc.wait_for_everyone,
+                      progress=cfg.log.progress)
+    return CachedData(folder, data)
+
+
+def main(config: str, overrides: list[str]) -> int:
+    """`gen data cache CONFIG [key=value ...]`: build a training config's cache ahead of training
+    (under `accelerate launch` to split it across processes)."""
+    from accelerate import Accelerator
+
+    from train.config import load_config
+    from train.loop import WEIGHT_DTYPES
+    from train.task import DenoiserTask
+
+    cfg = load_config(config, list(overrides) + ["data.cache=true"])
+    acc = Accelerator()
+    data = TrainData(cfg.data, cfg.train.seed)
+    task = DenoiserTask(cfg, acc.device, WEIGHT_DTYPES[cfg.train.mixed_precision])
+    build(cfg, data, task.text, task.vae, acc.process_index, acc.num_processes, acc.wait_for_everyone,
+          progress=cfg.log.progress)
+    return 0
