@@ -131,6 +131,9 @@ def train(cfg: Config, task_class=None) -> Path:
 
     data = TrainData(cfg.data, cfg.train.seed)  # fails on a missing path or zero images before any model loads
     task = (task_class or DenoiserTask)(cfg, acc.device, WEIGHT_DTYPES[cfg.train.mixed_precision])
+    if cfg.data.cache and hasattr(task, "text") and hasattr(task, "vae"):  # latents + text embeddings from disk
+        from train.data.cache import cached
+        data = cached(cfg, data, task.text, task.vae, acc)
     model = task.model
     model.train()
     if cfg.train.gradient_checkpointing:

@@ -85,12 +85,16 @@ class DenoiserTask:
     def loss(self, model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
         """Denoising loss of one micro-batch (DDPM: eps or v target, min-SNR-gamma; flow: velocity)."""
         o, f = self.cfg.objective, self.formulation
-        pixels = batch["pixel_values"]
-        n = pixels.shape[0]
         device = self.vae.device
         with torch.no_grad():
-            x0 = vae_lib.encode(self.vae, pixels.to(device), generator=g).float()  # (N, C, h, w)
-            hidden, pooled = self.text(batch["text"])
+            if "latents" in batch:  # a cached batch (train/data/cache.py): the VAE and text encoder do not run
+                from train.data.cache import latents
+                x0 = latents(self.vae, batch, g).float()  # (N, C, h, w)
+                hidden, pooled = batch["hidden"].to(device), batch["pooled"].to(device)
+            else:
+                x0 = vae_lib.encode(self.vae, batch["pixel_values"].to(device), generator=g).float()  # (N, C, h, w)
+                hidden, pooled = self.text(batch["text"])
+            n = x0.shape[0]
             drop = (torch.rand(n, generator=g) < self.cfg.train.cond_dropout).to(device)
             hidden = torch.where(drop[:, None, None], self.empty[0], hidden)
             pooled = torch.where(drop[:, None], self.empty[1], pooled)
