@@ -18,18 +18,34 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 METADATA = "metadata.jsonl"
 
 
+# What PIL raises for a file it cannot (or must not) decode; DecompressionBombError (over twice
+# Image.MAX_IMAGE_PIXELS, raised by Image.open from the header alone) is none of the others.
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def _readable(path: Path) -> bool:
     try:
         with Image.open(path) as im:
             im.verify()  # header + checksums; no full decode
         return True
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except IMAGE_ERRORS:
         return False
+
+
+def _caption(txt: Path, binary: list[str]) -> str | None:
+    """A .txt sidecar's caption; None when there is none, "" (noted in `binary`) when it is not UTF-8 text."""
+    if not txt.is_file():
+        return None
+    try:
+        return txt.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        binary.append(txt.name)
+        return ""
 
 
 def _from_metadata(root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
     items, bad = [], []
-    for n, line in enumerate((root / METADATA).read_text().splitlines(), 1):
+    for n, line in enumerate((root / METADATA).read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -40,20 +56,19 @@ def _from_metadata(root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
     return items, bad
 
 
-def _from_sidecars(root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
-    items, bad, uncaptioned = [], [], 0
+def _from_sidecars(root: Path) -> tuple[list[tuple[Path, str | None]], list[str]]:
+    items, bad, binary = [], [], []
     for p in sorted(root.rglob("*")):
         if not p.is_file() or any(part.startswith(".") for part in p.relative_to(root).parts):
             continue
         if p.suffix.lower() in IMAGE_SUFFIXES:
             txt = p.with_suffix(".txt")
-            uncaptioned += not txt.is_file()
-            items.append((p, txt.read_text().strip() if txt.is_file() else ""))
+            items.append((p, _caption(txt, binary)))
         elif p.suffix.lower() != ".txt":
             bad.append(str(p.relative_to(root)))
-    if uncaptioned:
-        log.warning("%d images in %s have no caption (.txt sidecar); they train with the empty caption",
-                    uncaptioned, root)
+    if binary:
+        log.warning("%d caption file(s) in %s are not UTF-8 text; their images train with the empty caption: %s",
+                    len(binary), root, ", ".join(binary))
     return items, bad
 
 
@@ -73,18 +88,32 @@ class ImageFolder:
                 bad.append(str(p.relative_to(root)) if p.is_relative_to(root) else str(p))
         if bad:
             log.warning("skipped %d unreadable or non-image file(s) in %s: %s", len(bad), root, ", ".join(bad))
+        uncaptioned = sum(text is None for _, text in good)
+        if uncaptioned:
+            log.warning("%d images in %s have no caption (.txt sidecar); they train with the empty caption",
+                        uncaptioned, root)
+            good = [(p, text or "") for p, text in good]
         if not good:
             raise GenError(f"config key 'data.path': no readable images in {root} (expected images with a "
                            f"{METADATA} of file_name/text rows, or .txt caption sidecars)")
-        self.root, self.items = root, good
+        self.root, self.items, self.failed = root, good, set()
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, str]:
-        p, text = self.items[i]
-        with Image.open(p) as im:
-            return im.convert("RGB"), text
+        """Item i; one that no longer decodes (changed or truncated since the scan) is replaced by the next
+        that does, with one warning: the same files give the same substitutes, so resume stays exact."""
+        for k in range(len(self.items)):
+            p, text = self.items[(i + k) % len(self.items)]
+            try:
+                with Image.open(p) as im:
+                    return im.convert("RGB"), text
+            except IMAGE_ERRORS as e:
+                if p not in self.failed:
+                    self.failed.add(p)
+                    log.warning("cannot decode %s (%s); using the next image in its place", p, e)
+        raise GenError(f"config key 'data.path': none of the images in {self.root} can be decoded any more")
 
     def fingerprint(self) -> dict:
         h = hashlib.sha256()
