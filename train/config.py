@@ -133,6 +133,20 @@ class CLIPStage:
 
 
 @dataclass
+class LoraOptions:
+    """`gen lora`: peft LoRA adapters on model.base's frozen denoiser (and text encoder); see train/lora.py."""
+    rank: int = 16
+    alpha: float | None = None              # None = rank (scale alpha/rank = 1)
+    dropout: float = 0.0
+    targets: Literal["attn", "attn+ff"] = "attn"  # attention projections, or also the feed-forward layers
+    text_encoder: bool = False              # also adapt the CLIP text encoder (same rank, alpha and targets)
+    dora: bool = False                      # weight-decomposed LoRA (Liu et al. 2024); diffusers layout only
+    format: Literal["diffusers", "kohya"] = "diffusers"  # the exported file's key layout
+    save_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    instance_prompt: str = ""               # if set, every image's caption (e.g. "a photo of sks dog")
+
+
+@dataclass
 class LogConfig:
     every: int = 10
     tracker: Literal["auto", "tensorboard", "wandb", "none"] = "auto"
@@ -152,6 +166,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     vae: VAEStage = field(default_factory=VAEStage)
     clip: CLIPStage = field(default_factory=CLIPStage)
+    lora: LoraOptions = field(default_factory=LoraOptions)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -308,6 +323,8 @@ def _fix_floats(node):
 def validate(cfg: Config) -> Config:
     """Checks values the types cannot express, naming the key."""
     checks = [("vae.eval_images", cfg.vae.eval_images >= 1), ("clip.eval_images", cfg.clip.eval_images >= 2),
+              ("lora.rank", cfg.lora.rank >= 1), ("lora.alpha", cfg.lora.alpha is None or cfg.lora.alpha > 0),
+              ("lora.dropout", 0 <= cfg.lora.dropout < 1),
               ("train.max_steps", cfg.train.max_steps >= 1), ("train.batch_size", cfg.train.batch_size >= 1),
               ("train.grad_accum", cfg.train.grad_accum >= 1), ("optim.lr", cfg.optim.lr > 0),
               ("train.ema_decay", 0 <= cfg.train.ema_decay < 1), ("train.cond_dropout", 0 <= cfg.train.cond_dropout <= 1),

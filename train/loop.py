@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -113,24 +114,42 @@ class Trackers:
             self.wandb.finish()
 
 
+def _has_accelerator() -> bool:
+    accel = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accel.is_available() if accel is not None else torch.cuda.is_available()
+
+
 def train(cfg: Config, task_class=None) -> Path:
     """Runs (or resumes) a training run; returns the exported model folder."""
     from accelerate import Accelerator
 
     from train.task import DenoiserTask
 
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum)
+    # cpu=True on a machine without an accelerator: accelerate then runs several processes launched by
+    # `accelerate launch --multi_gpu` / torchrun as MULTI_CPU over gloo (otherwise each thinks it is alone).
+    acc = Accelerator(cpu=not _has_accelerator(), mixed_precision=cfg.train.mixed_precision,
+                      gradient_accumulation_steps=cfg.train.grad_accum)
     main, rank, world = acc.is_main_process, acc.process_index, acc.num_processes
+    launched = int(os.environ.get("WORLD_SIZE", world))
+    if launched != world:
+        raise GenError(f"launched as {launched} processes, but accelerate runs this one alone (on CPU, launch "
+                       "with `accelerate launch --multi_gpu --num_processes N` or torchrun)")
     run_dir = Path(cfg.train.output_dir)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         print(f"# resolved config (saved to {run_dir / 'config.yaml'})\n{cfg.to_yaml()}", file=sys.stderr)
+        t = cfg.train
+        log.info("%d process(es) on %s: batch %d x %d accumulation x %d = %d images per step", world,
+                 acc.device.type, t.batch_size, t.grad_accum, world, t.batch_size * t.grad_accum * world)
     torch.manual_seed(cfg.train.seed + rank)
     np.random.seed((cfg.train.seed + rank) % 2 ** 32)
 
     data = TrainData(cfg.data, cfg.train.seed)  # fails on a missing path or zero images before any model loads
-    task = (task_class or DenoiserTask)(cfg, acc.device, WEIGHT_DTYPES[cfg.train.mixed_precision])
+    from train.stages import TASKS
+
+    task_class = task_class or TASKS.get(cfg.stage, DenoiserTask)
+    task = task_class(cfg, acc.device, WEIGHT_DTYPES[cfg.train.mixed_precision])
     if cfg.data.cache and hasattr(task, "text") and hasattr(task, "vae"):  # latents + text embeddings from disk
         from train.data.cache import cached
         data = cached(cfg, data, task.text, task.vae, acc)
@@ -179,8 +198,12 @@ def train(cfg: Config, task_class=None) -> Path:
 
     def validate() -> None:
         images = task.validate(sampling_model()) if main else None
+        if main and hasattr(task, "metrics"):  # held-out quality of a stage (PSNR, retrieval)
+            metrics = task.metrics(sampling_model())
+            trackers.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+            log.info("step %d: %s", step, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
         if images:
-            image = grid(images, cols=len(cfg.validation.prompts))
+            image = grid(images, cols=getattr(task, "grid_cols", None) or len(cfg.validation.prompts))
             (run_dir / "samples").mkdir(exist_ok=True)
             image.save(run_dir / "samples" / f"step-{step:08d}.png")
             trackers.image(step, image)
@@ -190,10 +213,11 @@ def train(cfg: Config, task_class=None) -> Path:
     batches = iter(loader(data, cfg.train.batch_size, position, world, rank, cfg.data.num_workers))
     accum, per_step = cfg.train.grad_accum, cfg.train.batch_size * world * cfg.train.grad_accum
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not (main and cfg.log.progress),
-               desc="train", unit="step", dynamic_ncols=True)
+               desc="train", dynamic_ncols=True)
     loss_sum, n_logged, t0, saved = torch.zeros((), device=acc.device), 0, time.perf_counter(), step
+    stop = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
     bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient
-    while step < cfg.train.max_steps:
+    while step < stop:
         bad = torch.zeros((), dtype=torch.bool, device=acc.device)
         step_loss, skip = torch.zeros((), device=acc.device), False
         for micro in range(accum):
@@ -245,8 +269,15 @@ def train(cfg: Config, task_class=None) -> Path:
     bar.close()
     if saved != step:
         save()  # the end of a run is always resumable (e.g. to train it further)
+    if step < cfg.train.max_steps:  # paused by train.stop_at_step: no validation, no export
+        if main:
+            log.info("stopped at step %d of %d (train.stop_at_step); run again with the same config to resume",
+                     step, cfg.train.max_steps)
+        trackers.close()
+        acc.wait_for_everyone()
+        return run_dir / "checkpoints" / f"step-{step:08d}"
     validate()
-    out = run_dir / "model"
+    out = run_dir / getattr(task, "export_name", "model")  # a model folder, or a task's file (a LoRA)
     if main:
         recipe = {**cfg.to_dict(), "trained_steps": step}
         task.export(sampling_model(), out, recipe)

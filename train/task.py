@@ -8,9 +8,13 @@ is a small class with this surface, never a copy of the loop:
     loss(model, batch, g)      scalar loss of one micro-batch; all randomness drawn from generator g
     validate(model, cfg)       images for the periodic validation grid (or None)
     export(model, path, recipe) writes the run's product (a model folder, a LoRA file, ...)
+    export_name (optional)     the product's name in the run folder (default "model")
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -18,6 +22,7 @@ from torch import nn
 from gen import formulations
 from gen.errors import GenError
 from gen.models import vae as vae_lib
+from gen.models.text import TextEncoder
 from gen.pipeline import Pipeline
 from train.config import Config
 
@@ -36,14 +41,47 @@ class DenoiserTask:
 
     def __init__(self, cfg: Config, device: torch.device, weight_dtype: torch.dtype = torch.float32):
         self.cfg = cfg
-        base = Pipeline.from_pretrained(cfg.model.base, device="cpu", dtype=torch.float32)
-        self.text, self.vae = base.text, base.vae
-        self.text.model.to(device, weight_dtype)
-        self.vae.to(device, weight_dtype)
         self.formulation = build_formulation(cfg)
+        base = self._base()
+        self.text, self.vae = base.text, base.vae
+        self.text.model.to(device, weight_dtype).requires_grad_(False)
+        self.vae.to(device, weight_dtype).requires_grad_(False)
         self.model = self._denoiser(base).to(device)
         self.is_dit = not hasattr(self.model.config, "block_out_channels")
         self.empty = self.text([""])  # conditioning dropout target: the empty prompt, as CFG's negative
+
+    def _base(self):
+        """The base folder's parts, with model.text_encoder / model.vae (earlier stages' outputs) swapped in;
+        without a base, just those two parts."""
+        from transformers import CLIPTextModel, CLIPTokenizer
+        from diffusers import AutoencoderKL
+
+        from gen.io import load_model
+
+        m = self.cfg.model
+        text = vae = None
+
+        def load(key, loader, folder):
+            try:
+                return loader(folder)
+            except Exception as e:  # noqa: BLE001 - a folder the user named; say which and why
+                raise GenError(f"config key 'model.{key}': cannot load {folder}: {str(e).splitlines()[0]}") from None
+        if m.text_encoder:
+            folder = Path(m.text_encoder)
+            text = (load("text_encoder", lambda f: load_model(CLIPTextModel, f), folder / "text_encoder"),
+                    load("text_encoder", CLIPTokenizer.from_pretrained, folder / "tokenizer"))
+        if m.vae:
+            vae = load("vae", lambda f: load_model(AutoencoderKL, f), Path(m.vae) / "vae")  # via gen.io: no pickles
+        if m.base:
+            base = Pipeline.from_pretrained(m.base, device="cpu", dtype=torch.float32)
+            if text:
+                base.text = TextEncoder(*text)
+            if vae is not None:
+                base.vae = vae
+            return base
+        if m.init_from_base:
+            raise GenError("config key 'model.init_from_base' needs model.base (the folder whose denoiser to start from)")
+        return SimpleNamespace(text=TextEncoder(*text), vae=vae)
 
     def _denoiser(self, base: Pipeline) -> nn.Module:
         from gen.models.dit import build_dit

@@ -1,0 +1,255 @@
+"""`gen lora CONFIG.yaml [key=value ...]`: LoRA fine-tuning of a base model folder through the one loop.
+
+LoraTask is DenoiserTask (train/task.py) with the base folder's denoiser as the starting point (always: the
+`model.init_from_base` semantics) and the base's own objective, frozen, plus peft LoRA adapters (lora.* keys)
+on the denoiser and, with lora.text_encoder, on the CLIP text encoder. Only the adapters train: checkpoints
+hold the adapter weights and their optimizer state (the loop's exact resume covers them), validation grids
+show each seed without and with the LoRA, and the run exports one .safetensors LoRA file (gen/lora.py) that
+diffusers' `load_lora_weights`, A1111/ComfyUI (lora.format=kohya) and `gen sample --lora` read.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gen import formulations
+from gen import lora as lora_lib
+from gen.errors import GenError
+from gen.io import read_json
+from gen.pipeline import GEN_CONFIG
+from train.config import Config
+from train.task import DenoiserTask
+
+log = logging.getLogger("gen")
+
+ADAPTER = "default"
+SAVE_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def base_formulation(base: str | Path):
+    """The objective the base folder was trained with (gen_config.json, else its scheduler config)."""
+    base = Path(base)
+    if (base / GEN_CONFIG).is_file() and "formulation" in read_json(base / GEN_CONFIG):
+        return formulations.from_dict(read_json(base / GEN_CONFIG)["formulation"])
+    sched = base / "scheduler" / "scheduler_config.json"
+    if not sched.is_file():
+        raise GenError(f"config key 'model.base': {base} is not a model folder (no scheduler/scheduler_config.json)")
+    return formulations.from_scheduler_config(read_json(sched))
+
+
+def align_objective(cfg: Config) -> None:
+    """A LoRA trains with its base model's objective: the objective.* keys the base fixes are set from it."""
+    f = formulations.to_dict(base_formulation(cfg.model.base))
+    o = cfg.objective
+    for key in ("type", "prediction_type", "beta_schedule", "zero_terminal_snr", "shift", "logit_mean", "logit_std"):
+        if key in f and hasattr(o, key):
+            setattr(o, key, f[key])
+
+
+class LoraModel(nn.Module):
+    """What the loop trains: the denoiser and (with lora.text_encoder) the text encoder, both peft-injected.
+    Its state dict is the adapter weights only, so checkpoints and EMA hold just those."""
+
+    def __init__(self, denoiser: nn.Module, text_encoder: nn.Module | None = None):
+        super().__init__()
+        self.denoiser = denoiser
+        self.text_encoder = text_encoder
+
+    def forward(self, *args, input_ids: torch.Tensor | None = None, **kwargs):
+        """The denoiser's forward; with `input_ids`, the captions are encoded here (with gradients for the
+        text encoder's adapters) and given as encoder_hidden_states (and a DiT's pooled_projections)."""
+        if input_ids is not None:
+            out = self.text_encoder(input_ids)
+            kwargs["encoder_hidden_states"] = out.last_hidden_state
+            if "pooled_projections" in kwargs:
+                kwargs["pooled_projections"] = out.pooler_output
+        return self.denoiser(*args, **kwargs)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.denoiser.enable_gradient_checkpointing()
+        if self.text_encoder is not None:
+            self.text_encoder.gradient_checkpointing_enable()
+
+    def state_dict(self, *args, **kwargs):
+        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if ".lora_" in k}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        want = set(self.state_dict())
+        missing, unexpected = sorted(want - set(state_dict)), sorted(set(state_dict) - want)
+        if strict and (missing or unexpected):
+            raise GenError(f"the checkpoint's LoRA adapters do not fit this model: {len(missing)} missing "
+                           f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+
+def _tuner_layers(model: nn.Module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+class LoraTask(DenoiserTask):
+    """LoRA adapters on a base folder's frozen denoiser (and text encoder): see the module docstring."""
+
+    def __init__(self, cfg: Config, device: torch.device, weight_dtype: torch.dtype = torch.float32):
+        if not cfg.model.base:
+            raise GenError("config key 'model.base' is empty: give the model folder to train a LoRA for")
+        o = cfg.lora
+        if cfg.data.cache and (o.text_encoder or o.instance_prompt):
+            what = "lora.text_encoder=true" if o.text_encoder else "lora.instance_prompt"
+            raise GenError(f"data.cache stores the captions' text embeddings, so it cannot be used with {what}; "
+                           "set data.cache=false")
+        if o.dora and o.format == "kohya":
+            raise GenError("config key 'lora.format': DoRA adapters are written in the diffusers layout only; "
+                           "set lora.format=diffusers or lora.dora=false")
+        align_objective(cfg)
+        super().__init__(cfg, device, weight_dtype)
+        denoiser = self.model.requires_grad_(False)
+        if weight_dtype != torch.float32:  # the frozen base in the autocast dtype; the adapters stay fp32
+            denoiser.to(dtype=weight_dtype)
+        kind = "unet" if hasattr(denoiser.config, "block_out_channels") else "dit"
+        options = dict(rank=o.rank, alpha=o.alpha, parts=o.targets, dropout=o.dropout, use_dora=o.dora)
+        self._add(denoiser, kind, options)
+        text = None
+        if o.text_encoder:
+            text = self.text.model
+            self._add(text, "text_encoder", options)
+            self.text.model.train()
+        self.model = LoraModel(denoiser, text)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        log.info("LoRA rank %d, alpha %s on %s (%s)%s: %.2fM trainable parameters", o.rank,
+                 o.alpha if o.alpha is not None else o.rank, kind, o.targets,
+                 " and the text encoder" if text is not None else "", trainable / 1e6)
+
+    @staticmethod
+    def _add(model: nn.Module, kind: str, options: dict) -> None:
+        """Injects the trainable adapter; its weights train in fp32 whatever the frozen base's dtype."""
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(lora_lib.lora_config(kind, **options), model, adapter_name=ADAPTER)
+        model.requires_grad_(False)
+        n = 0
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.data = p.data.float()
+                p.requires_grad_(True)
+                n += 1
+        if not n:
+            raise GenError(f"config key 'lora.targets': {options['parts']!r} matches no layer of the {kind}")
+
+    def _denoiser(self, base) -> nn.Module:
+        """Always the base folder's denoiser, trained with the objective it was trained with."""
+        self.formulation = base.formulation
+        return base.denoiser.float()
+
+    def fingerprint(self) -> dict:
+        o = self.cfg.lora
+        denoiser = self.model.denoiser
+        return {"denoiser": {k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")},
+                "objective": formulations.to_dict(self.formulation),
+                "lora": dict(rank=o.rank, alpha=o.alpha, dropout=o.dropout, targets=o.targets,
+                             text_encoder=o.text_encoder, dora=o.dora, instance_prompt=o.instance_prompt)}
+
+    def loss(self, model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
+        if self.cfg.lora.instance_prompt and "text" in batch:  # the subject preset: one caption for every image
+            batch = {**batch, "text": [self.cfg.lora.instance_prompt] * len(batch["text"])}
+        if not self.cfg.lora.text_encoder:
+            return super().loss(model, batch, g)  # frozen text encoder: DenoiserTask's loss as it is
+        return self._loss_with_text(model, batch, g)
+
+    def _loss_with_text(self, model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
+        """DenoiserTask.loss with the captions encoded inside the model's forward, so that the text encoder's
+        adapters get gradients; dropped captions are replaced by "" before encoding (CFG's negative)."""
+        from gen.models import vae as vae_lib
+
+        o, f = self.cfg.objective, self.formulation
+        device = self.vae.device
+        with torch.no_grad():
+            x0 = vae_lib.encode(self.vae, batch["pixel_values"].to(device), generator=g).float()
+        n = x0.shape[0]
+        drop = (torch.rand(n, generator=g) < self.cfg.train.cond_dropout).tolist()
+        ids = self.text.tokenize(["" if d else t for d, t in zip(drop, batch["text"])]).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        if o.type == "ddpm" and o.offset_noise:
+            noise = noise + o.offset_noise * torch.randn((n, x0.shape[1], 1, 1), generator=g).to(device)
+        t = f.sample_timesteps(n, generator=g, device=device)
+        x_t = f.add_noise(x0, noise, t)
+        target = f.target(x0, noise, t)
+        extra = {"pooled_projections": None} if self.is_dit else {}
+        pred = model(x_t, f.model_timestep(t), input_ids=ids, return_dict=False, **extra)[0]
+        per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
+        weight = f.loss_weight(t, o.min_snr_gamma if o.type == "ddpm" else None)
+        return (per_sample * weight).mean()
+
+    def pipeline(self, model: LoraModel, recipe: dict | None = None):
+        """A sampling Pipeline around `model`'s denoiser and text encoder (their adapters active)."""
+        from gen.models.text import TextEncoder
+
+        pipe = super().pipeline(model.denoiser, recipe)
+        if model.text_encoder is not None:
+            pipe.text = TextEncoder(model.text_encoder.eval(), self.text.tokenizer)
+        return pipe
+
+    @torch.no_grad()
+    def validate(self, model: LoraModel) -> list | None:
+        """Per seed, a row of the prompts without the LoRA, then a row with it."""
+        v = self.cfg.validation
+        if not v.prompts:
+            return None
+        # Pipeline freezes and evals what it samples with; the live text encoder too when `model` is an EMA copy
+        modules = [model, self.text.model]
+        flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+        modes = [(m, m.training) for m in modules]
+        layers = _tuner_layers(model)
+        try:
+            pipe = self.pipeline(model)
+            images = []
+            for seed in v.seeds:
+                for enabled in (False, True):
+                    for layer in layers:
+                        layer.enable_adapters(enabled)
+                    images += pipe(list(v.prompts), seed=seed).images
+            return images
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            for m, mode in modes:
+                m.train(mode)
+
+    @property
+    def export_name(self) -> str:
+        return "lora.safetensors"
+
+    def export(self, model: LoraModel, path, recipe: dict) -> None:
+        """Writes the adapters as one LoRA file (lora.format layout) with the recipe in its header."""
+        o = self.cfg.lora
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path / self.export_name
+        keep = ("objective", "data", "optim", "train", "lora", "sampling", "trained_steps")
+        recipe = {"model": {"base": self.cfg.model.base}, **{k: recipe[k] for k in keep if k in recipe}}
+        recipe["lora"] = {**recipe.get("lora", {}), "alpha": o.alpha if o.alpha is not None else o.rank}
+        lora_lib.save_lora(path, model.denoiser, model.text_encoder, ADAPTER, format=o.format, recipe=recipe,
+                           base_model=self.cfg.model.base, dtype=SAVE_DTYPES[o.save_dtype])
+
+
+def main(config: str, overrides: list[str]) -> int:
+    """`gen lora CONFIG [key=value ...]`: trains (or resumes) and writes OUTPUT_DIR/lora.safetensors."""
+    from train.config import load_config
+    from train.loop import train
+
+    cfg = load_config(config, overrides)
+    if not cfg.model.base:
+        raise GenError("config key 'model.base' is empty: give the model folder to train a LoRA for")
+    align_objective(cfg)
+    out = train(cfg, task_class=LoraTask)
+    print(f"LoRA: {out}" + (f"\n  use it: gen sample PROMPT --model {cfg.model.base} --lora {out}"
+                            if Path(out).suffix == ".safetensors" else ""), file=sys.stderr)
+    return 0
