@@ -18,30 +18,16 @@ import logging
 import shutil
 from pathlib import Path
 
-import yaml
-
 from gen.errors import GenError
+from train.config import read_yaml
 
 log = logging.getLogger("gen")
 
 STAGES = ("clip", "vae", "denoiser")
 
 
-def _read(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise GenError(f"config file not found: {path}")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise GenError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(tree, dict):
-        raise GenError(f"{path} must hold a mapping")
-    return tree
-
-
 def is_chain(path: str | Path) -> bool:
-    return Path(path).is_file() and "chain" in _read(path)
+    return Path(path).is_file() and "chain" in read_yaml(path)
 
 
 def _done(folder: Path) -> bool:
@@ -53,7 +39,7 @@ def run_chain(path: str | Path, overrides: list[str]) -> Path:
     from train.loop import train
 
     path = Path(path)
-    tree = _read(path)
+    tree = read_yaml(path)
     unknown = sorted(set(tree) - {"chain", "output_dir"})
     if unknown:
         raise GenError(f"unknown key {unknown[0]!r} in chain config {path}; valid keys: chain, output_dir")

@@ -290,20 +290,24 @@ def _looks_like_float(s: str) -> bool:
         return False
 
 
+def read_yaml(path: str | Path) -> dict:
+    """A YAML file holding a mapping, with `1e-4`-style strings read as floats."""
+    path = Path(path)
+    if not path.exists() or path.is_dir():
+        raise GenError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise GenError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise GenError(f"{path} must hold a mapping of config sections")
+    _fix_floats(tree)
+    return tree
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), extra: dict | None = None) -> Config:
     """YAML file (optional) + overrides -> a checked Config."""
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists() or path.is_dir():
-            raise GenError(f"config file not found: {path}")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise GenError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(tree, dict):
-            raise GenError(f"{path} must hold a mapping of config sections")
-        _fix_floats(tree)
+    tree: dict = read_yaml(path) if path is not None else {}
     for k, v in (extra or {}).items():
         _set(tree, k, v)
     for k, v in parse_overrides(list(overrides)):
