@@ -17,7 +17,8 @@ import os
 import random
 import re
 import shutil
-import signal
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,21 @@ from gen.io import load_state_dict, read_json
 LATEST = "latest"
 STATE = "state.json"
 _NAME = re.compile(r"^step-(\d{8})$")
-# Test hook: SIGKILL this process in the middle of saving the checkpoint of this step.
-KILL_ENV = "GEN_TEST_KILL_DURING_SAVE"
+# Fault-injection hook for tests: GEN_TEST_PAUSE_IN_SAVE=PHASE[@STEP] makes a process that reaches save
+# phase PHASE (of the step-STEP checkpoint, or of any) print PAUSE_ENV's name, the phase and the step to stderr
+# and sleep, so a test can SIGKILL it at a known point of a save. Phases, in order: see `Checkpointer.save`.
+PAUSE_ENV = "GEN_TEST_PAUSE_IN_SAVE"
+
+
+def pause_point(phase: str, step: int) -> None:
+    """Sleeps here when PAUSE_ENV names this phase (and step); a no-op otherwise."""
+    want = os.environ.get(PAUSE_ENV)
+    if not want:
+        return
+    name, _, at = want.partition("@")
+    if name == phase and (not at or int(at) == step):
+        print(f"{PAUSE_ENV}: paused at {phase} of step {step} (pid {os.getpid()})", file=sys.stderr, flush=True)
+        time.sleep(3600)
 
 
 # ---- nested state <-> (JSON skeleton, flat tensors) -----------------------------------------------
@@ -163,7 +177,12 @@ class Checkpointer:
         return path
 
     def save(self, step: int, shared: dict[str, Any], local: dict[str, Any], state: dict) -> Path:
-        """Writes `shared` parts and `state` from process 0, `local` parts from every process, atomically."""
+        """Writes `shared` parts and `state` from process 0, `local` parts from every process, atomically.
+
+        Save phases (the names `pause_point` takes): `begin` (temporary folder made), `local` (this
+        process's parts written), `part-NAME` (shared part NAME written), `state` (state.json written,
+        not yet renamed), `renamed` (the checkpoint is in place, `latest` not yet moved), `latest`
+        (marker moved, old checkpoints not yet pruned), `done`."""
         bad = nonfinite(shared)
         if bad:  # every process holds the same shared parts, so all of them stop here together
             raise GenError(f"refusing to save the step-{step} checkpoint: {len(bad)} tensors hold NaN or inf "
@@ -174,31 +193,36 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # a partial folder left by an earlier crash
             tmp.mkdir(parents=True)
         self.barrier()
+        pause_point("begin", step)
         files = []
         for name, obj in local.items():
             write_state(tmp, f"{name}-{self.rank}", obj)
+        pause_point("local", step)
         if self.rank == 0:
             for name, obj in shared.items():
                 write_state(tmp, name, obj)
                 files.append(name)
-                if os.environ.get(KILL_ENV) == str(step):
-                    os.kill(os.getpid(), signal.SIGKILL)
+                pause_point(f"part-{name}", step)
         self.barrier()
         if self.rank == 0:
             write_state(tmp, STATE[:-5], {**state, "step": step, "parts": files, "local_parts": list(local)})
             _fsync(tmp)
+            pause_point("state", step)
             if final.exists():  # the same step saved again (e.g. a re-run): replace it
                 shutil.rmtree(final)
             tmp.rename(final)
             _fsync(self.root)
+            pause_point("renamed", step)
             marker = self.root / f".{LATEST}.tmp"
             marker.write_text(final.name + "\n")
             _fsync(marker)
             os.replace(marker, self.root / LATEST)
             _fsync(self.root)
+            pause_point("latest", step)
             for old in self.committed()[:-self.keep]:
                 shutil.rmtree(old)
         self.barrier()
+        pause_point("done", step)
         return final
 
     def load(self, path: Path) -> tuple[dict, dict, dict]:

@@ -1,0 +1,54 @@
+"""Config: YAML + dotted overrides onto typed dataclasses; every mistake names its key."""
+
+import pytest
+
+from gen.cli import main as gen_main
+from gen.errors import GenError
+from train.config import load_config
+
+BASE = ["model.base=some/folder", "data.source=shapes"]
+
+
+def test_yaml_and_overrides(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("model: {base: m, denoiser: unet, preset: tiny}\noptim: {lr: 3e-4, betas: [0.9, 0.99]}\n"
+                        "data: {source: shapes}\n")
+    cfg = load_config(cfg_file, ["optim.lr=1e-4", "train.max_steps=7", "validation.prompts=[a, b]"])
+    assert cfg.optim.lr == 1e-4 and cfg.optim.betas == (0.9, 0.99) and cfg.train.max_steps == 7
+    assert cfg.model.denoiser == "unet" and cfg.validation.prompts == ["a", "b"]
+    assert "lr: 0.0001" in cfg.to_yaml()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lrr=1", "optim.lrr"), ("nope.x=1", "nope"), ("optim.lr=fast", "optim.lr"),
+    ("train.max_steps=1.5", "train.max_steps"), ("objective.type=score", "objective.type"),
+    ("train.max_steps=0", "train.max_steps"), ("optim.betas=[0.9]", "optim.betas"),
+    ("optim=3", "optim"), ("train.ema_decay=1.5", "train.ema_decay"),
+])
+def test_errors_name_the_key(override, key):
+    with pytest.raises(GenError, match=f"'{key}'"):
+        load_config(None, BASE + [override])
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model: {base: m}\ndata: {source: shapes}\ntrain: {max_step: 3}\n")
+    with pytest.raises(GenError, match="'train.max_step'.*max_steps"):
+        load_config(f)
+
+
+def test_missing_data_path_names_the_key(tmp_path):
+    with pytest.raises(GenError, match="'data.path'"):
+        load_config(None, ["model.base=m"])
+    from train.data import TrainData
+    cfg = load_config(None, ["model.base=m", f"data.path={tmp_path / 'absent'}"])
+    with pytest.raises(GenError, match="'data.path'.*not found"):
+        TrainData(cfg.data, 0)
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("model: {base: m}\ndata: {source: shapes}\n")
+    assert gen_main(["train", str(f), "optim.lr=abc"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'optim.lr'" in err[0] and err[0].startswith("gen: error:")

@@ -1,0 +1,100 @@
+"""Data: the shapes world as specified, image folders, unreadable files, and the resumable order."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from gen.errors import GenError
+from train.config import load_config
+from train.data import OrderSampler, TrainData, transform
+from train.data.folder import ImageFolder
+from train.data.shapes import COLORS, RELATIONS, SHAPES, ShapesWorld, relation_of, render, write_folder
+
+
+def test_shapes_world_follows_the_spec():
+    world = ShapesWorld(300, seed=3)
+    kinds, relations = set(), set()
+    for i in range(len(world)):
+        s = world.scene(i)
+        img = np.asarray(render(s))
+        assert img.shape == (64, 64, 3) and tuple(img[0, 0]) in {(255, 255, 255)} | set(COLORS.values())
+        assert 1 <= len(s.objects) <= 2
+        for o in s.objects:
+            x0, y0, x1, y1 = o.box
+            assert 16 <= x1 - x0 <= 32 and y1 - y0 == x1 - x0 and 0 <= x0 and x1 <= 64 and y1 <= 64
+            inside = img[y0:y1, x0:x1].reshape(-1, 3)
+            assert (inside == COLORS[o.color]).all(axis=1).sum() > 0.3 * len(inside)  # drawn in its exact RGB
+            kinds.add((o.color, o.shape))
+            assert f"{'an' if o.color == 'orange' else 'a'} {o.color} {o.shape}" in s.caption
+        colors_in_image = {tuple(c) for c in img.reshape(-1, 3)} - {(255, 255, 255)}
+        assert colors_in_image == {COLORS[o.color] for o in s.objects}  # no anti-aliasing blends
+        if len(s.objects) == 2:
+            a, b = (o.box for o in s.objects)
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]  # never overlap
+            if s.relation:
+                relations.add(s.relation)
+                assert relation_of(*s.objects) == s.relation and f" {s.relation} " in s.caption
+    assert len(kinds) == len(COLORS) * len(SHAPES) and relations == set(RELATIONS)
+    assert [world.scene(i) for i in range(5)] == [ShapesWorld(300, seed=3).scene(i) for i in range(5)]
+    assert world.scene(0) != ShapesWorld(300, seed=4).scene(0)
+
+
+def test_written_folder_reads_back(tmp_path):
+    write_folder(tmp_path, 5, seed=1)
+    rows = [json.loads(r) for r in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert rows[0]["objects"][0]["box"] and rows[0]["text"] == ShapesWorld(5, 1).scene(0).caption
+    folder = ImageFolder(tmp_path)
+    img, text = folder[2]
+    assert text == rows[2]["text"] and np.array_equal(np.asarray(img), np.asarray(ShapesWorld(5, 1)[2][0]))
+
+
+def test_sidecars_and_a_corrupt_file_warned_once(tmp_path, caplog):
+    write_folder(tmp_path / "src", 3)
+    for i in range(3):
+        (tmp_path / "src" / f"{i:06d}.png").rename(tmp_path / f"img{i}.png")
+        (tmp_path / f"img{i}.txt").write_text(f"caption {i}\n")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (tmp_path / "notes.jpg").write_text("hello")
+    (tmp_path / "src" / "metadata.jsonl").unlink()
+    with caplog.at_level(logging.WARNING, logger="gen"):
+        folder = ImageFolder(tmp_path)
+    assert [t for _, t in folder.items] == ["caption 0", "caption 1", "caption 2"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "broken.png" in warnings[0] and "notes.jpg" in warnings[0]
+
+
+def test_zero_readable_images_fail_before_training(tmp_path):
+    (tmp_path / "a.png").write_text("not an image")
+    cfg = load_config(None, ["model.base=/nonexistent/model", f"data.path={tmp_path}",
+                             f"train.output_dir={tmp_path / 'run'}"])
+    from train.loop import train
+    with pytest.raises(GenError, match="no readable images"):
+        train(cfg)  # raised before the (nonexistent) model folder is even opened
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_transform_crops_and_flips():
+    from PIL import Image
+    img = Image.new("RGB", (32, 16), "white")
+    img.paste((0, 0, 0), (0, 0, 16, 16))  # left half black
+    x = transform(img, 16, "center", False, np.random.default_rng(0))
+    assert x.shape == (3, 16, 16) and x[:, :, :8].max() == -1 and x[:, :, 8:].min() == 1
+    outs = [transform(img, 16, "random", True, np.random.default_rng(s)) for s in range(30)]
+    left_dark = {bool(o[0, 0, 0] < 0) for o in outs}
+    dark_cols = {int((o[0, 0] < 0).sum()) for o in outs}
+    assert left_dark == {True, False} and len(dark_cols) > 3  # flips happen; crop offsets vary
+
+
+def test_order_is_a_function_of_position():
+    one = OrderSampler(10, seed=0, batch_size=4)
+    stream = [p for k in range(6) for p in one.batch(k)]
+    assert sorted(i for i, _ in stream[:10]) == list(range(10))  # an epoch is a permutation
+    two = [OrderSampler(10, 0, 2, world=2, rank=r) for r in (0, 1)]
+    assert [p for k in range(6) for r in (0, 1) for p in two[r].batch(k)] == stream  # 2 processes x 2 == 1 x 4
+    resumed = OrderSampler(10, 0, 4, start=8)
+    assert [p for k in range(4) for p in resumed.batch(k)] == stream[8:24]
+    data = TrainData(load_config(None, ["model.base=m", "data.source=shapes", "data.resolution=16",
+                                        "data.crop=random", "data.flip=true"]).data, seed=0)
+    assert (data[(3, 17)]["pixel_values"] == data[(3, 17)]["pixel_values"]).all()

@@ -1,0 +1,58 @@
+"""Exact resume: N steps straight == N/2 steps, then resume=auto for N/2 more; bitwise, on CPU."""
+
+import json
+
+import pytest
+import torch
+
+from gen.errors import GenError
+from tests.train.conftest import checkpoint_tensors, fast_config, losses
+from train.data import TrainData, loader
+from train.loop import train
+
+CASES = {
+    "dit-flow": ("base_dit", {"train__grad_accum": 2, "objective__shift": 2.0}),
+    "unet-ddpm-v": ("base_unet", {"objective__prediction_type": "v_prediction", "objective__min_snr_gamma": 5.0,
+                                  "objective__offset_noise": 0.1, "data__crop": "random", "data__flip": True,
+                                  "optim__schedule": "cosine"}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_resume_is_bitwise_exact(case, request, tmp_path):
+    base = request.getfixturevalue(CASES[case][0])
+    extra = CASES[case][1]
+    train(fast_config(base, tmp_path / "straight", **extra))
+    train(fast_config(base, tmp_path / "split", **extra, train__stop_at_step=3, train__checkpoint_every=0))
+    assert (tmp_path / "split" / "checkpoints" / "step-00000003").is_dir()  # a paused run leaves a checkpoint
+    assert not (tmp_path / "split" / "model").exists()
+    train(fast_config(base, tmp_path / "split", **extra))
+
+    a, b = checkpoint_tensors(tmp_path / "straight", 6), checkpoint_tensors(tmp_path / "split", 6)
+    for part in ("model", "ema", "optimizer"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}/{k} differs"
+    assert not torch.equal(a["model"][next(iter(a["model"]))], a["ema"][next(iter(a["ema"]))])  # EMA is its own
+    assert losses(tmp_path / "straight") == losses(tmp_path / "split") and len(losses(tmp_path / "split")) == 6
+    state = json.loads((tmp_path / "split" / "checkpoints" / "step-00000006" / "state.json").read_text())
+    assert state["position"] == 6 * 4 * extra.get("train__grad_accum", 1)
+
+
+def test_resumed_data_order_continues_the_stream(tmp_path):
+    cfg = fast_config("unused", tmp_path)
+    data = TrainData(cfg.data, cfg.train.seed)
+    whole = [b["index"].tolist() for b, _ in zip(loader(data, 4, 0, 1, 0), range(6))]
+    resumed = [b["index"].tolist() for b, _ in zip(loader(data, 4, 12, 1, 0), range(3))]
+    assert resumed == whole[3:]
+
+
+def test_resume_refuses_a_changed_model_or_dataset(base_dit, tmp_path):
+    train(fast_config(base_dit, tmp_path, train__max_steps=2))
+    with pytest.raises(GenError, match="denoiser changed.*depth"):
+        train(fast_config(base_dit, tmp_path, train__max_steps=4, model__options={"depth": 1}))
+    with pytest.raises(GenError, match="dataset changed.*num_images"):
+        train(fast_config(base_dit, tmp_path, train__max_steps=4, data__num_images=30))
+    with pytest.raises(GenError, match="objective changed"):
+        train(fast_config(base_dit, tmp_path, train__max_steps=4, objective__shift=3.0))
+    train(fast_config(base_dit, tmp_path, train__max_steps=4, train__resume="none", train__output_dir=str(tmp_path)))
