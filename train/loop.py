@@ -146,7 +146,10 @@ def train(cfg: Config, task_class=None) -> Path:
     np.random.seed((cfg.train.seed + rank) % 2 ** 32)
 
     data = TrainData(cfg.data, cfg.train.seed)  # fails on a missing path or zero images before any model loads
-    task = (task_class or DenoiserTask)(cfg, acc.device, WEIGHT_DTYPES[cfg.train.mixed_precision])
+    from train.stages import TASKS
+
+    task_class = task_class or TASKS.get(cfg.stage, DenoiserTask)
+    task = task_class(cfg, acc.device, WEIGHT_DTYPES[cfg.train.mixed_precision])
     if cfg.data.cache and hasattr(task, "text") and hasattr(task, "vae"):  # latents + text embeddings from disk
         from train.data.cache import cached
         data = cached(cfg, data, task.text, task.vae, acc)
@@ -195,8 +198,12 @@ def train(cfg: Config, task_class=None) -> Path:
 
     def validate() -> None:
         images = task.validate(sampling_model()) if main else None
+        if main and hasattr(task, "metrics"):  # held-out quality of a stage (PSNR, retrieval)
+            metrics = task.metrics(sampling_model())
+            trackers.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+            log.info("step %d: %s", step, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
         if images:
-            image = grid(images, cols=len(cfg.validation.prompts))
+            image = grid(images, cols=getattr(task, "grid_cols", None) or len(cfg.validation.prompts))
             (run_dir / "samples").mkdir(exist_ok=True)
             image.save(run_dir / "samples" / f"step-{step:08d}.png")
             trackers.image(step, image)
@@ -270,7 +277,7 @@ def train(cfg: Config, task_class=None) -> Path:
         acc.wait_for_everyone()
         return run_dir / "checkpoints" / f"step-{step:08d}"
     validate()
-    out = run_dir / "model"
+    out = run_dir / getattr(task, "export_name", "model")  # a model folder, or a task's file (a LoRA)
     if main:
         recipe = {**cfg.to_dict(), "trained_steps": step}
         task.export(sampling_model(), out, recipe)
