@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_sd_components
+from tests.conftest import tiny_sd_components
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
