@@ -25,7 +25,13 @@ def _add_sample(sub) -> None:
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--attention", default=None, help="attention backend (default: auto)")
+    p.add_argument("--attention", default=None, choices=("triton", "xformers", "sdpa", "math", "auto"),
+                   help="attention backend (default: auto, which logs what it picks)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser (slow first image)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last convolution weights")
+    p.add_argument("--cache-interval", type=int, default=1, metavar="K",
+                   help="approximate fast mode: run the whole denoiser every K-th step only and reuse its deep "
+                        "features between (DeepCache); 1 = exact (default)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on CUDA)")
     p.add_argument("--out", default="outputs", help="a .png file, or a folder (default: outputs/)")
@@ -73,7 +79,8 @@ def cmd_sample(args) -> int:
     if args.guidance is not None and args.guidance < 0:
         raise GenError(f"--guidance must be >= 0, not {args.guidance}")
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                    attention=args.attention, allow_pickle=args.allow_pickle)
+                                    attention=args.attention, allow_pickle=args.allow_pickle,
+                                    compile=args.compile, channels_last=args.channels_last)
     pipe.progress = not args.no_progress
     for path, scale in args.lora:
         pipe.load_lora(path, scale=scale, allow_pickle=args.allow_pickle)
@@ -83,7 +90,7 @@ def cmd_sample(args) -> int:
                     height=pick(args.height, "height"), width=pick(args.width, "width"),
                     sampler=pick(args.sampler, "sampler"))
     out = pipe(args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
-               seed=args.seed, guidance_rescale=args.guidance_rescale, **settings)
+               seed=args.seed, guidance_rescale=args.guidance_rescale, cache_interval=args.cache_interval, **settings)
     model = Path(args.model).name if args.model else "gen-default"
     for image, seed, path in zip(out.images, out.seeds, _out_paths(args.out, out.seeds)):
         params = png_parameters(args.prompt, args.negative_prompt or "", settings["num_inference_steps"],

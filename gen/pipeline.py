@@ -78,13 +78,14 @@ class Pipeline:
         recipe: the training recipe, recorded in saved folders.
         attention: attention backend, triton | xformers | sdpa | math | auto (None = auto); a UNet's
             attention layers are routed through it (gen.attention.install_processor).
-        compile: torch.compile the denoiser (the first call then compiles, for minutes on a CPU).
+        compile: torch.compile the denoiser in place (True, or a dict of torch.compile options); the first
+            call then compiles, which takes minutes on a CPU.
         channels_last: keep the UNet's and the VAE's convolution weights in channels-last layout.
     """
 
     def __init__(self, text_encoder, tokenizer, vae, denoiser, scheduler_config: dict | None = None,
                  formulation=None, defaults: dict | None = None, recipe: dict | None = None,
-                 name: str = "model", attention: str | None = None, compile: bool = False,
+                 name: str = "model", attention: str | None = None, compile: bool | dict = False,
                  channels_last: bool = False):
         self.text = TextEncoder(text_encoder, tokenizer)
         self.vae = vae
@@ -95,7 +96,8 @@ class Pipeline:
         self.name = name
         self.progress = True
         self.defaults = self._default_settings() | dict(defaults or {})
-        attn.set_backend(attention)
+        attn.set_backend(attention)  # checked here, so an unavailable backend fails at load
+        self.attention = attention  # and used for this pipeline's sampling (gen.attention.use_backend)
         if not self.is_dit:  # a UNet's attention runs through gen's backend too (the DiT calls it directly)
             attn.install_processor(self.denoiser)
         for m in (self.text.model, self.vae, self.denoiser):
@@ -104,7 +106,7 @@ class Pipeline:
             for m in (self.vae, self.denoiser) if not self.is_dit else (self.vae,):
                 m.to(memory_format=torch.channels_last)
         if compile:  # in place: the module, its config and its state_dict stay as they are
-            self.denoiser.compile()
+            self.denoiser.compile(**(compile if isinstance(compile, dict) else {}))
 
     # ---- properties -------------------------------------------------------------------------
     @property
@@ -146,7 +148,7 @@ class Pipeline:
     # ---- loading and saving -----------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device=None, dtype=None,
-                        attention: str | None = None, allow_pickle: bool = False, compile: bool = False,
+                        attention: str | None = None, allow_pickle: bool = False, compile: bool | dict = False,
                         channels_last: bool = False) -> "Pipeline":
         """Loads a diffusers-layout folder (SD-1.x/2.x, or gen's UNet/DiT models); None = the bundled default.
         attention, compile and channels_last are as in Pipeline."""
@@ -353,8 +355,9 @@ class Pipeline:
         if cache_interval != 1:
             from gen.fastmode import FeatureCache
             predict = FeatureCache(self.denoiser, cache_interval)
-        latents = denoise(predict, scheduler, latents, cond, both if cfg else None, scale, rescale,
-                          guidance_interval, generator, self.progress)
+        with attn.use_backend(self.attention):
+            latents = denoise(predict, scheduler, latents, cond, both if cfg else None, scale, rescale,
+                              guidance_interval, generator, self.progress)
 
         if output_type == "latent":
             return PipelineOutput(latents, seeds)

@@ -1,0 +1,167 @@
+"""gen vs diffusers' StableDiffusionPipeline on the same random SD-architecture weights, scheduler, steps,
+CFG, size and dtype: seconds per image, the ratio (measured in the same run), and the images' max abs diff.
+
+    .venv/bin/python bench/sample_vs_diffusers.py                      # CPU: tiny @ 64 px, base @ 256 px
+    .venv/bin/python bench/sample_vs_diffusers.py --preset base --variants default fast3
+    .venv/bin/python bench/sample_vs_diffusers.py --device cuda --preset sd15 --size 512 --dtype fp16
+
+Both pipelines load one folder, written here by diffusers; progress bars are off in both; runs alternate
+between the pipelines so that a change in machine load hits both alike. gen variants:
+  default       gen as it loads (attention auto)
+  channels_last --channels-last
+  compile       --compile (torch.compile of the denoiser; compile time printed separately)
+  fastK         --cache-interval K, the approximate fast mode: its deviation from gen's exact images is
+                printed as max abs and PSNR (images in [0, 1])
+  triton        --attention triton (CUDA)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from the repo root without installing
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+from gen.models.text import byte_level_tokenizer  # noqa: E402
+from gen.models.unet import build_unet  # noqa: E402
+from gen.pipeline import Pipeline  # noqa: E402
+
+PROMPT, NEGATIVE = "a red circle left of a blue square", "blurry"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# preset -> (text width, text layers, VAE widths, default size, default steps)
+PRESETS = {
+    "tiny": (32, 2, (32, 32, 64, 64), 64, 20),
+    "base": (768, 4, (32, 64, 128, 128), 256, 20),
+    "sd15": (768, 12, (128, 256, 512, 512), 512, 50),
+}
+CPU_DEFAULT = ["tiny", "base"]
+
+
+def build_folder(preset: str, size: int, path: Path) -> None:
+    """A random SD-architecture model (UNet preset from gen.models.unet, 8x VAE, CLIP text), saved by diffusers."""
+    width, layers, vae_widths, *_ = PRESETS[preset]
+    torch.manual_seed(0)
+    tokenizer = byte_level_tokenizer()
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                                        hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                                        num_attention_heads=max(1, width // 64), max_position_embeddings=77))
+    unet = build_unet(preset, sample_size=size // 8, cross_attention_dim=width)
+    vae = AutoencoderKL(block_out_channels=vae_widths, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
+                        norm_num_groups=32, sample_size=size)
+    scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                            steps_offset=1, timestep_spacing="leading")
+    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(path)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def variant_options(name: str) -> tuple[dict, dict]:
+    """(from_pretrained options, call options) of a variant name."""
+    if name == "default":
+        return {}, {}
+    if name == "channels_last":
+        return {"channels_last": True}, {}
+    if name == "compile":
+        return {"compile": True}, {}
+    if name == "triton":
+        return {"attention": "triton"}, {}
+    if name.startswith("fast") and name[4:].isdigit():
+        return {}, {"cache_interval": int(name[4:])}
+    raise SystemExit(f"unknown variant {name!r}")
+
+
+def bench(preset: str, folder: Path, size: int, steps: int, dtype: str, device: str, repeats: int,
+          variants: list[str]) -> None:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    settings = dict(num_inference_steps=steps, guidance_scale=7.5, height=size, width=size, output_type="np")
+    theirs = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=DTYPES[dtype]).to(device)
+    theirs.set_progress_bar_config(disable=True)
+    runs = {"diffusers": lambda: theirs(PROMPT, negative_prompt=NEGATIVE, **settings,
+                                        generator=[torch.Generator("cpu").manual_seed(0)]).images}
+    warmup = {}
+    for name in variants:
+        load, call = variant_options(name)
+        pipe = Pipeline.from_pretrained(folder, device=device, dtype=dtype, **load)
+        pipe.progress = False
+        runs[name] = (lambda p, c: lambda: p(PROMPT, negative_prompt=NEGATIVE, seed=0, **settings, **c).images)(pipe, call)
+    outs, times = {}, {name: [] for name in runs}
+    for name, run in runs.items():  # warm-up (compiles where asked)
+        t = time.perf_counter()
+        outs[name] = run()
+        sync()
+        warmup[name] = time.perf_counter() - t
+    for _ in range(repeats):
+        for name, run in runs.items():
+            t = time.perf_counter()
+            outs[name] = run()
+            sync()
+            times[name].append(time.perf_counter() - t)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    n_params = sum(p.numel() for p in theirs.unet.parameters()) / 1e6
+    print(f"\n{preset}: UNet {n_params:.0f}M params, {size} px, {steps} steps, CFG 7.5, dpm++2m, {dtype}, {device}, "
+          f"median of {repeats}")
+    print(f"  {'diffusers':<16} {med['diffusers']:8.3f} s/img")
+    ref, exact = outs["diffusers"], outs.get("default")
+    for name in variants:
+        line = (f"  {'gen ' + name:<16} {med[name]:8.3f} s/img  {med['diffusers'] / med[name]:5.2f}x diffusers  "
+                f"max|diff| vs diffusers {np.abs(outs[name] - ref).max():.1e}")
+        if name.startswith("fast") and exact is not None:
+            line += (f"; vs gen exact: max|diff| {np.abs(outs[name] - exact).max():.3f}, "
+                     f"PSNR {psnr(outs[name], exact):.1f} dB, {med['default'] / med[name]:.2f}x gen exact")
+        if name == "compile":
+            line += f"; first call (compiling) {warmup[name]:.0f} s"
+        print(line, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", nargs="+", default=None, choices=sorted(PRESETS),
+                    help="UNet preset(s) (default: tiny base on CPU, sd15 on CUDA)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--size", type=int, default=None, help="image size (default: the preset's)")
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the preset's)")
+    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp32 on CPU, fp16 on CUDA")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="default channels_last compile fastK triton (default: default channels_last compile fast3; "
+                         "on CUDA also triton)")
+    args = ap.parse_args()
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU here")
+    presets = args.preset or (["sd15"] if cuda else CPU_DEFAULT)
+    dtype = args.dtype or ("fp16" if cuda else "fp32")
+    variants = args.variants or (["default", "channels_last", "compile", "fast3"] + (["triton"] if cuda else []))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"{torch.cuda.get_device_name() if cuda else 'CPU'}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in presets:
+            size = args.size or PRESETS[preset][3]
+            folder = Path(tmp) / preset
+            build_folder(preset, size, folder)
+            bench(preset, folder, size, args.steps or PRESETS[preset][4], dtype, args.device, args.repeats, variants)
+
+
+if __name__ == "__main__":
+    main()

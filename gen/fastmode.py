@@ -1,0 +1,134 @@
+"""The approximate fast mode: reuse the denoiser's deep features across steps, as in DeepCache (Ma et al. 2024).
+
+Every `interval`-th step runs the whole denoiser and keeps its deep features; the steps between run only
+the shallow, full-resolution ends and reuse them. For a diffusers UNet the kept feature is the input of the
+last up block (what the whole deep path produced); a step between runs conv_in, the first down block, the
+last up block and the output head. For gen's DiT the kept feature is the residual that the middle blocks
+added; a step between runs the first and last blocks only. interval=1 is exact (every step is full).
+
+The first step is always full, and so is any step whose batch differs from the cached one (e.g. where a
+guidance interval switches CFG on or off). The deviation from exact sampling is measured by
+bench/sample_vs_diffusers.py and stated in the README.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gen.errors import GenError
+
+
+class FeatureCache:
+    """A predict(x, t, hidden, pooled) -> prediction wrapper around a denoiser that refreshes its cached deep
+    features every `interval` calls."""
+
+    def __init__(self, denoiser, interval: int):
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise GenError(f"cache interval must be an integer >= 1, not {interval!r}")
+        self.denoiser = denoiser
+        self.interval = interval
+        self.is_dit = not hasattr(denoiser.config, "block_out_channels")
+        if not self.is_dit:
+            check_unet(denoiser)
+        elif len(denoiser.blocks) < 3:
+            raise GenError("the fast mode needs a DiT with at least 3 blocks")
+        self.calls = 0
+        self.full_calls = 0
+        self.cached: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        full = self.calls % self.interval == 0 or self.cached is None or self.cached.shape[0] != x.shape[0]
+        self.calls += 1
+        self.full_calls += full
+        if self.is_dit:
+            out, self.cached = dit_forward(self.denoiser, x, t, hidden, pooled, None if full else self.cached)
+        else:
+            out, self.cached = unet_forward(self.denoiser, x, t, hidden, None if full else self.cached)
+        return out
+
+
+def check_unet(unet) -> None:
+    """The cached path re-implements UNet2DConditionModel.forward for SD-style UNets (text conditioning
+    only); others are refused rather than sampled wrongly."""
+    c = unet.config
+    extra = [name for name, value in (("class embeddings", getattr(unet, "class_embedding", None)),
+                                      ("addition embeddings", c.get("addition_embed_type")),
+                                      ("an encoder projection", c.get("encoder_hid_dim_type")))
+             if value is not None]
+    if c.get("center_input_sample"):
+        extra.append("centred input")
+    if extra or type(unet).__name__ != "UNet2DConditionModel":
+        raise GenError(f"the fast mode supports SD-style UNet2DConditionModel denoisers; this one has "
+                       f"{', '.join(extra) or type(unet).__name__}")
+
+
+def _block(block, x, emb, hidden, **kw):
+    if getattr(block, "has_cross_attention", False):
+        return block(hidden_states=x, temb=emb, encoder_hidden_states=hidden, **kw)
+    return block(hidden_states=x, temb=emb, **kw)
+
+
+def unet_forward(unet, sample: torch.Tensor, timestep, hidden: torch.Tensor, cached: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """UNet2DConditionModel.forward (same operations in the same order, so `cached=None` gives the same
+    output), returning also the input of the last up block; given `cached`, the deep path is skipped and
+    `cached` stands in for that input."""
+    factor = 2 ** unet.num_upsamplers
+    forward_upsample_size = any(d % factor for d in sample.shape[-2:])
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    x = unet.conv_in(sample)
+    res = (x,)
+    first = unet.down_blocks[0]
+    x, r = _block(first, x, emb, hidden)
+    res += r
+    last = unet.up_blocks[-1]
+    if cached is None:
+        for block in unet.down_blocks[1:]:
+            x, r = _block(block, x, emb, hidden)
+            res += r
+        if unet.mid_block is not None:
+            if getattr(unet.mid_block, "has_cross_attention", False):
+                x = unet.mid_block(x, emb, encoder_hidden_states=hidden)
+            else:
+                x = unet.mid_block(x, emb)
+        upsample_size = None
+        for block in unet.up_blocks[:-1]:
+            skips, res = res[-len(block.resnets):], res[:-len(block.resnets)]
+            if forward_upsample_size:
+                upsample_size = res[-1].shape[2:]
+            x = _block(block, x, emb, hidden, res_hidden_states_tuple=skips, upsample_size=upsample_size)
+        cached = x
+    else:
+        res = res[:len(last.resnets)]  # the final up block reads conv_in's output and the first block's resnets
+    x = _block(last, cached, emb, hidden, res_hidden_states_tuple=res[-len(last.resnets):], upsample_size=None)
+    if unet.conv_norm_out:
+        x = unet.conv_act(unet.conv_norm_out(x))
+    return unet.conv_out(x), cached
+
+
+def dit_forward(dit, sample: torch.Tensor, timestep, hidden: torch.Tensor, pooled: torch.Tensor | None,
+                cached: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """gen's DiT forward, returning also the residual its middle blocks (all but the first and last) added;
+    given `cached`, the middle blocks are skipped and `cached` is added in their place."""
+    N, _, H, W = sample.shape
+    p = dit.config.patch_size
+    h, w = H // p, W // p
+    x = dit.x_embedder(sample).flatten(2).transpose(1, 2)
+    x = x + dit._pos_embed(h, w, x)
+    t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(N)
+    c = dit.t_embedder(t)
+    if pooled is not None:
+        c = c + dit.y_embedder(pooled.to(c.dtype))
+    x = dit.blocks[0](x, c, hidden)
+    if cached is None:
+        start = x
+        for block in dit.blocks[1:-1]:
+            x = block(x, c, hidden)
+        cached = x - start
+    else:
+        x = x + cached
+    x = dit.final_layer(dit.blocks[-1](x, c, hidden), c)
+    x = x.view(N, h, w, p, p, dit.out_channels).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(N, dit.out_channels, H, W), cached
