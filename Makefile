@@ -31,5 +31,17 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+# Trains the bundled default model from scratch (CLIP, VAE, DiT-flow on the shapes world; see
+# configs/default-model.yaml) and installs it into gen/assets/default/ with its training log.
+default-model: setup
+	mkdir -p runs
+	@echo "training (1-2 h on a 2-core CPU); progress in runs/default-model.log"
+	$(VENV)/bin/gen train configs/default-model.yaml $(ARGS) > runs/default-model.log 2>&1 \
+	  || (tail -5 runs/default-model.log; exit 1)
+	rm -rf gen/assets/default && mkdir -p gen/assets
+	cp -r runs/default/denoiser/model gen/assets/default
+	tr '\r' '\n' < runs/default-model.log | grep -v '^train: ' > gen/assets/default/train.log
+	$(VENV)/bin/gen eval adherence --json gen/assets/default/adherence.json
+
 clean:
 	rm -rf $(VENV) out
