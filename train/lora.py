@@ -121,6 +121,9 @@ class LoraTask(DenoiserTask):
             self._add(text, "text_encoder", options)
             self.text.model.train()
         self.model = LoraModel(denoiser, text)
+        if o.instance_prompt:
+            log.info("lora.instance_prompt: every image trains with the caption %r (caption files are not used)",
+                     o.instance_prompt)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log.info("LoRA rank %d, alpha %s on %s (%s)%s: %.2fM trainable parameters", o.rank,
                  o.alpha if o.alpha is not None else o.rank, kind, o.targets,
