@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import save as to_bytes
 from safetensors.torch import save_file
 
 from gen.errors import GenError
@@ -103,13 +105,22 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def write_state(folder: Path, name: str, obj: Any) -> None:
+def write_state(folder: Path, name: str, obj: Any, step: int = -1) -> None:
     """`name.json` (skeleton) and, when it holds tensors, `name.safetensors`; both fsynced."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = flatten(obj, tensors)
     if tensors:
-        save_file(_unshare(tensors), str(folder / f"{name}.safetensors"))
-        _fsync(folder / f"{name}.safetensors")
+        path = folder / f"{name}.safetensors"
+        if os.environ.get(PAUSE_ENV, "").partition("@")[0] == f"mid-{name}":  # test hook: pause half-way through
+            data = to_bytes(_unshare(tensors))
+            with open(path, "wb") as f:
+                f.write(data[:len(data) // 2])
+                f.flush()
+                pause_point(f"mid-{name}", step)
+                f.write(data[len(data) // 2:])
+        else:
+            save_file(_unshare(tensors), str(path))
+        _fsync(path)
     with open(folder / f"{name}.json", "w") as f:
         json.dump(skeleton, f)
         f.flush()
@@ -178,9 +189,22 @@ class Checkpointer:
 
     def save(self, step: int, shared: dict[str, Any], local: dict[str, Any], state: dict) -> Path:
         """Writes `shared` parts and `state` from process 0, `local` parts from every process, atomically.
+        A write that fails (disk full, a file size limit) removes its partial folder and raises a GenError:
+        the previous checkpoints stay as they were, none pruned."""
+        try:
+            return self._save(step, shared, local, state)
+        except (OSError, SafetensorError) as e:
+            shutil.rmtree(self.root / f".tmp-step-{step:08d}", ignore_errors=True)
+            why = getattr(e, "strerror", None) or str(e)
+            raise GenError(f"could not write the step-{step} checkpoint in {self.root}: {why} (disk full?); the "
+                           "previous checkpoint is kept and nothing was pruned. Free space, then resume") from None
+
+    def _save(self, step: int, shared: dict[str, Any], local: dict[str, Any], state: dict) -> Path:
+        """The save itself.
 
         Save phases (the names `pause_point` takes): `begin` (temporary folder made), `local` (this
-        process's parts written), `part-NAME` (shared part NAME written), `state` (state.json written,
+        process's parts written), `mid-NAME` (half of NAME.safetensors written), `part-NAME` (shared part NAME
+        written), `state` (state.json written,
         not yet renamed), `renamed` (the checkpoint is in place, `latest` not yet moved), `latest`
         (marker moved, old checkpoints not yet pruned), `done`."""
         bad = nonfinite(shared)
@@ -200,7 +224,7 @@ class Checkpointer:
         pause_point("local", step)
         if self.rank == 0:
             for name, obj in shared.items():
-                write_state(tmp, name, obj)
+                write_state(tmp, name, obj, step)
                 files.append(name)
                 pause_point(f"part-{name}", step)
         self.barrier()

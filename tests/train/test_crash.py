@@ -20,11 +20,12 @@ SETTINGS = dict(train__max_steps=6, train__checkpoint_every=3, validation__promp
                 validation__seeds=[0], validation__every=3, log__progress=True)
 
 
-def run_until_paused(config, phase: str, timeout: float = 120.0) -> str:
-    """Starts `gen train CONFIG` with the save hook set to `phase`, SIGKILLs it once it pauses there;
-    returns its stderr."""
+def run_until_paused(config, phase: str, timeout: float = 120.0, argv: list[str] | None = None) -> str:
+    """Starts `gen train CONFIG` (or python `argv`) with the save hook set to `phase`, SIGKILLs it once it
+    pauses there; returns its stderr."""
     env = {**os.environ, PAUSE_ENV: phase}
-    proc = subprocess.Popen([sys.executable, "-m", "gen", "train", str(config)], env=env,
+    argv = argv or ["-m", "gen", "train", str(config)]
+    proc = subprocess.Popen([sys.executable, *argv], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     chunks = []
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stderr.read1(4096), b"")), daemon=True)
