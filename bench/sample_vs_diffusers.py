@@ -118,9 +118,18 @@ def bench(preset: str, folder: Path, size: int, steps: int, dtype: str, device: 
             sync()
             times[name].append(time.perf_counter() - t)
     med = {name: statistics.median(ts) for name, ts in times.items()}
+    syncs = ""
+    if device.startswith("cuda") and "default" in runs:  # host syncs in one whole gen call (steps: {steps})
+        import warnings
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runs["default"]()
+        torch.cuda.set_sync_debug_mode(0)
+        syncs = f", host syncs in one gen call: {len(caught)}"
     n_params = sum(p.numel() for p in theirs.unet.parameters()) / 1e6
     print(f"\n{preset}: UNet {n_params:.0f}M params, {size} px, {steps} steps, CFG 7.5, dpm++2m, {dtype}, {device}, "
-          f"median of {repeats}")
+          f"median of {repeats}{syncs}")
     print(f"  {'diffusers':<16} {med['diffusers']:8.3f} s/img")
     ref, exact = outs["diffusers"], outs.get("default")
     for name in variants:

@@ -55,3 +55,17 @@ def test_kernel_rejects_what_it_cannot_do():
         flash_attention(q, k[:, :1], v)
     with pytest.raises(GenError, match="fp16, bf16 or fp32"):
         flash_attention(q.double(), k.double(), v.double())
+
+
+def test_gpu_tile_configs_fit_the_shape():
+    """The autotuner's GPU configs: no 128-wide key tiles at head dim 128 (shared memory), and short key
+    tiles for 77-token cross-attention; the interpreter gets one small fixed config."""
+    from gen.kernels.flash_attention import _configs, _prune
+
+    gpu = _configs(interpret=False)
+    assert len(gpu) > 1 and len(_configs()) == 1
+    wide = _prune(gpu, {"BLOCK_D": 128, "N_K": 4096})
+    assert wide and all(c.kwargs["BLOCK_N"] < 128 for c in wide)
+    cross = _prune(gpu, {"BLOCK_D": 64, "N_K": 77})
+    assert cross and all(c.kwargs["BLOCK_N"] <= 128 for c in cross)
+    assert {c.kwargs["BLOCK_N"] for c in _prune(gpu, {"BLOCK_D": 64, "N_K": 20})} == {32}

@@ -29,8 +29,8 @@ except ImportError:
     INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _configs() -> list[triton.Config]:
-    if INTERPRET:  # the interpreter runs every tile in numpy, ~15 ms each: one config, no tuning runs
+def _configs(interpret: bool = INTERPRET) -> list[triton.Config]:
+    if interpret:  # the interpreter runs every tile in numpy, ~15 ms each: one config, no tuning runs
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm, bn, w, s in ((128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2))]
