@@ -13,6 +13,7 @@ is a small class with this surface, never a copy of the loop:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,6 +26,8 @@ from gen.models import vae as vae_lib
 from gen.models.text import TextEncoder
 from gen.pipeline import Pipeline
 from train.config import Config
+
+log = logging.getLogger("gen")
 
 
 def build_formulation(cfg: Config):
@@ -92,6 +95,7 @@ class DenoiserTask:
             if base.is_dit != (m.denoiser == "dit"):
                 raise GenError(f"config key 'model.init_from_base': {m.base} holds a "
                                f"{'dit' if base.is_dit else 'unet'} denoiser, but model.denoiser is {m.denoiser!r}")
+            self._check_objective(base.formulation)
             return base.denoiser.float()
         if res % f:
             raise GenError(f"config key 'data.resolution': {res} is not a multiple of the VAE factor {f}")
@@ -111,6 +115,16 @@ class DenoiserTask:
             if isinstance(e, GenError):
                 raise
             raise GenError(f"config key 'model.preset' / 'model.options': {e}") from None
+
+    def _check_objective(self, theirs) -> None:
+        """Fine-tuning with another objective than the base was trained with is allowed, never silent."""
+        mine, theirs = formulations.to_dict(self.formulation), formulations.to_dict(theirs)
+        differ = [k for k in ("type", "prediction_type", "beta_schedule", "beta_start", "beta_end",
+                              "zero_terminal_snr", "shift") if mine.get(k) != theirs.get(k)]
+        if differ:
+            log.warning("model.init_from_base: %s was trained with %s, but the objective.* keys say %s; training "
+                        "with the latter", self.cfg.model.base, {k: theirs.get(k) for k in differ},
+                        {k: mine.get(k) for k in differ})
 
     @property
     def vae_scale_factor(self) -> int:

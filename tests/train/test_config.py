@@ -52,3 +52,26 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     assert gen_main(["train", str(f), "optim.lr=abc"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'optim.lr'" in err[0] and err[0].startswith("gen: error:")
+
+
+def test_wrong_type_in_yaml_names_the_key(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model: {base: m}\ndata: {source: shapes}\ntrain: {batch_size: '16'}\n")
+    with pytest.raises(GenError, match="'train.batch_size': expected integer"):
+        load_config(f)
+
+
+def test_fine_tuning_with_another_objective_warns(base_unet, caplog):
+    import logging
+
+    import torch
+
+    from train.task import DenoiserTask
+    settings = {"model.base": str(base_unet), "model.denoiser": "unet", "model.init_from_base": True,
+                "data.source": "shapes", "data.resolution": 16, "objective.type": "ddpm"}
+    with caplog.at_level(logging.WARNING, logger="gen"):
+        DenoiserTask(load_config(None, extra=settings), torch.device("cpu"))
+        assert not caplog.records
+        DenoiserTask(load_config(None, extra={**settings, "objective.prediction_type": "v_prediction"}),
+                     torch.device("cpu"))
+    assert len(caplog.records) == 1 and "prediction_type" in caplog.records[0].getMessage()
