@@ -1,5 +1,7 @@
-"""Run: `.venv/bin/python -m pytest -q -s bench/recipe_learns.py` (several minutes on a 2-core CPU; not yet
-part of `make test`).
+"""Run: `.venv/bin/python -m pytest -q -s bench/recipe_learns.py` (~4 min on a 2-core CPU; not part of
+`make test`). Status: this reduced size does NOT learn enough yet -- measured 2026-11-24: VAE PSNR 23.6 dB at
+32 px, CLIP single-object retrieval 69.7%, but single-object color right only 22.2% after 1500 DiT steps x 32,
+so the color assertion fails; the reduced recipe needs retuning before it can join the suite.
 
 The default-model recipe (configs/default-model.yaml: clip -> vae -> DiT flow on the shapes world), run at
 reduced size, learns: its samples follow the prompt's color far above chance by `gen eval adherence`'s scorer.
@@ -19,11 +21,11 @@ REDUCED = [
                                            "max_position_embeddings": 16}),
     "clip:clip.vision=" + json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                                      "num_attention_heads": 4, "patch_size": 8}),
-    "clip:clip.projection_dim=64", "clip:clip.eval_images=64", "clip:train.max_steps=120",
+    "clip:clip.projection_dim=64", "clip:clip.eval_images=64", "clip:train.max_steps=250",
     "clip:train.batch_size=64",
     "vae:vae.eval_images=32", "vae:train.max_steps=250", "vae:train.batch_size=16",
     "denoiser:model.options=" + json.dumps({"depth": 3, "hidden_size": 96, "num_heads": 3}),
-    "denoiser:train.max_steps=500", "denoiser:train.batch_size=32", "denoiser:optim.warmup_steps=20",
+    "denoiser:train.max_steps=1500", "denoiser:train.batch_size=32", "denoiser:optim.warmup_steps=20",
     "denoiser:train.ema_decay=0.99", "denoiser:optim.lr=1e-3", "denoiser:validation.prompts=[]",
 ]
 
