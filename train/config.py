@@ -130,6 +130,12 @@ class CLIPStage:
     tokenizer: str = ""                     # a folder with a CLIP tokenizer; "" trains a BPE on the captions
     vocab_size: int = 1000
     eval_images: int = 512                  # held-out pairs for text->image retrieval
+    # Hard negatives (NegCLIP, Yuksekgonul et al. 2023): word groups whose swap makes a caption false, e.g.
+    # [[left, right], [above, below], [red, blue, ...]]: a caption's one word of a 2-word group becomes the
+    # other ("left of" -> "right of"), two different words of a group trade places (colors bound to the
+    # other object). One such false caption per image joins the image->text softmax, so relations and
+    # attribute binding are no longer bags of words to the text tower.
+    negative_words: list = field(default_factory=list)
 
 
 @dataclass

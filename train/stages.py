@@ -159,15 +159,36 @@ def train_tokenizer(captions: list[str], vocab_size: int):
     return byte_level_tokenizer(merges, vocab_extra=[m.replace(" ", "") for m in merges])
 
 
-def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, captions: list[str]) -> torch.Tensor:
-    """Symmetric InfoNCE over normalised embeddings (N, D); pairs with the same caption are all positives."""
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, captions: list[str],
+                     negatives: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE over normalised embeddings (N, D); pairs with the same caption are all positives.
+    `negatives` (M, D): false captions, extra columns of the image->text softmax only."""
     logits = scale * img @ txt.t()  # (N, N)
     ids = {c: k for k, c in enumerate(dict.fromkeys(captions))}
     label = torch.tensor([ids[c] for c in captions], device=img.device)
     same = (label[:, None] == label[None, :]).float()
     target = same / same.sum(dim=1, keepdim=True)
-    return 0.5 * (torch.sum(-target * F.log_softmax(logits, dim=1), dim=1).mean()
+    i2t = logits if negatives is None else torch.cat([logits, scale * img @ negatives.t()], dim=1)
+    i2t_target = F.pad(target, (0, i2t.shape[1] - logits.shape[1]))
+    return 0.5 * (torch.sum(-i2t_target * F.log_softmax(i2t, dim=1), dim=1).mean()
                   + torch.sum(-target * F.log_softmax(logits.t(), dim=1), dim=1).mean())
+
+
+def false_captions(caption: str, groups: list[list[str]]) -> list[str]:
+    """Captions made false by swapping words of `groups` (see CLIPStage.negative_words): the one word of a
+    2-word group present becomes the other; two different words of a group present trade places."""
+    words, out = caption.split(" "), []
+    for group in groups:
+        at = [k for k, w in enumerate(words) if w in group]
+        if len(at) == 1 and len(group) == 2:
+            w = list(words)
+            w[at[0]] = group[1 - group.index(w[at[0]])]
+            out.append(" ".join(w))
+        elif len(at) == 2 and words[at[0]] != words[at[1]]:
+            w = list(words)
+            w[at[0]], w[at[1]] = w[at[1]], w[at[0]]
+            out.append(" ".join(w))
+    return [c for c in dict.fromkeys(out) if c != caption]
 
 
 class CLIPTask:
@@ -214,15 +235,22 @@ class CLIPTask:
 
     def embed(self, model: nn.Module, pixels: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         img = model.get_image_features(pixel_values=pixels.to(self.device))
-        txt = model.get_text_features(input_ids=self.tokens(captions))
         img = getattr(img, "pooler_output", img)  # transformers 5 may return an output object
-        txt = getattr(txt, "pooler_output", txt)
-        return F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
+        return F.normalize(img.float(), dim=-1), self.text_features(model, captions)
+
+    def text_features(self, model: nn.Module, captions: list[str]) -> torch.Tensor:
+        txt = model.get_text_features(input_ids=self.tokens(captions))
+        return F.normalize(getattr(txt, "pooler_output", txt).float(), dim=-1)  # transformers 5: an output object
 
     def loss(self, model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
         img, txt = self.embed(model, batch["pixel_values"], batch["text"])
         scale = model.logit_scale.exp().clamp(max=100.0)
-        return contrastive_loss(img, txt, scale, batch["text"])
+        negatives = None
+        options = [false_captions(c, self.cfg.clip.negative_words) for c in batch["text"]]
+        if any(options):  # one false caption per image that has one, drawn with the step's generator
+            pick = torch.randint(0, 1 << 30, (len(options),), generator=g).tolist()
+            negatives = self.text_features(model, [o[k % len(o)] for o, k in zip(options, pick) if o])
+        return contrastive_loss(img, txt, scale, batch["text"], negatives)
 
     @torch.no_grad()
     def metrics(self, model: nn.Module) -> dict:
@@ -234,12 +262,20 @@ class CLIPTask:
         for i in range(0, len(self.eval_pixels), 128):
             a, b = self.embed(model, self.eval_pixels[i:i + 128], self.eval_captions[i:i + 128])
             imgs.append(a), txts.append(b)
-        model.train(was)
-        best = (torch.cat(txts) @ torch.cat(imgs).t()).argmax(dim=1).tolist()
+        imgs, txts = torch.cat(imgs), torch.cat(txts)
+        best = (txts @ imgs.t()).argmax(dim=1).tolist()
         right = [self.eval_captions[j] == c for j, c in zip(best, self.eval_captions)]
         single = [r for r, c in zip(right, self.eval_captions) if " and " not in c and not _has_relation(c)]
-        return {"retrieval_top1": 100.0 * float(np.mean(right)),
-                "retrieval_top1_single": 100.0 * float(np.mean(single)) if single else math.nan}
+        out = {"retrieval_top1": 100.0 * float(np.mean(right)),
+               "retrieval_top1_single": 100.0 * float(np.mean(single)) if single else math.nan}
+        falses = [false_captions(c, self.cfg.clip.negative_words) for c in self.eval_captions]
+        rows = [k for k, f in enumerate(falses) if f]
+        if rows:  # the image scores its true caption above every false one (as in the ARO benchmark)
+            wins = [float(imgs[k] @ txts[k]) > float((self.text_features(model, falses[k]) @ imgs[k]).max())
+                    for k in rows]
+            out["true_over_false"] = 100.0 * float(np.mean(wins))
+        model.train(was)
+        return out
 
     def validate(self, model: nn.Module) -> None:
         return None

@@ -13,12 +13,14 @@ import torch
 from gen.errors import GenError
 from train.config import load_config
 from train.loop import train
-from train.stages import contrastive_loss, train_tokenizer
+from train.stages import contrastive_loss, false_captions, train_tokenizer
 
 CLIP = {"clip.text_preset": "tiny", "clip.text_options": {"max_position_embeddings": 16},
         "clip.vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                         "num_attention_heads": 4, "patch_size": 8},
         "clip.projection_dim": 32, "clip.vocab_size": 400, "clip.eval_images": 24}
+SWAPS = [["left", "right"], ["above", "below"], ["red", "green", "blue", "yellow", "purple", "orange"],
+         ["circle", "square", "triangle"]]
 COMMON = {"data.source": "shapes", "data.resolution": 16, "data.num_images": 64, "train.batch_size": 8,
           "train.checkpoint_every": 0, "train.ema_decay": 0.0, "optim.lr": 2e-3, "log.every": 1,
           "log.tracker": "none", "log.progress": False, "validation.every": 0}
@@ -55,6 +57,32 @@ def test_contrastive_loss_counts_repeated_captions_as_positives():
     assert float(contrastive_loss(same, same, torch.tensor(20.0), ["x", "x"])) == pytest.approx(math.log(2))
 
 
+def test_false_captions_swap_relations_and_bindings():
+    assert false_captions("a red circle left of a blue square", SWAPS) == [
+        "a red circle right of a blue square", "a blue circle left of a red square",
+        "a red square left of a blue circle"]
+    assert false_captions("a red circle above a red square", SWAPS) == [
+        "a red circle below a red square", "a red square above a red circle"]
+    assert false_captions("a red circle", SWAPS) == []  # nothing to swap; another image's caption is negative enough
+    assert false_captions("a red circle", []) == []
+
+
+def test_hard_negatives_join_the_image_to_text_softmax_only():
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(img + 0.3 * torch.randn(3, 8, generator=g), dim=-1)
+    caps, scale = ["a", "b", "c"], torch.tensor(10.0)
+    base = contrastive_loss(img, txt, scale, caps)
+    far = contrastive_loss(img, txt, scale, caps, negatives=-img)  # negatives each image rejects: ~no change
+    near = contrastive_loss(img, txt, scale, caps, negatives=img)  # negatives as close as can be: higher loss
+    assert float(far) == pytest.approx(float(base), abs=1e-3)
+    assert float(near) > float(base) + 0.1
+    # the text->image half is untouched: only the image->text half moves
+    i2t = torch.nn.functional.cross_entropy(scale * img @ torch.cat([txt, img]).t(), torch.arange(3))
+    t2i = torch.nn.functional.cross_entropy(scale * txt @ img.t(), torch.arange(3))
+    assert float(near) == pytest.approx(0.5 * float(i2t + t2i), rel=1e-5)
+
+
 def test_vae_stage_learns_and_sets_latent_scaling(tmp_path):
     from diffusers import AutoencoderKL
 
@@ -78,9 +106,10 @@ def test_vae_stage_learns_and_sets_latent_scaling(tmp_path):
 def test_clip_stage_exports_a_text_encoder_the_pipeline_reads(tmp_path):
     from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
-    out = train(_cfg(tmp_path / "clip", "clip", steps=6))
+    out = train(_cfg(tmp_path / "clip", "clip", steps=6, clip__negative_words=SWAPS))
     metrics = json.loads((out / "stage.json").read_text())["metrics"]
     assert 0 <= metrics["retrieval_top1"] <= 100
+    assert 0 <= metrics["true_over_false"] <= 100  # held-out images that prefer their caption to its swaps
     text, tok = CLIPTextModel.from_pretrained(out / "text_encoder"), CLIPTokenizer.from_pretrained(out / "tokenizer")
     clip = CLIPModel.from_pretrained(out / "clip")
     ids = tok(["a red circle"], return_tensors="pt").input_ids
