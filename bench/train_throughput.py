@@ -217,7 +217,7 @@ def main(argv=None) -> None:
               "gen UNet ddpm": sum(p.numel() for p in build_unet(UNET, sample_size=RES // 4,
                                                                  cross_attention_dim=256).parameters())}
     params[peer] = params[order[2]] = params["gen UNet ddpm"]
-    print(f"\n{'loop':<48}{'params':>9}{'images/s':>11}{'vs diffusers':>14}")
+    print(f"\n{'loop':<54}{'params':>9}{'images/s':>11}{'vs diffusers':>14}")
     for name in order:
         ratio = med[name] / med[peer] if "UNet" in name else None
         print(f"{name:<54}{params[name] / 1e6:>8.1f}M{med[name]:>11.2f}"
