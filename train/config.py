@@ -27,6 +27,7 @@ class ModelConfig:
     init_from_base: bool = False            # start from the base folder's denoiser instead of random weights
     text_encoder: str = ""                  # a folder with text_encoder/ + tokenizer/ (a `clip` stage's output)
     vae: str = ""                           # a folder with vae/ (a `vae` stage's output); both override base's
+    train_text_encoder: bool = False        # the text encoder trains with the denoiser (as in GLIDE) and is exported
 
 
 @dataclass
@@ -133,8 +134,8 @@ class CLIPStage:
     # Hard negatives (NegCLIP, Yuksekgonul et al. 2023): word groups whose swap makes a caption false, e.g.
     # [[left, right], [above, below], [red, blue, ...]]: a caption's one word of a 2-word group becomes the
     # other ("left of" -> "right of"), two different words of a group trade places (colors bound to the
-    # other object). One such false caption per image joins the image->text softmax, so relations and
-    # attribute binding are no longer bags of words to the text tower.
+    # other object). The batch's false captions join the image->text softmax, so relations and attribute
+    # binding are no longer bags of words to the text tower.
     negative_words: list = field(default_factory=list)
 
 

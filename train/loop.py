@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from gen.errors import GenError
@@ -119,6 +120,20 @@ def _has_accelerator() -> bool:
     return accel.is_available() if accel is not None else torch.cuda.is_available()
 
 
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and kernels only, not on biases, norms or embeddings (as minGPT): decay would
+    shrink the embeddings of rare or not-yet-useful tokens towards one point, and the text tower could no
+    longer tell them apart ("left of" vs "right of")."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not weight_decay:
+        return [{"params": [p for _, p in trainable], "weight_decay": 0.0}]
+    skip = {id(p) for m in model.modules() if isinstance(m, (nn.Embedding, nn.LayerNorm, nn.GroupNorm))
+            for p in m.parameters()}
+    decay = [p for _, p in trainable if p.ndim >= 2 and id(p) not in skip]
+    rest = [p for _, p in trainable if p.ndim < 2 or id(p) in skip]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
 def train(cfg: Config, task_class=None) -> Path:
     """Runs (or resumes) a training run; returns the exported model folder."""
     from accelerate import Accelerator
@@ -158,9 +173,8 @@ def train(cfg: Config, task_class=None) -> Path:
     if cfg.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     ema = EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay > 0 else None
-    params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))  # stepped by us, once per step
     model, optimizer = acc.prepare(model, optimizer)
     fingerprint = json.loads(json.dumps({**task.fingerprint(), "data": data.fingerprint()}))
@@ -215,13 +229,16 @@ def train(cfg: Config, task_class=None) -> Path:
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not (main and cfg.log.progress),
                desc="train", dynamic_ncols=True)
     loss_sum, n_logged, t0, saved = torch.zeros((), device=acc.device), 0, time.perf_counter(), step
+    waited = 0.0  # seconds this process spent blocked on the data loader in the current log window
     stop = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
     bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient
     while step < stop:
         bad = torch.zeros((), dtype=torch.bool, device=acc.device)
         step_loss, skip = torch.zeros((), device=acc.device), False
         for micro in range(accum):
+            asked = time.perf_counter()
             batch = next(batches)
+            waited += time.perf_counter() - asked
             with acc.accumulate(model):
                 loss = task.loss(model, batch, step_generator(cfg.train.seed, rank, step * accum + micro))
                 bad |= ~torch.isfinite(loss.detach())
@@ -256,11 +273,12 @@ def train(cfg: Config, task_class=None) -> Path:
         if step % cfg.log.every == 0 or step == cfg.train.max_steps:
             loss_value = acc.reduce(loss_sum, "mean").item() / n_logged  # a host sync every log.every
             elapsed = time.perf_counter() - t0
+            data_wait = min(1.0, waited / elapsed)  # fraction of the window's wall time spent waiting for data
             trackers.scalars(step, {"loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                                    "images_per_s": n_logged * per_step / elapsed})
-            bar.set_postfix(loss=f"{loss_value:.4f}")
+                                    "images_per_s": n_logged * per_step / elapsed, "data_wait": data_wait})
+            bar.set_postfix(loss=f"{loss_value:.4f}", data_wait=f"{data_wait:.0%}")
             loss_sum.zero_()
-            n_logged, t0 = 0, time.perf_counter()
+            n_logged, t0, waited = 0, time.perf_counter(), 0.0
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             save()
             saved = step

@@ -245,11 +245,8 @@ class CLIPTask:
     def loss(self, model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
         img, txt = self.embed(model, batch["pixel_values"], batch["text"])
         scale = model.logit_scale.exp().clamp(max=100.0)
-        negatives = None
-        options = [false_captions(c, self.cfg.clip.negative_words) for c in batch["text"]]
-        if any(options):  # one false caption per image that has one, drawn with the step's generator
-            pick = torch.randint(0, 1 << 30, (len(options),), generator=g).tolist()
-            negatives = self.text_features(model, [o[k % len(o)] for o, k in zip(options, pick) if o])
+        falses = [f for c in batch["text"] for f in false_captions(c, self.cfg.clip.negative_words)]
+        negatives = self.text_features(model, falses) if falses else None  # every image sees all of them
         return contrastive_loss(img, txt, scale, batch["text"], negatives)
 
     @torch.no_grad()

@@ -38,6 +38,32 @@ def build_formulation(cfg: Config):
                              zero_terminal_snr=o.zero_terminal_snr)
 
 
+class WithText(nn.Module):
+    """A denoiser and its text encoder as one module (model.train_text_encoder), so that the optimizer, EMA,
+    gradient clipping, distributed sync and checkpoints cover both; forward runs the text tower on token ids."""
+
+    def __init__(self, denoiser: nn.Module, text_encoder: nn.Module, is_dit: bool):
+        super().__init__()
+        self.denoiser, self.text_encoder, self.is_dit = denoiser, text_encoder, is_dit
+
+    @property
+    def config(self):
+        return self.denoiser.config
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.denoiser.enable_gradient_checkpointing()
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, input_ids: torch.Tensor, **kwargs):
+        out = self.text_encoder(input_ids)
+        extra = {"pooled_projections": out.pooler_output} if self.is_dit else {}
+        return self.denoiser(sample, timestep, encoder_hidden_states=out.last_hidden_state, **extra, **kwargs)
+
+
+def parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    """(denoiser, trained text encoder or None) of a task's model."""
+    return (model.denoiser, model.text_encoder) if isinstance(model, WithText) else (model, None)
+
+
 class DenoiserTask:
     """A text-conditioned UNet or DiT denoiser, trained with DDPM or rectified flow in a frozen VAE's
     latent space, conditioned by a frozen CLIP text encoder (both from `model.base`)."""
@@ -52,6 +78,11 @@ class DenoiserTask:
         self.model = self._denoiser(base).to(device)
         self.is_dit = not hasattr(self.model.config, "block_out_channels")
         self.empty = self.text([""])  # conditioning dropout target: the empty prompt, as CFG's negative
+        if cfg.model.train_text_encoder:
+            if cfg.data.cache:
+                raise GenError("config keys 'data.cache' and 'model.train_text_encoder': a cache holds text "
+                               "embeddings, which go stale while the text encoder trains; turn one of them off")
+            self.model = WithText(self.model, self.text.model.float().requires_grad_(True), self.is_dit)
 
     def _base(self):
         """The base folder's parts, with model.text_encoder / model.vae (earlier stages' outputs) swapped in;
@@ -132,11 +163,13 @@ class DenoiserTask:
 
     def fingerprint(self) -> dict:
         return {"denoiser": {k: v for k, v in dict(self.model.config).items() if not k.startswith("_")},
-                "objective": formulations.to_dict(self.formulation)}
+                "objective": formulations.to_dict(self.formulation),
+                **({"train_text_encoder": True} if isinstance(self.model, WithText) else {})}
 
     def loss(self, model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
         """Denoising loss of one micro-batch (DDPM: eps or v target, min-SNR-gamma; flow: velocity)."""
-        o, f = self.cfg.objective, self.formulation
+        if isinstance(self.model, WithText):
+            return self._loss_with_text(model, batch, g)
         device = self.vae.device
         with torch.no_grad():
             if "latents" in batch:  # a cached batch (train/data/cache.py): the VAE and text encoder do not run
@@ -150,14 +183,28 @@ class DenoiserTask:
             drop = (torch.rand(n, generator=g) < self.cfg.train.cond_dropout).to(device)
             hidden = torch.where(drop[:, None, None], self.empty[0], hidden)
             pooled = torch.where(drop[:, None], self.empty[1], pooled)
+        extra = {"pooled_projections": pooled} if self.is_dit else {}
+        return self._denoising_loss(model, x0, g, encoder_hidden_states=hidden, **extra)
+
+    def _loss_with_text(self, model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
+        """model.train_text_encoder: conditioning dropout replaces the caption by the empty prompt, whose
+        embedding then trains too; the text tower runs inside the model's forward, with gradients."""
+        device = self.vae.device
+        with torch.no_grad():
+            x0 = vae_lib.encode(self.vae, batch["pixel_values"].to(device), generator=g).float()
+        drop = (torch.rand(x0.shape[0], generator=g) < self.cfg.train.cond_dropout).tolist()
+        ids = self.text.tokenize(["" if d else c for c, d in zip(batch["text"], drop)]).to(device)
+        return self._denoising_loss(model, x0, g, input_ids=ids)
+
+    def _denoising_loss(self, model: nn.Module, x0: torch.Tensor, g: torch.Generator, **cond) -> torch.Tensor:
+        o, f, device, n = self.cfg.objective, self.formulation, x0.device, x0.shape[0]
         noise = torch.randn(x0.shape, generator=g).to(device)
         if o.type == "ddpm" and o.offset_noise:  # Guttenberg 2023: learn to shift the mean brightness
             noise = noise + o.offset_noise * torch.randn((n, x0.shape[1], 1, 1), generator=g).to(device)
         t = f.sample_timesteps(n, generator=g, device=device)
         x_t = f.add_noise(x0, noise, t)
         target = f.target(x0, noise, t)
-        extra = {"pooled_projections": pooled} if self.is_dit else {}
-        pred = model(x_t, f.model_timestep(t), encoder_hidden_states=hidden, return_dict=False, **extra)[0]
+        pred = model(x_t, f.model_timestep(t), return_dict=False, **cond)[0]
         per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
         weight = f.loss_weight(t, o.min_snr_gamma if o.type == "ddpm" else None)
         return (per_sample * weight).mean()
@@ -167,7 +214,8 @@ class DenoiserTask:
         s = self.cfg.sampling
         defaults = {k: v for k, v in dict(steps=s.steps, guidance=s.guidance, sampler=s.sampler).items()
                     if v is not None}
-        pipe = Pipeline(self.text.model, self.text.tokenizer, self.vae, model, formulation=self.formulation,
+        denoiser, text = parts(model)
+        pipe = Pipeline(text or self.text.model, self.text.tokenizer, self.vae, denoiser, formulation=self.formulation,
                         defaults=defaults, recipe=recipe, name="validation")
         pipe.progress = False
         return pipe

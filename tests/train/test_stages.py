@@ -83,6 +83,23 @@ def test_hard_negatives_join_the_image_to_text_softmax_only():
     assert float(near) == pytest.approx(0.5 * float(i2t + t2i), rel=1e-5)
 
 
+def test_weight_decay_spares_embeddings_norms_and_biases():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from train.loop import param_groups
+
+    model = CLIPTextModel(CLIPTextConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=8))
+    decay, rest = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and rest["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim == 2 and "embedding" not in names[id(p)] for p in decay["params"])
+    assert {id(model.get_input_embeddings().weight), *(id(p) for n, p in model.named_parameters()
+                                                         if "norm" in n or n.endswith("bias"))} <= {id(p) for p in rest["params"]}
+    assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
+    assert len(param_groups(model, 0.0)) == 1
+
+
 def test_vae_stage_learns_and_sets_latent_scaling(tmp_path):
     from diffusers import AutoencoderKL
 
@@ -150,3 +167,27 @@ def test_denoiser_stage_without_parts_is_a_clear_error(tmp_path):
                                    "model.vae": str(tmp_path)})
     with pytest.raises(GenError, match="model.text_encoder"):
         train(cfg)
+
+
+def test_text_encoder_trains_with_the_denoiser_resumes_exactly_and_is_exported(base_dit, tmp_path):
+    """model.train_text_encoder: the text tower is part of the trained model -- its weights move, the checkpoint
+    holds them (a resumed run ends bitwise equal to a straight one) and the exported folder carries them."""
+    from safetensors.torch import load_file
+
+    from tests.train.conftest import fast_config
+    from gen.pipeline import Pipeline
+
+    straight = train(fast_config(base_dit, tmp_path / "a", model__train_text_encoder=True, train__cond_dropout=0.5))
+    train(fast_config(base_dit, tmp_path / "b", model__train_text_encoder=True, train__cond_dropout=0.5,
+                      train__max_steps=3))
+    resumed = train(fast_config(base_dit, tmp_path / "b", model__train_text_encoder=True, train__cond_dropout=0.5,
+                                train__resume="auto"))
+    base = load_file(str(base_dit / "text_encoder" / "model.safetensors"))
+    mine = load_file(str(straight / "text_encoder" / "model.safetensors"))
+    assert mine.keys() == base.keys()
+    assert any(not torch.equal(mine[k], base[k]) for k in base)  # the text tower trained
+    again = load_file(str(resumed / "text_encoder" / "model.safetensors"))
+    assert all(torch.equal(mine[k], again[k]) for k in mine)
+    assert Pipeline.from_pretrained(straight)("a red circle", seed=0, output_type="np").images.shape == (1, 16, 16, 3)
+    with pytest.raises(GenError, match="data.cache"):
+        train(fast_config(base_dit, tmp_path / "c", model__train_text_encoder=True, data__cache=True))
