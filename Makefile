@@ -41,7 +41,9 @@ default-model: setup
 	rm -rf gen/assets/default && mkdir -p gen/assets
 	cp -r runs/default/denoiser/model gen/assets/default
 	tr '\r' '\n' < runs/default-model.log | grep -v '^train: ' > gen/assets/default/train.log
-	$(VENV)/bin/gen eval adherence --json gen/assets/default/adherence.json
+	$(VENV)/bin/gen eval adherence --n 4 --json gen/assets/default/adherence.json
+	$(PY) -c "from gen import Pipeline; from train.loop import grid; from train.evaluate import SHOWCASE; \
+	  p = Pipeline.from_pretrained(); grid([p(t, seed=0).images[0] for t in SHOWCASE], 6).save('gen/assets/samples.png')"
 
 clean:
 	rm -rf $(VENV) out

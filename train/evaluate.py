@@ -47,6 +47,13 @@ def prompt_set(pairs_per_relation: int = 6, seed: int = 0) -> list[PromptSpec]:
     return singles + pairs
 
 
+# the README's grid of the bundled model (gen/assets/samples.png, seed 0 each; `make default-model` draws it)
+SHOWCASE = ["a red circle", "a blue square", "a green triangle", "an orange circle", "a purple square",
+            "a yellow triangle", "a red circle left of a blue square", "a green square above a yellow circle",
+            "an orange triangle right of a purple circle", "a blue triangle below a red square",
+            "a yellow square and a green circle", "a purple triangle left of an orange square"]
+
+
 def _components(mask: np.ndarray) -> list[np.ndarray]:
     """4-connected components of a boolean mask, largest first, as (N, 2) arrays of (y, x)."""
     seen = np.zeros_like(mask, dtype=bool)
