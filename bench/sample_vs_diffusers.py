@@ -13,6 +13,7 @@ between the pipelines so that a change in machine load hits both alike. gen vari
   fastK         --cache-interval K, the approximate fast mode: its deviation from gen's exact images is
                 printed as max abs and PSNR (images in [0, 1])
   triton        --attention triton (CUDA)
+  a+b           both, e.g. compile+fast3
 """
 
 from __future__ import annotations
@@ -77,7 +78,10 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def variant_options(name: str) -> tuple[dict, dict]:
-    """(from_pretrained options, call options) of a variant name."""
+    """(from_pretrained options, call options) of a variant name; "a+b" combines variants."""
+    if "+" in name:
+        parts = [variant_options(n) for n in name.split("+")]
+        return {k: v for load, _ in parts for k, v in load.items()}, {k: v for _, c in parts for k, v in c.items()}
     if name == "default":
         return {}, {}
     if name == "channels_last":
@@ -135,10 +139,10 @@ def bench(preset: str, folder: Path, size: int, steps: int, dtype: str, device: 
     for name in variants:
         line = (f"  {'gen ' + name:<16} {med[name]:8.3f} s/img  {med['diffusers'] / med[name]:5.2f}x diffusers  "
                 f"max|diff| vs diffusers {np.abs(outs[name] - ref).max():.1e}")
-        if name.startswith("fast") and exact is not None:
+        if "fast" in name and exact is not None:
             line += (f"; vs gen exact: max|diff| {np.abs(outs[name] - exact).max():.3f}, "
                      f"PSNR {psnr(outs[name], exact):.1f} dB, {med['default'] / med[name]:.2f}x gen exact")
-        if name == "compile":
+        if "compile" in name:
             line += f"; first call (compiling) {warmup[name]:.0f} s"
         print(line, flush=True)
 
