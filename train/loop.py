@@ -229,7 +229,7 @@ def train(cfg: Config, task_class=None) -> Path:
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not (main and cfg.log.progress),
                desc="train", dynamic_ncols=True)
     loss_sum, n_logged, t0, saved = torch.zeros((), device=acc.device), 0, time.perf_counter(), step
-    waited = 0.0  # seconds this process spent blocked on the data loader in the current log window
+    waited, windows = 0.0, 0  # seconds this process spent blocked on the data loader in this log window
     stop = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
     bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient
     while step < stop:
@@ -277,8 +277,11 @@ def train(cfg: Config, task_class=None) -> Path:
             trackers.scalars(step, {"loss": loss_value, "lr": scheduler.get_last_lr()[0],
                                     "images_per_s": n_logged * per_step / elapsed, "data_wait": data_wait})
             bar.set_postfix(loss=f"{loss_value:.4f}", data_wait=f"{data_wait:.0%}")
+            if main and windows == 1 and data_wait > 0.25:  # once, past the start-up window (workers, caches)
+                log.warning("training waited for data %.0f%% of the time: raise data.num_workers (now %d)%s",
+                            100 * data_wait, cfg.data.num_workers, "" if cfg.data.cache else " or use data.cache")
             loss_sum.zero_()
-            n_logged, t0, waited = 0, time.perf_counter(), 0.0
+            n_logged, t0, waited, windows = 0, time.perf_counter(), 0.0, windows + 1
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             save()
             saved = step

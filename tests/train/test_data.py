@@ -98,3 +98,35 @@ def test_order_is_a_function_of_position():
     data = TrainData(load_config(None, ["model.base=m", "data.source=shapes", "data.resolution=16",
                                         "data.crop=random", "data.flip=true"]).data, seed=0)
     assert (data[(3, 17)]["pixel_values"] == data[(3, 17)]["pixel_values"]).all()
+
+
+
+def test_data_wait_is_logged_and_sees_a_slow_loader(base_dit, tmp_path, caplog):
+    """metrics.jsonl's data_wait: the fraction of each log window spent blocked on the next batch. The 16 px
+    shapes world keeps up with a tiny DiT; a folder of 2400 px JPEGs (decoded and resized per item on the main
+    process) does not, and the loop says which knob to turn."""
+    from PIL import Image
+
+    from tests.train.conftest import fast_config
+    from train.loop import train
+
+    def data_wait(run):  # per logged window of 2 steps x batch 4
+        return [json.loads(r)["data_wait"] for r in (run / "metrics.jsonl").read_text().splitlines()]
+
+    kw = dict(train__max_steps=4, train__checkpoint_every=0, log__every=2)
+    with caplog.at_level(logging.WARNING, logger="gen"):
+        train(fast_config(base_dit, tmp_path / "plain", **kw))
+    plain = data_wait(tmp_path / "plain")
+    assert len(plain) == 2 and all(0 <= w < 0.25 for w in plain), plain
+    assert "waited for data" not in caplog.text
+    big = tmp_path / "big"
+    big.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (2400, 2400, 3), dtype=np.uint8)).save(big / f"{i}.jpg", quality=95)
+        (big / f"{i}.txt").write_text("a red circle")
+    with caplog.at_level(logging.WARNING, logger="gen"):
+        train(fast_config(base_dit, tmp_path / "slow", data__source="folder", data__path=str(big), **kw))
+    slowed = data_wait(tmp_path / "slow")
+    assert len(slowed) == 2 and all(0.25 < w <= 1 for w in slowed), slowed
+    assert "raise data.num_workers (now 0) or use data.cache" in caplog.text
