@@ -71,20 +71,28 @@ def settings(base: Path, out: Path, denoiser: str, batch: int, steps: int, warmu
 
 
 def gen_images_per_s(base: Path, denoiser: str, batch: int, steps: int, warmup: int, tmp: Path,
-                     cache: bool = False) -> float:
+                     cache: bool = False, extra: dict | None = None, task_class=None) -> float:
+    """`train.loop.train` with settings() (+ `extra` keys; `task_class`, e.g. LoraTask for `gen lora`)."""
     from train.config import load_config
     from train.loop import train
 
     out = Path(tempfile.mkdtemp(dir=tmp))
-    extra = {"data.cache": True, "data.cache_dir": str(tmp / "cache")} if cache else {}  # built once, outside the timing
-    train(load_config(None, extra={**settings(base, out, denoiser, batch, steps, warmup), **extra}))
+    extra = dict(extra or {})
+    if cache:  # built once, outside the timing
+        extra |= {"data.cache": True, "data.cache_dir": str(tmp / "cache")}
+    train(load_config(None, extra={**settings(base, out, denoiser, batch, steps, warmup), **extra}),
+          task_class=task_class)
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()][1:]  # after warmup
     images = sum(warmup * batch for _ in rows)
     return images / sum(warmup * batch / r["images_per_s"] for r in rows)
 
 
-def diffusers_images_per_s(base: Path, batch: int, steps: int, warmup: int, device: str) -> float:
-    """The inner loop of diffusers' train_text_to_image.py (see the module docstring), on `base`."""
+def diffusers_images_per_s(base: Path, batch: int, steps: int, warmup: int, device: str,
+                           lora_rank: int | None = None, on_start=None) -> float:
+    """The inner loop of diffusers' train_text_to_image.py (see the module docstring), on `base`. With
+    `lora_rank`, train_text_to_image_lora.py's instead (bench/lora_cost.py): the UNet frozen with a peft LoRA
+    on to_k/to_q/to_v/to_out.0, trainable parameters in fp32, AdamW and clipping over those, no EMA.
+    `on_start()` is called once everything is built, before the first step."""
     import torch.nn.functional as F
     from accelerate import Accelerator
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -106,8 +114,21 @@ def diffusers_images_per_s(base: Path, batch: int, steps: int, warmup: int, devi
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     unet.train()
-    ema_unet = EMAModel(copy.deepcopy(unet).parameters(), model_cls=UNet2DConditionModel, model_config=unet.config)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    if lora_rank:
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        cast_training_params(unet, dtype=torch.float32)
+        trainable = [p for p in unet.parameters() if p.requires_grad]
+        ema_unet = None
+    else:
+        trainable = list(unet.parameters())
+        ema_unet = EMAModel(copy.deepcopy(unet).parameters(), model_cls=UNet2DConditionModel,
+                            model_config=unet.config)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
 
     data = TrainData(load_config(None, extra=settings(base, Path("."), "unet", batch, steps, warmup)).data, 0)
 
@@ -130,13 +151,16 @@ def diffusers_images_per_s(base: Path, batch: int, steps: int, warmup: int, devi
                                  num_training_steps=warmup + steps)
     unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader,
                                                                           lr_scheduler)
-    ema_unet.to(accelerator.device)
+    if ema_unet is not None:
+        ema_unet.to(accelerator.device)
     weight_dtype = torch.float32
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     vae.to(accelerator.device, dtype=weight_dtype)
     progress_bar = tqdm(range(0, warmup + steps), desc="Steps", disable=True)
 
     global_step, t0 = 0, None
+    if on_start:
+        on_start()
     for batch_ in train_dataloader:
         if global_step == warmup:
             t0 = time.perf_counter()
@@ -156,12 +180,13 @@ def diffusers_images_per_s(base: Path, batch: int, steps: int, warmup: int, devi
             train_loss = avg_loss.item()
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+                accelerator.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad()
         if accelerator.sync_gradients:
-            ema_unet.step(unet.parameters())
+            if ema_unet is not None:
+                ema_unet.step(unet.parameters())
             progress_bar.update(1)
             global_step += 1
             accelerator.log({"train_loss": train_loss}, step=global_step)
@@ -169,6 +194,13 @@ def diffusers_images_per_s(base: Path, batch: int, steps: int, warmup: int, devi
         if global_step >= warmup + steps:
             break
     return steps * batch / (time.perf_counter() - t0)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (for the results' header)."""
+    if os.path.exists("/proc/cpuinfo"):
+        return next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    return platform.processor()
 
 
 def main(argv=None) -> None:
@@ -189,8 +221,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING)
     tmp = Path(tempfile.mkdtemp(prefix="gen-throughput-"))
     base = make_base(tmp / "base")
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?") \
-        if os.path.exists("/proc/cpuinfo") else platform.processor()
+    cpu = cpu_name()
     print(f"# training throughput, {RES}x{RES} shapes world, batch {a.batch}, fp32, {a.steps} timed steps after "
           f"{a.warmup} warmup, median of {a.repeats} alternating runs")
     print(f"# {cpu}; {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
