@@ -22,7 +22,8 @@ class FeatureCache:
     """A predict(x, t, hidden, pooled) -> prediction wrapper around a denoiser that refreshes its cached deep
     features every `interval` calls."""
 
-    def __init__(self, denoiser, interval: int):
+    def __init__(self, denoiser, interval: int, forward=None):
+        """`forward`: the function that runs the denoiser (`forward_fn(denoiser)` or a torch.compile of it)."""
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise GenError(f"cache interval must be an integer >= 1, not {interval!r}")
         self.denoiser = denoiser
@@ -32,6 +33,7 @@ class FeatureCache:
             check_unet(denoiser)
         elif len(denoiser.blocks) < 3:
             raise GenError("the fast mode needs a DiT with at least 3 blocks")
+        self.forward = forward or forward_fn(denoiser)
         self.calls = 0
         self.full_calls = 0
         self.cached: torch.Tensor | None = None
@@ -40,11 +42,15 @@ class FeatureCache:
         full = self.calls % self.interval == 0 or self.cached is None or self.cached.shape[0] != x.shape[0]
         self.calls += 1
         self.full_calls += full
-        if self.is_dit:
-            out, self.cached = dit_forward(self.denoiser, x, t, hidden, pooled, None if full else self.cached)
-        else:
-            out, self.cached = unet_forward(self.denoiser, x, t, hidden, None if full else self.cached)
+        out, self.cached = self.forward(self.denoiser, x, t, hidden, pooled, None if full else self.cached)
         return out
+
+
+def forward_fn(denoiser):
+    """The cached forward for this denoiser: f(denoiser, x, t, hidden, pooled, cached) -> (out, deep feature)."""
+    if hasattr(denoiser.config, "block_out_channels"):
+        return lambda unet, x, t, hidden, pooled, cached: unet_forward(unet, x, t, hidden, cached)
+    return dit_forward
 
 
 def check_unet(unet) -> None:

@@ -105,8 +105,10 @@ class Pipeline:
         if channels_last:
             for m in (self.vae, self.denoiser) if not self.is_dit else (self.vae,):
                 m.to(memory_format=torch.channels_last)
+        self._compile = (compile if isinstance(compile, dict) else {}) if compile else None
+        self._fast_forward = None  # the fast mode's forward, compiled once when compile is on
         if compile:  # in place: the module, its config and its state_dict stay as they are
-            self.denoiser.compile(**(compile if isinstance(compile, dict) else {}))
+            self.denoiser.compile(**self._compile)
 
     # ---- properties -------------------------------------------------------------------------
     @property
@@ -353,8 +355,10 @@ class Pipeline:
         cond = (hidden, pooled)
         predict = self._predict
         if cache_interval != 1:
-            from gen.fastmode import FeatureCache
-            predict = FeatureCache(self.denoiser, cache_interval)
+            from gen.fastmode import FeatureCache, forward_fn
+            if self._compile is not None and self._fast_forward is None:  # the cached path compiled as well
+                self._fast_forward = torch.compile(forward_fn(self.denoiser), **self._compile)
+            predict = FeatureCache(self.denoiser, cache_interval, self._fast_forward)
         with attn.use_backend(self.attention):
             latents = denoise(predict, scheduler, latents, cond, both if cfg else None, scale, rescale,
                               guidance_interval, generator, self.progress)

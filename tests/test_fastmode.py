@@ -120,6 +120,21 @@ def test_compiled_denoiser_gives_the_same_images(folder, request):
                   - images(path, num_inference_steps=2)).max() <= 1e-5
 
 
+@pytest.mark.parametrize("folder", ["unet_folder", "dit4_folder"])
+def test_compile_covers_the_fast_mode(folder, request):
+    """With compile on, the fast mode's cached forward is compiled too (once per pipeline), same images."""
+    path = request.getfixturevalue(folder)
+    pipe = Pipeline.from_pretrained(path, compile={"backend": "eager"})
+    pipe.progress = False
+    args = dict(num_inference_steps=6, guidance_scale=4.0, seed=3, output_type="np", cache_interval=3)
+    first = pipe("a red circle", negative_prompt="blurry", **args).images
+    compiled = pipe._fast_forward
+    assert compiled is not None and hasattr(compiled, "_torchdynamo_orig_callable")
+    assert np.abs(pipe("a red circle", negative_prompt="blurry", **args).images - first).max() == 0
+    assert pipe._fast_forward is compiled
+    assert np.abs(first - images(path, cache_interval=3)).max() <= 1e-5
+
+
 def test_cli_takes_the_speed_flags(dit4_folder, tmp_path):
     from gen.cli import main
 
