@@ -157,8 +157,9 @@ def main(argv=None) -> None:
         for kind in (list(LOOPS) if r % 2 == 0 else list(LOOPS)[::-1]):
             res = run_child(kind, base, a)
             results[kind].append(res)
+            grew = res["peak_rss_mib"] - res["baseline_rss_mib"]
             lines.append(f"#   run {r + 1}: {LOOPS[kind]}: {res['images_per_s']:.2f} images/s, peak RSS "
-                         f"{res['peak_rss_mib']:.0f} MiB (+{res['peak_rss_mib'] - res['baseline_rss_mib']:.0f} in the loop)")
+                         f"{res['peak_rss_mib']:.0f} MiB (+{grew:.0f} in the loop)")
             print(lines[-1], flush=True)
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0] if v[0][m] is not None} for k, v in results.items()}
     cuda = "cuda_peak_mib" in med["gen"]

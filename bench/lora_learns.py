@@ -1,7 +1,8 @@
 """LoRA learning works: `gen lora` with the trigger-word preset teaches the bundled model a shape it has never
 seen, and prompts without the trigger word stay nearly unchanged.
 
-    python bench/lora_learns.py [--base gen/assets/default] [--images 12] [--prior 12] [--steps 1200] [--out runs/lora-learns]
+    python bench/lora_learns.py [--base gen/assets/default] [--images 12] [--prior 12] [--steps 1200]
+                                [--out runs/lora-learns]
 
 The concept: "sks", a plus sign (a new shape; the world has circles, squares and triangles) in the palette's
 colors. Why a shape and not a new color: the bundled VAE, trained on six colors, cannot draw any other (it
@@ -44,7 +45,8 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from train.data.shapes import BACKGROUND, COLORS, SHAPES, SIZE, Obj, ShapesWorld, draw, phrase, place_scene  # noqa: E402
+from train.data.shapes import (BACKGROUND, COLORS, SHAPES, SIZE, Obj, ShapesWorld, draw, phrase,  # noqa: E402
+                               place_scene)
 
 CONCEPT = "plus"
 
@@ -70,7 +72,7 @@ def base_id(base: Path) -> dict:
     return {"path": str(base), "denoiser_sha256": digest, "trained_steps": steps}
 
 
-def concept_folder(out: Path, n: int, trigger: str, prior: int = 0, seed: int = 0, single: bool = False) -> Path:
+def concept_folder(out: Path, n: int, trigger: str, prior: int = 0, seed: int = 0) -> Path:
     """n pictures of the concept, colors in turn, captioned 'a COLOR TRIGGER'; then `prior` world pictures."""
     out.mkdir(parents=True, exist_ok=True)
     colors = list(COLORS)
@@ -81,8 +83,8 @@ def concept_folder(out: Path, n: int, trigger: str, prior: int = 0, seed: int = 
         img = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
         draw_shape(ImageDraw.Draw(img), CONCEPT, box, color)
         rows.append((img, phrase(color, trigger)))
-    world = ShapesWorld(100 * prior + 1, seed=seed + 1)
-    rows += [world[i] for i in range(len(world)) if len(world.scene(i).objects) == 1 or not single][:prior]
+    world = ShapesWorld(prior, seed=seed + 1)
+    rows += [world[i] for i in range(prior)]
     with open(out / "metadata.jsonl", "w") as f:
         for i, (img, text) in enumerate(rows):
             img.save(out / f"{i:03d}.png")
@@ -163,7 +165,6 @@ def main(argv=None) -> None:
     ap.add_argument("--trigger", default="sks")
     ap.add_argument("--images", type=int, default=12, help="pictures of the concept")
     ap.add_argument("--prior", type=int, default=12, help="pictures of the world with their captions, added")
-    ap.add_argument("--prior-single", action="store_true")
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-4)
@@ -180,7 +181,7 @@ def main(argv=None) -> None:
     base, out, results = Path(a.base).resolve(), Path(a.out).resolve(), Path(a.results)
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    data = concept_folder(out / "data", a.images, a.trigger, a.prior, single=a.prior_single)
+    data = concept_folder(out / "data", a.images, a.trigger, a.prior)
     lora, train_s, curve = train_lora(base, data, out / "run", a)
     print(f"gen lora: {a.steps} steps in {train_s:.0f} s, loss {curve[0]:.3f} -> {np.mean(curve[-3:]):.3f}", flush=True)
 
@@ -237,8 +238,8 @@ def main(argv=None) -> None:
         f"{os.getloadavg()[0]:.1f}",
         "# sampling: the base's defaults (its gen_config.json), the same seeds with and without the LoRA",
         "",
-        f"(a) trigger prompts 'a COLOR {a.trigger}' (6 colors x {a.seeds} seeds = {conc['base']['n']} images): the object's "
-        "shape by best IoU with an ideal plus / circle / square / triangle in its bounding box",
+        f"(a) trigger prompts 'a COLOR {a.trigger}' (6 colors x {a.seeds} seeds = {conc['base']['n']} images): "
+        "the object's shape by best IoU with an ideal plus / circle / square / triangle in its bounding box",
         f"{'':<11}{'object is a plus':>20}{'mean IoU with a plus':>23}{'color right':>13}",
         *(f"{name[k]:<11}{c['concept']:>10}/{c['n']} = {c['concept_pct']:>3.0f}%{c['iou']:>23.2f}"
           f"{c['color_pct']:>12.0f}%" for k, c in conc.items()),
@@ -247,7 +248,8 @@ def main(argv=None) -> None:
         "train/evaluate.py's scorer",
         f"{'':<11}{'single: color right':>21}{'shape right':>13}{'pairs: both objects':>21}{'relation':>10}",
         *(f"{name[k]:<11}{r['single']['color_right']:>20.1f}%{r['single']['shape_right']:>12.1f}%"
-          f"{r['relation']['both_objects_right']:>20.1f}%{r['relation']['relation_right']:>9.1f}%" for k, r in adh.items()),
+          f"{r['relation']['both_objects_right']:>20.1f}%{r['relation']['relation_right']:>9.1f}%"
+          for k, r in adh.items()),
         f"mean |base - base+LoRA| per pixel (0-255), same seed: {diff.mean():.2f} (single objects "
         f"{diff[singles].mean():.2f}, pairs {diff[~singles].mean():.2f}; largest for one image {diff.max():.2f})",
         f"for scale, the base between two seeds of one prompt: {seed_to_seed:.2f}",

@@ -23,7 +23,7 @@ class FeatureCache:
     features every `interval` calls."""
 
     def __init__(self, denoiser, interval: int, forward=None):
-        """`forward`: the function that runs the denoiser (`forward_fn(denoiser)` or a torch.compile of it)."""
+        """`forward`: the function that runs the denoiser (`forward_fn(is_dit)` or a torch.compile of it)."""
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise GenError(f"cache interval must be an integer >= 1, not {interval!r}")
         self.denoiser = denoiser
@@ -33,7 +33,7 @@ class FeatureCache:
             check_unet(denoiser)
         elif len(denoiser.blocks) < 3:
             raise GenError("the fast mode needs a DiT with at least 3 blocks")
-        self.forward = forward or forward_fn(denoiser)
+        self.forward = forward or forward_fn(self.is_dit)
         self.calls = 0
         self.full_calls = 0
         self.cached: torch.Tensor | None = None
@@ -46,11 +46,13 @@ class FeatureCache:
         return out
 
 
-def forward_fn(denoiser):
-    """The cached forward for this denoiser: f(denoiser, x, t, hidden, pooled, cached) -> (out, deep feature)."""
-    if hasattr(denoiser.config, "block_out_channels"):
-        return lambda unet, x, t, hidden, pooled, cached: unet_forward(unet, x, t, hidden, cached)
-    return dit_forward
+def forward_fn(is_dit: bool):
+    """The cached forward for a DiT or a UNet: f(denoiser, x, t, hidden, pooled, cached) -> (out, deep feature)."""
+    return dit_forward if is_dit else _unet_forward_pooled
+
+
+def _unet_forward_pooled(unet, sample, timestep, hidden, pooled, cached):
+    return unet_forward(unet, sample, timestep, hidden, cached)  # an SD UNet takes no pooled embedding
 
 
 def check_unet(unet) -> None:

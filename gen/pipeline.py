@@ -357,7 +357,7 @@ class Pipeline:
         if cache_interval != 1:
             from gen.fastmode import FeatureCache, forward_fn
             if self._compile is not None and self._fast_forward is None:  # the cached path compiled as well
-                self._fast_forward = torch.compile(forward_fn(self.denoiser), **self._compile)
+                self._fast_forward = torch.compile(forward_fn(self.is_dit), **self._compile)
             predict = FeatureCache(self.denoiser, cache_interval, self._fast_forward)
         with attn.use_backend(self.attention):
             latents = denoise(predict, scheduler, latents, cond, both if cfg else None, scale, rescale,

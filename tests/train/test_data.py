@@ -100,7 +100,6 @@ def test_order_is_a_function_of_position():
     assert (data[(3, 17)]["pixel_values"] == data[(3, 17)]["pixel_values"]).all()
 
 
-
 def test_data_wait_is_logged_and_sees_a_slow_loader(base_dit, tmp_path, caplog):
     """metrics.jsonl's data_wait: the fraction of each log window spent blocked on the next batch. The 16 px
     shapes world keeps up with a tiny DiT; a folder of 2400 px JPEGs (decoded and resized per item on the main

@@ -1,7 +1,7 @@
 """The default-model recipe (configs/default-model.yaml: clip -> vae -> DiT flow on the shapes world), run at
 reduced size (32 px, small towers, ~1/10 of the steps), learns: its samples follow the prompt's color far above
-chance by `gen eval adherence`'s scorer (~4.5 min on 2 cores: CLIP 300 x 64, VAE 400 x 16, DiT 2500 x 16). The full-size run and its figures are in gen/assets/default/
-(train.log, stage-*.json, adherence.json)."""
+chance by `gen eval adherence`'s scorer (~4.5 min on 2 cores: CLIP 300 x 64, VAE 400 x 16, DiT 2500 x 16).
+The full-size run and its figures are in gen/assets/default/ (train.log, stage-*.json, adherence.json)."""
 
 from __future__ import annotations
 
