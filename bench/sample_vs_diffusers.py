@@ -12,6 +12,7 @@ between the pipelines so that a change in machine load hits both alike. gen vari
   compile       --compile (torch.compile of the denoiser; compile time printed separately)
   fastK         --cache-interval K, the approximate fast mode: its deviation from gen's exact images is
                 printed as max abs and PSNR (images in [0, 1])
+  giA-B         guidance only over the fraction [A, B) of the steps (guidance_interval; approximate too)
   triton        --attention triton (CUDA)
   a+b           both, e.g. compile+fast3
 """
@@ -92,6 +93,11 @@ def variant_options(name: str) -> tuple[dict, dict]:
         return {"attention": "triton"}, {}
     if name.startswith("fast") and name[4:].isdigit():
         return {}, {"cache_interval": int(name[4:])}
+    if name.startswith("gi") and name[2:].count("-") == 1:
+        try:
+            return {}, {"guidance_interval": tuple(float(v) for v in name[2:].split("-"))}
+        except ValueError:
+            pass
     raise SystemExit(f"unknown variant {name!r}")
 
 
@@ -139,7 +145,7 @@ def bench(preset: str, folder: Path, size: int, steps: int, dtype: str, device: 
     for name in variants:
         line = (f"  {'gen ' + name:<16} {med[name]:8.3f} s/img  {med['diffusers'] / med[name]:5.2f}x diffusers  "
                 f"max|diff| vs diffusers {np.abs(outs[name] - ref).max():.1e}")
-        if "fast" in name and exact is not None:
+        if ("fast" in name or "gi" in name) and exact is not None:
             line += (f"; vs gen exact: max|diff| {np.abs(outs[name] - exact).max():.3f}, "
                      f"PSNR {psnr(outs[name], exact):.1f} dB, {med['default'] / med[name]:.2f}x gen exact")
         if "compile" in name:

@@ -20,6 +20,9 @@ def _add_sample(sub) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--guidance-rescale", type=float, default=None)
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("START", "END"),
+                   help="apply guidance only over this fraction of the steps (default 0 1: all); the steps "
+                        "outside skip the unconditional pass (Kynkaanniemi et al. 2024)")
     p.add_argument("--sampler", default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
@@ -90,7 +93,8 @@ def cmd_sample(args) -> int:
                     height=pick(args.height, "height"), width=pick(args.width, "width"),
                     sampler=pick(args.sampler, "sampler"))
     out = pipe(args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
-               seed=args.seed, guidance_rescale=args.guidance_rescale, cache_interval=args.cache_interval, **settings)
+               seed=args.seed, guidance_rescale=args.guidance_rescale, guidance_interval=tuple(args.guidance_interval),
+               cache_interval=args.cache_interval, **settings)
     model = Path(args.model).name if args.model else "gen-default"
     for image, seed, path in zip(out.images, out.seeds, _out_paths(args.out, out.seeds)):
         params = png_parameters(args.prompt, args.negative_prompt or "", settings["num_inference_steps"],

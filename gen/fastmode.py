@@ -1,13 +1,13 @@
 """The approximate fast mode: reuse the denoiser's deep features across steps, as in DeepCache (Ma et al. 2024).
 
 Every `interval`-th step runs the whole denoiser and keeps its deep features; the steps between run only
-the shallow, full-resolution ends and reuse them. For a diffusers UNet the kept feature is the input of the
-last up block (what the whole deep path produced); a step between runs conv_in, the first down block, the
-last up block and the output head. For gen's DiT the kept feature is the residual that the middle blocks
+the shallow, full-resolution ends and reuse them. For a diffusers UNet the cache sits at DeepCache's
+shallowest skip branch (its default, branch 0): a step between runs conv_in, the first layer (resnet +
+transformer) of the first down block, the last two layers of the last up block and the output head. For gen's DiT the kept feature is the residual that the middle blocks
 added; a step between runs the first and last blocks only. interval=1 is exact (every step is full).
 
-The first step is always full, and so is any step whose batch differs from the cached one (e.g. where a
-guidance interval switches CFG on or off). The deviation from exact sampling is measured by
+The first step is always full, and so is a step where a guidance interval switches CFG on (the cache holds
+no unconditional half); where it switches CFG off, the cache's conditional half serves. The deviation from exact sampling is measured by
 bench/sample_vs_diffusers.py and stated in the README.
 """
 
@@ -39,10 +39,13 @@ class FeatureCache:
         self.cached: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        full = self.calls % self.interval == 0 or self.cached is None or self.cached.shape[0] != x.shape[0]
+        cached = self.cached
+        if cached is not None and cached.shape[0] == 2 * x.shape[0]:  # CFG just switched off (a guidance
+            cached = cached[x.shape[0]:]  # interval): keep the conditional half, the second of [uncond, cond]
+        full = self.calls % self.interval == 0 or cached is None or cached.shape[0] != x.shape[0]
         self.calls += 1
         self.full_calls += full
-        out, self.cached = self.forward(self.denoiser, x, t, hidden, pooled, None if full else self.cached)
+        out, self.cached = self.forward(self.denoiser, x, t, hidden, pooled, None if full else cached)
         return out
 
 
@@ -65,6 +68,10 @@ def check_unet(unet) -> None:
              if value is not None]
     if c.get("center_input_sample"):
         extra.append("centred input")
+    if getattr(unet.up_blocks[-1], "s1", None):
+        extra.append("FreeU enabled")
+    if len(unet.up_blocks[-1].resnets) != len(unet.down_blocks[0].resnets) + 1:
+        extra.append("a last up block that does not mirror the first down block")
     if extra or type(unet).__name__ != "UNet2DConditionModel":
         raise GenError(f"the fast mode supports SD-style UNet2DConditionModel denoisers; this one has "
                        f"{', '.join(extra) or type(unet).__name__}")
@@ -76,23 +83,38 @@ def _block(block, x, emb, hidden, **kw):
     return block(hidden_states=x, temb=emb, **kw)
 
 
+def _layer(block, i: int, x, emb, hidden):
+    """Layer i of a down or up block: its resnet, then its transformer if it has one (as the block runs it)."""
+    x = block.resnets[i](x, emb)
+    if getattr(block, "attentions", None):
+        x = block.attentions[i](x, encoder_hidden_states=hidden, return_dict=False)[0]
+    return x
+
+
 def unet_forward(unet, sample: torch.Tensor, timestep, hidden: torch.Tensor, cached: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """UNet2DConditionModel.forward (same operations in the same order, so `cached=None` gives the same
-    output), returning also the input of the last up block; given `cached`, the deep path is skipped and
-    `cached` stands in for that input."""
+    output), returning also the deep feature at DeepCache's shallowest skip branch (branch 0): the input of
+    the last up block's second-to-last layer. Given `cached`, everything deeper is skipped: the step runs
+    conv_in, the first layer of the first down block and the last two layers of the last up block, whose
+    skip connections are exactly those two outputs."""
     factor = 2 ** unet.num_upsamplers
     forward_upsample_size = any(d % factor for d in sample.shape[-2:])
     emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
     if unet.time_embed_act is not None:
         emb = unet.time_embed_act(emb)
-    x = unet.conv_in(sample)
-    res = (x,)
-    first = unet.down_blocks[0]
-    x, r = _block(first, x, emb, hidden)
-    res += r
-    last = unet.up_blocks[-1]
+    x_in = unet.conv_in(sample)
+    first, last = unet.down_blocks[0], unet.up_blocks[-1]
+    x = _layer(first, 0, x_in, emb, hidden)
+    shallow = (x_in, x)  # the skips the last two up layers read
     if cached is None:
+        res = shallow
+        for i in range(1, len(first.resnets)):
+            x = _layer(first, i, x, emb, hidden)
+            res += (x,)
+        for down in first.downsamplers or []:
+            x = down(x)
+        res += (x,) if first.downsamplers else ()
         for block in unet.down_blocks[1:]:
             x, r = _block(block, x, emb, hidden)
             res += r
@@ -107,10 +129,14 @@ def unet_forward(unet, sample: torch.Tensor, timestep, hidden: torch.Tensor, cac
             if forward_upsample_size:
                 upsample_size = res[-1].shape[2:]
             x = _block(block, x, emb, hidden, res_hidden_states_tuple=skips, upsample_size=upsample_size)
+        for j in range(len(last.resnets) - 2):  # the last up block's layers before the branch
+            x = _layer(last, j, torch.cat([x, res[-1 - j]], dim=1), emb, hidden)
         cached = x
-    else:
-        res = res[:len(last.resnets)]  # the final up block reads conv_in's output and the first block's resnets
-    x = _block(last, cached, emb, hidden, res_hidden_states_tuple=res[-len(last.resnets):], upsample_size=None)
+    x = cached
+    for j, skip in ((-2, shallow[1]), (-1, shallow[0])):
+        x = _layer(last, len(last.resnets) + j, torch.cat([x, skip], dim=1), emb, hidden)
+    for up in last.upsamplers or []:
+        x = up(x, None)
     if unet.conv_norm_out:
         x = unet.conv_act(unet.conv_norm_out(x))
     return unet.conv_out(x), cached

@@ -52,8 +52,19 @@ def test_unet_forward_is_diffusers_forward_and_reuses_the_deep_path(preset, size
         again, same = unet_forward(unet, x, t, text, deep)  # the same step from its own cache: the same output
         moved, _ = unet_forward(unet, x + 0.1, t, text, deep)
     assert torch.equal(out, ref) and torch.equal(again, ref) and same is deep
-    assert deep.shape[-2:] == x.shape[-2:]  # the last up block's input is at full latent resolution
+    assert deep.shape[-2:] == x.shape[-2:]  # DeepCache's branch 0 is at full latent resolution
     assert not torch.equal(moved, ref)
+    ran = []
+    hooks = [m.register_forward_hook(lambda m, i, o: ran.append(m)) for m in unet.modules()
+             if type(m).__name__ in ("ResnetBlock2D", "Transformer2DModel")]
+    with torch.no_grad():
+        unet_forward(unet, x, t, text, deep)
+    for h in hooks:
+        h.remove()
+    first, last = unet.down_blocks[0], unet.up_blocks[-1]
+    shallow = [first.resnets[0], last.resnets[-2], last.resnets[-1]]
+    shallow += [first.attentions[0], last.attentions[-2], last.attentions[-1]] if hasattr(first, "attentions") else []
+    assert sorted(map(id, ran)) == sorted(map(id, shallow))  # a cached step runs only the shallow layers
 
 
 def test_dit_forward_is_the_dit_forward_and_reuses_its_middle_blocks():
@@ -79,7 +90,7 @@ def test_cache_interval_1_is_exact_and_3_is_close(folder, request):
     assert 0 < np.abs(fast - exact).max() < 0.25
 
 
-def test_cache_runs_the_whole_denoiser_every_kth_step_and_when_the_batch_changes():
+def test_cache_runs_the_whole_denoiser_every_kth_step_and_when_cfg_switches_on():
     torch.manual_seed(0)
     unet = build_unet("tiny", sample_size=8).eval()
     cache = FeatureCache(unet, 3)
@@ -89,7 +100,13 @@ def test_cache_runs_the_whole_denoiser_every_kth_step_and_when_the_batch_changes
             cache(x, t, text, None)
         assert (cache.calls, cache.full_calls) == (7, 3)  # steps 0, 3, 6
         cache(torch.cat([x, x]), t, torch.cat([text, text]), None)  # CFG switched on: a new batch
+        assert cache.full_calls == 4
+        cond = x + 0.5
+        pair, deep = unet_forward(unet, torch.cat([x, cond]), t, torch.cat([text, text]), None)
+        cache.cached = deep
+        half = cache(cond, t, text, None)  # CFG switched off: the conditional half of the cache serves
     assert cache.full_calls == 4
+    assert torch.allclose(half, pair[1:], atol=1e-5)
 
 
 def test_cache_refuses_what_it_cannot_do():
@@ -99,6 +116,10 @@ def test_cache_refuses_what_it_cannot_do():
             FeatureCache(unet, bad)
     with pytest.raises(GenError, match="SD-style"):
         FeatureCache(build_unet("tiny", sample_size=8, class_embed_type="timestep"), 2)
+    freeu = build_unet("tiny", sample_size=8)
+    freeu.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    with pytest.raises(GenError, match="FreeU"):
+        FeatureCache(freeu, 2)
     with pytest.raises(GenError, match="at least 3 blocks"):
         FeatureCache(build_dit("DiT-T/2", depth=2, sample_size=8, cross_attention_dim=32), 2)
 
@@ -135,10 +156,14 @@ def test_compile_covers_the_fast_mode(folder, request):
     assert np.abs(first - images(path, cache_interval=3)).max() <= 1e-5
 
 
-def test_cli_takes_the_speed_flags(dit4_folder, tmp_path):
+def test_cli_takes_the_speed_flags(dit4_folder, tmp_path, capsys):
     from gen.cli import main
 
     out = tmp_path / "x.png"
     assert main(["sample", "a cat", "--model", str(dit4_folder), "--steps", "4", "--cache-interval", "2",
-                 "--channels-last", "--attention", "math", "--no-progress", "--seed", "1", "--out", str(out)]) == 0
+                 "--channels-last", "--attention", "math", "--no-progress", "--seed", "1", "--out", str(out),
+                 "--guidance-interval", "0.2", "0.8"]) == 0
     assert out.is_file()
+    assert main(["sample", "a cat", "--model", str(dit4_folder), "--steps", "4", "--guidance-interval", "0.8", "0.2",
+                 "--no-progress", "--out", str(tmp_path / "y.png")]) == 2
+    assert "guidance interval must be" in capsys.readouterr().err and not (tmp_path / "y.png").exists()
