@@ -137,6 +137,10 @@ class CLIPStage:
     # other object). The batch's false captions join the image->text softmax, so relations and attribute
     # binding are no longer bags of words to the text tower.
     negative_words: list = field(default_factory=list)
+    # Caption reconstruction (a sentence-autoencoder term): the pooled text state must predict every token
+    # of its caption at its position, so word order and relations stay distinct in what the denoiser
+    # reads. 0 is off; the loss adds this weight times the mean token cross-entropy.
+    reconstruct: float = 0.0
 
 
 @dataclass
@@ -334,6 +338,7 @@ def _fix_floats(node):
 def validate(cfg: Config) -> Config:
     """Checks values the types cannot express, naming the key."""
     checks = [("vae.eval_images", cfg.vae.eval_images >= 1), ("clip.eval_images", cfg.clip.eval_images >= 2),
+              ("clip.reconstruct", cfg.clip.reconstruct >= 0),
               ("lora.rank", cfg.lora.rank >= 1), ("lora.alpha", cfg.lora.alpha is None or cfg.lora.alpha > 0),
               ("lora.dropout", 0 <= cfg.lora.dropout < 1),
               ("train.max_steps", cfg.train.max_steps >= 1), ("train.batch_size", cfg.train.batch_size >= 1),

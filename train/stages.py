@@ -223,31 +223,59 @@ class CLIPTask:
             self.model = CLIPModel(config).to(device)
         except (ValueError, TypeError) as e:
             raise GenError(f"config key 'clip.text_options' / 'clip.vision': {e}") from None
+        if c.reconstruct > 0:  # pooled text state -> every token at its position (not exported)
+            t = self.model.config.text_config
+            self.model.add_module("caption_head", nn.Linear(t.hidden_size, t.max_position_embeddings * t.vocab_size))
         self.eval_pixels, self.eval_captions = holdout(cfg, c.eval_images)
         self._ids: dict[str, torch.Tensor] = {}
 
     def fingerprint(self) -> dict:
-        return {"clip": self.model.config.to_diff_dict(), "vocab": len(self.tokenizer)}
+        return {"clip": self.model.config.to_diff_dict(), "vocab": len(self.tokenizer),
+                **({"reconstruct": True} if self.cfg.clip.reconstruct > 0 else {})}
 
     def tokens(self, captions: list[str]) -> torch.Tensor:
         return self.tokenizer(captions, padding="max_length", max_length=self.model.config.text_config.max_position_embeddings,
                               truncation=True, return_tensors="pt").input_ids.to(self.device)
 
     def embed(self, model: nn.Module, pixels: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.image_features(model, pixels), self.text_features(model, captions)
+
+    def image_features(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         img = model.get_image_features(pixel_values=pixels.to(self.device))
         img = getattr(img, "pooler_output", img)  # transformers 5 may return an output object
-        return F.normalize(img.float(), dim=-1), self.text_features(model, captions)
+        return F.normalize(img.float(), dim=-1)
 
-    def text_features(self, model: nn.Module, captions: list[str]) -> torch.Tensor:
-        txt = model.get_text_features(input_ids=self.tokens(captions))
-        return F.normalize(getattr(txt, "pooler_output", txt).float(), dim=-1)  # transformers 5: an output object
+    def text_features(self, model: nn.Module, captions: list[str], ids: torch.Tensor | None = None,
+                      with_pooled: bool = False):
+        """Normalised projected text embeddings (and, with `with_pooled`, the text tower's pooled states)."""
+        pooled = model.text_model(input_ids=self.tokens(captions) if ids is None else ids).pooler_output
+        txt = F.normalize(model.text_projection(pooled).float(), dim=-1)
+        return (txt, pooled) if with_pooled else txt
+
+    def reconstruction(self, model: nn.Module, ids: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean cross-entropy, accuracy) of the caption head's prediction of each caption token from the
+        pooled state, over the positions after BOS up to and including the first EOS."""
+        N, L = ids.shape
+        logits = model.caption_head(pooled.float()).view(N, L, -1)
+        eos = self.model.config.text_config.eos_token_id
+        first_eos = (ids == eos).int().argmax(dim=1, keepdim=True)
+        pos = torch.arange(L, device=ids.device)[None]
+        target = ids.masked_fill((pos == 0) | (pos > first_eos), -100)
+        keep = target != -100
+        acc = (logits.argmax(-1) == ids)[keep].float().mean()
+        return F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100), acc
 
     def loss(self, model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
-        img, txt = self.embed(model, batch["pixel_values"], batch["text"])
+        ids = self.tokens(batch["text"])
+        img = self.image_features(model, batch["pixel_values"])
+        txt, pooled = self.text_features(model, batch["text"], ids, with_pooled=True)
         scale = model.logit_scale.exp().clamp(max=100.0)
         falses = [f for c in batch["text"] for f in false_captions(c, self.cfg.clip.negative_words)]
         negatives = self.text_features(model, falses) if falses else None  # every image sees all of them
-        return contrastive_loss(img, txt, scale, batch["text"], negatives)
+        loss = contrastive_loss(img, txt, scale, batch["text"], negatives)
+        if self.cfg.clip.reconstruct > 0:
+            loss = loss + self.cfg.clip.reconstruct * self.reconstruction(model, ids, pooled)[0]
+        return loss
 
     @torch.no_grad()
     def metrics(self, model: nn.Module) -> dict:
@@ -271,6 +299,10 @@ class CLIPTask:
             wins = [float(imgs[k] @ txts[k]) > float((self.text_features(model, falses[k]) @ imgs[k]).max())
                     for k in rows]
             out["true_over_false"] = 100.0 * float(np.mean(wins))
+        if hasattr(model, "caption_head"):
+            ids = self.tokens(self.eval_captions)
+            pooled = self.text_features(model, self.eval_captions, ids, with_pooled=True)[1]
+            out["reconstruct_token_acc"] = 100.0 * float(self.reconstruction(model, ids, pooled)[1])
         model.train(was)
         return out
 
@@ -285,7 +317,8 @@ class CLIPTask:
         text.load_state_dict(model.text_model.state_dict())  # the same module layout
         text.save_pretrained(path / "text_encoder")
         self.tokenizer.save_pretrained(path / "tokenizer")
-        model.save_pretrained(path / "clip")  # both towers, e.g. for a CLIP score later
+        towers = {k: v for k, v in model.state_dict().items() if not k.startswith("caption_head.")}
+        model.save_pretrained(path / "clip", state_dict=towers)  # both towers, e.g. for a CLIP score later
         _save_json(path / "stage.json", {"stage": "clip", "metrics": self.metrics(model), "recipe": recipe})
 
 

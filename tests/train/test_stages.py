@@ -134,6 +134,21 @@ def test_clip_stage_exports_a_text_encoder_the_pipeline_reads(tmp_path):
         assert torch.equal(text(ids).last_hidden_state, clip.text_model(ids).last_hidden_state)
 
 
+def test_caption_reconstruction_makes_the_pooled_state_spell_out_its_caption(tmp_path):
+    """clip.reconstruct: the pooled text state learns to give back each token at its position (relation
+    words and word order included); the head is not exported."""
+    from transformers import CLIPModel
+
+    out = train(_cfg(tmp_path / "recon", "clip", steps=150, clip__reconstruct=1.0, data__num_images=512))
+    metrics = json.loads((out / "stage.json").read_text())["metrics"]
+    # held-out captions; the most common token at each position would score 50% on them (at step 0: ~0%)
+    assert metrics["reconstruct_token_acc"] > 60
+    clip = CLIPModel.from_pretrained(out / "clip")  # both towers, no caption head
+    assert not any("caption_head" in k for k in clip.state_dict())
+    plain = train(_cfg(tmp_path / "plain", "clip", steps=2))
+    assert "reconstruct_token_acc" not in json.loads((plain / "stage.json").read_text())["metrics"]
+
+
 def test_chain_trains_three_stages_into_one_folder_and_skips_done_stages(tmp_path):
     from gen.pipeline import Pipeline
     from train.chain import run_chain
