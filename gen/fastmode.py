@@ -3,12 +3,13 @@
 Every `interval`-th step runs the whole denoiser and keeps its deep features; the steps between run only
 the shallow, full-resolution ends and reuse them. For a diffusers UNet the cache sits at DeepCache's
 shallowest skip branch (its default, branch 0): a step between runs conv_in, the first layer (resnet +
-transformer) of the first down block, the last two layers of the last up block and the output head. For gen's DiT the kept feature is the residual that the middle blocks
-added; a step between runs the first and last blocks only. interval=1 is exact (every step is full).
+transformer) of the first down block, the last two layers of the last up block and the output head. For
+gen's DiT the kept feature is the residual that the middle blocks added; a step between runs the first and
+last blocks only. interval=1 is exact (every step is full).
 
 The first step is always full, and so is a step where a guidance interval switches CFG on (the cache holds
-no unconditional half); where it switches CFG off, the cache's conditional half serves. The deviation from exact sampling is measured by
-bench/sample_vs_diffusers.py and stated in the README.
+no unconditional half); where it switches CFG off, the cache's conditional half serves. The deviation from
+exact sampling is measured by bench/sample_vs_diffusers.py and stated in the README.
 """
 
 from __future__ import annotations
@@ -112,9 +113,10 @@ def unet_forward(unet, sample: torch.Tensor, timestep, hidden: torch.Tensor, cac
         for i in range(1, len(first.resnets)):
             x = _layer(first, i, x, emb, hidden)
             res += (x,)
-        for down in first.downsamplers or []:
-            x = down(x)
-        res += (x,) if first.downsamplers else ()
+        if first.downsamplers:
+            for down in first.downsamplers:
+                x = down(x)
+            res += (x,)
         for block in unet.down_blocks[1:]:
             x, r = _block(block, x, emb, hidden)
             res += r

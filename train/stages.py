@@ -225,9 +225,9 @@ class CLIPTask:
             raise GenError(f"config key 'clip.text_options' / 'clip.vision': {e}") from None
         if c.reconstruct > 0:  # pooled text state -> every token at its position (not exported)
             t = self.model.config.text_config
-            self.model.add_module("caption_head", nn.Linear(t.hidden_size, t.max_position_embeddings * t.vocab_size))
+            head = nn.Linear(t.hidden_size, t.max_position_embeddings * t.vocab_size)
+            self.model.add_module("caption_head", head.to(device))
         self.eval_pixels, self.eval_captions = holdout(cfg, c.eval_images)
-        self._ids: dict[str, torch.Tensor] = {}
 
     def fingerprint(self) -> dict:
         return {"clip": self.model.config.to_diff_dict(), "vocab": len(self.tokenizer),
@@ -245,36 +245,34 @@ class CLIPTask:
         img = getattr(img, "pooler_output", img)  # transformers 5 may return an output object
         return F.normalize(img.float(), dim=-1)
 
-    def text_features(self, model: nn.Module, captions: list[str], ids: torch.Tensor | None = None,
-                      with_pooled: bool = False):
-        """Normalised projected text embeddings (and, with `with_pooled`, the text tower's pooled states)."""
-        pooled = model.text_model(input_ids=self.tokens(captions) if ids is None else ids).pooler_output
-        txt = F.normalize(model.text_projection(pooled).float(), dim=-1)
-        return (txt, pooled) if with_pooled else txt
+    def text_features(self, model: nn.Module, captions: list[str]) -> torch.Tensor:
+        return self.text_states(model, self.tokens(captions))[0]
 
-    def reconstruction(self, model: nn.Module, ids: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean cross-entropy, accuracy) of the caption head's prediction of each caption token from the
-        pooled state, over the positions after BOS up to and including the first EOS."""
+    def text_states(self, model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised projected text embeddings, the text tower's pooled states) of token ids."""
+        pooled = model.text_model(input_ids=ids).pooler_output
+        return F.normalize(model.text_projection(pooled).float(), dim=-1), pooled
+
+    def caption_logits(self, model: nn.Module, ids: torch.Tensor, pooled: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, V, L) logits of the caption head's prediction of each token from the pooled state, and the
+        (N, L) targets: the ids after BOS up to and including the first EOS, -100 elsewhere."""
         N, L = ids.shape
-        logits = model.caption_head(pooled.float()).view(N, L, -1)
-        eos = self.model.config.text_config.eos_token_id
-        first_eos = (ids == eos).int().argmax(dim=1, keepdim=True)
+        logits = model.caption_head(pooled.float()).view(N, L, -1).transpose(1, 2)
+        first_eos = (ids == self.model.config.text_config.eos_token_id).int().argmax(dim=1, keepdim=True)
         pos = torch.arange(L, device=ids.device)[None]
-        target = ids.masked_fill((pos == 0) | (pos > first_eos), -100)
-        keep = target != -100
-        acc = (logits.argmax(-1) == ids)[keep].float().mean()
-        return F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100), acc
+        return logits, ids.masked_fill((pos == 0) | (pos > first_eos), -100)
 
     def loss(self, model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
         ids = self.tokens(batch["text"])
         img = self.image_features(model, batch["pixel_values"])
-        txt, pooled = self.text_features(model, batch["text"], ids, with_pooled=True)
+        txt, pooled = self.text_states(model, ids)
         scale = model.logit_scale.exp().clamp(max=100.0)
         falses = [f for c in batch["text"] for f in false_captions(c, self.cfg.clip.negative_words)]
         negatives = self.text_features(model, falses) if falses else None  # every image sees all of them
         loss = contrastive_loss(img, txt, scale, batch["text"], negatives)
         if self.cfg.clip.reconstruct > 0:
-            loss = loss + self.cfg.clip.reconstruct * self.reconstruction(model, ids, pooled)[0]
+            loss = loss + self.cfg.clip.reconstruct * F.cross_entropy(*self.caption_logits(model, ids, pooled))
         return loss
 
     @torch.no_grad()
@@ -299,10 +297,11 @@ class CLIPTask:
             wins = [float(imgs[k] @ txts[k]) > float((self.text_features(model, falses[k]) @ imgs[k]).max())
                     for k in rows]
             out["true_over_false"] = 100.0 * float(np.mean(wins))
-        if hasattr(model, "caption_head"):
+        if hasattr(model, "caption_head"):  # held-out tokens the caption head gives back
             ids = self.tokens(self.eval_captions)
-            pooled = self.text_features(model, self.eval_captions, ids, with_pooled=True)[1]
-            out["reconstruct_token_acc"] = 100.0 * float(self.reconstruction(model, ids, pooled)[1])
+            logits, target = self.caption_logits(model, ids, self.text_states(model, ids)[1])
+            keep = target != -100
+            out["reconstruct_token_acc"] = 100.0 * float((logits.argmax(1) == target)[keep].float().mean())
         model.train(was)
         return out
 
