@@ -1,23 +1,44 @@
 # The two commands: `make demo` (sample an image) and `make test` (the whole suite).
-# Both set up .venv first. TORCH picks the torch build: the default pin takes the local CPU
-# wheel on CPU-only machines and the CUDA build from PyPI on CUDA machines.
+# Both set up .venv first, at the versions in constraints.txt (the lock: every package at the
+# version the suite last passed with; `make lock` moves it forward). TORCH picks the torch build:
+# the default pin takes the local CPU wheel on CPU-only machines and the CUDA build from PyPI on
+# CUDA machines. `LOCK=` installs the newest versions pyproject.toml allows instead.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 EXTRAS ?= dev
+LOCK ?= constraints.txt
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(EXTRAS)
+PIP_LOCK := $(if $(LOCK),-c $(LOCK))
 
-.PHONY: setup demo test default-model bench clean
+.PHONY: setup demo test lock default-model bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q $(PIP_LOCK) --upgrade pip
+	$(PY) -m pip install -q $(PIP_LOCK) "$(TORCH)"
+	$(PY) -m pip install -q $(PIP_LOCK) -e ".[$(EXTRAS)]"
 	touch $@
+
+# Moves the lock forward: the newest versions pyproject.toml and lock-holds.txt allow, in a fresh
+# venv; constraints.txt is rewritten only if the whole suite passes there.
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/pip install -q -c lock-holds.txt "$(TORCH)"
+	$(LOCK_VENV)/bin/pip install -q -c lock-holds.txt -e ".[$(EXTRAS)]"
+	$(LOCK_VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+	{ echo "# The lock: every package at the version \`make test\` last passed with ($$(date -u +%F), Python"; \
+	  echo "# $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())'), $(TORCH)). Written by \`make lock\`; do not edit."; \
+	  $(LOCK_VENV)/bin/pip freeze --all --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV)
+	@echo "constraints.txt updated; commit it"
 
 # Samples from the bundled default model; until it exists, from a small model built on the spot.
 demo: setup
@@ -46,4 +67,4 @@ default-model: setup
 	  p = Pipeline.from_pretrained(); grid([p(t, seed=0).images[0] for t in SHOWCASE], 6).save('gen/assets/samples.png')"
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(LOCK_VENV) out

@@ -106,16 +106,35 @@ def cmd_sample(args) -> int:
 
 
 def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="describe a model folder or a .safetensors file")
-    p.add_argument("path")
+    p = sub.add_parser("info", help="describe a model folder or a .safetensors file; --versions for bug reports")
+    p.add_argument("path", nargs="?")
+    p.add_argument("--versions", action="store_true", help="print gen's and its key dependencies' versions")
     p.set_defaults(func=cmd_info)
 
 
 def cmd_info(args) -> int:
-    from gen.info import describe
+    from gen.info import describe, versions
 
-    print(describe(args.path))
+    if args.versions:
+        print(versions())
+    if args.path is not None:
+        print(describe(args.path))
+    elif not args.versions:
+        raise GenError("gen info needs a model folder or .safetensors file (or --versions)")
     return 0
+
+
+class _Versions(argparse.Action):
+    """`gen --version`: the versions report, printed before any subcommand is required."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from gen.info import versions
+
+        print(versions())
+        parser.exit()
 
 
 def _add_train(sub) -> None:
@@ -200,6 +219,7 @@ def cmd_data_cache(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gen", description="Train, fine-tune and sample text-to-image models.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    ap.add_argument("--version", action=_Versions, help="print gen's and its key dependencies' versions")
     sub = ap.add_subparsers(dest="command", required=True)
     _add_sample(sub)
     _add_info(sub)

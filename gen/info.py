@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import platform
+import sys
+from importlib import metadata
 from math import prod
 from pathlib import Path
 
@@ -66,6 +69,28 @@ def describe_file(path: Path) -> str:
         return lora.describe(path) + f"\n  parameters: {_human(_count([path]))}"
     lines = [f"safetensors file {path}", f"  tensors: {len(keys)}, parameters: {_human(_count([path]))}"]
     lines += [f"  {k}: {v[:200]}" for k, v in meta.items()]
+    return "\n".join(lines)
+
+
+# What bug reports in this field ask for (diffusers' and transformers' `env` commands list the same).
+KEY_PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "huggingface_hub",
+                "tokenizers", "numpy", "pillow", "triton", "xformers")
+
+
+def versions() -> str:
+    """gen's version, Python, the platform and the key dependencies' versions, one per line; read from the
+    installed packages' metadata, so nothing heavy is imported."""
+    from gen import __version__
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    lines = [f"gen {__version__}", f"python {platform.python_version()} ({sys.executable})",
+             f"platform {platform.platform()}"]
+    lines += [f"{name} {version(name)}" for name in KEY_PACKAGES]
     return "\n".join(lines)
 
 

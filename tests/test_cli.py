@@ -81,3 +81,17 @@ def test_info_describes_a_model_folder(dit_folder, sd_folder):
 def test_debug_shows_the_traceback(tmp_path):
     r = gen("--debug", "sample", "x", "--model", tmp_path / "missing")
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_version_report_names_gen_and_the_key_dependencies():
+    from importlib.metadata import version
+
+    r = gen("--version")
+    assert r.returncode == 0, r.stderr
+    lines = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors"):
+        assert lines[name] == version(name)  # what is installed, not what is imported by default
+    assert lines["gen"] == version("gen") and lines["python"].startswith(sys.version.split()[0])
+    assert gen("info", "--versions").stdout == r.stdout
+    r = gen("info")
+    assert r.returncode == 2 and "needs a model folder" in r.stderr and "Traceback" not in r.stderr

@@ -43,17 +43,20 @@ def has_adapters(pipe) -> bool:
 
 def peft_lora_saved_by_diffusers(path, seed, r, unet_alpha, text_alpha, unet=None):
     """A LoRA made with peft (random non-zero B) and written by diffusers' save_lora_weights with the
-    LoraConfig header diffusers' training scripts write."""
+    LoraConfig header diffusers' training scripts write. The text encoder's adapter is injected with peft
+    itself, which is what transformers' `add_adapter` (the training scripts' call) does underneath; going
+    through transformers' PEFT integration would tie this fixture to its peft version check."""
     parts = tiny_sd_components()
     unet, text = unet or parts["unet"], parts["text_encoder"]
     torch.manual_seed(seed)
-    unet.add_adapter(LoraConfig(r=r, lora_alpha=unet_alpha, target_modules=UNET_TARGETS, init_lora_weights=False))
-    text.add_adapter(LoraConfig(r=r, lora_alpha=text_alpha, target_modules=TEXT_TARGETS, init_lora_weights=False))
+    unet_config = LoraConfig(r=r, lora_alpha=unet_alpha, target_modules=UNET_TARGETS, init_lora_weights=False)
+    text_config = LoraConfig(r=r, lora_alpha=text_alpha, target_modules=TEXT_TARGETS, init_lora_weights=False)
+    unet.add_adapter(unet_config)  # diffusers' own PEFT mixin
+    inject_adapter_in_model(text_config, text)
     StableDiffusionPipeline.save_lora_weights(
         path.parent, weight_name=path.name, unet_lora_layers=get_peft_model_state_dict(unet),
         text_encoder_lora_layers=get_peft_model_state_dict(text),
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-        text_encoder_lora_adapter_metadata=text.peft_config["default"].to_dict())
+        unet_lora_adapter_metadata=unet_config.to_dict(), text_encoder_lora_adapter_metadata=text_config.to_dict())
     return path
 
 

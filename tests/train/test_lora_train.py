@@ -133,6 +133,36 @@ def test_exported_files_carry_rank_alpha_recipe_and_base(runs, sd_folder):
     assert not np.array_equal(top, bottom)
 
 
+def test_gen_lora_needs_no_transformers_peft_integration(sd_folder, images, tmp_path, monkeypatch):
+    """Training, saving, loading and fusing a text-encoder + UNet LoRA never call transformers' PEFT mixin
+    (`add_adapter`, `load_adapter`, ...), so a transformers release whose integration refuses the installed peft
+    cannot break gen. Every public method of the mixin is made to raise for the whole test."""
+    from transformers.integrations.peft import PeftAdapterMixin
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("transformers' PEFT integration was called")
+
+    for name, value in vars(PeftAdapterMixin).items():
+        if callable(value) and not name.startswith("_"):
+            monkeypatch.setattr(PeftAdapterMixin, name, unavailable)
+    with pytest.raises(RuntimeError, match="integration was called"):
+        Pipeline.from_pretrained(sd_folder).text.model.add_adapter(None)  # the guard is in place
+    for fmt in ("diffusers", "kohya"):
+        cfg = load_config("configs/lora-subject.yaml", extra=settings(sd_folder, images, tmp_path / fmt, lora__format=fmt,
+                                                                      train__max_steps=2, train__checkpoint_every=0))
+        path = train(cfg, LoraTask)
+        pipe = Pipeline.from_pretrained(sd_folder)
+        pipe.progress = False
+        sample = lambda: pipe(PROMPT, negative_prompt=NEG, seed=SEED, sampler="ddim", output_type="np",  # noqa: E731
+                              **RUN).images
+        base = sample()
+        pipe.load_lora(path)
+        loaded = sample()
+        assert diff(loaded, base) > 1e-3, fmt
+        pipe.fuse_lora()
+        assert diff(sample(), loaded) <= 1e-4, fmt
+
+
 @pytest.fixture(scope="module")
 def dit_base(tmp_path_factory):
     """A tiny gen DiT whose adaLN-zero gates are open (a fresh one passes every block through unchanged)."""
