@@ -219,7 +219,7 @@ class Adapters:
 
     @property
     def prefixes(self) -> dict[str, str]:
-        return {"denoiser": "transformer" if self.pipe.is_dit else "unet", TEXT: TEXT}
+        return {"denoiser": self.pipe.family.denoiser_part, TEXT: TEXT}
 
     def _unfused(self, what: str) -> None:
         if self._backup is not None:

@@ -55,19 +55,18 @@ class LoraModel(nn.Module):
     """What the loop trains: the denoiser and (with lora.text_encoder) the text encoder, both peft-injected.
     Its state dict is the adapter weights only, so checkpoints and EMA hold just those."""
 
-    def __init__(self, denoiser: nn.Module, text_encoder: nn.Module | None = None):
+    def __init__(self, denoiser: nn.Module, text_encoder: nn.Module | None = None, family=None):
         super().__init__()
         self.denoiser = denoiser
         self.text_encoder = text_encoder
+        self.family = family
 
     def forward(self, *args, input_ids: torch.Tensor | None = None, **kwargs):
         """The denoiser's forward; with `input_ids`, the captions are encoded here (with gradients for the
-        text encoder's adapters) and given as encoder_hidden_states (and a DiT's pooled_projections)."""
+        text encoder's adapters) and handed over as the family's conditioning."""
         if input_ids is not None:
             out = self.text_encoder(input_ids)
-            kwargs["encoder_hidden_states"] = out.last_hidden_state
-            if "pooled_projections" in kwargs:
-                kwargs["pooled_projections"] = out.pooler_output
+            kwargs |= self.family.denoiser_kwargs({"hidden": out.last_hidden_state, "pooled": out.pooler_output})
         return self.denoiser(*args, **kwargs)
 
     def enable_gradient_checkpointing(self) -> None:
@@ -112,7 +111,7 @@ class LoraTask(DenoiserTask):
         denoiser = self.model.requires_grad_(False)
         if weight_dtype != torch.float32:  # the frozen base in the autocast dtype; the adapters stay fp32
             denoiser.to(dtype=weight_dtype)
-        kind = "unet" if hasattr(denoiser.config, "block_out_channels") else "dit"
+        kind = self.family.lora_preset
         options = dict(rank=o.rank, alpha=o.alpha, parts=o.targets, dropout=o.dropout, use_dora=o.dora)
         self._add(denoiser, kind, options)
         text = None
@@ -120,7 +119,7 @@ class LoraTask(DenoiserTask):
             text = self.text.model
             self._add(text, "text_encoder", options)
             self.text.model.train()
-        self.model = LoraModel(denoiser, text)
+        self.model = LoraModel(denoiser, text, self.family)
         if o.instance_prompt:
             log.info("lora.instance_prompt: every image trains with the caption %r (caption files are not used)",
                      o.instance_prompt)
@@ -183,8 +182,7 @@ class LoraTask(DenoiserTask):
         t = f.sample_timesteps(n, generator=g, device=device)
         x_t = f.add_noise(x0, noise, t)
         target = f.target(x0, noise, t)
-        extra = {"pooled_projections": None} if self.is_dit else {}
-        pred = model(x_t, f.model_timestep(t), input_ids=ids, return_dict=False, **extra)[0]
+        pred = model(x_t, f.model_timestep(t), input_ids=ids, return_dict=False)[0]
         per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
         weight = f.loss_weight(t, o.min_snr_gamma if o.type == "ddpm" else None)
         return (per_sample * weight).mean()

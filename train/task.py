@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from gen import formulations
+from gen import families, formulations
 from gen.errors import GenError
 from gen.models import vae as vae_lib
 from gen.models.text import TextEncoder
@@ -42,9 +42,9 @@ class WithText(nn.Module):
     """A denoiser and its text encoder as one module (model.train_text_encoder), so that the optimizer, EMA,
     gradient clipping, distributed sync and checkpoints cover both; forward runs the text tower on token ids."""
 
-    def __init__(self, denoiser: nn.Module, text_encoder: nn.Module, is_dit: bool):
+    def __init__(self, denoiser: nn.Module, text_encoder: nn.Module, family: families.Family):
         super().__init__()
-        self.denoiser, self.text_encoder, self.is_dit = denoiser, text_encoder, is_dit
+        self.denoiser, self.text_encoder, self.family = denoiser, text_encoder, family
 
     @property
     def config(self):
@@ -55,8 +55,8 @@ class WithText(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, input_ids: torch.Tensor, **kwargs):
         out = self.text_encoder(input_ids)
-        extra = {"pooled_projections": out.pooler_output} if self.is_dit else {}
-        return self.denoiser(sample, timestep, encoder_hidden_states=out.last_hidden_state, **extra, **kwargs)
+        cond = self.family.denoiser_kwargs({"hidden": out.last_hidden_state, "pooled": out.pooler_output})
+        return self.denoiser(sample, timestep, **cond, **kwargs)
 
 
 def parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
@@ -76,13 +76,14 @@ class DenoiserTask:
         self.text.model.to(device, weight_dtype).requires_grad_(False)
         self.vae.to(device, weight_dtype).requires_grad_(False)
         self.model = self._denoiser(base).to(device)
-        self.is_dit = not hasattr(self.model.config, "block_out_channels")
+        self.family = base.family if isinstance(base, Pipeline) else families.get(
+            "dit" if cfg.model.denoiser == "dit" else "sd1")
         self.empty = self.text([""])  # conditioning dropout target: the empty prompt, as CFG's negative
         if cfg.model.train_text_encoder:
             if cfg.data.cache:
                 raise GenError("config keys 'data.cache' and 'model.train_text_encoder': a cache holds text "
                                "embeddings, which go stale while the text encoder trains; turn one of them off")
-            self.model = WithText(self.model, self.text.model.float().requires_grad_(True), self.is_dit)
+            self.model = WithText(self.model, self.text.model.float().requires_grad_(True), self.family)
 
     def _base(self):
         """The base folder's parts, with model.text_encoder / model.vae (earlier stages' outputs) swapped in;
@@ -123,9 +124,10 @@ class DenoiserTask:
 
         m, res, f = self.cfg.model, self.cfg.data.resolution, self.vae_scale_factor
         if m.init_from_base:
-            if base.is_dit != (m.denoiser == "dit"):
+            kind = "dit" if base.family.denoiser_part == "transformer" else "unet"
+            if kind != m.denoiser:
                 raise GenError(f"config key 'model.init_from_base': {m.base} holds a "
-                               f"{'dit' if base.is_dit else 'unet'} denoiser, but model.denoiser is {m.denoiser!r}")
+                               f"{kind} denoiser, but model.denoiser is {m.denoiser!r}")
             self._check_objective(base.formulation)
             return base.denoiser.float()
         if res % f:
@@ -183,8 +185,7 @@ class DenoiserTask:
             drop = (torch.rand(n, generator=g) < self.cfg.train.cond_dropout).to(device)
             hidden = torch.where(drop[:, None, None], self.empty[0], hidden)
             pooled = torch.where(drop[:, None], self.empty[1], pooled)
-        extra = {"pooled_projections": pooled} if self.is_dit else {}
-        return self._denoising_loss(model, x0, g, encoder_hidden_states=hidden, **extra)
+        return self._denoising_loss(model, x0, g, **self.family.denoiser_kwargs({"hidden": hidden, "pooled": pooled}))
 
     def _loss_with_text(self, model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
         """model.train_text_encoder: conditioning dropout replaces the caption by the empty prompt, whose

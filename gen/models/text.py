@@ -74,3 +74,9 @@ class TextEncoder:
         ids = self.tokenize(prompts).to(self.model.device)
         out = self.model(ids)
         return out.last_hidden_state, out.pooler_output
+
+    @torch.no_grad()
+    def outputs(self, prompts: list[str]):
+        """The tower's whole output for prompts, every layer's hidden states included (SDXL reads the
+        penultimate one; a projection model's first output is its projected pooled embedding)."""
+        return self.model(self.tokenize(prompts).to(self.model.device), output_hidden_states=True)
