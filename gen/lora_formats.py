@@ -277,6 +277,7 @@ def _kohya_layout(factors: dict[str, dict[str, Factor]], base_version: str):
             tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = f.down, f.up
             tensors[f"{key}.alpha"] = torch.tensor(float(f.rank if f.alpha is None else f.alpha))
     return tensors, {"ss_network_module": "networks.lora", "ss_network_args": "{}",
+                     # sd-scripts (train_network.py): ss_v2 = str(bool(args.v2)), the version string's "_v2"
                      "ss_base_model_version": base_version, "ss_v2": str(base_version.startswith("sd_v2")),
                      "ss_text_encoder_lr": "0" if TEXT not in factors else "",
                      "ss_network_train_unet_only": str(TEXT not in factors)}

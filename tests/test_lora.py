@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from tests.conftest import tiny_sd_components
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from diffusers.utils.state_dict_utils import DIFFUSERS_OLD_TO_PEFT, UNET_TO_DIFFUSERS
 from peft import LoraConfig, inject_adapter_in_model
@@ -366,6 +366,26 @@ def test_cli_sample_with_lora(pipe, files, sd_folder, tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(our_images(pipe, "pil")[0]))
     assert main([*args[3:7], "--lora", str(files["other"]), "--out", str(tmp_path)]) == 2
     assert "other shapes" in capsys.readouterr().err
+
+
+# kohya-ss/sd-scripts (train_network.py) writes ss_base_model_version =
+# model_util.get_model_version_str_for_sd1_sd2(args.v2, args.v_parameterization), i.e. "sd" + "_v2" or "_v1" +
+# "_v" with v-prediction, and ss_v2 = str(bool(args.v2)); a rectified-flow UNet is none of those: gen's own name.
+@pytest.mark.parametrize("cross, objective, version, v2", [
+    (768, dict(prediction_type="epsilon"), "sd_v1", "False"), (1024, dict(prediction_type="epsilon"), "sd_v2", "True"),
+    (1024, dict(prediction_type="v_prediction"), "sd_v2_v", "True"), (768, dict(shift=1.0), "gen_unet", "False")])
+def test_kohya_header_names_the_base_model_as_sd_scripts_does(cross, objective, version, v2, tmp_path):
+    parts = tiny_sd_components()
+    unet_config = {**parts["unet"].config, "cross_attention_dim": cross}
+    unet, _ = adapters_made_as_diffusers_scripts_do(8, LoraConfig(r=2, target_modules=SCRIPT_UNET[:4]),
+                                                     unet=UNet2DConditionModel(**unet_config))
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(unet))
+    scheduler = parts["scheduler"] if "shift" not in objective else FlowMatchEulerDiscreteScheduler()
+    ours = Pipeline(parts["text_encoder"], parts["tokenizer"], parts["vae"], UNet2DConditionModel(**unet_config),
+                    scheduler_config={**scheduler.config, **objective, "_class_name": type(scheduler).__name__})
+    ours.load_lora(tmp_path)
+    header = read_metadata(ours.save_lora(tmp_path / "kohya.safetensors", format="kohya"))
+    assert (header["ss_base_model_version"], header["ss_v2"]) == (version, v2)
 
 
 def test_gen_info_describes_a_lora(pipe, files, tmp_path, capsys):
