@@ -318,7 +318,8 @@ class Adapters:
         meta = self.metadata.get(adapter_name, {})
         recipe = json.loads(meta["gen.recipe"]) if meta.get("gen.recipe") else None
         return save_lora(path, self.pipe.denoiser, self.pipe.text.model, adapter_name, format=format,
-                         recipe=recipe, base_model=meta.get("gen.base_model") or self.pipe.name)
+                         recipe=recipe, base_model=meta.get("gen.base_model") or self.pipe.name,
+                         formulation=self.pipe.formulation)
 
 
 def _check_weight(w) -> None:
@@ -345,16 +346,27 @@ def extract(model: nn.Module, component: str, adapter_name: str = "default") -> 
     return out
 
 
-def base_version(denoiser: nn.Module) -> str:
-    """kohya's ss_base_model_version: sd_v1 / sd_v2_512 for SD-shaped UNets, else gen's own."""
+def base_version(denoiser: nn.Module, formulation=None) -> str:
+    """kohya's ss_base_model_version for a LoRA of this denoiser trained with this formulation (None: epsilon).
+
+    sd-scripts writes model_util.get_model_version_str_for_sd1_sd2(v2, v_parameterization): "sd" + "_v2" or
+    "_v1" + "_v" with v-prediction, i.e. sd_v1, sd_v1_v, sd_v2, sd_v2_v (kohya-ss/sd-scripts 48d368fa,
+    library/model_util.py, train_network.py; "stable-diffusion-v2-512" etc. are sai_model_spec's
+    modelspec.architecture, another field). SD-1.x UNets cross-attend to 768 channels (CLIP ViT-L), SD-2.x to
+    1024 (OpenCLIP ViT-H).
+    Anything else (gen's DiT, other UNets, a rectified-flow objective) is gen's own: gen_dit / gen_unet."""
     if not hasattr(denoiser.config, "block_out_channels"):
         return "gen_dit"
-    return {768: "sd_v1", 1024: "sd_v2_512"}.get(denoiser.config.cross_attention_dim, "gen_unet")
+    version = {768: "sd_v1", 1024: "sd_v2"}.get(denoiser.config.cross_attention_dim)
+    kind = getattr(formulation, "kind", "ddpm")
+    if version is None or kind != "ddpm":
+        return "gen_unet"
+    return version + ("_v" if getattr(formulation, "prediction_type", "epsilon") == "v_prediction" else "")
 
 
 def save_lora(path: str | Path, denoiser: nn.Module, text_encoder: nn.Module | None = None,
               adapter_name: str = "default", format: str = "diffusers", recipe: dict | None = None,
-              base_model: str | None = None, dtype: torch.dtype | None = None) -> Path:
+              base_model: str | None = None, dtype: torch.dtype | None = None, formulation=None) -> Path:
     """Writes adapter `adapter_name` of peft-injected models as one .safetensors LoRA file.
 
     Args:
@@ -366,6 +378,8 @@ def save_lora(path: str | Path, denoiser: nn.Module, text_encoder: nn.Module | N
         recipe: the training recipe, stored as JSON in the `gen.recipe` header field.
         base_model: the base model's name or path, stored in `gen.base_model`.
         dtype: cast the LoRA matrices (e.g. torch.float16); default: as trained.
+        formulation: the base model's objective (gen.formulations), for kohya's ss_base_model_version
+            (sd_v2 or sd_v2_v, ...); None: epsilon prediction.
     """
     factors = {c: f for c, m in (("denoiser", denoiser), (TEXT, text_encoder))
                if m is not None and (f := extract(m, c, adapter_name))}
@@ -373,4 +387,4 @@ def save_lora(path: str | Path, denoiser: nn.Module, text_encoder: nn.Module | N
         raise GenError(f"these models have no LoRA adapter named {adapter_name!r}")
     dit = not hasattr(denoiser.config, "block_out_channels")
     return write(path, factors, format, denoiser_prefix="transformer" if dit else "unet",
-                 base_version=base_version(denoiser), recipe=recipe, base_model=base_model, dtype=dtype)
+                 base_version=base_version(denoiser, formulation), recipe=recipe, base_model=base_model, dtype=dtype)

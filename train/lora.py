@@ -238,7 +238,8 @@ class LoraTask(DenoiserTask):
         recipe = {"model": {"base": self.cfg.model.base}, **{k: recipe[k] for k in keep if k in recipe}}
         recipe["lora"] = {**recipe.get("lora", {}), "alpha": o.alpha if o.alpha is not None else o.rank}
         lora_lib.save_lora(path, model.denoiser, model.text_encoder, ADAPTER, format=o.format, recipe=recipe,
-                           base_model=self.cfg.model.base, dtype=SAVE_DTYPES[o.save_dtype])
+                           base_model=self.cfg.model.base, dtype=SAVE_DTYPES[o.save_dtype],
+                           formulation=self.formulation)
 
 
 def main(config: str, overrides: list[str]) -> int:
