@@ -94,7 +94,7 @@ class Pipeline:
         self.scheduler_config = dict(scheduler_config) if scheduler_config else None
         self.recipe = dict(recipe or {})
         self.name = name
-        self.progress = True
+        self._progress_bar_config: dict = {}
         self.defaults = self._default_settings() | dict(defaults or {})
         attn.set_backend(attention)  # checked here, so an unavailable backend fails at load
         self.attention = attention  # and used for this pipeline's sampling (gen.attention.use_backend)
@@ -139,6 +139,21 @@ class Pipeline:
             "flow-euler" if flow else "dpm++2m")
         return dict(steps=28 if flow else 50, guidance=5.0 if flow else 7.5, sampler=sampler,
                     height=size, width=size, guidance_rescale=0.0)
+
+    @property
+    def progress(self) -> bool:
+        """Whether sampling shows its tqdm bar: `pipe.progress = False` is
+        `pipe.set_progress_bar_config(disable=True)`."""
+        return not self._progress_bar_config.get("disable", False)
+
+    @progress.setter
+    def progress(self, on: bool) -> None:
+        self._progress_bar_config["disable"] = not on
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """Keyword arguments for the sampling loop's tqdm bar (`disable=True`, `desc`, `file`, `leave`,
+        `position`, ...), replacing those set before, as on a diffusers pipeline."""
+        self._progress_bar_config = kwargs
 
     def to(self, device=None, dtype=None) -> "Pipeline":
         for m in (self.text.model, self.vae, self.denoiser):
@@ -361,7 +376,7 @@ class Pipeline:
             predict = FeatureCache(self.denoiser, cache_interval, self._fast_forward)
         with attn.use_backend(self.attention):
             latents = denoise(predict, scheduler, latents, cond, both if cfg else None, scale, rescale,
-                              guidance_interval, generator, self.progress)
+                              guidance_interval, generator, self._progress_bar_config)
 
         if output_type == "latent":
             return PipelineOutput(latents, seeds)
@@ -407,13 +422,15 @@ class Pipeline:
 
 def denoise(predict, scheduler, latents: torch.Tensor, cond: tuple, uncond_cond: tuple | None, scale: float,
             rescale: float = 0.0, interval: tuple[float, float] = (0.0, 1.0), generator=None,
-            progress: bool = False) -> torch.Tensor:
+            progress_bar: dict | None = None) -> torch.Tensor:
     """The sampling loop: `predict(x, t, *cond)` over the scheduler's timesteps, with CFG in one batched
-    forward where `uncond_cond` (the negative and positive conditioning, concatenated) is given."""
+    forward where `uncond_cond` (the negative and positive conditioning, concatenated) is given.
+    `progress_bar`: tqdm keyword arguments for a bar over the steps (None: no bar)."""
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     scale_input = getattr(scheduler, "scale_model_input", None)  # FlowMatch schedulers need none
     timesteps = scheduler.timesteps
-    for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling", leave=False)):
+    bar = {"desc": "sampling", "leave": False, **progress_bar} if progress_bar is not None else {"disable": True}
+    for i, t in enumerate(tqdm(timesteps, **bar)):
         guided = uncond_cond is not None and in_interval(i, len(timesteps), interval)
         x = torch.cat([latents] * 2) if guided else latents
         if scale_input is not None:
