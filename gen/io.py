@@ -154,22 +154,3 @@ def read_json(path: str | Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GenError(f"{path} is not valid JSON ({e})") from None
 
-
-def png_parameters(prompt: str, negative_prompt: str, steps: int, sampler: str, guidance: float,
-                   seed: int, width: int, height: int, model: str) -> str:
-    """Generation parameters in AUTOMATIC1111's `parameters` PNG text layout."""
-    lines = [prompt]
-    if negative_prompt:
-        lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(f"Steps: {steps}, Sampler: {sampler}, CFG scale: {guidance:g}, Seed: {seed}, "
-                 f"Size: {width}x{height}, Model: {model}")
-    return "\n".join(lines)
-
-
-def save_png(image, path: str | Path, parameters: str) -> None:
-    """Saves a PIL image with the A1111 `parameters` text chunk."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("parameters", parameters)
-    image.save(str(path), pnginfo=info)

@@ -104,7 +104,7 @@ class Pipeline:
         self.scheduler_config = dict(scheduler_config) if scheduler_config else None
         self.recipe = dict(recipe or {})
         self.name = name
-        self.progress = True
+        self._progress_bar_config: dict = {}
         self.defaults = self._default_settings() | dict(defaults or {})
         attn.set_backend(attention)  # checked here, so an unavailable backend fails at load
         self.attention = attention  # and used for this pipeline's sampling (gen.attention.use_backend)
@@ -162,6 +162,21 @@ class Pipeline:
             "flow-euler" if flow else "dpm++2m")
         return self.family.default_settings(self.denoiser, self.vae_scale_factor, flow) | dict(
             sampler=sampler, guidance_rescale=0.0)
+
+    @property
+    def progress(self) -> bool:
+        """Whether sampling shows its tqdm bar: `pipe.progress = False` is
+        `pipe.set_progress_bar_config(disable=True)`."""
+        return not self._progress_bar_config.get("disable", False)
+
+    @progress.setter
+    def progress(self, on: bool) -> None:
+        self._progress_bar_config["disable"] = not on
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """Keyword arguments for the sampling loop's tqdm bar (`disable=True`, `desc`, `file`, `leave`,
+        `position`, ...), replacing those set before, as on a diffusers pipeline."""
+        self._progress_bar_config = kwargs
 
     def to(self, device=None, dtype=None) -> "Pipeline":
         for m in self.models:
@@ -357,7 +372,7 @@ class Pipeline:
             predict = lambda x, t, c: cache(x, t, **self.family.denoiser_kwargs(c))  # noqa: E731
         with attn.use_backend(self.attention):
             latents = denoise(predict, scheduler, latents, cond, both, scale, rescale,
-                              guidance_interval, generator, self.progress)
+                              guidance_interval, generator, self._progress_bar_config)
 
         if output_type == "latent":
             return PipelineOutput(latents, seeds)
@@ -403,13 +418,15 @@ class Pipeline:
 
 def denoise(predict, scheduler, latents: torch.Tensor, cond: dict, uncond_cond: dict | None, scale: float,
             rescale: float = 0.0, interval: tuple[float, float] = (0.0, 1.0), generator=None,
-            progress: bool = False) -> torch.Tensor:
+            progress_bar: dict | None = None) -> torch.Tensor:
     """The sampling loop: `predict(x, t, cond)` over the scheduler's timesteps, with CFG in one batched
-    forward where `uncond_cond` (the negative and positive conditioning, concatenated) is given."""
+    forward where `uncond_cond` (the negative and positive conditioning, concatenated) is given.
+    `progress_bar`: tqdm keyword arguments for a bar over the steps (None: no bar)."""
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     scale_input = getattr(scheduler, "scale_model_input", None)  # FlowMatch schedulers need none
     timesteps = scheduler.timesteps
-    for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling", leave=False)):
+    bar = {"desc": "sampling", "leave": False, **progress_bar} if progress_bar is not None else {"disable": True}
+    for i, t in enumerate(tqdm(timesteps, **bar)):
         guided = uncond_cond is not None and in_interval(i, len(timesteps), interval)
         x = torch.cat([latents] * 2) if guided else latents
         if scale_input is not None:

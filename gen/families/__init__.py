@@ -86,10 +86,6 @@ class Family:
         return dict(steps=28 if flow else 50, guidance=5.0 if flow else 7.5,
                     height=denoiser.config.sample_size * vae_factor, width=denoiser.config.sample_size * vae_factor)
 
-    def kohya_version(self, formulation) -> str:
-        """sd-scripts' `ss_base_model_version` value."""
-        return "sd_v1"
-
     def index(self, scheduler_class: str) -> dict:
         """model_index.json of a saved folder."""
         import diffusers

@@ -37,7 +37,3 @@ class SD2(SD1):
     @classmethod
     def recognises(cls, index: dict, configs: dict) -> bool:
         return _plain_unet(index, configs) and bool(configs["unet"].get("use_linear_projection"))
-
-    def kohya_version(self, formulation) -> str:
-        # kohya-ss/sd-scripts library/train_util.py: "sd_v2" / "sd_v2_v" (v-parameterization)
-        return "sd_v2_v" if getattr(formulation, "prediction_type", "") == "v_prediction" else "sd_v2"

@@ -76,6 +76,3 @@ class SDXL(Family):
 
     def default_settings(self, denoiser, vae_factor: int, flow: bool) -> dict:
         return super().default_settings(denoiser, vae_factor, flow) | {"guidance": 5.0}
-
-    def kohya_version(self, formulation) -> str:
-        return "sdxl_base_v1-0"  # kohya-ss/sd-scripts library/train_util.py (SDXL)
