@@ -36,4 +36,6 @@ class SD2(SD1):
 
     @classmethod
     def recognises(cls, index: dict, configs: dict) -> bool:
-        return _plain_unet(index, configs) and bool(configs["unet"].get("use_linear_projection"))
+        unet = configs.get("unet") or {}
+        return _plain_unet(index, configs) and (bool(unet.get("use_linear_projection"))
+                                                 or unet.get("cross_attention_dim") == 1024)
