@@ -261,16 +261,46 @@ def cmd_train(args) -> int:
 
 
 def _add_lora(sub) -> None:
-    p = sub.add_parser("lora", help="LoRA fine-tune a model folder from a YAML recipe (also under `accelerate launch`)")
-    p.add_argument("config", help="YAML config (see configs/lora-*.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.rank=16")
+    p = sub.add_parser("lora", help="LoRA fine-tune a model folder from a YAML recipe (also under `accelerate "
+                                    "launch`); `gen lora merge BASE LORA[:SCALE]... --out OUT` bakes LoRAs in")
+    p.add_argument("config", help="YAML config (see configs/lora-*.yaml), or `merge`")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value",  # REMAINDER: merge's own options
+                   help="config overrides, e.g. lora.rank=16")
     p.set_defaults(func=cmd_lora)
 
 
+def _merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gen lora merge", description="fuse LoRA files into a base model and save it")
+    p.add_argument("base", help="the base model (folder)")
+    p.add_argument("loras", nargs="+", type=_lora_arg, metavar="LORA[:SCALE]", help="LoRA files, each at SCALE")
+    p.add_argument("--out", required=True, help="the merged model: a folder")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle-based weight files (unsafe)")
+    return p
+
+
 def cmd_lora(args) -> int:
+    if args.config == "merge":
+        return lora_merge(_merge_parser().parse_args(args.overrides))
     from train.lora import main as lora_main
 
     return lora_main(args.config, args.overrides)
+
+
+def lora_merge(args) -> int:
+    """`gen lora merge`: the base with each LoRA at its scale fused into its weights, saved as a model of its own
+    (what kohya's merge scripts and ComfyUI's save-checkpoint node do); its images equal the base's with the
+    LoRAs loaded."""
+    from gen.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(args.base, device="cpu", dtype="fp32", allow_pickle=args.allow_pickle)
+    for path, scale in args.loras:
+        pipe.load_lora(path, scale=scale, allow_pickle=args.allow_pickle)
+    pipe.fuse_lora()
+    pipe.unload_lora()  # the fused weights stay
+    pipe.recipe["merged_loras"] = [{"file": str(path), "scale": scale} for path, scale in args.loras]
+    pipe.save_pretrained(args.out)
+    print(f"merged {len(args.loras)} LoRA(s) into {args.base}: {args.out}")
+    return 0
 
 
 def _add_eval(sub) -> None:
