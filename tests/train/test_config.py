@@ -1,5 +1,7 @@
 """Config: YAML + dotted overrides onto typed dataclasses; every mistake names its key."""
 
+import re
+
 import pytest
 
 from gen.cli import main as gen_main
@@ -24,10 +26,34 @@ def test_yaml_and_overrides(tmp_path):
     ("train.max_steps=1.5", "train.max_steps"), ("objective.type=score", "objective.type"),
     ("train.max_steps=0", "train.max_steps"), ("optim.betas=[0.9]", "optim.betas"),
     ("optim=3", "optim"), ("train.ema_decay=1.5", "train.ema_decay"),
+    ("train.max_steps=yes", "train.max_steps"), ("data.flip=maybe", "data.flip"), ("optim.lr=off", "optim.lr"),
+    ("train.mixed_precision=fp32", "train.mixed_precision"), ("optim.betas=[0.9, no]", "optim.betas[1]"),
 ])
 def test_errors_name_the_key(override, key):
-    with pytest.raises(GenError, match=f"'{key}'"):
+    with pytest.raises(GenError, match=re.escape(f"'{key}'")):
         load_config(None, BASE + [override])
+
+
+@pytest.mark.parametrize("override, key, value", [
+    ("train.mixed_precision=no", "train.mixed_precision", "no"),  # YAML 1.1 would read False
+    ("data.path=off", "data.path", "off"), ("model.base=1e-4", "model.base", "1e-4"),
+    ("model.base=2024", "model.base", "2024"), ("sampling.sampler=1", "sampling.sampler", "1"),
+    ("validation.prompts=[yes, no, 3, a cat]", "validation.prompts", ["yes", "no", "3", "a cat"]),
+    ("data.flip=no", "data.flip", False), ("optim.lr=1e-4", "optim.lr", 1e-4),
+    ("sampling.steps=null", "sampling.steps", None), ("optim={lr: 1e-4, schedule: constant}", "optim.lr", 1e-4),
+])
+def test_command_line_values_are_taken_as_typed(override, key, value):
+    """A string field takes what was typed where YAML 1.1 would make it a boolean or a number."""
+    section, name = key.split(".")
+    assert getattr(getattr(load_config(None, BASE + ["data.path=x", override]), section), name) == value
+
+
+def test_yaml_file_values_are_taken_as_written(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model: {base: m}\ndata: {source: shapes}\ntrain: {mixed_precision: no, output_dir: 1e-4}\n")
+    cfg = load_config(f, ["data.flip=yes"])
+    assert (cfg.train.mixed_precision, cfg.train.output_dir, cfg.data.flip) == ("no", "1e-4", True)
+    assert load_config(f, extra={"train.mixed_precision": "bf16"}).train.mixed_precision == "bf16"
 
 
 def test_unknown_key_in_yaml(tmp_path):
@@ -75,3 +101,4 @@ def test_fine_tuning_with_another_objective_warns(base_unet, caplog):
         DenoiserTask(load_config(None, extra={**settings, "objective.prediction_type": "v_prediction"}),
                      torch.device("cpu"))
     assert len(caplog.records) == 1 and "prediction_type" in caplog.records[0].getMessage()
+
