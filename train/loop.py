@@ -134,16 +134,25 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def train(cfg: Config, task_class=None) -> Path:
-    """Runs (or resumes) a training run; returns the exported model folder."""
+def accelerator(cfg: Config):
+    """This run's Accelerator. accelerate keeps its state process-wide and refuses another mixed precision
+    later in the same process; each run here (a chain's stages, runs from one Python session) sets its own,
+    so that state is reset first (its process group, in PartialState, stays)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
-    from train.task import DenoiserTask
-
+    AcceleratorState._reset_state()
     # cpu=True on a machine without an accelerator: accelerate then runs several processes launched by
     # `accelerate launch --multi_gpu` / torchrun as MULTI_CPU over gloo (otherwise each thinks it is alone).
-    acc = Accelerator(cpu=not _has_accelerator(), mixed_precision=cfg.train.mixed_precision,
-                      gradient_accumulation_steps=cfg.train.grad_accum)
+    return Accelerator(cpu=not _has_accelerator(), mixed_precision=cfg.train.mixed_precision,
+                       gradient_accumulation_steps=cfg.train.grad_accum)
+
+
+def train(cfg: Config, task_class=None) -> Path:
+    """Runs (or resumes) a training run; returns the exported model folder."""
+    from train.task import DenoiserTask
+
+    acc = accelerator(cfg)
     main, rank, world = acc.is_main_process, acc.process_index, acc.num_processes
     launched = int(os.environ.get("WORLD_SIZE", world))
     if launched != world:

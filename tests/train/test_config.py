@@ -102,3 +102,13 @@ def test_fine_tuning_with_another_objective_warns(base_unet, caplog):
                      torch.device("cpu"))
     assert len(caplog.records) == 1 and "prediction_type" in caplog.records[0].getMessage()
 
+
+def test_runs_in_one_process_each_take_their_own_mixed_precision(base_dit, tmp_path):
+    """accelerate's process-wide state refused a second run with another mixed precision (a chain's stages, a
+    notebook): each run now sets its own."""
+    from tests.train.conftest import fast_config
+    from train.loop import train
+
+    for i, precision in enumerate(["bf16", "no", "bf16"]):
+        train(fast_config(base_dit, tmp_path / str(i), train__mixed_precision=precision, train__max_steps=1))
+        assert (tmp_path / str(i) / "model" / "model_index.json").is_file()
