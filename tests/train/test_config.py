@@ -103,6 +103,29 @@ def test_fine_tuning_with_another_objective_warns(base_unet, caplog):
     assert len(caplog.records) == 1 and "prediction_type" in caplog.records[0].getMessage()
 
 
+@pytest.mark.parametrize("command, recipe, product", [
+    ("lora", "configs/lora-sd.yaml", "lora.safetensors"),  # ships mixed_precision: fp16
+    ("train", "configs/unet-sd15-finetune.yaml", "model"),
+])
+def test_fp16_on_a_cpu_stops_before_training_with_one_line(command, recipe, product, sd_folder, captioned, tmp_path,
+                                                           capsys):
+    """accelerate runs fp16 on accelerators only: on a CPU `gen lora` / `gen train` say to use bf16 or no, in one
+    line, before anything is written; with a GPU they train."""
+    from train.loop import _has_accelerator
+
+    run = tmp_path / "run"
+    argv = [command, recipe, f"model.base={sd_folder}", f"data.path={captioned}", f"train.output_dir={run}",
+            "train.mixed_precision=fp16", "data.resolution=16", "train.max_steps=1", "train.grad_accum=1",
+            "validation.prompts=[]", "log.progress=false"]
+    if _has_accelerator():
+        assert gen_main(argv) == 0 and (run / product).exists()
+        return
+    assert gen_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gen: error:") and "'train.mixed_precision'" in err[0]
+    assert "train.mixed_precision=bf16" in err[0] and "(or no)" in err[0]
+    assert not run.exists()  # bf16 on a CPU trains: tests/train/test_configs.py
+
 def test_runs_in_one_process_each_take_their_own_mixed_precision(base_dit, tmp_path):
     """accelerate's process-wide state refused a second run with another mixed precision (a chain's stages, a
     notebook): each run now sets its own."""
