@@ -34,6 +34,11 @@ SHRINK = {
     "lora-sd.yaml": ["lora.rank=4"],
     "lora-subject.yaml": ["lora.rank=4"],
 }
+# The chain configs/default-model.yaml, whose stages are default/clip.yaml, default/vae.yaml, default/dit.yaml.
+CHAIN = ["data.resolution=16", "data.num_images=16", "train.batch_size=2", "train.max_steps=3", "log.progress=false",
+         "log.tracker=none", "clip:clip.eval_images=8", "vae:vae.eval_images=8", "denoiser:sampling.steps=2",
+         "denoiser:validation.prompts=[a red circle]", "denoiser:validation.seeds=[0]",
+         "denoiser:model.options={depth: 2, hidden_size: 64, num_heads: 2}"]
 
 
 def check(cfg) -> None:
@@ -56,6 +61,11 @@ def test_recipe_loads(name):
             check(load_config(path.parent / file, extra={**USER_PATHS, "stage": stage}))
         return
     check(load_config(path, extra=USER_PATHS))
+
+
+def test_every_recipe_is_trained_here():
+    chain = read_yaml(CONFIGS / "default-model.yaml")["chain"]
+    assert set(FILES) == set(SHRINK) | {"default-model.yaml"} | {f"default/{Path(f).name}" for f in chain.values()}
 
 
 def gen(*argv: str) -> None:
@@ -100,3 +110,22 @@ def test_recipe_trains_and_resumes(name, sd_folder, base_dit, captioned, tmp_pat
     pipe.progress = False
     assert pipe("a red circle", seed=0, num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
 
+
+def test_default_model_chain_trains_and_resumes_each_stage(tmp_path, caplog):
+    """configs/default-model.yaml (default/clip.yaml -> default/vae.yaml -> default/dit.yaml): each stage pauses
+    at step 2, which ends that run of the chain; the next run resumes it to step 3 and goes on to the next."""
+    out, stages = tmp_path / "run", ["clip", "vae", "denoiser"]
+    chain = [CONFIGS / "default-model.yaml", f"output_dir={out}", *CHAIN]
+    for i, stage in enumerate(stages + [None]):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="gen"):
+            gen("train", *chain, *[f"{s}:train.stop_at_step=2" for s in stages[i:]])
+        if i:
+            resumed(out / stages[i - 1], paused, caplog)
+            assert (out / stages[i - 1] / "model").is_dir()
+        if stage:
+            assert not (out / stage / "model").exists()
+            paused = weights(out / stage, 2)
+    pipe = Pipeline.from_pretrained(out / "denoiser" / "model")
+    pipe.progress = False
+    assert pipe("a red circle", seed=0, num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
