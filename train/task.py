@@ -75,7 +75,9 @@ class DenoiserTask:
         self.text, self.vae = base.text, base.vae
         self.text.model.to(device, weight_dtype).requires_grad_(False)
         self.vae.to(device, weight_dtype).requires_grad_(False)
-        self.model = self._denoiser(base).to(device)
+        # The task decides what trains, whatever froze the module before: a base folder's denoiser (init_from_base)
+        # comes out of Pipeline, which freezes what it samples with.
+        self.model = self._denoiser(base).to(device).requires_grad_(True)
         self.family = base.family if isinstance(base, Pipeline) else families.get(
             "dit" if cfg.model.denoiser == "dit" else "sd1")
         self.empty = self.text([""])  # conditioning dropout target: the empty prompt, as CFG's negative
