@@ -66,7 +66,10 @@ class _Source:
     def __init__(self, path: Path, allow_pickle: bool):
         self.path, self.state, self.handle = path, None, None
         if path.suffix in PICKLE_SUFFIXES:
-            self.state = load_state_dict(path, allow_pickle)  # refused unless allowed; weights_only then
+            try:  # refused unless allowed; then read by gen.io's weights-only unpickler
+                self.state = load_state_dict(path, allow_pickle)
+            except GenError as e:
+                raise GenError(f"single file {e}") from None
             self.shapes, self.meta = {k: list(v.shape) for k, v in self.state.items()}, {}
         elif path.suffix == ".safetensors":
             from safetensors import safe_open

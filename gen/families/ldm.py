@@ -66,7 +66,7 @@ def unet_config(shapes: dict, hints: dict, convention: dict) -> dict:
                transformer_layers_per_block=[max(d, 1) for d in depth],
                use_linear_projection=any(len(s[k]) == 2 for k in s if k.endswith(".proj_in.weight")))
     head_dim = convention.get("head_dim")  # SD-2.x, SDXL: 64 channels a head; SD-1.x: 8 heads everywhere
-    cfg["attention_head_dim"] = [c // head_dim for c in channels] if head_dim else convention["heads"]
+    cfg["attention_head_dim"] = [max(c // head_dim, 1) for c in channels] if head_dim else convention["heads"]
     if "label_emb.0.0.weight" in s:  # SDXL: the pooled text embedding + N Fourier-embedded time ids
         adm = s["label_emb.0.0.weight"][1]
         cfg |= dict(addition_embed_type="text_time", projection_class_embeddings_input_dim=adm,
