@@ -167,6 +167,12 @@ def load(path: Path, tokenizer=None, prediction_type: str | None = None, allow_p
                 defaults=gm.get("sampling"), recipe=gm.get("recipe"), family=family(), name=path.stem)
 
 
+def recorded_formulation(path: Path):
+    """The formulation gen recorded in a single file it wrote, else None."""
+    gm = _gen_meta(header(path)[1]) if path.suffix == ".safetensors" else {}
+    return formulations.from_dict(gm["formulation"]) if "formulation" in gm else None
+
+
 def _json(v):
     return list(v) if isinstance(v, tuple) else v
 
