@@ -71,7 +71,7 @@ def describe_file(path: Path) -> str:
     if lora.is_lora(keys):
         return lora.describe(path) + f"\n  parameters: {_human(_count([path]))}"
     lines = [f"safetensors file {path}", f"  tensors: {len(keys)}, parameters: {_human(_count([path]))}"]
-    if any(k.startswith(single_file.ldm.UNET) or "blocks." in k for k in keys):  # a whole model's checkpoint
+    if single_file.is_checkpoint(keys):  # a whole model in the original layout (or SD3/Flux: said so)
         shapes, _ = single_file.header(path)
         return "\n".join(lines + single_file.describe(path, shapes, meta))
     lines += [f"  {k}: {v[:200]}" for k, v in meta.items()]

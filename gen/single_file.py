@@ -42,6 +42,11 @@ def header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
     return {k: v["shape"] for k, v in head.items()}, meta
 
 
+def is_checkpoint(keys) -> bool:
+    """Whether a file's keys are a whole model's single-file checkpoint (one gen reads, or SD3/Flux)."""
+    return any(k.startswith(ldm.UNET) or any(f in k for f, _ in NOT_YET) for k in keys)
+
+
 def detect(path: Path, shapes: dict) -> type[families.Family]:
     """The family of a single file from its keys and shapes, or a one-line GenError saying what it is."""
     keys = set(shapes)
