@@ -24,7 +24,9 @@ def _add_sample(sub) -> None:
     p.add_argument("--prompts", metavar="FILE",
                    help="one prompt a line, or a .jsonl file with a JSON object a line: prompt and any of "
                         "negative_prompt, seed, width, height, steps, guidance; the model loads once")
-    p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    p.add_argument("--model", default=None, help="model folder or single .safetensors file (default: the bundled "
+                   "model)")
+    _single_file_flags(p)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
@@ -178,7 +180,8 @@ def cmd_sample(args) -> int:
     jobs = _jobs(args)
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                     attention=args.attention, allow_pickle=args.allow_pickle,
-                                    compile=args.compile, channels_last=args.channels_last)
+                                    compile=args.compile, channels_last=args.channels_last,
+                                    tokenizer=args.tokenizer, prediction_type=args.prediction_type)
     model_path = Path(args.model) if args.model else DEFAULT_MODEL
     model_hash = ThreadPoolExecutor(1).submit(recipe.model_hash, model_path)  # hashed while sampling
     loras = [(str(Path(p).resolve()), s) for p, s in args.lora or []]
@@ -212,6 +215,39 @@ def cmd_sample(args) -> int:
             bar.update()
             tqdm.write(str(path), file=sys.stdout)
     bar.close()
+    return 0
+
+
+def _single_file_flags(p) -> None:
+    p.add_argument("--tokenizer", default=None, metavar="FOLDER",
+                   help="for a single file without one: a diffusers folder whose tokenizer/ (tokenizer_2/) to use")
+    p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
+                   help="for a single file: what its denoiser predicts, which weights cannot tell (SD-2.x 768 "
+                        "models: v_prediction); default: what gen recorded in the file, else epsilon")
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="model folder -> single .safetensors file (original LDM/A1111 layout), "
+                       "or single file -> diffusers folder")
+    p.add_argument("src", help="a model folder or a single .safetensors file")
+    p.add_argument("dst", help="a .safetensors path (write a single file) or a folder path (write a folder)")
+    _single_file_flags(p)
+    p.add_argument("--allow-pickle", action="store_true", help="allow reading a pickle-based .ckpt source")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="weights' dtype written")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> int:
+    from gen.pipeline import Pipeline
+
+    src, dst = Path(args.src), Path(args.dst)
+    if src.resolve() == dst.resolve():
+        raise GenError("gen convert: SRC and DST are the same path")
+    pipe = Pipeline.from_pretrained(src, device="cpu", dtype=args.dtype, allow_pickle=args.allow_pickle,
+                                    tokenizer=args.tokenizer, prediction_type=args.prediction_type)
+    pipe.save_pretrained(dst, single_file=dst.suffix == ".safetensors")
+    print(f"wrote {dst} ({'single file' if dst.suffix == '.safetensors' else 'diffusers folder'}, "
+          f"{pipe.family.title})")
     return 0
 
 
@@ -363,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     _add_sample(sub)
     _add_info(sub)
+    _add_convert(sub)
     _add_train(sub)
     _add_lora(sub)
     _add_eval(sub)

@@ -20,7 +20,7 @@ from gen import attention as attn
 from gen import families, formulations
 from gen.errors import GenError
 from gen.guidance import check_guidance, guide, in_interval, uses_cfg
-from gen.io import PICKLE_SUFFIXES, load_model, read_json
+from gen.io import load_model, read_json
 from gen.models import vae as vae_lib
 from gen.models.text import TextEncoder
 from gen.samplers import check_sampler, make_scheduler, sampler_name
@@ -189,9 +189,13 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device=None, dtype=None,
                         attention: str | None = None, allow_pickle: bool = False, compile: bool | dict = False,
-                        channels_last: bool = False) -> "Pipeline":
-        """Loads a diffusers-layout folder of any family gen knows (gen/families); None = the bundled default.
-        attention, compile and channels_last are as in Pipeline."""
+                        channels_last: bool = False, tokenizer: str | Path | None = None,
+                        prediction_type: str | None = None) -> "Pipeline":
+        """Loads a diffusers-layout folder of any family gen knows (gen/families), or a single .safetensors file in
+        the original LDM/A1111 layout (SD-1.x, SD-2.x, SDXL; gen/single_file.py); None = the bundled default.
+        attention, compile and channels_last are as in Pipeline. For a single file only: `tokenizer`, a diffusers
+        folder (or tokenizer folder) when the file carries none; `prediction_type` ("epsilon" or
+        "v_prediction"), which weights cannot tell (SD-2.x 768 models are v_prediction)."""
         from diffusers import AutoencoderKL
         from transformers import CLIPTokenizer
 
@@ -203,10 +207,12 @@ class Pipeline:
         path = Path(path)
         if not path.exists():
             raise GenError(f"model folder not found: {path}")
-        if path.is_file():  # a single-file checkpoint: never opened, so a pickle in it never runs
-            risk = " (pickle-based, so never unpickled here)" if path.suffix in PICKLE_SUFFIXES else ""
-            raise GenError(f"{path} is a single file{risk}; gen loads diffusers-layout model folders "
-                           "(convert it with diffusers' from_single_file(...).save_pretrained(FOLDER))")
+        if path.is_file():  # a pickle is opened only if allowed, and then by gen.io's weights-only loader
+            from gen import single_file
+
+            parts = single_file.load(path, tokenizer, prediction_type, allow_pickle)
+            pipe = cls(**parts, attention=attention, compile=compile, channels_last=channels_last)
+            return pipe.to(resolve_device(device), resolve_dtype(dtype, resolve_device(device)))
         if not (path / "model_index.json").is_file():
             raise GenError(f"{path} is not a model folder (no model_index.json); expected the diffusers layout")
         index = read_json(path / "model_index.json")
@@ -234,12 +240,18 @@ class Pipeline:
                    compile=compile, channels_last=channels_last, family=family, **parts)
         return pipe.to(device, dtype)
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Writes the diffusers layout (safetensors), with sampling defaults and recipe in gen_config.json.
-        The folder is written beside the target and renamed into place, so a failed save loses nothing."""
+    def save_pretrained(self, path: str | Path, single_file: bool = False) -> None:
+        """Writes the diffusers layout (safetensors), with sampling defaults and recipe in gen_config.json; or, with
+        `single_file`, one .safetensors file in the original LDM/A1111 layout with those settings and the
+        tokenizers in its header. Either is written beside the target and renamed into place, so a failed save
+        loses nothing."""
         if "_loras" in self.__dict__ and self._loras.weights:
             raise GenError("unload_lora() before save_pretrained (after fuse_lora() to bake the LoRA in)")
         path = Path(path)
+        if single_file:
+            from gen import single_file as sf
+
+            return sf.save(self, path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:

@@ -32,8 +32,13 @@ SAVE_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def base_formulation(base: str | Path):
-    """The objective the base folder was trained with (gen_config.json, else its scheduler config)."""
+    """The objective the base folder was trained with (gen_config.json, else its scheduler config); for a single
+    file, the one gen recorded in it, else None (the config's objective.* keys stand: a file cannot tell)."""
     base = Path(base)
+    if base.is_file():
+        from gen.single_file import recorded_formulation
+
+        return recorded_formulation(base)
     if (base / GEN_CONFIG).is_file() and "formulation" in read_json(base / GEN_CONFIG):
         return formulations.from_dict(read_json(base / GEN_CONFIG)["formulation"])
     sched = base / "scheduler" / "scheduler_config.json"
@@ -44,7 +49,11 @@ def base_formulation(base: str | Path):
 
 def align_objective(cfg: Config) -> None:
     """A LoRA trains with its base model's objective: the objective.* keys the base fixes are set from it."""
-    f = formulations.to_dict(base_formulation(cfg.model.base))
+    f = base_formulation(cfg.model.base)
+    if f is None:
+        log.info("model.base %s records no objective; training with the config's objective.*", cfg.model.base)
+        return
+    f = formulations.to_dict(f)
     o = cfg.objective
     for key in ("type", "prediction_type", "beta_schedule", "zero_terminal_snr", "shift", "logit_mean", "logit_std"):
         if key in f and hasattr(o, key):

@@ -110,7 +110,8 @@ class DenoiserTask:
         if m.vae:
             vae = load("vae", lambda f: load_model(AutoencoderKL, f), Path(m.vae) / "vae")  # via gen.io: no pickles
         if m.base:
-            base = Pipeline.from_pretrained(m.base, device="cpu", dtype=torch.float32)
+            # a single-file base without a tokenizer takes model.text_encoder's folder's
+            base = Pipeline.from_pretrained(m.base, device="cpu", dtype=torch.float32, tokenizer=m.text_encoder or None)
             if text:
                 base.text = TextEncoder(*text)
             if vae is not None:

@@ -63,6 +63,27 @@ class Family:
         """Whether a diffusers folder is of this family: its model_index.json and its parts' config.json."""
         raise NotImplementedError
 
+    # ---- single files (the original LDM layout; gen/single_file.py, gen/families/ldm.py) ------------------------
+    # Each text tower's (encoder folder, tokenizer folder, key prefix, "hf" | "openclip" naming); () = none.
+    file_texts: tuple = ()
+    file_penultimate = False  # the file's last text block is unused (conditioning on the one before)
+
+    @classmethod
+    def recognises_file(cls, keys: set[str], shapes: dict[str, list[int]]) -> bool:
+        """Whether a single file's state dict (its keys and tensor shapes) is of this family."""
+        return False
+
+    @classmethod
+    def refuses_file(cls, keys: set[str], shapes: dict[str, list[int]]) -> str | None:
+        """Why a single file that looks like this family cannot be used, or None."""
+        return None
+
+    @classmethod
+    def file_convention(cls, prediction_type: str) -> dict:
+        """Config values a single file's shapes cannot tell, as the family's released checkpoints have them:
+        UNet `heads` (or `head_dim`), `sample_size`, the VAE's latent scale `vae_scale`."""
+        raise NotImplementedError
+
     # ---- conditioning ------------------------------------------------------------------------------
     def encode(self, encoders: list, prompts: list[str], height: int, width: int) -> dict[str, torch.Tensor]:
         """Prompts -> conditioning: CLIP's last hidden states and its pooled output."""

@@ -4,6 +4,7 @@ VAE; DDPM with epsilon (1.x, 2.x-base) or v prediction (2.x 768)."""
 from __future__ import annotations
 
 from gen.families import Family, register
+from gen.families.ldm import UNET, VAE
 
 
 def _plain_unet(index: dict, configs: dict) -> bool:
@@ -23,9 +24,20 @@ class SD1(Family):
     index_extra = {"safety_checker": [None, None], "feature_extractor": [None, None],
                    "image_encoder": [None, None], "requires_safety_checker": False}
 
+    file_texts = (("text_encoder", "tokenizer", "cond_stage_model.transformer.", "hf"),)
+
     @classmethod
     def recognises(cls, index: dict, configs: dict) -> bool:
         return _plain_unet(index, configs)
+
+    @classmethod
+    def recognises_file(cls, keys: set, shapes: dict) -> bool:
+        return ldm_unet(keys) and f"{UNET}label_emb.0.0.weight" not in keys and \
+            any(k.startswith(cls.file_texts[0][2]) for k in keys)
+
+    @classmethod
+    def file_convention(cls, prediction_type: str) -> dict:
+        return dict(heads=8, sample_size=64, vae_scale=0.18215)  # CompVis v1-inference.yaml: num_heads 8
 
 
 @register
@@ -39,3 +51,16 @@ class SD2(SD1):
         unet = configs.get("unet") or {}
         return _plain_unet(index, configs) and (bool(unet.get("use_linear_projection"))
                                                  or unet.get("cross_attention_dim") == 1024)
+
+    file_texts = (("text_encoder", "tokenizer", "cond_stage_model.model.", "openclip"),)
+    file_penultimate = True  # FrozenOpenCLIPEmbedder(layer="penultimate"), as diffusers drops resblocks.23
+
+    @classmethod
+    def file_convention(cls, prediction_type: str) -> dict:
+        # v2-inference(-v).yaml: num_head_channels 64; 768 px for the v-prediction model, 512 px for base
+        return dict(head_dim=64, sample_size=96 if prediction_type == "v_prediction" else 64, vae_scale=0.18215)
+
+
+def ldm_unet(keys: set) -> bool:
+    """An LDM UNet with its VAE (the original layout's model.diffusion_model.* and first_stage_model.*)."""
+    return f"{UNET}input_blocks.0.0.weight" in keys and f"{VAE}decoder.conv_in.weight" in keys

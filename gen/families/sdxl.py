@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 
 from gen.families import Family, register
+from gen.families.ldm import UNET
+from gen.families.sd import ldm_unet
 
 
 @register
@@ -36,6 +38,27 @@ class SDXL(Family):
         unet = configs.get("unet") or {}
         return unet.get("addition_embed_type") == "text_time" and index.get("text_encoder", [None])[0] is not None \
             and index.get("text_encoder_2", [None])[0] is not None
+
+    # SGM's conditioner: embedders.0 is CLIP-L in transformers' form, embedders.1 OpenCLIP-bigG
+    file_texts = (("text_encoder", "tokenizer", "conditioner.embedders.0.transformer.", "hf"),
+                  ("text_encoder_2", "tokenizer_2", "conditioner.embedders.1.model.", "openclip"))
+
+    @classmethod
+    def recognises_file(cls, keys: set, shapes: dict) -> bool:
+        return ldm_unet(keys) and f"{UNET}label_emb.0.0.weight" in keys and all(
+            any(k.startswith(prefix) for k in keys) for _, _, prefix, _ in cls.file_texts)
+
+    @classmethod
+    def refuses_file(cls, keys: set, shapes: dict) -> str | None:
+        if ldm_unet(keys) and any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+            return ("an SDXL refiner single file (OpenCLIP-bigG only, aesthetic-score time ids) cannot be used as a "
+                    "base; gen samples and trains SDXL base models")
+        return None
+
+    @classmethod
+    def file_convention(cls, prediction_type: str) -> dict:
+        # sd_xl_base.yaml: num_head_channels 64, 1024 px, adm_in_channels = pooled + 6 time ids x 256
+        return dict(head_dim=64, sample_size=128, vae_scale=0.13025, time_ids=6)
 
     @classmethod
     def refuses(cls, index: dict, configs: dict) -> str | None:
