@@ -309,7 +309,8 @@ def _merge_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gen lora merge", description="fuse LoRA files into a base model and save it")
     p.add_argument("base", help="the base model (folder)")
     p.add_argument("loras", nargs="+", type=_lora_arg, metavar="LORA[:SCALE]", help="LoRA files, each at SCALE")
-    p.add_argument("--out", required=True, help="the merged model: a folder")
+    p.add_argument("--out", required=True, help="the merged model: a folder, or a single .safetensors file "
+                                                 "(original LDM/A1111 layout)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle-based weight files (unsafe)")
     return p
 
@@ -334,7 +335,7 @@ def lora_merge(args) -> int:
     pipe.fuse_lora()
     pipe.unload_lora()  # the fused weights stay
     pipe.recipe["merged_loras"] = [{"file": str(path), "scale": scale} for path, scale in args.loras]
-    pipe.save_pretrained(args.out)
+    pipe.save_pretrained(args.out, single_file=Path(args.out).suffix == ".safetensors")
     print(f"merged {len(args.loras)} LoRA(s) into {args.base}: {args.out}")
     return 0
 

@@ -30,6 +30,10 @@ def test_merged_model_gives_the_images_of_the_base_with_the_loras_loaded(sd_fold
     assert diff(images(merged), loaded) <= 1e-4
     assert merged.recipe["merged_loras"][0]["scale"] == 0.7
     assert not any(".lora_" in k for k in merged.denoiser.state_dict())  # plain weights, no adapter layers
+    r = subprocess.run([sys.executable, "-m", "gen", "lora", "merge", str(sd_folder), f"{a}:0.7", str(b),
+                        "--out", str(tmp_path / "merged.safetensors")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert diff(images(Pipeline.from_pretrained(tmp_path / "merged.safetensors")), loaded) <= 1e-4
 
 
 def test_merge_errors_are_one_line(sd_folder, dit_folder, tmp_path):
