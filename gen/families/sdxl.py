@@ -18,12 +18,17 @@ class SDXL(Family):
     text_parts = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
     # kohya-ss/sd-scripts networks/lora.py: LORA_PREFIX_TEXT_ENCODER1/2 for SDXL
     kohya_text = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    # sd-scripts sdxl_train_network.py: model_version = sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0
+    kohya_base = "sdxl_base_v1-0"
 
     def __init__(self, index: dict | None = None):
         # diffusers' StableDiffusionXLPipeline: no negative prompt -> zero embeddings (base model's setting)
         self.zeros_for_empty = bool((index or {}).get("force_zeros_for_empty_prompt", True))
         self.index_extra = {"force_zeros_for_empty_prompt": self.zeros_for_empty, "image_encoder": [None, None],
                             "feature_extractor": [None, None]}
+
+    def kohya_version(self, denoiser, formulation=None) -> str:
+        return self.kohya_base
 
     @staticmethod
     def text_class(part: str):
