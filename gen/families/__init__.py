@@ -75,6 +75,29 @@ class Family:
         negative prompt (else `prompts` are empty strings)."""
         return self.encode(encoders, prompts, height, width)
 
+    def sized(self, cond: dict, original: torch.Tensor | None, crop: torch.Tensor | None,
+              target: tuple[int, int]) -> dict:
+        """Training conditioning for images of these sizes: each image's original (height, width) before
+        resizing (N, 2), the top-left (top, left) of its crop (N, 2), the (height, width) it trains at. Only
+        families with size micro-conditioning (SDXL) use them."""
+        return cond
+
+    def train_conditioning(self, encoders: list, prompts: list[str], drop: torch.Tensor, original, crop,
+                           target: tuple[int, int]) -> dict:
+        """One training batch's conditioning: prompt i's, or where drop[i] (conditioning dropout) the
+        unconditional that sampling uses without a negative prompt (encode_negative of ""), for the whole
+        text conditioning at once; with the images' sizes (`sized`). Gradients flow into encoders that train."""
+        h, w = target
+        cond = self.encode(encoders, ["" if d else p for p, d in zip(prompts, drop.tolist())], h, w)
+        if bool(drop.any()):
+            empty = self.encode_negative(encoders, [""], False, h, w)
+            cond = where(~drop.to(cond["hidden"].device), cond, empty)
+        return self.sized(cond, original, crop, target)
+
+    def denoiser_options(self, encoders: list) -> dict:
+        """Architecture keys of a denoiser built from scratch for these text encoders."""
+        return {"cross_attention_dim": encoders[0].model.config.hidden_size}
+
     def denoiser_kwargs(self, cond: dict[str, torch.Tensor]) -> dict:
         """The denoiser contract's extra inputs: model(x_t, t, **denoiser_kwargs(cond))."""
         return {"encoder_hidden_states": cond["hidden"]}
