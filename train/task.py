@@ -60,8 +60,9 @@ class WithText(nn.Module):
     def text_parts(self) -> dict[str, nn.Module]:
         return {f: getattr(self, f) for f in self.folders}
 
-    def encoders(self, grad: bool = True) -> list[TextEncoder]:
-        return [TextEncoder(m, tok, grad=grad) for m, tok in zip(self.text_parts.values(), self.tokenizers)]
+    def encoders(self) -> list[TextEncoder]:
+        """The trained text encoders, run with gradients."""
+        return [TextEncoder(m, tok, grad=True) for m, tok in zip(self.text_parts.values(), self.tokenizers)]
 
     def enable_gradient_checkpointing(self) -> None:
         self.denoiser.enable_gradient_checkpointing()
