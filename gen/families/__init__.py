@@ -41,6 +41,7 @@ class Family:
     denoiser_part = "unet"  # the folder of the denoiser, and its prefix in diffusers LoRA files
     text_parts = (("text_encoder", "tokenizer"),)  # (encoder folder, tokenizer folder), in conditioning order
     kohya_text = {"text_encoder": "lora_te_"}  # text encoder folder -> kohya LoRA key prefix
+    kohya_base = ""  # kohya's ss_base_model_version for this family ("": none, gen names it gen_unet)
     lora_preset = "unet"  # gen.lora.TARGETS key of the denoiser's attention / feed-forward layers
     objective = "DDPM"  # for the README's table and `gen info`
     index_extra: dict = {}  # model_index.json entries besides the components
@@ -95,9 +96,43 @@ class Family:
         negative prompt (else `prompts` are empty strings)."""
         return self.encode(encoders, prompts, height, width)
 
+    def sized(self, cond: dict, original: torch.Tensor | None, crop: torch.Tensor | None,
+              target: tuple[int, int]) -> dict:
+        """Training conditioning for images of these sizes: each image's original (height, width) before
+        resizing (N, 2), the top-left (top, left) of its crop (N, 2), the (height, width) it trains at. Only
+        families with size micro-conditioning (SDXL) use them."""
+        return cond
+
+    def train_conditioning(self, encoders: list, prompts: list[str], drop: torch.Tensor, original, crop,
+                           target: tuple[int, int]) -> dict:
+        """One training batch's conditioning: prompt i's, or where drop[i] (conditioning dropout) the
+        unconditional that sampling uses without a negative prompt (encode_negative of ""), for the whole
+        text conditioning at once; with the images' sizes (`sized`). Gradients flow into encoders that train."""
+        h, w = target
+        cond = self.encode(encoders, ["" if d else p for p, d in zip(prompts, drop.tolist())], h, w)
+        if bool(drop.any()):
+            empty = self.encode_negative(encoders, [""], False, h, w)
+            cond = where(~drop.to(cond["hidden"].device), cond, empty)
+        return self.sized(cond, original, crop, target)
+
+    def denoiser_options(self, encoders: list) -> dict:
+        """Architecture keys of a denoiser built from scratch for these text encoders."""
+        return {"cross_attention_dim": encoders[0].model.config.hidden_size}
+
     def denoiser_kwargs(self, cond: dict[str, torch.Tensor]) -> dict:
         """The denoiser contract's extra inputs: model(x_t, t, **denoiser_kwargs(cond))."""
         return {"encoder_hidden_states": cond["hidden"]}
+
+    # ---- LoRA files ------------------------------------------------------------------------------------
+    def kohya_version(self, denoiser, formulation=None) -> str:
+        """kohya's ss_base_model_version for a LoRA of this denoiser trained with this formulation (None:
+        epsilon DDPM); what sd-scripts would not write (another objective, a non-standard width) is gen's own
+        name, gen_unet."""
+        return "gen_unet"
+
+    @classmethod
+    def owns_kohya_version(cls, version: str) -> bool:
+        return bool(cls.kohya_base) and version.removesuffix("_v") == cls.kohya_base
 
     # ---- geometry and defaults -----------------------------------------------------------------------
     def size_multiple(self, denoiser, vae_factor: int) -> int:
@@ -180,6 +215,25 @@ def detect_models(denoiser, text_encoders: list) -> Family:
         if fam.recognises(index, configs):
             return fam()
     raise GenError(f"no model family for a {type(denoiser).__name__} with {len(text_encoders)} text encoder(s)")
+
+
+def lora_families(texts: dict[str, str | None], metadata: dict) -> list[type[Family]]:
+    """The families a LoRA file fits: the one gen recorded (gen.family), else the one kohya's
+    ss_base_model_version names, else those with these text encoder folders ({folder: kohya prefix, or None
+    for a diffusers file})."""
+    every = families()
+    named = [f for f in every if f.name == metadata.get("gen.family")] or \
+        [f for f in every if f.owns_kohya_version(metadata.get("ss_base_model_version", ""))]
+    return named or [f for f in every if all(c in f.kohya_text and p in (None, f.kohya_text[c])
+                                             for c, p in texts.items())]
+
+
+def kohya_prefixes() -> dict[str, str]:
+    """Every kohya LoRA key prefix a family uses -> its component (the denoiser or a text encoder folder)."""
+    out = {"lora_unet_": "denoiser"}
+    for fam in families():
+        out |= {p: folder for folder, p in fam.kohya_text.items()}
+    return out
 
 
 # ---- conditioning dicts: batch-dimension operations -----------------------------------------------------

@@ -14,6 +14,7 @@ class GenDiT(Family):
     denoiser_part = "transformer"
     lora_preset = "dit"
     objective = "rectified flow or DDPM"
+    kohya_base = "gen_dit"  # no kohya tool trains it: gen's own name
 
     @staticmethod
     def denoiser_class():
@@ -33,6 +34,9 @@ class GenDiT(Family):
                 f.recognises(index, configs) for f in _others()):
             return f"unsupported transformer class {klass!r} (gen loads its DiT and the families in gen/families)"
         return None
+
+    def kohya_version(self, denoiser, formulation=None) -> str:
+        return self.kohya_base
 
     def denoiser_kwargs(self, cond: dict) -> dict:
         return {"encoder_hidden_states": cond["hidden"], "pooled_projections": cond["pooled"]}

@@ -23,6 +23,17 @@ class SD1(Family):
     pipeline_class = "StableDiffusionPipeline"
     index_extra = {"safety_checker": [None, None], "feature_extractor": [None, None],
                    "image_encoder": [None, None], "requires_safety_checker": False}
+    # kohya-ss/sd-scripts (library/model_util.py get_model_version_str_for_sd1_sd2, written by train_network.py):
+    # "sd" + "_v1" or "_v2" + "_v" with v-prediction; the real architectures cross-attend to 768 (CLIP ViT-L)
+    # and 1024 (OpenCLIP ViT-H) channels
+    kohya_base = "sd_v1"
+    kohya_width = 768
+
+    def kohya_version(self, denoiser, formulation=None) -> str:
+        if getattr(formulation, "kind", "ddpm") != "ddpm" or denoiser.config.cross_attention_dim != self.kohya_width:
+            return "gen_unet"
+        v = getattr(formulation, "prediction_type", "epsilon") == "v_prediction"
+        return self.kohya_base + ("_v" if v else "")
 
     file_texts = (("text_encoder", "tokenizer", "cond_stage_model.transformer.", "hf"),)
 
@@ -45,6 +56,8 @@ class SD2(SD1):
     """SD-2.x: OpenCLIP-H in CLIPTextModel's form; its UNet's transformers use linear projections."""
     name = "sd2"
     title = "SD-2.x"
+    kohya_base = "sd_v2"
+    kohya_width = 1024
 
     @classmethod
     def recognises(cls, index: dict, configs: dict) -> bool:

@@ -20,12 +20,18 @@ class SDXL(Family):
     text_parts = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
     # kohya-ss/sd-scripts networks/lora.py: LORA_PREFIX_TEXT_ENCODER1/2 for SDXL
     kohya_text = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    # sd-scripts sdxl_train_network.py: model_version = sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0
+    kohya_base = "sdxl_base_v1-0"
+    time_embed_dim = 256  # SDXL base's addition_time_embed_dim, for UNets built from scratch
 
     def __init__(self, index: dict | None = None):
         # diffusers' StableDiffusionXLPipeline: no negative prompt -> zero embeddings (base model's setting)
         self.zeros_for_empty = bool((index or {}).get("force_zeros_for_empty_prompt", True))
         self.index_extra = {"force_zeros_for_empty_prompt": self.zeros_for_empty, "image_encoder": [None, None],
                             "feature_extractor": [None, None]}
+
+    def kohya_version(self, denoiser, formulation=None) -> str:
+        return self.kohya_base
 
     @staticmethod
     def text_class(part: str):
@@ -92,6 +98,22 @@ class SDXL(Family):
         unless given (training passes each image's own)."""
         ids = [*(original or (height, width)), *crop, height, width]
         return torch.tensor([ids], dtype=like.dtype, device=like.device).repeat(n, 1)
+
+    def sized(self, cond: dict, original, crop, target) -> dict:
+        """time_ids per image: its original size and crop top-left, the size it trains at (SDXL paper, sec 2.2;
+        diffusers' train_text_to_image_sdxl.py compute_time_ids)."""
+        hidden = cond["hidden"]
+        size = torch.tensor([target], dtype=hidden.dtype, device=hidden.device).expand(hidden.shape[0], 2)
+        ids = torch.cat([original.to(hidden.device, hidden.dtype), crop.to(hidden.device, hidden.dtype), size], 1)
+        return {**cond, "time_ids": ids}
+
+    def denoiser_options(self, encoders: list) -> dict:
+        """A text_time UNet: cross-attention over both towers' concatenated states; the time-id and pooled
+        embeddings (6 ids x addition_time_embed_dim + the second tower's projection) added to the time embedding."""
+        pooled = encoders[-1].model.config.projection_dim
+        return {"cross_attention_dim": sum(e.model.config.hidden_size for e in encoders),
+                "addition_embed_type": "text_time", "addition_time_embed_dim": self.time_embed_dim,
+                "projection_class_embeddings_input_dim": 6 * self.time_embed_dim + pooled}
 
     def denoiser_kwargs(self, cond: dict) -> dict:
         return {"encoder_hidden_states": cond["hidden"],
