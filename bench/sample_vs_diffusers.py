@@ -1,7 +1,9 @@
-"""gen vs diffusers' StableDiffusionPipeline on the same random SD-architecture weights, scheduler, steps,
-CFG, size and dtype: seconds per image, the ratio (measured in the same run), and the images' max abs diff.
+"""gen vs diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline on the same random SD- or SDXL-architecture
+weights, scheduler, steps, CFG, size and dtype: seconds per image, the ratio (measured in the same run), and the
+images' max abs diff.
 
     .venv/bin/python bench/sample_vs_diffusers.py                      # CPU: tiny @ 64 px, base @ 256 px
+    .venv/bin/python bench/sample_vs_diffusers.py --preset sdxl-small --variants default fast3
     .venv/bin/python bench/sample_vs_diffusers.py --preset base --variants default fast3
     .venv/bin/python bench/sample_vs_diffusers.py --device cuda --preset sd15 --size 512 --dtype fp16
 
@@ -35,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from th
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline,  # noqa: E402
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 from gen.models.text import byte_level_tokenizer  # noqa: E402
 from gen.models.unet import build_unet  # noqa: E402
@@ -50,26 +53,54 @@ PRESETS = {
     "tiny": (32, 2, (32, 32, 64, 64), 64, 20),
     "base": (768, 4, (32, 64, 128, 128), 256, 20),
     "sd15": (768, 12, (128, 256, 512, 512), 512, 50),
+    "sdxl-tiny": (32, 2, (32, 32, 64, 64), 64, 20),
+    "sdxl-small": (256, 4, (32, 64, 128, 128), 256, 20),
+    "sdxl": (768, 12, (128, 256, 512, 512), 1024, 30),  # text towers narrower than SDXL's (768 + 1280)
 }
 CPU_DEFAULT = ["tiny", "base"]
+# SDXL's UNet layout (no attention at the first level, 2 and 10 transformer layers below), scaled in width and
+# depth for presets that fit a CPU; "sdxl" is the real one (2.6B parameters).
+SDXL_UNETS = {
+    "sdxl-tiny": dict(block_out_channels=(32, 64), transformer_layers_per_block=(0, 1), attention_head_dim=(2, 4)),
+    "sdxl-small": dict(block_out_channels=(64, 128, 256), transformer_layers_per_block=(0, 1, 2),
+                       attention_head_dim=(2, 4, 8)),
+    "sdxl": dict(block_out_channels=(320, 640, 1280), transformer_layers_per_block=(0, 2, 10),
+                 attention_head_dim=(5, 10, 20)),
+}
+
+
+def sdxl_unet(preset: str, sample_size: int, text_width: int) -> UNet2DConditionModel:
+    u = SDXL_UNETS[preset]
+    levels = len(u["block_out_channels"])
+    down = ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (levels - 1)
+    return UNet2DConditionModel(**u, sample_size=sample_size, layers_per_block=2, down_block_types=down,
+                                up_block_types=[t.replace("Down", "Up") for t in reversed(down)],
+                                use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=256, cross_attention_dim=2 * text_width,
+                                projection_class_embeddings_input_dim=6 * 256 + text_width, norm_num_groups=32)
 
 
 def build_folder(preset: str, size: int, path: Path) -> None:
-    """A random SD-architecture model (UNet preset from gen.models.unet, 8x VAE, CLIP text), saved by diffusers."""
+    """A random SD- or SDXL-architecture model (8x VAE, CLIP text tower(s)), saved by diffusers."""
     width, layers, vae_widths, *_ = PRESETS[preset]
     torch.manual_seed(0)
     tokenizer = byte_level_tokenizer()
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1,
-                                        hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-                                        num_attention_heads=max(1, width // 64), max_position_embeddings=77))
-    unet = build_unet(preset, sample_size=size // 8, cross_attention_dim=width)
+    config = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                            hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                            num_attention_heads=max(1, width // 64), max_position_embeddings=77, projection_dim=width)
     vae = AutoencoderKL(block_out_channels=vae_widths, down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
                         norm_num_groups=32, sample_size=size)
     scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                             steps_offset=1, timestep_spacing="leading")
-    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                            safety_checker=None, feature_extractor=None,
+    if preset.startswith("sdxl"):
+        StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(config), tokenizer=tokenizer,
+                                  text_encoder_2=CLIPTextModelWithProjection(config), tokenizer_2=tokenizer,
+                                  unet=sdxl_unet(preset, size // 8, width), scheduler=scheduler).save_pretrained(path)
+        return
+    unet = build_unet(preset, sample_size=size // 8, cross_attention_dim=width)
+    StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(config), tokenizer=tokenizer, unet=unet,
+                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(path)
 
 
@@ -105,7 +136,8 @@ def bench(preset: str, folder: Path, size: int, steps: int, dtype: str, device: 
           variants: list[str]) -> None:
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     settings = dict(num_inference_steps=steps, guidance_scale=7.5, height=size, width=size, output_type="np")
-    theirs = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=DTYPES[dtype]).to(device)
+    klass = StableDiffusionXLPipeline if preset.startswith("sdxl") else StableDiffusionPipeline
+    theirs = klass.from_pretrained(folder, torch_dtype=DTYPES[dtype]).to(device)
     theirs.set_progress_bar_config(disable=True)
     runs = {"diffusers": lambda: theirs(PROMPT, negative_prompt=NEGATIVE, **settings,
                                         generator=[torch.Generator("cpu").manual_seed(0)]).images}

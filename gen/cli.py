@@ -10,98 +10,244 @@ import sys
 from pathlib import Path
 
 from gen.errors import GenError
+from gen.recipe import lora_arg as _lora_arg
+
+log = logging.getLogger("gen")
 
 
 def _add_sample(sub) -> None:
-    p = sub.add_parser("sample", help="generate images from a prompt")
-    p.add_argument("prompt")
-    p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    p = sub.add_parser("sample", help="generate images from a prompt, a PNG's recipe or a file of prompts")
+    p.add_argument("prompt", nargs="?", help="the prompt (optional with --from or --prompts)")
+    p.add_argument("--from", dest="recipe", metavar="IMAGE.png",
+                   help="make an image again from the recipe in a PNG written by gen or AUTOMATIC1111: its prompt, "
+                        "settings, model and LoRAs; the flags given override it")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="one prompt a line, or a .jsonl file with a JSON object a line: prompt and any of "
+                        "negative_prompt, seed, width, height, steps, guidance; the model loads once")
+    p.add_argument("--model", default=None, help="model folder or single .safetensors file (default: the bundled "
+                   "model)")
+    _single_file_flags(p)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--guidance-rescale", type=float, default=None)
-    p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("START", "END"),
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("START", "END"),
                    help="apply guidance only over this fraction of the steps (default 0 1: all); the steps "
                         "outside skip the unconditional pass (Kynkaanniemi et al. 2024)")
     p.add_argument("--sampler", default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--num-images", type=int, default=None, help="images per prompt (default 1)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--attention", default=None, choices=("triton", "xformers", "sdpa", "math", "auto"),
                    help="attention backend (default: auto, which logs what it picks)")
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser (slow first image)")
     p.add_argument("--channels-last", action="store_true", help="channels-last convolution weights")
-    p.add_argument("--cache-interval", type=int, default=1, metavar="K",
+    p.add_argument("--cache-interval", type=int, default=None, metavar="K",
                    help="approximate fast mode: run the whole denoiser every K-th step only and reuse its deep "
                         "features between (DeepCache); 1 = exact (default)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on CUDA)")
     p.add_argument("--out", default="outputs", help="a .png file, or a folder (default: outputs/)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle-based weight files (unsafe)")
-    p.add_argument("--lora", action="append", default=[], type=_lora_arg, metavar="PATH[:SCALE]",
+    p.add_argument("--lora", action="append", default=None, type=_lora_arg, metavar="PATH[:SCALE]",
                    help="apply a LoRA file at SCALE (default 1); repeat to stack several")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sample)
 
 
-def _lora_arg(text: str) -> tuple[str, float]:
-    """PATH[:SCALE]: split at the last ':' only when what follows is a number, so C:\\x.safetensors stays a path."""
-    path, sep, tail = text.rpartition(":")
-    try:
-        return (path, float(tail)) if sep and path else (text, 1.0)
-    except ValueError:
-        return text, 1.0
+class _Outputs:
+    """Where each image goes: a .png path (PATH-i.png for several images), or a folder of NAME.png files
+    that never overwrites an existing image."""
 
+    def __init__(self, out: str, total: int):
+        self.out, self.total, self.count = Path(out), total, 0
+        self.file = self.out.suffix.lower() == ".png"
+        if not self.file and self.out.exists() and not self.out.is_dir():
+            raise GenError(f"--out {self.out} exists and is not a folder; give a folder or a .png path")
 
-def _out_paths(out: str, seeds: list[int]) -> list[Path]:
-    """A .png path names the file (with -i for several images); otherwise a folder of SEED.png files,
-    never overwriting an existing image."""
-    out = Path(out)
-    if out.suffix.lower() == ".png":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return [out] if len(seeds) == 1 else [out.with_name(f"{out.stem}-{i}.png") for i in range(len(seeds))]
-    if out.exists() and not out.is_dir():
-        raise GenError(f"--out {out} exists and is not a folder; give a folder or a .png path")
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for s in seeds:
-        p, k = out / f"{s}.png", 1
+    def next(self, name: str) -> Path:
+        self.count += 1
+        if self.file:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            return self.out if self.total == 1 else self.out.with_name(f"{self.out.stem}-{self.count - 1}.png")
+        self.out.mkdir(parents=True, exist_ok=True)
+        p, k = self.out / f"{name}.png", 1
         while p.exists():
-            p, k = out / f"{s}-{k}.png", k + 1
-        paths.append(p)
-    return paths
+            p, k = self.out / f"{name}-{k}.png", k + 1
+        return p
+
+
+def _apply_recipe(r, args) -> None:
+    """Fills what the command line left unset from a --from recipe; a model or LoRA file it names must exist."""
+    for key in ("negative_prompt", "steps", "guidance", "seed", "width", "height", "sampler", "guidance_rescale",
+                "guidance_interval", "cache_interval"):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(r, key))
+    if args.prompt is None and not args.prompts:
+        args.prompt = r.prompt
+    if args.model is None:
+        if not r.by_gen:
+            raise GenError(f"{args.recipe} names the model {r.model_name!r} (hash {r.model_hash}), which gen cannot "
+                           "find by name; pass --model PATH")
+        if r.model is not None and not Path(r.model).exists():
+            raise GenError(f"{args.recipe} was made with the model {r.model}, which is not there; pass --model PATH")
+        args.model = r.model
+    if args.lora is None:
+        if r.lora_tags:
+            name, scale = r.lora_tags[0]
+            raise GenError(f"{args.recipe} uses the LoRA {name!r} (<lora:{name}:{scale:g}>), which gen cannot find "
+                           "by name; pass --lora PATH[:SCALE] for each of its LoRAs")
+        missing = [p for p, _ in r.loras if not Path(p).is_file()]
+        if missing:
+            raise GenError(f"{args.recipe} was made with the LoRA {missing[0]}, which is not there; pass "
+                           "--lora PATH[:SCALE] for each of its LoRAs")
+        args.lora = r.loras
+
+
+def _check_against_recipe(r, args, pipe, model_hash: str, lora_hashes: dict[str, str]) -> None:
+    """Warns where the model or a LoRA differs from the one the recipe recorded; takes an A1111 recipe's sampler."""
+    from gen.samplers import from_a1111
+
+    if r.model_hash and r.model_hash != model_hash:
+        log.warning("%s was made with model hash %s; this model's is %s, so the image will differ",
+                    args.recipe, r.model_hash, model_hash)
+    for name, now in lora_hashes.items():
+        if r.lora_hashes.get(name, now) != now:
+            log.warning("%s was made with LoRA hash %s for %s; this file's is %s", args.recipe, r.lora_hashes[name],
+                        name, now)
+    if args.sampler is None and r.a1111_sampler:
+        args.sampler = from_a1111(*r.a1111_sampler, pipe.formulation.kind)
+
+
+def _jobs(args) -> list[tuple[int, dict]]:
+    from gen.recipe import read_prompts
+
+    if args.prompts and args.prompt is not None:
+        raise GenError("give a PROMPT or --prompts FILE, not both")
+    for flag, value in (("--steps", args.steps), ("--num-images", args.num_images)):  # fail before loading anything
+        if value is not None and value < 1:
+            raise GenError(f"{flag} must be >= 1, not {value}")
+    if args.guidance is not None and args.guidance < 0:
+        raise GenError(f"--guidance must be >= 0, not {args.guidance}")
+    if args.prompts:
+        return read_prompts(args.prompts)
+    if args.prompt is None:
+        raise GenError("gen sample needs a PROMPT (or --from IMAGE.png, or --prompts FILE)")
+    return [(0, {"prompt": args.prompt})]
+
+
+def _runs(args, jobs, pipe) -> list[tuple[int, dict]]:
+    """The pipeline call of each job: its line's settings, else the flags (and recipe), else the model's
+    defaults; every --prompts line is checked against the model before the first image."""
+    d = pipe.defaults
+    shared = dict(sampler=_first(args.sampler, d["sampler"]),
+                  guidance_rescale=_first(args.guidance_rescale, d.get("guidance_rescale", 0.0)),
+                  guidance_interval=tuple(_first(args.guidance_interval, (0.0, 1.0))),
+                  cache_interval=_first(args.cache_interval, 1), num_images_per_prompt=_first(args.num_images, 1))
+    runs = []
+    for line, job in jobs:
+        run = dict(prompt=job["prompt"], negative_prompt=_first(job.get("negative_prompt"), args.negative_prompt, ""),
+                   num_inference_steps=_first(job.get("steps"), args.steps, d["steps"]),
+                   guidance_scale=_first(job.get("guidance"), args.guidance, d["guidance"]),
+                   height=_first(job.get("height"), args.height, d["height"]),
+                   width=_first(job.get("width"), args.width, d["width"]), seed=job.get("seed"), **shared)
+        bad = [side for side in ("width", "height") if run[side] % pipe.size_multiple]
+        if args.prompts and bad:
+            raise GenError(f"{Path(args.prompts).name} line {line}: {bad[0]} {run[bad[0]]} is not a multiple of "
+                           f"{pipe.size_multiple}, as this model needs")
+        runs.append((line, run))
+    return runs
+
+
+def _first(*values):
+    return next(v for v in values if v is not None)
 
 
 def cmd_sample(args) -> int:
-    from gen.io import png_parameters, save_png
-    from gen.pipeline import Pipeline
+    import random
+    from concurrent.futures import ThreadPoolExecutor
 
-    if args.steps is not None and args.steps < 1:  # fail before loading anything
-        raise GenError(f"--steps must be >= 1, not {args.steps}")
-    if args.guidance is not None and args.guidance < 0:
-        raise GenError(f"--guidance must be >= 0, not {args.guidance}")
+    from tqdm.auto import tqdm
+
+    from gen import recipe
+    from gen.pipeline import DEFAULT_MODEL, Pipeline
+    from gen.samplers import a1111_fields
+
+    base = recipe.read_png(args.recipe) if args.recipe else None
+    if base is not None:
+        _apply_recipe(base, args)
+    jobs = _jobs(args)
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                     attention=args.attention, allow_pickle=args.allow_pickle,
-                                    compile=args.compile, channels_last=args.channels_last)
-    pipe.progress = not args.no_progress
-    for path, scale in args.lora:
+                                    compile=args.compile, channels_last=args.channels_last,
+                                    tokenizer=args.tokenizer, prediction_type=args.prediction_type)
+    model_path = Path(args.model) if args.model else DEFAULT_MODEL
+    model_hash = ThreadPoolExecutor(1).submit(recipe.model_hash, model_path)  # hashed while sampling
+    loras = [(str(Path(p).resolve()), s) for p, s in args.lora or []]
+    for path, scale in loras:
         pipe.load_lora(path, scale=scale, allow_pickle=args.allow_pickle)
-    d = pipe.defaults
-    pick = lambda value, key: d[key] if value is None else value  # noqa: E731
-    settings = dict(num_inference_steps=pick(args.steps, "steps"), guidance_scale=pick(args.guidance, "guidance"),
-                    height=pick(args.height, "height"), width=pick(args.width, "width"),
-                    sampler=pick(args.sampler, "sampler"))
-    out = pipe(args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
-               seed=args.seed, guidance_rescale=args.guidance_rescale, guidance_interval=tuple(args.guidance_interval),
-               cache_interval=args.cache_interval, **settings)
-    model = Path(args.model).name if args.model else "gen-default"
-    for image, seed, path in zip(out.images, out.seeds, _out_paths(args.out, out.seeds)):
-        params = png_parameters(args.prompt, args.negative_prompt or "", settings["num_inference_steps"],
-                                settings["sampler"], settings["guidance_scale"], seed, settings["width"],
-                                settings["height"], model)
-        save_png(image, path, params)
-        print(path)
+    lora_hashes = {recipe.lora_alias(p): recipe.lora_hash(p) for p, _ in loras}
+    if base is not None:
+        _check_against_recipe(base, args, pipe, model_hash.result(), lora_hashes)
+    runs = _runs(args, jobs, pipe)
+    sampler = runs[0][1]["sampler"]
+    sampler_fields = a1111_fields(sampler, pipe.formulation, pipe.scheduler_config)
+    written = dict(sampler=sampler, model=str(model_path.resolve()) if args.model else None,
+                   model_name=model_path.name if args.model else "gen-default", loras=loras, lora_hashes=lora_hashes)
+    seed = _first(args.seed, random.randrange(2 ** 32))  # lines without a seed take the next ones
+    total = sum(run["num_images_per_prompt"] for _, run in runs)
+    outputs = _Outputs(args.out, total)
+    pipe.set_progress_bar_config(disable=args.no_progress or len(runs) > 1)  # a batch has one bar, over images
+    bar = tqdm(total=total, unit="img", desc="images", disable=args.no_progress or len(runs) == 1)
+    for line, run in runs:
+        if run["seed"] is None:
+            run["seed"], seed = seed, seed + run["num_images_per_prompt"]
+        out = pipe(**run)
+        for image, image_seed in zip(out.images, out.seeds):  # each written as soon as it is made
+            r = recipe.Recipe(prompt=run["prompt"], negative_prompt=run["negative_prompt"],
+                              steps=run["num_inference_steps"], guidance=run["guidance_scale"], seed=image_seed,
+                              width=run["width"], height=run["height"], guidance_rescale=run["guidance_rescale"],
+                              guidance_interval=run["guidance_interval"], cache_interval=run["cache_interval"],
+                              model_hash=model_hash.result(), **written)
+            path = outputs.next(f"{line:04d}-{image_seed}" if args.prompts else str(image_seed))
+            recipe.write_png(image, path, recipe.infotext(r, sampler_fields))
+            bar.update()
+            tqdm.write(str(path), file=sys.stdout)
+    bar.close()
+    return 0
+
+
+def _single_file_flags(p) -> None:
+    p.add_argument("--tokenizer", default=None, metavar="FOLDER",
+                   help="for a single file without one: a diffusers folder whose tokenizer/ (tokenizer_2/) to use")
+    p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
+                   help="for a single file: what its denoiser predicts, which weights cannot tell (SD-2.x 768 "
+                        "models: v_prediction); default: what gen recorded in the file, else epsilon")
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="model folder -> single .safetensors file (original LDM/A1111 layout), "
+                       "or single file -> diffusers folder")
+    p.add_argument("src", help="a model folder or a single .safetensors file")
+    p.add_argument("dst", help="a .safetensors path (write a single file) or a folder path (write a folder)")
+    _single_file_flags(p)
+    p.add_argument("--allow-pickle", action="store_true", help="allow reading a pickle-based .ckpt source")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="weights' dtype written")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> int:
+    from gen.pipeline import Pipeline
+
+    src, dst = Path(args.src), Path(args.dst)
+    if src.resolve() == dst.resolve():
+        raise GenError("gen convert: SRC and DST are the same path")
+    pipe = Pipeline.from_pretrained(src, device="cpu", dtype=args.dtype, allow_pickle=args.allow_pickle,
+                                    tokenizer=args.tokenizer, prediction_type=args.prediction_type)
+    pipe.save_pretrained(dst, single_file=dst.suffix == ".safetensors")
+    print(f"wrote {dst} ({'single file' if dst.suffix == '.safetensors' else 'diffusers folder'}, "
+          f"{pipe.family.title})")
     return 0
 
 
@@ -151,16 +297,47 @@ def cmd_train(args) -> int:
 
 
 def _add_lora(sub) -> None:
-    p = sub.add_parser("lora", help="LoRA fine-tune a model folder from a YAML recipe (also under `accelerate launch`)")
-    p.add_argument("config", help="YAML config (see configs/lora-*.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.rank=16")
+    p = sub.add_parser("lora", help="LoRA fine-tune a model folder from a YAML recipe (also under `accelerate "
+                                    "launch`); `gen lora merge BASE LORA[:SCALE]... --out OUT` bakes LoRAs in")
+    p.add_argument("config", help="YAML config (see configs/lora-*.yaml), or `merge`")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value",  # REMAINDER: merge's own options
+                   help="config overrides, e.g. lora.rank=16")
     p.set_defaults(func=cmd_lora)
 
 
+def _merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gen lora merge", description="fuse LoRA files into a base model and save it")
+    p.add_argument("base", help="the base model (folder)")
+    p.add_argument("loras", nargs="+", type=_lora_arg, metavar="LORA[:SCALE]", help="LoRA files, each at SCALE")
+    p.add_argument("--out", required=True, help="the merged model: a folder, or a single .safetensors file "
+                                                 "(original LDM/A1111 layout)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle-based weight files (unsafe)")
+    return p
+
+
 def cmd_lora(args) -> int:
+    if args.config == "merge":
+        return lora_merge(_merge_parser().parse_args(args.overrides))
     from train.lora import main as lora_main
 
     return lora_main(args.config, args.overrides)
+
+
+def lora_merge(args) -> int:
+    """`gen lora merge`: the base with each LoRA at its scale fused into its weights, saved as a model of its own
+    (what kohya's merge scripts and ComfyUI's save-checkpoint node do); its images equal the base's with the
+    LoRAs loaded."""
+    from gen.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(args.base, device="cpu", dtype="fp32", allow_pickle=args.allow_pickle)
+    for path, scale in args.loras:
+        pipe.load_lora(path, scale=scale, allow_pickle=args.allow_pickle)
+    pipe.fuse_lora()
+    pipe.unload_lora()  # the fused weights stay
+    pipe.recipe["merged_loras"] = [{"file": str(path), "scale": scale} for path, scale in args.loras]
+    pipe.save_pretrained(args.out, single_file=Path(args.out).suffix == ".safetensors")
+    print(f"merged {len(args.loras)} LoRA(s) into {args.base}: {args.out}")
+    return 0
 
 
 def _add_eval(sub) -> None:
@@ -223,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     _add_sample(sub)
     _add_info(sub)
+    _add_convert(sub)
     _add_train(sub)
     _add_lora(sub)
     _add_eval(sub)

@@ -20,51 +20,52 @@ from gen.errors import GenError
 
 
 class FeatureCache:
-    """A predict(x, t, hidden, pooled) -> prediction wrapper around a denoiser that refreshes its cached deep
+    """A predict(x, t, **denoiser_kwargs) -> prediction wrapper around a denoiser that refreshes its cached deep
     features every `interval` calls."""
 
     def __init__(self, denoiser, interval: int, forward=None):
-        """`forward`: the function that runs the denoiser (`forward_fn(is_dit)` or a torch.compile of it)."""
+        """`forward`: the function that runs the denoiser (`forward_fn(kind(denoiser))` or a torch.compile of it)."""
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise GenError(f"cache interval must be an integer >= 1, not {interval!r}")
         self.denoiser = denoiser
         self.interval = interval
-        self.is_dit = not hasattr(denoiser.config, "block_out_channels")
-        if not self.is_dit:
+        if kind(denoiser) == "unet":
             check_unet(denoiser)
         elif len(denoiser.blocks) < 3:
             raise GenError("the fast mode needs a DiT with at least 3 blocks")
-        self.forward = forward or forward_fn(self.is_dit)
+        self.forward = forward or forward_fn(kind(denoiser))
         self.calls = 0
         self.full_calls = 0
         self.cached: torch.Tensor | None = None
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
         cached = self.cached
         if cached is not None and cached.shape[0] == 2 * x.shape[0]:  # CFG just switched off (a guidance
             cached = cached[x.shape[0]:]  # interval): keep the conditional half, the second of [uncond, cond]
         full = self.calls % self.interval == 0 or cached is None or cached.shape[0] != x.shape[0]
         self.calls += 1
         self.full_calls += full
-        out, self.cached = self.forward(self.denoiser, x, t, hidden, pooled, None if full else cached)
+        out, self.cached = self.forward(self.denoiser, x, t, cached=None if full else cached, **kwargs)
         return out
 
 
-def forward_fn(is_dit: bool):
-    """The cached forward for a DiT or a UNet: f(denoiser, x, t, hidden, pooled, cached) -> (out, deep feature)."""
-    return dit_forward if is_dit else _unet_forward_pooled
+def kind(denoiser) -> str:
+    """"unet" (diffusers' UNet2DConditionModel) or "dit" (gen's DiT): the two architectures the cache knows."""
+    return "dit" if hasattr(denoiser, "blocks") and hasattr(denoiser, "x_embedder") else "unet"
 
 
-def _unet_forward_pooled(unet, sample, timestep, hidden, pooled, cached):
-    return unet_forward(unet, sample, timestep, hidden, cached)  # an SD UNet takes no pooled embedding
+def forward_fn(kind: str):
+    """The cached forward for a DiT or a UNet: f(denoiser, x, t, cached=..., **denoiser_kwargs) -> (out, deep feature)."""
+    return dit_forward if kind == "dit" else unet_forward
 
 
 def check_unet(unet) -> None:
-    """The cached path re-implements UNet2DConditionModel.forward for SD-style UNets (text conditioning
-    only); others are refused rather than sampled wrongly."""
+    """The cached path re-implements UNet2DConditionModel.forward for SD-style UNets (text conditioning, and
+    SDXL's text_time added embeddings); others are refused rather than sampled wrongly."""
     c = unet.config
+    added = c.get("addition_embed_type")
     extra = [name for name, value in (("class embeddings", getattr(unet, "class_embedding", None)),
-                                      ("addition embeddings", c.get("addition_embed_type")),
+                                      ("addition embeddings", added if added != "text_time" else None),
                                       ("an encoder projection", c.get("encoder_hid_dim_type")))
              if value is not None]
     if c.get("center_input_sample"):
@@ -92,7 +93,8 @@ def _layer(block, i: int, x, emb, hidden):
     return x
 
 
-def unet_forward(unet, sample: torch.Tensor, timestep, hidden: torch.Tensor, cached: torch.Tensor | None
+def unet_forward(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+                 cached: torch.Tensor | None = None, added_cond_kwargs: dict | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """UNet2DConditionModel.forward (same operations in the same order, so `cached=None` gives the same
     output), returning also the deep feature at DeepCache's shallowest skip branch (branch 0): the input of
@@ -101,7 +103,11 @@ def unet_forward(unet, sample: torch.Tensor, timestep, hidden: torch.Tensor, cac
     skip connections are exactly those two outputs."""
     factor = 2 ** unet.num_upsamplers
     forward_upsample_size = any(d % factor for d in sample.shape[-2:])
+    hidden = encoder_hidden_states
     emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=hidden, added_cond_kwargs=added_cond_kwargs or {})
+    if aug is not None:  # SDXL: pooled text embedding + time ids
+        emb = emb + aug
     if unet.time_embed_act is not None:
         emb = unet.time_embed_act(emb)
     x_in = unet.conv_in(sample)
@@ -144,10 +150,12 @@ def unet_forward(unet, sample: torch.Tensor, timestep, hidden: torch.Tensor, cac
     return unet.conv_out(x), cached
 
 
-def dit_forward(dit, sample: torch.Tensor, timestep, hidden: torch.Tensor, pooled: torch.Tensor | None,
-                cached: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def dit_forward(dit, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+                pooled_projections: torch.Tensor | None = None, cached: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """gen's DiT forward, returning also the residual its middle blocks (all but the first and last) added;
     given `cached`, the middle blocks are skipped and `cached` is added in their place."""
+    hidden, pooled = encoder_hidden_states, pooled_projections
     N, _, H, W = sample.shape
     p = dit.config.patch_size
     h, w = H // p, W // p

@@ -32,8 +32,11 @@ def _human(n: int) -> str:
 
 
 def describe_folder(path: Path) -> str:
+    from gen import families
+
     index = read_json(path / "model_index.json")
-    lines = [f"model folder {path}", f"  pipeline: {index.get('_class_name', '?')}"]
+    lines = [f"model folder {path}", f"  family: {families.detect_folder(path, index).title}",
+             "  layout: diffusers folder", f"  pipeline: {index.get('_class_name', '?')}"]
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
             continue
@@ -63,11 +66,14 @@ def describe_file(path: Path) -> str:
             meta = h.metadata() or {}
     except Exception as e:
         raise GenError(f"{path} is not a valid safetensors file ({e})") from None
-    from gen import lora
+    from gen import lora, single_file
 
     if lora.is_lora(keys):
         return lora.describe(path) + f"\n  parameters: {_human(_count([path]))}"
     lines = [f"safetensors file {path}", f"  tensors: {len(keys)}, parameters: {_human(_count([path]))}"]
+    if single_file.is_checkpoint(keys):  # a whole model in the original layout (or SD3/Flux: said so)
+        shapes, _ = single_file.header(path)
+        return "\n".join(lines + single_file.describe(path, shapes, meta))
     lines += [f"  {k}: {v[:200]}" for k, v in meta.items()]
     return "\n".join(lines)
 

@@ -155,21 +155,36 @@ def read_json(path: str | Path) -> dict:
         raise GenError(f"{path} is not valid JSON ({e})") from None
 
 
-def png_parameters(prompt: str, negative_prompt: str, steps: int, sampler: str, guidance: float,
-                   seed: int, width: int, height: int, model: str) -> str:
-    """Generation parameters in AUTOMATIC1111's `parameters` PNG text layout."""
-    lines = [prompt]
-    if negative_prompt:
-        lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(f"Steps: {steps}, Sampler: {sampler}, CFG scale: {guidance:g}, Seed: {seed}, "
-                 f"Size: {width}x{height}, Model: {model}")
-    return "\n".join(lines)
+
+_TORCH_TO_SAFETENSORS = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                         torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                         torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def save_png(image, path: str | Path, parameters: str) -> None:
-    """Saves a PIL image with the A1111 `parameters` text chunk."""
-    from PIL.PngImagePlugin import PngInfo
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Writes a safetensors file tensor by tensor (safetensors' save_file first builds the whole file in memory:
+    a second copy of the weights), to a temporary file renamed into place, so a failed write loses nothing."""
+    import os
 
-    info = PngInfo()
-    info.add_text("parameters", parameters)
-    image.save(str(path), pnginfo=info)
+    path = Path(path)
+    items = sorted(tensors.items())
+    head: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, t in items:
+        size = t.numel() * t.element_size()
+        head[name] = {"dtype": _TORCH_TO_SAFETENSORS[t.dtype], "shape": list(t.shape),
+                      "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(head, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little"))
+            f.write(blob)
+            for _, t in items:
+                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -4,8 +4,9 @@ A LoRA on layer W adds `weight * (alpha / rank) * B @ A`. The adapters are peft 
 as diffusers' `load_lora_weights` does, so the same file gives the same images here and in diffusers. The
 file layouts (diffusers/peft and kohya/A1111) live in gen/lora_formats.py.
 
-Components are named "denoiser" (the UNet or DiT; "unet" or "transformer" in diffusers files) and
-"text_encoder" (CLIP).
+Components are named "denoiser" (the UNet or DiT; "unet" or "transformer" in diffusers files) and by the
+family's text encoder folders ("text_encoder"; SDXL adds "text_encoder_2"). Which kohya prefixes, diffusers
+prefixes and ss_base_model_version a model's LoRA files use is its family's (gen/families) to say.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import torch
 from torch import nn
 
 from gen.errors import GenError
-from gen.lora_formats import (FORMATS, KOHYA_PREFIXES, PEFT_WRAPPER, TEXT, Factor, LoraFile, base_of, config_fields, describe,
-                              flat, is_lora, neutral, read, write)
+from gen import families
+from gen.lora_formats import (DENOISER, FORMATS, KOHYA_UNET, PEFT_WRAPPER, TEXT, Factor, LoraFile, base_of,
+                              config_fields, describe, flat, is_lora, is_text, neutral, read, write)
 
 __all__ = ["FORMATS", "TARGETS", "Adapters", "describe", "extract", "is_lora", "lora_config", "read",
            "remove_adapters", "save_lora", "target_modules"]
@@ -71,7 +73,7 @@ def adaptable_layers(model: nn.Module, component: str) -> dict[str, nn.Module]:
         elif not isinstance(m, (nn.Linear, nn.Conv2d)):
             continue
         name = name.removeprefix(PEFT_WRAPPER)
-        out[neutral(name) if component == TEXT else name] = m
+        out[neutral(name) if is_text(component) else name] = m
     return out
 
 
@@ -92,21 +94,42 @@ def _shape_problem(f: Factor, layer: nn.Module) -> str | None:
     return None
 
 
-def match(lora: LoraFile, models: dict[str, nn.Module], prefixes: dict[str, str],
+def file_prefixes(family: families.Family, layout: str) -> dict[str, str]:
+    """Component -> the key prefix this family's LoRA files use in this layout."""
+    if layout == "kohya":
+        return {DENOISER: KOHYA_UNET, **family.kohya_text}
+    return {DENOISER: family.denoiser_part, **{enc: enc for enc, _ in family.text_parts}}
+
+
+def _family_mismatch(lora: LoraFile, family: families.Family, source: str) -> str | None:
+    """A one-line message when the file is recognisably for another model family than `family`."""
+    texts = {c: (p if lora.layout == "kohya" else None) for c, p in lora.prefixes.items() if is_text(c)}
+    theirs = families.lora_families(texts, lora.metadata)
+    if not theirs or type(family) in theirs:
+        return None
+    mine = file_prefixes(family, lora.layout)
+    why = [f"{lora.prefixes[c]} ({c})" for c in texts if lora.prefixes[c] != mine.get(c)]
+    return (f"{source} is a LoRA for {' or '.join(f.title for f in theirs)}, not for this {family.title} model"
+            + (f" (its {', '.join(why)} layers have no counterpart here)" if why else "")
+            + f"; load it with a {theirs[0].title} model (recorded base: {base_of(lora.metadata)})")
+
+
+def match(lora: LoraFile, models: dict[str, nn.Module], family: families.Family,
           source: str = "LoRA") -> dict[str, dict[str, Factor]]:
     """Maps every LoRA layer onto a model layer, or raises GenError with the counts and the first misses.
 
-    models: component -> model; prefixes: component -> this pipeline's file prefix ("unet"/"transformer").
+    models: component -> model; family: the model's family (its LoRA key prefixes).
     Returns component -> {model layer name (as peft sees it) -> Factor}."""
+    prefixes = file_prefixes(family, lora.layout)
     matched: dict[str, dict[str, Factor]] = {}
     unmatched, bad = [], []
     for comp, factors in lora.factors.items():
         model = models.get(comp)
         layers = adaptable_layers(model, comp) if model is not None else {}
         names = {(flat(comp, n) if lora.layout == "kohya" else n): n for n in layers}
-        if lora.layout != "kohya" and lora.prefixes.get(comp, "") not in ("", prefixes[comp]):
-            names = {}  # a transformer LoRA on a UNet, or the reverse: nothing can match
-        real = "text_model." if comp == TEXT and hasattr(model, "text_model") else ""  # the name peft sees
+        if lora.prefixes.get(comp, "") not in ("", prefixes.get(comp)):
+            names = {}  # a transformer LoRA on a UNet, an SD lora_te_ on SDXL's lora_te1_: nothing can match
+        real = "text_model." if is_text(comp) and hasattr(model, "text_model") else ""  # the name peft sees
         for name, f in factors.items():
             layer_name = names.get(name)
             if layer_name is None:
@@ -117,6 +140,10 @@ def match(lora: LoraFile, models: dict[str, nn.Module], prefixes: dict[str, str]
                 bad.append(f"{_display(lora, comp, name)}: {problem}")
             matched.setdefault(comp, {})[real + layer_name] = f
     total = lora.count()
+    if unmatched or bad:
+        other = _family_mismatch(lora, family, source)
+        if other:
+            raise GenError(other)
     if unmatched:
         n = total - len(unmatched)
         what = "none" if n == 0 else f"only {n}"
@@ -130,9 +157,9 @@ def match(lora: LoraFile, models: dict[str, nn.Module], prefixes: dict[str, str]
 
 
 def _display(lora: LoraFile, comp: str, name: str) -> str:
-    if lora.layout == "kohya":
-        return next(p for p, c in KOHYA_PREFIXES.items() if c == comp) + name
     prefix = lora.prefixes.get(comp)
+    if lora.layout == "kohya":
+        return prefix + name
     return f"{prefix}.{name}" if prefix else name
 
 
@@ -215,11 +242,7 @@ class Adapters:
 
     @property
     def models(self) -> dict[str, nn.Module]:
-        return {"denoiser": self.pipe.denoiser, TEXT: self.pipe.text.model}
-
-    @property
-    def prefixes(self) -> dict[str, str]:
-        return {"denoiser": "transformer" if self.pipe.is_dit else "unet", TEXT: TEXT}
+        return {DENOISER: self.pipe.denoiser, **self.pipe.text_parts}
 
     def _unfused(self, what: str) -> None:
         if self._backup is not None:
@@ -245,7 +268,7 @@ class Adapters:
         path = Path(path)
         name = self._name(adapter_name, path)
         lora = read(path, allow_pickle=allow_pickle)
-        matched = match(lora, self.models, self.prefixes, source=str(path))  # raises before anything changes
+        matched = match(lora, self.models, self.pipe.family, source=str(path))  # raises before anything changes
         try:
             for comp, factors in matched.items():
                 inject(self.models[comp], factors, name)
@@ -317,8 +340,9 @@ class Adapters:
             adapter_name = next(iter(self.weights))
         meta = self.metadata.get(adapter_name, {})
         recipe = json.loads(meta["gen.recipe"]) if meta.get("gen.recipe") else None
-        return save_lora(path, self.pipe.denoiser, self.pipe.text.model, adapter_name, format=format,
-                         recipe=recipe, base_model=meta.get("gen.base_model") or self.pipe.name)
+        return save_lora(path, self.pipe.denoiser, self.pipe.text_parts, adapter_name, format=format,
+                         recipe=recipe, base_model=meta.get("gen.base_model") or self.pipe.name,
+                         formulation=self.pipe.formulation, family=self.pipe.family)
 
 
 def _check_weight(w) -> None:
@@ -340,37 +364,38 @@ def extract(model: nn.Module, component: str, adapter_name: str = "default") -> 
             alpha *= math.sqrt(r)
         magnitude = m.lora_magnitude_vector[adapter_name].weight.detach() if m.use_dora.get(adapter_name) else None
         name = name.removeprefix(PEFT_WRAPPER)
-        out[neutral(name) if component == TEXT else name] = Factor(
+        out[neutral(name) if is_text(component) else name] = Factor(
             m.lora_A[adapter_name].weight.detach(), m.lora_B[adapter_name].weight.detach(), alpha, magnitude)
     return out
 
 
-def base_version(denoiser: nn.Module) -> str:
-    """kohya's ss_base_model_version: sd_v1 / sd_v2_512 for SD-shaped UNets, else gen's own."""
-    if not hasattr(denoiser.config, "block_out_channels"):
-        return "gen_dit"
-    return {768: "sd_v1", 1024: "sd_v2_512"}.get(denoiser.config.cross_attention_dim, "gen_unet")
-
-
-def save_lora(path: str | Path, denoiser: nn.Module, text_encoder: nn.Module | None = None,
+def save_lora(path: str | Path, denoiser: nn.Module, text_encoder: nn.Module | dict[str, nn.Module] | None = None,
               adapter_name: str = "default", format: str = "diffusers", recipe: dict | None = None,
-              base_model: str | None = None, dtype: torch.dtype | None = None) -> Path:
+              base_model: str | None = None, dtype: torch.dtype | None = None, formulation=None,
+              family: families.Family | None = None) -> Path:
     """Writes adapter `adapter_name` of peft-injected models as one .safetensors LoRA file.
 
     Args:
         denoiser: the UNet or DiT, with peft LoRA layers (inject_adapter_in_model, add_adapter or get_peft_model).
-        text_encoder: the CLIP text encoder, if it has LoRA layers too.
+        text_encoder: the CLIP text encoder, or {text encoder folder: model} (SDXL: text_encoder and
+            text_encoder_2), those with LoRA layers written too.
         format: "diffusers" (keys `unet.<layer>.lora_A.weight`, what diffusers' load_lora_weights reads; rank,
             alpha and per-layer patterns in the `lora_adapter_metadata` header) or "kohya" (`lora_unet_*` /
             `lora_te_*` with `lora_down`/`lora_up`/`alpha` tensors and `ss_*` header, for A1111 and ComfyUI).
         recipe: the training recipe, stored as JSON in the `gen.recipe` header field.
         base_model: the base model's name or path, stored in `gen.base_model`.
         dtype: cast the LoRA matrices (e.g. torch.float16); default: as trained.
+        formulation: the base model's objective (gen.formulations), for kohya's ss_base_model_version
+            (sd_v2 or sd_v2_v, ...); None: epsilon prediction.
+        family: the model's family (gen.families), which names the files' keys and kohya's base version;
+            default: recognised from the models.
     """
-    factors = {c: f for c, m in (("denoiser", denoiser), (TEXT, text_encoder))
+    texts = text_encoder if isinstance(text_encoder, dict) else {TEXT: text_encoder} if text_encoder else {}
+    factors = {c: f for c, m in ((DENOISER, denoiser), *texts.items())
                if m is not None and (f := extract(m, c, adapter_name))}
     if not factors:
         raise GenError(f"these models have no LoRA adapter named {adapter_name!r}")
-    dit = not hasattr(denoiser.config, "block_out_channels")
-    return write(path, factors, format, denoiser_prefix="transformer" if dit else "unet",
-                 base_version=base_version(denoiser), recipe=recipe, base_model=base_model, dtype=dtype)
+    family = family or families.detect_models(denoiser, list(texts.values()))
+    return write(path, factors, format, denoiser_prefix=family.denoiser_part,
+                 base_version=family.kohya_version(denoiser, formulation), recipe=recipe, base_model=base_model,
+                 dtype=dtype, text_prefixes=family.kohya_text, family=family.name)

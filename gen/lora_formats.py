@@ -2,17 +2,25 @@
 
 A LoRA on layer W adds `weight * (alpha / rank) * B @ A`; the files differ only in naming:
 
-    diffusers  unet.<layer>.lora_A.weight / .lora_B.weight (also `transformer.`, `text_encoder.text_model.`);
+    diffusers  unet.<layer>.lora_A.weight / .lora_B.weight (also `transformer.`, `text_encoder.text_model.`,
+               SDXL's `text_encoder_2.text_model.`);
                rank from the shapes, alpha in the `lora_adapter_metadata` header (a peft LoraConfig as JSON,
                with per-layer rank_pattern / alpha_pattern), absent = alpha equals rank.
                DoRA adds <layer>.lora_magnitude_vector.
+               Read also in the older spellings diffusers' loaders still read (see DIFFUSERS_PARTS): what its
+               training scripts write through convert_state_dict_to_diffusers (UNet `<layer>.lora.down.weight`,
+               CLIP `<layer>.lora_linear_layer.down.weight`) and the attention-processor files its scripts
+               wrote up to 0.21 (`<attn>.processor.to_q_lora.down.weight`). A folder reads as the weights in it.
     peft       the same with `base_model.model.` in front, or bare layer names (one model's adapter),
                alpha in an adapter_config.json beside the file.
     kohya      lora_unet_<layer with dots as underscores>.lora_down.weight / .lora_up.weight / .alpha
-               (text encoder: lora_te_text_model_...), `ss_*` header fields; A1111, ComfyUI and diffusers read it.
+               (text encoders: the family's kohya_text prefix, lora_te_text_model_... for SD, lora_te1_/lora_te2_
+               for SDXL as sd-scripts' networks/lora.py names them), `ss_*` header fields; A1111, ComfyUI and
+               diffusers read it.
 
-Components are "denoiser" (the UNet or DiT) and "text_encoder". Text-encoder layer names are kept without
-transformers' optional `text_model.` level and written with it, which is what every tool reads.
+Components are "denoiser" (the UNet or DiT) and the family's text encoder folders ("text_encoder",
+"text_encoder_2"). Text-encoder layer names are kept without transformers' optional `text_model.` level and
+written with it, which is what every tool reads.
 """
 
 from __future__ import annotations
@@ -30,11 +38,33 @@ import torch
 from gen.errors import GenError
 
 DIFFUSERS_META = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
-KOHYA_PREFIXES = {"lora_unet_": "denoiser", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
-TEXT = "text_encoder"
+TEXT = "text_encoder"  # the first text encoder's folder; every component but "denoiser" is a text encoder
+DENOISER = "denoiser"
+KOHYA_UNET = "lora_unet_"
 PEFT_WRAPPER = "base_model.model."  # what PeftModel puts in front of every key
 FORMATS = ("diffusers", "kohya")
 MAGNITUDE = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")  # DoRA, peft >= 0.12 and before
+KOHYA_PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+# Every spelling of a LoRA matrix that diffusers' SD loader reads (diffusers 0.42, utils/state_dict_utils.py:
+# UNET_TO_DIFFUSERS for the UNet, DIFFUSERS_TO_PEFT for CLIP, both after KEYS_TO_ALWAYS_REPLACE drops
+# `.processor.`): peft's lora_A/B (what gen writes); `.lora.down/up` (convert_state_dict_to_diffusers on a
+# UNet's to_q/k/v/out.0, the scripts' files since 0.25, and training_utils.unet_lora_state_dict in 0.22-0.24);
+# `.lora_linear_layer.down/up` (the same on CLIP's q/k/v/out_proj). `.alpha` is gen's own addition (diffusers
+# reads alphas from kohya files only).
+DIFFUSERS_PARTS = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down",
+                   ".lora.up.weight": "up", ".lora_linear_layer.down.weight": "down",
+                   ".lora_linear_layer.up.weight": "up", ".alpha": "alpha", **dict.fromkeys(MAGNITUDE, "magnitude")}
+# LoRAAttnProcessor files (diffusers' scripts up to 0.21): `<attn>.processor.to_q_lora.down.weight`, named after
+# the processor's to_q/to_k/to_v/to_out, which are these layers (UNET_TO_DIFFUSERS for the UNet,
+# DIFFUSERS_OLD_TO_PEFT for CLIP).
+ATTN_PROCESSOR = re.compile(r"\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+ATTN_PROCESSOR_LAYERS = {False: {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
+                         True: {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
+TEXT_FOLDER = re.compile(r"text_encoder(_\d+)?")  # text_encoder, text_encoder_2, ...
+
+
+def is_text(component: str) -> bool:
+    return component != DENOISER
 
 
 @dataclass
@@ -56,7 +86,7 @@ class Factor:
 
 @dataclass
 class LoraFile:
-    factors: dict[str, dict[str, Factor]]  # component ("denoiser" | "text_encoder") -> layer name -> Factor
+    factors: dict[str, dict[str, Factor]]  # component ("denoiser" | a text encoder folder) -> layer -> Factor
     layout: str  # "diffusers", "peft" or "kohya"; kohya layer names are flat (dots as underscores)
     metadata: dict[str, str] = field(default_factory=dict)
     prefixes: dict[str, str] = field(default_factory=dict)  # component -> the prefix the file used
@@ -71,7 +101,7 @@ def neutral(name: str) -> str:
 
 def flat(component: str, name: str) -> str:
     """The kohya/A1111 layer name without its lora_unet_/lora_te_ prefix: dots become underscores."""
-    return ("text_model_" if component == TEXT else "") + name.replace(".", "_")
+    return ("text_model_" if is_text(component) else "") + name.replace(".", "_")
 
 
 def num(x: float) -> int | float:
@@ -87,66 +117,99 @@ def _pattern_value(patterns: dict, name: str, default):
 
 
 # ---- reading ------------------------------------------------------------------------------------------
+def _component(name: str) -> tuple[str, str, str, str | None]:
+    """A diffusers/peft key without its part -> (component, file prefix, layer name, layout if not diffusers)."""
+    layout = None
+    if name.startswith(PEFT_WRAPPER):
+        name, layout = name[len(PEFT_WRAPPER):], "peft"
+    prefix, _, rest = name.partition(".")
+    if prefix in ("unet", "transformer"):
+        return DENOISER, prefix, rest, layout
+    if TEXT_FOLDER.fullmatch(prefix):
+        return prefix, prefix, rest, layout
+    return DENOISER, "", name, "peft"  # a bare peft adapter of one model: the denoiser
+
+
+def _split(key: str, kohya: dict[str, str] | None) -> tuple[str, str, str, str, str | None] | None:
+    """One key -> (component, file prefix, layer name, part: down | up | alpha | magnitude, layout), or None."""
+    if kohya:
+        suffix = next((s for s in KOHYA_PARTS if key.endswith(s)), None)
+        if suffix is None:
+            return None
+        name = key[: -len(suffix)]
+        prefix = next(p for p in kohya if name.startswith(p))
+        return kohya[prefix], prefix, name[len(prefix):], KOHYA_PARTS[suffix], "kohya"
+    key = key.replace(".processor.", ".")
+    old = ATTN_PROCESSOR.search(key)
+    if old:
+        comp, prefix, name, layout = _component(key[: old.start()])
+        name += "." + ATTN_PROCESSOR_LAYERS[is_text(comp)][old.group(1)]
+        part = old.group(2)
+    else:
+        suffix = next((s for s in DIFFUSERS_PARTS if key.endswith(s)), None)
+        if suffix is None:
+            return None
+        comp, prefix, name, layout = _component(key[: -len(suffix)])
+        part = DIFFUSERS_PARTS[suffix]
+    return comp, prefix, (neutral(name) if is_text(comp) else name), part, layout or "diffusers"
+
+
 def parse(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
           peft_config: dict | None = None, source: str = "LoRA") -> LoraFile:
-    """A LoRA state dict in the diffusers, peft (`base_model.model.` keys) or kohya layout -> LoraFile."""
+    """A LoRA state dict in the diffusers (any spelling diffusers reads), peft (`base_model.model.` keys) or
+    kohya layout -> LoraFile."""
+    from gen.families import kohya_prefixes
+
     metadata = dict(metadata or {})
-    kohya = bool(state_dict) and all(k.startswith(tuple(KOHYA_PREFIXES)) for k in state_dict)
-    down_s, up_s = (".lora_down.weight", ".lora_up.weight") if kohya else (".lora_A.weight", ".lora_B.weight")
-    suffixes = (down_s, up_s, ".alpha") if kohya else (down_s, up_s, ".alpha", *MAGNITUDE)
+    prefixes = kohya_prefixes()
+    kohya = prefixes if state_dict and all(k.startswith(tuple(prefixes)) for k in state_dict) else None
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    prefixes, unknown = {}, []
-    layout = "kohya" if kohya else "diffusers"
+    prefixes, unknown, layouts = {}, [], set()
     for key, tensor in state_dict.items():
-        suffix = next((s for s in suffixes if key.endswith(s)), None)
-        if suffix is None:
+        split = _split(key, kohya)
+        if split is None:
             unknown.append(key)
             continue
-        name = key[: -len(suffix)]
-        if kohya:
-            prefix = next(p for p in KOHYA_PREFIXES if name.startswith(p))
-            comp, name = KOHYA_PREFIXES[prefix], name[len(prefix):]
-        else:
-            if name.startswith(PEFT_WRAPPER):
-                name, layout = name[len(PEFT_WRAPPER):], "peft"
-            prefix, _, rest = name.partition(".")
-            if prefix in ("unet", "transformer", TEXT):
-                comp, name = (TEXT if prefix == TEXT else "denoiser"), rest
-            else:  # a bare peft adapter of one model: the denoiser
-                prefix, comp, layout = "", "denoiser", "peft"
-            if comp == TEXT:
-                name = neutral(name)
+        comp, prefix, name, part, layout = split
         prefixes[comp] = prefix
-        parts.setdefault((comp, name), {})["magnitude" if suffix in MAGNITUDE else suffix] = tensor
+        layouts.add(layout)
+        if part in parts.setdefault((comp, name), {}):
+            raise GenError(f"{source}: layer {name!r} has its LoRA {part} matrix twice, in two spellings")
+        parts[(comp, name)][part] = tensor
     if unknown:
-        dora = any("dora_scale" in k for k in unknown)
-        hint = ("kohya/LyCORIS DoRA files (dora_scale) are not supported; DoRA loads from the diffusers layout"
-                if dora else "LoHa/LoKr and other LyCORIS variants are not supported; expected lora_A/lora_B "
-                "or lora_down/lora_up")
-        raise GenError(f"{source}: {len(unknown)} keys gen cannot read ({', '.join(unknown[:3])}); {hint}")
+        raise GenError(f"{source}: {len(unknown)} keys gen cannot read ({', '.join(unknown[:3])}); {_hint(unknown)}")
     if not parts:
         raise GenError(f"{source} has no LoRA weights")
 
     configs = _header_configs(metadata, peft_config, prefixes)
     factors: dict[str, dict[str, Factor]] = {}
     for (comp, name), t in parts.items():
-        down, up = t.get(down_s), t.get(up_s)
+        down, up = t.get("down"), t.get("up")
         if down is None or up is None:
             raise GenError(f"{source}: layer {name!r} has only one of its two LoRA matrices")
-        alpha = t[".alpha"].item() if ".alpha" in t else None
+        alpha = t["alpha"].item() if "alpha" in t else None
         cfg = configs.get(comp)
         if alpha is None and cfg is not None and "lora_alpha" in cfg:
             alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, name, cfg["lora_alpha"]))
             if cfg.get("use_rslora"):  # rsLoRA scales by alpha / sqrt(r): the same as alpha' = alpha * sqrt(r)
                 alpha *= math.sqrt(down.shape[0])
         factors.setdefault(comp, {})[name] = Factor(down, up, alpha, t.get("magnitude"))
+    layout = "kohya" if kohya is not None else "peft" if "peft" in layouts else "diffusers"
     return LoraFile(factors, layout, metadata, prefixes)
+
+
+def _hint(unknown: list[str]) -> str:
+    if any("dora_scale" in k for k in unknown):
+        return "kohya/LyCORIS DoRA files (dora_scale) are not supported; DoRA loads from the diffusers layout"
+    if any(k.endswith(".lora_B.bias") for k in unknown):
+        return "LoRAs with a bias on lora_B (peft's lora_bias=True) are not supported"
+    return "LoHa/LoKr and other LyCORIS variants are not supported; expected lora_A/lora_B or lora_down/lora_up"
 
 
 def _header_configs(metadata: dict, peft_config: dict | None, prefixes: dict[str, str]) -> dict[str, dict]:
     """Per-component LoraConfig fields from diffusers' header JSON (or a peft adapter_config.json)."""
     if peft_config is not None:
-        return {"denoiser": peft_config}
+        return {DENOISER: peft_config}
     raw = metadata.get(DIFFUSERS_META)
     if not raw:
         return {}
@@ -158,11 +221,32 @@ def _header_configs(metadata: dict, peft_config: dict | None, prefixes: dict[str
             for comp, prefix in prefixes.items()}
 
 
+# What diffusers' training scripts (save_lora_weights: LORA_WEIGHT_NAME_SAFE / LORA_WEIGHT_NAME) and peft's
+# save_pretrained name the weights in the folder they write.
+FOLDER_WEIGHTS = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors", "pytorch_lora_weights.bin",
+                  "adapter_model.bin")
+
+
+def weights_file(path: Path) -> Path:
+    """`path`, or for a folder the LoRA weights file in it (what diffusers' load_lora_weights(folder) picks)."""
+    if not path.is_dir():
+        return path
+    known = [path / n for n in FOLDER_WEIGHTS if (path / n).is_file()]
+    if known:
+        return known[0]
+    found = sorted(path.glob("*.safetensors"))
+    if len(found) != 1:
+        raise GenError(f"{path} is a folder with {len(found)} .safetensors files and no {FOLDER_WEIGHTS[0]}; "
+                       "give the LoRA file itself")
+    return found[0]
+
+
 def read(path: str | Path, allow_pickle: bool = False) -> LoraFile:
-    """Reads a LoRA file (.safetensors; pickle formats only with allow_pickle) in any supported layout."""
+    """Reads a LoRA file (.safetensors; pickle formats only with allow_pickle) in any supported layout; for a
+    folder (what diffusers' training scripts and peft write), the weights file in it."""
     from gen.io import load_state_dict, read_json, read_metadata
 
-    path = Path(path)
+    path = weights_file(Path(path))
     state_dict = load_state_dict(path, allow_pickle=allow_pickle)
     metadata = read_metadata(path) if path.suffix == ".safetensors" else {}
     sidecar = path.with_name("adapter_config.json")  # peft's save_pretrained writes it beside the weights
@@ -187,8 +271,8 @@ def config_fields(factors: dict[str, Factor], anchor: str = "") -> dict:
 def _diffusers_layout(factors: dict[str, dict[str, Factor]], prefix: str):
     tensors, config = {}, {}
     for comp, layers in factors.items():
-        p = TEXT if comp == TEXT else prefix
-        keys = f"{p}.text_model." if comp == TEXT else f"{p}."
+        p = comp if is_text(comp) else prefix
+        keys = f"{p}.text_model." if is_text(comp) else f"{p}."
         for name, f in layers.items():
             tensors[f"{keys}{name}.lora_A.weight"], tensors[f"{keys}{name}.lora_B.weight"] = f.down, f.up
             if f.magnitude is not None:
@@ -197,20 +281,21 @@ def _diffusers_layout(factors: dict[str, dict[str, Factor]], prefix: str):
     return tensors, {"format": "pt", DIFFUSERS_META: json.dumps(config, indent=2, sort_keys=True)}
 
 
-def _kohya_layout(factors: dict[str, dict[str, Factor]], base_version: str):
+def _kohya_layout(factors: dict[str, dict[str, Factor]], base_version: str, text_prefixes: dict[str, str]):
     if any(f.magnitude is not None for layers in factors.values() for f in layers.values()):
         raise GenError("a DoRA adapter cannot be written in the kohya layout; use format diffusers")
     tensors = {}
     for comp, layers in factors.items():
-        prefix = "lora_te_" if comp == TEXT else "lora_unet_"
+        prefix = text_prefixes[comp] if is_text(comp) else KOHYA_UNET
         for name, f in layers.items():
             key = prefix + flat(comp, name)
             tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = f.down, f.up
             tensors[f"{key}.alpha"] = torch.tensor(float(f.rank if f.alpha is None else f.alpha))
     return tensors, {"ss_network_module": "networks.lora", "ss_network_args": "{}",
+                     # sd-scripts (train_network.py): ss_v2 = str(bool(args.v2)), the version string's "_v2"
                      "ss_base_model_version": base_version, "ss_v2": str(base_version.startswith("sd_v2")),
-                     "ss_text_encoder_lr": "0" if TEXT not in factors else "",
-                     "ss_network_train_unet_only": str(TEXT not in factors)}
+                     "ss_text_encoder_lr": "" if any(map(is_text, factors)) else "0",
+                     "ss_network_train_unet_only": str(not any(map(is_text, factors)))}
 
 
 def _kohya_recipe(recipe: dict) -> dict[str, str]:
@@ -227,12 +312,15 @@ def _kohya_recipe(recipe: dict) -> dict[str, str]:
 
 def write(path: str | Path, factors: dict[str, dict[str, Factor]], format: str = "diffusers",
           denoiser_prefix: str = "unet", base_version: str = "sd_v1", recipe: dict | None = None,
-          base_model: str | None = None, dtype: torch.dtype | None = None) -> Path:
+          base_model: str | None = None, dtype: torch.dtype | None = None, text_prefixes: dict | None = None,
+          family: str | None = None) -> Path:
     """Writes {component: {layer: Factor}} as one .safetensors LoRA file (atomically).
 
-    format "diffusers": `<denoiser_prefix>.<layer>.lora_A.weight` keys, rank/alpha/patterns in the
-    `lora_adapter_metadata` header; "kohya": `lora_unet_*`/`lora_te_*` keys with `.alpha` tensors and `ss_*`
-    header fields. Both carry gen.rank, gen.alpha, gen.base_model and the recipe (gen.recipe, JSON)."""
+    format "diffusers": `<denoiser_prefix>.<layer>.lora_A.weight` / `<text folder>.text_model.<layer>...` keys,
+    rank/alpha/patterns in the `lora_adapter_metadata` header; "kohya": `lora_unet_*` and `text_prefixes`
+    (text encoder folder -> kohya prefix, the family's kohya_text; default SD's lora_te_) keys with `.alpha`
+    tensors and `ss_*` header fields. Both carry gen.rank, gen.alpha, gen.base_model, gen.family (the model
+    family's name) and the recipe (gen.recipe, JSON)."""
     from safetensors.torch import save_file
 
     if format not in FORMATS:
@@ -240,7 +328,7 @@ def write(path: str | Path, factors: dict[str, dict[str, Factor]], format: str =
     if format == "diffusers":
         tensors, meta = _diffusers_layout(factors, denoiser_prefix)
     else:
-        tensors, meta = _kohya_layout(factors, base_version)
+        tensors, meta = _kohya_layout(factors, base_version, text_prefixes or {TEXT: "lora_te_"})
         meta |= _kohya_recipe(recipe or {})
     tensors = {k: v.detach().to("cpu", dtype if dtype is not None and v.ndim else v.dtype).contiguous()
                for k, v in tensors.items()}
@@ -256,6 +344,8 @@ def write(path: str | Path, factors: dict[str, dict[str, Factor]], format: str =
         meta["gen.base_model"] = str(base_model)
         if format == "kohya":
             meta["ss_sd_model_name"] = str(base_model)
+    if family:
+        meta["gen.family"] = family
     if recipe:
         meta["gen.recipe"] = json.dumps(recipe, default=str)
     path = Path(path)
@@ -268,7 +358,9 @@ def write(path: str | Path, factors: dict[str, dict[str, Factor]], format: str =
 
 # ---- gen info -----------------------------------------------------------------------------------------
 def is_lora(keys) -> bool:
-    return any(re.search(r"\.lora_(A|B|up|down)\.weight$", k) for k in keys)
+    """Whether these are a LoRA file's keys: some key is a LoRA matrix in a spelling `parse` reads."""
+    ends = tuple(s for s, part in {**DIFFUSERS_PARTS, **KOHYA_PARTS}.items() if part in ("down", "up"))
+    return any(k.endswith(ends) or ATTN_PROCESSOR.search(k) for k in keys)
 
 
 def base_of(metadata: dict) -> str:
@@ -297,7 +389,7 @@ def describe(path: str | Path) -> str:
     """`gen info` for a LoRA file: layout, targets, rank, alpha, base model and recipe from its header."""
     lora = read(path)
     every = [f for layers in lora.factors.values() for f in layers.values()]
-    comps = sorted(lora.factors, key=lambda c: c == TEXT)  # the denoiser first
+    comps = sorted(lora.factors, key=lambda c: (is_text(c), c))  # the denoiser first
     parts = ", ".join(f"{(lora.prefixes.get(c) or c).rstrip('_')} {len(lora.factors[c])}" for c in comps)
     lines = [f"LoRA file {path}", f"  layout: {lora.layout}" + (" (DoRA)" if every[0].magnitude is not None else ""),
              f"  targets: {len(every)} layers ({parts})", f"  layer kinds: {_targets(lora)}",

@@ -17,10 +17,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from gen import attention as attn
-from gen import formulations
+from gen import families, formulations
 from gen.errors import GenError
 from gen.guidance import check_guidance, guide, in_interval, uses_cfg
-from gen.io import PICKLE_SUFFIXES, load_model, read_json
+from gen.io import load_model, read_json
 from gen.models import vae as vae_lib
 from gen.models.text import TextEncoder
 from gen.samplers import check_sampler, make_scheduler, sampler_name
@@ -65,10 +65,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 class Pipeline:
-    """Text-to-image sampling with a UNet or DiT denoiser in a VAE's latent space.
+    """Text-to-image sampling with a UNet or DiT denoiser in a VAE's latent space, for any model family
+    (gen/families: SD-1.x/2.x, SDXL, gen's DiT); the family says how prompts become conditioning.
 
     Args:
-        text_encoder: transformers CLIPTextModel.
+        text_encoder: transformers CLIPTextModel (the family's first text encoder).
         tokenizer: its CLIPTokenizer.
         vae: diffusers AutoencoderKL.
         denoiser: diffusers UNet2DConditionModel or gen's DiT.
@@ -81,29 +82,38 @@ class Pipeline:
         compile: torch.compile the denoiser in place (True, or a dict of torch.compile options); the first
             call then compiles, which takes minutes on a CPU.
         channels_last: keep the UNet's and the VAE's convolution weights in channels-last layout.
+        family: a gen.families.Family; recognised from the models when None.
+        **more_text: the family's further text encoders and tokenizers by folder name (SDXL: text_encoder_2=,
+            tokenizer_2=).
     """
 
     def __init__(self, text_encoder, tokenizer, vae, denoiser, scheduler_config: dict | None = None,
                  formulation=None, defaults: dict | None = None, recipe: dict | None = None,
                  name: str = "model", attention: str | None = None, compile: bool | dict = False,
-                 channels_last: bool = False):
-        self.text = TextEncoder(text_encoder, tokenizer)
+                 channels_last: bool = False, family: families.Family | None = None, **more_text):
+        parts = {"text_encoder": text_encoder, "tokenizer": tokenizer, **more_text}
+        self.family = family or families.detect_models(
+            denoiser, [m for k, m in parts.items() if k.startswith("text_encoder")])
+        missing = [p for pair in self.family.text_parts for p in pair if parts.get(p) is None]
+        if missing:
+            raise GenError(f"a {self.family.title} pipeline needs {', '.join(missing)}")
+        self.texts = [TextEncoder(parts[enc], parts[tok]) for enc, tok in self.family.text_parts]
         self.vae = vae
         self.denoiser = denoiser
         self.formulation = formulation or formulations.from_scheduler_config(scheduler_config or {})
         self.scheduler_config = dict(scheduler_config) if scheduler_config else None
         self.recipe = dict(recipe or {})
         self.name = name
-        self.progress = True
+        self._progress_bar_config: dict = {}
         self.defaults = self._default_settings() | dict(defaults or {})
         attn.set_backend(attention)  # checked here, so an unavailable backend fails at load
         self.attention = attention  # and used for this pipeline's sampling (gen.attention.use_backend)
-        if not self.is_dit:  # a UNet's attention runs through gen's backend too (the DiT calls it directly)
-            attn.install_processor(self.denoiser)
-        for m in (self.text.model, self.vae, self.denoiser):
+        if hasattr(self.denoiser, "set_attn_processor"):  # diffusers' attention layers run through gen's
+            attn.install_processor(self.denoiser)  # backend too (gen's DiT calls it directly)
+        for m in self.models:
             m.eval().requires_grad_(False)
         if channels_last:
-            for m in (self.vae, self.denoiser) if not self.is_dit else (self.vae,):
+            for m in (self.vae, self.denoiser) if self.family.denoiser_part == "unet" else (self.vae,):
                 m.to(memory_format=torch.channels_last)
         self._compile = (compile if isinstance(compile, dict) else {}) if compile else None
         self._fast_forward = None  # the fast mode's forward, compiled once when compile is on
@@ -112,8 +122,22 @@ class Pipeline:
 
     # ---- properties -------------------------------------------------------------------------
     @property
-    def is_dit(self) -> bool:
-        return not hasattr(self.denoiser.config, "block_out_channels")
+    def text(self) -> TextEncoder:
+        """The first (or only) text encoder and its tokenizer."""
+        return self.texts[0]
+
+    @text.setter
+    def text(self, value: TextEncoder) -> None:
+        self.texts[0] = value
+
+    @property
+    def text_parts(self) -> dict[str, torch.nn.Module]:
+        """Text encoder folder name -> model, in the family's order."""
+        return {enc: t.model for (enc, _), t in zip(self.family.text_parts, self.texts)}
+
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        return [*self.text_parts.values(), self.vae, self.denoiser]
 
     @property
     def device(self) -> torch.device:
@@ -129,19 +153,33 @@ class Pipeline:
 
     @property
     def size_multiple(self) -> int:
-        """Height and width must be multiples of this: the VAE factor, times the DiT patch size."""
-        return self.vae_scale_factor * (self.denoiser.config.patch_size if self.is_dit else 1)
+        """Height and width must be multiples of this: the VAE factor (times the DiT patch size)."""
+        return self.family.size_multiple(self.denoiser, self.vae_scale_factor)
 
     def _default_settings(self) -> dict:
-        size = self.denoiser.config.sample_size * self.vae_scale_factor
         flow = self.formulation.kind == "flow"
         sampler = sampler_name(self.scheduler_config, self.formulation) if self.scheduler_config else (
             "flow-euler" if flow else "dpm++2m")
-        return dict(steps=28 if flow else 50, guidance=5.0 if flow else 7.5, sampler=sampler,
-                    height=size, width=size, guidance_rescale=0.0)
+        return self.family.default_settings(self.denoiser, self.vae_scale_factor, flow) | dict(
+            sampler=sampler, guidance_rescale=0.0)
+
+    @property
+    def progress(self) -> bool:
+        """Whether sampling shows its tqdm bar: `pipe.progress = False` is
+        `pipe.set_progress_bar_config(disable=True)`."""
+        return not self._progress_bar_config.get("disable", False)
+
+    @progress.setter
+    def progress(self, on: bool) -> None:
+        self._progress_bar_config["disable"] = not on
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """Keyword arguments for the sampling loop's tqdm bar (`disable=True`, `desc`, `file`, `leave`,
+        `position`, ...), replacing those set before, as on a diffusers pipeline."""
+        self._progress_bar_config = kwargs
 
     def to(self, device=None, dtype=None) -> "Pipeline":
-        for m in (self.text.model, self.vae, self.denoiser):
+        for m in self.models:
             m.to(device=device)
             if dtype is not None and m.dtype != dtype:
                 m.to(dtype=dtype)
@@ -151,13 +189,15 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device=None, dtype=None,
                         attention: str | None = None, allow_pickle: bool = False, compile: bool | dict = False,
-                        channels_last: bool = False) -> "Pipeline":
-        """Loads a diffusers-layout folder (SD-1.x/2.x, or gen's UNet/DiT models); None = the bundled default.
-        attention, compile and channels_last are as in Pipeline."""
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        from gen.models.dit import DiT
+                        channels_last: bool = False, tokenizer: str | Path | None = None,
+                        prediction_type: str | None = None) -> "Pipeline":
+        """Loads a diffusers-layout folder of any family gen knows (gen/families), or a single .safetensors file in
+        the original LDM/A1111 layout (SD-1.x, SD-2.x, SDXL; gen/single_file.py); None = the bundled default.
+        attention, compile and channels_last are as in Pipeline. For a single file only: `tokenizer`, a diffusers
+        folder (or tokenizer folder) when the file carries none; `prediction_type` ("epsilon" or
+        "v_prediction"), which weights cannot tell (SD-2.x 768 models are v_prediction)."""
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTokenizer
 
         if path is None:
             path = DEFAULT_MODEL
@@ -167,52 +207,51 @@ class Pipeline:
         path = Path(path)
         if not path.exists():
             raise GenError(f"model folder not found: {path}")
-        if path.is_file():  # a single-file checkpoint: never opened, so a pickle in it never runs
-            risk = " (pickle-based, so never unpickled here)" if path.suffix in PICKLE_SUFFIXES else ""
-            raise GenError(f"{path} is a single file{risk}; gen loads diffusers-layout model folders "
-                           "(convert it with diffusers' from_single_file(...).save_pretrained(FOLDER))")
+        if path.is_file():  # a pickle is opened only if allowed, and then by gen.io's weights-only loader
+            from gen import single_file
+
+            parts = single_file.load(path, tokenizer, prediction_type, allow_pickle)
+            pipe = cls(**parts, attention=attention, compile=compile, channels_last=channels_last)
+            return pipe.to(resolve_device(device), resolve_dtype(dtype, resolve_device(device)))
         if not (path / "model_index.json").is_file():
             raise GenError(f"{path} is not a model folder (no model_index.json); expected the diffusers layout")
         index = read_json(path / "model_index.json")
-        name = "transformer" if (path / "transformer").is_dir() else "unet"
-        parts = {"text_encoder": CLIPTextModel, "vae": AutoencoderKL,
-                 name: DiT if name == "transformer" else UNet2DConditionModel}
-        for part in [*parts, "tokenizer", "scheduler"]:
+        family = families.detect_folder(path, index)
+        texts = [p for pair in family.text_parts for p in pair]
+        for part in [*texts, "vae", family.denoiser_part, "scheduler"]:
             if not (path / part).is_dir():
-                raise GenError(f"{path} is missing the {part}/ folder; a text-to-image model folder needs "
-                               "text_encoder/, tokenizer/, vae/, unet/ or transformer/, and scheduler/")
-        extra_parts = [k for k in ("text_encoder_2", "text_encoder_3", "prior", "image_encoder") if index.get(k, [None])[0]]
-        added = name == "unet" and (path / "unet" / "config.json").is_file() and read_json(
-            path / "unet" / "config.json").get("addition_embed_type")
-        if extra_parts or added:
-            raise GenError(f"{path}: {index.get('_class_name', 'this pipeline')} is not supported (it has "
-                           f"{extra_parts[0] + '/' if extra_parts else f'addition_embed_type={added!r}'}); "
-                           "gen loads SD-1.x/2.x-layout folders and its own UNet/DiT models")
-        if name == "transformer" and index.get("transformer", [None, None])[1] not in ("DiT", None):
-            raise GenError(f"{path}: unsupported transformer class {index['transformer'][1]!r} (gen loads its DiT)")
+                raise GenError(f"{path} is missing the {part}/ folder; a {family.title} folder needs "
+                               f"{', '.join(texts)}, vae/, {family.denoiser_part}/ and scheduler/")
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        models = {}
-        for part, klass in parts.items():
-            models[part] = load_model(klass, path / part, allow_pickle)
-        try:
-            tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
-        except (OSError, ValueError, TypeError) as e:
-            raise GenError(f"could not load {path / 'tokenizer'}: {str(e).splitlines()[0]}") from None
+        parts = {enc: load_model(family.text_class(enc), path / enc, allow_pickle) for enc, _ in family.text_parts}
+        for _, tok in family.text_parts:
+            try:
+                parts[tok] = CLIPTokenizer.from_pretrained(path / tok)
+            except (OSError, ValueError, TypeError) as e:
+                raise GenError(f"could not load {path / tok}: {str(e).splitlines()[0]}") from None
+        vae = load_model(AutoencoderKL, path / "vae", allow_pickle)
+        denoiser = load_model(family.denoiser_class(), path / family.denoiser_part, allow_pickle)
         scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
         extra = read_json(path / GEN_CONFIG) if (path / GEN_CONFIG).is_file() else {}
         formulation = formulations.from_dict(extra["formulation"]) if "formulation" in extra else None
-        pipe = cls(models["text_encoder"], tokenizer, models["vae"], models[name], scheduler_config,
-                   formulation=formulation, defaults=extra.get("sampling"), recipe=extra.get("recipe"),
-                   name=path.name, attention=attention, compile=compile, channels_last=channels_last)
+        pipe = cls(vae=vae, denoiser=denoiser, scheduler_config=scheduler_config, formulation=formulation,
+                   defaults=extra.get("sampling"), recipe=extra.get("recipe"), name=path.name, attention=attention,
+                   compile=compile, channels_last=channels_last, family=family, **parts)
         return pipe.to(device, dtype)
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Writes the diffusers layout (safetensors), with sampling defaults and recipe in gen_config.json.
-        The folder is written beside the target and renamed into place, so a failed save loses nothing."""
+    def save_pretrained(self, path: str | Path, single_file: bool = False) -> None:
+        """Writes the diffusers layout (safetensors), with sampling defaults and recipe in gen_config.json; or, with
+        `single_file`, one .safetensors file in the original LDM/A1111 layout with those settings and the
+        tokenizers in its header. Either is written beside the target and renamed into place, so a failed save
+        loses nothing."""
         if "_loras" in self.__dict__ and self._loras.weights:
             raise GenError("unload_lora() before save_pretrained (after fuse_lora() to bake the LoRA in)")
         path = Path(path)
+        if single_file:
+            from gen import single_file as sf
+
+            return sf.save(self, path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
@@ -229,27 +268,14 @@ class Pipeline:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _write(self, path: Path) -> None:
-        import diffusers
-
-        self.text.model.save_pretrained(path / "text_encoder")
-        self.text.tokenizer.save_pretrained(path / "tokenizer")
+        for (enc, tok), text in zip(self.family.text_parts, self.texts):
+            text.model.save_pretrained(path / enc)
+            text.tokenizer.save_pretrained(path / tok)
         self.vae.save_pretrained(path / "vae")
-        part = "transformer" if self.is_dit else "unet"
-        self.denoiser.save_pretrained(path / part)
+        self.denoiser.save_pretrained(path / self.family.denoiser_part)
         scheduler = make_scheduler(self.defaults["sampler"], self.formulation, self.scheduler_config)
         scheduler.save_pretrained(path / "scheduler")
-        index = {"_class_name": "GenDiTPipeline" if self.is_dit else "StableDiffusionPipeline",
-                 "_diffusers_version": diffusers.__version__,
-                 "text_encoder": ["transformers", "CLIPTextModel"],
-                 "tokenizer": ["transformers", "CLIPTokenizer"],
-                 "vae": ["diffusers", "AutoencoderKL"],
-                 "scheduler": ["diffusers", type(scheduler).__name__]}
-        if self.is_dit:
-            index["transformer"] = ["gen", "DiT"]
-        else:
-            index |= {"unet": ["diffusers", "UNet2DConditionModel"], "safety_checker": [None, None],
-                      "feature_extractor": [None, None], "image_encoder": [None, None],
-                      "requires_safety_checker": False}
+        index = self.family.index(type(scheduler).__name__)
         (path / "model_index.json").write_text(json.dumps(index, indent=2))
         extra = {"formulation": formulations.to_dict(self.formulation), "sampling": self.defaults,
                  "recipe": self.recipe}
@@ -291,14 +317,14 @@ class Pipeline:
         return self.loras.save(path, adapter_name, format)
 
     # ---- sampling ---------------------------------------------------------------------------
-    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, pooled = self.text(prompts)
-        return hidden.to(self.dtype), pooled.to(self.dtype)
+    def encode_prompts(self, prompts: list[str], height: int | None = None, width: int | None = None) -> dict:
+        """Prompts -> the family's conditioning (a dict of batch-first tensors, gen.families)."""
+        cond = self.family.encode(self.texts, prompts, height or self.defaults["height"], width or self.defaults["width"])
+        return families.to(cond, self.dtype)
 
-    def _predict(self, x: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    def _predict(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """The denoiser contract: model(x_t, t, encoder_hidden_states, **extra) -> prediction."""
-        extra = {"pooled_projections": pooled} if self.is_dit else {}
-        return self.denoiser(x, t, encoder_hidden_states=hidden, return_dict=False, **extra)[0]
+        return self.denoiser(x, t, return_dict=False, **self.family.denoiser_kwargs(cond))[0]
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
@@ -337,14 +363,11 @@ class Pipeline:
         n = len(prompts) * num_images_per_prompt
         seeds, generator = self._generators(seed, generator, n)
 
-        hidden, pooled = self.encode_prompts(prompts)
-        hidden, pooled = hidden.repeat_interleave(num_images_per_prompt, 0), pooled.repeat_interleave(num_images_per_prompt, 0)
-        cfg = uses_cfg(scale)
-        if cfg:
-            neg_hidden, neg_pooled = self.encode_prompts(negs)
-            neg_hidden = neg_hidden.repeat_interleave(num_images_per_prompt, 0)
-            neg_pooled = neg_pooled.repeat_interleave(num_images_per_prompt, 0)
-            both = (torch.cat([neg_hidden, hidden]), torch.cat([neg_pooled, pooled]))
+        cond = families.repeat(self.encode_prompts(prompts, height, width), num_images_per_prompt)
+        both = None
+        if uses_cfg(scale):
+            neg = self.family.encode_negative(self.texts, negs, negative_prompt is not None, height, width)
+            both = families.cat(families.repeat(families.to(neg, self.dtype), num_images_per_prompt), cond)
 
         scheduler = make_scheduler(sampler, self.formulation, self.scheduler_config)
         scheduler.set_timesteps(steps, device=self.device)
@@ -352,16 +375,16 @@ class Pipeline:
         shape = (n, self.denoiser.config.in_channels, height // f, width // f)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # FlowMatch: 1
-        cond = (hidden, pooled)
         predict = self._predict
         if cache_interval != 1:
-            from gen.fastmode import FeatureCache, forward_fn
+            from gen.fastmode import FeatureCache, forward_fn, kind
             if self._compile is not None and self._fast_forward is None:  # the cached path compiled as well
-                self._fast_forward = torch.compile(forward_fn(self.is_dit), **self._compile)
-            predict = FeatureCache(self.denoiser, cache_interval, self._fast_forward)
+                self._fast_forward = torch.compile(forward_fn(kind(self.denoiser)), **self._compile)
+            cache = FeatureCache(self.denoiser, cache_interval, self._fast_forward)
+            predict = lambda x, t, c: cache(x, t, **self.family.denoiser_kwargs(c))  # noqa: E731
         with attn.use_backend(self.attention):
-            latents = denoise(predict, scheduler, latents, cond, both if cfg else None, scale, rescale,
-                              guidance_interval, generator, self.progress)
+            latents = denoise(predict, scheduler, latents, cond, both, scale, rescale,
+                              guidance_interval, generator, self._progress_bar_config)
 
         if output_type == "latent":
             return PipelineOutput(latents, seeds)
@@ -405,20 +428,22 @@ class Pipeline:
             raise GenError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, not {output_type!r}")
 
 
-def denoise(predict, scheduler, latents: torch.Tensor, cond: tuple, uncond_cond: tuple | None, scale: float,
+def denoise(predict, scheduler, latents: torch.Tensor, cond: dict, uncond_cond: dict | None, scale: float,
             rescale: float = 0.0, interval: tuple[float, float] = (0.0, 1.0), generator=None,
-            progress: bool = False) -> torch.Tensor:
-    """The sampling loop: `predict(x, t, *cond)` over the scheduler's timesteps, with CFG in one batched
-    forward where `uncond_cond` (the negative and positive conditioning, concatenated) is given."""
+            progress_bar: dict | None = None) -> torch.Tensor:
+    """The sampling loop: `predict(x, t, cond)` over the scheduler's timesteps, with CFG in one batched
+    forward where `uncond_cond` (the negative and positive conditioning, concatenated) is given.
+    `progress_bar`: tqdm keyword arguments for a bar over the steps (None: no bar)."""
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     scale_input = getattr(scheduler, "scale_model_input", None)  # FlowMatch schedulers need none
     timesteps = scheduler.timesteps
-    for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling", leave=False)):
+    bar = {"desc": "sampling", "leave": False, **progress_bar} if progress_bar is not None else {"disable": True}
+    for i, t in enumerate(tqdm(timesteps, **bar)):
         guided = uncond_cond is not None and in_interval(i, len(timesteps), interval)
         x = torch.cat([latents] * 2) if guided else latents
         if scale_input is not None:
             x = scale_input(x, t)
-        pred = predict(x, t, *(uncond_cond if guided else cond))
+        pred = predict(x, t, uncond_cond if guided else cond)
         if guided:
             uncond, c = pred.chunk(2)
             pred = guide(uncond, c, scale, rescale)

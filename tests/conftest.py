@@ -34,6 +34,47 @@ def tiny_sd_components(seed: int = 0):
     return dict(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler)
 
 
+def tiny_sdxl_components(seed: int = 0):
+    """A tiny SDXL-architecture model (diffusers' own SDXL test shapes): two CLIP towers, the second with a
+    projection, a text_time UNet; built with diffusers/transformers classes directly."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from gen.models.text import byte_level_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = byte_level_tokenizer()
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                                projection_class_embeddings_input_dim=80, cross_attention_dim=64,
+                                norm_num_groups=32)  # 80 = 6 time ids x 8 + the 32-wide pooled embedding
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        force_upcast=True, scaling_factor=0.13025)
+    config = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+                  num_attention_heads=4, num_hidden_layers=5, vocab_size=len(tokenizer), hidden_act="gelu",
+                  projection_dim=32, max_position_embeddings=77)
+    text = CLIPTextModel(CLIPTextConfig(**config))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    return dict(unet=unet, vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer,
+                tokenizer_2=byte_level_tokenizer(), scheduler=scheduler)
+
+
+@pytest.fixture(scope="session")
+def sdxl_folder(tmp_path_factory):
+    """A tiny StableDiffusionXLPipeline saved by diffusers."""
+    from diffusers import StableDiffusionXLPipeline
+
+    path = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl"
+    StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def sd_folder(tmp_path_factory):
     """A tiny StableDiffusionPipeline saved by diffusers."""

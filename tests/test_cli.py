@@ -6,6 +6,8 @@ import sys
 import pytest
 from PIL import Image
 
+from gen.recipe import read_png
+
 
 def gen(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "gen", *map(str, args)], capture_output=True, text=True,
@@ -22,7 +24,9 @@ def test_sample_writes_pngs_with_a1111_parameters(dit_folder, tmp_path):
     params = Image.open(files[1]).text["parameters"]
     assert params.splitlines()[0] == "a red circle"
     assert params.splitlines()[1] == "Negative prompt: blurry"
-    assert "Steps: 3, Sampler: flow-heun, CFG scale: 4.5, Seed: 43, Size: 32x32, Model: tiny-dit" in params
+    assert "Steps: 3, Sampler: Heun, Schedule type: Simple, CFG scale: 4.5, Seed: 43, Size: 32x32, Model hash: " \
+        in params
+    assert ", Model: tiny-dit, gen sampler: flow-heun, " in params  # A1111's sampler name, and gen's own
     # the parameters regenerate the image: the same seed alone gives the same pixels
     r = gen("sample", "a red circle", "--model", dit_folder, "--negative-prompt", "blurry", "--steps", 3,
             "--guidance", 4.5, "--seed", 43, "--sampler", "flow-heun", "--out", tmp_path / "again.png")
@@ -63,7 +67,7 @@ def test_empty_and_unicode_prompts_work(dit_folder, tmp_path):
     for i, prompt in enumerate(["", "un cercle rouge ✓ 赤い"]):
         r = gen("sample", prompt, "--model", dit_folder, "--steps", 2, "--out", tmp_path / f"{i}.png")
         assert r.returncode == 0, r.stderr
-        assert Image.open(tmp_path / f"{i}.png").text["parameters"].splitlines()[0] == prompt
+        assert read_png(tmp_path / f"{i}.png").prompt == prompt
 
 
 def test_info_describes_a_model_folder(dit_folder, sd_folder):

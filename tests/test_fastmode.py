@@ -48,9 +48,9 @@ def test_unet_forward_is_diffusers_forward_and_reuses_the_deep_path(preset, size
     text = torch.randn(2, 77, unet.config.cross_attention_dim)
     with torch.no_grad():
         ref = unet(x, t, encoder_hidden_states=text).sample
-        out, deep = unet_forward(unet, x, t, text, None)
-        again, same = unet_forward(unet, x, t, text, deep)  # the same step from its own cache: the same output
-        moved, _ = unet_forward(unet, x + 0.1, t, text, deep)
+        out, deep = unet_forward(unet, x, t, text)
+        again, same = unet_forward(unet, x, t, text, cached=deep)  # the same step from its own cache: the same output
+        moved, _ = unet_forward(unet, x + 0.1, t, text, cached=deep)
     assert torch.equal(out, ref) and torch.equal(again, ref) and same is deep
     assert deep.shape[-2:] == x.shape[-2:]  # DeepCache's branch 0 is at full latent resolution
     assert not torch.equal(moved, ref)
@@ -58,7 +58,7 @@ def test_unet_forward_is_diffusers_forward_and_reuses_the_deep_path(preset, size
     hooks = [m.register_forward_hook(lambda m, i, o: ran.append(m)) for m in unet.modules()
              if type(m).__name__ in ("ResnetBlock2D", "Transformer2DModel")]
     with torch.no_grad():
-        unet_forward(unet, x, t, text, deep)
+        unet_forward(unet, x, t, text, cached=deep)
     for h in hooks:
         h.remove()
     first, last = unet.down_blocks[0], unet.up_blocks[-1]
@@ -75,8 +75,8 @@ def test_dit_forward_is_the_dit_forward_and_reuses_its_middle_blocks():
     x, t, text, pooled = torch.randn(2, 4, 8, 8), torch.tensor(0.4), torch.randn(2, 77, 32), torch.randn(2, 32)
     with torch.no_grad():
         ref = dit(x, t, encoder_hidden_states=text, pooled_projections=pooled).sample
-        out, residual = dit_forward(dit, x, t, text, pooled, None)
-        again, _ = dit_forward(dit, x, t, text, pooled, residual)
+        out, residual = dit_forward(dit, x, t, text, pooled)
+        again, _ = dit_forward(dit, x, t, text, pooled, cached=residual)
     assert torch.equal(out, ref)
     assert (again - ref).abs().max() < 1e-5
 
@@ -97,14 +97,14 @@ def test_cache_runs_the_whole_denoiser_every_kth_step_and_when_cfg_switches_on()
     x, t, text = torch.randn(1, 4, 8, 8), torch.tensor(10), torch.randn(1, 77, 32)
     with torch.no_grad():
         for _ in range(7):
-            cache(x, t, text, None)
+            cache(x, t, encoder_hidden_states=text)
         assert (cache.calls, cache.full_calls) == (7, 3)  # steps 0, 3, 6
-        cache(torch.cat([x, x]), t, torch.cat([text, text]), None)  # CFG switched on: a new batch
+        cache(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([text, text]))  # CFG switched on: a new batch
         assert cache.full_calls == 4
         cond = x + 0.5
-        pair, deep = unet_forward(unet, torch.cat([x, cond]), t, torch.cat([text, text]), None)
+        pair, deep = unet_forward(unet, torch.cat([x, cond]), t, torch.cat([text, text]))
         cache.cached = deep
-        half = cache(cond, t, text, None)  # CFG switched off: the conditional half of the cache serves
+        half = cache(cond, t, encoder_hidden_states=text)  # CFG switched off: the conditional half of the cache serves
     assert cache.full_calls == 4
     assert torch.allclose(half, pair[1:], atol=1e-5)
 

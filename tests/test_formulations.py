@@ -80,13 +80,13 @@ def test_flow_sampler_integrates_true_velocity_exactly(sampler, shift):
     x_data = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
 
-    def true_velocity(x, t, *cond):  # x_sigma = (1-s) x0 + s n  =>  v = n - x0 = (x - x0) / s
+    def true_velocity(x, t, cond):  # x_sigma = (1-s) x0 + s n  =>  v = n - x0 = (x - x0) / s
         sigma = t / f.num_train_timesteps
         return (x - x_data) / sigma.clamp(min=1e-8)
 
     scheduler = make_scheduler(sampler, f)
     scheduler.set_timesteps(7)
-    out = denoise(true_velocity, scheduler, noise.clone(), (), None, 1.0)
+    out = denoise(true_velocity, scheduler, noise.clone(), {}, None, 1.0)
     assert torch.allclose(out, x_data, atol=1e-4)
     assert not torch.allclose(noise, x_data, atol=1e-1)
 

@@ -1,5 +1,6 @@
 """LoRA against real diffusers + peft: the same images both ways, kohya export, scale, fuse, compose, load-check."""
 
+import shutil
 import subprocess
 import sys
 
@@ -7,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 from tests.conftest import tiny_sd_components
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers.utils.state_dict_utils import DIFFUSERS_OLD_TO_PEFT, UNET_TO_DIFFUSERS
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
@@ -16,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from gen import lora
 from gen.cli import _lora_arg, main
 from gen.errors import GenError
+from gen.io import read_metadata
 from gen.pipeline import Pipeline
 
 PROMPT, NEG, SEED = "a red circle", "blurry", 7
@@ -41,18 +45,27 @@ def has_adapters(pipe) -> bool:
     return any(".lora_A." in k for m in (pipe.denoiser, pipe.text.model) for k in m.state_dict())
 
 
-def peft_lora_saved_by_diffusers(path, seed, r, unet_alpha, text_alpha, unet=None):
-    """A LoRA made with peft (random non-zero B) and written by diffusers' save_lora_weights with the
-    LoraConfig header diffusers' training scripts write. The text encoder's adapter is injected with peft
-    itself, which is what transformers' `add_adapter` (the training scripts' call) does underneath; going
-    through transformers' PEFT integration would tie this fixture to its peft version check."""
+def adapters_made_as_diffusers_scripts_do(seed, unet_config, text_config=None, unet=None):
+    """Tiny SD UNet and CLIP with LoRAs added as diffusers' training scripts add them (`unet.add_adapter(LoraConfig(
+    ...))`) but with random non-zero B (init_lora_weights=False, so that the LoRA changes the images); the text
+    encoder is None without text_config. Its adapter is injected with peft itself, which is what transformers'
+    `add_adapter` (the scripts' call) does underneath; going through transformers' PEFT integration would tie
+    this fixture to its peft version check."""
     parts = tiny_sd_components()
     unet, text = unet or parts["unet"], parts["text_encoder"]
     torch.manual_seed(seed)
+    unet.add_adapter(unet_config)  # diffusers' own PEFT mixin
+    if text_config is None:
+        return unet, None
+    inject_adapter_in_model(text_config, text)
+    return unet, text
+
+
+def peft_lora_saved_by_diffusers(path, seed, r, unet_alpha, text_alpha, unet=None):
+    """peft keys written by diffusers' save_lora_weights with the LoraConfig header (rank, alpha)."""
     unet_config = LoraConfig(r=r, lora_alpha=unet_alpha, target_modules=UNET_TARGETS, init_lora_weights=False)
     text_config = LoraConfig(r=r, lora_alpha=text_alpha, target_modules=TEXT_TARGETS, init_lora_weights=False)
-    unet.add_adapter(unet_config)  # diffusers' own PEFT mixin
-    inject_adapter_in_model(text_config, text)
+    unet, text = adapters_made_as_diffusers_scripts_do(seed, unet_config, text_config, unet)
     StableDiffusionPipeline.save_lora_weights(
         path.parent, weight_name=path.name, unet_lora_layers=get_peft_model_state_dict(unet),
         text_encoder_lora_layers=get_peft_model_state_dict(text),
@@ -105,6 +118,114 @@ def pipe(shared_pipe):
 def test_lora_saved_by_diffusers_gives_diffusers_images(pipe, files, reference):
     assert pipe.load_lora(files["a"]) == "a"
     assert diff(our_images(pipe), reference["a"]) <= 1e-4  # alpha 8 and 2 at rank 4 both came through
+
+
+# The LoraConfig targets of diffusers' training scripts: examples/text_to_image/train_text_to_image_lora.py (UNet
+# attention); examples/dreambooth/train_dreambooth_lora.py (also add_k/v_proj, which SD's UNet lacks, and with
+# --train_text_encoder CLIP's attention); --use_dora as in train_dreambooth_lora_sdxl.py. "attn+ff" also adapts
+# layers convert_state_dict_to_diffusers leaves as lora_A/B, so one file mixes two spellings per component.
+SCRIPT_UNET = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
+SCRIPT_TEXT = ["q_proj", "k_proj", "v_proj", "out_proj"]
+SCRIPTS = {"text_to_image": (SCRIPT_UNET[:4], None, False), "dreambooth": (SCRIPT_UNET, SCRIPT_TEXT, False),
+           "dreambooth_dora": (SCRIPT_UNET, SCRIPT_TEXT, True),
+           "attn+ff": (UNET_TARGETS + ["ff.net.0.proj", "ff.net.2"], TEXT_TARGETS, False)}
+# Where diffusers' own load_lora_weights (0.42, transformers 5.23) reads such a file wrongly, the reference is a
+# diffusers pipeline holding the very models the adapters were made in: for "attn+ff" its UNet loader converts
+# the lora.down keys only when the first key is not lora_A (loaders/peft.py, load_lora_adapter), and for DoRA
+# transformers' adapter loading leaves CLIP's lora_magnitude_vector at its initial value.
+DIFFUSERS_MISREADS = ("attn+ff", "dreambooth_dora")
+
+
+def adapter_layers(pipe, name) -> int:
+    return sum(name in m.lora_A for model in (pipe.denoiser, pipe.text.model) for _, m in lora._tuner_layers(model))
+
+
+def diffusers_images_with(theirs, path):
+    theirs.load_lora_weights(path)
+    try:
+        return theirs_images(theirs)
+    finally:
+        theirs.unload_lora_weights()
+
+
+def diffusers_images_of(unet, text):
+    parts = tiny_sd_components()
+    parts.update(unet=unet.eval(), text_encoder=(text or parts["text_encoder"]).eval())
+    return theirs_images(StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_lora_written_as_diffusers_training_scripts_do_gives_diffusers_images(pipe, theirs, reference, script,
+                                                                                 tmp_path):
+    unet_targets, text_targets, dora = SCRIPTS[script]
+    config = lambda targets: LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False,  # noqa
+                                        use_dora=dora)
+    unet, text = adapters_made_as_diffusers_scripts_do(6, config(unet_targets), text_targets and config(text_targets))
+    models = [m for m in (unet, text) if m is not None]
+    if dora:  # as initialised, DoRA's magnitudes are the norms of W + BA: it would be the plain LoRA
+        with torch.no_grad():
+            for _, m in (x for model in models for x in lora._tuner_layers(model)):
+                m.lora_magnitude_vector["default"].weight.mul_(torch.rand(m.out_features) + 0.5)
+    layers = [get_peft_model_state_dict(m) for m in models]
+    StableDiffusionPipeline.save_lora_weights(  # what the scripts save, into their output_dir
+        tmp_path / "out", unet_lora_layers=convert_state_dict_to_diffusers(layers[0]),
+        text_encoder_lora_layers=convert_state_dict_to_diffusers(layers[1]) if text else None)
+    keys = list(load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
+    assert any(k.endswith(".lora.down.weight") for k in keys) and lora.is_lora(keys)
+    assert not text or any(".lora_linear_layer.down." in k for k in keys)
+    n_layers = sum(k.endswith(".lora_A.weight") for part in layers for k in part)
+    ref = (diffusers_images_of(unet, text) if script in DIFFUSERS_MISREADS
+           else diffusers_images_with(theirs, tmp_path / "out"))
+    assert diff(ref, reference["base"]) > 0.02
+    name = pipe.load_lora(tmp_path / "out")  # the scripts' output_dir, as diffusers' load_lora_weights takes it
+    assert adapter_layers(pipe, name) == n_layers == lora.read(tmp_path / "out").count()
+    assert diff(our_images(pipe), ref) <= 1e-4
+
+
+def attention_processor_keys(layers: dict, table: dict, processor: str) -> dict:
+    """peft keys -> the LoRAAttnProcessor keys of diffusers < 0.21, by diffusers' own table read backwards."""
+    back = {new: processor + old for old, new in table.items() if "_lora." in old}
+    out = {}
+    for key, value in layers.items():
+        pattern = next(p for p in back if p in key)
+        out[key.replace(pattern, back[pattern])] = value
+    return out
+
+
+def test_lora_in_the_attention_processor_layout_gives_diffusers_images(pipe, theirs, reference, tmp_path):
+    config = lambda targets: LoraConfig(r=2, lora_alpha=2, target_modules=targets, init_lora_weights=False)  # noqa
+    unet, text = adapters_made_as_diffusers_scripts_do(7, config(SCRIPT_UNET), config(SCRIPT_TEXT))
+    unet_old = attention_processor_keys(get_peft_model_state_dict(unet), UNET_TO_DIFFUSERS, ".processor")
+    text_old = attention_processor_keys(get_peft_model_state_dict(text), DIFFUSERS_OLD_TO_PEFT, "")
+    text_old = {"text_model." + k: v for k, v in text_old.items()}  # CLIPTextModel's level in transformers < 5
+    path = tmp_path / "old.safetensors"
+    StableDiffusionPipeline.save_lora_weights(tmp_path, weight_name=path.name, unet_lora_layers=unet_old,
+                                              text_encoder_lora_layers=text_old)
+    assert any(".processor.to_out_lora.up.weight" in k for k in load_file(path))
+    ref = diffusers_images_with(theirs, path)
+    assert diff(ref, reference["base"]) > 0.02
+    name = pipe.load_lora(path)
+    assert adapter_layers(pipe, name) == (len(unet_old) + len(text_old)) // 2
+    assert diff(our_images(pipe), ref) <= 1e-4
+
+
+def test_one_matrix_in_two_spellings_is_an_error(pipe, files, tmp_path):
+    state = load_file(files["a"])
+    key = next(k for k in state if k.endswith("attn1.to_q.lora_A.weight"))
+    state[key.replace(".lora_A.", ".lora.down.")] = state[key].clone()
+    save_file(state, tmp_path / "twice.safetensors")
+    with pytest.raises(GenError, match="down matrix twice"):
+        pipe.load_lora(tmp_path / "twice.safetensors")
+
+
+def test_a_folder_loads_its_one_lora_file(pipe, files, tmp_path):
+    for name in ("x", "y"):
+        shutil.copy(files["b"], tmp_path / f"{name}.safetensors")
+    with pytest.raises(GenError, match="folder with 2 .safetensors files"):
+        pipe.load_lora(tmp_path)
+    (tmp_path / "y.safetensors").unlink()
+    assert pipe.load_lora(tmp_path) == tmp_path.name and has_adapters(pipe)
 
 
 def test_lora_saved_by_gen_and_its_kohya_export_load_in_diffusers(pipe, theirs, tmp_path):
@@ -215,6 +336,10 @@ def test_dit_lora_round_trips_in_both_layouts(dit_pipe, tmp_path):
     with_lora = dit_pipe("a red circle", **run).images
     paths = [lora.save_lora(tmp_path / f"{f}.safetensors", dit_pipe.denoiser, dit_pipe.text.model, format=f)
              for f in lora.FORMATS]
+    state = convert_state_dict_to_diffusers(load_file(paths[0]))  # the spelling of diffusers' training scripts
+    assert any(k.endswith("attn.to_q.lora.down.weight") for k in state)
+    save_file(state, tmp_path / "scripts.safetensors", metadata=read_metadata(paths[0]))
+    paths.append(tmp_path / "scripts.safetensors")
     lora.remove_adapters(dit_pipe.denoiser), lora.remove_adapters(dit_pipe.text.model)
     base = dit_pipe("a red circle", **run).images
     assert diff(base, with_lora) > 1e-3
@@ -241,6 +366,26 @@ def test_cli_sample_with_lora(pipe, files, sd_folder, tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(our_images(pipe, "pil")[0]))
     assert main([*args[3:7], "--lora", str(files["other"]), "--out", str(tmp_path)]) == 2
     assert "other shapes" in capsys.readouterr().err
+
+
+# kohya-ss/sd-scripts (train_network.py) writes ss_base_model_version =
+# model_util.get_model_version_str_for_sd1_sd2(args.v2, args.v_parameterization), i.e. "sd" + "_v2" or "_v1" +
+# "_v" with v-prediction, and ss_v2 = str(bool(args.v2)); a rectified-flow UNet is none of those: gen's own name.
+@pytest.mark.parametrize("cross, objective, version, v2", [
+    (768, dict(prediction_type="epsilon"), "sd_v1", "False"), (1024, dict(prediction_type="epsilon"), "sd_v2", "True"),
+    (1024, dict(prediction_type="v_prediction"), "sd_v2_v", "True"), (768, dict(shift=1.0), "gen_unet", "False")])
+def test_kohya_header_names_the_base_model_as_sd_scripts_does(cross, objective, version, v2, tmp_path):
+    parts = tiny_sd_components()
+    unet_config = {**parts["unet"].config, "cross_attention_dim": cross}
+    unet, _ = adapters_made_as_diffusers_scripts_do(8, LoraConfig(r=2, target_modules=SCRIPT_UNET[:4]),
+                                                     unet=UNet2DConditionModel(**unet_config))
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(unet))
+    scheduler = parts["scheduler"] if "shift" not in objective else FlowMatchEulerDiscreteScheduler()
+    ours = Pipeline(parts["text_encoder"], parts["tokenizer"], parts["vae"], UNet2DConditionModel(**unet_config),
+                    scheduler_config={**scheduler.config, **objective, "_class_name": type(scheduler).__name__})
+    ours.load_lora(tmp_path)
+    header = read_metadata(ours.save_lora(tmp_path / "kohya.safetensors", format="kohya"))
+    assert (header["ss_base_model_version"], header["ss_v2"]) == (version, v2)
 
 
 def test_gen_info_describes_a_lora(pipe, files, tmp_path, capsys):

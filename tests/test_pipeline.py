@@ -1,5 +1,6 @@
 """The Pipeline contract: seeds, output types, guidance, DiT + flow end to end, prompts, bad input."""
 
+import io
 import logging
 
 import numpy as np
@@ -22,6 +23,23 @@ def test_image_k_of_a_batch_equals_it_alone(dit_pipe):
         alone = call(dit_pipe, num_images_per_prompt=1, seed=10 + k)
         assert np.abs(batch[k] - alone[0]).max() <= 1e-5
     assert np.abs(batch[0] - batch[1]).max() > 1e-3  # different seeds, different images
+
+
+def test_set_progress_bar_config_reaches_the_sampling_bar(dit_pipe):
+    """As on a diffusers pipeline: the kwargs go to the tqdm bar over the steps; `progress` still works."""
+    shown = io.StringIO()
+    dit_pipe.set_progress_bar_config(file=shown, desc="denoising", leave=True, ascii=True)
+    assert dit_pipe.progress
+    call(dit_pipe, num_inference_steps=3)
+    assert "denoising" in shown.getvalue() and "3/3" in shown.getvalue()
+    hidden = io.StringIO()
+    dit_pipe.set_progress_bar_config(disable=True, file=hidden)  # replaces the config, as diffusers' does
+    assert not dit_pipe.progress
+    call(dit_pipe, num_inference_steps=3)
+    assert hidden.getvalue() == ""
+    dit_pipe.progress = True  # keeps the other settings
+    call(dit_pipe, num_inference_steps=3)
+    assert "sampling" in hidden.getvalue() and "denoising" not in hidden.getvalue()
 
 
 @pytest.mark.parametrize("sampler", ["flow-euler", "flow-heun"])

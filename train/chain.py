@@ -8,7 +8,8 @@
 
 The denoiser stage gets model.text_encoder and model.vae from the earlier stages' outputs. Overrides
 `STAGE:key=value` go to one stage, plain `key=value` to all. A stage whose output folder is complete is
-skipped, so rerunning the command after a crash resumes the chain (each stage resumes by itself too).
+skipped, so rerunning the command after a crash resumes the chain (each stage resumes by itself too); a
+stage paused by train.stop_at_step ends the run there.
 """
 
 from __future__ import annotations
@@ -74,7 +75,10 @@ def run_chain(path: str | Path, overrides: list[str]) -> Path:
             log.info("chain: stage %s is done (%s); delete that folder to train it again", stage, outputs[stage])
             continue
         log.info("chain: training stage %s in %s", stage, run_dir)
-        train(cfg)
+        paused = train(cfg)
+        if not _done(outputs[stage]):  # train.stop_at_step: the later stages need this one's output
+            log.info("chain: stage %s paused; run the chain again (past its train.stop_at_step) to resume", stage)
+            return paused
     final = outputs.get("denoiser")
     if final is not None:
         for stage in ("clip", "vae"):  # the earlier stages' recipes and metrics travel with the model

@@ -1,7 +1,9 @@
 """Typed training config: YAML + `key=value` overrides (dotted keys, e.g. `optim.lr=1e-4`).
 
 Every key maps onto a dataclass field; an unknown key or a value of the wrong type is a GenError
-naming the key. The resolved config is what the run folder, checkpoints and the model's recipe hold.
+naming the key. A string field takes a value as it was written where YAML 1.1 would type it (`no`, `off`,
+`1e-4`: not False or a number), so `train.mixed_precision=no` works unquoted. The resolved config is what
+the run folder, checkpoints and the model's recipe hold.
 """
 
 from __future__ import annotations
@@ -246,7 +248,31 @@ def _name(tp) -> str:
     return _NAMES.get(tp, str(tp).replace("typing.", ""))
 
 
-def _build(cls, data: dict, prefix: str):
+def _as_written(value: Any, written: Any) -> Any:
+    """`value` as YAML typed it, each boolean or number replaced by its text in `written` (the same YAML read
+    untyped): False -> 'no', 0.0001 -> '1e-4'; unchanged where the two do not line up."""
+    if isinstance(value, (bool, int, float)) and isinstance(written, str):
+        return written
+    if isinstance(value, list) and isinstance(written, list) and len(value) == len(written):
+        return [_as_written(v, w) for v, w in zip(value, written)]
+    return value
+
+
+def _field(value: Any, written: Any, tp: Any, key: str) -> Any:
+    """A field's value as YAML typed it or, where only the text fits (a string field given `no`), as written."""
+    try:
+        return _coerce(value, tp, key)
+    except GenError as error:
+        text = _as_written(value, written)
+        if text == value:
+            raise
+        try:
+            return _coerce(text, tp, key)
+        except GenError:
+            raise error from None
+
+
+def _build(cls, data: dict, prefix: str, written: dict):
     if not isinstance(data, dict):
         raise GenError(f"config key {prefix.rstrip('.') or '<root>'!r} must be a mapping, not {data!r}")
     hints = typing.get_type_hints(cls)
@@ -255,13 +281,14 @@ def _build(cls, data: dict, prefix: str):
     if unknown:
         raise GenError(f"unknown config key {prefix + str(unknown[0])!r}; valid keys under "
                        f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}")
+    written = written if isinstance(written, dict) else {}
     kwargs = {}
     for k, v in data.items():
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
-            kwargs[k] = _build(tp, v, f"{prefix}{k}.")
+            kwargs[k] = _build(tp, v, f"{prefix}{k}.", written.get(k))
         else:
-            kwargs[k] = _coerce(v, tp, prefix + k)
+            kwargs[k] = _field(v, written.get(k), tp, prefix + k)
     return cls(**kwargs)
 
 
@@ -276,8 +303,8 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """`a.b=value` strings -> (key, YAML-parsed value)."""
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any, Any]]:
+    """`a.b=value` strings -> (key, YAML-parsed value, the value as written: the same YAML read untyped)."""
     out = []
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -285,11 +312,14 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             raise GenError(f"override {item!r} is not key=value (e.g. optim.lr=1e-4)")
         try:
             value = yaml.safe_load(raw) if raw else ""
+            written = yaml.load(raw, Loader=yaml.BaseLoader) if raw else ""
         except yaml.YAMLError:
-            value = raw
+            value = written = raw
         if isinstance(value, str) and _looks_like_float(raw):  # YAML 1.1 reads 1e-4 as a string
             value = float(raw)
-        out.append((key.strip(), value))
+        elif isinstance(value, dict):  # a section or mapping given whole: optim={lr: 1e-4}
+            _fix_floats(value)
+        out.append((key.strip(), value, written))
     return out
 
 
@@ -301,29 +331,34 @@ def _looks_like_float(s: str) -> bool:
         return False
 
 
-def read_yaml(path: str | Path) -> dict:
-    """A YAML file holding a mapping, with `1e-4`-style strings read as floats."""
+def read_yaml(path: str | Path, as_written: bool = False) -> dict:
+    """A YAML file holding a mapping, with `1e-4`-style strings read as floats (as_written: every scalar a
+    string, as in the file)."""
     path = Path(path)
     if not path.exists() or path.is_dir():
         raise GenError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.load(path.read_text(), Loader=yaml.BaseLoader if as_written else yaml.SafeLoader) or {}
     except yaml.YAMLError as e:
         raise GenError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise GenError(f"{path} must hold a mapping of config sections")
-    _fix_floats(tree)
+    if not as_written:
+        _fix_floats(tree)
     return tree
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), extra: dict | None = None) -> Config:
     """YAML file (optional) + overrides -> a checked Config."""
     tree: dict = read_yaml(path) if path is not None else {}
+    written: dict = read_yaml(path, as_written=True) if path is not None else {}  # the same tree, as written
     for k, v in (extra or {}).items():
         _set(tree, k, v)
-    for k, v in parse_overrides(list(overrides)):
+        _set(written, k, v)
+    for k, v, text in parse_overrides(list(overrides)):
         _set(tree, k, v)
-    return validate(_build(Config, tree, ""))
+        _set(written, k, text)
+    return validate(_build(Config, tree, "", written))
 
 
 def _fix_floats(node):

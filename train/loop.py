@@ -134,16 +134,36 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def train(cfg: Config, task_class=None) -> Path:
-    """Runs (or resumes) a training run; returns the exported model folder."""
+def weight_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of the frozen parts (VAE, text encoder, a LoRA's base) under train.mixed_precision. accelerate
+    runs fp16 (autocast + loss scaling) on accelerators only: on a CPU it would train without autocast while
+    those parts sat in fp16, and the first matmul would mix dtypes. bf16 autocast works on CPUs."""
+    if mixed_precision == "fp16" and device.type == "cpu":
+        raise GenError("config key 'train.mixed_precision': fp16 needs a GPU (accelerate runs fp16 on accelerators "
+                       "only); on a CPU set train.mixed_precision=bf16 (or no)")
+    return WEIGHT_DTYPES[mixed_precision]
+
+
+def accelerator(cfg: Config):
+    """This run's Accelerator. accelerate keeps its state process-wide and refuses another mixed precision
+    later in the same process; each run here (a chain's stages, runs from one Python session) sets its own,
+    so that state is reset first (its process group, in PartialState, stays)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
-    from train.task import DenoiserTask
-
+    AcceleratorState._reset_state()
     # cpu=True on a machine without an accelerator: accelerate then runs several processes launched by
     # `accelerate launch --multi_gpu` / torchrun as MULTI_CPU over gloo (otherwise each thinks it is alone).
-    acc = Accelerator(cpu=not _has_accelerator(), mixed_precision=cfg.train.mixed_precision,
-                      gradient_accumulation_steps=cfg.train.grad_accum)
+    return Accelerator(cpu=not _has_accelerator(), mixed_precision=cfg.train.mixed_precision,
+                       gradient_accumulation_steps=cfg.train.grad_accum)
+
+
+def train(cfg: Config, task_class=None) -> Path:
+    """Runs (or resumes) a training run; returns the exported model folder."""
+    from train.task import DenoiserTask
+
+    acc = accelerator(cfg)
+    dtype = weight_dtype(cfg.train.mixed_precision, acc.device)  # before anything is written or loaded
     main, rank, world = acc.is_main_process, acc.process_index, acc.num_processes
     launched = int(os.environ.get("WORLD_SIZE", world))
     if launched != world:
@@ -164,7 +184,7 @@ def train(cfg: Config, task_class=None) -> Path:
     from train.stages import TASKS
 
     task_class = task_class or TASKS.get(cfg.stage, DenoiserTask)
-    task = task_class(cfg, acc.device, WEIGHT_DTYPES[cfg.train.mixed_precision])
+    task = task_class(cfg, acc.device, dtype)
     if cfg.data.cache and hasattr(task, "text") and hasattr(task, "vae"):  # latents + text embeddings from disk
         from train.data.cache import cached
         data = cached(cfg, data, task.text, task.vae, acc)

@@ -2,7 +2,7 @@
 
 LoraTask is DenoiserTask (train/task.py) with the base folder's denoiser as the starting point (always: the
 `model.init_from_base` semantics) and the base's own objective, frozen, plus peft LoRA adapters (lora.* keys)
-on the denoiser and, with lora.text_encoder, on the CLIP text encoder. Only the adapters train: checkpoints
+on the denoiser and, with lora.text_encoder, on every text encoder of the family (SDXL: both). Only the adapters train: checkpoints
 hold the adapter weights and their optimizer state (the loop's exact resume covers them), validation grids
 show each seed without and with the LoRA, and the run exports one .safetensors LoRA file (gen/lora.py) that
 diffusers' `load_lora_weights`, A1111/ComfyUI (lora.format=kohya) and `gen sample --lora` read.
@@ -23,7 +23,7 @@ from gen.errors import GenError
 from gen.io import read_json
 from gen.pipeline import GEN_CONFIG
 from train.config import Config
-from train.task import DenoiserTask
+from train.task import DenoiserTask, WithText
 
 log = logging.getLogger("gen")
 
@@ -32,8 +32,13 @@ SAVE_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def base_formulation(base: str | Path):
-    """The objective the base folder was trained with (gen_config.json, else its scheduler config)."""
+    """The objective the base folder was trained with (gen_config.json, else its scheduler config); for a single
+    file, the one gen recorded in it, else None (the config's objective.* keys stand: a file cannot tell)."""
     base = Path(base)
+    if base.is_file():
+        from gen.single_file import recorded_formulation
+
+        return recorded_formulation(base)
     if (base / GEN_CONFIG).is_file() and "formulation" in read_json(base / GEN_CONFIG):
         return formulations.from_dict(read_json(base / GEN_CONFIG)["formulation"])
     sched = base / "scheduler" / "scheduler_config.json"
@@ -44,36 +49,20 @@ def base_formulation(base: str | Path):
 
 def align_objective(cfg: Config) -> None:
     """A LoRA trains with its base model's objective: the objective.* keys the base fixes are set from it."""
-    f = formulations.to_dict(base_formulation(cfg.model.base))
+    f = base_formulation(cfg.model.base)
+    if f is None:
+        log.info("model.base %s records no objective; training with the config's objective.*", cfg.model.base)
+        return
+    f = formulations.to_dict(f)
     o = cfg.objective
     for key in ("type", "prediction_type", "beta_schedule", "zero_terminal_snr", "shift", "logit_mean", "logit_std"):
         if key in f and hasattr(o, key):
             setattr(o, key, f[key])
 
 
-class LoraModel(nn.Module):
-    """What the loop trains: the denoiser and (with lora.text_encoder) the text encoder, both peft-injected.
+class LoraModel(WithText):
+    """What the loop trains: the denoiser and (with lora.text_encoder) every text encoder, all peft-injected.
     Its state dict is the adapter weights only, so checkpoints and EMA hold just those."""
-
-    def __init__(self, denoiser: nn.Module, text_encoder: nn.Module | None = None):
-        super().__init__()
-        self.denoiser = denoiser
-        self.text_encoder = text_encoder
-
-    def forward(self, *args, input_ids: torch.Tensor | None = None, **kwargs):
-        """The denoiser's forward; with `input_ids`, the captions are encoded here (with gradients for the
-        text encoder's adapters) and given as encoder_hidden_states (and a DiT's pooled_projections)."""
-        if input_ids is not None:
-            out = self.text_encoder(input_ids)
-            kwargs["encoder_hidden_states"] = out.last_hidden_state
-            if "pooled_projections" in kwargs:
-                kwargs["pooled_projections"] = out.pooler_output
-        return self.denoiser(*args, **kwargs)
-
-    def enable_gradient_checkpointing(self) -> None:
-        self.denoiser.enable_gradient_checkpointing()
-        if self.text_encoder is not None:
-            self.text_encoder.gradient_checkpointing_enable()
 
     def state_dict(self, *args, **kwargs):
         return {k: v for k, v in super().state_dict(*args, **kwargs).items() if ".lora_" in k}
@@ -112,22 +101,21 @@ class LoraTask(DenoiserTask):
         denoiser = self.model.requires_grad_(False)
         if weight_dtype != torch.float32:  # the frozen base in the autocast dtype; the adapters stay fp32
             denoiser.to(dtype=weight_dtype)
-        kind = "unet" if hasattr(denoiser.config, "block_out_channels") else "dit"
+        kind = self.family.lora_preset
         options = dict(rank=o.rank, alpha=o.alpha, parts=o.targets, dropout=o.dropout, use_dora=o.dora)
         self._add(denoiser, kind, options)
-        text = None
-        if o.text_encoder:
-            text = self.text.model
-            self._add(text, "text_encoder", options)
-            self.text.model.train()
-        self.model = LoraModel(denoiser, text)
+        texts = self.text_parts if o.text_encoder else {}
+        for t in texts.values():
+            self._add(t.model, "text_encoder", options)
+            t.model.train()
+        self.model = LoraModel(denoiser, texts, self.family)
         if o.instance_prompt:
             log.info("lora.instance_prompt: every image trains with the caption %r (caption files are not used)",
                      o.instance_prompt)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log.info("LoRA rank %d, alpha %s on %s (%s)%s: %.2fM trainable parameters", o.rank,
                  o.alpha if o.alpha is not None else o.rank, kind, o.targets,
-                 " and the text encoder" if text is not None else "", trainable / 1e6)
+                 f" and {', '.join(texts)}" if texts else "", trainable / 1e6)
 
     @staticmethod
     def _add(model: nn.Module, kind: str, options: dict) -> None:
@@ -161,42 +149,7 @@ class LoraTask(DenoiserTask):
     def loss(self, model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
         if self.cfg.lora.instance_prompt and "text" in batch:  # the subject preset: one caption for every image
             batch = {**batch, "text": [self.cfg.lora.instance_prompt] * len(batch["text"])}
-        if not self.cfg.lora.text_encoder:
-            return super().loss(model, batch, g)  # frozen text encoder: DenoiserTask's loss as it is
-        return self._loss_with_text(model, batch, g)
-
-    def _loss_with_text(self, model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
-        """DenoiserTask.loss with the captions encoded inside the model's forward, so that the text encoder's
-        adapters get gradients; dropped captions are replaced by "" before encoding (CFG's negative)."""
-        from gen.models import vae as vae_lib
-
-        o, f = self.cfg.objective, self.formulation
-        device = self.vae.device
-        with torch.no_grad():
-            x0 = vae_lib.encode(self.vae, batch["pixel_values"].to(device), generator=g).float()
-        n = x0.shape[0]
-        drop = (torch.rand(n, generator=g) < self.cfg.train.cond_dropout).tolist()
-        ids = self.text.tokenize(["" if d else t for d, t in zip(drop, batch["text"])]).to(device)
-        noise = torch.randn(x0.shape, generator=g).to(device)
-        if o.type == "ddpm" and o.offset_noise:
-            noise = noise + o.offset_noise * torch.randn((n, x0.shape[1], 1, 1), generator=g).to(device)
-        t = f.sample_timesteps(n, generator=g, device=device)
-        x_t = f.add_noise(x0, noise, t)
-        target = f.target(x0, noise, t)
-        extra = {"pooled_projections": None} if self.is_dit else {}
-        pred = model(x_t, f.model_timestep(t), input_ids=ids, return_dict=False, **extra)[0]
-        per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
-        weight = f.loss_weight(t, o.min_snr_gamma if o.type == "ddpm" else None)
-        return (per_sample * weight).mean()
-
-    def pipeline(self, model: LoraModel, recipe: dict | None = None):
-        """A sampling Pipeline around `model`'s denoiser and text encoder (their adapters active)."""
-        from gen.models.text import TextEncoder
-
-        pipe = super().pipeline(model.denoiser, recipe)
-        if model.text_encoder is not None:
-            pipe.text = TextEncoder(model.text_encoder.eval(), self.text.tokenizer)
-        return pipe
+        return super().loss(model, batch, g)
 
     @torch.no_grad()
     def validate(self, model: LoraModel) -> list | None:
@@ -205,7 +158,7 @@ class LoraTask(DenoiserTask):
         if not v.prompts:
             return None
         # Pipeline freezes and evals what it samples with; the live text encoder too when `model` is an EMA copy
-        modules = [model, self.text.model]
+        modules = [model, *(t.model for t in self.texts)]
         flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
         modes = [(m, m.training) for m in modules]
         layers = _tuner_layers(model)
@@ -239,8 +192,9 @@ class LoraTask(DenoiserTask):
         keep = ("objective", "data", "optim", "train", "lora", "sampling", "trained_steps")
         recipe = {"model": {"base": self.cfg.model.base}, **{k: recipe[k] for k in keep if k in recipe}}
         recipe["lora"] = {**recipe.get("lora", {}), "alpha": o.alpha if o.alpha is not None else o.rank}
-        lora_lib.save_lora(path, model.denoiser, model.text_encoder, ADAPTER, format=o.format, recipe=recipe,
-                           base_model=self.cfg.model.base, dtype=SAVE_DTYPES[o.save_dtype])
+        lora_lib.save_lora(path, model.denoiser, model.text_parts, ADAPTER, format=o.format, recipe=recipe,
+                           base_model=self.cfg.model.base, dtype=SAVE_DTYPES[o.save_dtype],
+                           formulation=self.formulation, family=self.family)
 
 
 def main(config: str, overrides: list[str]) -> int:

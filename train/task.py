@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from gen import formulations
+from gen import families, formulations
 from gen.errors import GenError
 from gen.models import vae as vae_lib
 from gen.models.text import TextEncoder
@@ -39,29 +39,47 @@ def build_formulation(cfg: Config):
 
 
 class WithText(nn.Module):
-    """A denoiser and its text encoder as one module (model.train_text_encoder), so that the optimizer, EMA,
-    gradient clipping, distributed sync and checkpoints cover both; forward runs the text tower on token ids."""
+    """A denoiser and the text encoders that train with it (model.train_text_encoder, or their LoRA adapters)
+    as one module, so that the optimizer, EMA, gradient clipping, distributed sync and checkpoints cover them
+    all. The text encoders are submodules named by their folders (text_encoder, text_encoder_2); forward
+    encodes the captions through the family with gradients. With no text encoders it is the denoiser alone."""
 
-    def __init__(self, denoiser: nn.Module, text_encoder: nn.Module, is_dit: bool):
+    def __init__(self, denoiser: nn.Module, texts: dict[str, TextEncoder], family: families.Family):
         super().__init__()
-        self.denoiser, self.text_encoder, self.is_dit = denoiser, text_encoder, is_dit
+        self.denoiser, self.family = denoiser, family
+        self.folders = list(texts)
+        for folder, text in texts.items():
+            self.add_module(folder, text.model)
+        self.tokenizers = [t.tokenizer for t in texts.values()]
 
     @property
     def config(self):
         return self.denoiser.config
 
+    @property
+    def text_parts(self) -> dict[str, nn.Module]:
+        return {f: getattr(self, f) for f in self.folders}
+
+    def encoders(self) -> list[TextEncoder]:
+        """The trained text encoders, run with gradients."""
+        return [TextEncoder(m, tok, grad=True) for m, tok in zip(self.text_parts.values(), self.tokenizers)]
+
     def enable_gradient_checkpointing(self) -> None:
         self.denoiser.enable_gradient_checkpointing()
+        for m in self.text_parts.values():
+            m.gradient_checkpointing_enable()
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, input_ids: torch.Tensor, **kwargs):
-        out = self.text_encoder(input_ids)
-        extra = {"pooled_projections": out.pooler_output} if self.is_dit else {}
-        return self.denoiser(sample, timestep, encoder_hidden_states=out.last_hidden_state, **extra, **kwargs)
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, text: dict | None = None, **kwargs):
+        """The denoiser's forward; `text` (Family.train_conditioning's arguments but the encoders) is encoded
+        here, so that the text encoders get gradients."""
+        if text is not None:
+            kwargs |= self.family.denoiser_kwargs(self.family.train_conditioning(self.encoders(), **text))
+        return self.denoiser(sample, timestep, **kwargs)
 
 
-def parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
-    """(denoiser, trained text encoder or None) of a task's model."""
-    return (model.denoiser, model.text_encoder) if isinstance(model, WithText) else (model, None)
+def parts(model: nn.Module) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """(denoiser, {folder: trained text encoder}) of a task's model."""
+    return (model.denoiser, model.text_parts) if isinstance(model, WithText) else (model, {})
 
 
 class DenoiserTask:
@@ -72,17 +90,38 @@ class DenoiserTask:
         self.cfg = cfg
         self.formulation = build_formulation(cfg)
         base = self._base()
-        self.text, self.vae = base.text, base.vae
-        self.text.model.to(device, weight_dtype).requires_grad_(False)
+        self.texts, self.vae = base.texts, base.vae
+        self.family = base.family if isinstance(base, Pipeline) else families.get(
+            "dit" if cfg.model.denoiser == "dit" else "sd1")
+        for t in self.texts:
+            t.model.to(device, weight_dtype).requires_grad_(False)
         self.vae.to(device, weight_dtype).requires_grad_(False)
-        self.model = self._denoiser(base).to(device)
-        self.is_dit = not hasattr(self.model.config, "block_out_channels")
-        self.empty = self.text([""])  # conditioning dropout target: the empty prompt, as CFG's negative
+        # The task decides what trains, whatever froze the module before: a base folder's denoiser (init_from_base)
+        # comes out of Pipeline, which freezes what it samples with.
+        self.model = self._denoiser(base).to(device).requires_grad_(True)
+        if cfg.data.cache and len(self.texts) > 1:
+            raise GenError(f"config key 'data.cache': the cache holds one text encoder's embeddings, and a "
+                           f"{self.family.title} model has {len(self.texts)}; set data.cache=false")
+        if cfg.data.cache:  # cached batches are dropped to this, so that the text encoder never runs again
+            with torch.no_grad():
+                r = cfg.data.resolution
+                self.empty = self.family.encode_negative(self.texts, [""], False, r, r)
         if cfg.model.train_text_encoder:
             if cfg.data.cache:
                 raise GenError("config keys 'data.cache' and 'model.train_text_encoder': a cache holds text "
                                "embeddings, which go stale while the text encoder trains; turn one of them off")
-            self.model = WithText(self.model, self.text.model.float().requires_grad_(True), self.is_dit)
+            for t in self.texts:
+                t.model.float().requires_grad_(True)
+            self.model = WithText(self.model, self.text_parts, self.family)
+
+    @property
+    def text(self) -> TextEncoder:
+        """The first text encoder (the one data caches encode with)."""
+        return self.texts[0]
+
+    @property
+    def text_parts(self) -> dict[str, TextEncoder]:
+        return {enc: t for (enc, _), t in zip(self.family.text_parts, self.texts)}
 
     def _base(self):
         """The base folder's parts, with model.text_encoder / model.vae (earlier stages' outputs) swapped in;
@@ -107,7 +146,8 @@ class DenoiserTask:
         if m.vae:
             vae = load("vae", lambda f: load_model(AutoencoderKL, f), Path(m.vae) / "vae")  # via gen.io: no pickles
         if m.base:
-            base = Pipeline.from_pretrained(m.base, device="cpu", dtype=torch.float32)
+            # a single-file base without a tokenizer takes model.text_encoder's folder's
+            base = Pipeline.from_pretrained(m.base, device="cpu", dtype=torch.float32, tokenizer=m.text_encoder or None)
             if text:
                 base.text = TextEncoder(*text)
             if vae is not None:
@@ -115,7 +155,7 @@ class DenoiserTask:
             return base
         if m.init_from_base:
             raise GenError("config key 'model.init_from_base' needs model.base (the folder whose denoiser to start from)")
-        return SimpleNamespace(text=TextEncoder(*text), vae=vae)
+        return SimpleNamespace(texts=[TextEncoder(*text)], vae=vae)
 
     def _denoiser(self, base: Pipeline) -> nn.Module:
         from gen.models.dit import build_dit
@@ -123,9 +163,10 @@ class DenoiserTask:
 
         m, res, f = self.cfg.model, self.cfg.data.resolution, self.vae_scale_factor
         if m.init_from_base:
-            if base.is_dit != (m.denoiser == "dit"):
+            kind = "dit" if base.family.denoiser_part == "transformer" else "unet"
+            if kind != m.denoiser:
                 raise GenError(f"config key 'model.init_from_base': {m.base} holds a "
-                               f"{'dit' if base.is_dit else 'unet'} denoiser, but model.denoiser is {m.denoiser!r}")
+                               f"{kind} denoiser, but model.denoiser is {m.denoiser!r}")
             self._check_objective(base.formulation)
             return base.denoiser.float()
         if res % f:
@@ -140,8 +181,8 @@ class DenoiserTask:
                     raise GenError(f"config key 'data.resolution': {res} is not a multiple of "
                                    f"{f * model.config.patch_size} (VAE factor x DiT patch size)")
                 return model
-            return build_unet(m.preset, **common, out_channels=common["in_channels"], cross_attention_dim=hidden,
-                              **m.options)
+            return build_unet(m.preset, **common, out_channels=common["in_channels"],
+                              **self.family.denoiser_options(self.texts) | m.options)
         except (ValueError, TypeError) as e:
             if isinstance(e, GenError):
                 raise
@@ -168,33 +209,26 @@ class DenoiserTask:
 
     def loss(self, model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
         """Denoising loss of one micro-batch (DDPM: eps or v target, min-SNR-gamma; flow: velocity)."""
-        if isinstance(self.model, WithText):
-            return self._loss_with_text(model, batch, g)
         device = self.vae.device
         with torch.no_grad():
             if "latents" in batch:  # a cached batch (train/data/cache.py): the VAE and text encoder do not run
                 from train.data.cache import latents
                 x0 = latents(self.vae, batch, g).float()  # (N, C, h, w)
-                hidden, pooled = batch["hidden"].to(device), batch["pooled"].to(device)
             else:
                 x0 = vae_lib.encode(self.vae, batch["pixel_values"].to(device), generator=g).float()  # (N, C, h, w)
-                hidden, pooled = self.text(batch["text"])
-            n = x0.shape[0]
-            drop = (torch.rand(n, generator=g) < self.cfg.train.cond_dropout).to(device)
-            hidden = torch.where(drop[:, None, None], self.empty[0], hidden)
-            pooled = torch.where(drop[:, None], self.empty[1], pooled)
-        extra = {"pooled_projections": pooled} if self.is_dit else {}
-        return self._denoising_loss(model, x0, g, encoder_hidden_states=hidden, **extra)
-
-    def _loss_with_text(self, model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
-        """model.train_text_encoder: conditioning dropout replaces the caption by the empty prompt, whose
-        embedding then trains too; the text tower runs inside the model's forward, with gradients."""
-        device = self.vae.device
+            drop = torch.rand(x0.shape[0], generator=g) < self.cfg.train.cond_dropout
+        f = self.vae_scale_factor
+        text = dict(prompts=list(batch["text"]), drop=drop, original=batch.get("original_size"),
+                    crop=batch.get("crop_top_left"), target=(x0.shape[2] * f, x0.shape[3] * f))
+        if isinstance(self.model, WithText) and self.model.folders:  # text encoders that train run in forward
+            return self._denoising_loss(model, x0, g, text=text)
         with torch.no_grad():
-            x0 = vae_lib.encode(self.vae, batch["pixel_values"].to(device), generator=g).float()
-        drop = (torch.rand(x0.shape[0], generator=g) < self.cfg.train.cond_dropout).tolist()
-        ids = self.text.tokenize(["" if d else c for c, d in zip(batch["text"], drop)]).to(device)
-        return self._denoising_loss(model, x0, g, input_ids=ids)
+            if "latents" in batch:
+                cond = {"hidden": batch["hidden"].to(device), "pooled": batch["pooled"].to(device)}
+                cond = families.where(~drop.to(device), cond, self.empty)
+            else:
+                cond = self.family.train_conditioning(self.texts, **text)
+        return self._denoising_loss(model, x0, g, **self.family.denoiser_kwargs(cond))
 
     def _denoising_loss(self, model: nn.Module, x0: torch.Tensor, g: torch.Generator, **cond) -> torch.Tensor:
         o, f, device, n = self.cfg.objective, self.formulation, x0.device, x0.shape[0]
@@ -214,9 +248,12 @@ class DenoiserTask:
         s = self.cfg.sampling
         defaults = {k: v for k, v in dict(steps=s.steps, guidance=s.guidance, sampler=s.sampler).items()
                     if v is not None}
-        denoiser, text = parts(model)
-        pipe = Pipeline(text or self.text.model, self.text.tokenizer, self.vae, denoiser, formulation=self.formulation,
-                        defaults=defaults, recipe=recipe, name="validation")
+        denoiser, trained = parts(model)
+        texts = {enc: t.model for enc, t in self.text_parts.items()} | trained
+        more = {k: v for (enc, tok), t in zip(self.family.text_parts[1:], self.texts[1:])
+                for k, v in ((enc, texts[enc]), (tok, t.tokenizer))}
+        pipe = Pipeline(texts["text_encoder"], self.text.tokenizer, self.vae, denoiser, formulation=self.formulation,
+                        defaults=defaults, recipe=recipe, name="validation", family=self.family, **more)
         pipe.progress = False
         return pipe
 

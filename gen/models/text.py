@@ -45,9 +45,11 @@ def build_text_encoder(preset: str = "tiny", vocab_size: int = 514, **overrides)
 class TextEncoder:
     """Tokenizes prompts and runs the CLIP text tower, as diffusers' Stable Diffusion pipeline does."""
 
-    def __init__(self, model: CLIPTextModel, tokenizer: CLIPTokenizer):
+    def __init__(self, model: CLIPTextModel, tokenizer: CLIPTokenizer, grad: bool = False):
+        """grad: run the tower with gradients (a text encoder, or its LoRA, that trains); else without."""
         self.model = model
         self.tokenizer = tokenizer
+        self.grad = grad
 
     @property
     def max_length(self) -> int:
@@ -68,9 +70,14 @@ class TextEncoder:
                                 len(dropped), text if len(text) <= 200 else f"{text[:95]} ... {text[-95:]}")
         return ids
 
-    @torch.no_grad()
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns hidden states (B, L, D) and the pooled embedding (B, D)."""
-        ids = self.tokenize(prompts).to(self.model.device)
-        out = self.model(ids)
+        out = self.outputs(prompts, hidden_states=False)
         return out.last_hidden_state, out.pooler_output
+
+    def outputs(self, prompts: list[str], hidden_states: bool = True):
+        """The tower's whole output for prompts, every layer's hidden states included (SDXL reads the
+        penultimate one; a projection model's first output is its projected pooled embedding)."""
+        ids = self.tokenize(prompts).to(self.model.device)
+        with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
+            return self.model(ids, output_hidden_states=hidden_states)

@@ -26,6 +26,14 @@ def base_unet(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def captioned(tmp_path_factory):
+    """An image folder for data.source=folder recipes: 6 shapes-world images and their metadata.jsonl."""
+    from train.data.shapes import write_folder
+
+    return write_folder(tmp_path_factory.mktemp("images") / "shapes", 6)
+
+
 def fast_config(base, out, **overrides):
     """A few-step run on 16 px shapes; validation off, logging every step to metrics.jsonl."""
     settings = {"model.base": str(base), "data.source": "shapes", "data.resolution": 16, "data.num_images": 24,

@@ -208,3 +208,16 @@ def test_config_errors_name_the_key(bad, message, sd_folder, images, tmp_path):
     with pytest.raises(GenError, match=message):
         LoraTask(load_config("configs/lora-subject.yaml", extra=settings(sd_folder, images, tmp_path) | bad),
                  torch.device("cpu"))
+
+
+def test_lora_on_a_single_file_base_equals_the_folders(sd_folder, images, tmp_path):
+    """model.base=FILE.safetensors (the same model as one original-layout file) trains the same LoRA as the folder."""
+    file = tmp_path / "base.safetensors"
+    Pipeline.from_pretrained(sd_folder).save_pretrained(file, single_file=True)
+    out = {}
+    for name, base in (("folder", sd_folder), ("file", file)):
+        cfg = load_config("configs/lora-subject.yaml", extra=settings(base, images, tmp_path / name, train__max_steps=2,
+                                                                      train__checkpoint_every=0))
+        out[name] = load_file(str(train(cfg, LoraTask)))
+    assert out["folder"].keys() == out["file"].keys() and len(out["file"]) > 0
+    assert max(diff(out["folder"][k], out["file"][k]) for k in out["file"]) <= 1e-6

@@ -35,6 +35,13 @@ def transform(img: Image.Image, size: int | tuple[int, int], crop: str, flip: bo
               rng: np.random.Generator) -> torch.Tensor:
     """Resize to cover `size` (a square side or (width, height)), crop it (center or random), maybe flip
     -> (3, H, W) in [-1, 1]."""
+    return augment(img, size, crop, flip, rng)[0]
+
+
+def augment(img: Image.Image, size: int | tuple[int, int], crop: str, flip: bool,
+            rng: np.random.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`transform`, and the (top, left) of the crop in the resized image, as the flipped image sees it (SDXL's
+    crop conditioning: where the training view starts in the whole picture)."""
     w, h = img.size
     tw, th = (size, size) if isinstance(size, int) else size
     s = max(tw / w, th / h)
@@ -48,8 +55,9 @@ def transform(img: Image.Image, size: int | tuple[int, int], crop: str, flip: bo
     img = img.crop((x, y, x + tw, y + th))
     if flip and rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = nw - tw - x  # the mirrored picture's crop starts this far from its left edge
     a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return a.float() / 127.5 - 1
+    return a.float() / 127.5 - 1, (y, x)
 
 
 def image_sizes(source) -> list[tuple[int, int]]:
@@ -99,8 +107,10 @@ class TrainData(torch.utils.data.Dataset):
 
     def example(self, i: int, pos: int, img: Image.Image, text: str) -> dict:
         rng = np.random.default_rng([self.seed, pos])
-        pixels = transform(img, self.size(i), self.cfg.crop, self.cfg.flip, rng)
-        return {"pixel_values": pixels, "text": text, "index": i}
+        pixels, crop = augment(img, self.size(i), self.cfg.crop, self.cfg.flip, rng)
+        # SDXL's size micro-conditioning: the picture's (height, width) before resizing, and the crop's top-left
+        return {"pixel_values": pixels, "text": text, "index": i,
+                "original_size": torch.tensor([img.height, img.width]), "crop_top_left": torch.tensor(crop)}
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         i, pos = key

@@ -247,13 +247,14 @@ def main(config: str, overrides: list[str]) -> int:
     from accelerate import Accelerator
 
     from train.config import load_config
-    from train.loop import WEIGHT_DTYPES
+    from train.loop import weight_dtype
     from train.task import DenoiserTask
 
     cfg = load_config(config, list(overrides) + ["data.cache=true"])
     acc = Accelerator()
+    dtype = weight_dtype(cfg.train.mixed_precision, acc.device)
     data = TrainData(cfg.data, cfg.train.seed)
-    task = DenoiserTask(cfg, acc.device, WEIGHT_DTYPES[cfg.train.mixed_precision])
+    task = DenoiserTask(cfg, acc.device, dtype)
     build(cfg, data, task.text, task.vae, acc.process_index, acc.num_processes, acc.wait_for_everyone,
           progress=cfg.log.progress)
     return 0

@@ -1,0 +1,254 @@
+"""Model families: what differs between SD-1.x, SD-2.x, SDXL and gen's DiT lives in one small class each.
+
+A family says which components a model has (text encoders and their tokenizers, the denoiser class and its
+folder), how prompts become conditioning (a dict of batch-first tensors) and how that conditioning is handed
+to the denoiser, how the family is recognised from a diffusers folder, its LoRA names, and its sampling
+defaults. The pipeline, training, LoRA loading, the CLI and `gen info` ask the family; none of them tests for
+a model type. ComfyUI's supported_models.py is the shape: a family is a short class in its own module, and
+adding one touches that module and its tests only (it registers itself with @register).
+
+Conditioning keys: "hidden" (B, L, D) token states for cross-attention, "pooled" (B, D) a pooled prompt
+embedding, and whatever else a family needs ("time_ids" for SDXL). Generic code only stacks, repeats and
+selects along the batch dimension (cat, repeat, where below).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from pathlib import Path
+
+import torch
+
+from gen.errors import GenError
+
+REGISTRY: dict[str, type["Family"]] = {}
+
+
+def register(cls: type["Family"]) -> type["Family"]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+class Family:
+    """The base family: one CLIP text encoder conditioning a denoiser by cross-attention (SD-1.x)."""
+
+    def __init__(self, index: dict | None = None):
+        """`index`: the folder's model_index.json, where a family reads settings from it."""
+    name = ""
+    title = ""
+    pipeline_class = ""  # model_index.json `_class_name` written on save
+    denoiser_part = "unet"  # the folder of the denoiser, and its prefix in diffusers LoRA files
+    text_parts = (("text_encoder", "tokenizer"),)  # (encoder folder, tokenizer folder), in conditioning order
+    kohya_text = {"text_encoder": "lora_te_"}  # text encoder folder -> kohya LoRA key prefix
+    kohya_base = ""  # kohya's ss_base_model_version for this family ("": none, gen names it gen_unet)
+    lora_preset = "unet"  # gen.lora.TARGETS key of the denoiser's attention / feed-forward layers
+    objective = "DDPM"  # for the README's table and `gen info`
+    index_extra: dict = {}  # model_index.json entries besides the components
+
+    # ---- components ------------------------------------------------------------------------------
+    @staticmethod
+    def denoiser_class():
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel
+
+    @staticmethod
+    def text_class(part: str):
+        from transformers import CLIPTextModel
+
+        return CLIPTextModel
+
+    @classmethod
+    def recognises(cls, index: dict, configs: dict[str, dict]) -> bool:
+        """Whether a diffusers folder is of this family: its model_index.json and its parts' config.json."""
+        raise NotImplementedError
+
+    # ---- single files (the original LDM layout; gen/single_file.py, gen/families/ldm.py) ------------------------
+    # Each text tower's (encoder folder, tokenizer folder, key prefix, "hf" | "openclip" naming); () = none.
+    file_texts: tuple = ()
+    file_penultimate = False  # the file's last text block is unused (conditioning on the one before)
+
+    @classmethod
+    def recognises_file(cls, keys: set[str], shapes: dict[str, list[int]]) -> bool:
+        """Whether a single file's state dict (its keys and tensor shapes) is of this family."""
+        return False
+
+    @classmethod
+    def refuses_file(cls, keys: set[str], shapes: dict[str, list[int]]) -> str | None:
+        """Why a single file that looks like this family cannot be used, or None."""
+        return None
+
+    @classmethod
+    def file_convention(cls, prediction_type: str) -> dict:
+        """Config values a single file's shapes cannot tell, as the family's released checkpoints have them:
+        UNet `heads` (or `head_dim`), `sample_size`, the VAE's latent scale `vae_scale`."""
+        raise NotImplementedError
+
+    # ---- conditioning ------------------------------------------------------------------------------
+    def encode(self, encoders: list, prompts: list[str], height: int, width: int) -> dict[str, torch.Tensor]:
+        """Prompts -> conditioning: CLIP's last hidden states and its pooled output."""
+        hidden, pooled = encoders[0](prompts)
+        return {"hidden": hidden, "pooled": pooled}
+
+    def encode_negative(self, encoders: list, prompts: list[str], given: bool, height: int, width: int) -> dict:
+        """The negative (unconditional) side of classifier-free guidance; `given`: whether the user gave a
+        negative prompt (else `prompts` are empty strings)."""
+        return self.encode(encoders, prompts, height, width)
+
+    def sized(self, cond: dict, original: torch.Tensor | None, crop: torch.Tensor | None,
+              target: tuple[int, int]) -> dict:
+        """Training conditioning for images of these sizes: each image's original (height, width) before
+        resizing (N, 2), the top-left (top, left) of its crop (N, 2), the (height, width) it trains at. Only
+        families with size micro-conditioning (SDXL) use them."""
+        return cond
+
+    def train_conditioning(self, encoders: list, prompts: list[str], drop: torch.Tensor, original, crop,
+                           target: tuple[int, int]) -> dict:
+        """One training batch's conditioning: prompt i's, or where drop[i] (conditioning dropout) the
+        unconditional that sampling uses without a negative prompt (encode_negative of ""), for the whole
+        text conditioning at once; with the images' sizes (`sized`). Gradients flow into encoders that train."""
+        h, w = target
+        cond = self.encode(encoders, ["" if d else p for p, d in zip(prompts, drop.tolist())], h, w)
+        if bool(drop.any()):
+            empty = self.encode_negative(encoders, [""], False, h, w)
+            cond = where(~drop.to(cond["hidden"].device), cond, empty)
+        return self.sized(cond, original, crop, target)
+
+    def denoiser_options(self, encoders: list) -> dict:
+        """Architecture keys of a denoiser built from scratch for these text encoders."""
+        return {"cross_attention_dim": encoders[0].model.config.hidden_size}
+
+    def denoiser_kwargs(self, cond: dict[str, torch.Tensor]) -> dict:
+        """The denoiser contract's extra inputs: model(x_t, t, **denoiser_kwargs(cond))."""
+        return {"encoder_hidden_states": cond["hidden"]}
+
+    # ---- LoRA files ------------------------------------------------------------------------------------
+    def kohya_version(self, denoiser, formulation=None) -> str:
+        """kohya's ss_base_model_version for a LoRA of this denoiser trained with this formulation (None:
+        epsilon DDPM); what sd-scripts would not write (another objective, a non-standard width) is gen's own
+        name, gen_unet."""
+        return "gen_unet"
+
+    @classmethod
+    def owns_kohya_version(cls, version: str) -> bool:
+        return bool(cls.kohya_base) and version.removesuffix("_v") == cls.kohya_base
+
+    # ---- geometry and defaults -----------------------------------------------------------------------
+    def size_multiple(self, denoiser, vae_factor: int) -> int:
+        return vae_factor
+
+    def default_settings(self, denoiser, vae_factor: int, flow: bool) -> dict:
+        return dict(steps=28 if flow else 50, guidance=5.0 if flow else 7.5,
+                    height=denoiser.config.sample_size * vae_factor, width=denoiser.config.sample_size * vae_factor)
+
+    def index(self, scheduler_class: str) -> dict:
+        """model_index.json of a saved folder."""
+        import diffusers
+
+        out = {"_class_name": self.pipeline_class, "_diffusers_version": diffusers.__version__}
+        for enc, tok in self.text_parts:
+            out[enc] = ["transformers", self.text_class(enc).__name__]
+            out[tok] = ["transformers", "CLIPTokenizer"]
+        denoiser = self.denoiser_class()
+        out[self.denoiser_part] = [denoiser.__module__.split(".")[0], denoiser.__name__]
+        out |= {"vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", scheduler_class]}
+        return out | self.index_extra
+
+
+def _load_families() -> None:
+    for m in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{m.name}")
+
+
+def families() -> list[type[Family]]:
+    """Every registered family, most specific first (SD-1.x, the fallback UNet family, last)."""
+    _load_families()
+    return sorted(REGISTRY.values(), key=lambda f: f.name == "sd1")
+
+
+def get(name: str) -> Family:
+    _load_families()
+    if name not in REGISTRY:
+        raise GenError(f"unknown model family {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]()
+
+
+def folder_configs(path: Path, index: dict) -> dict[str, dict]:
+    """Each part's config.json (or scheduler_config.json) in a diffusers folder, {} where absent."""
+    from gen.io import read_json
+
+    out = {}
+    for part in index:
+        if part.startswith("_"):
+            continue
+        for name in ("config.json", "scheduler_config.json"):
+            if (path / part / name).is_file():
+                out[part] = read_json(path / part / name)
+                break
+    return out
+
+
+def detect_folder(path: Path, index: dict) -> Family:
+    """The family of a diffusers folder, or a GenError that says what the folder is and what gen loads."""
+    configs = folder_configs(path, index)
+    for fam in families():
+        refusal = getattr(fam, "refuses", lambda i, c: None)(index, configs)
+        if refusal:
+            raise GenError(f"{path}: {refusal}")
+        if fam.recognises(index, configs):
+            return fam(index)
+    known = ", ".join(f.title for f in families())
+    raise GenError(f"{path}: {index.get('_class_name', 'this pipeline')} is not a model family gen knows "
+                   f"({known})")
+
+
+def detect_models(denoiser, text_encoders: list) -> Family:
+    """The family of live models (a Pipeline built in Python rather than loaded from a folder)."""
+    index = {f"text_encoder{'_' + str(i + 1) if i else ''}": ["transformers", type(t).__name__]
+             for i, t in enumerate(text_encoders)}
+    part = "transformer" if not hasattr(denoiser.config, "block_out_channels") else "unet"
+    index[part] = [type(denoiser).__module__.split(".")[0], type(denoiser).__name__]
+    configs = {part: dict(denoiser.config)} | {k: t.config.to_dict() for k, t in
+                                               zip(index, text_encoders)}
+    for fam in families():
+        if fam.recognises(index, configs):
+            return fam()
+    raise GenError(f"no model family for a {type(denoiser).__name__} with {len(text_encoders)} text encoder(s)")
+
+
+def lora_families(texts: dict[str, str | None], metadata: dict) -> list[type[Family]]:
+    """The families a LoRA file fits: the one gen recorded (gen.family), else the one kohya's
+    ss_base_model_version names, else those with these text encoder folders ({folder: kohya prefix, or None
+    for a diffusers file})."""
+    every = families()
+    named = [f for f in every if f.name == metadata.get("gen.family")] or \
+        [f for f in every if f.owns_kohya_version(metadata.get("ss_base_model_version", ""))]
+    return named or [f for f in every if all(c in f.kohya_text and p in (None, f.kohya_text[c])
+                                             for c, p in texts.items())]
+
+
+def kohya_prefixes() -> dict[str, str]:
+    """Every kohya LoRA key prefix a family uses -> its component (the denoiser or a text encoder folder)."""
+    out = {"lora_unet_": "denoiser"}
+    for fam in families():
+        out |= {p: folder for folder, p in fam.kohya_text.items()}
+    return out
+
+
+# ---- conditioning dicts: batch-dimension operations -----------------------------------------------------
+def cat(a: dict, b: dict) -> dict:
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def repeat(cond: dict, n: int) -> dict:
+    return {k: v.repeat_interleave(n, 0) for k, v in cond.items()}
+
+
+def where(mask: torch.Tensor, a: dict, b: dict) -> dict:
+    """Row i from a where mask[i], else from b (b's rows may be a single row, broadcast)."""
+    return {k: torch.where(mask.view(-1, *[1] * (v.ndim - 1)), v, b[k]) for k, v in a.items()}
+
+
+def to(cond: dict, dtype: torch.dtype) -> dict:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}

@@ -1,0 +1,322 @@
+"""Generation recipes: what `gen sample` writes into each PNG and reads back with `--from`, and the prompt
+files of `--prompts`.
+
+A PNG's recipe is AUTOMATIC1111's `parameters` text chunk, which A1111's create_infotext (modules/processing.py)
+writes and parse_generation_parameters (modules/infotext_utils.py) reads: the prompt, a `Negative prompt:` line,
+then one line of `Key: value` fields joined by ", ", where a value holding `,` `:` or a newline is written as a
+JSON string. The fields A1111 knows keep A1111's meaning (its sampler and schedule names, `Model hash`,
+`<lora:NAME:SCALE>` in the prompt and `Lora hashes`), so A1111 and Forge read gen's images right; the `gen ...`
+fields hold what A1111 has no field for, so that `gen sample --from` makes the same image again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gen.errors import GenError
+
+log = logging.getLogger("gen")
+
+# A1111's re_param: `Key: value` or `Key: "JSON string"`, up to a comma or the end of the line.
+FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's re_extra_net: <lora:NAME:SCALE> in a prompt
+GEN_LORA = re.compile(r"gen LoRA (\d+)")
+# Fields a recipe is read from; the others (A1111's hires fix, clip skip, VAE, ...) are named in a warning.
+READ = {"Steps", "Sampler", "Schedule type", "Eta DDIM", "CFG scale", "Seed", "Size", "Model hash", "Model",
+        "Lora hashes", "Version", "gen sampler", "gen guidance rescale", "gen guidance interval",
+        "gen cache interval", "gen model"}
+
+
+@dataclass
+class Recipe:
+    """One image's generation settings; None: not recorded (the model's default applies)."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    sampler: str | None = None  # gen's name; A1111's recipes leave it to `a1111_sampler`
+    guidance_rescale: float = 0.0
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    cache_interval: int = 1
+    model: str | None = None  # the model folder gen loaded (None: the bundled default)
+    model_name: str | None = None
+    model_hash: str | None = None
+    loras: list[tuple[str, float]] = field(default_factory=list)  # (file, scale): gen's own recipes
+    lora_tags: list[tuple[str, float]] = field(default_factory=list)  # (name, scale) of <lora:...> in the prompt
+    lora_hashes: dict[str, str] = field(default_factory=dict)
+    a1111_sampler: tuple[str, str | None, float] | None = None  # Sampler, Schedule type, Eta DDIM
+    by_gen: bool = True
+
+
+def number(value) -> str:
+    """A number as its shortest exact text (4.5, 7, 1e-05), so that reading it back gives the same float."""
+    if isinstance(value, float):
+        text = repr(value)
+        return text[:-2] if text.endswith(".0") else text
+    return str(value)
+
+
+def quote(value) -> str:
+    """A field value as A1111's quote() writes it: as is, or as a JSON string where it holds `,` `:` or a
+    newline (here also where a leading quote or edge whitespace would not survive reading)."""
+    text = number(value)
+    if any(c in text for c in ",:\n") or text[:1] == '"' or text != text.strip():
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    return text
+
+
+def parse(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, fields) as A1111's parse_generation_parameters reads them: the last line is
+    the fields where at least 3 parse there; above it the prompt, and from a `Negative prompt:` line on the
+    negative prompt, each line stripped and empty leading lines dropped."""
+    *lines, last = text.strip().split("\n")
+    if len(FIELD.findall(last)) < 3:
+        lines, last = [*lines, last], ""
+    parts, part = {"prompt": [], "negative": []}, "prompt"
+    for line in (line.strip() for line in lines):
+        if line.startswith("Negative prompt:"):
+            part, line = "negative", line[len("Negative prompt:"):].strip()
+        if parts[part] or line:
+            parts[part].append(line)
+    return "\n".join(parts["prompt"]), "\n".join(parts["negative"]), {k: unquote(v) for k, v in FIELD.findall(last)}
+
+
+def lora_arg(text: str) -> tuple[str, float]:
+    """PATH[:SCALE]: split at the last ':' only when what follows is a number, so C:\\x.safetensors stays a path."""
+    path, sep, tail = text.rpartition(":")
+    try:
+        return (path, float(tail)) if sep and path else (text, 1.0)
+    except ValueError:
+        return text, 1.0
+
+
+def _lora_name(path: str) -> str:
+    return Path(path).stem
+
+
+def _tags(loras: list[tuple[str, float]]) -> str:
+    return " ".join(f"<lora:{_lora_name(p)}:{number(float(s))}>" for p, s in loras)
+
+
+def infotext(r: Recipe, sampler_fields: dict) -> str:
+    """The `parameters` text of an image: `sampler_fields` are A1111's Sampler / Schedule type / Eta DDIM
+    (gen.samplers.a1111_fields); the LoRAs go into the prompt as A1111's tags and into `Lora hashes`."""
+    prompt = " ".join(x for x in (r.prompt, _tags(r.loras)) if x)
+    fields = {"Steps": r.steps, **sampler_fields, "CFG scale": float(r.guidance), "Seed": r.seed,
+              "Size": f"{r.width}x{r.height}", "Model hash": r.model_hash, "Model": r.model_name,
+              "Lora hashes": ", ".join(f"{k}: {v}" for k, v in r.lora_hashes.items()) or None,
+              "gen sampler": r.sampler,
+              "gen guidance rescale": float(r.guidance_rescale) if r.guidance_rescale else None,
+              "gen guidance interval": (", ".join(number(float(x)) for x in r.guidance_interval)
+                                        if tuple(r.guidance_interval) != (0.0, 1.0) else None),
+              "gen cache interval": r.cache_interval if r.cache_interval != 1 else None,
+              "gen model": r.model,
+              **{f"gen LoRA {i}": f"{p}:{number(float(s))}" for i, (p, s) in enumerate(r.loras, 1)}}
+    line = ", ".join(f"{k}: {quote(v)}" for k, v in fields.items() if v is not None)
+    negative = f"\nNegative prompt: {r.negative_prompt}" if r.negative_prompt else ""
+    return f"{prompt}{negative}\n{line}".strip()
+
+
+def from_text(text: str, source: str = "the recipe") -> Recipe:
+    """A Recipe from a `parameters` text written by gen or by A1111 (or a tool that writes its layout)."""
+    prompt, negative, f = parse(text)
+
+    def get(key, kind, default=None):
+        if key not in f:
+            return default
+        try:
+            value = kind(f[key])
+            if kind is float and not math.isfinite(value):
+                raise ValueError
+            return value
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise GenError(f"{source}: the field {key!r} is {f[key]!r}, not {what}") from None
+
+    r = Recipe(negative_prompt=negative, steps=get("Steps", int), guidance=get("CFG scale", float),
+               seed=get("Seed", int), sampler=f.get("gen sampler"), model=f.get("gen model"),
+               model_name=f.get("Model"), model_hash=f.get("Model hash"), by_gen="gen sampler" in f,
+               guidance_rescale=get("gen guidance rescale", float, 0.0),
+               cache_interval=get("gen cache interval", int, 1))
+    if "Size" in f:
+        size = re.fullmatch(r"(\d+)x(\d+)", f["Size"])
+        if not size:
+            raise GenError(f"{source}: the field 'Size' is {f['Size']!r}, not WIDTHxHEIGHT")
+        r.width, r.height = int(size[1]), int(size[2])
+    if "gen guidance interval" in f:
+        try:
+            r.guidance_interval = tuple(float(x) for x in f["gen guidance interval"].split(","))
+        except ValueError:
+            r.guidance_interval = ()
+        if len(r.guidance_interval) != 2:
+            raise GenError(f"{source}: the field 'gen guidance interval' is {f['gen guidance interval']!r}, "
+                           "not START, END")
+    if "Sampler" in f and r.sampler is None:
+        r.a1111_sampler = (f["Sampler"], f.get("Schedule type"), get("Eta DDIM", float, 0.0))
+    r.lora_hashes = dict(x.strip().rsplit(": ", 1) for x in f.get("Lora hashes", "").split(",") if ": " in x)
+    numbered = sorted((int(m[1]), v) for k, v in f.items() if (m := GEN_LORA.fullmatch(k)))
+    r.loras = [lora_arg(v) for _, v in numbered]
+    r.prompt = _prompt_without_tags(prompt, r, source)
+    unread = [k for k in f if k not in READ and not GEN_LORA.fullmatch(k)]
+    if unread:
+        log.warning("%s: gen does not apply the fields %s", source, ", ".join(unread))
+    return r
+
+
+def _prompt_without_tags(prompt: str, r: Recipe, source: str) -> str:
+    """The prompt as encoded: gen's own recipes lose the LoRA tags gen appended; others lose every extra-network
+    tag, as A1111 takes them out before encoding, and their LoRA tags are kept in `r.lora_tags`."""
+    if r.by_gen:
+        tags = _tags(r.loras)
+        return "" if prompt == tags else prompt[:-len(tags) - 1] if tags and prompt.endswith(" " + tags) else prompt
+    for kind, args in EXTRA_NETWORK.findall(prompt):
+        if kind == "lora":
+            name, _, rest = args.partition(":")
+            try:
+                r.lora_tags.append((name, float(rest.split(":")[0]) if rest else 1.0))
+            except ValueError:
+                raise GenError(f"{source}: the LoRA tag <lora:{args}> has no number for its scale") from None
+        else:
+            log.warning("%s: gen does not apply <%s:%s> in the prompt", source, kind, args)
+    return EXTRA_NETWORK.sub("", prompt)
+
+
+def read_png(path: str | Path) -> Recipe:
+    """The recipe in a PNG's `parameters` text chunk."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise GenError(f"--from {path}: no such file")
+    try:
+        with Image.open(path) as image:
+            text = getattr(image, "text", {}).get("parameters")
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise GenError(f"--from {path}: not a readable image ({e})") from None
+    if not isinstance(text, str):
+        raise GenError(f"--from {path}: the image holds no recipe (no PNG 'parameters' text chunk, as gen and "
+                       "AUTOMATIC1111 write)")
+    return from_text(text, str(path))
+
+
+def write_png(image, path: str | Path, text: str) -> None:
+    """Saves a PIL image with `text` as its `parameters` chunk."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", text)
+    image.save(str(path), pnginfo=info)
+
+
+# ---- hashes --------------------------------------------------------------------------------------------
+def sha256(path: str | Path, start: int = 0) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_hash(path: str | Path) -> str:
+    """`Model hash:`. For a single file A1111's: the first 10 hex digits of its sha256. For a model folder, which
+    A1111 has no hash for: the first 10 of the sha256 of the `sha256sum` listing of its weight files
+    (`HEX  RELATIVE/PATH` lines, sorted by path), so the folder's name and place do not count."""
+    from gen.io import PICKLE_SUFFIXES
+
+    path = Path(path)
+    if path.is_file():
+        return sha256(path)[:10]
+    weights = (".safetensors", *PICKLE_SUFFIXES)
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.suffix in weights and p.is_file())
+    listing = "".join(f"{sha256(path / f)}  {f}\n" for f in files)
+    return hashlib.sha256(listing.encode()).hexdigest()[:10]
+
+
+def lora_hash(path: str | Path) -> str:
+    """A1111's short hash of a LoRA file (extensions-builtin/Lora/network.py): the header's `sshs_model_hash`
+    where kohya's scripts wrote one, else the addnet hash (modules/hashes.py addnet_hash_safetensors: sha256
+    of the bytes after the safetensors header), first 12 hex digits; a non-safetensors file's whole sha256."""
+    from gen.io import read_metadata
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return sha256(path)[:12]
+    recorded = read_metadata(path).get("sshs_model_hash")
+    if recorded:
+        return recorded[:12]
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return sha256(path, 8 + header)[:12]
+
+
+def lora_alias(path: str | Path) -> str:
+    """The name `Lora hashes` gives a LoRA: A1111 drops `:` and `,` from it."""
+    return _lora_name(str(path)).replace(":", "").replace(",", "")
+
+
+# ---- --prompts files -----------------------------------------------------------------------------------
+JOB_KEYS = {"prompt": str, "negative_prompt": str, "seed": int, "width": int, "height": int, "steps": int,
+            "guidance": float}
+_AT_LEAST = {"seed": 0, "width": 1, "height": 1, "steps": 1, "guidance": 0}
+
+
+def read_prompts(path: str | Path) -> list[tuple[int, dict]]:
+    """`--prompts FILE`: (line number, settings) for each line. A .jsonl file holds a JSON object a line with
+    "prompt" and any of JOB_KEYS; any other file a prompt a line. Blank lines are skipped; a bad line raises
+    a GenError that names it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError):
+        raise GenError(f"--prompts {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise GenError(f"--prompts {path} is not UTF-8 text (byte {e.start})") from None
+    jsonl = path.suffix.lower() == ".jsonl"
+    jobs = [(n, _job(line, f"{path.name} line {n}") if jsonl else {"prompt": line.strip()})
+            for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not jobs:
+        raise GenError(f"--prompts {path} holds no prompts")
+    return jobs
+
+
+def _job(line: str, where: str) -> dict:
+    try:
+        job = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise GenError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(job, dict) or not isinstance(job.get("prompt"), str):
+        raise GenError(f'{where}: expected a JSON object with a "prompt" string, like {{"prompt": "a red circle"}}')
+    for key, value in job.items():
+        kind = JOB_KEYS.get(key)
+        if kind is None:
+            raise GenError(f"{where}: unknown key {key!r}; the keys are {', '.join(JOB_KEYS)}")
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if kind is str and not isinstance(value, str) or kind is not str and not numeric \
+                or kind is int and value != int(value):
+            what = {str: "a string", int: "an integer", float: "a number"}[kind]
+            raise GenError(f"{where}: {key} must be {what}, not {value!r}")
+        if key in _AT_LEAST and value < _AT_LEAST[key]:
+            raise GenError(f"{where}: {key} must be >= {_AT_LEAST[key]}, not {value!r}")
+        if kind is int:
+            job[key] = int(value)
+    return job
