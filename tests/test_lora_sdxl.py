@@ -19,13 +19,14 @@ from gen.cli import main
 from gen.errors import GenError
 from gen.io import read_metadata
 from gen.pipeline import Pipeline
+from gen.samplers import names_for
 from tests.conftest import tiny_sd_components, tiny_sdxl_components
 from tests.test_sdxl import our_images, theirs, theirs_images  # noqa: F401 (theirs: a fixture)
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 RUN = dict(n=1, steps=4)
-SAMPLERS = ("euler", "ddim", "dpm++2m")
+SAMPLERS = names_for("ddpm")  # every sampler of a DDPM model
 
 
 def diff(a, b) -> float:
