@@ -24,37 +24,34 @@ from gen import families
 from gen.lora_formats import (DENOISER, FORMATS, KOHYA_UNET, PEFT_WRAPPER, TEXT, Factor, LoraFile, base_of,
                               config_fields, describe, flat, is_lora, is_text, neutral, read, write)
 
-__all__ = ["FORMATS", "TARGETS", "Adapters", "describe", "extract", "is_lora", "lora_config", "read",
+__all__ = ["FORMATS", "TEXT_TARGETS", "Adapters", "describe", "extract", "is_lora", "lora_config", "read",
            "remove_adapters", "save_lora", "target_modules"]
 
 MAX_LISTED = 5
 
 # peft target presets, as regular expressions over module names: attention projections and feed-forward layers.
-TARGETS = {
-    "unet": {"attn": r"attn[12]\.(to_q|to_k|to_v|to_out\.0)", "ff": r"ff\.net\.(0\.proj|2)"},
-    "dit": {"attn": r"(attn|cross_attn)\.(to_q|to_k|to_v|to_out)", "ff": r"blocks\.\d+\.mlp\.(0|2)"},
-    TEXT: {"attn": r"self_attn\.(q_proj|k_proj|v_proj|out_proj)", "ff": r"mlp\.(fc1|fc2)"},
-}
+# A CLIP text encoder's; each family declares its denoiser's (Family.lora_targets).
+TEXT_TARGETS = {"attn": r"self_attn\.(q_proj|k_proj|v_proj|out_proj)", "ff": r"mlp\.(fc1|fc2)"}
 
 
-def target_modules(kind: str, parts: tuple[str, ...] | str = ("attn",)) -> str:
-    """peft `target_modules` (a regex matched against whole module names) for "unet", "dit" or
-    "text_encoder"; parts from ("attn", "ff"), or a string "attn" / "attn+ff"."""
+def target_modules(presets: dict[str, str], parts: tuple[str, ...] | str = ("attn",)) -> str:
+    """peft `target_modules` (a regex matched against whole module names) for a model's presets (TEXT_TARGETS,
+    a family's lora_targets); parts from ("attn", "ff"), or a string "attn" / "attn+ff"."""
     parts = tuple(parts.split("+")) if isinstance(parts, str) else tuple(parts)
-    if kind not in TARGETS or not parts or not set(parts) <= set(TARGETS[kind]):
-        raise GenError(f"no LoRA target preset {kind!r} {'+'.join(parts)}; kinds: {', '.join(TARGETS)}; "
-                       "parts: attn, attn+ff")
-    return rf"(.*\.)?({'|'.join(TARGETS[kind][p] for p in parts)})"
+    if not parts or not set(parts) <= set(presets):
+        raise GenError(f"no LoRA target preset {'+'.join(parts)!r}; parts: {', '.join(presets)}, "
+                       f"{'+'.join(presets)}")
+    return rf"(.*\.)?({'|'.join(presets[p] for p in parts)})"
 
 
-def lora_config(kind: str, rank: int, alpha: float | None = None, parts: tuple[str, ...] | str = ("attn",),
+def lora_config(presets: dict[str, str], rank: int, alpha: float | None = None, parts: tuple[str, ...] | str = ("attn",),
                 dropout: float = 0.0, use_dora: bool = False, **kwargs):
     """A peft LoraConfig for training; alpha defaults to rank (scale 1). B starts at zero (peft's default),
     so a fresh adapter changes nothing."""
     from peft import LoraConfig
 
     return LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=dropout, use_dora=use_dora,
-                      target_modules=target_modules(kind, parts), init_lora_weights="gaussian", **kwargs)
+                      target_modules=target_modules(presets, parts), init_lora_weights="gaussian", **kwargs)
 
 
 # ---- matching a LoRA against models -----------------------------------------------------------------------

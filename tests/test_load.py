@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 
 from gen import lora
+from gen.families.dit import GenDiT
 
 RUN = dict(num_inference_steps=1, height=32, width=32, output_type="pil")
 
@@ -43,7 +44,8 @@ def test_sampling_64_images_in_batches_keeps_memory_flat(dit_pipe):
 
 
 def test_changing_the_lora_scale_does_not_leak(dit_pipe, tmp_path):
-    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=lora.target_modules("dit", ("attn", "ff")),
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4,
+                                       target_modules=lora.target_modules(GenDiT.lora_targets, ("attn", "ff")),
                                        init_lora_weights=False), dit_pipe.denoiser)
     path = lora.save_lora(tmp_path / "style.safetensors", dit_pipe.denoiser)
     lora.remove_adapters(dit_pipe.denoiser)

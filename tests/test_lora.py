@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from gen import lora
+from gen.families.dit import GenDiT
 from gen.cli import _lora_arg, main
 from gen.errors import GenError
 from gen.io import read_metadata
@@ -328,7 +329,8 @@ def test_dit_lora_round_trips_in_both_layouts(dit_pipe, tmp_path):
         for p in dit_pipe.denoiser.parameters():
             if not p.any():
                 p.normal_(std=0.05)
-    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=2, target_modules=lora.target_modules("dit", ("attn", "ff")),
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=2,
+                                       target_modules=lora.target_modules(GenDiT.lora_targets, ("attn", "ff")),
                                        init_lora_weights=False), dit_pipe.denoiser)
     inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=TEXT_TARGETS, init_lora_weights=False),
                             dit_pipe.text.model)

@@ -101,12 +101,12 @@ class LoraTask(DenoiserTask):
         denoiser = self.model.requires_grad_(False)
         if weight_dtype != torch.float32:  # the frozen base in the autocast dtype; the adapters stay fp32
             denoiser.to(dtype=weight_dtype)
-        kind = self.family.lora_preset
+        kind = self.family.denoiser_part
         options = dict(rank=o.rank, alpha=o.alpha, parts=o.targets, dropout=o.dropout, use_dora=o.dora)
-        self._add(denoiser, kind, options)
+        self._add(denoiser, kind, self.family.lora_targets, options)
         texts = self.text_parts if o.text_encoder else {}
-        for t in texts.values():
-            self._add(t.model, "text_encoder", options)
+        for name, t in texts.items():
+            self._add(t.model, name, lora_lib.TEXT_TARGETS, options)
             t.model.train()
         self.model = LoraModel(denoiser, texts, self.family)
         if o.instance_prompt:
@@ -118,11 +118,11 @@ class LoraTask(DenoiserTask):
                  f" and {', '.join(texts)}" if texts else "", trainable / 1e6)
 
     @staticmethod
-    def _add(model: nn.Module, kind: str, options: dict) -> None:
+    def _add(model: nn.Module, kind: str, presets: dict, options: dict) -> None:
         """Injects the trainable adapter; its weights train in fp32 whatever the frozen base's dtype."""
         from peft import inject_adapter_in_model
 
-        inject_adapter_in_model(lora_lib.lora_config(kind, **options), model, adapter_name=ADAPTER)
+        inject_adapter_in_model(lora_lib.lora_config(presets, **options), model, adapter_name=ADAPTER)
         model.requires_grad_(False)
         n = 0
         for name, p in model.named_parameters():

@@ -42,7 +42,8 @@ class Family:
     text_parts = (("text_encoder", "tokenizer"),)  # (encoder folder, tokenizer folder), in conditioning order
     kohya_text = {"text_encoder": "lora_te_"}  # text encoder folder -> kohya LoRA key prefix
     kohya_base = ""  # kohya's ss_base_model_version for this family ("": none, gen names it gen_unet)
-    lora_preset = "unet"  # gen.lora.TARGETS key of the denoiser's attention / feed-forward layers
+    # the denoiser's LoRA targets (peft regexes over module names): attention projections, feed-forward layers
+    lora_targets = {"attn": r"attn[12]\.(to_q|to_k|to_v|to_out\.0)", "ff": r"ff\.net\.(0\.proj|2)"}
     objective = "DDPM"  # for the README's table and `gen info`
     index_extra: dict = {}  # model_index.json entries besides the components
 

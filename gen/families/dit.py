@@ -12,7 +12,7 @@ class GenDiT(Family):
     title = "gen DiT"
     pipeline_class = "GenDiTPipeline"
     denoiser_part = "transformer"
-    lora_preset = "dit"
+    lora_targets = {"attn": r"(attn|cross_attn)\.(to_q|to_k|to_v|to_out)", "ff": r"blocks\.\d+\.mlp\.(0|2)"}
     objective = "rectified flow or DDPM"
     kohya_base = "gen_dit"  # no kohya tool trains it: gen's own name
 
