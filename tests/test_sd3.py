@@ -11,26 +11,9 @@ from diffusers import StableDiffusion3Pipeline
 
 from gen.errors import GenError
 from gen.pipeline import Pipeline
-from gen.samplers import SAMPLERS
+from tests.test_sdxl import PROMPTS, our_images, theirs_images
 
-PROMPTS = ["a red circle", "a blue square left of a green triangle"]
 SIZE = 32
-
-
-def theirs_images(pipe, sampler, negative="blurry", seed=7, n=2, steps=5, guidance=6.0, size=SIZE, shift=None):
-    cls = SAMPLERS[sampler][1]
-    config = dict(pipe.folder_scheduler_config) | ({} if shift is None else {"shift": shift})
-    pipe.scheduler = cls.from_config(config)
-    gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(PROMPTS) * n)]
-    neg = None if negative is None else [negative] * len(PROMPTS)
-    return pipe(PROMPTS, negative_prompt=neg, num_inference_steps=steps, guidance_scale=guidance,
-                num_images_per_prompt=n, generator=gens, output_type="np", height=size, width=size).images
-
-
-def our_images(pipe, sampler, negative="blurry", seed=7, n=2, steps=5, guidance=6.0, size=SIZE, **kw):
-    return pipe(PROMPTS, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
-                num_images_per_prompt=n, seed=seed, sampler=sampler, output_type="np", height=size, width=size,
-                **kw).images
 
 
 def with_shift(folder, shift, tmp_path):
@@ -91,7 +74,8 @@ def test_conditioning_is_diffusers_encode_prompt(theirs, ours):
 @pytest.mark.parametrize("sampler", ["flow-euler", "flow-heun"])
 def test_sd3_matches_diffusers(theirs, sd3_folder, tmp_path, sampler, shift):
     ours = load(with_shift(sd3_folder, shift, tmp_path))
-    a, b = theirs_images(theirs, sampler, shift=shift), our_images(ours, sampler)
+    a = theirs_images(theirs, sampler, scheduler=None if shift is None else {"shift": shift})
+    b = our_images(ours, sampler)
     assert a.shape == b.shape == (4, SIZE, SIZE, 3)
     assert a.std() > 0.01
     assert np.abs(a - b).max() <= 1e-4
@@ -117,9 +101,11 @@ def test_attention_backends_leave_joint_attention_to_diffusers(sd3_folder, ours,
     assert np.abs(our_images(pipe, "flow-euler", n=1) - our_images(ours, "flow-euler", n=1)).max() <= 1e-4
 
 
-def test_a_ddpm_sampler_is_refused(ours):
+def test_a_ddpm_sampler_and_the_fast_mode_are_refused(ours):
     with pytest.raises(GenError, match="flow model"):
         our_images(ours, "euler")
+    with pytest.raises(GenError, match="fast mode supports .* not SD3Transformer2DModel"):
+        our_images(ours, "flow-euler", cache_interval=2)
 
 
 def test_gen_info_names_the_family(sd3_folder, capsys):
