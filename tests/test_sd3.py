@@ -113,3 +113,16 @@ def test_gen_info_names_the_family(sd3_folder, capsys):
 
     main(["info", str(sd3_folder)])
     assert "family: SD3" in capsys.readouterr().out
+
+
+def test_folder_saved_by_gen_loads_in_diffusers_with_the_same_images(ours, sd3_folder, tmp_path):
+    ours.save_pretrained(tmp_path / "by-gen")
+    index = json.loads((tmp_path / "by-gen" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline"
+    assert (index["text_encoder_3"][0] is None) == sd3_folder.name.endswith("no-t5")
+    absent = {} if ours.family.has_t5 else dict(text_encoder_3=None, tokenizer_3=None)
+    theirs = StableDiffusion3Pipeline.from_pretrained(tmp_path / "by-gen", **absent)
+    theirs.folder_scheduler_config = theirs.scheduler.config
+    theirs.set_progress_bar_config(disable=True)
+    reloaded = load(tmp_path / "by-gen")
+    assert np.abs(theirs_images(theirs, "flow-euler") - our_images(reloaded, "flow-euler")).max() <= 1e-4
