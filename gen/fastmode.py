@@ -61,7 +61,11 @@ def forward_fn(kind: str):
 
 def check_unet(unet) -> None:
     """The cached path re-implements UNet2DConditionModel.forward for SD-style UNets (text conditioning, and
-    SDXL's text_time added embeddings); others are refused rather than sampled wrongly."""
+    SDXL's text_time added embeddings); others (another architecture, SD3's transformer) are refused rather than
+    sampled wrongly."""
+    if type(unet).__name__ != "UNet2DConditionModel":
+        raise GenError(f"the fast mode supports SD-style UNet2DConditionModel denoisers and gen's DiT, not "
+                       f"{type(unet).__name__}")
     c = unet.config
     added = c.get("addition_embed_type")
     extra = [name for name, value in (("class embeddings", getattr(unet, "class_embedding", None)),
@@ -74,9 +78,9 @@ def check_unet(unet) -> None:
         extra.append("FreeU enabled")
     if len(unet.up_blocks[-1].resnets) != len(unet.down_blocks[0].resnets) + 1:
         extra.append("a last up block that does not mirror the first down block")
-    if extra or type(unet).__name__ != "UNet2DConditionModel":
+    if extra:
         raise GenError(f"the fast mode supports SD-style UNet2DConditionModel denoisers; this one has "
-                       f"{', '.join(extra) or type(unet).__name__}")
+                       f"{', '.join(extra)}")
 
 
 def _block(block, x, emb, hidden, **kw):

@@ -93,7 +93,7 @@ class Pipeline:
                  channels_last: bool = False, family: families.Family | None = None, **more_text):
         parts = {"text_encoder": text_encoder, "tokenizer": tokenizer, **more_text}
         self.family = family or families.detect_models(
-            denoiser, [m for k, m in parts.items() if k.startswith("text_encoder")])
+            denoiser, [m for k, m in parts.items() if k.startswith("text_encoder") and m is not None])
         missing = [p for pair in self.family.text_parts for p in pair if parts.get(p) is None]
         if missing:
             raise GenError(f"a {self.family.title} pipeline needs {', '.join(missing)}")
@@ -197,7 +197,6 @@ class Pipeline:
         folder (or tokenizer folder) when the file carries none; `prediction_type` ("epsilon" or
         "v_prediction"), which weights cannot tell (SD-2.x 768 models are v_prediction)."""
         from diffusers import AutoencoderKL
-        from transformers import CLIPTokenizer
 
         if path is None:
             path = DEFAULT_MODEL
@@ -227,7 +226,7 @@ class Pipeline:
         parts = {enc: load_model(family.text_class(enc), path / enc, allow_pickle) for enc, _ in family.text_parts}
         for _, tok in family.text_parts:
             try:
-                parts[tok] = CLIPTokenizer.from_pretrained(path / tok)
+                parts[tok] = family.tokenizer_class(tok).from_pretrained(path / tok)
             except (OSError, ValueError, TypeError) as e:
                 raise GenError(f"could not load {path / tok}: {str(e).splitlines()[0]}") from None
         vae = load_model(AutoencoderKL, path / "vae", allow_pickle)
@@ -324,7 +323,7 @@ class Pipeline:
 
     def _predict(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """The denoiser contract: model(x_t, t, encoder_hidden_states, **extra) -> prediction."""
-        return self.denoiser(x, t, return_dict=False, **self.family.denoiser_kwargs(cond))[0]
+        return self.family.predict(self.denoiser, x, t, cond)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,

@@ -104,3 +104,53 @@ def dit_pipe(dit_folder):
     pipe = Pipeline.from_pretrained(dit_folder)
     pipe.progress = False
     return pipe
+
+
+def tiny_t5_tokenizer():
+    """A T5TokenizerFast over a small Unigram vocabulary given here (no downloaded sentencepiece model)."""
+    from transformers import T5TokenizerFast
+
+    words = "a an the red blue green circle square triangle left of right blurry photo".split()
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0), *((f"\u2581{w}", -1.0) for w in words)]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def tiny_sd3_components(seed: int = 0, t5: bool = True):
+    """A tiny SD3-architecture model (after diffusers' own SD3 test shapes): CLIP-L and CLIP-G with projection,
+    an optional tiny T5 encoder wider than the CLIPs' concatenation (so the CLIP states are padded), an
+    SD3Transformer2DModel, a VAE with scaling and shift factors; built with diffusers/transformers classes."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from gen.models.text import byte_level_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = byte_level_tokenizer()
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=1, in_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=80, pooled_projection_dim=64, out_channels=4)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        scaling_factor=1.5035, shift_factor=0.0609, use_quant_conv=False,
+                        use_post_quant_conv=False)
+    config = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+                  num_attention_heads=4, num_hidden_layers=5, vocab_size=len(tokenizer), hidden_act="gelu",
+                  projection_dim=32, max_position_embeddings=77)
+    text, text_2 = (CLIPTextModelWithProjection(CLIPTextConfig(**config)) for _ in range(2))
+    tokenizer_3 = tiny_t5_tokenizer() if t5 else None
+    text_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=80, d_ff=37, d_kv=8, num_layers=2,
+                                     num_heads=4, relative_attention_num_buckets=8, decoder_start_token_id=0,
+                                     pad_token_id=0, eos_token_id=1)) if t5 else None
+    return dict(transformer=transformer, vae=vae, text_encoder=text, text_encoder_2=text_2, text_encoder_3=text_3,
+                tokenizer=tokenizer, tokenizer_2=byte_level_tokenizer(), tokenizer_3=tokenizer_3,
+                scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+@pytest.fixture(scope="session", params=["with-t5", "no-t5"])
+def sd3_folder(request, tmp_path_factory):
+    """A tiny StableDiffusion3Pipeline saved by diffusers, with a T5 encoder and without (zeros stand in)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    path = tmp_path_factory.mktemp("sd3") / f"tiny-sd3-{request.param}"
+    StableDiffusion3Pipeline(**tiny_sd3_components(t5=request.param == "with-t5")).save_pretrained(path)
+    return path

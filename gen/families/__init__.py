@@ -33,8 +33,9 @@ def register(cls: type["Family"]) -> type["Family"]:
 class Family:
     """The base family: one CLIP text encoder conditioning a denoiser by cross-attention (SD-1.x)."""
 
-    def __init__(self, index: dict | None = None):
-        """`index`: the folder's model_index.json, where a family reads settings from it."""
+    def __init__(self, index: dict | None = None, configs: dict[str, dict] | None = None):
+        """`index`: the folder's model_index.json, `configs`: its parts' configs (folder_configs), where a
+        family reads settings from them."""
     name = ""
     title = ""
     pipeline_class = ""  # model_index.json `_class_name` written on save
@@ -59,6 +60,13 @@ class Family:
         from transformers import CLIPTextModel
 
         return CLIPTextModel
+
+    @staticmethod
+    def tokenizer_class(part: str):
+        """The transformers tokenizer class of tokenizer folder `part`."""
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer
 
     @classmethod
     def recognises(cls, index: dict, configs: dict[str, dict]) -> bool:
@@ -124,6 +132,10 @@ class Family:
         """The denoiser contract's extra inputs: model(x_t, t, **denoiser_kwargs(cond))."""
         return {"encoder_hidden_states": cond["hidden"]}
 
+    def predict(self, denoiser, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """One denoiser call in sampling: the prediction for latents x at timestep t."""
+        return denoiser(x, t, return_dict=False, **self.denoiser_kwargs(cond))[0]
+
     # ---- LoRA files ------------------------------------------------------------------------------------
     def kohya_version(self, denoiser, formulation=None) -> str:
         """kohya's ss_base_model_version for a LoRA of this denoiser trained with this formulation (None:
@@ -150,7 +162,7 @@ class Family:
         out = {"_class_name": self.pipeline_class, "_diffusers_version": diffusers.__version__}
         for enc, tok in self.text_parts:
             out[enc] = ["transformers", self.text_class(enc).__name__]
-            out[tok] = ["transformers", "CLIPTokenizer"]
+            out[tok] = ["transformers", self.tokenizer_class(tok).__name__]
         denoiser = self.denoiser_class()
         out[self.denoiser_part] = [denoiser.__module__.split(".")[0], denoiser.__name__]
         out |= {"vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", scheduler_class]}
@@ -198,7 +210,7 @@ def detect_folder(path: Path, index: dict) -> Family:
         if refusal:
             raise GenError(f"{path}: {refusal}")
         if fam.recognises(index, configs):
-            return fam(index)
+            return fam(index, configs)
     known = ", ".join(f.title for f in families())
     raise GenError(f"{path}: {index.get('_class_name', 'this pipeline')} is not a model family gen knows "
                    f"({known})")
@@ -214,7 +226,7 @@ def detect_models(denoiser, text_encoders: list) -> Family:
                                                zip(index, text_encoders)}
     for fam in families():
         if fam.recognises(index, configs):
-            return fam()
+            return fam(index, configs)
     raise GenError(f"no model family for a {type(denoiser).__name__} with {len(text_encoders)} text encoder(s)")
 
 

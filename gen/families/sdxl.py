@@ -24,7 +24,7 @@ class SDXL(Family):
     kohya_base = "sdxl_base_v1-0"
     time_embed_dim = 256  # SDXL base's addition_time_embed_dim, for UNets built from scratch
 
-    def __init__(self, index: dict | None = None):
+    def __init__(self, index: dict | None = None, configs: dict | None = None):
         # diffusers' StableDiffusionXLPipeline: no negative prompt -> zero embeddings (base model's setting)
         self.zeros_for_empty = bool((index or {}).get("force_zeros_for_empty_prompt", True))
         self.index_extra = {"force_zeros_for_empty_prompt": self.zeros_for_empty, "image_encoder": [None, None],

@@ -53,20 +53,23 @@ class TextEncoder:
 
     @property
     def max_length(self) -> int:
-        return min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)
+        limit = self.tokenizer.model_max_length
+        return min(limit, getattr(self.model.config, "max_position_embeddings", limit))
 
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """(B, L) token ids, padded and truncated to the model's length; warns with any dropped text."""
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
+    def tokenize(self, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
+        """(B, L) token ids, padded and truncated to `max_length` (default: the model's length); warns with any
+        dropped text."""
+        length = max_length or self.max_length
+        ids = self.tokenizer(prompts, padding="max_length", max_length=length,
                              truncation=True, return_tensors="pt").input_ids
         full = self.tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
         if full.shape[-1] > ids.shape[-1]:
             special = set(self.tokenizer.all_special_ids)
             for row in full.tolist():
-                dropped = [i for i in row[self.max_length - 1:] if i not in special]
+                dropped = [i for i in row[length - 1:] if i not in special]
                 if dropped:
                     text = self.tokenizer.decode(dropped)
-                    log.warning("prompt is longer than %d tokens; %d tokens were dropped: %r", self.max_length,
+                    log.warning("prompt is longer than %d tokens; %d tokens were dropped: %r", length,
                                 len(dropped), text if len(text) <= 200 else f"{text[:95]} ... {text[-95:]}")
         return ids
 
@@ -75,9 +78,9 @@ class TextEncoder:
         out = self.outputs(prompts, hidden_states=False)
         return out.last_hidden_state, out.pooler_output
 
-    def outputs(self, prompts: list[str], hidden_states: bool = True):
+    def outputs(self, prompts: list[str], hidden_states: bool = True, max_length: int | None = None):
         """The tower's whole output for prompts, every layer's hidden states included (SDXL reads the
         penultimate one; a projection model's first output is its projected pooled embedding)."""
-        ids = self.tokenize(prompts).to(self.model.device)
+        ids = self.tokenize(prompts, max_length).to(self.model.device)
         with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
             return self.model(ids, output_hidden_states=hidden_states)

@@ -1,0 +1,93 @@
+"""SD3 / SD3.5: CLIP-L and OpenCLIP-bigG (both with projection) and an optional T5-XXL; the CLIPs' penultimate
+states concatenated on features, padded to T5's width and followed by T5's states on the sequence axis (zeros
+where the folder has no T5, as diffusers does); both CLIPs' projected pooled embeddings concatenated; an
+SD3Transformer2DModel (MMDiT) in `transformer/`; the 16-channel VAE with scaling and shift factors; rectified
+flow sampled with the folder's shift. Sampling only so far (no training, LoRA or single files)."""
+
+from __future__ import annotations
+
+import torch
+
+from gen.errors import GenError
+from gen.families import Family, register
+from gen.families.dit import GenDiT
+
+CLIPS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+T5 = ("text_encoder_3", "tokenizer_3")
+
+
+@register
+class SD3(Family):
+    name = "sd3"
+    title = "SD3"
+    pipeline_class = "StableDiffusion3Pipeline"
+    denoiser_part = "transformer"
+    kohya_text: dict = {}  # gen reads no SD3 LoRA files yet
+    objective = "rectified flow"
+    t5_length = 256  # StableDiffusion3Pipeline's default max_sequence_length
+    denoiser_kwargs = GenDiT.denoiser_kwargs  # encoder_hidden_states, pooled_projections
+    size_multiple = GenDiT.size_multiple  # the VAE factor times the patch size
+
+    def __init__(self, index: dict | None = None, configs: dict | None = None):
+        index = index or {}
+        self.has_t5 = bool(index.get(T5[0], [None])[0])
+        self.text_parts = (*CLIPS, T5) if self.has_t5 else CLIPS
+        # the width of the zeros that stand in for an absent T5: the transformer's joint attention width
+        self.joint_dim = ((configs or {}).get("transformer") or {}).get("joint_attention_dim", 4096)
+        absent = {} if self.has_t5 else {T5[0]: [None, None], T5[1]: [None, None]}
+        self.index_extra = absent | {"image_encoder": [None, None], "feature_extractor": [None, None]}
+
+    @staticmethod
+    def denoiser_class():
+        from diffusers import SD3Transformer2DModel
+
+        return SD3Transformer2DModel
+
+    @staticmethod
+    def text_class(part: str):
+        from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+        return T5EncoderModel if part == T5[0] else CLIPTextModelWithProjection
+
+    @staticmethod
+    def tokenizer_class(part: str):
+        from transformers import CLIPTokenizer, T5TokenizerFast
+
+        return T5TokenizerFast if part == T5[1] else CLIPTokenizer
+
+    @classmethod
+    def recognises(cls, index: dict, configs: dict) -> bool:
+        return index.get("transformer", [None, None])[1] == "SD3Transformer2DModel"
+
+    def encode(self, encoders: list, prompts: list[str], height: int, width: int) -> dict:
+        """As StableDiffusion3Pipeline.encode_prompt (clip_skip None): hidden_states[-2] of both CLIPs
+        concatenated on features and padded (or cut) to T5's width, then T5's last states on the sequence axis;
+        the pooled embedding is both CLIPs' projected text_embeds concatenated."""
+        states, pooled = [], []
+        for enc in encoders[:2]:
+            out = enc.outputs(prompts)
+            states.append(out.hidden_states[-2])
+            pooled.append(out[0])
+        clip = torch.cat(states, dim=-1)
+        if self.has_t5:
+            t5 = encoders[2].outputs(prompts, hidden_states=False, max_length=self.t5_length)[0]
+        else:
+            t5 = clip.new_zeros(len(prompts), self.t5_length, self.joint_dim)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return {"hidden": torch.cat([clip, t5.to(clip.dtype)], dim=-2), "pooled": torch.cat(pooled, dim=-1)}
+
+    def predict(self, denoiser, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """SD3Transformer2DModel takes keywords (its second positional argument is the text) and a timestep per
+        sample, t.expand(batch), as StableDiffusion3Pipeline passes it."""
+        return denoiser(hidden_states=x, timestep=t.expand(x.shape[0]), return_dict=False,
+                        **self.denoiser_kwargs(cond))[0]
+
+    def train_conditioning(self, *args, **kwargs) -> dict:
+        raise GenError("gen samples SD3 models but cannot train them yet")
+
+    def denoiser_options(self, encoders: list) -> dict:
+        raise GenError("gen samples SD3 models but cannot build one from scratch yet")
+
+    def default_settings(self, denoiser, vae_factor: int, flow: bool) -> dict:
+        # StableDiffusion3Pipeline's defaults: 28 steps, guidance 7.0, sample_size x the VAE factor
+        return super().default_settings(denoiser, vae_factor, flow) | {"guidance": 7.0}
