@@ -45,6 +45,8 @@ class Family:
     lora_preset = "unet"  # gen.lora.TARGETS key of the denoiser's attention / feed-forward layers
     objective = "DDPM"  # for the README's table and `gen info`
     index_extra: dict = {}  # model_index.json entries besides the components
+    text_max_length: dict = {}  # text encoder folder -> the token length its prompts are padded to (else its own)
+    fast_mode = True  # whether gen.fastmode's feature cache knows the denoiser
 
     # ---- components ------------------------------------------------------------------------------
     @staticmethod
@@ -58,6 +60,12 @@ class Family:
         from transformers import CLIPTextModel
 
         return CLIPTextModel
+
+    @staticmethod
+    def tokenizer_class(part: str):
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer
 
     @classmethod
     def recognises(cls, index: dict, configs: dict[str, dict]) -> bool:
@@ -123,6 +131,36 @@ class Family:
         """The denoiser contract's extra inputs: model(x_t, t, **denoiser_kwargs(cond))."""
         return {"encoder_hidden_states": cond["hidden"]}
 
+    def predict(self, denoiser, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """One denoiser call: model(x_t, t, **denoiser_kwargs(cond)) -> prediction."""
+        return denoiser(x, t, return_dict=False, **self.denoiser_kwargs(cond))[0]
+
+    def guidance(self, denoiser, scale: float, true_cfg: float | None, negative_given: bool,
+                 n: int) -> tuple[float, dict]:
+        """(the classifier-free guidance scale of the sampling loop, conditioning entries for n images): here
+        the user's scale, none; a family with embedded guidance (Flux) feeds the scale to the denoiser."""
+        if true_cfg is not None:
+            raise GenError(f"true_cfg_scale is for guidance-embedding models (Flux dev); a {self.title} model "
+                           f"takes guidance_scale")
+        return scale, {}
+
+    # ---- latents and timesteps ---------------------------------------------------------------------
+    def latent_shape(self, denoiser, n: int, height: int, width: int) -> tuple[int, ...]:
+        """The shape the initial noise is drawn in, for latents of height x width (image size / VAE factor)."""
+        return (n, denoiser.config.in_channels, height, width)
+
+    def pack(self, latents: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Noise in latent_shape -> the denoiser's input layout, and conditioning that layout adds (position ids)."""
+        return latents, {}
+
+    def unpack(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The denoiser's layout -> (B, C, height, width) latents for the VAE."""
+        return latents
+
+    def scheduler_kwargs(self, scheduler, steps: int, latents: torch.Tensor) -> dict:
+        """scheduler.set_timesteps arguments for sampling these (packed) latents in `steps` steps."""
+        return {"num_inference_steps": steps}
+
     # ---- LoRA files ------------------------------------------------------------------------------------
     def kohya_version(self, denoiser, formulation=None) -> str:
         """kohya's ss_base_model_version for a LoRA of this denoiser trained with this formulation (None:
@@ -149,7 +187,7 @@ class Family:
         out = {"_class_name": self.pipeline_class, "_diffusers_version": diffusers.__version__}
         for enc, tok in self.text_parts:
             out[enc] = ["transformers", self.text_class(enc).__name__]
-            out[tok] = ["transformers", "CLIPTokenizer"]
+            out[tok] = ["transformers", self.tokenizer_class(tok).__name__]
         denoiser = self.denoiser_class()
         out[self.denoiser_part] = [denoiser.__module__.split(".")[0], denoiser.__name__]
         out |= {"vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", scheduler_class]}
