@@ -74,6 +74,16 @@ def test_true_cfg_with_a_negative_prompt_matches_diffusers(theirs, ours):
     assert np.abs(b - our_images(ours, n=1)).max() > 1e-3
 
 
+def test_a_folder_saved_by_gen_loads_in_diffusers_with_the_same_images(ours, tmp_path):
+    ours.save_pretrained(tmp_path / "by-gen")
+    theirs = FluxPipeline.from_pretrained(tmp_path / "by-gen")
+    theirs.set_progress_bar_config(disable=True)
+    reloaded = Pipeline.from_pretrained(tmp_path / "by-gen")
+    reloaded.progress = False
+    assert reloaded.family.name == "flux"
+    assert np.abs(theirs_images(theirs, n=1) - our_images(reloaded, n=1)).max() <= 1e-4
+
+
 def test_pack_and_unpack_are_diffusers_and_inverse():
     fam = families.get("flux")
     x = torch.randn(2, 4, 6, 8)
@@ -97,6 +107,33 @@ def test_latent_output_is_unpacked_and_unsupported_options_are_refused(ours):
         ours("a cat", height=16, width=16, num_inference_steps=2, sampler="flow-heun")
 
 
+def test_lora_is_refused_with_one_line(ours, tmp_path):
+    with pytest.raises(GenError, match=r"^LoRA is not supported for Flux models yet; gen samples them only$"):
+        ours.load_lora(tmp_path / "missing.safetensors")
+
+
 def test_true_cfg_on_another_family_is_refused(dit_pipe):
     with pytest.raises(GenError, match="true_cfg_scale"):
         dit_pipe("a cat", num_inference_steps=1, true_cfg_scale=2.0)
+
+
+def test_training_is_refused_with_one_line(flux_folder, tmp_path):
+    from train.config import load_config
+    from train.task import DenoiserTask
+
+    cfg = load_config(None, extra={"model.base": str(flux_folder), "model.init_from_base": True,
+                                   "data.path": str(tmp_path), "train.output_dir": str(tmp_path / "out")})
+    with pytest.raises(GenError, match=r"^training is not supported for Flux models yet; gen samples them only$"):
+        DenoiserTask(cfg, torch.device("cpu"))
+
+
+def test_gen_sample_on_the_command_line_writes_the_pipelines_image(ours, flux_folder, tmp_path):
+    from PIL import Image
+
+    from gen.cli import main
+
+    main(["sample", "a red circle", "--model", str(flux_folder), "--steps", "2", "--seed", "3", "--height", "16",
+          "--width", "24", "--out", str(tmp_path / "a.png"), "--no-progress"])
+    made = np.asarray(Image.open(tmp_path / "a.png").convert("RGB"))
+    want = ours("a red circle", num_inference_steps=2, seed=3, height=16, width=24).images[0]
+    assert np.array_equal(made, np.asarray(want))

@@ -43,6 +43,7 @@ class Flux(Family):
     kohya_text: dict = {}
     objective = "rectified flow"
     fast_mode = False
+    sampling_only = True
     index_extra = {"image_encoder": [None, None], "feature_extractor": [None, None]}
 
     @staticmethod
