@@ -66,7 +66,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 class Pipeline:
     """Text-to-image sampling with a UNet or DiT denoiser in a VAE's latent space, for any model family
-    (gen/families: SD-1.x/2.x, SDXL, gen's DiT); the family says how prompts become conditioning.
+    (gen/families: SD-1.x/2.x, SDXL, gen's DiT, Flux); the family says how prompts become conditioning, how
+    latents are laid out for the denoiser (Flux packs 2x2 patches) and how guidance is applied.
 
     Args:
         text_encoder: transformers CLIPTextModel (the family's first text encoder).
