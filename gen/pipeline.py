@@ -66,7 +66,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 class Pipeline:
     """Text-to-image sampling with a UNet or DiT denoiser in a VAE's latent space, for any model family
-    (gen/families: SD-1.x/2.x, SDXL, gen's DiT); the family says how prompts become conditioning.
+    (gen/families: SD-1.x/2.x, SDXL, gen's DiT, Flux); the family says how prompts become conditioning, how
+    latents are laid out for the denoiser (Flux packs 2x2 patches) and how guidance is applied.
 
     Args:
         text_encoder: transformers CLIPTextModel (the family's first text encoder).
@@ -97,7 +98,8 @@ class Pipeline:
         missing = [p for pair in self.family.text_parts for p in pair if parts.get(p) is None]
         if missing:
             raise GenError(f"a {self.family.title} pipeline needs {', '.join(missing)}")
-        self.texts = [TextEncoder(parts[enc], parts[tok]) for enc, tok in self.family.text_parts]
+        self.texts = [TextEncoder(parts[enc], parts[tok], max_length=self.family.text_max_length.get(enc))
+                      for enc, tok in self.family.text_parts]
         self.vae = vae
         self.denoiser = denoiser
         self.formulation = formulation or formulations.from_scheduler_config(scheduler_config or {})
@@ -322,7 +324,7 @@ class Pipeline:
         return families.to(cond, self.dtype)
 
     def _predict(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        """The denoiser contract: model(x_t, t, encoder_hidden_states, **extra) -> prediction."""
+        """The denoiser contract: model(x_t, t, encoder_hidden_states, **extra) -> prediction (the family's)."""
         return self.family.predict(self.denoiser, x, t, cond)
 
     @torch.no_grad()
@@ -331,7 +333,8 @@ class Pipeline:
                  height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
                  seed: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
                  sampler: str | None = None, output_type: str = "pil", guidance_rescale: float | None = None,
-                 guidance_interval: tuple[float, float] = (0.0, 1.0), cache_interval: int = 1) -> PipelineOutput:
+                 guidance_interval: tuple[float, float] = (0.0, 1.0), cache_interval: int = 1,
+                 true_cfg_scale: float | None = None) -> PipelineOutput:
         """Generates images.
 
         Args:
@@ -344,6 +347,8 @@ class Pipeline:
             guidance_interval: (start, end) fractions of the run where guidance applies.
             cache_interval: the approximate fast mode (gen.fastmode, after DeepCache) where > 1: the whole
                 denoiser runs every cache_interval-th step, the steps between reuse its deep features.
+            true_cfg_scale: for families whose guidance_scale is an embedded input (Flux dev): classifier-free
+                guidance at this scale against negative_prompt, where both are given and the scale is > 1.
 
         Returns:
             PipelineOutput with `.images` and the `.seeds` used.
@@ -359,20 +364,26 @@ class Pipeline:
         negs = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
         self._check(prompts, negs, steps, scale, rescale, guidance_interval, height, width,
                     num_images_per_prompt, sampler, output_type)
+        if cache_interval != 1 and not self.family.fast_mode:
+            raise GenError(f"the fast mode (cache_interval) does not support {self.family.title} models")
         n = len(prompts) * num_images_per_prompt
         seeds, generator = self._generators(seed, generator, n)
 
-        cond = families.repeat(self.encode_prompts(prompts, height, width), num_images_per_prompt)
+        f = self.vae_scale_factor
+        shape = self.family.latent_shape(self.denoiser, n, height // f, width // f)
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+        latents, extra = self.family.pack(latents)  # extra: conditioning the packing adds (position ids)
+        scale, embedded = self.family.guidance(self.denoiser, scale, true_cfg_scale, negative_prompt is not None, n)
+        extra = {k: v.to(self.device) for k, v in (extra | embedded).items()}
+        cond = families.repeat(self.encode_prompts(prompts, height, width), num_images_per_prompt) | extra
         both = None
         if uses_cfg(scale):
             neg = self.family.encode_negative(self.texts, negs, negative_prompt is not None, height, width)
-            both = families.cat(families.repeat(families.to(neg, self.dtype), num_images_per_prompt), cond)
+            neg = families.repeat(families.to(neg, self.dtype), num_images_per_prompt) | extra
+            both = families.cat(neg, cond)
 
         scheduler = make_scheduler(sampler, self.formulation, self.scheduler_config)
-        scheduler.set_timesteps(steps, device=self.device)
-        f = self.vae_scale_factor
-        shape = (n, self.denoiser.config.in_channels, height // f, width // f)
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+        scheduler.set_timesteps(device=self.device, **self.family.scheduler_kwargs(scheduler, steps, latents))
         latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # FlowMatch: 1
         predict = self._predict
         if cache_interval != 1:
@@ -384,6 +395,7 @@ class Pipeline:
         with attn.use_backend(self.attention):
             latents = denoise(predict, scheduler, latents, cond, both, scale, rescale,
                               guidance_interval, generator, self._progress_bar_config)
+        latents = self.family.unpack(latents, height // f, width // f)
 
         if output_type == "latent":
             return PipelineOutput(latents, seeds)

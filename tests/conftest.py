@@ -154,3 +154,43 @@ def sd3_folder(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("sd3") / f"tiny-sd3-{request.param}"
     StableDiffusion3Pipeline(**tiny_sd3_components(t5=request.param == "with-t5")).save_pretrained(path)
     return path
+
+
+def tiny_flux_components(tmp_path, guidance_embeds: bool = True, seed: int = 0):
+    """A tiny Flux-architecture model (diffusers' own Flux test shapes, with 4 latent channels packed to 16): CLIP
+    for the pooled embedding, a tiny T5, a FluxTransformer2DModel, a 2x VAE, the dynamic-shift flow scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from gen.models.text import byte_level_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = byte_level_tokenizer()
+    tokenizer_2 = tiny_t5_tokenizer(tmp_path / "t5-tokenizer")
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+                                         guidance_embeds=guidance_embeds)
+    text = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32,
+                                        intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                                        vocab_size=len(tokenizer), hidden_act="gelu", projection_dim=32,
+                                        max_position_embeddings=77))
+    text_2 = T5EncoderModel(T5Config(d_model=32, num_layers=1, num_heads=2, d_kv=16, d_ff=37,
+                                     vocab_size=len(tokenizer_2), pad_token_id=0, eos_token_id=1))
+    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return dict(transformer=transformer, vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer,
+                tokenizer_2=tokenizer_2, scheduler=scheduler)
+
+
+@pytest.fixture(scope="session", params=[True, False], ids=["dev", "schnell"])
+def flux_folder(request, tmp_path_factory):
+    """A tiny FluxPipeline saved by diffusers: dev-style (guidance embedding) and schnell-style (none)."""
+    from diffusers import FluxPipeline
+
+    tmp = tmp_path_factory.mktemp("flux")
+    FluxPipeline(**tiny_flux_components(tmp, guidance_embeds=request.param)).save_pretrained(tmp / "tiny-flux")
+    return tmp / "tiny-flux"

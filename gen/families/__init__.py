@@ -47,6 +47,14 @@ class Family:
     lora_targets = {"attn": r"attn[12]\.(to_q|to_k|to_v|to_out\.0)", "ff": r"ff\.net\.(0\.proj|2)"}
     objective = "DDPM"  # for the README's table and `gen info`
     index_extra: dict = {}  # model_index.json entries besides the components
+    text_max_length: dict = {}  # text encoder folder -> the token length its prompts are padded to (else its own)
+    fast_mode = True  # whether gen.fastmode's feature cache knows the denoiser
+    sampling_only = False  # training and LoRA are not implemented for the family yet
+
+    def check_supported(self, what: str) -> None:
+        """A one-line GenError where `what` (training, LoRA) needs more than sampling from a sampling-only family."""
+        if self.sampling_only:
+            raise GenError(f"{what} is not supported for {self.title} models yet; gen samples them only")
 
     # ---- components ------------------------------------------------------------------------------
     @staticmethod
@@ -133,8 +141,34 @@ class Family:
         return {"encoder_hidden_states": cond["hidden"]}
 
     def predict(self, denoiser, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        """One denoiser call in sampling: the prediction for latents x at timestep t."""
+        """One denoiser call: model(x_t, t, **denoiser_kwargs(cond)) -> prediction."""
         return denoiser(x, t, return_dict=False, **self.denoiser_kwargs(cond))[0]
+
+    def guidance(self, denoiser, scale: float, true_cfg: float | None, negative_given: bool,
+                 n: int) -> tuple[float, dict]:
+        """(the classifier-free guidance scale of the sampling loop, conditioning entries for n images): here
+        the user's scale, none; a family with embedded guidance (Flux) feeds the scale to the denoiser."""
+        if true_cfg is not None:
+            raise GenError(f"true_cfg_scale is for guidance-embedding models (Flux dev); a {self.title} model "
+                           f"takes guidance_scale")
+        return scale, {}
+
+    # ---- latents and timesteps ---------------------------------------------------------------------
+    def latent_shape(self, denoiser, n: int, height: int, width: int) -> tuple[int, ...]:
+        """The shape the initial noise is drawn in, for latents of height x width (image size / VAE factor)."""
+        return (n, denoiser.config.in_channels, height, width)
+
+    def pack(self, latents: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Noise in latent_shape -> the denoiser's input layout, and conditioning that layout adds (position ids)."""
+        return latents, {}
+
+    def unpack(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The denoiser's layout -> (B, C, height, width) latents for the VAE."""
+        return latents
+
+    def scheduler_kwargs(self, scheduler, steps: int, latents: torch.Tensor) -> dict:
+        """scheduler.set_timesteps arguments for sampling these (packed) latents in `steps` steps."""
+        return {"num_inference_steps": steps}
 
     # ---- LoRA files ------------------------------------------------------------------------------------
     def kohya_version(self, denoiser, formulation=None) -> str:

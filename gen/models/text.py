@@ -45,16 +45,22 @@ def build_text_encoder(preset: str = "tiny", vocab_size: int = 514, **overrides)
 class TextEncoder:
     """Tokenizes prompts and runs the CLIP text tower, as diffusers' Stable Diffusion pipeline does."""
 
-    def __init__(self, model: CLIPTextModel, tokenizer: CLIPTokenizer, grad: bool = False):
-        """grad: run the tower with gradients (a text encoder, or its LoRA, that trains); else without."""
+    def __init__(self, model: CLIPTextModel, tokenizer: CLIPTokenizer, grad: bool = False,
+                 max_length: int | None = None):
+        """grad: run the tower with gradients (a text encoder, or its LoRA, that trains); else without.
+        max_length: the token length prompts are padded and truncated to (default: the tokenizer's and the
+        model's limit; a T5 has no position limit, Flux pads it to 512)."""
         self.model = model
         self.tokenizer = tokenizer
         self.grad = grad
+        self._max_length = max_length
 
     @property
     def max_length(self) -> int:
-        limit = self.tokenizer.model_max_length
-        return min(limit, getattr(self.model.config, "max_position_embeddings", limit))
+        if self._max_length is not None:
+            return self._max_length
+        limit = getattr(self.model.config, "max_position_embeddings", None) or self.tokenizer.model_max_length
+        return min(self.tokenizer.model_max_length, limit)
 
     def tokenize(self, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
         """(B, L) token ids, padded and truncated to `max_length` (default: the model's length); warns with any

@@ -1,0 +1,134 @@
+"""Flux.1 (Black Forest Labs), dev-style (guidance-distilled: the guidance scale is an input of the transformer,
+`guidance_embeds`) and schnell-style (no guidance input): CLIP-L's pooled output as `pooled_projections`, T5's
+last hidden states (padded to 512 tokens) as the token states, a FluxTransformer2DModel over the VAE's latents
+packed into 2x2 patches with (0, row, column) position ids, rectified flow with a resolution-dependent timestep
+shift. As diffusers' FluxPipeline (pipelines/flux/pipeline_flux.py): sampling only so far.
+
+Guidance: on a dev model guidance_scale is embedded and there is no classifier-free guidance, unless a negative
+prompt and true_cfg_scale > 1 are given ("true CFG", batched with the positive pass). A schnell model has no
+guidance input: guidance_scale is ignored, as diffusers ignores it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import numpy as np
+import torch
+
+from gen.errors import GenError
+from gen.families import Family, register
+
+log = logging.getLogger("gen")
+
+T5_LENGTH = 512  # FluxPipeline's max_sequence_length
+
+
+def calculate_shift(seq_len: int, base_seq: int = 256, max_seq: int = 4096, base_shift: float = 0.5,
+                    max_shift: float = 1.15) -> float:
+    """mu of the timestep shift: linear in the packed image's token count (diffusers' calculate_shift)."""
+    m = (max_shift - base_shift) / (max_seq - base_seq)
+    return seq_len * m + base_shift - m * base_seq
+
+
+@register
+class Flux(Family):
+    name = "flux"
+    title = "Flux"
+    pipeline_class = "FluxPipeline"
+    denoiser_part = "transformer"
+    text_parts = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+    text_max_length = {"text_encoder_2": T5_LENGTH}
+    kohya_text: dict = {}
+    objective = "rectified flow"
+    fast_mode = False
+    sampling_only = True
+    index_extra = {"image_encoder": [None, None], "feature_extractor": [None, None]}
+
+    @staticmethod
+    def denoiser_class():
+        from diffusers import FluxTransformer2DModel
+
+        return FluxTransformer2DModel
+
+    @staticmethod
+    def text_class(part: str):
+        from transformers import CLIPTextModel, T5EncoderModel
+
+        return T5EncoderModel if part == "text_encoder_2" else CLIPTextModel
+
+    @staticmethod
+    def tokenizer_class(part: str):
+        from transformers import CLIPTokenizer, T5TokenizerFast
+
+        return T5TokenizerFast if part == "tokenizer_2" else CLIPTokenizer
+
+    @classmethod
+    def recognises(cls, index: dict, configs: dict) -> bool:
+        return index.get("transformer", [None, None])[1] == "FluxTransformer2DModel"
+
+    # ---- conditioning ------------------------------------------------------------------------------
+    def encode(self, encoders: list, prompts: list[str], height: int, width: int) -> dict:
+        """As FluxPipeline.encode_prompt: CLIP's pooler_output, T5's last hidden states, zero text ids."""
+        pooled = encoders[0].outputs(prompts, hidden_states=False).pooler_output
+        hidden = encoders[1].outputs(prompts, hidden_states=False).last_hidden_state
+        return {"hidden": hidden, "pooled": pooled, "txt_ids": hidden.new_zeros(*hidden.shape[:2], 3)}
+
+    def guidance(self, denoiser, scale: float, true_cfg: float | None, negative_given: bool,
+                 n: int) -> tuple[float, dict]:
+        cfg = (true_cfg or 1.0) if negative_given else 1.0  # true CFG: FluxPipeline's true_cfg_scale
+        if not denoiser.config.guidance_embeds:  # schnell: diffusers ignores guidance_scale, and so does gen
+            if scale not in (0.0, 1.0):
+                log.info("this Flux model has no guidance input; guidance %s is ignored", scale)
+            return cfg, {}
+        return cfg, {"guidance": torch.full((n,), float(scale), dtype=torch.float32)}
+
+    def denoiser_kwargs(self, cond: dict) -> dict:
+        # the ids are the same for every image: FluxTransformer2DModel takes them unbatched, (L, 3)
+        return {"encoder_hidden_states": cond["hidden"], "pooled_projections": cond["pooled"],
+                "txt_ids": cond["txt_ids"][0], "img_ids": cond["img_ids"][0], "guidance": cond.get("guidance")}
+
+    def predict(self, denoiser, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        timestep = t.expand(x.shape[0]).to(x.dtype)  # FluxPipeline: t / 1000, a sigma in [0, 1]
+        return denoiser(hidden_states=x, timestep=timestep / 1000, return_dict=False,
+                        **self.denoiser_kwargs(cond))[0]
+
+    # ---- latents and timesteps ---------------------------------------------------------------------
+    def size_multiple(self, denoiser, vae_factor: int) -> int:
+        return vae_factor * 2  # 2x2 latent patches
+
+    def latent_shape(self, denoiser, n: int, height: int, width: int) -> tuple[int, ...]:
+        return (n, denoiser.config.in_channels // 4, height, width)
+
+    def pack(self, latents: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(B, C, H, W) -> (B, H/2 * W/2, 4C) 2x2 patches, row-major, with their (0, row, column) ids."""
+        b, c, h, w = latents.shape
+        packed = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+        ids = torch.zeros(h // 2, w // 2, 3)
+        ids[..., 1] = torch.arange(h // 2)[:, None]
+        ids[..., 2] = torch.arange(w // 2)[None, :]
+        ids = ids.reshape(1, -1, 3).to(latents.device, latents.dtype).expand(b, -1, -1)
+        return packed, {"img_ids": ids}
+
+    def unpack(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        b, _, c = latents.shape
+        out = latents.view(b, height // 2, width // 2, c // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return out.reshape(b, c // 4, height, width)
+
+    def scheduler_kwargs(self, scheduler, steps: int, latents: torch.Tensor) -> dict:
+        """FluxPipeline's schedule: sigmas linspace(1, 1/steps), shifted by mu for this many image tokens."""
+        accepts = inspect.signature(scheduler.set_timesteps).parameters
+        if "sigmas" not in accepts or "mu" not in accepts:
+            raise GenError(f"{type(scheduler).__name__} cannot take Flux's shifted sigmas; use the flow-euler sampler")
+        c = scheduler.config
+        mu = calculate_shift(latents.shape[1], c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        sigmas = None if c.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
+        return {"sigmas": sigmas, "mu": mu} if sigmas is not None else {"num_inference_steps": steps, "mu": mu}
+
+    def default_settings(self, denoiser, vae_factor: int, flow: bool) -> dict:
+        """FluxPipeline's 1024 px (128 latent rows); dev: 28 steps at guidance 3.5, schnell: 4 steps, none."""
+        dev = bool(denoiser.config.guidance_embeds)
+        return dict(steps=28 if dev else 4, guidance=3.5 if dev else 0.0, height=128 * vae_factor,
+                    width=128 * vae_factor)
