@@ -106,13 +106,20 @@ def dit_pipe(dit_folder):
     return pipe
 
 
-def tiny_t5_tokenizer():
-    """A T5TokenizerFast over a small Unigram vocabulary given here (no downloaded sentencepiece model)."""
+def tiny_t5_tokenizer(path=None):
+    """A T5TokenizerFast over a small Unigram vocabulary given here (no downloaded sentencepiece model; T5's special
+    tokens first); with `path`, saved there and loaded back, as a folder holds it."""
     from transformers import T5TokenizerFast
 
-    words = "a an the red blue green circle square triangle left of right blurry photo".split()
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0), *((f"\u2581{w}", -1.0) for w in words)]
-    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+    words = "a an the red blue green circle square triangle left of right blurry photo cat dog".split()
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(f"\u2581{w}", -1.0 - i / 10) for i, w in enumerate(words)]
+    vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+    if path is None:
+        return tokenizer
+    tokenizer.save_pretrained(path)
+    return T5TokenizerFast.from_pretrained(path)
 
 
 def tiny_sd3_components(seed: int = 0, t5: bool = True):
