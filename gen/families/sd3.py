@@ -25,6 +25,7 @@ class SD3(Family):
     kohya_text: dict = {}  # gen reads no SD3 LoRA files yet
     objective = "rectified flow"
     t5_length = 256  # StableDiffusion3Pipeline's default max_sequence_length
+    text_max_length = {"text_encoder_3": t5_length}
     denoiser_kwargs = GenDiT.denoiser_kwargs  # encoder_hidden_states, pooled_projections
     size_multiple = GenDiT.size_multiple  # the VAE factor times the patch size
 
@@ -70,7 +71,7 @@ class SD3(Family):
             pooled.append(out[0])
         clip = torch.cat(states, dim=-1)
         if self.has_t5:
-            t5 = encoders[2].outputs(prompts, hidden_states=False, max_length=self.t5_length)[0]
+            t5 = encoders[2].outputs(prompts, hidden_states=False)[0]
         else:
             t5 = clip.new_zeros(len(prompts), self.t5_length, self.joint_dim)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))

@@ -62,10 +62,9 @@ class TextEncoder:
         limit = getattr(self.model.config, "max_position_embeddings", None) or self.tokenizer.model_max_length
         return min(self.tokenizer.model_max_length, limit)
 
-    def tokenize(self, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
-        """(B, L) token ids, padded and truncated to `max_length` (default: the model's length); warns with any
-        dropped text."""
-        length = max_length or self.max_length
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """(B, L) token ids, padded and truncated to max_length; warns with any dropped text."""
+        length = self.max_length
         ids = self.tokenizer(prompts, padding="max_length", max_length=length,
                              truncation=True, return_tensors="pt").input_ids
         full = self.tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
@@ -84,9 +83,9 @@ class TextEncoder:
         out = self.outputs(prompts, hidden_states=False)
         return out.last_hidden_state, out.pooler_output
 
-    def outputs(self, prompts: list[str], hidden_states: bool = True, max_length: int | None = None):
+    def outputs(self, prompts: list[str], hidden_states: bool = True):
         """The tower's whole output for prompts, every layer's hidden states included (SDXL reads the
         penultimate one; a projection model's first output is its projected pooled embedding)."""
-        ids = self.tokenize(prompts, max_length).to(self.model.device)
+        ids = self.tokenize(prompts).to(self.model.device)
         with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
             return self.model(ids, output_hidden_states=hidden_states)
