@@ -213,7 +213,8 @@ class Pipeline:
 
             parts = single_file.load(path, tokenizer, prediction_type, allow_pickle)
             pipe = cls(**parts, attention=attention, compile=compile, channels_last=channels_last)
-            return pipe.to(resolve_device(device), resolve_dtype(dtype, resolve_device(device)))
+            device = resolve_device(device)
+            return pipe.to(device, resolve_dtype(dtype, device))
         if not (path / "model_index.json").is_file():
             raise GenError(f"{path} is not a model folder (no model_index.json); expected the diffusers layout")
         index = read_json(path / "model_index.json")

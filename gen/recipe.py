@@ -15,7 +15,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,12 +230,46 @@ def write_png(image, path: str | Path, text: str) -> None:
 
 
 # ---- hashes --------------------------------------------------------------------------------------------
+_CACHE_LOCK = threading.Lock()  # the model is hashed in a thread while the LoRAs are hashed in the main one
+
+
+def hash_cache() -> Path:
+    """Where file hashes are kept between runs, as A1111's cache.json keeps them: a multi-GB checkpoint is read
+    once, not on every `gen sample`."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gen" / "hashes.json"
+
+
 def sha256(path: str | Path, start: int = 0) -> str:
+    """The sha256 of a file's bytes from `start` on; cached by path, size and modification time."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key, stamp = f"{path}@{start}", [st.st_size, st.st_mtime_ns]
+    cache_file = hash_cache()
+    with _CACHE_LOCK:
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+    if isinstance(cache.get(key), dict) and cache[key].get("stamp") == stamp:
+        return cache[key]["sha256"]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         f.seek(start)
         while chunk := f.read(1 << 20):
             h.update(chunk)
+    with _CACHE_LOCK:  # re-read: another thread may have added its entry meanwhile
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        cache[key] = {"stamp": stamp, "sha256": h.hexdigest()}
+        try:  # a cache that cannot be written (read-only home) costs a re-hash next time, nothing else
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.{threading.get_ident()}")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass
     return h.hexdigest()
 
 

@@ -11,6 +11,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def quiet_pipeline(folder, **kwargs):
+    """gen's Pipeline for a folder or file, with its progress bar off."""
+    from gen.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(folder, **kwargs)
+    pipe.progress = False
+    return pipe
+
+
 def tiny_sd_components(seed: int = 0):
     """A tiny SD-architecture model built with diffusers/transformers classes directly (not with gen)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel

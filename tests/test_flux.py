@@ -10,7 +10,7 @@ from transformers import T5TokenizerFast
 from gen import families
 from gen.errors import GenError
 from gen.info import describe
-from gen.pipeline import Pipeline
+from tests.conftest import quiet_pipeline
 
 PROMPTS = ["a red circle", "a blue square left of a green triangle"]
 
@@ -24,9 +24,7 @@ def theirs(flux_folder):
 
 @pytest.fixture(scope="module")
 def ours(flux_folder):
-    pipe = Pipeline.from_pretrained(flux_folder)
-    pipe.progress = False
-    return pipe
+    return quiet_pipeline(flux_folder)
 
 
 def theirs_images(pipe, seed=7, n=2, steps=4, guidance=3.5, height=16, width=16, **kw):
@@ -78,8 +76,7 @@ def test_a_folder_saved_by_gen_loads_in_diffusers_with_the_same_images(ours, tmp
     ours.save_pretrained(tmp_path / "by-gen")
     theirs = FluxPipeline.from_pretrained(tmp_path / "by-gen")
     theirs.set_progress_bar_config(disable=True)
-    reloaded = Pipeline.from_pretrained(tmp_path / "by-gen")
-    reloaded.progress = False
+    reloaded = quiet_pipeline(tmp_path / "by-gen")
     assert reloaded.family.name == "flux"
     assert np.abs(theirs_images(theirs, n=1) - our_images(reloaded, n=1)).max() <= 1e-4
 

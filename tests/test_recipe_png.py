@@ -310,3 +310,21 @@ def test_prompt_sources_conflict_or_are_missing(capsys, tmp_path):
     (tmp_path / "p.txt").write_text("x\n")
     assert main(["sample", "x", "--prompts", str(tmp_path / "p.txt")]) == 2 and "not both" in error_line(capsys)
     assert main(["sample"]) == 2 and "needs a PROMPT" in error_line(capsys)
+
+
+def test_file_hashes_are_cached_by_size_and_mtime(tmp_path, monkeypatch):
+    """A multi-GB checkpoint is hashed once, not on every `gen sample`: the cache answers while the file is
+    unchanged, and a changed file is hashed again."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"x" * 1000)
+    truth = hashlib.sha256(f.read_bytes()).hexdigest()
+    assert recipe.sha256(f) == truth and recipe.hash_cache().is_file()
+    cache = json.loads(recipe.hash_cache().read_text())
+    (entry,) = cache.values()
+    entry["sha256"] = "0" * 64  # what the cache says is what a cached file gets: the file is not read again
+    recipe.hash_cache().write_text(json.dumps(cache))
+    assert recipe.sha256(f) == "0" * 64
+    f.write_bytes(b"y" * 1001)  # another size (and mtime): hashed again
+    assert recipe.sha256(f) == hashlib.sha256(b"y" * 1001).hexdigest()
+    assert recipe.sha256(f, 8) == hashlib.sha256(b"y" * 993).hexdigest()  # each start offset is its own entry

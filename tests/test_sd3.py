@@ -10,8 +10,8 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from gen.errors import GenError
-from gen.pipeline import Pipeline
 from tests.test_sdxl import PROMPTS, our_images, theirs_images
+from tests.conftest import quiet_pipeline
 
 SIZE = 32
 
@@ -36,15 +36,9 @@ def theirs(sd3_folder):
     return pipe
 
 
-def load(folder, **kw):
-    pipe = Pipeline.from_pretrained(folder, **kw)
-    pipe.progress = False
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def ours(sd3_folder):
-    return load(sd3_folder)
+    return quiet_pipeline(sd3_folder)
 
 
 def test_an_sd3_folder_is_recognised_with_its_text_encoders(ours, sd3_folder):
@@ -73,7 +67,7 @@ def test_conditioning_is_diffusers_encode_prompt(theirs, ours):
 @pytest.mark.parametrize("shift", [None, 1.5])  # the folder's 3.0, and another
 @pytest.mark.parametrize("sampler", ["flow-euler", "flow-heun"])
 def test_sd3_matches_diffusers(theirs, sd3_folder, tmp_path, sampler, shift):
-    ours = load(with_shift(sd3_folder, shift, tmp_path))
+    ours = quiet_pipeline(with_shift(sd3_folder, shift, tmp_path))
     a = theirs_images(theirs, sampler, scheduler=None if shift is None else {"shift": shift})
     b = our_images(ours, sampler)
     assert a.shape == b.shape == (4, SIZE, SIZE, 3)
@@ -88,7 +82,7 @@ def test_no_negative_prompt_is_the_empty_prompt_encoded(theirs, ours):
 
 
 def test_the_shift_changes_the_images(ours, sd3_folder, tmp_path):
-    other = load(with_shift(sd3_folder, 1.5, tmp_path))
+    other = quiet_pipeline(with_shift(sd3_folder, 1.5, tmp_path))
     assert np.abs(our_images(ours, "flow-euler", n=1) - our_images(other, "flow-euler", n=1)).max() > 1e-3
 
 
@@ -96,7 +90,7 @@ def test_the_shift_changes_the_images(ours, sd3_folder, tmp_path):
 def test_attention_backends_leave_joint_attention_to_diffusers(sd3_folder, ours, backend):
     """gen.attention.install_processor routes only diffusers' standard processors; SD3's joint attention keeps
     its JointAttnProcessor2_0, so every backend gives the sdpa images."""
-    pipe = load(sd3_folder, attention=backend)
+    pipe = quiet_pipeline(sd3_folder, attention=backend)
     assert {type(p).__name__ for p in pipe.denoiser.attn_processors.values()} == {"JointAttnProcessor2_0"}
     assert np.abs(our_images(pipe, "flow-euler", n=1) - our_images(ours, "flow-euler", n=1)).max() <= 1e-4
 
@@ -124,5 +118,5 @@ def test_folder_saved_by_gen_loads_in_diffusers_with_the_same_images(ours, sd3_f
     theirs = StableDiffusion3Pipeline.from_pretrained(tmp_path / "by-gen", **absent)
     theirs.folder_scheduler_config = theirs.scheduler.config
     theirs.set_progress_bar_config(disable=True)
-    reloaded = load(tmp_path / "by-gen")
+    reloaded = quiet_pipeline(tmp_path / "by-gen")
     assert np.abs(theirs_images(theirs, "flow-euler") - our_images(reloaded, "flow-euler")).max() <= 1e-4

@@ -12,6 +12,7 @@ from diffusers import StableDiffusionXLPipeline
 from gen.errors import GenError
 from gen.pipeline import Pipeline
 from gen.samplers import SAMPLERS, names_for
+from tests.conftest import quiet_pipeline
 
 PROMPTS = ["a red circle", "a blue square left of a green triangle"]
 SIZE = 32
@@ -43,9 +44,7 @@ def theirs(sdxl_folder):
 
 @pytest.fixture(scope="module")
 def ours(sdxl_folder):
-    pipe = Pipeline.from_pretrained(sdxl_folder)
-    pipe.progress = False
-    return pipe
+    return quiet_pipeline(sdxl_folder)
 
 
 def test_an_sdxl_folder_is_recognised_with_both_text_encoders(ours):
@@ -83,8 +82,7 @@ def test_folder_saved_by_gen_loads_in_diffusers_with_the_same_images(ours, tmp_p
     theirs = StableDiffusionXLPipeline.from_pretrained(tmp_path / "by-gen")
     theirs.folder_scheduler_config = theirs.scheduler.config
     theirs.set_progress_bar_config(disable=True)
-    reloaded = Pipeline.from_pretrained(tmp_path / "by-gen")
-    reloaded.progress = False
+    reloaded = quiet_pipeline(tmp_path / "by-gen")
     assert np.abs(theirs_images(theirs, "euler-a") - our_images(reloaded, "euler-a")).max() <= 1e-4
 
 
@@ -97,8 +95,7 @@ def test_fast_mode_on_sdxl_is_exact_at_1_and_close_at_3(ours):
 
 @pytest.mark.parametrize("backend", ["math", "auto"])
 def test_attention_backends_give_the_sdpa_images(sdxl_folder, ours, backend):
-    pipe = Pipeline.from_pretrained(sdxl_folder, attention=backend)
-    pipe.progress = False
+    pipe = quiet_pipeline(sdxl_folder, attention=backend)
     assert np.abs(our_images(pipe, "euler", n=1) - our_images(ours, "euler", n=1)).max() <= 1e-4
 
 
