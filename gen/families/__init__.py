@@ -155,8 +155,9 @@ class Family:
 
     # ---- latents and timesteps ---------------------------------------------------------------------
     def latent_shape(self, denoiser, n: int, height: int, width: int) -> tuple[int, ...]:
-        """The shape the initial noise is drawn in, for latents of height x width (image size / VAE factor)."""
-        return (n, denoiser.config.in_channels, height, width)
+        """The shape the initial noise is drawn in, for latents of height x width (image size / VAE factor): the
+        denoiser's output channels (an inpainting UNet takes 9 channels in, 4 of them latents)."""
+        return (n, denoiser.config.out_channels or denoiser.config.in_channels, height, width)
 
     def pack(self, latents: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Noise in latent_shape -> the denoiser's input layout, and conditioning that layout adds (position ids)."""
