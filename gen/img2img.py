@@ -108,8 +108,11 @@ def prepare(pipe, image, mask_image, strength, height, width, mask_blur: float =
     latent_c = pipe.vae.config.latent_channels
     if isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] == latent_c and mask_image is None:
         f = pipe.vae_scale_factor  # latents, as diffusers takes them (the hires pass)
-        return Source(DEFAULT_STRENGTH["img2img"] if strength is None else strength, image.shape[2] * f,
-                      image.shape[3] * f, latents=image[:1])
+        s = Source(DEFAULT_STRENGTH["img2img"] if strength is None else strength, image.shape[2] * f,
+                   image.shape[3] * f, latents=image[:1])
+        if nine:  # all repainted, the masked image gray
+            s.image, s.mask = torch.zeros(1, 3, s.height, s.width), torch.ones(1, 1, s.height, s.width)
+        return s
     if image is None:  # text-to-image with an inpainting model: all masked, a gray source (A1111's way)
         h, w = height or pipe.defaults["height"], width or pipe.defaults["width"]
         return Source(1.0, h, w, image=torch.zeros(1, 3, h, w), mask=torch.ones(1, 1, h, w))
