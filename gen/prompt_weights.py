@@ -153,7 +153,7 @@ def encode(model, tokenizer, prompts: list[str], weighting: bool = True, min_chu
         out = model(ids, output_hidden_states=hidden_states or clip_skip > 1)
         if clip_skip > 1:
             layers = out.hidden_states[:len(out.hidden_states) - (clip_skip - 1)]
-            out["last_hidden_state"] = model.text_model.final_layer_norm(layers[-1])
+            out["last_hidden_state"] = final_norm(model)(layers[-1])
             out["hidden_states"] = layers
         out["last_hidden_state"] = emphasis(out.last_hidden_state, w)
         if out.get("hidden_states") is not None:
@@ -169,10 +169,14 @@ def encode(model, tokenizer, prompts: list[str], weighting: bool = True, min_chu
 def emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """A1111's "Original" emphasis: each token's state times its weight, then the chunk (B, 77, D) rescaled to
     its original mean (per prompt here). A prompt whose weights are all 1 keeps its states exactly, as the formula
-    gives them, without dividing by a mean that may be 0."""
+    gives them; where the weighted chunk's mean is ~0 next to its magnitude (layer-normed states of an untrained
+    tower) the ratio means nothing and would blow the states up, so it is not applied (A1111 has no such case
+    with real CLIPs, whose final norm's bias keeps the mean away from 0)."""
     before = z.mean(dim=(1, 2), keepdim=True)
     weighted = z * weights.to(z.dtype)[..., None]
-    weighted = weighted * (before / weighted.mean(dim=(1, 2), keepdim=True))
+    after = weighted.mean(dim=(1, 2), keepdim=True)
+    usable = after.abs() > 1e-3 * weighted.abs().mean(dim=(1, 2), keepdim=True)
+    weighted = weighted * torch.where(usable, before / torch.where(usable, after, 1), 1)
     plain = (weights == 1).all(dim=1).view(-1, 1, 1)
     return torch.where(plain, z, weighted)
 
@@ -184,9 +188,16 @@ class Syntax:
         self.weighting, self.clip_skip, self.min_chunks = weighting, clip_skip, min_chunks
 
 
+def final_norm(model):
+    """A CLIP tower's final layer norm (transformers 5 keeps it on CLIPTextModel itself, 4 and the projection
+    models on .text_model); None for a T5."""
+    return getattr(model, "final_layer_norm", None) or getattr(getattr(model, "text_model", None),
+                                                                 "final_layer_norm", None)
+
+
 def is_clip(model) -> bool:
     """Whether a text tower is a CLIP (which reads chunks and weights), not a T5."""
-    return hasattr(getattr(model, "text_model", None), "final_layer_norm")
+    return final_norm(model) is not None
 
 
 def configure(encoders: list, prompts: list[str], weighting: bool = True, clip_skip: int = 1) -> None:

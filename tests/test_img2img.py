@@ -141,9 +141,9 @@ def count_steps(pipe, **kw):
 
 def test_strength_sets_the_steps_run(dit_pipe, sd):
     *_, sd_pipe = sd
-    assert count_steps(dit_pipe, strength=0.7, num_inference_steps=10) == 8  # flow: ceil, in floating point
+    assert count_steps(dit_pipe, strength=0.55, num_inference_steps=10) == 6  # flow: 10 - int(10 - 5.5)
     assert count_steps(dit_pipe, strength=0.0, num_inference_steps=10) == 0
-    assert count_steps(sd_pipe, strength=0.77, num_inference_steps=10, sampler="ddim") == 7  # DDPM: int()
+    assert count_steps(sd_pipe, strength=0.55, num_inference_steps=10, sampler="ddim") == 5  # DDPM: int(5.5)
 
 
 def test_image_k_of_a_batch_equals_it_alone_and_hires_fix(dit_pipe):
