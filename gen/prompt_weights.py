@@ -25,7 +25,7 @@ import re
 import torch
 
 ROUND, SQUARE = 1.1, 1 / 1.1
-CHUNK = 75  # tokens per chunk, between the start and end tokens
+LENGTH = 77  # a chunk's tokens with the start and end tokens (a tower with fewer positions takes its own)
 COMMA_BACKTRACK = 20  # A1111's default "prompt word wrap length limit"
 
 _ATTENTION = re.compile(r"""
@@ -88,9 +88,10 @@ def plain_text(text: str) -> str:
     return "".join(" " if w == -1 else t for t, w in parse(text))
 
 
-def chunks(tokenizer, text: str, weighting: bool = True) -> list[tuple[list[int], list[float]]]:
-    """(token ids, weights) of each 77-token chunk of a prompt, A1111's tokenize_line; weighting=False reads
+def chunks(tokenizer, text: str, weighting: bool = True, length: int = LENGTH) -> list[tuple[list[int], list[float]]]:
+    """(token ids, weights) of each `length`-token chunk of a prompt, A1111's tokenize_line; weighting=False reads
     the prompt as plain text (A1111's emphasis "None"), still in chunks."""
+    chunk = length - 2
     runs = parse(text) if weighting else [(text, 1.0)]
     start, end = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
@@ -103,8 +104,8 @@ def chunks(tokenizer, text: str, weighting: bool = True) -> list[tuple[list[int]
 
     def close() -> None:
         nonlocal tokens, weights, last_comma
-        out.append(([start, *tokens, end, *[pad] * (CHUNK - len(tokens))],
-                    [1.0, *weights, *[1.0] * (CHUNK + 1 - len(weights))]))
+        out.append(([start, *tokens, end, *[pad] * (chunk - len(tokens))],
+                    [1.0, *weights, *[1.0] * (chunk + 1 - len(weights))]))
         tokens, weights, last_comma = [], [], -1
 
     for run_ids, (run, weight) in zip(ids, runs):
@@ -114,12 +115,12 @@ def chunks(tokenizer, text: str, weighting: bool = True) -> list[tuple[list[int]
         for token in run_ids:
             if token == comma:
                 last_comma = len(tokens)
-            elif len(tokens) == CHUNK and last_comma != -1 and len(tokens) - last_comma <= COMMA_BACKTRACK:
+            elif len(tokens) == chunk and last_comma != -1 and len(tokens) - last_comma <= COMMA_BACKTRACK:
                 moved, moved_w = tokens[last_comma + 1:], weights[last_comma + 1:]
                 tokens, weights = tokens[:last_comma + 1], weights[:last_comma + 1]
                 close()
                 tokens, weights = moved, moved_w
-            if len(tokens) == CHUNK:
+            if len(tokens) == chunk:
                 close()
             tokens.append(token)
             weights.append(weight)
@@ -128,13 +129,13 @@ def chunks(tokenizer, text: str, weighting: bool = True) -> list[tuple[list[int]
     return out
 
 
-def count(tokenizer, prompts: list[str], weighting: bool = True) -> int:
+def count(tokenizer, prompts: list[str], weighting: bool = True, length: int = LENGTH) -> int:
     """The most chunks any of these prompts needs."""
-    return max(len(chunks(tokenizer, p, weighting)) for p in prompts)
+    return max(len(chunks(tokenizer, p, weighting, length)) for p in prompts)
 
 
 def encode(model, tokenizer, prompts: list[str], weighting: bool = True, min_chunks: int = 1, clip_skip: int = 1,
-           hidden_states: bool = True):
+           hidden_states: bool = True, length: int = LENGTH):
     """A CLIP tower's output for long, weighted prompts, in the class the tower returns: hidden states (and
     every layer's, for families that read an earlier one) of the chunks concatenated, each weighted and
     mean-rescaled; the pooled (and projected) embedding of the first chunk. At least `min_chunks` chunks.
@@ -142,9 +143,9 @@ def encode(model, tokenizer, prompts: list[str], weighting: bool = True, min_chu
     clip_skip: A1111's "Clip skip": N > 1 ends the tower N - 1 layers early (the last layer's output becomes
     final_layer_norm(hidden_states[-N]), as A1111 and diffusers' clip_skip = N - 1 do; families that read the
     penultimate layer, SDXL and SD3, read the one before that, as diffusers does)."""
-    per_prompt = [chunks(tokenizer, p, weighting) for p in prompts]
+    per_prompt = [chunks(tokenizer, p, weighting, length) for p in prompts]
     n = max(min_chunks, *(len(c) for c in per_prompt))
-    empty = chunks(tokenizer, "", False)[0]
+    empty = chunks(tokenizer, "", False, length)[0]
     per_prompt = [c + [empty] * (n - len(c)) for c in per_prompt]
     outs = []
     for i in range(n):
@@ -204,6 +205,6 @@ def configure(encoders: list, prompts: list[str], weighting: bool = True, clip_s
     """Sets every encoder to read these prompts (the positive and negative ones of a call) A1111's way, with as
     many chunks as the longest needs, so that their embeddings line up for classifier-free guidance."""
     clips = [e for e in encoders if is_clip(e.model)]
-    n = max((count(e.tokenizer, prompts, weighting) for e in clips), default=1)
+    n = max((count(e.tokenizer, prompts, weighting, e.max_length) for e in clips), default=1)
     for e in encoders:
         e.syntax = Syntax(weighting, clip_skip, n)

@@ -100,8 +100,9 @@ def test_empty_unicode_and_long_prompts(dit_pipe, caplog):
     assert "dropped" not in caplog.text
     from gen.prompt_weights import chunks
 
-    n = len(chunks(dit_pipe.text.tokenizer, long))
-    assert n > 1 and dit_pipe.encode_prompts([long])["hidden"].shape[1] == n * 77
+    length = dit_pipe.text.max_length
+    n = len(chunks(dit_pipe.text.tokenizer, long, length=length))
+    assert n > 1 and dit_pipe.encode_prompts([long])["hidden"].shape[1] == n * length
 
 
 @pytest.mark.parametrize("kw, msg", [

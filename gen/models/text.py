@@ -95,7 +95,7 @@ class TextEncoder:
         with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
             if s is not None and pw.is_clip(self.model):
                 return pw.encode(self.model, self.tokenizer, prompts, s.weighting, s.min_chunks, s.clip_skip,
-                                 hidden_states)
+                                 hidden_states, self.max_length)
             if s is not None and s.weighting:  # a T5 reads the words only
                 prompts = [pw.plain_text(p) for p in prompts]
             ids = self.tokenize(prompts).to(self.model.device)
