@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from gen.errors import GenError
+from gen.errors import GenError, Stopped
 from gen.recipe import lora_arg as _lora_arg
 
 log = logging.getLogger("gen")
@@ -429,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"gen: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        if str(e):
+            print(f"gen: {e}", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
         print("gen: interrupted", file=sys.stderr)
         return 130
