@@ -18,8 +18,8 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ STATE = "state.json"
 _NAME = re.compile(r"^step-(\d{8})$")
 # Fault-injection hook for tests: GEN_TEST_PAUSE_IN_SAVE=PHASE[@STEP] makes a process that reaches save
 # phase PHASE (of the step-STEP checkpoint, or of any) print PAUSE_ENV's name, the phase and the step to stderr
-# and sleep, so a test can SIGKILL it at a known point of a save. Phases, in order: see `Checkpointer.save`.
+# and wait, so a test can SIGKILL (or signal) it at a known point of a save. Phases, in order: see `Checkpointer.save`.
 PAUSE_ENV = "GEN_TEST_PAUSE_IN_SAVE"
 
 
@@ -49,7 +49,8 @@ def pause_point(phase: str, step: int) -> None:
     name, _, at = want.partition("@")
     if name == phase and (not at or int(at) == step):
         print(f"{PAUSE_ENV}: paused at {phase} of step {step} (pid {os.getpid()})", file=sys.stderr, flush=True)
-        time.sleep(3600)
+        while True:  # until killed, or a signal handler raises (a second Ctrl-C); handled signals resume the wait
+            signal.pause()
 
 
 # ---- nested state <-> (JSON skeleton, flat tensors) -----------------------------------------------

@@ -268,7 +268,6 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
     stop = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
     bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient
     saved = step if found else -1  # a stop before the first step of a new run still leaves a checkpoint
-    guard.install()
     while True:
         act = guard.poll()  # a step boundary: signals and clocks, the same answer in every process
         if act.save and saved != step:
@@ -331,7 +330,6 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
     bar.close()
     if saved != step:
         save()  # the end of a run is always resumable (e.g. to train it further)
-    guard.restore()
     if step < cfg.train.max_steps or guard.signal:  # paused (stop_at_step, a signal, a deadline): no export
         trackers.close()
         acc.wait_for_everyone()

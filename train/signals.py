@@ -59,26 +59,20 @@ class Guard:
         self.save_asked, self.old = False, {}
         self.last_save = self.last_poll = time.monotonic()
         self.slowest_step = self.slowest_save = 0.0
+        self.polls = 0
 
-    def install(self) -> None:
-        """From the first step on (before it, there is nothing to save: the default actions stay)."""
+    def __enter__(self) -> Guard:
+        """From here to the end of `train`: a signal that comes while the model loads counts at the first step."""
         if threading.current_thread() is threading.main_thread():  # Python runs handlers there only
             self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
         else:
             log.warning("training outside the main thread: SIGTERM, Ctrl-C and SIGUSR1 keep their default actions")
-        self.last_save = self.last_poll = time.monotonic()
-
-    def restore(self) -> None:
-        """The handlers from before `install` (idempotent): after the last checkpoint, and on any exit."""
-        for s, handler in self.old.items():
-            signal.signal(s, handler)
-        self.old = {}
-
-    def __enter__(self) -> Guard:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.restore()
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+        self.old = {}
 
     def _handle(self, signum: int, _frame) -> None:
         if signum == signal.SIGUSR1:
@@ -99,7 +93,11 @@ class Guard:
     def poll(self) -> Action:
         """At a step boundary: what to do now, the same answer in every process."""
         now = time.monotonic()
-        self.slowest_step, self.last_poll = max(self.slowest_step, now - self.last_poll), now
+        if self.polls:  # the clocks start at the first step, not while the model loads
+            self.slowest_step = max(self.slowest_step, now - self.last_poll)
+        else:
+            self.last_save = now
+        self.last_poll, self.polls = now, self.polls + 1
         due = self.every is not None and now - self.last_save >= self.every
         late = (self.deadline is not None
                 and time.time() + 2 * (self.slowest_step + self.slowest_save) >= self.deadline)
