@@ -173,22 +173,45 @@ def test_sigterm_mid_run_saves_exits_143_and_resumes_bitwise(reference, base_dit
     same_end(reference[0], run)
 
 
-def test_a_second_ctrl_c_quits_at_once_and_loses_nothing(reference, base_dit, tmp_path):
+def test_a_busy_folder_refuses_a_second_run_and_a_second_ctrl_c_loses_nothing(reference, base_dit, tmp_path):
     run = tmp_path / "run"
     config = write_config(base_dit, run, tmp_path / "config.yaml", train__checkpoint_every=2)
-    proc = Proc(gen_train(config), **{PAUSE_ENV: "part-model@4"})  # waits inside the step-4 save
-    proc.until(lambda: f"{PAUSE_ENV}: paused" in proc.err, "paused in the step-4 save")
-    os.kill(proc.pid, signal.SIGINT)
-    proc.until(lambda: "(Ctrl-C again to quit at once)" in proc.err, "acknowledged the first Ctrl-C")
-    os.kill(proc.pid, signal.SIGINT)
-    assert proc.finish(60) == 130, proc.err[-3000:]
-    assert proc.err.strip().splitlines()[-1] == "gen: interrupted"
+    first = Proc(gen_train(config), **{PAUSE_ENV: "part-model@4"})  # waits inside the step-4 save
+    first.until(lambda: f"{PAUSE_ENV}: paused" in first.err, "paused in the step-4 save")
+
+    # a second run on the same folder: one line naming the holder, exit 2, nothing touched
+    before = (run / "config.yaml").read_text(), (run / "metrics.jsonl").read_text()
+    second = subprocess.run(gen_train(config), env=ENV, capture_output=True, text=True, timeout=240)
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode == 2 and len(lines) == 1, second.stderr[-3000:]
+    assert lines[0].startswith(f"gen: error: train.output_dir {run} is in use by another run: process {first.pid} "
+                               f"on {socket.gethostname()}, started ")
+    assert ((run / "config.yaml").read_text(), (run / "metrics.jsonl").read_text()) == before
+
+    # Ctrl-C: the save goes on; Ctrl-C again: out at once, the cut-off save never read, the step-2 one intact
+    os.kill(first.pid, signal.SIGINT)
+    first.until(lambda: "(Ctrl-C again to quit at once)" in first.err, "acknowledged the first Ctrl-C")
+    os.kill(first.pid, signal.SIGINT)
+    assert first.finish(60) == 130, first.err[-3000:]
+    assert first.err.strip().splitlines()[-1] == "gen: interrupted"
     assert steps(run) == [2] and (run / "checkpoints" / "latest").read_text().strip() == "step-00000002"
-    assert (run / "checkpoints" / ".tmp-step-00000004").is_dir()  # the cut-off save: never read, cleared later
+    assert (run / "checkpoints" / ".tmp-step-00000004").is_dir() and not (run / LOCK).exists()
 
     train(load_config(config))  # resume=auto: from step 2, to the reference's end
     assert not (run / "checkpoints" / ".tmp-step-00000004").exists()
     same_end(reference[0], run)
+
+
+def test_the_lock_of_a_dead_run_is_taken_over(base_dit, tmp_path, caplog):
+    run = tmp_path / "run"
+    dead = subprocess.run([sys.executable, "-c", "import os, sys; from pathlib import Path; from train.lock import "
+                           "acquire; acquire(Path(sys.argv[1]), 'x'); print(os.getpid()); os.kill(os.getpid(), 9)",
+                           str(run)], capture_output=True, text=True, timeout=60)  # killed holding the lock
+    assert dead.returncode == -signal.SIGKILL and (run / LOCK).is_file()
+    with caplog.at_level("WARNING", logger="gen"):
+        out = train(fast_config(base_dit, run, train__max_steps=2))
+    assert f"taking over the stale lock of process {dead.stdout.strip()}" in caplog.text
+    assert (out / "model_index.json").is_file() and not (run / LOCK).exists()
 
 
 def test_two_processes_stop_together_and_resume_bitwise(base_dit, tmp_path):
@@ -224,28 +247,6 @@ def test_two_processes_stop_together_and_resume_bitwise(base_dit, tmp_path):
     proc = Proc(launch(config, f"train.output_dir={run}"))  # resume=auto under 2 processes
     assert proc.finish() == 0, proc.err[-3000:]
     same_end(ref, run)
-
-
-def test_one_run_per_folder_and_a_stale_lock_is_taken_over(base_dit, tmp_path, caplog):
-    run = tmp_path / "run"
-    config = write_config(base_dit, run, tmp_path / "config.yaml", train__checkpoint_every=2)
-    first = Proc(gen_train(config), **{PAUSE_ENV: "begin@2"})
-    first.until(lambda: f"{PAUSE_ENV}: paused" in first.err, "paused in the step-2 save")
-    before = (run / "config.yaml").read_text(), (run / "metrics.jsonl").read_text()
-
-    second = subprocess.run(gen_train(config), env=ENV, capture_output=True, text=True, timeout=240)
-    lines = second.stderr.strip().splitlines()
-    assert second.returncode == 2 and len(lines) == 1, second.stderr[-3000:]
-    assert lines[0].startswith(f"gen: error: train.output_dir {run} is in use by another run: process {first.pid} "
-                               f"on {socket.gethostname()}, started ")
-    assert ((run / "config.yaml").read_text(), (run / "metrics.jsonl").read_text()) == before  # nothing touched
-
-    os.kill(first.pid, signal.SIGKILL)  # its lock stays behind, naming a dead process
-    assert first.finish() == -signal.SIGKILL and (run / LOCK).is_file()
-    with caplog.at_level("WARNING", logger="gen"):
-        out = train(load_config(config))
-    assert f"taking over the stale lock of process {first.pid}" in caplog.text
-    assert (out / "model_index.json").is_file() and not (run / LOCK).exists()
 
 
 @pytest.mark.parametrize("budget", ["train.time_limit", "SLURM_JOB_END_TIME"])
