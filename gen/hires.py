@@ -10,7 +10,6 @@ draw from the same per-image generators in turn, so image k of a batch still equ
 from __future__ import annotations
 
 import inspect
-import math
 
 import numpy as np
 import torch
@@ -21,7 +20,7 @@ UPSCALERS = ("latent", "image")
 
 
 def check(scale, strength, steps, upscaler) -> None:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 1 <= scale <= 8 or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 1 <= scale <= 8:
         raise GenError(f"the hires scale must be a number in [1, 8], not {scale!r}")
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
         raise GenError(f"the hires strength must be a number in [0, 1], not {strength!r}")

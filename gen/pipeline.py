@@ -400,8 +400,8 @@ class Pipeline:
         shape = self.family.latent_shape(self.denoiser, n, height // f, width // f)
         x0 = img2img.encode(self, source, generator, n) if source is not None else None  # drawn before the noise
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
-        latents, extra = self.family.pack(latents)
-        pw.configure(self.texts, prompts + negs, prompt_weighting, clip_skip)  # extra: conditioning the packing adds (position ids)
+        latents, extra = self.family.pack(latents)  # extra: conditioning the packing adds (position ids)
+        pw.configure(self.texts, prompts + negs, prompt_weighting, clip_skip)
         scale, embedded = self.family.guidance(self.denoiser, scale, true_cfg_scale, negative_prompt is not None, n)
         extra = {k: v.to(self.device) for k, v in (extra | embedded).items()}
         cond = families.repeat(self.encode_prompts(prompts, height, width), num_images_per_prompt) | extra
