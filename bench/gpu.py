@@ -13,9 +13,9 @@ status is 1 when any step failed or timed out, so nothing fails quietly. Steps, 
     aot        every autotune config compiled for sm_80 / sm_90 (python -m gen.kernels.aot)
     kernel     the Triton kernel vs SDPA: fp16, bf16, odd lengths, 77-key cross-attention
     attention  forward TFLOP/s, kernel vs SDPA-flash, 1k / 4k / 16k tokens, head dims 64 and 128
+    dit        DiT-XL/2 training on 256 px latents: images/s, MFU, peak memory vs the formula
     sd15       SD-1.5-architecture pipeline, 512 px, fp16, 30 steps: gen vs diffusers, exact / compile / fast mode
     sdxl       SDXL-architecture pipeline, 1024 px, the same
-    dit        DiT-XL/2 training on 256 px latents: images/s, MFU, peak memory vs the formula
     tests      the kernel, attention and fast-path tests on this machine
 """
 
@@ -53,6 +53,9 @@ STEPS = [
     Step("attention", [PY, "bench/attention_kernels.py", "--seqs", "1024", "4096", "16384", "--head-dims", "64", "128"],
          [PY, "bench/attention_kernels.py", "--device", "cpu", "--seqs", "32", "--head-dims", "64",
           "--batch-heads", "2"], 150),
+    Step("dit", [PY, "bench/dit_train.py", "--preset", "DiT-XL/2", "--batch", "32", "--steps", "20"],
+         [PY, "bench/dit_train.py", "--device", "cpu", "--preset", "DiT-T/2", "--latent", "8", "--batch", "2",
+          "--steps", "1", "--warmup", "1"], 150),
     Step("sd15", SAMPLE + ["--device", "cuda", "--preset", "sd15", "--size", "512", "--steps", "30", "--dtype", "fp16",
                            "--repeats", "1", "--variants", "default", "compile", "fast3"],
          SAMPLE + ["--preset", "tiny", "--size", "64", "--steps", "2", "--repeats", "1", "--variants", "default",
@@ -61,9 +64,6 @@ STEPS = [
                            "--repeats", "1", "--variants", "default", "compile", "fast3"],
          SAMPLE + ["--preset", "sdxl-tiny", "--size", "64", "--steps", "2", "--repeats", "1", "--variants", "default",
                    "fast3"], 300),
-    Step("dit", [PY, "bench/dit_train.py", "--preset", "DiT-XL/2", "--batch", "32", "--steps", "20"],
-         [PY, "bench/dit_train.py", "--device", "cpu", "--preset", "DiT-T/2", "--latent", "8", "--batch", "2",
-          "--steps", "1", "--warmup", "1"], 150),
     Step("tests", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TESTS],
          [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *GPU_TESTS], 300),
 ]

@@ -14,7 +14,8 @@ Formula (bytes), for one optimizer step of the training loop (AdamW, train.mixed
                  no compute, any size), tensors in the autocast dtype; plus the autocast copies of the
                  trainable weights. With gradient checkpointing: what is saved outside the checkpointed
                  units, their inputs, and the largest unit's activations (recomputed one unit at a time).
-    peak         = weights + optimizer + EMA + max(activations, gradients + AdamW's temporaries)
+    peak         = weights + optimizer + EMA + max(activations, gradients + the larger of AdamW's
+                 temporaries and (checkpointing) one unit's recomputed activations)
 AdamW's temporaries (its foreach implementation on CUDA) are one more fp32 copy of the trainable weights.
 The check runs real fp32 steps on CPU at small sizes under torch's MemTracker (every live tensor, by kind).
 The frozen VAE and text encoder run under no_grad: their transient activations are not counted.
@@ -56,10 +57,12 @@ class Memory:
     ema: int
     activations: int
     adam_temp: int
+    recompute: int = 0  # with checkpointing: the largest unit's activations, rebuilt while gradients fill up
 
     @property
     def peak(self) -> int:
-        return self.weights + self.optimizer + self.ema + max(self.activations, self.gradients + self.adam_temp)
+        return self.weights + self.optimizer + self.ema + max(self.activations,
+                                                              self.gradients + max(self.adam_temp, self.recompute))
 
 
 class _FlashAttentionSaves(torch.autograd.Function):
@@ -88,10 +91,11 @@ def fused_attention_on_meta():
         F.scaled_dot_product_attention = sdpa
 
 
-def saved_activation_bytes(model: torch.nn.Module, run, checkpointing: bool) -> int:
-    """Bytes autograd keeps after `run()` (a forward of `model`), parameters excluded, each storage once.
-    With `checkpointing`, what stays alive under checkpointing: the saves outside the checkpointed units,
-    the units' inputs, and the largest unit's activations (its recompute, during backward)."""
+def saved_activation_bytes(model: torch.nn.Module, run, checkpointing: bool) -> tuple[int, int]:
+    """(bytes autograd keeps after `run()` (a forward of `model`), parameters excluded, each storage once;
+    the largest checkpointable unit's share). With `checkpointing`, what stays alive under checkpointing: the
+    saves outside the checkpointed units, the units' inputs, and the largest unit's activations (its
+    recompute, during backward)."""
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     outside, inputs, units = {}, {}, []
 
@@ -117,10 +121,10 @@ def saved_activation_bytes(model: torch.nn.Module, run, checkpointing: bool) -> 
             run()
     finally:
         model.disable_gradient_checkpointing()
-    if not checkpointing:
-        return sum({**outside, **{k: v for u in units for k, v in u.items()}}.values())
     biggest = max((sum(u.values()) for u in units), default=0)
-    return sum({**outside, **inputs}.values()) + biggest
+    if not checkpointing:
+        return sum({**outside, **{k: v for u in units for k, v in u.items()}}.values()), biggest
+    return sum({**outside, **inputs}.values()) + biggest, biggest
 
 
 def denoiser_inputs(model, batch: int, latent: int, device, dtype, text_tokens: int = 77) -> dict:
@@ -153,11 +157,11 @@ def estimate(build, batch: int, latent: int, compute: str, checkpointing: bool, 
     trainable = sum(p.numel() for n, p in model.named_parameters() if not lora or ".lora_" in n)
     frozen = sum(p.numel() for p in model.parameters()) - trainable + frozen_params
     kw = denoiser_inputs(model, batch, latent, "meta", dtype)
-    act = saved_activation_bytes(model, lambda: model(**kw), checkpointing)
+    act, unit = saved_activation_bytes(model, lambda: model(**kw), checkpointing)
     act += trainable * DTYPE_BYTES[compute] if compute != "no" else 0  # autocast's copies of fp32 weights
     return Memory(weights=4 * trainable + DTYPE_BYTES[compute] * frozen, gradients=4 * trainable,
                   optimizer=8 * trainable, ema=4 * trainable if ema else 0, activations=act,
-                  adam_temp=4 * trainable if device_type == "cuda" else 0)
+                  adam_temp=4 * trainable if device_type == "cuda" else 0, recompute=unit if checkpointing else 0)
 
 
 def dit_step_estimate(preset: str, latent: int, batch: int, dtype: torch.dtype, checkpointing: bool,
@@ -222,7 +226,7 @@ def recipe_rows(checkpointing_both: bool = True) -> list[tuple]:
         elif m.denoiser == "dit":
             build = (lambda m=m, latent=latent, width=width: build_dit(
                 m.preset, sample_size=latent, cross_attention_dim=width, pooled_projection_dim=width, **m.options))
-            name = m.preset + (f" {m.options}" if m.options else "")
+            name = m.preset + "".join(f", {k} {v}" for k, v in m.options.items() if k in ("depth", "hidden_size"))
         else:
             preset = "sd15" if m.init_from_base else m.preset
             build, name = (lambda p=preset: build_unet(p, cross_attention_dim=width)), f"UNet {preset}"

@@ -16,7 +16,7 @@ def count(build, batch, latent, device, checkpointing):
     with torch.device(device):
         model = build()
     kw = tm.denoiser_inputs(model, batch, latent, device, torch.float32)
-    return tm.saved_activation_bytes(model, lambda: model(**kw), checkpointing)
+    return tm.saved_activation_bytes(model, lambda: model(**kw), checkpointing)[0]
 
 
 @pytest.mark.parametrize("name", ["DiT d128 x 2 blocks", "UNet tiny"])
