@@ -113,8 +113,11 @@ def main(argv=None) -> int:
     from bench.train_memory import dit_step_estimate
 
     est = dit_step_estimate(a.preset, a.latent, a.batch, dtype, a.checkpointing, device.type)
-    measured = (f"{peak / 2**30:9.2f} GiB measured (torch.cuda.max_memory_allocated); formula {est / 2**30:.2f} GiB "
-                f"({100 * (est / peak - 1):+.0f}%)") if peak else f"{est / 2**30:9.2f} GiB by the formula (not measured here)"
+    if peak:
+        measured = (f"{peak / 2**30:9.2f} GiB measured (torch.cuda.max_memory_allocated); "
+                    f"formula {est / 2**30:.2f} GiB ({100 * (est / peak - 1):+.0f}%)")
+    else:
+        measured = f"{est / 2**30:9.2f} GiB by the formula (not measured here)"
     print(f"peak memory        {measured}")
     print(f"final loss         {loss.item():9.4f}")
     return 0

@@ -86,7 +86,8 @@ def env_report() -> None:
         print("triton: not installed")
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
-        print(f"cuda:{i} {p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs")
+        print(f"cuda:{i} {p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}, "
+              f"{p.multi_processor_count} SMs")
     smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True) if shutil.which("nvidia-smi") else None
     print(smi.stdout if smi else "nvidia-smi: not here (no GPU)")
 
@@ -100,8 +101,10 @@ def run_step(step: Step, dry: bool, out: Path, timeout: float) -> tuple[str, flo
         f.write(f"$ {' '.join(cmd[1:])}\n")
         f.flush()
         try:
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+            # never TRITON_INTERPRET from the caller: the checks are of compiled kernels (the dry run's kernel
+            # steps ask for the interpreter themselves, with --device cpu)
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONUNBUFFERED": "1"}
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, env=env).returncode
             status = "ok" if rc == 0 else f"FAILED (rc {rc})"
         except subprocess.TimeoutExpired:  # subprocess.run has killed the child
             status = f"TIMEOUT after {timeout:.0f} s"

@@ -169,7 +169,9 @@ def dit_step_estimate(preset: str, latent: int, batch: int, dtype: torch.dtype, 
     """The formula's peak for bench/dit_train.py's step (no EMA, no frozen parts)."""
     from gen.models.dit import build_dit
 
-    build = lambda: build_dit(preset, sample_size=latent, cross_attention_dim=768, pooled_projection_dim=768)  # noqa: E731
+    def build():
+        return build_dit(preset, sample_size=latent, cross_attention_dim=768, pooled_projection_dim=768)
+
     compute = "no" if dtype == torch.float32 else "bf16"
     return estimate(build, batch, latent, compute, checkpointing, ema=False, device_type=device_type).peak
 
@@ -296,7 +298,8 @@ def main(argv=None) -> int:
     print(f"{'recipe':<34}{'denoiser':<36}{'batch':>14}{'prec':>6}{'ckpt':>6}{'weights':>9}{'grads':>7}{'adam':>7}"
           f"{'ema':>6}{'activ.':>8}{'peak':>8}")
     for recipe, name, batch, prec, ckpt, chosen, m in recipe_rows():
-        print(f"{recipe:<34}{name[:35]:<36}{batch:>14}{prec:>6}{('on' if ckpt else 'off') + ('*' if chosen else ' '):>6}"
+        mark = ("on" if ckpt else "off") + ("*" if chosen else " ")
+        print(f"{recipe:<34}{name[:35]:<36}{batch:>14}{prec:>6}{mark:>6}"
               f"{gib(m.weights):>9}{gib(m.gradients):>7}{gib(m.optimizer):>7}{gib(m.ema):>6}{gib(m.activations):>8}"
               f"{gib(m.peak):>8}")
     if a.no_check:

@@ -114,7 +114,8 @@ def build(spec: Spec, arch: str) -> Build:
     out.registers, out.spill_bytes, log = ptxas_report(ptx, arch)
     threads = 32 * spec.num_warps
     if out.shared_bytes > shared_limit:
-        out.problems.append(f"needs {out.shared_bytes / 1024:.0f} KB shared memory, {arch} has {shared_limit // 1024} KB")
+        out.problems.append(f"needs {out.shared_bytes / 1024:.0f} KB shared memory, "
+                            f"{arch} has {shared_limit // 1024} KB")
     if out.spill_bytes:
         out.problems.append(f"spills {out.spill_bytes} bytes of registers to local memory")
     if out.registers * threads > REGISTERS_PER_SM:
@@ -149,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="only the first N builds per arch (a quick check)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel compiles (default: all cores)")
     args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("python -m gen.kernels.aot: unset TRITON_INTERPRET (the interpreter compiles nothing)", file=sys.stderr)
+        return 2
     reason = ptxas_unavailable()
     if reason:
         print(f"SKIP: {reason}")

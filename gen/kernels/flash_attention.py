@@ -44,8 +44,9 @@ def _prune(configs, named_args, capability: int | None = None, **kwargs):
     if capability is None and torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         capability = 10 * major + minor
+    pre_hopper = capability is not None and capability < 90
     keep = [c for c in configs if not (d >= 128 and (c.kwargs["BLOCK_N"] >= 128 or
-                                                     (capability or 90) < 90 and c.kwargs["BLOCK_M"] >= 128))]
+                                                     (pre_hopper and c.kwargs["BLOCK_M"] >= 128)))]
     short = [c for c in keep if c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(m))]
     return short or keep
 
@@ -169,7 +170,8 @@ def aot_specs(capability: int, head_dims=(40, 64, 80, 128), dtypes=("fp16", "bf1
         for dtype in dtypes:
             ints = {n: "i32" for n in names if n.startswith("s_") or n in ("H", "N_Q", "N_K")}
             signature = {**ints, **{n: f"*{dtype}" for n in "QKVO"}, "qk_scale": "fp32"}
-            for cfg in _prune(configs or _configs(interpret=False), {"BLOCK_D": block_d, "N_K": 1 << 14}, capability):
+            long_keys = {"BLOCK_D": block_d, "N_K": 1 << 14}
+            for cfg in _prune(configs or _configs(interpret=False), long_keys, capability):
                 constexprs = {"HEAD_DIM": d, "BLOCK_D": block_d, "IEEE": False, "UPCAST": False, **cfg.kwargs,
                               **{f"s_{t}d": 1 for t in "qkvo"}}
                 signature.update({n: "constexpr" for n in constexprs})
