@@ -1,7 +1,8 @@
 """Every GPU check in one unattended run (under 8 minutes on one H100/H200), results in bench/results/gpu-*.txt.
 
     make setup && bench/gpu.sh              # = .venv/bin/python bench/gpu.py
-    bench/gpu.sh --dry-run                  # CPU: every step at toy sizes, checking the plumbing (no timings)
+    bench/gpu.sh --dry-run                  # CPU: every step at toy sizes, checking the plumbing (no timings;
+                                            # no torch.compile variants, minutes on a CPU)
     bench/gpu.sh --only attention sd15      # some steps
 
 Each step is a subprocess with its own timeout, cut to what is left of --budget (470 s by default): a hung
