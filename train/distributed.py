@@ -68,6 +68,9 @@ class Sharded:
         if mixed_precision == "fp16":
             raise GenError("config keys 'train.distributed' and 'train.mixed_precision': fsdp trains in fp32 or "
                            "bf16 (fp16 would need a grad scaler over shards); set train.mixed_precision=bf16")
+        if not torch.distributed.is_initialized():
+            raise GenError("train.distributed=fsdp shards over a process group: launch with `accelerate launch "
+                           "--multi_gpu --num_processes N -m gen train ...` or torchrun (one process is fine)")
         self.acc, self.world = acc, acc.num_processes
         self.compute = dtype if mixed_precision == "bf16" else None
         self.skeleton: nn.Module | None = None
