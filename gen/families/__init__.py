@@ -177,6 +177,15 @@ class Family:
         name, gen_unet."""
         return "gen_unet"
 
+    def lora_from_file(self, factors: dict, kohya: bool, denoiser) -> dict:
+        """A LoRA file's denoiser layers ({name: Factor}, names flat for a kohya file) -> named as the diffusers
+        model names them: here as they are; a family with an original layout (SD3, Flux) maps its names."""
+        return factors
+
+    def lora_to_file(self, factors: dict, denoiser) -> dict:
+        """The denoiser's LoRA layers ({diffusers layer: Factor}) -> as a kohya file names them (dotted)."""
+        return factors
+
     @classmethod
     def owns_kohya_version(cls, version: str) -> bool:
         return bool(cls.kohya_base) and version.removesuffix("_v") == cls.kohya_base

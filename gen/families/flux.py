@@ -19,6 +19,7 @@ import torch
 
 from gen.errors import GenError
 from gen.families import Family, register
+from gen.families.mmdit_keys import OriginalLayout, flux_links
 
 log = logging.getLogger("gen")
 
@@ -33,17 +34,19 @@ def calculate_shift(seq_len: int, base_seq: int = 256, max_seq: int = 4096, base
 
 
 @register
-class Flux(Family):
+class Flux(OriginalLayout, Family):
     name = "flux"
     title = "Flux"
     pipeline_class = "FluxPipeline"
     denoiser_part = "transformer"
     text_parts = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
     text_max_length = {"text_encoder_2": T5_LENGTH}
-    kohya_text: dict = {}
+    # sd-scripts' networks/lora_flux.py: CLIP-L is lora_te1_ (T5's lora_te3_ layers gen does not read)
+    kohya_text = {"text_encoder": "lora_te1_"}
+    kohya_base = "flux1"  # sd-scripts' flux_utils.MODEL_VERSION_FLUX_V1
+    links = staticmethod(flux_links)  # BFL's layout: single files and kohya/ComfyUI LoRA files
     objective = "rectified flow"
     fast_mode = False
-    sampling_only = True
     index_extra = {"image_encoder": [None, None], "feature_extractor": [None, None]}
 
     @staticmethod
@@ -74,6 +77,9 @@ class Flux(Family):
         pooled = encoders[0].outputs(prompts, hidden_states=False).pooler_output
         hidden = encoders[1].outputs(prompts, hidden_states=False).last_hidden_state
         return {"hidden": hidden, "pooled": pooled, "txt_ids": hidden.new_zeros(*hidden.shape[:2], 3)}
+
+    def train_conditioning(self, *args, **kwargs) -> dict:
+        raise GenError("gen samples Flux models (and loads LoRAs into them) but cannot train them yet")
 
     def guidance(self, denoiser, scale: float, true_cfg: float | None, negative_given: bool,
                  n: int) -> tuple[float, dict]:

@@ -11,18 +11,22 @@ import torch
 from gen.errors import GenError
 from gen.families import Family, register
 from gen.families.dit import GenDiT
+from gen.families.mmdit_keys import OriginalLayout, sd3_links
 
 CLIPS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 T5 = ("text_encoder_3", "tokenizer_3")
 
 
 @register
-class SD3(Family):
+class SD3(OriginalLayout, Family):
     name = "sd3"
     title = "SD3"
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser_part = "transformer"
-    kohya_text: dict = {}  # gen reads no SD3 LoRA files yet
+    # sd-scripts' networks/lora_sd3.py: CLIP-L lora_te1_, CLIP-G lora_te2_ (T5's lora_te3_ layers gen does not read)
+    kohya_text = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    kohya_base = "sd3"
+    links = staticmethod(sd3_links)  # SAI's MMDiT layout: single files and kohya/ComfyUI LoRA files
     objective = "rectified flow"
     t5_length = 256  # StableDiffusion3Pipeline's default max_sequence_length
     text_max_length = {"text_encoder_3": t5_length}
