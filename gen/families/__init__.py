@@ -82,8 +82,11 @@ class Family:
         raise NotImplementedError
 
     # ---- single files (the original LDM layout; gen/single_file.py, gen/families/ldm.py) ------------------------
-    # Each text tower's (encoder folder, tokenizer folder, key prefix, "hf" | "openclip" naming); () = none.
+    # Each text tower's (encoder folder, tokenizer folder, key prefix, "hf" | "openclip" | "t5" naming); () = none.
     file_texts: tuple = ()
+    file_layout = "LDM"  # the denoiser's original layout: LDM's UNet (gen/families/ldm.py), or "SD3 MMDiT" / "BFL
+    # Flux" (gen/families/mmdit_file.py)
+    file_optional: tuple = ()  # text encoders a whole file may lack (SD3's T5)
     file_penultimate = False  # the file's last text block is unused (conditioning on the one before)
 
     @classmethod
