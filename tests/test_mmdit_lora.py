@@ -59,8 +59,12 @@ def test_kohya_flux_reads_as_diffusers_converter_does():
 
 @pytest.fixture(scope="module")
 def flux(flux_folder):
-    """A Flux pipeline whose transformer carries a random adapter on the peer's targets (rank 2, alpha 3)."""
-    pipe = quiet_pipeline(flux_folder)
+    return _with_adapter(flux_folder)
+
+
+def _with_adapter(folder):
+    """A pipeline whose transformer carries a random adapter on the peer's targets (rank 2, alpha 3)."""
+    pipe = quiet_pipeline(folder)
     inject_adapter_in_model(LoraConfig(r=2, lora_alpha=3, target_modules=TARGETS), pipe.denoiser, "default")
     torch.manual_seed(0)
     with torch.no_grad():
@@ -140,3 +144,21 @@ def test_a_fused_layer_of_another_width_is_refused(flux_folder, tmp_path):
     save_file(sd, tmp_path / "wide.safetensors")
     with pytest.raises(GenError, match="rows"):
         quiet_pipeline(flux_folder).load_lora(tmp_path / "wide.safetensors")
+
+
+def test_sd3_kohya_file_names_mmdit_layers_and_reads_back(sd3_folder, tmp_path):
+    """SD3 (sd-scripts lora_sd3.py naming): every layer is ComfyUI's kohya rule over the MMDiT's own weight names
+    (those of gen's SD3 single file, which diffusers' converter reads: test_mmdit_file), and it reads back in gen
+    to the weights the diffusers-layout file gives."""
+    file = tmp_path / "sd3.safetensors"
+    quiet_pipeline(sd3_folder).save_pretrained(file, single_file=True)
+    mmdit = {"lora_unet_" + k.removeprefix("model.diffusion_model.").removesuffix(".weight").replace(".", "_")
+             for k in load_file(file) if k.startswith("model.diffusion_model.") and k.endswith(".weight")}
+    pipe = _with_adapter(sd3_folder)
+    kohya = save_lora(tmp_path / "k.safetensors", pipe.denoiser, {}, "default", format="kohya", family=pipe.family)
+    ref = save_lora(tmp_path / "d.safetensors", pipe.denoiser, {}, "default", family=pipe.family)
+    layers = {k.split(".")[0] for k in load_file(kohya)}
+    assert layers <= mmdit and {"lora_unet_joint_blocks_0_x_block_attn_qkv",
+                                "lora_unet_joint_blocks_0_context_block_attn_qkv"} <= layers
+    want, got = _fused_weights(sd3_folder, ref), _fused_weights(sd3_folder, kohya)
+    assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-5

@@ -68,11 +68,9 @@ def load(path: Path, src, family, tokenizer, base, gm: dict) -> dict:
     lacking = [enc for enc, _, prefix, _ in family.file_texts if not any(k.startswith(prefix) for k in keys)]
     if not any(k.startswith(ldm.VAE) for k in keys):
         lacking.append("vae")
-    if base is None:  # an optional tower (SD3's T5) absent from a whole file: the model goes without it
-        skip = [enc for enc in lacking if enc in family.file_optional]
-        lacking = [enc for enc in lacking if enc not in skip]
-    else:
-        skip = []
+    # an optional tower (SD3's T5) that neither the file nor the base folder has: the model goes without it
+    skip = [enc for enc in lacking if enc in family.file_optional and (base is None or not (base / enc).is_dir())]
+    lacking = [enc for enc in lacking if enc not in skip]
     if lacking and base is None:
         raise GenError(f"{path} holds no {', '.join(lacking)} (a transformer-only file?): pass --base FOLDER "
                        f"(base=FOLDER), a diffusers {family.title} folder whose other parts gen uses")
