@@ -101,7 +101,7 @@ def file_prefixes(family: families.Family, layout: str) -> dict[str, str]:
 def _family_mismatch(lora: LoraFile, family: families.Family, source: str) -> str | None:
     """A one-line message when the file is recognisably for another model family than `family`."""
     texts = {c: (p if lora.layout == "kohya" else None) for c, p in lora.prefixes.items() if is_text(c)}
-    theirs = families.lora_families(texts, lora.metadata)
+    theirs = families.lora_families(texts, lora.metadata, lora.factors.get(DENOISER, ()))
     if not theirs or type(family) in theirs:
         return None
     mine = file_prefixes(family, lora.layout)

@@ -150,7 +150,10 @@ def load(path: Path, tokenizer=None, prediction_type: str | None = None, allow_p
     if family.file_layout != "LDM":
         if prediction_type is not None:
             raise GenError(f"prediction_type is for DDPM models; a {family.title} file is rectified flow")
-        return mmdit_file.load(path, src, family, tokenizer, base, gm)
+        try:
+            return mmdit_file.load(path, src, family, tokenizer, base, gm)
+        except KeyError as e:  # a weight the shapes are read from
+            raise GenError(f"{path}: an incomplete {family.title} file: it has no {e.args[0]}") from None
     if base is not None:
         raise GenError(f"base is for SD3/Flux files; a {family.title} file holds every part (tokenizer: --tokenizer)")
     hints = gm.get("hints", {})

@@ -44,6 +44,7 @@ class Flux(OriginalLayout, Family):
     # sd-scripts' networks/lora_flux.py: CLIP-L is lora_te1_ (T5's lora_te3_ layers gen does not read)
     kohya_text = {"text_encoder": "lora_te1_"}
     kohya_base = "flux1"  # sd-scripts' flux_utils.MODEL_VERSION_FLUX_V1
+    denoiser_blocks = ("double_blocks", "single_blocks", "transformer_blocks", "single_transformer_blocks")
     links = staticmethod(flux_links)  # BFL's layout: single files and kohya/ComfyUI LoRA files
     objective = "rectified flow"
     fast_mode = False

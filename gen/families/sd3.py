@@ -26,6 +26,7 @@ class SD3(OriginalLayout, Family):
     # sd-scripts' networks/lora_sd3.py: CLIP-L lora_te1_, CLIP-G lora_te2_ (T5's lora_te3_ layers gen does not read)
     kohya_text = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
     kohya_base = "sd3"
+    denoiser_blocks = ("joint_blocks", "transformer_blocks")  # the original layout's and diffusers' names
     links = staticmethod(sd3_links)  # SAI's MMDiT layout: single files and kohya/ComfyUI LoRA files
     objective = "rectified flow"
     t5_length = 256  # StableDiffusion3Pipeline's default max_sequence_length
