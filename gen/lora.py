@@ -263,7 +263,6 @@ class Adapters:
     def load(self, path: str | Path, scale: float = 1.0, adapter_name: str | None = None,
              allow_pickle: bool = False) -> str:
         self._unfused("load_lora")
-        self.pipe.family.check_supported("LoRA")
         _check_weight(scale)
         path = Path(path)
         name = self._name(adapter_name, path)

@@ -114,6 +114,9 @@ def test_a_transformer_only_flux_file_takes_the_rest_from_base(flux_folder, tmp_
     save_file(bare, tmp_path / "ft.safetensors")
     with pytest.raises(GenError, match="--base"):
         quiet_pipeline(tmp_path / "ft.safetensors")
+    save_file({k: v for k, v in bare.items() if not k.startswith("img_in.")}, tmp_path / "cut.safetensors")
+    with pytest.raises(GenError, match="incomplete Flux file: it has no img_in.weight"):
+        quiet_pipeline(tmp_path / "cut.safetensors", base=flux_folder)
     assert "not in the file (--base FOLDER)" in describe(tmp_path / "ft.safetensors")
     r = _gen("sample", "a red circle", "--steps", 2, "--seed", 3, "--height", 16, "--width", 16,
              "--model", tmp_path / "ft.safetensors", "--base", flux_folder, "--out", tmp_path / "a.png")

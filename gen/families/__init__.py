@@ -52,10 +52,10 @@ class Family:
     index_extra: dict = {}  # model_index.json entries besides the components
     text_max_length: dict = {}  # text encoder folder -> the token length its prompts are padded to (else its own)
     fast_mode = True  # whether gen.fastmode's feature cache knows the denoiser
-    sampling_only = False  # training and LoRA are not implemented for the family yet
+    sampling_only = False  # training (full or LoRA) is not implemented for the family yet; LoRA files load
 
     def check_supported(self, what: str) -> None:
-        """A one-line GenError where `what` (training, LoRA) needs more than sampling from a sampling-only family."""
+        """A one-line GenError where `what` (training) needs more than sampling from a sampling-only family."""
         if self.sampling_only:
             raise GenError(f"{what} is not supported for {self.title} models yet; gen samples them only")
 

@@ -2,7 +2,8 @@
 `guidance_embeds`) and schnell-style (no guidance input): CLIP-L's pooled output as `pooled_projections`, T5's
 last hidden states (padded to 512 tokens) as the token states, a FluxTransformer2DModel over the VAE's latents
 packed into 2x2 patches with (0, row, column) position ids, rectified flow with a resolution-dependent timestep
-shift. As diffusers' FluxPipeline (pipelines/flux/pipeline_flux.py): sampling only so far.
+shift. As diffusers' FluxPipeline (pipelines/flux/pipeline_flux.py). Single files and LoRA files in BFL's
+original layout read and write through gen/families/mmdit_keys.py; no training yet.
 
 Guidance: on a dev model guidance_scale is embedded and there is no classifier-free guidance, unless a negative
 prompt and true_cfg_scale > 1 are given ("true CFG", batched with the positive pass). A schnell model has no
@@ -48,6 +49,7 @@ class Flux(OriginalLayout, Family):
     links = staticmethod(flux_links)  # BFL's layout: single files and kohya/ComfyUI LoRA files
     objective = "rectified flow"
     fast_mode = False
+    sampling_only = True
     index_extra = {"image_encoder": [None, None], "feature_extractor": [None, None]}
 
     @staticmethod
@@ -117,9 +119,6 @@ class Flux(OriginalLayout, Family):
         pooled = encoders[0].outputs(prompts, hidden_states=False).pooler_output
         hidden = encoders[1].outputs(prompts, hidden_states=False).last_hidden_state
         return {"hidden": hidden, "pooled": pooled, "txt_ids": hidden.new_zeros(*hidden.shape[:2], 3)}
-
-    def train_conditioning(self, *args, **kwargs) -> dict:
-        raise GenError("gen samples Flux models (and loads LoRAs into them) but cannot train them yet")
 
     def guidance(self, denoiser, scale: float, true_cfg: float | None, negative_given: bool,
                  n: int) -> tuple[float, dict]:

@@ -2,7 +2,8 @@
 states concatenated on features, padded to T5's width and followed by T5's states on the sequence axis (zeros
 where the folder has no T5, as diffusers does); both CLIPs' projected pooled embeddings concatenated; an
 SD3Transformer2DModel (MMDiT) in `transformer/`; the 16-channel VAE with scaling and shift factors; rectified
-flow sampled with the folder's shift. Sampling only so far (no training, LoRA or single files)."""
+flow sampled with the folder's shift. Single files and LoRA files in the original (SAI MMDiT) layout read
+and write through gen/families/mmdit_keys.py; no training yet."""
 
 from __future__ import annotations
 
