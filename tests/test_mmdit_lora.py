@@ -162,3 +162,27 @@ def test_sd3_kohya_file_names_mmdit_layers_and_reads_back(sd3_folder, tmp_path):
                                 "lora_unet_joint_blocks_0_context_block_attn_qkv"} <= layers
     want, got = _fused_weights(sd3_folder, ref), _fused_weights(sd3_folder, kohya)
     assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-5
+
+
+def test_a_flux_clip_lora_is_written_and_read_as_lora_te1(flux_folder, tmp_path):
+    """sd-scripts' lora_flux.py names CLIP-L's layers lora_te1_text_model_…; gen writes and reads them."""
+    pipe = quiet_pipeline(flux_folder)
+    clip = pipe.texts[0].model
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=r".*self_attn\.(q_proj|v_proj)"), clip, "default")
+    with torch.no_grad():
+        for n, p in clip.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    kohya = save_lora(tmp_path / "te.safetensors", pipe.denoiser, {"text_encoder": clip}, "default", format="kohya",
+                      family=pipe.family)
+    names = {k.split(".")[0] for k in load_file(kohya)}
+    assert names == {f"lora_te1_text_model_encoder_layers_{i}_self_attn_{p}" for i in range(2) for p in ("q_proj", "v_proj")}
+    ours = quiet_pipeline(flux_folder)
+    before = {k: v.clone() for k, v in ours.texts[0].model.state_dict().items()}
+    ours.load_lora(kohya)  # raises unless every layer matched
+    ours.fuse_lora()
+    ours.unload_lora()  # the fused weights stay
+    after = ours.texts[0].model.state_dict()
+    changed = [k for k in before if not torch.equal(after[k], before[k])]
+    assert sorted(k.removeprefix("text_model.") for k in changed) == sorted(  # transformers 5: no text_model.
+        f"encoder.layers.{i}.self_attn.{p}.weight" for i in range(2) for p in ("q_proj", "v_proj"))
