@@ -84,11 +84,15 @@ class Sharded:
         if not blocks:
             raise GenError(f"train.distributed=fsdp: {type(model).__name__} names no blocks (_no_split_modules) "
                            "to shard by; use train.distributed=ddp")
+        models = [model] + ([ema.model] if ema is not None else [])
+        with torch.no_grad():  # every process starts from the main process's weights, as DDP makes them
+            for t in (t for m in models for t in [*m.parameters(), *m.buffers()]):
+                torch.distributed.broadcast(t, src=0)
         # A parameter-free copy (frozen buffers kept) that a gathered full state dict is loaded into.
         memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in model.parameters()}
         self.skeleton = copy.deepcopy(model, memo)
         policy = MixedPrecisionPolicy(param_dtype=self.compute, reduce_dtype=torch.float32)
-        for m in [model] + ([ema.model] if ema is not None else []):
+        for m in models:
             for sub in list(m.modules())[1:]:
                 if isinstance(sub, blocks):
                     fully_shard(sub, mp_policy=policy)

@@ -1,6 +1,7 @@
 """train.distributed=fsdp under `accelerate launch` on 2 CPU processes (torch's fully_shard over gloo): each
-process checkpoints its own half of every sharded tensor, resume under 2 processes is bitwise exact, the
-exported model is the gathered EMA and samples, and a mismatched resume is refused in one line."""
+process checkpoints its own half of every sharded tensor, training matches DDP's, resume under 2 processes is
+bitwise exact, the exported model is the gathered EMA and samples, and a mismatched resume is refused in one
+line."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -34,6 +36,16 @@ def test_fsdp_two_processes_resume_exactly_and_export(base_dit, tmp_path):
     bias = "blocks.0.adaLN_modulation.1.bias"
     assert model[0][bias].shape[0] == model[1][bias].shape[0] > 0
     assert not torch.equal(model[0][bias], model[1][bias])  # two halves, not two copies
+
+    # the same training as DDP's (the same start: the main process's weights; the same update), to float noise
+    ddp = tmp_path / "ddp"
+    launch(config, f"train.output_dir={ddp}", "train.distributed=ddp", "train.stop_at_step=2")
+    assert losses(ddp) == pytest.approx(losses(straight)[:2], rel=1e-5)
+    for part in ("model", "ema"):
+        full = load_file(str(ddp / "checkpoints" / "step-00000002" / f"{part}.safetensors"))
+        halves = shards(straight, 2, part)
+        for k in full:
+            torch.testing.assert_close(torch.cat([halves[0][k], halves[1][k]]), full[k], rtol=0, atol=1e-5)
 
     resumed = tmp_path / "resumed"
     launch(config, f"train.output_dir={resumed}", f"train.resume={step2}")
