@@ -93,7 +93,7 @@ class Sharded:
         self.skeleton = copy.deepcopy(model, memo)
         policy = MixedPrecisionPolicy(param_dtype=self.compute, reduce_dtype=torch.float32)
         for m in models:
-            for sub in list(m.modules())[1:]:
+            for sub in reversed(list(m.modules())[1:]):  # inner blocks first (a UNet's up block holds others)
                 if isinstance(sub, blocks):
                     fully_shard(sub, mp_policy=policy)
             fully_shard(m, mp_policy=policy)
