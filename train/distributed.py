@@ -80,6 +80,9 @@ class Sharded:
         `fully_shard` swaps each parameter for a DTensor."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        if not all(p.requires_grad for p in model.parameters()):  # e.g. LoRA: a few small adapters on a frozen base
+            raise GenError("train.distributed=fsdp shards models whose weights all train; this one holds frozen "
+                           "weights (LoRA adapters?): use train.distributed=ddp")
         blocks = block_classes(model)
         if not blocks:
             raise GenError(f"train.distributed=fsdp: {type(model).__name__} names no blocks (_no_split_modules) "
