@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from gen.pipeline import Pipeline
 from tests.train.conftest import fast_config, losses
-from tests.train.test_distributed import launch
+from tests.train.test_distributed import free_port, launch
 
 
 def shards(run, step, part):
@@ -69,3 +69,9 @@ def test_fsdp_two_processes_resume_exactly_and_export(base_dit, tmp_path):
                            f"train.resume={step2}", "train.distributed=ddp"], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 2 and "saved sharded" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    # ... or over another number of processes (1, under torchrun): refused, naming the count that saved it
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+                           str(free_port()), "-m", "gen", "train", str(config), f"train.output_dir={tmp_path / 'one'}",
+                           f"train.resume={step2}"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0 and "saved sharded over 2 processes" in done.stderr, done.stderr[-3000:]
