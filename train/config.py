@@ -90,6 +90,7 @@ class TrainOptions:
     ema_decay: float = 0.999                # 0 disables EMA
     ema_warmup: bool = True                 # decay ramps as (1 + n) / (10 + n)
     cond_dropout: float = 0.1               # fraction of captions replaced by "" (trains for CFG)
+    guidance: float | None = None           # a guidance-distilled model's guidance input (Flux dev); None: 1.0
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     resume: str = "auto"                    # auto | none | path to a checkpoint folder
