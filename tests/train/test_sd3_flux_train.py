@@ -21,6 +21,8 @@ from tests.train.conftest import losses
 from tests.train.test_sdxl_train import (PROMPT, args, assert_same_checkpoints, images, settings,  # noqa: F401
                                          step_tensors, straight_and_resumed)
 from train.config import load_config
+from train.data import TrainData
+from train.data.cache import build
 from train.loop import train
 from train.lora import LoraTask
 from train.task import DenoiserTask
@@ -67,16 +69,16 @@ def assert_diffusers_parity(family, base, path):
 
 @pytest.fixture(scope="module")
 def flux_runs(bases, images, tmp_path_factory):
-    """A: `gen lora` straight to step 4; B: 2 steps, then resumed to 4. Transformer + CLIP, checkpointed."""
+    """A: `gen lora` straight to step 2; B: 1 step, then resumed to 2. Transformer + CLIP, checkpointed."""
     more = LORA | {"train.gradient_checkpointing": True}
     return straight_and_resumed("configs/lora-sd3-flux.yaml", bases["flux"], images,
-                                tmp_path_factory.mktemp("flux-lora-runs"), more, LoraTask)
+                                tmp_path_factory.mktemp("flux-lora-runs"), more, LoraTask, steps=2)
 
 
 def test_a_flux_lora_run_resumes_bitwise(flux_runs):
     a, b = flux_runs
-    assert_same_checkpoints(a, b, 4)
-    keys = step_tensors(a, 4, "model")
+    assert_same_checkpoints(a, b, 2)
+    keys = step_tensors(a, 2, "model")
     assert {k.split(".")[0] for k in keys} == {"denoiser", "text_encoder"}  # CLIP; T5 stays frozen
     assert any(".single_transformer_blocks.0.proj_mlp.lora_" in k for k in keys)
     assert load_file(str(a / "lora.safetensors")).keys() == load_file(str(b / "lora.safetensors")).keys()
@@ -97,9 +99,9 @@ def test_an_sd3_lora_trained_in_bf16_gives_diffusers_images(bases, images, tmp_p
 
 def test_an_sd3_full_fine_tune_with_its_clips_resumes_bitwise(bases, images, tmp_path):
     more = {"model.init_from_base": True, "model.train_text_encoder": True, "train.ema_decay": 0.9}
-    straight_and_resumed("configs/finetune-sd3-flux.yaml", bases["sd3"], images, tmp_path, more)
-    assert_same_checkpoints(tmp_path / "a", tmp_path / "b", 4, ("model", "ema", "optimizer"))
-    assert {k.split(".")[0] for k in step_tensors(tmp_path / "a", 4, "model")} == \
+    straight_and_resumed("configs/finetune-sd3-flux.yaml", bases["sd3"], images, tmp_path, more, steps=2)
+    assert_same_checkpoints(tmp_path / "a", tmp_path / "b", 2, ("model", "ema", "optimizer"))
+    assert {k.split(".")[0] for k in step_tensors(tmp_path / "a", 2, "model")} == \
         {"denoiser", "text_encoder", "text_encoder_2"}
     out = tmp_path / "a" / "model"
     ours = quiet_pipeline(out)
@@ -162,7 +164,8 @@ def test_cached_training_matches_uncached_and_skips_the_text_encoders(bases, sdx
     more = {"data.crop": "center", "train.max_steps": 2, "train.checkpoint_every": 0, "model.init_from_base": True,
             "data.cache_dir": str(tmp_path / "cache")} | ({"model.denoiser": "unet"} if family == "sdxl" else {})
     train(load_config(None, extra=settings(base, images, tmp_path / "plain", **more)))
-    train(load_config(None, extra=settings(base, images, tmp_path / "build", **more, **{"data.cache": True})))
+    cfg = load_config(None, extra=settings(base, images, tmp_path / "cached", **more, **{"data.cache": True}))
+    assert build(cfg, TrainData(cfg.data, 0), Pipeline.from_pretrained(base), progress=False)[1]
     calls = []
 
     class Counting(DenoiserTask):
@@ -170,7 +173,7 @@ def test_cached_training_matches_uncached_and_skips_the_text_encoders(bases, sdx
             super().__init__(*a, **kw)
             for t in self.texts:
                 t.model.register_forward_hook(lambda *_: calls.append(1))
-    train(load_config(None, extra=settings(base, images, tmp_path / "cached", **more, **{"data.cache": True})), Counting)
+    train(cfg, Counting)  # on the cache built above
     assert calls == []
     assert losses(tmp_path / "plain") == pytest.approx(losses(tmp_path / "cached"), rel=1e-4)
 

@@ -41,12 +41,14 @@ def step_tensors(run, step, part):
     return load_file(str(run / "checkpoints" / f"step-{step:08d}" / f"{part}.safetensors"))
 
 
-def straight_and_resumed(config, base, images, root, more, task_class=None):
-    """Run A: `gen lora|train CONFIG` straight to step 4; run B: 2 steps, then resumed to 4. Returns both folders."""
-    command = "train" if task_class is None else "lora"
+def straight_and_resumed(config, base, images, root, more, task_class=None, steps=4):
+    """Run A: `gen lora|train CONFIG` straight to `steps`; run B: half of them, then resumed to `steps`. Returns
+    both run folders."""
+    command, more = "train" if task_class is None else "lora", more | {"train.max_steps": steps,
+                                                                       "train.checkpoint_every": steps // 2}
     assert gen_main([command, config, *args(settings(base, images, root / "a", **more))]) == 0
     b = settings(base, images, root / "b", **more)
-    train(load_config(config, extra=b | {"train.max_steps": 2}), task_class)
+    train(load_config(config, extra=b | {"train.max_steps": steps // 2}), task_class)
     train(load_config(config, extra=b), task_class)
     return root / "a", root / "b"
 
