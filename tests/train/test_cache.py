@@ -139,7 +139,7 @@ def test_one_build_per_cache_folder(shapes, base_dit, tmp_path, caplog):
 
     cfg = cache_config(base_dit, shapes, tmp_path)
     pipe, data = Pipeline.from_pretrained(base_dit), TrainData(cfg.data, 0)
-    folder = cache_folder(cfg, key_parts(data, pipe.text, pipe.vae))
+    folder = cache_folder(cfg, key_parts(data, pipe))
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
                                "from train.lock import acquire; acquire(Path(sys.argv[1]), 'x'); print('held', "
                                "flush=True); time.sleep(600)", str(folder)], stdout=subprocess.PIPE, text=True)
@@ -147,11 +147,11 @@ def test_one_build_per_cache_folder(shapes, base_dit, tmp_path, caplog):
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(GenError, match=f"the cache folder {folder} is in use by another run: process "
                                            f"{holder.pid} on {socket.gethostname()}"):
-            build(cfg, data, pipe.text, pipe.vae, progress=False)
+            build(cfg, data, pipe, progress=False)
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
     with caplog.at_level("WARNING", logger="gen"):
-        assert build(cfg, data, pipe.text, pipe.vae, progress=False) == (folder, True)
+        assert build(cfg, data, pipe, progress=False) == (folder, True)
     assert f"taking over the stale lock of process {holder.pid}" in caplog.text
     assert (folder / "index.json").is_file() and not (folder / NAME).exists()

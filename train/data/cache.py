@@ -154,11 +154,11 @@ def build(cfg, data: TrainData, models, rank: int = 0, world: int = 1, wait=lamb
         return folder, False
     with hold(folder, "the cache folder") if rank == 0 else contextlib.nullcontext():  # one build at a time
         wait()  # the other processes write once process 0 holds the lock
-        _write(folder, cfg, data, text, vae, rank, world, wait, progress)
+        _write(folder, cfg, data, models, rank, world, wait, progress)
     return folder, True
 
 
-def _write(folder: Path, cfg, data: TrainData, text, vae, rank: int, world: int, wait, progress: bool) -> None:
+def _write(folder: Path, cfg, data: TrainData, models, rank: int, world: int, wait, progress: bool) -> None:
     """Every process encodes its units; process 0 then merges their item lists into index.json."""
     for stale in folder.glob(f"w{world:03d}-r{rank:03d}-*"):  # an interrupted build of this process
         stale.unlink()
