@@ -21,7 +21,7 @@ class SD3(Family):
     title = "SD3"
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser_part = "transformer"
-    kohya_text: dict = {}  # gen reads no SD3 LoRA files yet
+    kohya_text: dict = {}  # no kohya layout for SD3 yet: its LoRA files are in the diffusers layout
     objective = "rectified flow"
     # sizes for model.preset when training from scratch; the inner width (heads x head dim) is the caption's
     presets = {"tiny": dict(patch_size=2, num_layers=2, attention_head_dim=16, num_attention_heads=2,
