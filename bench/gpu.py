@@ -18,6 +18,8 @@ status is 1 when any step failed or timed out, so nothing fails quietly. Steps, 
     sd15       SD-1.5-architecture pipeline, 512 px, fp16, 30 steps: gen vs diffusers, exact / compile / fast mode
     sdxl       SDXL-architecture pipeline, 1024 px, the same
     tests      the kernel, attention and fast-path tests on this machine
+    fsdp       train.distributed=fsdp over NCCL in bf16, one process per GPU: bitwise exact resume (2 CPU
+               processes over gloo in a dry run, as tests/train/test_fsdp.py)
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ STEPS = [
                    "fast3"], 300),
     Step("tests", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TESTS],
          [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *GPU_TESTS], 300),
+    Step("fsdp", [PY, "bench/fsdp_resume.py"], [PY, "bench/fsdp_resume.py", "--device", "cpu"], 180),
 ]
 
 

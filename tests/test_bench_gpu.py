@@ -23,6 +23,7 @@ def test_dry_run_runs_every_step(tmp_path):
     assert "gen fast3" in outputs["sd15"] and "gen fast3" in outputs["sdxl"]
     assert "images/s" in outputs["dit"] and "GiB" in outputs["dit"]  # the memory formula's figure
     assert "tests collected" in outputs["tests"]
+    assert "bitwise identical" in outputs["fsdp"]
 
 
 def test_a_hung_step_is_killed_and_reported(tmp_path):
