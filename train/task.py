@@ -105,7 +105,6 @@ class DenoiserTask:
         self.texts, self.vae = base.texts, base.vae
         self.family = base.family if isinstance(base, Pipeline) else families.get(
             "dit" if cfg.model.denoiser == "dit" else "sd1")
-        self.family.check_supported("training")
         for t in self.texts:
             t.model.to(device, weight_dtype).requires_grad_(False)
         self.vae.to(device, weight_dtype).requires_grad_(False)

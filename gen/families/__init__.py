@@ -52,13 +52,7 @@ class Family:
     index_extra: dict = {}  # model_index.json entries besides the components
     text_max_length: dict = {}  # text encoder folder -> the token length its prompts are padded to (else its own)
     fast_mode = True  # whether gen.fastmode's feature cache knows the denoiser
-    sampling_only = False  # training (full or LoRA) is not implemented for the family yet; LoRA files load
     presets: dict = {}  # model.preset -> the family's denoiser config, for training one from scratch (new_denoiser)
-
-    def check_supported(self, what: str) -> None:
-        """A one-line GenError where `what` (training) needs more than sampling from a sampling-only family."""
-        if self.sampling_only:
-            raise GenError(f"{what} is not supported for {self.title} models yet; gen samples them only")
 
     # ---- components ------------------------------------------------------------------------------
     @staticmethod
