@@ -48,6 +48,17 @@ class ObjectiveConfig:
 
 
 @dataclass
+class CaptionConfig:
+    """data.caption: per-sample caption augmentation of comma-separated tags (train/captions.py)."""
+    shuffle: bool = False                   # shuffle the tags after the first keep_tokens
+    keep_tokens: int = 0                    # the first N tags stay in place (and are never dropped)
+    tag_dropout: float = 0.0                # each other tag is dropped with this probability
+    prefix: str = ""                        # put before every caption, as written (e.g. "sks, ")
+    suffix: str = ""                        # put after every caption
+    variants: bool = False                  # a caption's non-empty lines are variants; one is drawn per epoch
+
+
+@dataclass
 class DataConfig:
     source: Literal["folder", "shapes", "shards"] = "folder"
     path: str = ""                          # image folder (folder); folder, glob or URL of .tar shards (shards)
@@ -63,6 +74,7 @@ class DataConfig:
     cache: bool = False                     # encode latents + text embeddings once to disk; skip VAE/CLIP in training
     cache_dir: str = ""                     # "" = <train.output_dir>/cache; share one between runs to reuse it
     cache_latents: Literal["sample", "mean"] = "sample"  # sample: store the VAE's moments, draw per step
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
 
 
 @dataclass
@@ -383,13 +395,16 @@ def validate(cfg: Config) -> Config:
               ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1),
               ("train.max_bad_steps", cfg.train.max_bad_steps >= 1),
               ("train.stop_at_step", cfg.train.stop_at_step is None or cfg.train.stop_at_step >= 1),
-              ("data.resolution", cfg.data.resolution >= 8), ("data.num_images", cfg.data.num_images >= 1),
+              ("data.resolution", cfg.data.resolution >= 8), ("data.caption.keep_tokens", cfg.data.caption.keep_tokens >= 0),
+              ("data.caption.tag_dropout", 0 <= cfg.data.caption.tag_dropout < 1), ("data.num_images", cfg.data.num_images >= 1),
               ("optim.warmup_steps", cfg.optim.warmup_steps >= 0), ("objective.logit_std", cfg.objective.logit_std > 0),
               ("objective.shift", cfg.objective.shift > 0), ("log.every", cfg.log.every >= 1)]
     for key, ok in checks:
         if not ok:
-            section, name = key.split(".")
-            raise GenError(f"config key {key!r} has an invalid value {getattr(getattr(cfg, section), name)!r}")
+            value = cfg
+            for name in key.split("."):
+                value = getattr(value, name)
+            raise GenError(f"config key {key!r} has an invalid value {value!r}")
     if cfg.stage == "denoiser" and not cfg.model.base and not (cfg.model.text_encoder and cfg.model.vae):
         raise GenError("config key 'model.base' is empty: give a model folder holding the text encoder, "
                        "tokenizer and VAE to train with (or set model.text_encoder and model.vae)")

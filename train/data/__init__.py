@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 
 from gen.errors import GenError
+from train import captions
 from train.config import DataConfig
 from train.data.buckets import Buckets, BucketSampler
 from train.data.folder import ImageFolder
@@ -95,7 +96,10 @@ class TrainData(torch.utils.data.Dataset):
         self.assignment = None
         if self.buckets and not self.streaming:
             self.assignment = self.buckets.assign_all(image_sizes(self.source), cfg.max_aspect)
-        elif self.buckets and not cfg.cache:
+        if cfg.cache and captions.active(cfg.caption):
+            raise GenError("config key 'data.caption': a cache holds one text embedding per image, encoded before "
+                           "caption options apply; set data.cache=false to use them")
+        if self.buckets and self.streaming and not cfg.cache:
             raise GenError("config key 'data.buckets': bucketing WebDataset shards needs data.cache=true "
                            "(the cache records each image's bucket in one pass over the shards)")
 
@@ -108,6 +112,8 @@ class TrainData(torch.utils.data.Dataset):
     def example(self, i: int, pos: int, img: Image.Image, text: str) -> dict:
         rng = np.random.default_rng([self.seed, pos])
         pixels, crop = augment(img, self.size(i), self.cfg.crop, self.cfg.flip, rng)
+        if captions.active(self.cfg.caption):  # its own stream: the crop and flip stay as they were
+            text = captions.augment(text, self.cfg.caption, np.random.default_rng([self.seed, pos, 1]))
         # SDXL's size micro-conditioning: the picture's (height, width) before resizing, and the crop's top-left
         return {"pixel_values": pixels, "text": text, "index": i,
                 "original_size": torch.tensor([img.height, img.width]), "crop_top_left": torch.tensor(crop)}
@@ -118,7 +124,7 @@ class TrainData(torch.utils.data.Dataset):
         return self.example(i, pos, img, text)
 
     def fingerprint(self) -> dict:
-        fp = {**self.source.fingerprint(), "resolution": self.cfg.resolution}
+        fp = {**self.source.fingerprint(), "resolution": self.cfg.resolution, **captions.fingerprint(self.cfg.caption)}
         if self.buckets:
             fp |= {"bucket_step": self.cfg.bucket_step, "max_aspect": self.cfg.max_aspect}
         return fp

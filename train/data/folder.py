@@ -50,7 +50,8 @@ def _from_metadata(root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
             continue
         try:
             row = json.loads(line)
-            items.append((root / row["file_name"], str(row.get("text", ""))))
+            text = row.get("text", "")  # a list: the caption's variants (data.caption.variants), one a line
+            items.append((root / row["file_name"], "\n".join(map(str, text)) if isinstance(text, list) else str(text)))
         except (json.JSONDecodeError, KeyError, TypeError):
             bad.append(f"{METADATA} line {n}")
     return items, bad
