@@ -75,6 +75,7 @@ class DataConfig:
     cache_dir: str = ""                     # "" = <train.output_dir>/cache; share one between runs to reuse it
     cache_latents: Literal["sample", "mean"] = "sample"  # sample: store the VAE's moments, draw per step
     caption: CaptionConfig = field(default_factory=CaptionConfig)
+    masked_loss: bool = True                # weight the loss by image masks (NAME.mask.png or alpha) where there are any
 
 
 @dataclass

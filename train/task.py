@@ -26,6 +26,7 @@ from gen.models import vae as vae_lib
 from gen.models.text import TextEncoder
 from gen.pipeline import Pipeline
 from train.config import Config
+from train.data import masks
 
 log = logging.getLogger("gen")
 
@@ -221,17 +222,19 @@ class DenoiserTask:
         f = self.vae_scale_factor
         text = dict(prompts=list(batch["text"]), drop=drop, original=batch.get("original_size"),
                     crop=batch.get("crop_top_left"), target=(x0.shape[2] * f, x0.shape[3] * f))
+        mask = batch.get("mask")  # (N, 1, H, W) loss masks (train/data/masks.py), when the data has any
         if isinstance(self.model, WithText) and self.model.folders:  # text encoders that train run in forward
-            return self._denoising_loss(model, x0, g, text=text)
+            return self._denoising_loss(model, x0, g, mask, text=text)
         with torch.no_grad():
             if "latents" in batch:
                 cond = {"hidden": batch["hidden"].to(device), "pooled": batch["pooled"].to(device)}
                 cond = families.where(~drop.to(device), cond, self.empty)
             else:
                 cond = self.family.train_conditioning(self.texts, **text)
-        return self._denoising_loss(model, x0, g, **self.family.denoiser_kwargs(cond))
+        return self._denoising_loss(model, x0, g, mask, **self.family.denoiser_kwargs(cond))
 
-    def _denoising_loss(self, model: nn.Module, x0: torch.Tensor, g: torch.Generator, **cond) -> torch.Tensor:
+    def _denoising_loss(self, model: nn.Module, x0: torch.Tensor, g: torch.Generator, mask: torch.Tensor | None = None,
+                        **cond) -> torch.Tensor:
         o, f, device, n = self.cfg.objective, self.formulation, x0.device, x0.shape[0]
         noise = torch.randn(x0.shape, generator=g).to(device)
         if o.type == "ddpm" and o.offset_noise:  # Guttenberg 2023: learn to shift the mean brightness
@@ -240,7 +243,10 @@ class DenoiserTask:
         x_t = f.add_noise(x0, noise, t)
         target = f.target(x0, noise, t)
         pred = model(x_t, f.model_timestep(t), return_dict=False, **cond)[0]
-        per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
+        err = (pred.float() - target).pow(2)  # (N, C, h, w)
+        if mask is not None:
+            err = err * masks.to_latent(mask, err.shape[-2:]).to(device)
+        per_sample = err.mean(dim=(1, 2, 3))
         weight = f.loss_weight(t, o.min_snr_gamma if o.type == "ddpm" else None)
         return (per_sample * weight).mean()
 
