@@ -80,13 +80,16 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    name: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion", "sgd"] = "adamw"  # see train/optim.py
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     eps: float = 1e-8
+    options: dict = field(default_factory=dict)  # more optimizer arguments, e.g. {momentum: 0.9} for sgd
     warmup_steps: int = 0
-    schedule: Literal["constant", "cosine"] = "constant"
-    min_lr_ratio: float = 0.0               # cosine decays to lr * min_lr_ratio
+    schedule: Literal["constant", "cosine", "linear", "cosine_with_restarts"] = "constant"
+    min_lr_ratio: float = 0.0               # cosine and linear decay to lr * min_lr_ratio
+    cycles: int = 1                         # cosine_with_restarts: the number of cosine decays
     grad_clip: float = 1.0                  # 0 disables clipping
 
 
@@ -398,7 +401,7 @@ def validate(cfg: Config) -> Config:
               ("train.stop_at_step", cfg.train.stop_at_step is None or cfg.train.stop_at_step >= 1),
               ("data.resolution", cfg.data.resolution >= 8), ("data.caption.keep_tokens", cfg.data.caption.keep_tokens >= 0),
               ("data.caption.tag_dropout", 0 <= cfg.data.caption.tag_dropout < 1), ("data.num_images", cfg.data.num_images >= 1),
-              ("optim.warmup_steps", cfg.optim.warmup_steps >= 0), ("objective.logit_std", cfg.objective.logit_std > 0),
+              ("optim.warmup_steps", cfg.optim.warmup_steps >= 0), ("optim.cycles", cfg.optim.cycles >= 1), ("objective.logit_std", cfg.objective.logit_std > 0),
               ("objective.shift", cfg.objective.shift > 0), ("log.every", cfg.log.every >= 1)]
     for key, ok in checks:
         if not ok:

@@ -27,24 +27,11 @@ from train.checkpoint import Checkpointer, rng_state, set_rng_state
 from train.config import Config
 from train.data import TrainData, loader
 from train.ema import EMA
+from train.optim import build_optimizer, check_resume, lr_lambda
 
 log = logging.getLogger("gen")
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def lr_lambda(cfg: Config):
-    """Linear warmup, then constant or cosine decay to min_lr_ratio over train.max_steps."""
-    o, total = cfg.optim, cfg.train.max_steps
-
-    def factor(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        if o.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
 
 
 def step_generator(seed: int, rank: int, micro_step: int) -> torch.Generator:
@@ -194,7 +181,7 @@ def train(cfg: Config, task_class=None) -> Path:
         model.enable_gradient_checkpointing()
     ema = EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay > 0 else None
     o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+    optimizer = build_optimizer(o, param_groups(model, o.weight_decay))  # optim.name (train/optim.py)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))  # stepped by us, once per step
     model, optimizer = acc.prepare(model, optimizer)
     fingerprint = json.loads(json.dumps({**task.fingerprint(), "data": data.fingerprint()}))
@@ -205,6 +192,7 @@ def train(cfg: Config, task_class=None) -> Path:
     if found:
         shared, local, state = ckpt.load(found)
         _check_fingerprint(state["fingerprint"], fingerprint, found)
+        check_resume(state.get("config", {}), o, found)
         acc.unwrap_model(model).load_state_dict(shared["model"])
         if ema is not None and "ema" in shared:
             ema.load_state_dict(shared["ema"], state["ema_updates"])
