@@ -20,8 +20,18 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES)
 def test_resume_is_bitwise_exact(case, request, tmp_path):
-    base = request.getfixturevalue(CASES[case][0])
-    extra = CASES[case][1]
+    assert_resumes_exactly(request.getfixturevalue(CASES[case][0]), tmp_path, CASES[case][1])
+
+
+def test_resume_is_bitwise_exact_with_every_training_option(base_dit, tagged_masked, tmp_path):
+    """Caption shuffle/dropout/variants/prefix, masked loss, a non-AdamW optimizer, a restarting schedule."""
+    assert_resumes_exactly(base_dit, tmp_path, {
+        "data__source": "folder", "data__path": str(tagged_masked), "data__crop": "random", "data__flip": True,
+        "data__caption": {"shuffle": True, "keep_tokens": 1, "tag_dropout": 0.3, "prefix": "gen, ", "variants": True},
+        "optim__name": "lion", "optim__schedule": "cosine_with_restarts", "optim__cycles": 2})
+
+
+def assert_resumes_exactly(base, tmp_path, extra: dict) -> None:
     train(fast_config(base, tmp_path / "straight", **extra))
     train(fast_config(base, tmp_path / "split", **extra, train__stop_at_step=3, train__checkpoint_every=0))
     assert (tmp_path / "split" / "checkpoints" / "step-00000003").is_dir()  # a paused run leaves a checkpoint
