@@ -170,6 +170,7 @@ class LoraOptions:
     targets: Literal["attn", "attn+ff"] = "attn"  # attention projections, or also the feed-forward layers
     text_encoder: bool = False              # also adapt the CLIP text encoder (same rank, alpha and targets)
     dora: bool = False                      # weight-decomposed LoRA (Liu et al. 2024); diffusers layout only
+    algo: Literal["lora", "loha", "lokr"] = "lora"  # LyCORIS LoHa / LoKr through peft (gen/lycoris.py); kohya layout
     format: Literal["diffusers", "kohya"] = "diffusers"  # the exported file's key layout
     save_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     instance_prompt: str = ""               # if set, every image's caption (e.g. "a photo of sks dog")
