@@ -118,6 +118,8 @@ class ValidationConfig:
     prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square left of a green triangle"])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     use_ema: bool = True
+    loss_path: str = ""                     # a held-out image folder: its loss is logged with the train loss
+    loss_images: int = 16                   # how many of its images (fixed timesteps and noise; train/heldout.py)
 
 
 @dataclass
@@ -402,7 +404,8 @@ def validate(cfg: Config) -> Config:
               ("train.stop_at_step", cfg.train.stop_at_step is None or cfg.train.stop_at_step >= 1),
               ("data.resolution", cfg.data.resolution >= 8), ("data.caption.keep_tokens", cfg.data.caption.keep_tokens >= 0),
               ("data.caption.tag_dropout", 0 <= cfg.data.caption.tag_dropout < 1), ("data.num_images", cfg.data.num_images >= 1),
-              ("optim.warmup_steps", cfg.optim.warmup_steps >= 0), ("optim.cycles", cfg.optim.cycles >= 1), ("objective.logit_std", cfg.objective.logit_std > 0),
+              ("optim.warmup_steps", cfg.optim.warmup_steps >= 0), ("optim.cycles", cfg.optim.cycles >= 1),
+              ("validation.loss_images", cfg.validation.loss_images >= 1), ("objective.logit_std", cfg.objective.logit_std > 0),
               ("objective.shift", cfg.objective.shift > 0), ("log.every", cfg.log.every >= 1)]
     for key, ok in checks:
         if not ok:

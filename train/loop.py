@@ -27,6 +27,7 @@ from train.checkpoint import Checkpointer, rng_state, set_rng_state
 from train.config import Config
 from train.data import TrainData, loader
 from train.ema import EMA
+from train.heldout import HeldOut
 from train.optim import build_optimizer, check_resume, lr_lambda
 
 log = logging.getLogger("gen")
@@ -175,6 +176,7 @@ def train(cfg: Config, task_class=None) -> Path:
     if cfg.data.cache and hasattr(task, "text") and hasattr(task, "vae"):  # latents + text embeddings from disk
         from train.data.cache import cached
         data = cached(cfg, data, task.text, task.vae, acc)
+    held_out = HeldOut(cfg, task)  # validation.loss_path's fixed triples (train/heldout.py)
     model = task.model
     model.train()
     if cfg.train.gradient_checkpointing:
@@ -283,7 +285,8 @@ def train(cfg: Config, task_class=None) -> Path:
             elapsed = time.perf_counter() - t0
             data_wait = min(1.0, waited / elapsed)  # fraction of the window's wall time spent waiting for data
             trackers.scalars(step, {"loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                                    "images_per_s": n_logged * per_step / elapsed, "data_wait": data_wait})
+                                    "images_per_s": n_logged * per_step / elapsed, "data_wait": data_wait,
+                                    **held_out(model)})
             bar.set_postfix(loss=f"{loss_value:.4f}", data_wait=f"{data_wait:.0%}")
             if main and windows == 1 and data_wait > 0.25:  # once, past the start-up window (workers, caches)
                 log.warning("training waited for data %.0f%% of the time: raise data.num_workers (now %d)%s",
