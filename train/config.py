@@ -176,6 +176,9 @@ class LoraOptions:
     format: Literal["diffusers", "kohya"] = "diffusers"  # the exported file's key layout
     save_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     instance_prompt: str = ""               # if set, every image's caption (e.g. "a photo of sks dog")
+    class_prompt: str = ""                  # DreamBooth prior preservation: class images of this prompt (train/prior.py)
+    num_class_images: int = 100             # sampled by the base model before training, cached in the run folder
+    prior_loss_weight: float = 1.0          # the class images' loss weight
 
 
 @dataclass
@@ -394,7 +397,8 @@ def validate(cfg: Config) -> Config:
     checks = [("vae.eval_images", cfg.vae.eval_images >= 1), ("clip.eval_images", cfg.clip.eval_images >= 2),
               ("clip.reconstruct", cfg.clip.reconstruct >= 0),
               ("lora.rank", cfg.lora.rank >= 1), ("lora.alpha", cfg.lora.alpha is None or cfg.lora.alpha > 0),
-              ("lora.dropout", 0 <= cfg.lora.dropout < 1),
+              ("lora.dropout", 0 <= cfg.lora.dropout < 1), ("lora.num_class_images", cfg.lora.num_class_images >= 1),
+              ("lora.prior_loss_weight", cfg.lora.prior_loss_weight >= 0),
               ("train.max_steps", cfg.train.max_steps >= 1), ("train.batch_size", cfg.train.batch_size >= 1),
               ("train.grad_accum", cfg.train.grad_accum >= 1), ("optim.lr", cfg.optim.lr > 0),
               ("train.ema_decay", 0 <= cfg.train.ema_decay < 1), ("train.cond_dropout", 0 <= cfg.train.cond_dropout <= 1),

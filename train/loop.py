@@ -29,6 +29,7 @@ from train.data import TrainData, loader
 from train.ema import EMA
 from train.heldout import HeldOut
 from train.optim import build_optimizer, check_resume, lr_lambda
+from train.prior import with_class_images
 
 log = logging.getLogger("gen")
 
@@ -169,6 +170,7 @@ def train(cfg: Config, task_class=None) -> Path:
     np.random.seed((cfg.train.seed + rank) % 2 ** 32)
 
     data = TrainData(cfg.data, cfg.train.seed)  # fails on a missing path or zero images before any model loads
+    data = with_class_images(cfg, data, acc)  # lora.class_prompt: DreamBooth class images (train/prior.py)
     from train.stages import TASKS
 
     task_class = task_class or TASKS.get(cfg.stage, DenoiserTask)

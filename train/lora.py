@@ -153,7 +153,8 @@ class LoraTask(DenoiserTask):
 
     def loss(self, model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
         if self.cfg.lora.instance_prompt and "text" in batch:  # the subject preset: one caption for every image
-            batch = {**batch, "text": [self.cfg.lora.instance_prompt] * len(batch["text"])}
+            prior = batch.get("prior", [False] * len(batch["text"]))  # class images (train/prior.py) keep theirs
+            batch = {**batch, "text": [t if p else self.cfg.lora.instance_prompt for t, p in zip(batch["text"], prior)]}
         return super().loss(model, batch, g)
 
     @torch.no_grad()
