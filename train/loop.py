@@ -28,9 +28,9 @@ from train.config import Config
 from train.data import TrainData, loader
 from train.ema import EMA
 from train.heldout import HeldOut
+from train.lock import hold
 from train.optim import build_optimizer, check_resume, lr_lambda
 from train.prior import with_class_images
-from train.lock import hold
 from train.signals import EXIT_CODES, Guard
 
 log = logging.getLogger("gen")
