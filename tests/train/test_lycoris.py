@@ -25,7 +25,7 @@ RUN = dict(num_inference_steps=3, guidance_scale=6.0, height=16, width=16, seed=
 def config(base, images, out, algo, **more):
     return load_config(None, extra={
         "model.base": str(base), "data.path": str(images), "data.resolution": 16, "train.output_dir": str(out),
-        "train.batch_size": 2, "train.max_steps": 2, "train.checkpoint_every": 2, "train.ema_decay": 0.0,
+        "train.batch_size": 2, "train.max_steps": 2, "train.checkpoint_every": 1, "train.ema_decay": 0.0,
         "optim.lr": 3e-2, "lora.algo": algo, "lora.format": "kohya", "lora.rank": 4, "lora.alpha": 2,
         "lora.targets": "attn+ff", "lora.text_encoder": True, "lora.instance_prompt": PROMPT, "validation.prompts": [], "sampling.steps": 2,
         "log.tracker": "none", "log.progress": False, **more})
@@ -46,6 +46,15 @@ def test_trained_file_loads_in_gen_with_the_training_models_images(algo, sd_fold
     assert any(k.startswith("lora_te_text_model_") for k in keys)
     meta = read_metadata(path)
     assert meta["ss_network_module"] == "lycoris.kohya" and json.loads(meta["ss_network_args"]) == {"algo": algo}
+
+    # resumed from step 1 in another folder: the same adapters and optimizer state at step 2, bitwise
+    train(config(sd_folder, images, tmp_path / "resumed", algo,
+                 **{"train.resume": str(tmp_path / "checkpoints" / "step-00000001")}), LoraTask)
+    for state in ("model", "optimizer"):
+        a, b = (load_file(str(run / "checkpoints" / "step-00000002" / f"{state}.safetensors"))
+                for run in (tmp_path, tmp_path / "resumed"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), state
+        assert state == "optimizer" or all(part in k for k in a)  # only the LoHa/LoKr parameters
 
     # the trained adapters, live in the training task (from the checkpoint the run ended with)
     task = LoraTask(cfg, torch.device("cpu"))
