@@ -24,6 +24,12 @@ Each run is a fresh subprocess (so peak memory is its own); runs alternate gen, 
 median of --repeats is reported. Memory: on CPU the process's peak RSS (ru_maxrss) and its growth over the
 peak reached once imports, models and data are built (just before step 1); on CUDA torch.cuda.max_memory_allocated.
 Figures: bench/results/lora_cost_cpu.txt.
+
+    python bench/lora_cost.py --optimizers adamw,adamw8bit,prodigy,adafactor,lion,sgd [--out ...]
+
+runs gen alone once per optimizer (optim.name, at each one's defaults; the runs of a repeat in rotated order) and
+reports steps/s and peak RSS next to AdamW's: what choosing another optimizer costs or saves. Figures:
+bench/results/lora_cost_optimizers_cpu.txt.
 """
 
 from __future__ import annotations
@@ -93,7 +99,7 @@ def child(a) -> None:
                 return super().loss(model, batch, g)
 
         extra = {"lora.rank": a.rank, "lora.alpha": a.rank, "lora.targets": "attn", "lora.save_dtype": "fp32",
-                 "train.ema_decay": 0.0}
+                 "train.ema_decay": 0.0, "optim.name": a.optim}
         ips = gen_images_per_s(base, "unet", a.batch, a.steps, a.warmup, tmp, extra=extra, task_class=Probe)
     else:
         ips = diffusers_images_per_s(base, a.batch, a.steps, a.warmup, a.device, lora_rank=a.rank,
@@ -103,7 +109,8 @@ def child(a) -> None:
 
 def run_child(kind: str, base: Path, a) -> dict:
     args = [sys.executable, __file__, "--child", kind, "--base", str(base), "--steps", str(a.steps),
-            "--warmup", str(a.warmup), "--batch", str(a.batch), "--rank", str(a.rank), "--device", a.device]
+            "--warmup", str(a.warmup), "--batch", str(a.batch), "--rank", str(a.rank), "--device", a.device,
+            "--optim", a.optim]
     proc = subprocess.run(args, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{kind} run failed:\n{proc.stderr[-3000:]}")
@@ -135,6 +142,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="also write the table here (bench/results/lora_cost_cpu.txt)")
+    ap.add_argument("--optimizers", default="", help="comma-separated optim.name values: gen alone, per optimizer")
+    ap.add_argument("--optim", default="adamw", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=list(LOOPS), help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -143,15 +152,14 @@ def main(argv=None) -> None:
     if a.child:
         return child(a)
     base = make_base(Path(tempfile.mkdtemp(prefix="gen-lora-cost-")) / "base")
+    if a.optimizers:
+        return per_optimizer(base, a, [n.strip() for n in a.optimizers.split(",") if n.strip()])
     params = lora_params(base, a.rank)
-    cpu = cpu_name()
-    lines = [f"# LoRA training cost, {RES}x{RES} shapes world, tiny SD-architecture UNet ('small' preset), rank "
-             f"{a.rank} = alpha on to_q/to_k/to_v/to_out.0 ({params['gen']} trainable parameters in gen, "
-             f"{params['peer']} in the peer), batch {a.batch}, fp32, {a.steps} timed steps after {a.warmup} warmup, "
-             f"VAE + text encoder per step on both sides; median of {a.repeats} alternating runs, each a fresh process",
-             f"# {cpu}; {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-             f"device {a.device}; load average at start {os.getloadavg()[0]:.1f}"]
-    print("\n".join(lines), flush=True)
+    lines = header(a, f"LoRA training cost, {RES}x{RES} shapes world, tiny SD-architecture UNet ('small' preset), "
+                      f"rank {a.rank} = alpha on to_q/to_k/to_v/to_out.0 ({params['gen']} trainable parameters in "
+                      f"gen, {params['peer']} in the peer), batch {a.batch}, fp32, {a.steps} timed steps after "
+                      f"{a.warmup} warmup, VAE + text encoder per step on both sides; median of {a.repeats} "
+                      "alternating runs, each a fresh process")
     results = {k: [] for k in LOOPS}
     for r in range(a.repeats):
         for kind in (list(LOOPS) if r % 2 == 0 else list(LOOPS)[::-1]):
@@ -175,6 +183,42 @@ def main(argv=None) -> None:
     lines.append(f"# peak RSS: ru_maxrss of the run's process; in loop: its growth over the peak before step 1. "
                  f"Load average at end {os.getloadavg()[0]:.1f}")
     print("\n".join(lines[-4:]))
+    if a.out:
+        Path(a.out).write_text("\n".join(lines) + "\n")
+
+
+def header(a, what: str) -> list[str]:
+    """The table's first lines (what is measured, on which machine), printed now."""
+    lines = [f"# {what}", f"# {cpu_name()}; {os.cpu_count()} cores, torch {torch.__version__} "
+             f"({torch.get_num_threads()} threads), device {a.device}; load average at start {os.getloadavg()[0]:.1f}"]
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def per_optimizer(base: Path, a, names: list[str]) -> None:
+    """gen's LoRA loop once per optimizer, `a.repeats` times in rotated order; medians against the first."""
+    lines = header(a, f"LoRA training cost per optimizer (optim.name at its defaults): {RES}x{RES} shapes world, "
+                      f"tiny SD-architecture UNet ('small' preset), rank {a.rank} on attention, batch {a.batch}, "
+                      f"fp32, {a.steps} timed steps after {a.warmup} warmup; median of {a.repeats} runs, each a "
+                      "fresh process")
+    results = {n: [] for n in names}
+    for r in range(a.repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            results[name].append(run_child("gen", base, argparse.Namespace(**{**vars(a), "optim": name})))
+            res = results[name][-1]
+            lines.append(f"#   run {r + 1}: {name}: {res['images_per_s'] / a.batch:.3f} steps/s, peak RSS "
+                         f"{res['peak_rss_mib']:.0f} MiB")
+            print(lines[-1], flush=True)
+    med = {n: {m: statistics.median(r[m] for r in v) for m in ("images_per_s", "peak_rss_mib")}
+           for n, v in results.items()}
+    grow = {n: statistics.median(r["peak_rss_mib"] - r["baseline_rss_mib"] for r in v) for n, v in results.items()}
+    lines += ["", f"{'optimizer':<12}{'steps/s':>9}{'vs ' + names[0]:>12}{'peak RSS':>11}{'in loop':>10}"]
+    for n in names:
+        sps = med[n]["images_per_s"] / a.batch
+        lines.append(f"{n:<12}{sps:>9.3f}{med[n]['images_per_s'] / med[names[0]]['images_per_s']:>11.2f}x"
+                     f"{med[n]['peak_rss_mib']:>7.0f} MiB{grow[n]:>6.0f} MiB")
+    lines.append(f"# load average at end {os.getloadavg()[0]:.1f}")
+    print("\n".join(lines[-len(names) - 2:]))
     if a.out:
         Path(a.out).write_text("\n".join(lines) + "\n")
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from gen.errors import GenError
-from gen import families
+from gen import families, lycoris
 from gen.lora_formats import (DENOISER, FORMATS, KOHYA_UNET, PEFT_WRAPPER, TEXT, Factor, LoraFile, base_of,
                               config_fields, describe, flat, is_lora, is_text, neutral, read, write)
 
@@ -45,10 +45,15 @@ def target_modules(presets: dict[str, str], parts: tuple[str, ...] | str = ("att
 
 
 def lora_config(presets: dict[str, str], rank: int, alpha: float | None = None, parts: tuple[str, ...] | str = ("attn",),
-                dropout: float = 0.0, use_dora: bool = False, **kwargs):
+                dropout: float = 0.0, use_dora: bool = False, algo: str = "lora", **kwargs):
     """A peft LoraConfig for training; alpha defaults to rank (scale 1). B starts at zero (peft's default),
-    so a fresh adapter changes nothing."""
+    so a fresh adapter changes nothing. algo loha / lokr: peft's LoHaConfig / LoKrConfig instead (gen/lycoris.py)."""
     from peft import LoraConfig
+
+    if algo != "lora":
+        if dropout or use_dora or kwargs:
+            raise GenError(f"LoRA dropout and DoRA are LoRA's; a {algo} adapter trains without them")
+        return lycoris.adapter_config(algo, target_modules(presets, parts), rank, alpha)
 
     return LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=dropout, use_dora=use_dora,
                       target_modules=target_modules(presets, parts), init_lora_weights="gaussian", **kwargs)
@@ -134,7 +139,9 @@ def match(lora: LoraFile, models: dict[str, nn.Module], family: families.Family,
             if layer_name is None:
                 unmatched.append(_display(lora, comp, name))
                 continue
-            problem = _shape_problem(f, layers[layer_name])
+            layer = layers[layer_name]
+            problem = (lycoris.shape_problem(f, layer) if isinstance(f, lycoris.LycorisFactor)
+                       else _shape_problem(f, layer))
             if problem:
                 bad.append(f"{_display(lora, comp, name)}: {problem}")
             matched.setdefault(comp, {})[real + layer_name] = f
@@ -168,6 +175,8 @@ def inject(model: nn.Module, factors: dict[str, Factor], adapter_name: str) -> N
     as diffusers' load_lora_adapter does: inject_adapter_in_model, then set_peft_model_state_dict."""
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
+    if any(isinstance(f, lycoris.LycorisFactor) for f in factors.values()):
+        return lycoris.inject(model, factors, adapter_name)
     config = LoraConfig(**config_fields(factors, anchor="^"))
     inject_adapter_in_model(config, model, adapter_name=adapter_name)
     state = {}
@@ -188,6 +197,11 @@ def _tuner_layers(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
 
 
+def _adapters(layer: nn.Module) -> set[str]:
+    """The adapters a peft layer holds (LoRA or LyCORIS)."""
+    return set(layer.lora_A) if hasattr(layer, "lora_A") else set(layer._available_adapters)
+
+
 def _replace_with_base(model: nn.Module, name: str, layer: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, layer.get_base_layer())
@@ -196,9 +210,9 @@ def _replace_with_base(model: nn.Module, name: str, layer: nn.Module) -> None:
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Removes one adapter from `model`; layers left with none go back to their plain base layer."""
     for name, m in _tuner_layers(model):
-        if adapter_name in m.lora_A:
+        if adapter_name in _adapters(m):
             m.delete_adapter(adapter_name)
-        if not m.lora_A:
+        if not _adapters(m):
             _replace_with_base(model, name, m)
     getattr(model, "peft_config", {}).pop(adapter_name, None)
 
@@ -311,7 +325,7 @@ class Adapters:
         backup = {}
         for model in self.models.values():
             for _, m in _tuner_layers(model):
-                names = [n for n in self.active if n in m.lora_A]
+                names = [n for n in self.active if n in _adapters(m)]
                 if names:
                     backup[m] = m.get_base_layer().weight.detach().to("cpu", copy=True)
                     m.merge(adapter_names=names)
@@ -356,6 +370,10 @@ def extract(model: nn.Module, component: str, adapter_name: str = "default") -> 
 
     out = {}
     for name, m in model.named_modules():
+        if lycoris.is_layer(m) and (f := lycoris.extract_layer(m, adapter_name)) is not None:
+            name = name.removeprefix(PEFT_WRAPPER)
+            out[neutral(name) if is_text(component) else name] = f
+            continue
         if not isinstance(m, LoraLayer) or adapter_name not in m.lora_A:
             continue
         r, alpha = m.r[adapter_name], float(m.lora_alpha[adapter_name])

@@ -16,7 +16,8 @@ A LoRA on layer W adds `weight * (alpha / rank) * B @ A`; the files differ only 
     kohya      lora_unet_<layer with dots as underscores>.lora_down.weight / .lora_up.weight / .alpha
                (text encoders: the family's kohya_text prefix, lora_te_text_model_... for SD, lora_te1_/lora_te2_
                for SDXL as sd-scripts' networks/lora.py names them), `ss_*` header fields; A1111, ComfyUI and
-               diffusers read it.
+               diffusers read it. LyCORIS' LoHa and LoKr use the same names with their own tensors
+               (.hada_w1_a ... / .lokr_w1 ...; gen/lycoris.py), read as LycorisFactor layers.
 
 Components are "denoiser" (the UNet or DiT) and the family's text encoder folders ("text_encoder",
 "text_encoder_2"). Text-encoder layer names are kept without transformers' optional `text_model.` level and
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from gen import lycoris
 from gen.errors import GenError
 
 DIFFUSERS_META = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -44,7 +46,7 @@ KOHYA_UNET = "lora_unet_"
 PEFT_WRAPPER = "base_model.model."  # what PeftModel puts in front of every key
 FORMATS = ("diffusers", "kohya")
 MAGNITUDE = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")  # DoRA, peft >= 0.12 and before
-KOHYA_PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+KOHYA_PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha", **lycoris.KOHYA_PARTS}
 # Every spelling of a LoRA matrix that diffusers' SD loader reads (diffusers 0.42, utils/state_dict_utils.py:
 # UNET_TO_DIFFUSERS for the UNet, DIFFUSERS_TO_PEFT for CLIP, both after KEYS_TO_ALWAYS_REPLACE drops
 # `.processor.`): peft's lora_A/B (what gen writes); `.lora.down/up` (convert_state_dict_to_diffusers on a
@@ -184,6 +186,12 @@ def parse(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None =
     configs = _header_configs(metadata, peft_config, prefixes)
     factors: dict[str, dict[str, Factor]] = {}
     for (comp, name), t in parts.items():
+        if set(t) & set(lycoris.KOHYA_PARTS.values()):  # a LoHa/LoKr layer
+            f = lycoris.LycorisFactor({k: v for k, v in t.items() if k != "alpha"},
+                                      t["alpha"].item() if "alpha" in t else None)
+            f.check(source, name)
+            factors.setdefault(comp, {})[name] = f
+            continue
         down, up = t.get("down"), t.get("up")
         if down is None or up is None:
             raise GenError(f"{source}: layer {name!r} has only one of its two LoRA matrices")
@@ -203,7 +211,8 @@ def _hint(unknown: list[str]) -> str:
         return "kohya/LyCORIS DoRA files (dora_scale) are not supported; DoRA loads from the diffusers layout"
     if any(k.endswith(".lora_B.bias") for k in unknown):
         return "LoRAs with a bias on lora_B (peft's lora_bias=True) are not supported"
-    return "LoHa/LoKr and other LyCORIS variants are not supported; expected lora_A/lora_B or lora_down/lora_up"
+    return ("LyCORIS variants other than LoHa and LoKr (IA3, GLoRA, full diff, ...) are not supported; expected "
+            "lora_A/lora_B, lora_down/lora_up, hada_* or lokr_*")
 
 
 def _header_configs(metadata: dict, peft_config: dict | None, prefixes: dict[str, str]) -> dict[str, dict]:
@@ -269,6 +278,9 @@ def config_fields(factors: dict[str, Factor], anchor: str = "") -> dict:
 
 
 def _diffusers_layout(factors: dict[str, dict[str, Factor]], prefix: str):
+    if _algo(factors) != "lora":
+        raise GenError("LoHa/LoKr adapters are written in the LyCORIS/kohya layout (what ComfyUI and A1111 read); "
+                       "use format kohya")
     tensors, config = {}, {}
     for comp, layers in factors.items():
         p = comp if is_text(comp) else prefix
@@ -284,18 +296,33 @@ def _diffusers_layout(factors: dict[str, dict[str, Factor]], prefix: str):
 def _kohya_layout(factors: dict[str, dict[str, Factor]], base_version: str, text_prefixes: dict[str, str]):
     if any(f.magnitude is not None for layers in factors.values() for f in layers.values()):
         raise GenError("a DoRA adapter cannot be written in the kohya layout; use format diffusers")
-    tensors = {}
+    tensors, algo = {}, _algo(factors)
     for comp, layers in factors.items():
         prefix = text_prefixes[comp] if is_text(comp) else KOHYA_UNET
         for name, f in layers.items():
             key = prefix + flat(comp, name)
+            if algo != "lora":
+                tensors |= {f"{key}.{part}": t for part, t in f.weights.items()}
+                if f.alpha is not None:
+                    tensors[f"{key}.alpha"] = torch.tensor(float(f.alpha))
+                continue
             tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = f.down, f.up
             tensors[f"{key}.alpha"] = torch.tensor(float(f.rank if f.alpha is None else f.alpha))
-    return tensors, {"ss_network_module": "networks.lora", "ss_network_args": "{}",
+    network = ({"ss_network_module": "networks.lora", "ss_network_args": "{}"} if algo == "lora" else
+               {"ss_network_module": lycoris.NETWORK_MODULE, "ss_network_args": json.dumps({"algo": algo})})
+    return tensors, {**network,
                      # sd-scripts (train_network.py): ss_v2 = str(bool(args.v2)), the version string's "_v2"
                      "ss_base_model_version": base_version, "ss_v2": str(base_version.startswith("sd_v2")),
                      "ss_text_encoder_lr": "" if any(map(is_text, factors)) else "0",
                      "ss_network_train_unet_only": str(not any(map(is_text, factors)))}
+
+
+def _algo(factors: dict[str, dict]) -> str:
+    """"lora", "loha" or "lokr": what the layers are (one kind per file)."""
+    algos = {getattr(f, "algo", "lora") for layers in factors.values() for f in layers.values()}
+    if len(algos) > 1:
+        raise GenError(f"one LoRA file holds one kind of adapter, not {', '.join(sorted(algos))}")
+    return algos.pop()
 
 
 def _kohya_recipe(recipe: dict) -> dict[str, str]:
@@ -359,7 +386,7 @@ def write(path: str | Path, factors: dict[str, dict[str, Factor]], format: str =
 # ---- gen info -----------------------------------------------------------------------------------------
 def is_lora(keys) -> bool:
     """Whether these are a LoRA file's keys: some key is a LoRA matrix in a spelling `parse` reads."""
-    ends = tuple(s for s, part in {**DIFFUSERS_PARTS, **KOHYA_PARTS}.items() if part in ("down", "up"))
+    ends = tuple(s for s, part in {**DIFFUSERS_PARTS, **KOHYA_PARTS}.items() if part not in ("alpha", "magnitude"))
     return any(k.endswith(ends) or ATTN_PROCESSOR.search(k) for k in keys)
 
 
@@ -391,7 +418,8 @@ def describe(path: str | Path) -> str:
     every = [f for layers in lora.factors.values() for f in layers.values()]
     comps = sorted(lora.factors, key=lambda c: (is_text(c), c))  # the denoiser first
     parts = ", ".join(f"{(lora.prefixes.get(c) or c).rstrip('_')} {len(lora.factors[c])}" for c in comps)
-    lines = [f"LoRA file {path}", f"  layout: {lora.layout}" + (" (DoRA)" if every[0].magnitude is not None else ""),
+    kind = " (DoRA)" if every[0].magnitude is not None else f" ({every[0].algo})" if hasattr(every[0], "algo") else ""
+    lines = [f"LoRA file {path}", f"  layout: {lora.layout}{kind}",
              f"  targets: {len(every)} layers ({parts})", f"  layer kinds: {_targets(lora)}",
              f"  rank: {_spread([f.rank for f in every])}",
              f"  alpha: {_spread([f.rank if f.alpha is None else f.alpha for f in every])}"

@@ -48,6 +48,17 @@ class ObjectiveConfig:
 
 
 @dataclass
+class CaptionConfig:
+    """data.caption: per-sample caption augmentation of comma-separated tags (train/captions.py)."""
+    shuffle: bool = False                   # shuffle the tags after the first keep_tokens
+    keep_tokens: int = 0                    # the first N tags stay in place (and are never dropped)
+    tag_dropout: float = 0.0                # each other tag is dropped with this probability
+    prefix: str = ""                        # put before every caption, as written (e.g. "sks, ")
+    suffix: str = ""                        # put after every caption
+    variants: bool = False                  # a caption's non-empty lines are variants; one is drawn per epoch
+
+
+@dataclass
 class DataConfig:
     source: Literal["folder", "shapes", "shards"] = "folder"
     path: str = ""                          # image folder (folder); folder, glob or URL of .tar shards (shards)
@@ -63,17 +74,22 @@ class DataConfig:
     cache: bool = False                     # encode latents + text embeddings once to disk; skip VAE/CLIP in training
     cache_dir: str = ""                     # "" = <train.output_dir>/cache; share one between runs to reuse it
     cache_latents: Literal["sample", "mean"] = "sample"  # sample: store the VAE's moments, draw per step
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    masked_loss: bool = True                # weight the loss by image masks (NAME.mask.png or alpha) where there are any
 
 
 @dataclass
 class OptimConfig:
+    name: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion", "sgd"] = "adamw"  # see train/optim.py
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     eps: float = 1e-8
+    options: dict = field(default_factory=dict)  # more optimizer arguments, e.g. {momentum: 0.9} for sgd
     warmup_steps: int = 0
-    schedule: Literal["constant", "cosine"] = "constant"
-    min_lr_ratio: float = 0.0               # cosine decays to lr * min_lr_ratio
+    schedule: Literal["constant", "cosine", "linear", "cosine_with_restarts"] = "constant"
+    min_lr_ratio: float = 0.0               # cosine and linear decay to lr * min_lr_ratio
+    cycles: int = 1                         # cosine_with_restarts: the number of cosine decays
     grad_clip: float = 1.0                  # 0 disables clipping
 
 
@@ -106,6 +122,8 @@ class ValidationConfig:
     prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square left of a green triangle"])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     use_ema: bool = True
+    loss_path: str = ""                     # a held-out image folder: its loss is logged with the train loss
+    loss_images: int = 16                   # how many of its images (fixed timesteps and noise; train/heldout.py)
 
 
 @dataclass
@@ -158,9 +176,13 @@ class LoraOptions:
     targets: Literal["attn", "attn+ff"] = "attn"  # attention projections, or also the feed-forward layers
     text_encoder: bool = False              # also adapt the CLIP text encoder (same rank, alpha and targets)
     dora: bool = False                      # weight-decomposed LoRA (Liu et al. 2024); diffusers layout only
+    algo: Literal["lora", "loha", "lokr"] = "lora"  # LyCORIS LoHa / LoKr through peft (gen/lycoris.py); kohya layout
     format: Literal["diffusers", "kohya"] = "diffusers"  # the exported file's key layout
     save_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     instance_prompt: str = ""               # if set, every image's caption (e.g. "a photo of sks dog")
+    class_prompt: str = ""                  # DreamBooth prior preservation: class images of this prompt (train/prior.py)
+    num_class_images: int = 100             # sampled by the base model before training, cached in the run folder
+    prior_loss_weight: float = 1.0          # the class images' loss weight
 
 
 @dataclass
@@ -379,7 +401,8 @@ def validate(cfg: Config) -> Config:
     checks = [("vae.eval_images", cfg.vae.eval_images >= 1), ("clip.eval_images", cfg.clip.eval_images >= 2),
               ("clip.reconstruct", cfg.clip.reconstruct >= 0),
               ("lora.rank", cfg.lora.rank >= 1), ("lora.alpha", cfg.lora.alpha is None or cfg.lora.alpha > 0),
-              ("lora.dropout", 0 <= cfg.lora.dropout < 1),
+              ("lora.dropout", 0 <= cfg.lora.dropout < 1), ("lora.num_class_images", cfg.lora.num_class_images >= 1),
+              ("lora.prior_loss_weight", cfg.lora.prior_loss_weight >= 0),
               ("train.max_steps", cfg.train.max_steps >= 1), ("train.batch_size", cfg.train.batch_size >= 1),
               ("train.grad_accum", cfg.train.grad_accum >= 1), ("optim.lr", cfg.optim.lr > 0),
               ("train.ema_decay", 0 <= cfg.train.ema_decay < 1), ("train.cond_dropout", 0 <= cfg.train.cond_dropout <= 1),
@@ -389,13 +412,17 @@ def validate(cfg: Config) -> Config:
               ("train.stop_at_step", cfg.train.stop_at_step is None or cfg.train.stop_at_step >= 1),
               ("train.checkpoint_minutes", cfg.train.checkpoint_minutes is None or cfg.train.checkpoint_minutes > 0),
               ("train.time_limit", cfg.train.time_limit is None or cfg.train.time_limit > 0),
-              ("data.resolution", cfg.data.resolution >= 8), ("data.num_images", cfg.data.num_images >= 1),
-              ("optim.warmup_steps", cfg.optim.warmup_steps >= 0), ("objective.logit_std", cfg.objective.logit_std > 0),
+              ("data.resolution", cfg.data.resolution >= 8), ("data.caption.keep_tokens", cfg.data.caption.keep_tokens >= 0),
+              ("data.caption.tag_dropout", 0 <= cfg.data.caption.tag_dropout < 1), ("data.num_images", cfg.data.num_images >= 1),
+              ("optim.warmup_steps", cfg.optim.warmup_steps >= 0), ("optim.cycles", cfg.optim.cycles >= 1),
+              ("validation.loss_images", cfg.validation.loss_images >= 1), ("objective.logit_std", cfg.objective.logit_std > 0),
               ("objective.shift", cfg.objective.shift > 0), ("log.every", cfg.log.every >= 1)]
     for key, ok in checks:
         if not ok:
-            section, name = key.split(".")
-            raise GenError(f"config key {key!r} has an invalid value {getattr(getattr(cfg, section), name)!r}")
+            value = cfg
+            for name in key.split("."):
+                value = getattr(value, name)
+            raise GenError(f"config key {key!r} has an invalid value {value!r}")
     if cfg.stage == "denoiser" and not cfg.model.base and not (cfg.model.text_encoder and cfg.model.vae):
         raise GenError("config key 'model.base' is empty: give a model folder holding the text encoder, "
                        "tokenizer and VAE to train with (or set model.text_encoder and model.vae)")

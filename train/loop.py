@@ -28,26 +28,15 @@ from train.config import Config
 from train.data import TrainData, loader
 from train.distributed import Sharded, plain
 from train.ema import EMA
+from train.heldout import HeldOut
 from train.lock import hold
+from train.optim import build_optimizer, check_resume, lr_lambda
+from train.prior import with_class_images
 from train.signals import EXIT_CODES, Guard
 
 log = logging.getLogger("gen")
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def lr_lambda(cfg: Config):
-    """Linear warmup, then constant or cosine decay to min_lr_ratio over train.max_steps."""
-    o, total = cfg.optim, cfg.train.max_steps
-
-    def factor(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        if o.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
 
 
 def step_generator(seed: int, rank: int, micro_step: int) -> torch.Generator:
@@ -193,6 +182,7 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
     np.random.seed((cfg.train.seed + rank) % 2 ** 32)
 
     data = TrainData(cfg.data, cfg.train.seed)  # fails on a missing path or zero images before any model loads
+    data = with_class_images(cfg, data, acc)  # lora.class_prompt: DreamBooth class images (train/prior.py)
     from train.stages import TASKS
 
     task_class = task_class or TASKS.get(cfg.stage, DenoiserTask)
@@ -200,6 +190,7 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
     if cfg.data.cache and hasattr(task, "family") and hasattr(task, "vae"):  # latents + conditioning from disk
         from train.data.cache import cached
         data = cached(cfg, data, task, acc)
+    held_out = HeldOut(cfg, task)  # validation.loss_path's fixed triples (train/heldout.py)
     model = task.model
     model.train()
     if cfg.train.gradient_checkpointing:
@@ -209,7 +200,7 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
     if sharded:  # before the optimizer, which then holds the shards (train/distributed.py)
         sharded.shard(model, ema)
     o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+    optimizer = build_optimizer(o, param_groups(model, o.weight_decay))  # optim.name (train/optim.py)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))  # stepped by us, once per step
     model, optimizer = (model, acc.prepare(optimizer)) if sharded else acc.prepare(model, optimizer)
     fingerprint = json.loads(json.dumps({**task.fingerprint(), "data": data.fingerprint()}))
@@ -220,6 +211,7 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
     if found:
         shared, local, state = ckpt.load(found)
         _check_fingerprint(state["fingerprint"], fingerprint, found)
+        check_resume(state.get("config", {}), o, found)
         if sharded:
             sharded.load(local, state, model, optimizer, ema)
         elif "model" not in shared:
@@ -333,7 +325,8 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
             elapsed = time.perf_counter() - t0
             data_wait = min(1.0, waited / elapsed)  # fraction of the window's wall time spent waiting for data
             trackers.scalars(step, {"loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                                    "images_per_s": n_logged * per_step / elapsed, "data_wait": data_wait})
+                                    "images_per_s": n_logged * per_step / elapsed, "data_wait": data_wait,
+                                    **held_out(model)})
             bar.set_postfix(loss=f"{loss_value:.4f}", data_wait=f"{data_wait:.0%}")
             if main and windows == 1 and data_wait > 0.25:  # once, past the start-up window (workers, caches)
                 log.warning("training waited for data %.0f%% of the time: raise data.num_workers (now %d)%s",

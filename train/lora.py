@@ -29,6 +29,7 @@ from train.task import DenoiserTask, WithText
 log = logging.getLogger("gen")
 
 ADAPTER = "default"
+ADAPTER_PARAMS = (".lora_", ".hada_", ".lokr_")  # peft's LoRA, LoHa and LoKr parameter names
 SAVE_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -66,7 +67,7 @@ class LoraModel(WithText):
     Its state dict is the adapter weights only, so checkpoints and EMA hold just those."""
 
     def state_dict(self, *args, **kwargs):
-        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if ".lora_" in k}
+        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if any(a in k for a in ADAPTER_PARAMS)}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         want = set(self.state_dict())
@@ -97,13 +98,16 @@ class LoraTask(DenoiserTask):
         if o.dora and o.format == "kohya":
             raise GenError("config key 'lora.format': DoRA adapters are written in the diffusers layout only; "
                            "set lora.format=diffusers or lora.dora=false")
+        if o.algo != "lora" and o.format != "kohya":
+            raise GenError(f"config key 'lora.format': {o.algo} adapters are written in the LyCORIS/kohya layout "
+                           "(what ComfyUI and A1111 read); set lora.format=kohya")
         align_objective(cfg)
         super().__init__(cfg, device, weight_dtype)
         denoiser = self.model.requires_grad_(False)
         if weight_dtype != torch.float32:  # the frozen base in the autocast dtype; the adapters stay fp32
             denoiser.to(dtype=weight_dtype)
         kind = self.family.denoiser_part
-        options = dict(rank=o.rank, alpha=o.alpha, parts=o.targets, dropout=o.dropout, use_dora=o.dora)
+        options = dict(rank=o.rank, alpha=o.alpha, parts=o.targets, dropout=o.dropout, use_dora=o.dora, algo=o.algo)
         self._add(denoiser, kind, self.family.lora_targets, options)
         texts = self.family.trained_texts() if o.text_encoder else ()
         for name in texts:
@@ -127,7 +131,7 @@ class LoraTask(DenoiserTask):
         model.requires_grad_(False)
         n = 0
         for name, p in model.named_parameters():
-            if ".lora_" in name:
+            if any(a in name for a in ADAPTER_PARAMS):
                 p.data = p.data.float()
                 p.requires_grad_(True)
                 n += 1
@@ -145,11 +149,13 @@ class LoraTask(DenoiserTask):
         return {"denoiser": {k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")},
                 "objective": formulations.to_dict(self.formulation),
                 "lora": dict(rank=o.rank, alpha=o.alpha, dropout=o.dropout, targets=o.targets,
+                             **({"algo": o.algo} if o.algo != "lora" else {}),
                              text_encoder=o.text_encoder, dora=o.dora, instance_prompt=o.instance_prompt)}
 
     def loss(self, model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
         if self.cfg.lora.instance_prompt and "text" in batch:  # the subject preset: one caption for every image
-            batch = {**batch, "text": [self.cfg.lora.instance_prompt] * len(batch["text"])}
+            prior = batch.get("prior", [False] * len(batch["text"]))  # class images (train/prior.py) keep theirs
+            batch = {**batch, "text": [t if p else self.cfg.lora.instance_prompt for t, p in zip(batch["text"], prior)]}
         return super().loss(model, batch, g)
 
     @torch.no_grad()

@@ -26,6 +26,7 @@ from gen.models import vae as vae_lib
 from gen.models.text import TextEncoder
 from gen.pipeline import Pipeline
 from train.config import Config
+from train.data import masks
 
 log = logging.getLogger("gen")
 
@@ -236,8 +237,9 @@ class DenoiserTask:
         f = self.vae_scale_factor
         text = dict(prompts=list(batch["text"]), drop=drop, original=batch.get("original_size"),
                     crop=batch.get("crop_top_left"), target=(x0.shape[2] * f, x0.shape[3] * f))
+        mask = batch.get("mask")  # (N, 1, H, W) loss masks (train/data/masks.py), when the data has any
         if isinstance(self.model, WithText) and self.model.folders:  # text encoders that train run in forward
-            return self._denoising_loss(model, x0, g, text=text)
+            return self._denoising_loss(model, x0, g, mask, text=text)
         with torch.no_grad():
             if "latents" in batch:
                 cond = {k.removeprefix("cond."): v.to(device) for k, v in batch.items() if k.startswith("cond.")}
@@ -245,13 +247,14 @@ class DenoiserTask:
                                          text["crop"], text["target"])
             else:
                 cond = self.family.train_conditioning(self.texts, **text)
-        return self._denoising_loss(model, x0, g, cond=cond)
+        return self._denoising_loss(model, x0, g, mask, cond=cond)
 
-    def _denoising_loss(self, model: nn.Module, x0: torch.Tensor, g: torch.Generator, cond: dict | None = None,
-                        text: dict | None = None) -> torch.Tensor:
+    def _denoising_loss(self, model: nn.Module, x0: torch.Tensor, g: torch.Generator, mask: torch.Tensor | None = None,
+                        cond: dict | None = None, text: dict | None = None) -> torch.Tensor:
         """The loss of one batch of latents x0 (N, C, h, w), conditioned by `cond` or, through a WithText, by
-        encoding `text`. The denoiser sees x_t in the family's layout (Flux: packed 2x2 patches with their
-        position ids) and the family's timestep convention; the loss compares in the latents' layout."""
+        encoding `text`, weighted per latent pixel by `mask` (N, 1, H, W) where given. The denoiser sees x_t in the
+        family's layout (Flux: packed 2x2 patches with their position ids) and the family's timestep convention;
+        the loss compares in the latents' layout."""
         o, f, device, n = self.cfg.objective, self.formulation, x0.device, x0.shape[0]
         noise = torch.randn(x0.shape, generator=g).to(device)
         if o.type == "ddpm" and o.offset_noise:  # Guttenberg 2023: learn to shift the mean brightness
@@ -265,7 +268,10 @@ class DenoiserTask:
         else:
             pred = self.family.predict(model, x_t, f.model_timestep(t), cond | extra)
         pred = self.family.unpack(pred, *x0.shape[2:])
-        per_sample = (pred.float() - f.target(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
+        err = (pred.float() - f.target(x0, noise, t)).pow(2)  # (N, C, h, w)
+        if mask is not None:
+            err = err * masks.to_latent(mask, err.shape[-2:]).to(device)
+        per_sample = err.mean(dim=(1, 2, 3))
         weight = f.loss_weight(t, o.min_snr_gamma if o.type == "ddpm" else None)
         return (per_sample * weight).mean()
 

@@ -34,6 +34,29 @@ def captioned(tmp_path_factory):
     return write_folder(tmp_path_factory.mktemp("images") / "shapes", 6)
 
 
+@pytest.fixture(scope="session")
+def tagged_masked(tmp_path_factory):
+    """6 shapes-world images captioned with two variant lines of tags; every other one has a loss mask."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from train.data.shapes import write_folder
+
+    root = write_folder(tmp_path_factory.mktemp("images") / "tagged", 6)
+    rows = [json.loads(r) for r in (root / "metadata.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        tags = row["text"].replace(" left of ", ", left of, ").replace(" and ", ", ")
+        row["text"] = [tags, f"shapes, {tags}, white background"]
+        if i % 2 == 0:
+            mask = np.zeros((64, 64), np.uint8)
+            mask[:, 16 * (i // 2):] = 255
+            Image.fromarray(mask).save(root / row["file_name"].replace(".png", ".mask.png"))
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
 def fast_config(base, out, **overrides):
     """A few-step run on 16 px shapes; validation off, logging every step to metrics.jsonl."""
     settings = {"model.base": str(base), "data.source": "shapes", "data.resolution": 16, "data.num_images": 24,

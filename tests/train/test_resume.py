@@ -20,8 +20,19 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES)
 def test_resume_is_bitwise_exact(case, request, tmp_path):
-    base = request.getfixturevalue(CASES[case][0])
-    extra = CASES[case][1]
+    assert_resumes_exactly(request.getfixturevalue(CASES[case][0]), tmp_path, CASES[case][1])
+
+
+def test_resume_is_bitwise_exact_with_every_training_option(base_dit, tagged_masked, captioned, tmp_path):
+    """Caption shuffle/dropout/variants/prefix, masked loss, a non-AdamW optimizer, a restarting schedule, a
+    held-out loss."""
+    assert_resumes_exactly(base_dit, tmp_path, {"validation__loss_path": str(captioned), "validation__loss_images": 2,
+        "data__source": "folder", "data__path": str(tagged_masked), "data__crop": "random", "data__flip": True,
+        "data__caption": {"shuffle": True, "keep_tokens": 1, "tag_dropout": 0.3, "prefix": "gen, ", "variants": True},
+        "optim__name": "lion", "optim__schedule": "cosine_with_restarts", "optim__cycles": 2})
+
+
+def assert_resumes_exactly(base, tmp_path, extra: dict) -> None:
     train(fast_config(base, tmp_path / "straight", **extra))
     train(fast_config(base, tmp_path / "split", **extra, train__stop_at_step=3, train__checkpoint_every=0))
     assert (tmp_path / "split" / "checkpoints" / "step-00000003").is_dir()  # a paused run leaves a checkpoint
@@ -35,6 +46,9 @@ def test_resume_is_bitwise_exact(case, request, tmp_path):
             assert torch.equal(a[part][k], b[part][k]), f"{part}/{k} differs"
     assert not torch.equal(a["model"][next(iter(a["model"]))], a["ema"][next(iter(a["ema"]))])  # EMA is its own
     assert losses(tmp_path / "straight") == losses(tmp_path / "split") and len(losses(tmp_path / "split")) == 6
+    held = [[json.loads(r).get("heldout_loss") for r in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("straight", "split")]
+    assert held[0] == held[1] and (None not in held[0]) == ("validation__loss_path" in extra)
     state = json.loads((tmp_path / "split" / "checkpoints" / "step-00000006" / "state.json").read_text())
     assert state["position"] == 6 * 4 * extra.get("train__grad_accum", 1)
 

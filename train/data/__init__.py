@@ -8,6 +8,7 @@ samples an uninterrupted run would have seen, with no loader state to save.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import numpy as np
@@ -16,12 +17,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 
 from gen.errors import GenError
+from train import captions
 from train.config import DataConfig
 from train.data.buckets import Buckets, BucketSampler
 from train.data.folder import ImageFolder
 from train.data.shapes import ShapesWorld
 from train.data.shards import Shards, ShardStream
 from train.signals import ignore_stop_signals
+
+log = logging.getLogger("gen")
 
 
 def build_source(cfg: DataConfig) -> ImageFolder | ShapesWorld | Shards:
@@ -39,25 +43,30 @@ def transform(img: Image.Image, size: int | tuple[int, int], crop: str, flip: bo
     return augment(img, size, crop, flip, rng)[0]
 
 
-def augment(img: Image.Image, size: int | tuple[int, int], crop: str, flip: bool,
-            rng: np.random.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
-    """`transform`, and the (top, left) of the crop in the resized image, as the flipped image sees it (SDXL's
-    crop conditioning: where the training view starts in the whole picture)."""
+def augment(img: Image.Image, size: int | tuple[int, int], crop: str, flip: bool, rng: np.random.Generator,
+            mask: Image.Image | None = None) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
+    """`transform`, the (top, left) of the crop in the resized image, as the flipped image sees it (SDXL's
+    crop conditioning: where the training view starts in the whole picture), and `mask` (a loss mask of the
+    image's size) given the same view, (1, H, W) in [0, 1], or None."""
     w, h = img.size
     tw, th = (size, size) if isinstance(size, int) else size
     nw, nh = cover(w, h, tw, th)
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=None)
     if crop == "random":
         x, y = int(rng.integers(0, nw - tw + 1)), int(rng.integers(0, nh - th + 1))
     else:
         x, y = (nw - tw) // 2, (nh - th) // 2
-    img = img.crop((x, y, x + tw, y + th))
-    if flip and rng.random() < 0.5:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        x = nw - tw - x  # the mirrored picture's crop starts this far from its left edge
-    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return a.float() / 127.5 - 1, (y, x)
+    flipped = flip and rng.random() < 0.5
+
+    def view(im: Image.Image, resample) -> np.ndarray:
+        if (nw, nh) != (w, h):
+            im = im.resize((nw, nh), resample, reducing_gap=None)
+        im = im.crop((x, y, x + tw, y + th))
+        return np.asarray(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else im, dtype=np.uint8).copy()
+
+    a = torch.from_numpy(view(img, Image.Resampling.BICUBIC)).permute(2, 0, 1)
+    m = None if mask is None else torch.from_numpy(view(mask, Image.Resampling.BILINEAR)).float()[None] / 255
+    # the mirrored picture's crop starts nw - tw - x from its left edge
+    return a.float() / 127.5 - 1, (y, nw - tw - x if flipped else x), m
 
 
 def cover(w: int, h: int, tw: int, th: int) -> tuple[int, int]:
@@ -111,7 +120,17 @@ class TrainData(torch.utils.data.Dataset):
         self.assignment = None
         if self.buckets and not self.streaming:
             self.assignment = self.buckets.assign_all(image_sizes(self.source), cfg.max_aspect)
-        elif self.buckets and not cfg.cache:
+        # loss masks (train/data/masks.py): only a folder with at least one adds them to its batches
+        self.masked = cfg.masked_loss and getattr(self.source, "num_masked", 0) > 0
+        if self.masked:
+            log.info("data.masked_loss: %d of %d images carry a loss mask", self.source.num_masked, len(self.source))
+        if cfg.cache and self.masked:
+            raise GenError(f"config key 'data.cache': {self.source.num_masked} images carry loss masks, which the "
+                           "cache does not hold; set data.cache=false, or data.masked_loss=false to ignore them")
+        if cfg.cache and captions.active(cfg.caption):
+            raise GenError("config key 'data.caption': a cache holds one text embedding per image, encoded before "
+                           "caption options apply; set data.cache=false to use them")
+        if self.buckets and self.streaming and not cfg.cache:
             raise GenError("config key 'data.buckets': bucketing WebDataset shards needs data.cache=true "
                            "(the cache records each image's bucket in one pass over the shards)")
 
@@ -121,20 +140,27 @@ class TrainData(torch.utils.data.Dataset):
     def size(self, i: int) -> int | tuple[int, int]:
         return self.cfg.resolution if self.assignment is None else self.buckets.sizes[self.assignment[i]]
 
-    def example(self, i: int, pos: int, img: Image.Image, text: str) -> dict:
+    def example(self, i: int, pos: int, img: Image.Image, text: str, mask: Image.Image | None = None) -> dict:
         rng = np.random.default_rng([self.seed, pos])
-        pixels, crop = augment(img, self.size(i), self.cfg.crop, self.cfg.flip, rng)
+        pixels, crop, mask = augment(img, self.size(i), self.cfg.crop, self.cfg.flip, rng, mask)
+        if captions.active(self.cfg.caption):  # its own stream: the crop and flip stay as they were
+            text = captions.augment(text, self.cfg.caption, np.random.default_rng([self.seed, pos, 1]))
         # SDXL's size micro-conditioning: the picture's (height, width) before resizing, and the crop's top-left
-        return {"pixel_values": pixels, "text": text, "index": i,
-                "original_size": torch.tensor([img.height, img.width]), "crop_top_left": torch.tensor(crop)}
+        row = {"pixel_values": pixels, "text": text, "index": i,
+               "original_size": torch.tensor([img.height, img.width]), "crop_top_left": torch.tensor(crop)}
+        if self.masked:  # every row of a masked dataset has one (collate stacks them); no mask weighs 1
+            row["mask"] = mask if mask is not None else torch.ones((1, *pixels.shape[1:]))
+        return row
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         i, pos = key
-        img, text = self.source[i]
-        return self.example(i, pos, img, text)
+        img, text, mask = self.source.load(i, mask=True) if self.masked else (*self.source[i], None)
+        return self.example(i, pos, img, text, mask)
 
     def fingerprint(self) -> dict:
-        fp = {**self.source.fingerprint(), "resolution": self.cfg.resolution}
+        fp = {**self.source.fingerprint(), "resolution": self.cfg.resolution, **captions.fingerprint(self.cfg.caption)}
+        if self.masked:
+            fp["masks"] = self.source.num_masked
         if self.buckets:
             fp |= {"bucket_step": self.cfg.bucket_step, "max_aspect": self.cfg.max_aspect}
         return fp

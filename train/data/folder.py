@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from gen.errors import GenError
+from train.data import masks
 
 log = logging.getLogger("gen")
 
@@ -23,13 +24,14 @@ METADATA = "metadata.jsonl"
 IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-def _readable(path: Path) -> bool:
+def _probe(path: Path) -> bool | None:
+    """None when the file is not a readable image, else whether it carries a loss mask (train/data/masks.py)."""
     try:
         with Image.open(path) as im:
             im.verify()  # header + checksums; no full decode
-        return True
+            return masks.has_alpha(im) or masks.mask_file(path).is_file()
     except IMAGE_ERRORS:
-        return False
+        return None
 
 
 def _caption(txt: Path, binary: list[str]) -> str | None:
@@ -50,7 +52,8 @@ def _from_metadata(root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
             continue
         try:
             row = json.loads(line)
-            items.append((root / row["file_name"], str(row.get("text", ""))))
+            text = row.get("text", "")  # a list: the caption's variants (data.caption.variants), one a line
+            items.append((root / row["file_name"], "\n".join(map(str, text)) if isinstance(text, list) else str(text)))
         except (json.JSONDecodeError, KeyError, TypeError):
             bad.append(f"{METADATA} line {n}")
     return items, bad
@@ -59,7 +62,7 @@ def _from_metadata(root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
 def _from_sidecars(root: Path) -> tuple[list[tuple[Path, str | None]], list[str]]:
     items, bad, binary = [], [], []
     for p in sorted(root.rglob("*")):
-        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(root).parts):
+        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(root).parts) or masks.is_mask_file(p):
             continue
         if p.suffix.lower() in IMAGE_SUFFIXES:
             txt = p.with_suffix(".txt")
@@ -80,10 +83,12 @@ class ImageFolder:
         if not root.is_dir():
             raise GenError(f"config key 'data.path': image folder not found: {root}")
         items, bad = _from_metadata(root) if (root / METADATA).is_file() else _from_sidecars(root)
-        good = []
+        good, masked = [], 0
         for p, text in items:
-            if p.is_file() and _readable(p):
+            probe = _probe(p) if p.is_file() else None
+            if probe is not None:
                 good.append((p, text))
+                masked += probe
             else:
                 bad.append(str(p.relative_to(root)) if p.is_relative_to(root) else str(p))
         if bad:
@@ -96,19 +101,23 @@ class ImageFolder:
         if not good:
             raise GenError(f"config key 'data.path': no readable images in {root} (expected images with a "
                            f"{METADATA} of file_name/text rows, or .txt caption sidecars)")
-        self.root, self.items, self.failed = root, good, set()
+        self.root, self.items, self.failed, self.num_masked = root, good, set(), masked
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, str]:
-        """Item i; one that no longer decodes (changed or truncated since the scan) is replaced by the next
-        that does, with one warning: the same files give the same substitutes, so resume stays exact."""
+        return self.load(i)[:2]
+
+    def load(self, i: int, mask: bool = False) -> tuple[Image.Image, str, Image.Image | None]:
+        """Item i (RGB image, caption, and with `mask` its loss mask or None); one that no longer decodes (changed
+        or truncated since the scan) is replaced by the next that does, with one warning: the same files give
+        the same substitutes, so resume stays exact."""
         for k in range(len(self.items)):
             p, text = self.items[(i + k) % len(self.items)]
             try:
                 with Image.open(p) as im:
-                    return im.convert("RGB"), text
+                    return im.convert("RGB"), text, masks.read(p, im) if mask else None
             except IMAGE_ERRORS as e:
                 if p not in self.failed:
                     self.failed.add(p)
