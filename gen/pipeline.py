@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from gen import attention as attn
 from gen import families, formulations
 from gen.errors import GenError
-from gen.guidance import check_guidance, guide, in_interval, uses_cfg
+from gen.guidance import SkipLayers, check_guidance, guide, in_interval, uses_cfg
 from gen.io import load_model, read_json
 from gen.models import vae as vae_lib
 from gen.models.text import TextEncoder
@@ -102,6 +103,8 @@ class Pipeline:
                       for enc, tok in self.family.text_parts]
         self.vae = vae
         self.denoiser = denoiser
+        self._offload: torch.device | None = None  # the device components visit while they run (enable_offload)
+        self.resident: tuple[torch.nn.Module, ...] = ()  # the components there now, under offload
         self.formulation = formulation or formulations.from_scheduler_config(scheduler_config or {})
         self.scheduler_config = dict(scheduler_config) if scheduler_config else None
         self.recipe = dict(recipe or {})
@@ -143,7 +146,8 @@ class Pipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.denoiser.device
+        """Where sampling runs: the components' device, or the one they visit under enable_offload."""
+        return self._offload or self.denoiser.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -181,23 +185,53 @@ class Pipeline:
         self._progress_bar_config = kwargs
 
     def to(self, device=None, dtype=None) -> "Pipeline":
+        """Moves every component (a device ends enable_offload) and casts its weights to dtype."""
+        if device is not None:
+            self._offload = None
         for m in self.models:
             m.to(device=device)
             if dtype is not None and m.dtype != dtype:
                 m.to(dtype=dtype)
         return self
 
+    def enable_offload(self, device=None) -> "Pipeline":
+        """Keeps the components on the CPU and moves each group to `device` (default: CUDA where there is one) only
+        while it runs: the text encoders while the prompts are encoded (once per call), the denoiser for the
+        sampling loop, the VAE for decoding; as diffusers' enable_model_cpu_offload. The device then holds the
+        largest of them rather than their sum (bench/memory.py). On a CPU-only machine nothing moves."""
+        device = resolve_device(device)
+        for m in self.models:
+            m.to("cpu")
+        self._offload = device if device.type != "cpu" else None
+        return self
+
+    @contextlib.contextmanager
+    def _on_device(self, *modules: torch.nn.Module):
+        """Runs the block with `modules` on the offload device, and puts them back on the CPU after it."""
+        if self._offload is None:
+            yield
+            return
+        for m in modules:
+            m.to(self._offload)
+        self.resident = modules
+        try:
+            yield
+        finally:
+            self.resident = ()
+            for m in modules:
+                m.to("cpu")
+
     # ---- loading and saving -----------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device=None, dtype=None,
                         attention: str | None = None, allow_pickle: bool = False, compile: bool | dict = False,
                         channels_last: bool = False, tokenizer: str | Path | None = None,
-                        prediction_type: str | None = None) -> "Pipeline":
+                        prediction_type: str | None = None, offload: bool = False) -> "Pipeline":
         """Loads a diffusers-layout folder of any family gen knows (gen/families), or a single .safetensors file in
         the original LDM/A1111 layout (SD-1.x, SD-2.x, SDXL; gen/single_file.py); None = the bundled default.
-        attention, compile and channels_last are as in Pipeline. For a single file only: `tokenizer`, a diffusers
-        folder (or tokenizer folder) when the file carries none; `prediction_type` ("epsilon" or
-        "v_prediction"), which weights cannot tell (SD-2.x 768 models are v_prediction)."""
+        attention, compile and channels_last are as in Pipeline; `offload`: enable_offload(device). For a single file
+        only: `tokenizer`, a diffusers folder (or tokenizer folder) when the file carries none; `prediction_type`
+        ("epsilon" or "v_prediction"), which weights cannot tell (SD-2.x 768 models are v_prediction)."""
         from diffusers import AutoencoderKL
 
         if path is None:
@@ -208,13 +242,14 @@ class Pipeline:
         path = Path(path)
         if not path.exists():
             raise GenError(f"model folder not found: {path}")
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
         if path.is_file():  # a pickle is opened only if allowed, and then by gen.io's weights-only loader
             from gen import single_file
 
             parts = single_file.load(path, tokenizer, prediction_type, allow_pickle)
             pipe = cls(**parts, attention=attention, compile=compile, channels_last=channels_last)
-            device = resolve_device(device)
-            return pipe.to(device, resolve_dtype(dtype, device))
+            return pipe._place(device, dtype, offload)
         if not (path / "model_index.json").is_file():
             raise GenError(f"{path} is not a model folder (no model_index.json); expected the diffusers layout")
         index = read_json(path / "model_index.json")
@@ -224,8 +259,6 @@ class Pipeline:
             if not (path / part).is_dir():
                 raise GenError(f"{path} is missing the {part}/ folder; a {family.title} folder needs "
                                f"{', '.join(texts)}, vae/, {family.denoiser_part}/ and scheduler/")
-        device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device)
         parts = {enc: load_model(family.text_class(enc), path / enc, allow_pickle) for enc, _ in family.text_parts}
         for _, tok in family.text_parts:
             try:
@@ -240,7 +273,12 @@ class Pipeline:
         pipe = cls(vae=vae, denoiser=denoiser, scheduler_config=scheduler_config, formulation=formulation,
                    defaults=extra.get("sampling"), recipe=extra.get("recipe"), name=path.name, attention=attention,
                    compile=compile, channels_last=channels_last, family=family, **parts)
-        return pipe.to(device, dtype)
+        return pipe._place(device, dtype, offload)
+
+    def _place(self, device: torch.device, dtype: torch.dtype, offload: bool) -> "Pipeline":
+        """A loaded pipeline onto its device in its dtype, or kept on the CPU and offloaded to the device."""
+        self.to("cpu" if offload else device, dtype)
+        return self.enable_offload(device) if offload else self
 
     def save_pretrained(self, path: str | Path, single_file: bool = False) -> None:
         """Writes the diffusers layout (safetensors), with sampling defaults and recipe in gen_config.json; or, with
@@ -319,14 +357,37 @@ class Pipeline:
         return self.loras.save(path, adapter_name, format)
 
     # ---- sampling ---------------------------------------------------------------------------
-    def encode_prompts(self, prompts: list[str], height: int | None = None, width: int | None = None) -> dict:
-        """Prompts -> the family's conditioning (a dict of batch-first tensors, gen.families)."""
-        cond = self.family.encode(self.texts, prompts, height or self.defaults["height"], width or self.defaults["width"])
+    def encode_prompts(self, prompts: list[str], height: int | None = None, width: int | None = None,
+                       texts: list[TextEncoder] | None = None) -> dict:
+        """Prompts -> the family's conditioning (a dict of batch-first tensors, gen.families); `texts`: the
+        towers to use (default self.texts)."""
+        cond = self.family.encode(texts or self.texts, prompts, height or self.defaults["height"],
+                                  width or self.defaults["width"])
         return families.to(cond, self.dtype)
 
-    def _predict(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        """The denoiser contract: model(x_t, t, encoder_hidden_states, **extra) -> prediction (the family's)."""
-        return self.family.predict(self.denoiser, x, t, cond)
+    def _texts(self, max_sequence_length: int | None) -> list[TextEncoder]:
+        """The text towers for a call: the family's long-sequence tower (a T5) padded to max_sequence_length
+        tokens where one is given."""
+        if max_sequence_length is None:
+            return self.texts
+        part = self.family.sequence_part
+        names = [enc for enc, _ in self.family.text_parts]
+        if part not in names:
+            raise GenError(f"max_sequence_length (--max-sequence-length) sets the T5 encoder's token length, but this "
+                           f"{self.family.title} model has no T5 encoder ({part or 'none'}); leave it out"
+                           + (f" or use a folder with {part}/" if part else ""))
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) \
+                or not 1 <= max_sequence_length <= 512:
+            raise GenError(f"max_sequence_length must be an integer in [1, 512], not {max_sequence_length!r}")
+        i = names.index(part)
+        texts = list(self.texts)
+        texts[i] = TextEncoder(texts[i].model, texts[i].tokenizer, max_length=max_sequence_length)
+        return texts
+
+    def _predict(self, x: torch.Tensor, t: torch.Tensor, cond: dict, **kwargs) -> torch.Tensor:
+        """The denoiser contract: model(x_t, t, encoder_hidden_states, **extra) -> prediction (the family's);
+        `kwargs`: skip_layers, for families that take them."""
+        return self.family.predict(self.denoiser, x, t, cond, **kwargs)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
@@ -335,7 +396,9 @@ class Pipeline:
                  seed: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
                  sampler: str | None = None, output_type: str = "pil", guidance_rescale: float | None = None,
                  guidance_interval: tuple[float, float] = (0.0, 1.0), cache_interval: int = 1,
-                 true_cfg_scale: float | None = None) -> PipelineOutput:
+                 true_cfg_scale: float | None = None, skip_guidance_layers: list[int] | None = None,
+                 skip_layer_guidance_scale: float = 2.8, skip_layer_guidance_start: float = 0.01,
+                 skip_layer_guidance_stop: float = 0.2, max_sequence_length: int | None = None) -> PipelineOutput:
         """Generates images.
 
         Args:
@@ -350,6 +413,11 @@ class Pipeline:
                 denoiser runs every cache_interval-th step, the steps between reuse its deep features.
             true_cfg_scale: for families whose guidance_scale is an embedded input (Flux dev): classifier-free
                 guidance at this scale against negative_prompt, where both are given and the scale is > 1.
+            skip_guidance_layers: skip-layer guidance (SD3.5; families whose denoiser can skip layers): the
+                transformer blocks left out of a third pass, whose difference from the conditional pass is added at
+                skip_layer_guidance_scale on the steps between the start and stop fractions; as diffusers'
+                StableDiffusion3Pipeline (7, 8, 9 with scale 2.8 for SD3.5-medium), and only with guidance > 1.
+            max_sequence_length: the T5 encoder's token length (SD3: 256 by default, Flux: 512), as diffusers'.
 
         Returns:
             PipelineOutput with `.images` and the `.seeds` used.
@@ -369,22 +437,33 @@ class Pipeline:
             raise GenError(f"the fast mode (cache_interval) does not support {self.family.title} models")
         n = len(prompts) * num_images_per_prompt
         seeds, generator = self._generators(seed, generator, n)
+        slg = None
+        if skip_guidance_layers is not None:
+            slg = SkipLayers(list(skip_guidance_layers), skip_layer_guidance_scale, skip_layer_guidance_start,
+                             skip_layer_guidance_stop, steps)
+            if not self.family.skip_layers:
+                raise GenError(f"skip-layer guidance is for SD3 models; a {self.family.title} model cannot skip layers")
+            slg.check(self.denoiser.config.num_layers)
 
         f = self.vae_scale_factor
         shape = self.family.latent_shape(self.denoiser, n, height // f, width // f)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         latents, extra = self.family.pack(latents)  # extra: conditioning the packing adds (position ids)
+        scheduler = make_scheduler(sampler, self.formulation, self.scheduler_config)  # before encoding: it may refuse
+        scheduler.set_timesteps(device=self.device, **self.family.scheduler_kwargs(scheduler, steps, latents))
         scale, embedded = self.family.guidance(self.denoiser, scale, true_cfg_scale, negative_prompt is not None, n)
         extra = {k: v.to(self.device) for k, v in (extra | embedded).items()}
-        cond = families.repeat(self.encode_prompts(prompts, height, width), num_images_per_prompt) | extra
-        both = None
-        if uses_cfg(scale):
-            neg = self.family.encode_negative(self.texts, negs, negative_prompt is not None, height, width)
-            neg = families.repeat(families.to(neg, self.dtype), num_images_per_prompt) | extra
-            both = families.cat(neg, cond)
-
-        scheduler = make_scheduler(sampler, self.formulation, self.scheduler_config)
-        scheduler.set_timesteps(device=self.device, **self.family.scheduler_kwargs(scheduler, steps, latents))
+        texts = self._texts(max_sequence_length)
+        with self._on_device(*(t.model for t in texts)):  # each tower runs once per prompt batch, not per image
+            cond = families.repeat(self.encode_prompts(prompts, height, width, texts), num_images_per_prompt) | extra
+            both = None
+            if uses_cfg(scale):
+                neg = self.family.encode_negative(texts, negs, negative_prompt is not None, height, width)
+                neg = families.repeat(families.to(neg, self.dtype), num_images_per_prompt) | extra
+                both = families.cat(neg, cond)
+        if both is None and slg is not None:
+            log.info("skip-layer guidance needs classifier-free guidance (guidance > 1); it is off for this call")
+            slg = None
         latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # FlowMatch: 1
         predict = self._predict
         if cache_interval != 1:
@@ -393,14 +472,15 @@ class Pipeline:
                 self._fast_forward = torch.compile(forward_fn(kind(self.denoiser)), **self._compile)
             cache = FeatureCache(self.denoiser, cache_interval, self._fast_forward)
             predict = lambda x, t, c: cache(x, t, **self.family.denoiser_kwargs(c))  # noqa: E731
-        with attn.use_backend(self.attention):
+        with attn.use_backend(self.attention), self._on_device(self.denoiser):
             latents = denoise(predict, scheduler, latents, cond, both, scale, rescale,
-                              guidance_interval, generator, self._progress_bar_config)
+                              guidance_interval, generator, self._progress_bar_config, slg)
         latents = self.family.unpack(latents, height // f, width // f)
 
         if output_type == "latent":
             return PipelineOutput(latents, seeds)
-        images = vae_lib.decode(self.vae, latents)  # (B, 3, H, W) in [0, 1]
+        with self._on_device(self.vae):
+            images = vae_lib.decode(self.vae, latents)  # (B, 3, H, W) in [0, 1]
         if output_type == "pt":
             return PipelineOutput(images, seeds)
         array = images.cpu().permute(0, 2, 3, 1).float().numpy()
@@ -442,9 +522,10 @@ class Pipeline:
 
 def denoise(predict, scheduler, latents: torch.Tensor, cond: dict, uncond_cond: dict | None, scale: float,
             rescale: float = 0.0, interval: tuple[float, float] = (0.0, 1.0), generator=None,
-            progress_bar: dict | None = None) -> torch.Tensor:
+            progress_bar: dict | None = None, skip_layers: SkipLayers | None = None) -> torch.Tensor:
     """The sampling loop: `predict(x, t, cond)` over the scheduler's timesteps, with CFG in one batched
-    forward where `uncond_cond` (the negative and positive conditioning, concatenated) is given.
+    forward where `uncond_cond` (the negative and positive conditioning, concatenated) is given, and skip-layer
+    guidance on the guided steps it covers (a third, conditional pass with `predict(..., skip_layers=...)`).
     `progress_bar`: tqdm keyword arguments for a bar over the steps (None: no bar)."""
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     scale_input = getattr(scheduler, "scale_model_input", None)  # FlowMatch schedulers need none
@@ -459,5 +540,7 @@ def denoise(predict, scheduler, latents: torch.Tensor, cond: dict, uncond_cond: 
         if guided:
             uncond, c = pred.chunk(2)
             pred = guide(uncond, c, scale, rescale)
+            if skip_layers is not None and skip_layers.applies(i):
+                pred = skip_layers.guide(pred, c, predict(latents, t, cond, skip_layers=skip_layers.layers))
         latents = scheduler.step(pred, t, latents, return_dict=False, **step_kwargs)[0]
     return latents

@@ -50,6 +50,8 @@ class Family:
     text_max_length: dict = {}  # text encoder folder -> the token length its prompts are padded to (else its own)
     fast_mode = True  # whether gen.fastmode's feature cache knows the denoiser
     sampling_only = False  # training and LoRA are not implemented for the family yet
+    skip_layers = False  # whether predict() takes skip_layers (skip-layer guidance)
+    sequence_part = None  # the text encoder folder whose token length max_sequence_length sets (a T5)
 
     def check_supported(self, what: str) -> None:
         """A one-line GenError where `what` (training, LoRA) needs more than sampling from a sampling-only family."""

@@ -2,7 +2,8 @@
 states concatenated on features, padded to T5's width and followed by T5's states on the sequence axis (zeros
 where the folder has no T5, as diffusers does); both CLIPs' projected pooled embeddings concatenated; an
 SD3Transformer2DModel (MMDiT) in `transformer/`; the 16-channel VAE with scaling and shift factors; rectified
-flow sampled with the folder's shift. Sampling only so far (no training, LoRA or single files)."""
+flow sampled with the folder's shift, or (SD3.5 folders with use_dynamic_shifting) a shift that grows with the image's
+token count; skip-layer guidance (SD3.5) runs the transformer a third time without some of its layers."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 from gen.errors import GenError
 from gen.families import Family, register
 from gen.families.dit import GenDiT
+from gen.formulations.flow import scheduler_mu
+from gen.samplers import check_schedule
 
 CLIPS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 T5 = ("text_encoder_3", "tokenizer_3")
@@ -22,19 +25,23 @@ class SD3(Family):
     title = "SD3"
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser_part = "transformer"
+    sequence_part = T5[0]  # max_sequence_length sets its token length
     kohya_text: dict = {}  # gen reads no SD3 LoRA files yet
     objective = "rectified flow"
     t5_length = 256  # StableDiffusion3Pipeline's default max_sequence_length
     text_max_length = {"text_encoder_3": t5_length}
     denoiser_kwargs = GenDiT.denoiser_kwargs  # encoder_hidden_states, pooled_projections
     size_multiple = GenDiT.size_multiple  # the VAE factor times the patch size
+    skip_layers = True  # SD3Transformer2DModel runs without chosen layers (skip-layer guidance)
 
     def __init__(self, index: dict | None = None, configs: dict | None = None):
         index = index or {}
         self.has_t5 = bool(index.get(T5[0], [None])[0])
         self.text_parts = (*CLIPS, T5) if self.has_t5 else CLIPS
         # the width of the zeros that stand in for an absent T5: the transformer's joint attention width
-        self.joint_dim = ((configs or {}).get("transformer") or {}).get("joint_attention_dim", 4096)
+        transformer = (configs or {}).get("transformer") or {}
+        self.joint_dim = transformer.get("joint_attention_dim", 4096)
+        self.patch_size = transformer.get("patch_size", 2)
         absent = {} if self.has_t5 else {T5[0]: [None, None], T5[1]: [None, None]}
         self.index_extra = absent | {"image_encoder": [None, None], "feature_extractor": [None, None]}
 
@@ -77,11 +84,21 @@ class SD3(Family):
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return {"hidden": torch.cat([clip, t5.to(clip.dtype)], dim=-2), "pooled": torch.cat(pooled, dim=-1)}
 
-    def predict(self, denoiser, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    def predict(self, denoiser, x: torch.Tensor, t: torch.Tensor, cond: dict,
+                skip_layers: list[int] | None = None) -> torch.Tensor:
         """SD3Transformer2DModel takes keywords (its second positional argument is the text) and a timestep per
-        sample, t.expand(batch), as StableDiffusion3Pipeline passes it."""
-        return denoiser(hidden_states=x, timestep=t.expand(x.shape[0]), return_dict=False,
+        sample, t.expand(batch), as StableDiffusion3Pipeline passes it; `skip_layers`: blocks to leave out."""
+        return denoiser(hidden_states=x, timestep=t.expand(x.shape[0]), return_dict=False, skip_layers=skip_layers,
                         **self.denoiser_kwargs(cond))[0]
+
+    def scheduler_kwargs(self, scheduler, steps: int, latents: torch.Tensor) -> dict:
+        """The folder's fixed shift; with use_dynamic_shifting (SD3.5's option) StableDiffusion3Pipeline's mu for
+        this many image tokens (latent size / patch size, squared), with its default max_shift of 1.16."""
+        if not scheduler.config.get("use_dynamic_shifting"):
+            return {"num_inference_steps": steps}
+        check_schedule(scheduler, ("mu",), "this model's dynamic shift (use_dynamic_shifting)")
+        tokens = (latents.shape[-2] // self.patch_size) * (latents.shape[-1] // self.patch_size)
+        return {"num_inference_steps": steps, "mu": scheduler_mu(scheduler.config, tokens, max_shift=1.16)}
 
     def train_conditioning(self, *args, **kwargs) -> dict:
         raise GenError("gen samples SD3 models but cannot train them yet")
