@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
-from gen.errors import GenError
+from gen.errors import GenError, Stopped
 from gen.recipe import lora_arg as _lora_arg
 
 log = logging.getLogger("gen")
@@ -219,24 +220,40 @@ def cmd_sample(args) -> int:
     seed = _first(args.seed, random.randrange(2 ** 32))  # lines without a seed take the next ones
     total = sum(run["num_images_per_prompt"] for _, run in runs)
     outputs = _Outputs(args.out, total)
-    pipe.set_progress_bar_config(disable=args.no_progress or len(runs) > 1)  # a batch has one bar, over images
-    bar = tqdm(total=total, unit="img", desc="images", disable=args.no_progress or len(runs) == 1)
+    pipe.set_progress_bar_config(disable=args.no_progress or total > 1)  # a batch has one bar, over images
+    bar = tqdm(total=total, unit="img", desc="images", disable=args.no_progress or total == 1)
+    images = []  # one pipeline call per image (image k of a batch is that image made alone, see DESIGN.md)
     for line, run in runs:
         if run["seed"] is None:
             run["seed"], seed = seed, seed + run["num_images_per_prompt"]
-        out = pipe(**run)
-        for image, image_seed in zip(out.images, out.seeds):  # each written as soon as it is made
+        images += [(line, {**run, "seed": run["seed"] + i, "num_images_per_prompt": 1})
+                   for i in range(run["num_images_per_prompt"])]
+    previous, made = signal.signal(signal.SIGTERM, _terminated), 0  # SIGTERM ends it as Ctrl-C does
+    try:
+        for line, run in images:  # each written as soon as it is made: an interrupted batch keeps what was done
+            image = pipe(**run).images[0]
             r = recipe.Recipe(prompt=run["prompt"], negative_prompt=run["negative_prompt"],
-                              steps=run["num_inference_steps"], guidance=run["guidance_scale"], seed=image_seed,
+                              steps=run["num_inference_steps"], guidance=run["guidance_scale"], seed=run["seed"],
                               width=run["width"], height=run["height"], guidance_rescale=run["guidance_rescale"],
                               guidance_interval=run["guidance_interval"], cache_interval=run["cache_interval"],
                               model_hash=model_hash.result(), **written)
-            path = outputs.next(f"{line:04d}-{image_seed}" if args.prompts else str(image_seed))
+            path = outputs.next(f"{line:04d}-{run['seed']}" if args.prompts else str(run["seed"]))
             recipe.write_png(image, path, recipe.infotext(r, sampler_fields))
+            made += 1
             bar.update()
             tqdm.write(str(path), file=sys.stdout)
+    except (KeyboardInterrupt, Stopped) as e:
+        bar.close()
+        raise Stopped(f"interrupted: wrote {made} of {total} images ({args.out})",
+                      e.code if isinstance(e, Stopped) else 130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     bar.close()
     return 0
+
+
+def _terminated(signum, frame):
+    raise Stopped("", 143)
 
 
 def _single_file_flags(p) -> None:
@@ -265,8 +282,7 @@ def cmd_convert(args) -> int:
     if src.resolve() == dst.resolve():
         raise GenError("gen convert: SRC and DST are the same path")
     pipe = Pipeline.from_pretrained(src, device="cpu", dtype=args.dtype, allow_pickle=args.allow_pickle,
-                                    tokenizer=args.tokenizer, prediction_type=args.prediction_type,
-                                    offload=args.offload)
+                                    tokenizer=args.tokenizer, prediction_type=args.prediction_type)
     pipe.save_pretrained(dst, single_file=dst.suffix == ".safetensors")
     print(f"wrote {dst} ({'single file' if dst.suffix == '.safetensors' else 'diffusers folder'}, "
           f"{pipe.family.title})")
@@ -451,6 +467,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"gen: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        if str(e):
+            print(f"gen: {e}", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
         print("gen: interrupted", file=sys.stderr)
         return 130

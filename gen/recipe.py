@@ -226,7 +226,10 @@ def write_png(image, path: str | Path, text: str) -> None:
 
     info = PngInfo()
     info.add_text("parameters", text)
-    image.save(str(path), pnginfo=info)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")  # renamed into place: an interrupted write leaves no broken PNG
+    image.save(str(tmp), format="PNG", pnginfo=info)
+    os.replace(tmp, path)
 
 
 # ---- hashes --------------------------------------------------------------------------------------------

@@ -12,13 +12,14 @@ whose leaves point into the safetensors file.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
+import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ STATE = "state.json"
 _NAME = re.compile(r"^step-(\d{8})$")
 # Fault-injection hook for tests: GEN_TEST_PAUSE_IN_SAVE=PHASE[@STEP] makes a process that reaches save
 # phase PHASE (of the step-STEP checkpoint, or of any) print PAUSE_ENV's name, the phase and the step to stderr
-# and sleep, so a test can SIGKILL it at a known point of a save. Phases, in order: see `Checkpointer.save`.
+# and wait, so a test can SIGKILL (or signal) it at a known point of a save. Phases, in order: see `Checkpointer.save`.
 PAUSE_ENV = "GEN_TEST_PAUSE_IN_SAVE"
 
 
@@ -48,7 +49,8 @@ def pause_point(phase: str, step: int) -> None:
     name, _, at = want.partition("@")
     if name == phase and (not at or int(at) == step):
         print(f"{PAUSE_ENV}: paused at {phase} of step {step} (pid {os.getpid()})", file=sys.stderr, flush=True)
-        time.sleep(3600)
+        while True:  # until killed, or a signal handler raises (a second Ctrl-C); handled signals resume the wait
+            signal.pause()
 
 
 # ---- nested state <-> (JSON skeleton, flat tensors) -----------------------------------------------
@@ -160,6 +162,28 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_HINTS = {errno.ENOSPC: "the disk is full: free space, then resume",
+          errno.EDQUOT: "over the disk quota: free space, then resume",
+          errno.EFBIG: "over a file size limit (ulimit -f) or the file system's: raise it, then resume",
+          errno.ENOENT: "a folder was removed or moved while saving: check what deletes files there, then resume",
+          errno.EACCES: "this user may not write there: fix the folder's permissions, then resume",
+          errno.EPERM: "this user may not write there: fix the folder's permissions, then resume",
+          errno.EROFS: "the file system is read-only: resume into a writable train.output_dir"}
+
+
+def write_error(e: Exception) -> str:
+    """What went wrong in a failed write, and what to do: from the errno of an OSError, or of the OS error a
+    SafetensorError quotes ("... (os error 2) ..."); the message itself otherwise."""
+    code = getattr(e, "errno", None)
+    if code is None:
+        found = re.search(r"os error (\d+)|code: (\d+)", str(e))
+        code = int(found.group(1) or found.group(2)) if found else None
+    if code is None:
+        return str(e)
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    return f"{os.strerror(code)}{where}: {_HINTS.get(code, 'fix that, then resume')}"
+
+
 # ---- the checkpoint folder --------------------------------------------------------------------
 class Checkpointer:
     """Saves and finds checkpoints under `root`; `barrier` syncs processes (accelerate's wait_for_everyone)."""
@@ -195,9 +219,8 @@ class Checkpointer:
             return self._save(step, shared, local, state)
         except (OSError, SafetensorError) as e:
             shutil.rmtree(self.root / f".tmp-step-{step:08d}", ignore_errors=True)
-            why = getattr(e, "strerror", None) or str(e)
-            raise GenError(f"could not write the step-{step} checkpoint in {self.root}: {why} (disk full?); the "
-                           "previous checkpoint is kept and nothing was pruned. Free space, then resume") from None
+            raise GenError(f"could not write the step-{step} checkpoint in {self.root}: {write_error(e)}; the "
+                           "previous checkpoint is kept and nothing was pruned") from None
 
     def _save(self, step: int, shared: dict[str, Any], local: dict[str, Any], state: dict) -> Path:
         """The save itself.

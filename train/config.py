@@ -91,6 +91,8 @@ class TrainOptions:
     ema_warmup: bool = True                 # decay ramps as (1 + n) / (10 + n)
     cond_dropout: float = 0.1               # fraction of captions replaced by "" (trains for CFG)
     checkpoint_every: int = 500
+    checkpoint_minutes: float | None = None  # also a checkpoint at least every N minutes of wall time
+    time_limit: float | None = None         # minutes this run may take; it stops with a checkpoint before
     keep_checkpoints: int = 2
     resume: str = "auto"                    # auto | none | path to a checkpoint folder
     max_bad_steps: int = 10                 # stop after this many consecutive steps with a NaN/inf loss
@@ -383,6 +385,8 @@ def validate(cfg: Config) -> Config:
               ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1),
               ("train.max_bad_steps", cfg.train.max_bad_steps >= 1),
               ("train.stop_at_step", cfg.train.stop_at_step is None or cfg.train.stop_at_step >= 1),
+              ("train.checkpoint_minutes", cfg.train.checkpoint_minutes is None or cfg.train.checkpoint_minutes > 0),
+              ("train.time_limit", cfg.train.time_limit is None or cfg.train.time_limit > 0),
               ("data.resolution", cfg.data.resolution >= 8), ("data.num_images", cfg.data.num_images >= 1),
               ("optim.warmup_steps", cfg.optim.warmup_steps >= 0), ("objective.logit_std", cfg.objective.logit_std > 0),
               ("objective.shift", cfg.objective.shift > 0), ("log.every", cfg.log.every >= 1)]

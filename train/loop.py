@@ -22,11 +22,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from gen.errors import GenError
+from gen.errors import GenError, Stopped
 from train.checkpoint import Checkpointer, rng_state, set_rng_state
 from train.config import Config
 from train.data import TrainData, loader
 from train.ema import EMA
+from train.lock import hold
+from train.signals import EXIT_CODES, Guard
 
 log = logging.getLogger("gen")
 
@@ -159,16 +161,25 @@ def accelerator(cfg: Config):
 
 
 def train(cfg: Config, task_class=None) -> Path:
-    """Runs (or resumes) a training run; returns the exported model folder."""
-    from train.task import DenoiserTask
-
+    """Runs (or resumes) a training run; returns the exported model folder. One run at a time per
+    train.output_dir (train/lock.py); SIGTERM, Ctrl-C and SIGUSR1 save a checkpoint (train/signals.py)."""
+    start = time.time()  # the wall-time budget (train.time_limit) counts from here
     acc = accelerator(cfg)
     dtype = weight_dtype(cfg.train.mixed_precision, acc.device)  # before anything is written or loaded
-    main, rank, world = acc.is_main_process, acc.process_index, acc.num_processes
-    launched = int(os.environ.get("WORLD_SIZE", world))
-    if launched != world:
+    launched = int(os.environ.get("WORLD_SIZE", acc.num_processes))
+    if launched != acc.num_processes:
         raise GenError(f"launched as {launched} processes, but accelerate runs this one alone (on CPU, launch "
                        "with `accelerate launch --multi_gpu --num_processes N` or torchrun)")
+    guard = Guard(cfg.train.checkpoint_minutes, cfg.train.time_limit, start, acc.device, acc.num_processes,
+                  acc.is_main_process)
+    with hold(Path(cfg.train.output_dir), "train.output_dir", acc), guard:
+        return _train(cfg, task_class, acc, dtype, guard)
+
+
+def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Path:
+    from train.task import DenoiserTask
+
+    main, rank, world = acc.is_main_process, acc.process_index, acc.num_processes
     run_dir = Path(cfg.train.output_dir)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -219,6 +230,8 @@ def train(cfg: Config, task_class=None) -> Path:
             log.info("resumed from %s (step %d)", found, step)
 
     def save() -> None:
+        nonlocal saved
+        began = time.monotonic()
         shared = {"model": acc.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict()}
         if ema is not None:
             shared["ema"] = ema.state_dict()
@@ -226,6 +239,8 @@ def train(cfg: Config, task_class=None) -> Path:
                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                  "ema_updates": ema.num_updates if ema else 0, "config": cfg.to_dict()}
         ckpt.save(step, shared, {"rng": rng_state()}, state)
+        saved = step
+        guard.saved(time.monotonic() - began)
 
     def sampling_model():
         return ema.model if ema is not None and cfg.validation.use_ema else acc.unwrap_model(model)
@@ -248,11 +263,17 @@ def train(cfg: Config, task_class=None) -> Path:
     accum, per_step = cfg.train.grad_accum, cfg.train.batch_size * world * cfg.train.grad_accum
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not (main and cfg.log.progress),
                desc="train", dynamic_ncols=True)
-    loss_sum, n_logged, t0, saved = torch.zeros((), device=acc.device), 0, time.perf_counter(), step
+    loss_sum, n_logged, t0 = torch.zeros((), device=acc.device), 0, time.perf_counter()
     waited, windows = 0.0, 0  # seconds this process spent blocked on the data loader in this log window
     stop = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
     bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient
-    while step < stop:
+    saved = step if found else -1  # a stop before the first step of a new run still leaves a checkpoint
+    while True:
+        act = guard.poll()  # a step boundary: signals and clocks, the same answer in every process
+        if act.save and saved != step:
+            save()
+        if act.stop or step >= stop:
+            break
         bad = torch.zeros((), dtype=torch.bool, device=acc.device)
         step_loss, skip = torch.zeros((), device=acc.device), False
         for micro in range(accum):
@@ -304,19 +325,22 @@ def train(cfg: Config, task_class=None) -> Path:
             n_logged, t0, waited, windows = 0, time.perf_counter(), 0.0, windows + 1
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             save()
-            saved = step
         if cfg.validation.every and step % cfg.validation.every == 0 and step < cfg.train.max_steps:
             validate()
     bar.close()
     if saved != step:
         save()  # the end of a run is always resumable (e.g. to train it further)
-    if step < cfg.train.max_steps:  # paused by train.stop_at_step: no validation, no export
-        if main:
-            log.info("stopped at step %d of %d (train.stop_at_step); run again with the same config to resume",
-                     step, cfg.train.max_steps)
+    if step < cfg.train.max_steps or guard.signal:  # paused (stop_at_step, a signal, a deadline): no export
         trackers.close()
         acc.wait_for_everyone()
-        return run_dir / "checkpoints" / f"step-{step:08d}"
+        where = run_dir / "checkpoints" / f"step-{step:08d}"
+        line = (f"stopped at step {step} of {cfg.train.max_steps} ({guard.reason or 'train.stop_at_step'}): "
+                f"checkpoint {where}; run the same command again to resume (train.resume=auto)")
+        if guard.signal:
+            raise Stopped(line if main else "", EXIT_CODES.get(guard.signal, 143))
+        if main:
+            log.info(line)
+        return where
     validate()
     out = run_dir / getattr(task, "export_name", "model")  # a model folder, or a task's file (a LoRA)
     if main:

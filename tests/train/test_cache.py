@@ -125,3 +125,32 @@ def test_cached_training_matches_uncached_and_skips_the_encoders(shapes, base_di
     a, b = checkpoint_tensors(tmp_path / "plain", 3), checkpoint_tensors(tmp_path / "cached", 3)
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
+
+
+def test_one_build_per_cache_folder(shapes, base_dit, tmp_path, caplog):
+    """A cache folder another live process is building is refused, naming it; once that process is dead, its
+    lock is taken over with a warning and the build runs."""
+    import signal
+
+    from gen.errors import GenError
+    from train.data.cache import cache_folder, key_parts
+    from train.lock import NAME
+
+    cfg = cache_config(base_dit, shapes, tmp_path)
+    pipe, data = Pipeline.from_pretrained(base_dit), TrainData(cfg.data, 0)
+    folder = cache_folder(cfg, key_parts(data, pipe.text, pipe.vae))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from train.lock import acquire; acquire(Path(sys.argv[1]), 'x'); print('held', "
+                               "flush=True); time.sleep(600)", str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(GenError, match=f"the cache folder {folder} is in use by another run: process "
+                                           f"{holder.pid} on {socket.gethostname()}"):
+            build(cfg, data, pipe.text, pipe.vae, progress=False)
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    with caplog.at_level("WARNING", logger="gen"):
+        assert build(cfg, data, pipe.text, pipe.vae, progress=False) == (folder, True)
+    assert f"taking over the stale lock of process {holder.pid}" in caplog.text
+    assert (folder / "index.json").is_file() and not (folder / NAME).exists()

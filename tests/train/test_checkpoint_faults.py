@@ -78,3 +78,19 @@ def test_a_full_disk_is_a_clear_error_and_loses_nothing(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000001"]  # no partial, nothing pruned
     assert {p.name: p.read_bytes() for p in (root / "step-00000001").iterdir()} == before
     assert loaded_step(ck) == 1
+
+
+def test_a_folder_removed_while_saving_is_named_as_such(tmp_path):
+    """Not "disk full?": the save says a folder went away under it, and keeps the previous checkpoint."""
+    import shutil
+
+    root = tmp_path / "ckpt"
+    save_in_process(root, 1)
+    partial = root / ".tmp-step-00000002"
+    ck = Checkpointer(root, keep=1, barrier=lambda: shutil.rmtree(partial, ignore_errors=True))  # after its mkdir
+    with pytest.raises(GenError) as e:
+        ck.save(2, {"model": {"w": torch.zeros(N)}}, {"rng": {"s": torch.tensor([2])}}, {"position": 2})
+    message = str(e.value)
+    assert message.startswith(f"could not write the step-2 checkpoint in {root}: No such file or directory")
+    assert "removed or moved while saving" in message and "disk" not in message
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000001"] and loaded_step(ck) == 1

@@ -21,6 +21,7 @@ from train.data.buckets import Buckets, BucketSampler
 from train.data.folder import ImageFolder
 from train.data.shapes import ShapesWorld
 from train.data.shards import Shards, ShardStream
+from train.signals import ignore_stop_signals
 
 
 def build_source(cfg: DataConfig) -> ImageFolder | ShapesWorld | Shards:
@@ -158,14 +159,13 @@ class OrderSampler(Sampler):
 def loader(data, batch_size: int, position: int, world: int, rank: int, num_workers: int = 0) -> DataLoader:
     """Batches from stream position `position` (samples consumed by all processes) on, for process `rank`.
     `data` is a TrainData or a cache (train/data/cache.py) with the same surface."""
+    workers = dict(num_workers=num_workers, persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals)
     if getattr(data, "streaming", False):
-        return DataLoader(ShardStream(data, batch_size, position, world, rank), batch_size=None,
-                          num_workers=num_workers, persistent_workers=num_workers > 0)
+        return DataLoader(ShardStream(data, batch_size, position, world, rank), batch_size=None, **workers)
     if data.assignment is not None:
         sampler = BucketSampler(data.assignment, data.seed, batch_size, position, world, rank)
         if rank == 0:
             print(data.buckets.report(data.assignment, batch_size), file=sys.stderr)
     else:
         sampler = OrderSampler(len(data), data.seed, batch_size, position, world, rank)
-    return DataLoader(data, batch_sampler=sampler, collate_fn=data.collate, num_workers=num_workers,
-                      persistent_workers=num_workers > 0)
+    return DataLoader(data, batch_sampler=sampler, collate_fn=data.collate, **workers)

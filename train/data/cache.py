@@ -15,6 +15,7 @@ mirrored image's too when data.flip is on, and the caption's hidden states and p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ from gen.errors import GenError
 from gen.models import vae as vae_lib
 from train.data import TrainData, collate, transform
 from train.data.shards import decode
+from train.lock import hold
 
 log = logging.getLogger("gen")
 
@@ -136,7 +138,14 @@ def build(cfg, data: TrainData, text, vae, rank: int = 0, world: int = 1, wait=l
         if rank == 0:
             log.info("reusing the latent/text cache %s", folder)
         return folder, False
-    folder.mkdir(parents=True, exist_ok=True)
+    with hold(folder, "the cache folder") if rank == 0 else contextlib.nullcontext():  # one build at a time
+        wait()  # the other processes write once process 0 holds the lock
+        _write(folder, cfg, data, text, vae, rank, world, wait, progress)
+    return folder, True
+
+
+def _write(folder: Path, cfg, data: TrainData, text, vae, rank: int, world: int, wait, progress: bool) -> None:
+    """Every process encodes its units; process 0 then merges their item lists into index.json."""
     for stale in folder.glob(f"w{world:03d}-r{rank:03d}-*"):  # an interrupted build of this process
         stale.unlink()
     units = _units(data, 4 * cfg.train.batch_size)[rank::world]
@@ -175,7 +184,6 @@ def build(cfg, data: TrainData, text, vae, rank: int = 0, world: int = 1, wait=l
                 f.unlink()  # left by an interrupted build with another number of processes
         print(f"cached latents and text embeddings of {n} images in {folder}", file=sys.stderr)
     wait()
-    return folder, True
 
 
 def _size(data: TrainData, i: int, img) -> int | tuple[int, int]:
