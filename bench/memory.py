@@ -59,7 +59,8 @@ FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=3
 
 # family -> {component: (builder, config)}, text encoders first
 FAMILIES = {
-    "SD-1.5": {"CLIP-L": (CLIPTextModel, CLIP_L), "UNet": (UNet2DConditionModel, dict(cross_attention_dim=768)), "VAE": (AutoencoderKL, VAE_SD)},
+    "SD-1.5": {"CLIP-L": (CLIPTextModel, CLIP_L), "UNet": (UNet2DConditionModel, dict(cross_attention_dim=768)),
+               "VAE": (AutoencoderKL, VAE_SD)},
     "SDXL": {"CLIP-L": (CLIPTextModel, CLIP_L), "CLIP-G": (CLIPTextModelWithProjection, CLIP_G),
              "UNet": (UNet2DConditionModel, SDXL_UNET), "VAE": (AutoencoderKL, VAE_SD)},
     "SD3.5-medium": {"CLIP-L": (CLIPTextModelWithProjection, CLIP_L), "CLIP-G": (CLIPTextModelWithProjection, CLIP_G),
