@@ -189,7 +189,7 @@ def bench(preset: str, folder: Path, size: int, steps: int, dtype: str, device: 
         pipe = Pipeline.from_pretrained(folder, device=device, dtype=dtype, **load)
         pipe.progress = False
         runs[name] = (lambda p, c: lambda: p(PROMPT, negative_prompt=NEGATIVE, seed=0, **settings, **c).images)(pipe, call)
-    outs, times = {}, {name: [] for name in runs}
+    outs, times, cpu = {}, {name: [] for name in runs}, {name: [] for name in runs}
     for name, run in runs.items():  # warm-up (compiles where asked)
         t = time.perf_counter()
         outs[name] = run()
@@ -197,11 +197,13 @@ def bench(preset: str, folder: Path, size: int, steps: int, dtype: str, device: 
         warmup[name] = time.perf_counter() - t
     for _ in range(repeats):
         for name, run in runs.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             outs[name] = run()
             sync()
             times[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
     med = {name: getattr(statistics, stat, min)(ts) for name, ts in times.items()}
+    used = {name: getattr(statistics, stat, min)(ts) for name, ts in cpu.items()}  # CPU seconds: robust to load
     syncs = ""
     if device.startswith("cuda") and "default" in runs:  # host syncs in one whole gen call (steps: {steps})
         import warnings
@@ -215,11 +217,12 @@ def bench(preset: str, folder: Path, size: int, steps: int, dtype: str, device: 
     n_params = sum(p.numel() for p in denoiser.parameters()) / 1e6
     print(f"\n{preset}: {type(denoiser).__name__} {n_params:.0f}M params, {size} px, {steps} steps, guidance "
           f"{guidance}, {sampler}, {dtype}, {device}, {stat} of {repeats}{syncs}")
-    print(f"  {'diffusers':<16} {med['diffusers']:8.3f} s/img")
+    print(f"  {'diffusers':<16} {med['diffusers']:8.3f} s/img  (process CPU time {used['diffusers']:.3f} s/img)")
     ref, exact = outs["diffusers"], outs.get("default")
     for name in variants:
         line = (f"  {'gen ' + name:<16} {med[name]:8.3f} s/img  {med['diffusers'] / med[name]:5.2f}x diffusers  "
-                f"max|diff| vs diffusers {np.abs(outs[name] - ref).max():.1e}")
+                f"max|diff| vs diffusers {np.abs(outs[name] - ref).max():.1e}; process CPU time {used[name]:.3f} s/img, "
+                f"gen/diffusers {used[name] / used['diffusers']:.2f}")
         approximate = any(part.startswith(("fast", "gi")) for part in name.split("+"))
         if approximate and exact is not None:
             line += (f"; vs gen exact: max|diff| {np.abs(outs[name] - exact).max():.3f}, "
