@@ -203,7 +203,7 @@ def cmd_sample(args) -> int:
                                     attention=args.attention, allow_pickle=args.allow_pickle,
                                     compile=args.compile, channels_last=args.channels_last,
                                     tokenizer=args.tokenizer, prediction_type=args.prediction_type,
-                                    offload=args.offload)
+                                    base=args.base, offload=args.offload)
     model_path = Path(args.model) if args.model else DEFAULT_MODEL
     model_hash = ThreadPoolExecutor(1).submit(recipe.model_hash, model_path)  # hashed while sampling
     loras = [(str(Path(p).resolve()), s) for p, s in args.lora or []]
@@ -259,6 +259,9 @@ def _terminated(signum, frame):
 def _single_file_flags(p) -> None:
     p.add_argument("--tokenizer", default=None, metavar="FOLDER",
                    help="for a single file without one: a diffusers folder whose tokenizer/ (tokenizer_2/) to use")
+    p.add_argument("--base", default=None, metavar="FOLDER",
+                   help="for an SD3/Flux single file lacking parts (a transformer-only Flux finetune): a diffusers "
+                        "folder of the same family whose text encoders, tokenizers, VAE and scheduler to use")
     p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
                    help="for a single file: what its denoiser predicts, which weights cannot tell (SD-2.x 768 "
                         "models: v_prediction); default: what gen recorded in the file, else epsilon")
@@ -282,7 +285,7 @@ def cmd_convert(args) -> int:
     if src.resolve() == dst.resolve():
         raise GenError("gen convert: SRC and DST are the same path")
     pipe = Pipeline.from_pretrained(src, device="cpu", dtype=args.dtype, allow_pickle=args.allow_pickle,
-                                    tokenizer=args.tokenizer, prediction_type=args.prediction_type)
+                                    tokenizer=args.tokenizer, prediction_type=args.prediction_type, base=args.base)
     pipe.save_pretrained(dst, single_file=dst.suffix == ".safetensors")
     print(f"wrote {dst} ({'single file' if dst.suffix == '.safetensors' else 'diffusers folder'}, "
           f"{pipe.family.title})")

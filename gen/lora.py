@@ -101,7 +101,7 @@ def file_prefixes(family: families.Family, layout: str) -> dict[str, str]:
 def _family_mismatch(lora: LoraFile, family: families.Family, source: str) -> str | None:
     """A one-line message when the file is recognisably for another model family than `family`."""
     texts = {c: (p if lora.layout == "kohya" else None) for c, p in lora.prefixes.items() if is_text(c)}
-    theirs = families.lora_families(texts, lora.metadata)
+    theirs = families.lora_families(texts, lora.metadata, lora.factors.get(DENOISER, ()))
     if not theirs or type(family) in theirs:
         return None
     mine = file_prefixes(family, lora.layout)
@@ -123,6 +123,8 @@ def match(lora: LoraFile, models: dict[str, nn.Module], family: families.Family,
     for comp, factors in lora.factors.items():
         model = models.get(comp)
         layers = adaptable_layers(model, comp) if model is not None else {}
+        if comp == DENOISER and model is not None:  # SD3/Flux files may name the original layout's layers
+            factors = family.lora_from_file(factors, lora.layout == "kohya", model)
         names = {(flat(comp, n) if lora.layout == "kohya" else n): n for n in layers}
         if lora.prefixes.get(comp, "") not in ("", prefixes.get(comp)):
             names = {}  # a transformer LoRA on a UNet, an SD lora_te_ on SDXL's lora_te1_: nothing can match
@@ -261,7 +263,6 @@ class Adapters:
     def load(self, path: str | Path, scale: float = 1.0, adapter_name: str | None = None,
              allow_pickle: bool = False) -> str:
         self._unfused("load_lora")
-        self.pipe.family.check_supported("LoRA")
         _check_weight(scale)
         path = Path(path)
         name = self._name(adapter_name, path)
@@ -394,6 +395,8 @@ def save_lora(path: str | Path, denoiser: nn.Module, text_encoder: nn.Module | d
     if not factors:
         raise GenError(f"these models have no LoRA adapter named {adapter_name!r}")
     family = family or families.detect_models(denoiser, list(texts.values()))
+    if format == "kohya" and DENOISER in factors:  # SD3/Flux: kohya files name the original layout's layers
+        factors[DENOISER] = family.lora_to_file(factors[DENOISER], denoiser)
     return write(path, factors, format, denoiser_prefix=family.denoiser_part,
                  base_version=family.kohya_version(denoiser, formulation), recipe=recipe, base_model=base_model,
                  dtype=dtype, text_prefixes=family.kohya_text, family=family.name)

@@ -18,12 +18,10 @@ import torch
 
 from gen import families, formulations
 from gen.errors import GenError
-from gen.families import ldm
+from gen.families import ldm, mmdit_file
 from gen.io import PICKLE_SUFFIXES, check_safetensors, load_state_dict, write_safetensors
 
 META = "gen"  # the header's __metadata__ key holding gen's JSON (family, prediction type, defaults, hints)
-# Layouts gen recognises but cannot load yet: a key fragment -> the family's name.
-NOT_YET = (("joint_blocks.", "SD3"), ("double_blocks.", "Flux"), ("single_blocks.", "Flux"))
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -43,17 +41,15 @@ def header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
 
 
 def is_checkpoint(keys) -> bool:
-    """Whether a file's keys are a whole model's single-file checkpoint (one gen reads, or SD3/Flux)."""
-    return any(k.startswith(ldm.UNET) or any(f in k for f, _ in NOT_YET) for k in keys)
+    """Whether a file's keys are a model's single-file checkpoint: a UNet's or an original-layout transformer's
+    (SD3/Flux; possibly the transformer alone, with bare keys)."""
+    keys = set(keys)
+    return any(k.startswith(ldm.UNET) for k in keys) or any(f.recognises_file(keys, {}) for f in families.families())
 
 
 def detect(path: Path, shapes: dict) -> type[families.Family]:
     """The family of a single file from its keys and shapes, or a one-line GenError saying what it is."""
     keys = set(shapes)
-    for fragment, name in NOT_YET:
-        if any(fragment in k for k in keys):
-            raise GenError(f"{path} is a {name} single file ({fragment}* keys): SD3/Flux single files are not "
-                           "supported yet (gen has no SD3/Flux family); convert it to a diffusers folder")
     for fam in families.families():
         refusal = fam.refuses_file(keys, shapes)
         if refusal:
@@ -62,7 +58,7 @@ def detect(path: Path, shapes: dict) -> type[families.Family]:
             return fam
     tops = sorted({".".join(k.split(".")[:2]) for k in keys})[:4]
     raise GenError(f"{path}: a single file of an architecture gen does not know (keys under {', '.join(tops)}); "
-                   "gen reads SD-1.x, SD-2.x and SDXL files in the original layout (model.diffusion_model.*)")
+                   "gen reads SD-1.x, SD-2.x, SDXL, SD3/3.5 and Flux files in the original layout")
 
 
 class _Source:
@@ -97,26 +93,26 @@ def _gen_meta(meta: dict) -> dict:
         raise GenError(f"the file's '{META}' metadata is not JSON") from None
 
 
-def tokenizers(path: Path, family, given: str | Path | None, meta: dict) -> dict:
-    """Each text tower's CLIPTokenizer: from `given` (a diffusers folder, or a tokenizer folder), else the file's
-    metadata (gen writes it there), else a tokenizer/ folder beside the file; none: a one-line GenError."""
-    from transformers import CLIPTokenizer
-
+def tokenizers(path: Path, texts, family, given: str | Path | None, meta: dict) -> dict:
+    """The tokenizer of each text tower in `texts` (the family's file_texts): from `given` (a diffusers folder, or
+    a tokenizer folder), else the file's metadata (gen writes it there), else a tokenizer/ folder beside the file;
+    none: a one-line GenError."""
     out = {}
-    for _, tok, _, _ in family.file_texts:
+    for _, tok, _, _ in texts:
+        klass = family.tokenizer_class(tok)
         where = [Path(given) / tok, Path(given)] if given else [path.parent / tok]
         folder = next((p for p in where if (p / "tokenizer_config.json").is_file()), None)
         if folder is None and not given and f"{META}.{tok}" in meta:
             with tempfile.TemporaryDirectory() as tmp:
                 for name, text in json.loads(meta[f"{META}.{tok}"]).items():
                     (Path(tmp) / Path(name).name).write_text(text)
-                out[tok] = CLIPTokenizer.from_pretrained(tmp)
+                out[tok] = klass.from_pretrained(tmp)
             continue
         if folder is None:
             hint = f" ({given} has no {tok}/)" if given else ""
             raise GenError(f"{path} carries no tokenizer{hint}: pass --tokenizer FOLDER (tokenizer=FOLDER), a diffusers "
                            f"{family.title} folder whose {tok}/ gen uses, or put {tok}/ beside the file")
-        out[tok] = CLIPTokenizer.from_pretrained(folder)
+        out[tok] = klass.from_pretrained(folder)
     return out
 
 
@@ -139,8 +135,10 @@ def _fill(model, state: dict, what: str):
     return model
 
 
-def load(path: Path, tokenizer=None, prediction_type: str | None = None, allow_pickle: bool = False) -> dict:
-    """A single file -> Pipeline keyword arguments (models, tokenizers, scheduler config, gen's settings)."""
+def load(path: Path, tokenizer=None, prediction_type: str | None = None, allow_pickle: bool = False,
+         base=None) -> dict:
+    """A single file -> Pipeline keyword arguments (models, tokenizers, scheduler config, gen's settings).
+    `base`: a diffusers folder supplying what an SD3/Flux file lacks (gen/families/mmdit_file.py)."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig
 
@@ -149,9 +147,18 @@ def load(path: Path, tokenizer=None, prediction_type: str | None = None, allow_p
     src = _Source(path, allow_pickle)
     family = detect(path, src.shapes)
     gm = _gen_meta(src.meta)
+    if family.file_layout != "LDM":
+        if prediction_type is not None:
+            raise GenError(f"prediction_type is for DDPM models; a {family.title} file is rectified flow")
+        try:
+            return mmdit_file.load(path, src, family, tokenizer, base, gm)
+        except KeyError as e:  # a weight the shapes are read from
+            raise GenError(f"{path}: an incomplete {family.title} file: it has no {e.args[0]}") from None
+    if base is not None:
+        raise GenError(f"base is for SD3/Flux files; a {family.title} file holds every part (tokenizer: --tokenizer)")
     hints = gm.get("hints", {})
     pred = prediction_type or gm.get("prediction_type") or "epsilon"
-    parts = tokenizers(path, family, tokenizer, src.meta)
+    parts = tokenizers(path, family.file_texts, family, tokenizer, src.meta)
     convention = family.file_convention(pred)
     for enc, tok, prefix, kind in family.file_texts:
         cfg = ldm.text_config(src.shapes, prefix, kind, hints.get(enc, {}), family.file_penultimate, parts[tok])
@@ -192,15 +199,17 @@ def save(pipe, path: Path) -> None:
     if path.suffix != ".safetensors":
         raise GenError(f"a single file is written as .safetensors, not {path.name}")
     tensors, hints, meta = {}, {}, {}
-    for (enc, tok, prefix, kind), text in zip(family.file_texts, pipe.texts):
-        tensors |= ldm.to_ldm(enc, text.model, prefix, kind)
-        hints[enc] = {k: _json(getattr(text.model.config, k)) for k in ldm.HIDDEN["text"]}
-        with tempfile.TemporaryDirectory() as tmp:
-            text.tokenizer.save_pretrained(tmp)
-            meta[f"{META}.{tok}"] = json.dumps({p.name: p.read_text() for p in Path(tmp).iterdir() if p.is_file()})
-    for part, model in (("unet", pipe.denoiser), ("vae", pipe.vae)):
-        tensors |= ldm.to_ldm(part, model)
-        hints[part] = {k: _json(model.config[k]) for k in ldm.HIDDEN[part] if k in model.config}
+    for (_, tok, _, _), text in zip(family.file_texts, pipe.texts):
+        meta[f"{META}.{tok}"] = _tokenizer_files(text.tokenizer)
+    if family.file_layout != "LDM":
+        tensors, hints = mmdit_file.tensors(pipe)
+    else:
+        for (enc, tok, prefix, kind), text in zip(family.file_texts, pipe.texts):
+            tensors |= ldm.to_ldm(enc, text.model, prefix, kind)
+            hints[enc] = {k: _json(getattr(text.model.config, k)) for k in ldm.HIDDEN["text"]}
+        for part, model in (("unet", pipe.denoiser), ("vae", pipe.vae)):
+            tensors |= ldm.to_ldm(part, model)
+            hints[part] = {k: _json(model.config[k]) for k in ldm.HIDDEN[part] if k in model.config}
     scheduler = make_scheduler(pipe.defaults["sampler"], pipe.formulation, pipe.scheduler_config)
     pred = getattr(pipe.formulation, "prediction_type", None)
     meta[META] = json.dumps({"family": family.name, "prediction_type": pred, "hints": hints,
@@ -212,11 +221,27 @@ def save(pipe, path: Path) -> None:
     write_safetensors(path, tensors, meta)
 
 
+def _tokenizer_files(tokenizer) -> str:
+    """A tokenizer's files as JSON {name: text}, for the header (a binary sentencepiece model is left out: the fast
+    tokenizer's tokenizer.json holds the same vocabulary)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = {}
+        for p in sorted(Path(tmp).iterdir()):
+            try:
+                files[p.name] = p.read_text()
+            except UnicodeDecodeError:
+                continue
+    return json.dumps(files)
+
+
 def describe(path: Path, shapes: dict, meta: dict) -> list[str]:
     """`gen info` lines for a single file: family, layout, parameters per component, gen's settings."""
     from math import prod
 
     family = detect(path, shapes)
+    if family.file_layout != "LDM":
+        return mmdit_file.describe(family, shapes)
     prefixes = {enc: prefix for enc, _, prefix, _ in family.file_texts} | {"unet": ldm.UNET, "vae": ldm.VAE}
     lines = [f"  family: {family.title}", "  layout: single file (original LDM/A1111 layout)"]
     for part, prefix in prefixes.items():

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The triton kernels run on CPU tensors in triton's interpreter. triton reads the variable when it is first imported,
+# and diffusers imports it through torch, so it is set here, before any test module: then no test order matters.
+# (The ahead-of-time compile tests run their compiler in a subprocess without it.)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def quiet_pipeline(folder, **kwargs):

@@ -117,11 +117,6 @@ def test_latent_output_is_unpacked_and_unsupported_options_are_refused(ours):
         ours("a cat", height=16, width=16, num_inference_steps=2, skip_guidance_layers=[0])
 
 
-def test_lora_is_refused_with_one_line(ours, tmp_path):
-    with pytest.raises(GenError, match=r"^LoRA is not supported for Flux models yet; gen samples them only$"):
-        ours.load_lora(tmp_path / "missing.safetensors")
-
-
 def test_true_cfg_on_another_family_is_refused(dit_pipe):
     with pytest.raises(GenError, match="true_cfg_scale"):
         dit_pipe("a cat", num_inference_steps=1, true_cfg_scale=2.0)

@@ -224,8 +224,8 @@ def _write(path, tensors: dict) -> None:
 
 
 @pytest.mark.parametrize("keys, match", [
-    ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4, 4)}, "SD3/Flux single files are not"),
-    ({"double_blocks.0.img_attn.qkv.weight": (4, 4)}, "SD3/Flux single files are not"),
+    ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4, 4)}, "holds no text_encoder, text_encoder_2, vae"),
+    ({"double_blocks.0.img_attn.qkv.weight": (4, 4)}, "holds no text_encoder, text_encoder_2, vae"),
     ({"encoder.layers.0.weight": (4, 4)}, "architecture gen does not know"),
 ])
 def test_unknown_and_unsupported_architectures(tmp_path, keys, match):

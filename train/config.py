@@ -87,6 +87,7 @@ class TrainOptions:
     grad_accum: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # fsdp: shard the model by block over the processes
     ema_decay: float = 0.999                # 0 disables EMA
     ema_warmup: bool = True                 # decay ramps as (1 + n) / (10 + n)
     cond_dropout: float = 0.1               # fraction of captions replaced by "" (trains for CFG)

@@ -26,6 +26,7 @@ from gen.errors import GenError, Stopped
 from train.checkpoint import Checkpointer, rng_state, set_rng_state
 from train.config import Config
 from train.data import TrainData, loader
+from train.distributed import Sharded, plain
 from train.ema import EMA
 from train.lock import hold
 from train.signals import EXIT_CODES, Guard
@@ -204,10 +205,13 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
     if cfg.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     ema = EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay > 0 else None
+    sharded = Sharded(acc, cfg.train.mixed_precision, dtype) if cfg.train.distributed == "fsdp" else None
+    if sharded:  # before the optimizer, which then holds the shards (train/distributed.py)
+        sharded.shard(model, ema)
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))  # stepped by us, once per step
-    model, optimizer = acc.prepare(model, optimizer)
+    model, optimizer = (model, acc.prepare(optimizer)) if sharded else acc.prepare(model, optimizer)
     fingerprint = json.loads(json.dumps({**task.fingerprint(), "data": data.fingerprint()}))
 
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints, rank, acc.wait_for_everyone)
@@ -216,10 +220,15 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
     if found:
         shared, local, state = ckpt.load(found)
         _check_fingerprint(state["fingerprint"], fingerprint, found)
-        acc.unwrap_model(model).load_state_dict(shared["model"])
-        if ema is not None and "ema" in shared:
-            ema.load_state_dict(shared["ema"], state["ema_updates"])
-        optimizer.load_state_dict(shared["optimizer"])
+        if sharded:
+            sharded.load(local, state, model, optimizer, ema)
+        elif "model" not in shared:
+            raise GenError(f"cannot resume from {found}: it was saved sharded; set train.distributed=fsdp")
+        else:
+            acc.unwrap_model(model).load_state_dict(shared["model"])
+            if ema is not None and "ema" in shared:
+                ema.load_state_dict(shared["ema"], state["ema_updates"])
+            optimizer.load_state_dict(shared["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if acc.scaler is not None and state.get("scaler"):
             acc.scaler.load_state_dict(state["scaler"])
@@ -232,23 +241,31 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
     def save() -> None:
         nonlocal saved
         began = time.monotonic()
-        shared = {"model": acc.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict()}
-        if ema is not None:
-            shared["ema"] = ema.state_dict()
+        shared, local = {}, {"rng": rng_state()}
+        if sharded:  # each process's shards (train/distributed.py)
+            local |= sharded.state(model, optimizer, ema)
+        else:
+            shared = {"model": acc.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict()}
+            if ema is not None:
+                shared["ema"] = ema.state_dict()
         state = {"position": position, "scheduler": scheduler.state_dict(), "fingerprint": fingerprint,
                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                 "ema_updates": ema.num_updates if ema else 0, "config": cfg.to_dict()}
-        ckpt.save(step, shared, {"rng": rng_state()}, state)
+                 "ema_updates": ema.num_updates if ema else 0, "config": cfg.to_dict(),
+                 "sharded_over": acc.num_processes if sharded else None}
+        ckpt.save(step, shared, local, state)
         saved = step
         guard.saved(time.monotonic() - began)
 
     def sampling_model():
-        return ema.model if ema is not None and cfg.validation.use_ema else acc.unwrap_model(model)
+        """The model to sample from, on the main process; every process calls it (FSDP gathers shards)."""
+        chosen = ema.model if ema is not None and cfg.validation.use_ema else acc.unwrap_model(model)
+        return sharded.full(chosen) if sharded else chosen
 
     def validate() -> None:
-        images = task.validate(sampling_model()) if main else None
+        sampler = sampling_model()
+        images = task.validate(sampler) if main else None
         if main and hasattr(task, "metrics"):  # held-out quality of a stage (PSNR, retrieval)
-            metrics = task.metrics(sampling_model())
+            metrics = task.metrics(sampler)
             trackers.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
             log.info("step %d: %s", step, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
         if images:
@@ -287,7 +304,7 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
                 if acc.sync_gradients:
                     # max_norm=inf measures the norm without clipping; under fp16 the grad scaler itself
                     # skips steps whose (scaled) gradients overflow, so only the loss counts there
-                    norm = acc.clip_grad_norm_(model.parameters(), o.grad_clip if o.grad_clip > 0 else math.inf)
+                    norm = plain(acc.clip_grad_norm_(model.parameters(), o.grad_clip if o.grad_clip > 0 else math.inf))
                     if acc.scaler is None:
                         bad |= ~torch.isfinite(norm)
                     skip = acc.reduce(bad.float(), "sum").item() > 0  # one host sync per step; every process agrees
@@ -343,9 +360,10 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
         return where
     validate()
     out = run_dir / getattr(task, "export_name", "model")  # a model folder, or a task's file (a LoRA)
+    sampler = sampling_model()
     if main:
         recipe = {**cfg.to_dict(), "trained_steps": step}
-        task.export(sampling_model(), out, recipe)
+        task.export(sampler, out, recipe)
         print(f"wrote {out}", file=sys.stderr)
     trackers.close()
     acc.wait_for_everyone()

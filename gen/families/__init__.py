@@ -45,16 +45,19 @@ class Family:
     kohya_base = ""  # kohya's ss_base_model_version for this family ("": none, gen names it gen_unet)
     # the denoiser's LoRA targets (peft regexes over module names): attention projections, feed-forward layers
     lora_targets = {"attn": r"attn[12]\.(to_q|to_k|to_v|to_out\.0)", "ff": r"ff\.net\.(0\.proj|2)"}
+    # how the denoiser's layer names in LoRA files begin (diffusers' and the original layout's): tells families
+    # that share kohya's text prefixes apart (lora_families)
+    denoiser_blocks = ("down_blocks", "mid_block", "up_blocks", "input_blocks", "middle_block", "output_blocks")
     objective = "DDPM"  # for the README's table and `gen info`
     index_extra: dict = {}  # model_index.json entries besides the components
     text_max_length: dict = {}  # text encoder folder -> the token length its prompts are padded to (else its own)
     fast_mode = True  # whether gen.fastmode's feature cache knows the denoiser
-    sampling_only = False  # training and LoRA are not implemented for the family yet
+    sampling_only = False  # training (full or LoRA) is not implemented for the family yet; LoRA files load
     skip_layers = False  # whether predict() takes skip_layers (skip-layer guidance)
     sequence_part = None  # the text encoder folder whose token length max_sequence_length sets (a T5)
 
     def check_supported(self, what: str) -> None:
-        """A one-line GenError where `what` (training, LoRA) needs more than sampling from a sampling-only family."""
+        """A one-line GenError where `what` (training) needs more than sampling from a sampling-only family."""
         if self.sampling_only:
             raise GenError(f"{what} is not supported for {self.title} models yet; gen samples them only")
 
@@ -84,8 +87,11 @@ class Family:
         raise NotImplementedError
 
     # ---- single files (the original LDM layout; gen/single_file.py, gen/families/ldm.py) ------------------------
-    # Each text tower's (encoder folder, tokenizer folder, key prefix, "hf" | "openclip" naming); () = none.
+    # Each text tower's (encoder folder, tokenizer folder, key prefix, "hf" | "openclip" | "t5" naming); () = none.
     file_texts: tuple = ()
+    file_layout = "LDM"  # the denoiser's original layout: LDM's UNet (gen/families/ldm.py), or "SD3 MMDiT" / "BFL
+    # Flux" (gen/families/mmdit_file.py)
+    file_optional: tuple = ()  # text encoders a whole file may lack (SD3's T5)
     file_penultimate = False  # the file's last text block is unused (conditioning on the one before)
 
     @classmethod
@@ -179,6 +185,15 @@ class Family:
         name, gen_unet."""
         return "gen_unet"
 
+    def lora_from_file(self, factors: dict, kohya: bool, denoiser) -> dict:
+        """A LoRA file's denoiser layers ({name: Factor}, names flat for a kohya file) -> named as the diffusers
+        model names them: here as they are; a family with an original layout (SD3, Flux) maps its names."""
+        return factors
+
+    def lora_to_file(self, factors: dict, denoiser) -> dict:
+        """The denoiser's LoRA layers ({diffusers layer: Factor}) -> as a kohya file names them (dotted)."""
+        return factors
+
     @classmethod
     def owns_kohya_version(cls, version: str) -> bool:
         return bool(cls.kohya_base) and version.removesuffix("_v") == cls.kohya_base
@@ -266,15 +281,17 @@ def detect_models(denoiser, text_encoders: list) -> Family:
     raise GenError(f"no model family for a {type(denoiser).__name__} with {len(text_encoders)} text encoder(s)")
 
 
-def lora_families(texts: dict[str, str | None], metadata: dict) -> list[type[Family]]:
+def lora_families(texts: dict[str, str | None], metadata: dict, layers=()) -> list[type[Family]]:
     """The families a LoRA file fits: the one gen recorded (gen.family), else the one kohya's
     ss_base_model_version names, else those with these text encoder folders ({folder: kohya prefix, or None
-    for a diffusers file})."""
+    for a diffusers file}), narrowed to those whose denoiser has these `layers` (names, dotted or kohya-flat)
+    where that leaves any (SDXL and SD3 share kohya's lora_te1_/lora_te2_)."""
     every = families()
     named = [f for f in every if f.name == metadata.get("gen.family")] or \
         [f for f in every if f.owns_kohya_version(metadata.get("ss_base_model_version", ""))]
-    return named or [f for f in every if all(c in f.kohya_text and p in (None, f.kohya_text[c])
-                                             for c, p in texts.items())]
+    fit = named or [f for f in every if all(c in f.kohya_text and p in (None, f.kohya_text[c])
+                                            for c, p in texts.items())]
+    return [f for f in fit if any(n.startswith(f.denoiser_blocks) for n in layers)] or fit
 
 
 def kohya_prefixes() -> dict[str, str]:

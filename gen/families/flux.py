@@ -2,7 +2,8 @@
 `guidance_embeds`) and schnell-style (no guidance input): CLIP-L's pooled output as `pooled_projections`, T5's
 last hidden states (padded to 512 tokens) as the token states, a FluxTransformer2DModel over the VAE's latents
 packed into 2x2 patches with (0, row, column) position ids, rectified flow with a resolution-dependent timestep
-shift. As diffusers' FluxPipeline (pipelines/flux/pipeline_flux.py): sampling only so far.
+shift. As diffusers' FluxPipeline (pipelines/flux/pipeline_flux.py). Single files and LoRA files in BFL's
+original layout read and write through gen/families/mmdit_keys.py; no training yet.
 
 Guidance: on a dev model guidance_scale is embedded and there is no classifier-free guidance, unless a negative
 prompt and true_cfg_scale > 1 are given ("true CFG", batched with the positive pass). A schnell model has no
@@ -16,6 +17,7 @@ import torch
 
 from gen.errors import GenError
 from gen.families import Family, register
+from gen.families.mmdit_keys import OriginalLayout, flux_links
 from gen.formulations.flow import scheduler_mu
 from gen.samplers import check_schedule
 
@@ -23,7 +25,7 @@ T5_LENGTH = 512  # FluxPipeline's max_sequence_length
 
 
 @register
-class Flux(Family):
+class Flux(OriginalLayout, Family):
     name = "flux"
     title = "Flux"
     pipeline_class = "FluxPipeline"
@@ -31,7 +33,11 @@ class Flux(Family):
     sequence_part = "text_encoder_2"  # max_sequence_length sets its token length
     text_parts = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
     text_max_length = {"text_encoder_2": T5_LENGTH}
-    kohya_text: dict = {}
+    # sd-scripts' networks/lora_flux.py: CLIP-L is lora_te1_ (T5's lora_te3_ layers gen does not read)
+    kohya_text = {"text_encoder": "lora_te1_"}
+    kohya_base = "flux1"  # sd-scripts' flux_utils.MODEL_VERSION_FLUX_V1
+    denoiser_blocks = ("double_blocks", "single_blocks", "transformer_blocks", "single_transformer_blocks")
+    links = staticmethod(flux_links)  # BFL's layout: single files and kohya/ComfyUI LoRA files
     objective = "rectified flow"
     fast_mode = False
     sampling_only = True
@@ -58,6 +64,45 @@ class Flux(Family):
     @classmethod
     def recognises(cls, index: dict, configs: dict) -> bool:
         return index.get("transformer", [None, None])[1] == "FluxTransformer2DModel"
+
+    # ---- single files (gen/families/mmdit_file.py): ComfyUI's whole checkpoints, BFL's transformer files ----------
+    file_texts = (("text_encoder", "tokenizer", "text_encoders.clip_l.transformer.", "hf"),
+                  ("text_encoder_2", "tokenizer_2", "text_encoders.t5xxl.transformer.", "t5"))
+    file_layout, file_blocks = "BFL Flux", "double_blocks."
+
+    @classmethod
+    def recognises_file(cls, keys: set, shapes: dict) -> bool:
+        return any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys)
+
+    @classmethod
+    def file_convention(cls, prediction_type=None) -> dict:
+        return dict(vae_scale=0.3611, vae_shift=0.1159)  # ae.safetensors' latent scale and shift
+
+    @staticmethod
+    def file_scheduler(config) -> dict:
+        """FLUX.1-dev's scheduler_config.json (resolution-dependent shift); schnell's: shift 1, none."""
+        dev = {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+               "max_image_seq_len": 4096, "shift": 3.0}
+        return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000} | (
+            dev if config["guidance_embeds"] else {"use_dynamic_shifting": False, "shift": 1.0})
+
+    @staticmethod
+    def transformer_config(s: dict, hints: dict) -> dict:
+        """FluxTransformer2DModel config from BFL's shapes (the head width from the qk norm's scale); the rotary
+        axes from the hints, else Flux.1's (16, 56, 56) for 128-wide heads."""
+        hidden, cin = s["img_in.weight"]
+        head = s["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+        axes = hints.get("axes_dims_rope") or ([16, 56, 56] if head == 128 else None)
+        if axes is None:
+            raise GenError(f"a Flux file with {head}-wide attention heads: its rotary axes are not Flux.1's; "
+                           "pass --base FOLDER with a diffusers folder of this model")
+        out = s["final_layer.linear.weight"][0]
+        return dict(patch_size=1, in_channels=cin, out_channels=None if out == cin else out,
+                    num_layers=len({k.split(".")[1] for k in s if k.startswith("double_blocks.")}),
+                    num_single_layers=len({k.split(".")[1] for k in s if k.startswith("single_blocks.")}),
+                    attention_head_dim=head, num_attention_heads=hidden // head, joint_attention_dim=s["txt_in.weight"][1],
+                    pooled_projection_dim=s["vector_in.in_layer.weight"][1], axes_dims_rope=list(axes),
+                    guidance_embeds="guidance_in.in_layer.weight" in s)
 
     # ---- conditioning ------------------------------------------------------------------------------
     def encode(self, encoders: list, prompts: list[str], height: int, width: int) -> dict:

@@ -3,7 +3,8 @@ states concatenated on features, padded to T5's width and followed by T5's state
 where the folder has no T5, as diffusers does); both CLIPs' projected pooled embeddings concatenated; an
 SD3Transformer2DModel (MMDiT) in `transformer/`; the 16-channel VAE with scaling and shift factors; rectified
 flow sampled with the folder's shift, or (SD3.5 folders with use_dynamic_shifting) a shift that grows with the image's
-token count; skip-layer guidance (SD3.5) runs the transformer a third time without some of its layers."""
+token count; skip-layer guidance (SD3.5) runs the transformer a third time without some of its layers. Single files
+and LoRA files in the original (SAI MMDiT) layout read and write through gen/families/mmdit_keys.py; no training yet."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from gen.errors import GenError
 from gen.families import Family, register
 from gen.families.dit import GenDiT
+from gen.families.mmdit_keys import OriginalLayout, sd3_links
 from gen.formulations.flow import scheduler_mu
 from gen.samplers import check_schedule
 
@@ -20,13 +22,17 @@ T5 = ("text_encoder_3", "tokenizer_3")
 
 
 @register
-class SD3(Family):
+class SD3(OriginalLayout, Family):
     name = "sd3"
     title = "SD3"
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser_part = "transformer"
     sequence_part = T5[0]  # max_sequence_length sets its token length
-    kohya_text: dict = {}  # gen reads no SD3 LoRA files yet
+    # sd-scripts' networks/lora_sd3.py: CLIP-L lora_te1_, CLIP-G lora_te2_ (T5's lora_te3_ layers gen does not read)
+    kohya_text = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    kohya_base = "sd3"
+    denoiser_blocks = ("joint_blocks", "transformer_blocks")  # the original layout's and diffusers' names
+    links = staticmethod(sd3_links)  # SAI's MMDiT layout: single files and kohya/ComfyUI LoRA files
     objective = "rectified flow"
     t5_length = 256  # StableDiffusion3Pipeline's default max_sequence_length
     text_max_length = {"text_encoder_3": t5_length}
@@ -66,6 +72,43 @@ class SD3(Family):
     @classmethod
     def recognises(cls, index: dict, configs: dict) -> bool:
         return index.get("transformer", [None, None])[1] == "SD3Transformer2DModel"
+
+    # ---- single files (gen/families/mmdit_file.py): SD3.5's release layout ------------------------------------
+    file_texts = (("text_encoder", "tokenizer", "text_encoders.clip_l.transformer.", "hf"),
+                  ("text_encoder_2", "tokenizer_2", "text_encoders.clip_g.transformer.", "hf"),
+                  ("text_encoder_3", "tokenizer_3", "text_encoders.t5xxl.transformer.", "t5"))
+    file_layout, file_blocks = "SD3 MMDiT", "joint_blocks."
+    file_optional = ("text_encoder_3",)  # sd3_medium_incl_clips.safetensors: no T5, as a folder without one
+
+    @classmethod
+    def recognises_file(cls, keys: set, shapes: dict) -> bool:
+        return any(k.startswith(("joint_blocks.", "model.diffusion_model.joint_blocks.")) for k in keys)
+
+    @classmethod
+    def file_convention(cls, prediction_type=None) -> dict:
+        """SD3's VAE latents (scale, shift) and OpenCLIP-bigG's gelu (CLIP-L: quick_gelu)."""
+        return dict(vae_scale=1.5305, vae_shift=0.0609, text_act={"text_encoder_2": "gelu"})
+
+    @staticmethod
+    def file_scheduler(config) -> dict:
+        return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+
+    @staticmethod
+    def transformer_config(s: dict, hints: dict) -> dict:
+        """SD3Transformer2DModel config from the MMDiT's shapes; the head width from SD3.5's qk norms, else the
+        hints, else SD3's 64; sample_size (128 latent rows at 1024 px) from the hints."""
+        hidden, cin, p, _ = s["x_embedder.proj.weight"]
+        n = len({k.split(".")[1] for k in s if k.startswith("joint_blocks.")})
+        norms = "joint_blocks.0.x_block.attn.ln_q.weight" in s
+        head = s["joint_blocks.0.x_block.attn.ln_q.weight"][0] if norms else hints.get("attention_head_dim", 64)
+        return dict(sample_size=hints.get("sample_size", 128), patch_size=p, in_channels=cin, num_layers=n,
+                    attention_head_dim=head, num_attention_heads=hidden // head,
+                    joint_attention_dim=s["context_embedder.weight"][1],
+                    caption_projection_dim=s["context_embedder.weight"][0],
+                    pooled_projection_dim=s["y_embedder.mlp.0.weight"][1],
+                    out_channels=s["final_layer.linear.weight"][0] // (p * p),
+                    pos_embed_max_size=round(s["pos_embed"][1] ** 0.5), qk_norm="rms_norm" if norms else None,
+                    dual_attention_layers=[i for i in range(n) if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in s])
 
     def encode(self, encoders: list, prompts: list[str], height: int, width: int) -> dict:
         """As StableDiffusion3Pipeline.encode_prompt (clip_skip None): hidden_states[-2] of both CLIPs

@@ -33,13 +33,20 @@ def _configs(interpret: bool = INTERPRET) -> list[triton.Config]:
     if interpret:  # the interpreter runs every tile in numpy, ~15 ms each: one config, no tuning runs
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in ((128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2))]
+            for bm, bn, w, s in ((128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 4), (128, 128, 8, 2))]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Big K/V tiles at head dim 128 overflow shared memory; short key sequences want short key tiles."""
+def _prune(configs, named_args, capability: int | None = None, **kwargs):
+    """Drop the configs that overflow shared memory or spill registers (found by `python -m gen.kernels.aot`):
+    128-wide key tiles at head dim 128, and on pre-Hopper GPUs 128-query tiles at head dim 128. Short key
+    sequences want short key tiles. `capability` (e.g. 80) defaults to the current GPU's."""
     d, m = named_args["BLOCK_D"], named_args["N_K"]
-    keep = [c for c in configs if not (d >= 128 and c.kwargs["BLOCK_N"] >= 128)]
+    if capability is None and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        capability = 10 * major + minor
+    pre_hopper = capability is not None and capability < 90
+    keep = [c for c in configs if not (d >= 128 and (c.kwargs["BLOCK_N"] >= 128 or
+                                                     (pre_hopper and c.kwargs["BLOCK_M"] >= 128)))]
     short = [c for c in keep if c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(m))]
     return short or keep
 
@@ -147,3 +154,31 @@ if hasattr(torch.library, "custom_op"):
         return torch.empty_like(q)
 else:  # pragma: no cover
     _flash_op = _launch
+
+
+def aot_specs(capability: int, head_dims=(40, 64, 80, 128), dtypes=("fp16", "bf16"), configs=None) -> list:
+    """Every build the autotuner can launch on a GPU, for `python -m gen.kernels.aot`: each config that
+    survives pruning for long key sequences (short ones tune over a subset of these), per head dim and dtype.
+    Arguments are specialised as a launch on contiguous (B, H, N, D) tensors specialises them: unit
+    head-dim strides become constants, 16-aligned pointers and strides are marked so."""
+    from gen.kernels.aot import Spec
+
+    names = _flash_fwd.fn.arg_names
+    specs = []
+    for d in head_dims:
+        block_d = max(16, triton.next_power_of_2(d))
+        for dtype in dtypes:
+            ints = {n: "i32" for n in names if n.startswith("s_") or n in ("H", "N_Q", "N_K")}
+            signature = {**ints, **{n: f"*{dtype}" for n in "QKVO"}, "qk_scale": "fp32"}
+            long_keys = {"BLOCK_D": block_d, "N_K": 1 << 14}
+            for cfg in _prune(configs or _configs(interpret=False), long_keys, capability):
+                constexprs = {"HEAD_DIM": d, "BLOCK_D": block_d, "IEEE": False, "UPCAST": False, **cfg.kwargs,
+                              **{f"s_{t}d": 1 for t in "qkvo"}}
+                signature.update({n: "constexpr" for n in constexprs})
+                aligned = [*"QKVO"] + ([f"s_{t}n" for t in "qkvo"] if d % 16 == 0 else [])
+                attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+                name = f"flash_fwd d{d} {dtype} M{cfg.kwargs['BLOCK_M']} N{cfg.kwargs['BLOCK_N']} " \
+                       f"w{cfg.num_warps} s{cfg.num_stages}"
+                specs.append(Spec(name, _flash_fwd.fn, dict(signature), constexprs, cfg.num_warps, cfg.num_stages,
+                                  attrs))
+    return specs

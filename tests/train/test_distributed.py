@@ -15,15 +15,18 @@ from gen.pipeline import Pipeline
 from tests.train.conftest import checkpoint_tensors, fast_config, losses
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(config, *overrides):
     """`accelerate launch --multi_gpu --num_processes 2 -m gen train CONFIG ...`: on a machine without a GPU
     this runs 2 processes over gloo (`--cpu` alone would start one: accelerate needs mpirun for that)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port), "-m", "gen", "train", str(config), *overrides]
+           "--main_process_port", str(free_port()), "-m", "gen", "train", str(config), *overrides]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]

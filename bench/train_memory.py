@@ -1,0 +1,315 @@
+"""Peak training memory of every shipped recipe (configs/*.yaml) at its real size, from a formula, and the
+formula against peaks measured on small sizes.
+
+    .venv/bin/python bench/train_memory.py            # the recipes' table, then the check (CPU, ~1 min)
+
+Formula (bytes), for one optimizer step of the training loop (AdamW, train.mixed_precision by autocast):
+    weights      trainable parameters in fp32 (accelerate keeps fp32 masters) + frozen parts (VAE, text
+                 encoder(s), a LoRA's base) in the weight dtype (bf16/fp16 under mixed precision)
+    gradients    trainable x 4
+    optimizer    trainable x 8 (AdamW's two moments)
+    EMA          trainable x 4 when train.ema_decay > 0
+    activations  what autograd keeps from the denoiser's forward for its backward, counted exactly by
+                 torch.autograd.graph.saved_tensors_hooks on a model built on the meta device (no memory,
+                 no compute, any size), tensors in the autocast dtype; plus the autocast copies of the
+                 trainable weights. With gradient checkpointing: what is saved outside the checkpointed
+                 units, their inputs, and the largest unit's activations (recomputed one unit at a time).
+    peak         = weights + optimizer + EMA + max(activations, gradients + the larger of AdamW's
+                 temporaries and (checkpointing) one unit's recomputed activations)
+AdamW's temporaries (its foreach implementation on CUDA) are one more fp32 copy of the trainable weights.
+The check runs real fp32 steps on CPU at small sizes under torch's MemTracker (every live tensor, by kind).
+The frozen VAE and text encoder run under no_grad: their transient activations are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from the repo root without installing
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import yaml  # noqa: E402
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
+
+diffusers_logging.set_verbosity_error()  # .to(bf16) on meta models warns about fp32 modules that these have none of
+
+ROOT = Path(__file__).resolve().parents[1]
+SD15 = "an SD-1.5 folder"
+DTYPE_BYTES = {"no": 4, "bf16": 2, "fp16": 2}
+SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, projection_dim=768)
+SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2)
+
+
+@dataclasses.dataclass
+class Memory:
+    """One training step's memory, bytes."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    ema: int
+    activations: int
+    adam_temp: int
+    recompute: int = 0  # with checkpointing: the largest unit's activations, rebuilt while gradients fill up
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.optimizer + self.ema + max(self.activations,
+                                                              self.gradients + max(self.adam_temp, self.recompute))
+
+
+class _FlashAttentionSaves(torch.autograd.Function):
+    """What a fused attention kernel (flash / memory-efficient on CUDA, flash on CPU) keeps for backward:
+    q, k, v, the output and the row log-sum-exp, never the N x M score matrix. On the meta device torch
+    takes the math path, which would count that matrix."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+
+@contextlib.contextmanager
+def fused_attention_on_meta():
+    sdpa = F.scaled_dot_product_attention
+
+    def patched(q, k, v, *args, **kwargs):
+        return _FlashAttentionSaves.apply(q, k, v) if q.device.type == "meta" else sdpa(q, k, v, *args, **kwargs)
+
+    F.scaled_dot_product_attention = patched
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
+
+
+def saved_activation_bytes(model: torch.nn.Module, run, checkpointing: bool) -> tuple[int, int]:
+    """(bytes autograd keeps after `run()` (a forward of `model`), parameters excluded, each storage once;
+    the largest checkpointable unit's share). With `checkpointing`, what stays alive under checkpointing: the
+    saves outside the checkpointed units, the units' inputs, and the largest unit's activations (its
+    recompute, during backward)."""
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    outside, inputs, units = {}, {}, []
+
+    def counter(into: dict):
+        def pack(t: torch.Tensor):
+            st = t.untyped_storage()
+            if st._cdata not in params:
+                into[st._cdata] = st.nbytes()
+            return t
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+    def unit(fn, *args):  # diffusers calls this for each checkpointed block when checkpointing is on
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.untyped_storage()._cdata not in params:
+                inputs[a.untyped_storage()._cdata] = a.untyped_storage().nbytes()
+        units.append({})
+        with counter(units[-1]):
+            return fn(*args)
+
+    model.enable_gradient_checkpointing(gradient_checkpointing_func=unit)
+    try:
+        with counter(outside), fused_attention_on_meta():
+            run()
+    finally:
+        model.disable_gradient_checkpointing()
+    biggest = max((sum(u.values()) for u in units), default=0)
+    if not checkpointing:
+        return sum({**outside, **{k: v for u in units for k, v in u.items()}}.values()), biggest
+    return sum({**outside, **inputs}.values()) + biggest, biggest
+
+
+def denoiser_inputs(model, batch: int, latent: int, device, dtype, text_tokens: int = 77) -> dict:
+    c = model.config
+    d = c.cross_attention_dim
+    kw = dict(sample=torch.randn(batch, c.in_channels, latent, latent, device=device, dtype=dtype),
+              timestep=torch.rand(batch, device=device), return_dict=False,
+              encoder_hidden_states=torch.randn(batch, text_tokens, d, device=device, dtype=dtype))
+    if getattr(c, "pooled_projection_dim", None):
+        kw["pooled_projections"] = torch.randn(batch, c.pooled_projection_dim, device=device, dtype=dtype)
+    return kw
+
+
+def estimate(build, batch: int, latent: int, compute: str, checkpointing: bool, ema: bool,
+             frozen_params: int = 0, lora: dict | None = None, device_type: str = "cuda") -> Memory:
+    """The formula for the denoiser `build()` makes (on the meta device), trained at `batch` x `latent`^2.
+    `lora`: lora_config options (rank, parts, ...): the denoiser is frozen and only the adapter trains."""
+    with torch.device("meta"):
+        model = build()
+        if lora:
+            from peft import inject_adapter_in_model
+
+            from gen.families import get
+            from gen.lora import lora_config
+
+            model.requires_grad_(False)
+            inject_adapter_in_model(lora_config(get("sd1").lora_targets, **lora), model)
+    dtype = torch.float32 if compute == "no" else torch.bfloat16
+    model.to(dtype)
+    trainable = sum(p.numel() for n, p in model.named_parameters() if not lora or ".lora_" in n)
+    frozen = sum(p.numel() for p in model.parameters()) - trainable + frozen_params
+    kw = denoiser_inputs(model, batch, latent, "meta", dtype)
+    act, unit = saved_activation_bytes(model, lambda: model(**kw), checkpointing)
+    act += trainable * DTYPE_BYTES[compute] if compute != "no" else 0  # autocast's copies of fp32 weights
+    return Memory(weights=4 * trainable + DTYPE_BYTES[compute] * frozen, gradients=4 * trainable,
+                  optimizer=8 * trainable, ema=4 * trainable if ema else 0, activations=act,
+                  adam_temp=4 * trainable if device_type == "cuda" else 0, recompute=unit if checkpointing else 0)
+
+
+def dit_step_estimate(preset: str, latent: int, batch: int, dtype: torch.dtype, checkpointing: bool,
+                      device_type: str = "cuda") -> int:
+    """The formula's peak for bench/dit_train.py's step (no EMA, no frozen parts)."""
+    from gen.models.dit import build_dit
+
+    def build():
+        return build_dit(preset, sample_size=latent, cross_attention_dim=768, pooled_projection_dim=768)
+
+    compute = "no" if dtype == torch.float32 else "bf16"
+    return estimate(build, batch, latent, compute, checkpointing, ema=False, device_type=device_type).peak
+
+
+# ---- the shipped recipes ----------------------------------------------------------------------------------------
+def _frozen_sd15() -> int:
+    """CLIP-L text tower + SD's VAE (what model.base gives for an SD-1.5 folder), parameters."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        return sum(p.numel() for m in (CLIPTextModel(CLIPTextConfig(**SD15_TEXT)), AutoencoderKL(**SD15_VAE))
+                   for p in m.parameters())
+
+
+def _frozen_folder(folder: Path) -> tuple[int, int, int]:
+    """(frozen parameters, text width, VAE factor) of a model folder's text encoder and VAE."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text_cfg = CLIPTextConfig.from_pretrained(folder / "text_encoder")
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        n = sum(p.numel() for m in (CLIPTextModel(text_cfg), vae) for p in m.parameters())
+    return n, text_cfg.hidden_size, 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def recipe_rows(checkpointing_both: bool = True) -> list[tuple]:
+    """(recipe, model, batch x size, precision, checkpointing, Memory) for each configs/*.yaml denoiser run."""
+    from gen.models.dit import build_dit
+    from gen.models.unet import build_unet
+    from train.config import load_config
+
+    rows = []
+    paths = [p for p in sorted((ROOT / "configs").glob("*.yaml")) if "chain" not in p.read_text()]
+    paths.insert(0, ROOT / "configs" / "default" / "dit.yaml")  # the default model's denoiser stage
+    for path in paths:
+        # model.base: the recipe's (the default model's stage trains on the default model's VAE and text tower),
+        # or where it leaves it to the user, an SD-1.5 folder. data.path: any, nothing is read.
+        base = yaml.safe_load(path.read_text()).get("model", {}).get("base") or (
+            "gen/assets/default" if path.parent.name == "default" else SD15)
+        cfg = load_config(path, extra={"data.path": ".", "model.base": base})
+        t, m = cfg.train, cfg.model
+        lora = None
+        if base != SD15:
+            frozen, width, factor = _frozen_folder(ROOT / base)
+        else:  # model.base is the user's: an SD-1.5 folder, as the recipe's comment says
+            frozen, width, factor = _frozen_sd15(), 768, 8
+        latent = cfg.data.resolution // factor
+        if hasattr(cfg, "lora") and path.name.startswith("lora"):
+            o = cfg.lora
+            lora = dict(rank=o.rank, alpha=o.alpha, parts=o.targets)
+            build, name = (lambda: build_unet("sd15", cross_attention_dim=width)), "SD-1.5 UNet + LoRA"
+        elif m.denoiser == "dit":
+            build = (lambda m=m, latent=latent, width=width: build_dit(
+                m.preset, sample_size=latent, cross_attention_dim=width, pooled_projection_dim=width, **m.options))
+            name = m.preset + "".join(f", {k} {v}" for k, v in m.options.items() if k in ("depth", "hidden_size"))
+        else:
+            preset = "sd15" if m.init_from_base else m.preset
+            build, name = (lambda p=preset: build_unet(p, cross_attention_dim=width)), f"UNet {preset}"
+        for ckpt in ((False, True) if checkpointing_both else (t.gradient_checkpointing,)):
+            mem = estimate(build, t.batch_size, latent, t.mixed_precision, ckpt, t.ema_decay > 0,
+                           frozen_params=frozen, lora=lora)
+            rows.append((path.relative_to(ROOT).as_posix(), name, f"{t.batch_size} x {cfg.data.resolution} px",
+                         t.mixed_precision, ckpt, ckpt == t.gradient_checkpointing, mem))
+    return rows
+
+
+# ---- the check: the formula against measured peaks ---------------------------------------------------------------
+def measured_peak(build, batch: int, latent: int, checkpointing: bool) -> int:
+    """Peak bytes of a real fp32 training step on CPU (the second: the optimizer state exists), MemTracker."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    torch.manual_seed(0)
+    model = build().train()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(model.parameters())
+    kw = denoiser_inputs(model, batch, latent, "cpu", torch.float32)
+
+    def step():
+        model(**kw)[0].pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    tracker = MemTracker()
+    tracker.track_external(model, opt)
+    with tracker:
+        step()
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+
+
+def check_builds() -> dict:
+    """name -> (builder, batch, latent): small instances of the recipes' two architectures."""
+    from gen.models.dit import build_dit
+    from gen.models.unet import build_unet
+
+    return {"DiT d128 x 2 blocks": (lambda: build_dit("DiT-T/2", hidden_size=128, depth=2, sample_size=16,
+                                                      cross_attention_dim=32, pooled_projection_dim=32), 4, 16),
+            "UNet tiny": (lambda: build_unet("tiny", sample_size=16, cross_attention_dim=32), 4, 16)}
+
+
+def check_rows() -> list[tuple]:
+    """(model, checkpointing, formula bytes, measured bytes) for CHECKS on CPU in fp32."""
+    rows = []
+    for name, (build, batch, latent) in check_builds().items():
+        for ckpt in (False, True):
+            est = estimate(build, batch, latent, "no", ckpt, ema=False, device_type="cpu").peak
+            rows.append((name, ckpt, est, measured_peak(build, batch, latent, ckpt)))
+    return rows
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-check", action="store_true", help="the recipes' table only")
+    a = ap.parse_args(argv)
+    print("Peak training memory per recipe (GiB; one GPU, AdamW, formula above; activations with and without "
+          "gradient checkpointing, * = the recipe's setting)")
+    print(f"{'recipe':<34}{'denoiser':<36}{'batch':>14}{'prec':>6}{'ckpt':>6}{'weights':>9}{'grads':>7}{'adam':>7}"
+          f"{'ema':>6}{'activ.':>8}{'peak':>8}")
+    for recipe, name, batch, prec, ckpt, chosen, m in recipe_rows():
+        mark = ("on" if ckpt else "off") + ("*" if chosen else " ")
+        print(f"{recipe:<34}{name[:35]:<36}{batch:>14}{prec:>6}{mark:>6}"
+              f"{gib(m.weights):>9}{gib(m.gradients):>7}{gib(m.optimizer):>7}{gib(m.ema):>6}{gib(m.activations):>8}"
+              f"{gib(m.peak):>8}")
+    if a.no_check:
+        return 0
+    print("\nThe formula against measured peaks (real fp32 steps on CPU, torch MemTracker):")
+    for name, ckpt, est, got in check_rows():
+        print(f"  {name:<18} checkpointing {'on ' if ckpt else 'off'}  formula {est / 2**20:7.1f} MiB  "
+              f"measured {got / 2**20:7.1f} MiB  ({100 * (est / got - 1):+.1f}%)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""bench/train_memory.py: the activation count on the meta device equals the one on real tensors, and the
+peak-memory formula agrees with torch's MemTracker on real CPU training steps; every recipe gets a row."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # bench/ scripts import each other as bench.*
+from bench import train_memory as tm  # noqa: E402
+
+
+def count(build, batch, latent, device, checkpointing):
+    with torch.device(device):
+        model = build()
+    kw = tm.denoiser_inputs(model, batch, latent, device, torch.float32)
+    return tm.saved_activation_bytes(model, lambda: model(**kw), checkpointing)[0]
+
+
+@pytest.mark.parametrize("name", ["DiT d128 x 2 blocks", "UNet tiny"])
+def test_meta_device_counts_what_real_tensors_save(name):
+    build, batch, latent = tm.check_builds()[name]
+    full, ckpt = (count(build, batch, latent, "meta", c) for c in (False, True))
+    real = count(build, batch, latent, "cpu", False)
+    assert abs(full / real - 1) < 0.05  # the DiT: equal; the UNet's group norms save a little more on meta
+    assert 0 < ckpt < 0.7 * full  # checkpointing keeps block inputs and one block's activations
+    assert count(build, 2 * batch, latent, "meta", False) == pytest.approx(2 * full, rel=0.02)  # per sample
+
+
+def test_formula_matches_measured_peaks():
+    build, batch, latent = tm.check_builds()["DiT d128 x 2 blocks"]
+    for ckpt in (False, True):
+        formula = tm.estimate(build, batch, latent, "no", ckpt, ema=False, device_type="cpu").peak
+        measured = tm.measured_peak(build, batch, latent, ckpt)
+        assert abs(formula / measured - 1) < 0.15, (ckpt, formula, measured)
+
+
+def test_every_recipe_has_a_row():
+    rows = tm.recipe_rows()
+    recipes = {r[0] for r in rows}
+    shipped = {p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").glob("*.yaml")
+               if "chain" not in p.read_text()}
+    assert shipped | {"configs/default/dit.yaml"} == recipes
+    for recipe, name, _, _, ckpt, _, m in rows:
+        assert m.peak >= m.weights + m.optimizer + m.ema + m.activations > 0
+    by = {(r[0], r[4]): r[6] for r in rows}
+    for recipe in recipes:  # checkpointing trades activations for recompute, nothing else
+        off, on = by[recipe, False], by[recipe, True]
+        assert on.activations < off.activations and on.weights == off.weights and on.optimizer == off.optimizer
+    lora, full = by["configs/lora-sd.yaml", False], by["configs/unet-sd15-finetune.yaml", False]
+    assert lora.optimizer < full.optimizer / 100  # only the adapter trains
