@@ -63,6 +63,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--lora", action="append", default=None, type=_lora_arg, metavar="PATH[:SCALE]",
                    help="apply a LoRA file at SCALE (default 1); repeat to stack several")
     p.add_argument("--no-progress", action="store_true")
+    _workflow_flags(p)
     p.set_defaults(func=cmd_sample)
 
 
@@ -71,6 +72,71 @@ def _layers_arg(text: str) -> list[int]:
         return [int(i) for i in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected layer numbers separated by commas, e.g. 7,8,9, not {text!r}")
+
+
+def _workflow_flags(p) -> None:
+    """img2img, inpainting, hires fix and prompt reading (gen.img2img, gen.hires, gen.prompt_weights)."""
+    p.add_argument("--init-image", default=None, metavar="FILE", help="start from this image (img2img); the output "
+                   "has its size unless --height/--width are given")
+    p.add_argument("--strength", type=float, default=None, metavar="S", help="how much of the schedule runs from "
+                   "the image, in [0, 1] (default 0.8; 1.0 with --mask)")
+    p.add_argument("--mask", default=None, metavar="FILE", help="inpaint: repaint where this image is white "
+                   "(same size as --init-image)")
+    p.add_argument("--mask-blur", type=float, default=None, metavar="PX", help="blur the mask by this radius and "
+                   "paste the result over the image through it (default 0)")
+    p.add_argument("--inpaint-full-res", action="store_true", help="repaint only the mask's box (grown by "
+                   "--inpaint-padding) at --height x --width, then paste it back (A1111's 'only masked')")
+    p.add_argument("--inpaint-padding", type=int, default=None, metavar="PX", help="pixels around the mask's box "
+                   "with --inpaint-full-res (default 32)")
+    p.add_argument("--clip-skip", type=int, default=None, metavar="N", help="end the CLIP text towers N - 1 layers "
+                   "early (A1111's Clip skip; default 1)")
+    p.add_argument("--no-weighting", action="store_true", default=None,
+                   help="read (word:1.3) / (word) / [word] / BREAK as plain text")
+    p.add_argument("--hires", type=float, default=None, metavar="SCALE", help="hires fix: sample, upscale by SCALE, "
+                   "then img2img at the larger size")
+    p.add_argument("--hires-strength", type=float, default=None, metavar="S", help="the hires pass's strength "
+                   "(default 0.7)")
+    p.add_argument("--hires-steps", type=int, default=None, metavar="N", help="the hires pass's steps (default: "
+                   "--steps)")
+    p.add_argument("--hires-upscaler", default=None, choices=("latent", "image"),
+                   help="upscale the latents (default) or the decoded image")
+
+
+def _workflow(args) -> dict:
+    """The pipeline arguments of the workflow flags, checked before any model loads."""
+    from gen import hires
+    from gen.img2img import check_strength
+    from gen.io import load_image
+
+    for flag, value in (("--strength", args.strength), ("--mask", args.mask), ("--mask-blur", args.mask_blur),
+                        ("--inpaint-full-res", args.inpaint_full_res or None)):
+        if value is not None and args.init_image is None:
+            raise GenError(f"{flag} needs --init-image")
+    if args.inpaint_full_res and args.mask is None:
+        raise GenError("--inpaint-full-res needs --mask")
+    if args.strength is not None:
+        try:
+            check_strength(args.strength)
+        except GenError:
+            raise GenError(f"--strength must be in [0, 1], not {args.strength:g}") from None
+    if args.mask_blur is not None and not args.mask_blur >= 0:
+        raise GenError(f"--mask-blur must be >= 0, not {args.mask_blur:g}")
+    if args.clip_skip is not None and args.clip_skip < 1:
+        raise GenError(f"--clip-skip must be >= 1, not {args.clip_skip}")
+    if args.hires is not None:
+        if args.init_image is not None:
+            raise GenError("--hires is for text-to-image (A1111's hires fix); not with --init-image")
+        hires.check(args.hires, _first(args.hires_strength, 0.7), args.hires_steps, args.hires_upscaler or "latent")
+    image = load_image(args.init_image, "--init-image") if args.init_image else None
+    mask = load_image(args.mask, "--mask") if args.mask else None
+    if mask is not None and mask.size != image.size:
+        raise GenError(f"--mask is {mask.size[0]}x{mask.size[1]} but --init-image is {image.size[0]}x{image.size[1]}; "
+                       "they must be the same size")
+    return dict(image=image, mask_image=mask, strength=args.strength, mask_blur=_first(args.mask_blur, 0),
+                padding_mask_crop=_first(args.inpaint_padding, 32) if args.inpaint_full_res else None,
+                clip_skip=_first(args.clip_skip, 1), prompt_weighting=not args.no_weighting,
+                hires_scale=args.hires, hires_strength=_first(args.hires_strength, 0.7), hires_steps=args.hires_steps,
+                hires_upscaler=args.hires_upscaler or "latent")
 
 
 class _Outputs:
@@ -101,6 +167,20 @@ def _apply_recipe(r, args) -> None:
                 "guidance_interval", "cache_interval"):
         if getattr(args, key) is None:
             setattr(args, key, getattr(r, key))
+    hires = r.hires_scale is not None
+    for key, value in (("init_image", r.init_image), ("mask", r.mask), ("clip_skip", r.clip_skip),
+                       ("no_weighting", not r.weighting), ("mask_blur", r.mask_blur if r.mask else None),
+                       ("hires", r.hires_scale), ("hires_steps", r.hires_steps),
+                       ("hires_upscaler", r.hires_upscaler if hires else None),
+                       ("hires_strength", r.strength if hires else None),
+                       ("strength", r.strength if args.init_image or r.init_image else None)):
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if r.inpaint_padding is not None and not args.inpaint_full_res:
+        args.inpaint_full_res, args.inpaint_padding = True, _first(args.inpaint_padding, r.inpaint_padding)
+    if r.strength is not None and not hires and args.init_image is None:
+        log.warning("%s was made from an image (Denoising strength %s) that the recipe does not name; pass "
+                    "--init-image FILE", args.recipe, r.strength)
     if args.prompt is None and not args.prompts:
         args.prompt = r.prompt
     if args.model is None:
@@ -167,13 +247,15 @@ def _runs(args, jobs, pipe) -> list[tuple[int, dict]]:
         shared |= dict(skip_guidance_layers=args.slg_layers, skip_layer_guidance_scale=args.slg_scale,
                        skip_layer_guidance_start=args.slg_start, skip_layer_guidance_stop=args.slg_stop)
     runs = []
+    sized = args.init_image is None or args.inpaint_full_res  # else an img2img image has its source's size
     for line, job in jobs:
         run = dict(prompt=job["prompt"], negative_prompt=_first(job.get("negative_prompt"), args.negative_prompt, ""),
                    num_inference_steps=_first(job.get("steps"), args.steps, d["steps"]),
                    guidance_scale=_first(job.get("guidance"), args.guidance, d["guidance"]),
-                   height=_first(job.get("height"), args.height, d["height"]),
-                   width=_first(job.get("width"), args.width, d["width"]), seed=job.get("seed"), **shared)
-        bad = [side for side in ("width", "height") if run[side] % pipe.size_multiple]
+                   height=_first(job.get("height"), args.height, d["height"] if sized else None, None),
+                   width=_first(job.get("width"), args.width, d["width"] if sized else None, None),
+                   seed=job.get("seed"), **shared)
+        bad = [side for side in ("width", "height") if run[side] is not None and run[side] % pipe.size_multiple]
         if args.prompts and bad:
             raise GenError(f"{Path(args.prompts).name} line {line}: {bad[0]} {run[bad[0]]} is not a multiple of "
                            f"{pipe.size_multiple}, as this model needs")
@@ -181,8 +263,24 @@ def _runs(args, jobs, pipe) -> list[tuple[int, dict]]:
     return runs
 
 
+def _recorded(args, workflow: dict) -> dict:
+    """The recipe fields of the workflow flags."""
+    source = args.init_image is not None
+    out = dict(clip_skip=workflow["clip_skip"], weighting=workflow["prompt_weighting"],
+               init_image=str(Path(args.init_image).resolve()) if source else None,
+               mask=str(Path(args.mask).resolve()) if args.mask else None, mask_blur=workflow["mask_blur"],
+               inpaint_padding=workflow["padding_mask_crop"], hires_scale=workflow["hires_scale"],
+               hires_steps=workflow["hires_steps"], hires_upscaler=workflow["hires_upscaler"])
+    if source:
+        default = 1.0 if args.mask else 0.8
+        out["strength"] = _first(workflow["strength"], default)
+    elif workflow["hires_scale"] is not None:
+        out["strength"] = workflow["hires_strength"]
+    return out
+
+
 def _first(*values):
-    return next(v for v in values if v is not None)
+    return next((v for v in values if v is not None), None)
 
 
 def cmd_sample(args) -> int:
@@ -199,6 +297,7 @@ def cmd_sample(args) -> int:
     if base is not None:
         _apply_recipe(base, args)
     jobs = _jobs(args)
+    workflow = _workflow(args)
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                     attention=args.attention, allow_pickle=args.allow_pickle,
                                     compile=args.compile, channels_last=args.channels_last,
@@ -231,12 +330,13 @@ def cmd_sample(args) -> int:
     previous, made = signal.signal(signal.SIGTERM, _terminated), 0  # SIGTERM ends it as Ctrl-C does
     try:
         for line, run in images:  # each written as soon as it is made: an interrupted batch keeps what was done
-            image = pipe(**run).images[0]
-            r = recipe.Recipe(prompt=run["prompt"], negative_prompt=run["negative_prompt"],
-                              steps=run["num_inference_steps"], guidance=run["guidance_scale"], seed=run["seed"],
-                              width=run["width"], height=run["height"], guidance_rescale=run["guidance_rescale"],
-                              guidance_interval=run["guidance_interval"], cache_interval=run["cache_interval"],
-                              model_hash=model_hash.result(), **written)
+            image = pipe(**run, **workflow).images[0]
+            fields = dict(prompt=run["prompt"], negative_prompt=run["negative_prompt"],
+                          steps=run["num_inference_steps"], guidance=run["guidance_scale"], seed=run["seed"],
+                          width=_first(run["width"], image.width), height=_first(run["height"], image.height),
+                          guidance_rescale=run["guidance_rescale"], guidance_interval=run["guidance_interval"],
+                          cache_interval=run["cache_interval"], model_hash=model_hash.result(), **written)
+            r = recipe.Recipe(**fields | _recorded(args, workflow))
             path = outputs.next(f"{line:04d}-{run['seed']}" if args.prompts else str(run["seed"]))
             recipe.write_png(image, path, recipe.infotext(r, sampler_fields))
             made += 1

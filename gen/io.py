@@ -188,3 +188,18 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def load_image(path: str | Path, what: str = "the image"):
+    """A PIL image from a file, or a GenError naming `what` and why it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise GenError(f"{what} {path}: no such file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise GenError(f"{what} {path}: not a readable image ({str(e).splitlines()[0] if str(e) else e})") from None

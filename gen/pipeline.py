@@ -18,7 +18,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from gen import attention as attn
-from gen import families, formulations
+from gen import families, formulations, img2img
+from gen import prompt_weights as pw
 from gen.errors import GenError
 from gen.guidance import SkipLayers, check_guidance, guide, in_interval, uses_cfg
 from gen.io import load_model, read_json
@@ -399,9 +400,13 @@ class Pipeline:
                  seed: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
                  sampler: str | None = None, output_type: str = "pil", guidance_rescale: float | None = None,
                  guidance_interval: tuple[float, float] = (0.0, 1.0), cache_interval: int = 1,
-                 true_cfg_scale: float | None = None, skip_guidance_layers: list[int] | None = None,
-                 skip_layer_guidance_scale: float = 2.8, skip_layer_guidance_start: float = 0.01,
-                 skip_layer_guidance_stop: float = 0.2, max_sequence_length: int | None = None) -> PipelineOutput:
+                 true_cfg_scale: float | None = None, image=None, strength: float | None = None, mask_image=None,
+                 mask_blur: float = 0, padding_mask_crop: int | None = None, clip_skip: int = 1,
+                 prompt_weighting: bool = True, hires_scale: float | None = None, hires_strength: float = 0.7,
+                 hires_steps: int | None = None, hires_upscaler: str = "latent",
+                 skip_guidance_layers: list[int] | None = None, skip_layer_guidance_scale: float = 2.8,
+                 skip_layer_guidance_start: float = 0.01, skip_layer_guidance_stop: float = 0.2,
+                 max_sequence_length: int | None = None) -> PipelineOutput:
         """Generates images.
 
         Args:
@@ -416,6 +421,19 @@ class Pipeline:
                 denoiser runs every cache_interval-th step, the steps between reuse its deep features.
             true_cfg_scale: for families whose guidance_scale is an embedded input (Flux dev): classifier-free
                 guidance at this scale against negative_prompt, where both are given and the scale is > 1.
+            image: start from this image (img2img; a path, PIL image, array, tensor in [0, 1], or latents):
+                the output has its size unless height/width are given; strength in [0, 1] (default 0.8) is how
+                much of the schedule runs (gen.img2img).
+            mask_image: repaint where this mask is white (inpainting; default strength 1.0); mask_blur: blur
+                radius in pixels; padding_mask_crop: repaint only the mask's box grown by this many pixels, at
+                height x width (A1111's "only masked").
+            clip_skip: A1111's "Clip skip": N ends the CLIP towers N - 1 layers early.
+            prompt_weighting: read A1111's (word:1.3) / (word) / [word] / BREAK syntax (else plain text); prompts
+                longer than 75 tokens are encoded in chunks either way (gen.prompt_weights).
+            hires_scale, hires_strength, hires_steps, hires_upscaler: A1111's hires fix: sample, upscale by
+                hires_scale ("latent": the latents, bilinear; "image": the decoded image, Lanczos), then run
+                img2img at hires_strength for hires_steps (default: the same steps) at the larger size
+                (gen.hires).
             skip_guidance_layers: skip-layer guidance (SD3.5; families whose denoiser can skip layers): the
                 transformer blocks left out of a third pass, whose difference from the conditional pass is added at
                 skip_layer_guidance_scale on the steps between the start and stop fractions; as diffusers'
@@ -425,6 +443,13 @@ class Pipeline:
         Returns:
             PipelineOutput with `.images` and the `.seeds` used.
         """
+        if hires_scale is not None:
+            from gen import hires
+
+            return hires.run(self, locals())
+        source = img2img.prepare(self, image, mask_image, strength, height, width, mask_blur, padding_mask_crop)
+        if source is not None:
+            height, width = source.height, source.width
         d = self.defaults
         steps = d["steps"] if num_inference_steps is None else num_inference_steps
         scale = d["guidance"] if guidance_scale is None else guidance_scale
@@ -438,6 +463,8 @@ class Pipeline:
                     num_images_per_prompt, sampler, output_type)
         if cache_interval != 1 and not self.family.fast_mode:
             raise GenError(f"the fast mode (cache_interval) does not support {self.family.title} models")
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
+            raise GenError(f"clip_skip must be an integer >= 1 (1: the last layer), not {clip_skip!r}")
         n = len(prompts) * num_images_per_prompt
         seeds, generator = self._generators(seed, generator, n)
         slg = None
@@ -450,13 +477,16 @@ class Pipeline:
 
         f = self.vae_scale_factor
         shape = self.family.latent_shape(self.denoiser, n, height // f, width // f)
+        with self._on_device(self.vae):  # img2img's image to latents, drawn before the noise
+            x0 = img2img.encode(self, source, generator, n) if source is not None else None
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         latents, extra = self.family.pack(latents)  # extra: conditioning the packing adds (position ids)
+        texts = self._texts(max_sequence_length)
+        pw.configure(texts, prompts + negs, prompt_weighting, clip_skip)
         scheduler = make_scheduler(sampler, self.formulation, self.scheduler_config)  # before encoding: it may refuse
         scheduler.set_timesteps(device=self.device, **self.family.scheduler_kwargs(scheduler, steps, latents))
         scale, embedded = self.family.guidance(self.denoiser, scale, true_cfg_scale, negative_prompt is not None, n)
         extra = {k: v.to(self.device) for k, v in (extra | embedded).items()}
-        texts = self._texts(max_sequence_length)
         with self._on_device(*(t.model for t in texts)):  # each tower runs once per prompt batch, not per image
             cond = families.repeat(self.encode_prompts(prompts, height, width, texts), num_images_per_prompt) | extra
             both = None
@@ -467,7 +497,8 @@ class Pipeline:
         if both is None and slg is not None:
             log.info("skip-layer guidance needs classifier-free guidance (guidance > 1); it is off for this call")
             slg = None
-        latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # FlowMatch: 1
+        run = img2img.Start(latents * getattr(scheduler, "init_noise_sigma", 1.0), 0) if source is None else \
+            img2img.start(self, source, scheduler, steps, latents, x0, generator, n)  # FlowMatch sigma: 1
         predict = self._predict
         if cache_interval != 1:
             from gen.fastmode import FeatureCache, forward_fn, kind
@@ -475,15 +506,17 @@ class Pipeline:
                 self._fast_forward = torch.compile(forward_fn(kind(self.denoiser)), **self._compile)
             cache = FeatureCache(self.denoiser, cache_interval, self._fast_forward)
             predict = lambda x, t, c: cache(x, t, **self.family.denoiser_kwargs(c))  # noqa: E731
+        predict = run.wrap(predict) if run.wrap else predict
         with attn.use_backend(self.attention), self._on_device(self.denoiser):
-            latents = denoise(predict, scheduler, latents, cond, both, scale, rescale,
-                              guidance_interval, generator, self._progress_bar_config, slg)
+            latents = denoise(predict, scheduler, run.latents, cond, both, scale, rescale,
+                              guidance_interval, generator, self._progress_bar_config, run.first, run.after_step,
+                              slg)
         latents = self.family.unpack(latents, height // f, width // f)
 
         if output_type == "latent":
             return PipelineOutput(latents, seeds)
         with self._on_device(self.vae):
-            images = vae_lib.decode(self.vae, latents)  # (B, 3, H, W) in [0, 1]
+            images = img2img.finish(source, vae_lib.decode(self.vae, latents))  # (B, 3, H, W) in [0, 1]
         if output_type == "pt":
             return PipelineOutput(images, seeds)
         array = images.cpu().permute(0, 2, 3, 1).float().numpy()
@@ -525,14 +558,16 @@ class Pipeline:
 
 def denoise(predict, scheduler, latents: torch.Tensor, cond: dict, uncond_cond: dict | None, scale: float,
             rescale: float = 0.0, interval: tuple[float, float] = (0.0, 1.0), generator=None,
-            progress_bar: dict | None = None, skip_layers: SkipLayers | None = None) -> torch.Tensor:
-    """The sampling loop: `predict(x, t, cond)` over the scheduler's timesteps, with CFG in one batched
-    forward where `uncond_cond` (the negative and positive conditioning, concatenated) is given, and skip-layer
-    guidance on the guided steps it covers (a third, conditional pass with `predict(..., skip_layers=...)`).
+            progress_bar: dict | None = None, first: int = 0, after_step=None,
+            skip_layers: SkipLayers | None = None) -> torch.Tensor:
+    """The sampling loop: `predict(x, t, cond)` over the scheduler's timesteps from index `first` on (img2img),
+    with CFG in one batched forward where `uncond_cond` (the negative and positive conditioning, concatenated)
+    is given; `after_step(i, latents) -> latents` after each step (inpainting's blend); skip-layer guidance on
+    the guided steps it covers (a third, conditional pass with `predict(..., skip_layers=...)`).
     `progress_bar`: tqdm keyword arguments for a bar over the steps (None: no bar)."""
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     scale_input = getattr(scheduler, "scale_model_input", None)  # FlowMatch schedulers need none
-    timesteps = scheduler.timesteps
+    timesteps = scheduler.timesteps[first:]
     bar = {"desc": "sampling", "leave": False, **progress_bar} if progress_bar is not None else {"disable": True}
     for i, t in enumerate(tqdm(timesteps, **bar)):
         guided = uncond_cond is not None and in_interval(i, len(timesteps), interval)
@@ -546,4 +581,6 @@ def denoise(predict, scheduler, latents: torch.Tensor, cond: dict, uncond_cond: 
             if skip_layers is not None and skip_layers.applies(i):
                 pred = skip_layers.guide(pred, c, predict(latents, t, cond, skip_layers=skip_layers.layers))
         latents = scheduler.step(pred, t, latents, return_dict=False, **step_kwargs)[0]
+        if after_step is not None:
+            latents = after_step(first + i, latents)
     return latents

@@ -29,10 +29,13 @@ log = logging.getLogger("gen")
 FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's re_extra_net: <lora:NAME:SCALE> in a prompt
 GEN_LORA = re.compile(r"gen LoRA (\d+)")
-# Fields a recipe is read from; the others (A1111's hires fix, clip skip, VAE, ...) are named in a warning.
+# Fields a recipe is read from; the others (A1111's VAE, ...) are named in a warning.
 READ = {"Steps", "Sampler", "Schedule type", "Eta DDIM", "CFG scale", "Seed", "Size", "Model hash", "Model",
         "Lora hashes", "Version", "gen sampler", "gen guidance rescale", "gen guidance interval",
-        "gen cache interval", "gen model"}
+        "gen cache interval", "gen model", "Denoising strength", "Clip skip", "Emphasis", "Mask blur",
+        "Inpaint area", "Masked area padding", "Hires upscale", "Hires steps", "Hires upscaler", "gen init image",
+        "gen mask"}
+HIRES_UPSCALERS = {"latent": "Latent", "image": "Lanczos"}  # gen's name -> A1111's
 
 
 @dataclass
@@ -58,6 +61,16 @@ class Recipe:
     lora_hashes: dict[str, str] = field(default_factory=dict)
     a1111_sampler: tuple[str, str | None, float] | None = None  # Sampler, Schedule type, Eta DDIM
     by_gen: bool = True
+    clip_skip: int = 1
+    weighting: bool = True  # A1111's `Emphasis:` Original (True) or None
+    init_image: str | None = None  # img2img / inpainting source and mask files (gen's own fields)
+    mask: str | None = None
+    strength: float | None = None  # `Denoising strength` of img2img, or of the hires pass
+    mask_blur: float = 0
+    inpaint_padding: int | None = None  # `Inpaint area: Only masked` with `Masked area padding`
+    hires_scale: float | None = None
+    hires_steps: int | None = None
+    hires_upscaler: str = "latent"
 
 
 def number(value) -> str:
@@ -131,11 +144,23 @@ def infotext(r: Recipe, sampler_fields: dict) -> str:
               "gen guidance interval": (", ".join(number(float(x)) for x in r.guidance_interval)
                                         if tuple(r.guidance_interval) != (0.0, 1.0) else None),
               "gen cache interval": r.cache_interval if r.cache_interval != 1 else None,
-              "gen model": r.model,
+              "gen model": r.model, **_workflow_fields(r),
               **{f"gen LoRA {i}": f"{p}:{number(float(s))}" for i, (p, s) in enumerate(r.loras, 1)}}
     line = ", ".join(f"{k}: {quote(v)}" for k, v in fields.items() if v is not None)
     negative = f"\nNegative prompt: {r.negative_prompt}" if r.negative_prompt else ""
     return f"{prompt}{negative}\n{line}".strip()
+
+
+def _workflow_fields(r: Recipe) -> dict:
+    """img2img, inpainting, hires fix, clip skip and emphasis in A1111's infotext names (None: not written)."""
+    return {"Denoising strength": r.strength, "Clip skip": r.clip_skip if r.clip_skip != 1 else None,
+            "Emphasis": None if r.weighting else "None",
+            "Mask blur": r.mask_blur if r.mask is not None else None,
+            "Inpaint area": "Only masked" if r.inpaint_padding is not None else None,
+            "Masked area padding": r.inpaint_padding,
+            "Hires upscale": r.hires_scale, "Hires steps": r.hires_steps,
+            "Hires upscaler": HIRES_UPSCALERS[r.hires_upscaler] if r.hires_scale is not None else None,
+            "gen init image": r.init_image, "gen mask": r.mask}
 
 
 def from_text(text: str, source: str = "the recipe") -> Recipe:
@@ -158,7 +183,15 @@ def from_text(text: str, source: str = "the recipe") -> Recipe:
                seed=get("Seed", int), sampler=f.get("gen sampler"), model=f.get("gen model"),
                model_name=f.get("Model"), model_hash=f.get("Model hash"), by_gen="gen sampler" in f,
                guidance_rescale=get("gen guidance rescale", float, 0.0),
-               cache_interval=get("gen cache interval", int, 1))
+               cache_interval=get("gen cache interval", int, 1), clip_skip=get("Clip skip", int, 1),
+               weighting=f.get("Emphasis", "Original") != "None", init_image=f.get("gen init image"),
+               mask=f.get("gen mask"), strength=get("Denoising strength", float),
+               mask_blur=get("Mask blur", float, 0.0), hires_scale=get("Hires upscale", float),
+               hires_steps=get("Hires steps", int) or None)
+    if f.get("Inpaint area") == "Only masked":
+        r.inpaint_padding = get("Masked area padding", int, 32)  # A1111's default padding
+    if "Hires upscaler" in f:  # A1111's Latent (...) modes upscale the latents, its other upscalers the image
+        r.hires_upscaler = "latent" if f["Hires upscaler"].startswith("Latent") else "image"
     if "Size" in f:
         size = re.fullmatch(r"(\d+)x(\d+)", f["Size"])
         if not size:

@@ -122,16 +122,6 @@ def test_true_cfg_on_another_family_is_refused(dit_pipe):
         dit_pipe("a cat", num_inference_steps=1, true_cfg_scale=2.0)
 
 
-def test_training_is_refused_with_one_line(flux_folder, tmp_path):
-    from train.config import load_config
-    from train.task import DenoiserTask
-
-    cfg = load_config(None, extra={"model.base": str(flux_folder), "model.init_from_base": True,
-                                   "data.path": str(tmp_path), "train.output_dir": str(tmp_path / "out")})
-    with pytest.raises(GenError, match=r"^training is not supported for Flux models yet; gen samples them only$"):
-        DenoiserTask(cfg, torch.device("cpu"))
-
-
 def test_gen_sample_on_the_command_line_writes_the_pipelines_image(ours, flux_folder, tmp_path):
     from PIL import Image
 

@@ -94,10 +94,15 @@ def test_negative_prompt_and_rescale_change_the_result(sd_folder):
 def test_empty_unicode_and_long_prompts(dit_pipe, caplog):
     assert call(dit_pipe, "").shape == (1, 32, 32, 3)
     assert call(dit_pipe, "ein rotes Quadrat, 赤い円 🎨").shape == (1, 32, 32, 3)
-    long = "a red circle " * 30 + "THE DROPPED TAIL"
+    long = "a red circle " * 30 + "THE KEPT TAIL"  # over 77 tokens: encoded in chunks, nothing dropped
     with caplog.at_level(logging.WARNING, logger="gen"):
         call(dit_pipe, long)
-    assert "dropped" in caplog.text and "the dropped tail" in caplog.text
+    assert "dropped" not in caplog.text
+    from gen.prompt_weights import chunks
+
+    length = dit_pipe.text.max_length
+    n = len(chunks(dit_pipe.text.tokenizer, long, length=length))
+    assert n > 1 and dit_pipe.encode_prompts([long])["hidden"].shape[1] == n * length
 
 
 @pytest.mark.parametrize("kw, msg", [

@@ -206,12 +206,13 @@ def test_from_reads_an_a1111_png(sd_folder, lora_file, tmp_path, capsys, caplog)
     assert main(["sample", "--from", str(png), "--model", str(sd_folder), "--lora", f"{lora_file}:0.5",
                  "--out", str(out), "--no-progress"]) == 0
     warned = caplog.text
-    assert "model hash 0123456789" in warned and "LoRA hash 0123456789ab" in warned and "Clip skip" in warned
+    assert "model hash 0123456789" in warned and "LoRA hash 0123456789ab" in warned and "Clip skip" not in warned
     pipe = Pipeline.from_pretrained(sd_folder)
     pipe.progress = False
     pipe.load_lora(lora_file, scale=0.5)
     expected = pipe("a red circle ", negative_prompt="blurry", num_inference_steps=3, guidance_scale=6.0, seed=7,
-                    height=16, width=16, sampler="dpm++2m-karras").images[0]  # A1111 takes the tag out, not the space
+                    height=16, width=16, sampler="dpm++2m-karras", clip_skip=2).images[0]  # A1111 takes the tag out,
+    # not the space
     assert np.array_equal(pixels(out), np.asarray(expected))
     assert a1111_sampler(a1111_parse(Image.open(out).text["parameters"])) == ("DPM++ 2M", "Karras")
 

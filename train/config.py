@@ -91,6 +91,7 @@ class TrainOptions:
     ema_decay: float = 0.999                # 0 disables EMA
     ema_warmup: bool = True                 # decay ramps as (1 + n) / (10 + n)
     cond_dropout: float = 0.1               # fraction of captions replaced by "" (trains for CFG)
+    guidance: float | None = None           # a guidance-distilled model's guidance input (Flux dev); None: 1.0
     checkpoint_every: int = 500
     checkpoint_minutes: float | None = None  # also a checkpoint at least every N minutes of wall time
     time_limit: float | None = None         # minutes this run may take; it stops with a checkpoint before

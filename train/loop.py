@@ -197,9 +197,9 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
 
     task_class = task_class or TASKS.get(cfg.stage, DenoiserTask)
     task = task_class(cfg, acc.device, dtype)
-    if cfg.data.cache and hasattr(task, "text") and hasattr(task, "vae"):  # latents + text embeddings from disk
+    if cfg.data.cache and hasattr(task, "family") and hasattr(task, "vae"):  # latents + conditioning from disk
         from train.data.cache import cached
-        data = cached(cfg, data, task.text, task.vae, acc)
+        data = cached(cfg, data, task, acc)
     model = task.model
     model.train()
     if cfg.train.gradient_checkpointing:

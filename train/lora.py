@@ -2,7 +2,8 @@
 
 LoraTask is DenoiserTask (train/task.py) with the base folder's denoiser as the starting point (always: the
 `model.init_from_base` semantics) and the base's own objective, frozen, plus peft LoRA adapters (lora.* keys)
-on the denoiser and, with lora.text_encoder, on every text encoder of the family (SDXL: both). Only the adapters train: checkpoints
+on the denoiser and, with lora.text_encoder, on the family's trained text encoders (SDXL, SD3: both CLIPs; Flux:
+CLIP; never T5). Only the adapters train: checkpoints
 hold the adapter weights and their optimizer state (the loop's exact resume covers them), validation grids
 show each seed without and with the LoRA, and the run exports one .safetensors LoRA file (gen/lora.py) that
 diffusers' `load_lora_weights`, A1111/ComfyUI (lora.format=kohya) and `gen sample --lora` read.
@@ -104,11 +105,11 @@ class LoraTask(DenoiserTask):
         kind = self.family.denoiser_part
         options = dict(rank=o.rank, alpha=o.alpha, parts=o.targets, dropout=o.dropout, use_dora=o.dora)
         self._add(denoiser, kind, self.family.lora_targets, options)
-        texts = self.text_parts if o.text_encoder else {}
-        for name, t in texts.items():
-            self._add(t.model, name, lora_lib.TEXT_TARGETS, options)
-            t.model.train()
-        self.model = LoraModel(denoiser, texts, self.family)
+        texts = self.family.trained_texts() if o.text_encoder else ()
+        for name in texts:
+            self._add(self.text_parts[name].model, name, lora_lib.TEXT_TARGETS, options)
+            self.text_parts[name].model.train()
+        self.model = LoraModel(denoiser, self.text_parts, self.family, texts)
         if o.instance_prompt:
             log.info("lora.instance_prompt: every image trains with the caption %r (caption files are not used)",
                      o.instance_prompt)
@@ -135,7 +136,7 @@ class LoraTask(DenoiserTask):
 
     def _denoiser(self, base) -> nn.Module:
         """Always the base folder's denoiser, trained with the objective it was trained with."""
-        self.formulation = base.formulation
+        self.formulation, self.scheduler_config = base.formulation, base.scheduler_config
         return base.denoiser.float()
 
     def fingerprint(self) -> dict:

@@ -38,19 +38,28 @@ def build_formulation(cfg: Config):
                              zero_terminal_snr=o.zero_terminal_snr)
 
 
+class Shared(dict):
+    """Frozen text encoders a WithText runs but does not own: shared by its copies (EMA), never in its state."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 class WithText(nn.Module):
     """A denoiser and the text encoders that train with it (model.train_text_encoder, or their LoRA adapters)
     as one module, so that the optimizer, EMA, gradient clipping, distributed sync and checkpoints cover them
-    all. The text encoders are submodules named by their folders (text_encoder, text_encoder_2); forward
-    encodes the captions through the family with gradients. With no text encoders it is the denoiser alone."""
+    all. The trained text encoders are submodules named by their folders (text_encoder, text_encoder_2); the
+    family's others (T5) run frozen beside them. forward encodes the captions through the family with gradients.
+    With no trained text encoders it is the denoiser alone."""
 
-    def __init__(self, denoiser: nn.Module, texts: dict[str, TextEncoder], family: families.Family):
+    def __init__(self, denoiser: nn.Module, texts: dict[str, TextEncoder], family: families.Family,
+                 trained: tuple[str, ...] = ()):
         super().__init__()
         self.denoiser, self.family = denoiser, family
-        self.folders = list(texts)
-        for folder, text in texts.items():
-            self.add_module(folder, text.model)
-        self.tokenizers = [t.tokenizer for t in texts.values()]
+        self.folders = [f for f in texts if f in trained]
+        for folder in self.folders:
+            self.add_module(folder, texts[folder].model)
+        self.texts = Shared(texts)  # every text encoder, in the family's order
 
     @property
     def config(self):
@@ -61,20 +70,23 @@ class WithText(nn.Module):
         return {f: getattr(self, f) for f in self.folders}
 
     def encoders(self) -> list[TextEncoder]:
-        """The trained text encoders, run with gradients."""
-        return [TextEncoder(m, tok, grad=True) for m, tok in zip(self.text_parts.values(), self.tokenizers)]
+        """The family's text encoders; those that train run with gradients."""
+        return [TextEncoder(getattr(self, f), t.tokenizer, grad=True, max_length=t.max_length)
+                if f in self.folders else t for f, t in self.texts.items()]
 
     def enable_gradient_checkpointing(self) -> None:
         self.denoiser.enable_gradient_checkpointing()
         for m in self.text_parts.values():
             m.gradient_checkpointing_enable()
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, text: dict | None = None, **kwargs):
-        """The denoiser's forward; `text` (Family.train_conditioning's arguments but the encoders) is encoded
-        here, so that the text encoders get gradients."""
-        if text is not None:
-            kwargs |= self.family.denoiser_kwargs(self.family.train_conditioning(self.encoders(), **text))
-        return self.denoiser(sample, timestep, **kwargs)
+    def forward(self, *args, text: dict | None = None, extra: dict | None = None, **kwargs):
+        """With `text` (Family.train_conditioning's arguments but the encoders): the family's prediction for x_t at
+        t (args), the captions encoded here so that the text encoders get gradients, `extra` conditioning besides
+        the text's. Without: the denoiser's forward (no text encoder trains)."""
+        if text is None:
+            return self.denoiser(*args, **kwargs)
+        cond = self.family.train_conditioning(self.encoders(), **text) | extra
+        return self.family.predict(self.denoiser, *args, cond)
 
 
 def parts(model: nn.Module) -> tuple[nn.Module, dict[str, nn.Module]]:
@@ -93,16 +105,13 @@ class DenoiserTask:
         self.texts, self.vae = base.texts, base.vae
         self.family = base.family if isinstance(base, Pipeline) else families.get(
             "dit" if cfg.model.denoiser == "dit" else "sd1")
-        self.family.check_supported("training")
         for t in self.texts:
             t.model.to(device, weight_dtype).requires_grad_(False)
         self.vae.to(device, weight_dtype).requires_grad_(False)
         # The task decides what trains, whatever froze the module before: a base folder's denoiser (init_from_base)
         # comes out of Pipeline, which freezes what it samples with.
         self.model = self._denoiser(base).to(device).requires_grad_(True)
-        if cfg.data.cache and len(self.texts) > 1:
-            raise GenError(f"config key 'data.cache': the cache holds one text encoder's embeddings, and a "
-                           f"{self.family.title} model has {len(self.texts)}; set data.cache=false")
+        self.family.train_inputs(self.model, cfg.train.guidance, 1)  # train.guidance fits the model
         if cfg.data.cache:  # cached batches are dropped to this, so that the text encoder never runs again
             with torch.no_grad():
                 r = cfg.data.resolution
@@ -111,9 +120,10 @@ class DenoiserTask:
             if cfg.data.cache:
                 raise GenError("config keys 'data.cache' and 'model.train_text_encoder': a cache holds text "
                                "embeddings, which go stale while the text encoder trains; turn one of them off")
-            for t in self.texts:
-                t.model.float().requires_grad_(True)
-            self.model = WithText(self.model, self.text_parts, self.family)
+            trained = self.family.trained_texts()
+            for folder in trained:
+                self.text_parts[folder].model.float().requires_grad_(True)
+            self.model = WithText(self.model, self.text_parts, self.family, trained)
 
     @property
     def text(self) -> TextEncoder:
@@ -163,17 +173,22 @@ class DenoiserTask:
         from gen.models.unet import build_unet
 
         m, res, f = self.cfg.model, self.cfg.data.resolution, self.vae_scale_factor
+        self.scheduler_config = None  # a base's denoiser samples with the base's scheduler (Flux: dynamic shift)
         if m.init_from_base:
             kind = "dit" if base.family.denoiser_part == "transformer" else "unet"
             if kind != m.denoiser:
                 raise GenError(f"config key 'model.init_from_base': {m.base} holds a "
                                f"{kind} denoiser, but model.denoiser is {m.denoiser!r}")
             self._check_objective(base.formulation)
+            self.scheduler_config = base.scheduler_config
             return base.denoiser.float()
         if res % f:
             raise GenError(f"config key 'data.resolution': {res} is not a multiple of the VAE factor {f}")
         hidden = self.text.model.config.hidden_size
         common = dict(sample_size=res // f, in_channels=self.vae.config.latent_channels)
+        own = self.family.new_denoiser(self.texts, m.preset, m.options, common["in_channels"], common["sample_size"])
+        if own is not None:
+            return own
         try:
             if m.denoiser == "dit":
                 model = build_dit(m.preset, **common, cross_attention_dim=hidden, pooled_projection_dim=hidden,
@@ -225,22 +240,32 @@ class DenoiserTask:
             return self._denoising_loss(model, x0, g, text=text)
         with torch.no_grad():
             if "latents" in batch:
-                cond = {"hidden": batch["hidden"].to(device), "pooled": batch["pooled"].to(device)}
-                cond = families.where(~drop.to(device), cond, self.empty)
+                cond = {k.removeprefix("cond."): v.to(device) for k, v in batch.items() if k.startswith("cond.")}
+                cond = self.family.sized(families.where(~drop.to(device), cond, self.empty), text["original"],
+                                         text["crop"], text["target"])
             else:
                 cond = self.family.train_conditioning(self.texts, **text)
-        return self._denoising_loss(model, x0, g, **self.family.denoiser_kwargs(cond))
+        return self._denoising_loss(model, x0, g, cond=cond)
 
-    def _denoising_loss(self, model: nn.Module, x0: torch.Tensor, g: torch.Generator, **cond) -> torch.Tensor:
+    def _denoising_loss(self, model: nn.Module, x0: torch.Tensor, g: torch.Generator, cond: dict | None = None,
+                        text: dict | None = None) -> torch.Tensor:
+        """The loss of one batch of latents x0 (N, C, h, w), conditioned by `cond` or, through a WithText, by
+        encoding `text`. The denoiser sees x_t in the family's layout (Flux: packed 2x2 patches with their
+        position ids) and the family's timestep convention; the loss compares in the latents' layout."""
         o, f, device, n = self.cfg.objective, self.formulation, x0.device, x0.shape[0]
         noise = torch.randn(x0.shape, generator=g).to(device)
         if o.type == "ddpm" and o.offset_noise:  # Guttenberg 2023: learn to shift the mean brightness
             noise = noise + o.offset_noise * torch.randn((n, x0.shape[1], 1, 1), generator=g).to(device)
         t = f.sample_timesteps(n, generator=g, device=device)
-        x_t = f.add_noise(x0, noise, t)
-        target = f.target(x0, noise, t)
-        pred = model(x_t, f.model_timestep(t), return_dict=False, **cond)[0]
-        per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
+        x_t, extra = self.family.pack(f.add_noise(x0, noise, t))
+        extra |= self.family.train_inputs(parts(self.model)[0], self.cfg.train.guidance, n)
+        extra = {k: v.to(device) for k, v in extra.items()}
+        if text is not None:
+            pred = model(x_t, f.model_timestep(t), text=text, extra=extra)
+        else:
+            pred = self.family.predict(model, x_t, f.model_timestep(t), cond | extra)
+        pred = self.family.unpack(pred, *x0.shape[2:])
+        per_sample = (pred.float() - f.target(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
         weight = f.loss_weight(t, o.min_snr_gamma if o.type == "ddpm" else None)
         return (per_sample * weight).mean()
 
@@ -254,7 +279,8 @@ class DenoiserTask:
         more = {k: v for (enc, tok), t in zip(self.family.text_parts[1:], self.texts[1:])
                 for k, v in ((enc, texts[enc]), (tok, t.tokenizer))}
         pipe = Pipeline(texts["text_encoder"], self.text.tokenizer, self.vae, denoiser, formulation=self.formulation,
-                        defaults=defaults, recipe=recipe, name="validation", family=self.family, **more)
+                        scheduler_config=self.scheduler_config, defaults=defaults, recipe=recipe, name="validation",
+                        family=self.family, **more)
         pipe.progress = False
         return pipe
 

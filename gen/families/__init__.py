@@ -52,14 +52,9 @@ class Family:
     index_extra: dict = {}  # model_index.json entries besides the components
     text_max_length: dict = {}  # text encoder folder -> the token length its prompts are padded to (else its own)
     fast_mode = True  # whether gen.fastmode's feature cache knows the denoiser
-    sampling_only = False  # training (full or LoRA) is not implemented for the family yet; LoRA files load
+    presets: dict = {}  # model.preset -> the family's denoiser config, for training one from scratch (new_denoiser)
     skip_layers = False  # whether predict() takes skip_layers (skip-layer guidance)
     sequence_part = None  # the text encoder folder whose token length max_sequence_length sets (a T5)
-
-    def check_supported(self, what: str) -> None:
-        """A one-line GenError where `what` (training) needs more than sampling from a sampling-only family."""
-        if self.sampling_only:
-            raise GenError(f"{what} is not supported for {self.title} models yet; gen samples them only")
 
     # ---- components ------------------------------------------------------------------------------
     @staticmethod
@@ -140,9 +135,27 @@ class Family:
             cond = where(~drop.to(cond["hidden"].device), cond, empty)
         return self.sized(cond, original, crop, target)
 
+    def trained_texts(self) -> tuple[str, ...]:
+        """The text encoder folders that model.train_text_encoder and lora.text_encoder train (the others stay
+        frozen): here every one."""
+        return tuple(enc for enc, _ in self.text_parts)
+
+    def train_inputs(self, denoiser, guidance: float | None, n: int) -> dict:
+        """Conditioning entries a training batch of n images adds besides the text's (Flux dev: the embedded
+        guidance value); `guidance`: the train.guidance key (None: unset)."""
+        if guidance is not None:
+            raise GenError(f"config key 'train.guidance': this {self.title} model has no guidance input (it is for "
+                           "guidance-distilled models, Flux dev); remove the key")
+        return {}
+
     def denoiser_options(self, encoders: list) -> dict:
         """Architecture keys of a denoiser built from scratch for these text encoders."""
         return {"cross_attention_dim": encoders[0].model.config.hidden_size}
+
+    def new_denoiser(self, encoders: list, preset: str, options: dict, latent_channels: int, sample_size: int):
+        """A denoiser built from scratch (model.preset, model.options) by a family with its own denoiser class, or
+        None where the training task builds gen's DiT or a UNet preset (with denoiser_options)."""
+        return None
 
     def denoiser_kwargs(self, cond: dict[str, torch.Tensor]) -> dict:
         """The denoiser contract's extra inputs: model(x_t, t, **denoiser_kwargs(cond))."""
@@ -163,8 +176,9 @@ class Family:
 
     # ---- latents and timesteps ---------------------------------------------------------------------
     def latent_shape(self, denoiser, n: int, height: int, width: int) -> tuple[int, ...]:
-        """The shape the initial noise is drawn in, for latents of height x width (image size / VAE factor)."""
-        return (n, denoiser.config.in_channels, height, width)
+        """The shape the initial noise is drawn in, for latents of height x width (image size / VAE factor): the
+        denoiser's output channels (an inpainting UNet takes 9 channels in, 4 of them latents)."""
+        return (n, denoiser.config.out_channels or denoiser.config.in_channels, height, width)
 
     def pack(self, latents: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Noise in latent_shape -> the denoiser's input layout, and conditioning that layout adds (position ids)."""
@@ -300,6 +314,18 @@ def kohya_prefixes() -> dict[str, str]:
     for fam in families():
         out |= {p: folder for folder, p in fam.kohya_text.items()}
     return out
+
+
+def new_model(family: Family, preset: str, options: dict):
+    """family.denoiser_class() built from one of family.presets updated with `options`; a GenError naming the
+    config key for an unknown preset or a bad option."""
+    if preset not in family.presets:
+        raise GenError(f"config key 'model.preset': {preset!r} is not a {family.title} preset; known: "
+                       f"{', '.join(family.presets)} (model.options sets any of the denoiser's config keys)")
+    try:
+        return family.denoiser_class()(**family.presets[preset] | options)
+    except (TypeError, ValueError) as e:
+        raise GenError(f"config key 'model.options': {e}") from None
 
 
 # ---- conditioning dicts: batch-dimension operations -----------------------------------------------------

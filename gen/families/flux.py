@@ -3,7 +3,9 @@
 last hidden states (padded to 512 tokens) as the token states, a FluxTransformer2DModel over the VAE's latents
 packed into 2x2 patches with (0, row, column) position ids, rectified flow with a resolution-dependent timestep
 shift. As diffusers' FluxPipeline (pipelines/flux/pipeline_flux.py). Single files and LoRA files in BFL's
-original layout read and write through gen/families/mmdit_keys.py; no training yet.
+original layout read and write through gen/families/mmdit_keys.py. Training and LoRA adapt the transformer and
+CLIP (T5 stays frozen, as in diffusers' train_dreambooth_lora_flux.py) on packed latents; a dev model trains with
+its guidance input at train.guidance (1.0 unless set, as that script's --guidance_scale).
 
 Guidance: on a dev model guidance_scale is embedded and there is no classifier-free guidance, unless a negative
 prompt and true_cfg_scale > 1 are given ("true CFG", batched with the positive pass). A schnell model has no
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 from gen.errors import GenError
-from gen.families import Family, register
+from gen.families import Family, new_model, register
 from gen.families.mmdit_keys import OriginalLayout, flux_links
 from gen.formulations.flow import scheduler_mu
 from gen.samplers import check_schedule
@@ -40,7 +42,17 @@ class Flux(OriginalLayout, Family):
     links = staticmethod(flux_links)  # BFL's layout: single files and kohya/ComfyUI LoRA files
     objective = "rectified flow"
     fast_mode = False
-    sampling_only = True
+    # LoRA targets. "attn": the double blocks' attn.to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out and the single
+    # blocks' attn.to_q/k/v; "ff": both streams' MLPs (ff.net.0.proj, ff.net.2, ff_context.*) and the single
+    # blocks' proj_mlp / proj_out. diffusers' train_dreambooth_lora_flux.py targets attn + the double blocks' ff
+    # by default; the single blocks' MLP layers are in ai-toolkit's and SimpleTuner's "all" sets.
+    lora_targets = {"attn": r"(single_)?transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj"
+                            r"|add_v_proj|to_add_out)",
+                    "ff": r"transformer_blocks\.\d+\.ff(_context)?\.net\.(0\.proj|2)"
+                          r"|single_transformer_blocks\.\d+\.(proj_mlp|proj_out)"}
+    # sizes for model.preset when training from scratch; the rotary axes add up to the head dim
+    presets = {"tiny": dict(patch_size=1, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                            num_attention_heads=2, axes_dims_rope=[4, 4, 8], guidance_embeds=False)}
     index_extra = {"image_encoder": [None, None], "feature_extractor": [None, None]}
 
     @staticmethod
@@ -110,6 +122,22 @@ class Flux(OriginalLayout, Family):
         pooled = encoders[0].outputs(prompts, hidden_states=False).pooler_output
         hidden = encoders[1].outputs(prompts, hidden_states=False).last_hidden_state
         return {"hidden": hidden, "pooled": pooled, "txt_ids": hidden.new_zeros(*hidden.shape[:2], 3)}
+
+    def trained_texts(self) -> tuple[str, ...]:
+        return ("text_encoder",)  # CLIP; T5 stays frozen
+
+    def train_inputs(self, denoiser, guidance: float | None, n: int) -> dict:
+        """A dev model trains with its guidance input at train.guidance (default 1.0, diffusers' script's)."""
+        if not denoiser.config.guidance_embeds:
+            return super().train_inputs(denoiser, guidance, n)
+        return {"guidance": torch.full((n,), 1.0 if guidance is None else float(guidance), dtype=torch.float32)}
+
+    def new_denoiser(self, encoders: list, preset: str, options: dict, latent_channels: int, sample_size: int):
+        """A FluxTransformer2DModel of a named size over 2x2 patches; T5's width for the token states, CLIP's for
+        the pooled embedding."""
+        widths = dict(joint_attention_dim=encoders[1].model.config.d_model,
+                      pooled_projection_dim=encoders[0].model.config.hidden_size)
+        return new_model(self, preset, dict(in_channels=latent_channels * 4, **widths) | options)
 
     def guidance(self, denoiser, scale: float, true_cfg: float | None, negative_given: bool,
                  n: int) -> tuple[float, dict]:

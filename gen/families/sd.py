@@ -8,12 +8,13 @@ from gen.families.ldm import UNET, VAE
 
 
 def _plain_unet(index: dict, configs: dict) -> bool:
-    """A text-conditioned UNet with one text encoder and no added embeddings (SDXL's time ids, ...)."""
+    """A text-conditioned UNet with one text encoder and no added embeddings (SDXL's time ids, ...); 4 input
+    channels, or 9 for an inpainting UNet (latents, mask, masked image latents: gen.img2img)."""
     unet = configs.get("unet")
     return (unet is not None and index.get("text_encoder", [None])[0] is not None
             and not any(index.get(k, [None])[0] for k in ("text_encoder_2", "text_encoder_3", "prior"))
             and not unet.get("addition_embed_type") and not unet.get("class_embed_type")
-            and unet.get("in_channels", 4) == 4)
+            and unet.get("in_channels", 4) in (4, 9))
 
 
 @register

@@ -2,16 +2,16 @@
 states concatenated on features, padded to T5's width and followed by T5's states on the sequence axis (zeros
 where the folder has no T5, as diffusers does); both CLIPs' projected pooled embeddings concatenated; an
 SD3Transformer2DModel (MMDiT) in `transformer/`; the 16-channel VAE with scaling and shift factors; rectified
-flow sampled with the folder's shift, or (SD3.5 folders with use_dynamic_shifting) a shift that grows with the image's
-token count; skip-layer guidance (SD3.5) runs the transformer a third time without some of its layers. Single files
-and LoRA files in the original (SAI MMDiT) layout read and write through gen/families/mmdit_keys.py; no training yet."""
+flow with the folder's shift, or (SD3.5 folders with use_dynamic_shifting) a shift that grows with the image's token
+count; skip-layer guidance (SD3.5) runs the transformer a third time without some of its layers. Single files and
+LoRA files in the original (SAI MMDiT) layout read and write through gen/families/mmdit_keys.py. Training and LoRA
+adapt the transformer and the two CLIPs; T5 stays frozen."""
 
 from __future__ import annotations
 
 import torch
 
-from gen.errors import GenError
-from gen.families import Family, register
+from gen.families import Family, new_model, register
 from gen.families.dit import GenDiT
 from gen.families.mmdit_keys import OriginalLayout, sd3_links
 from gen.formulations.flow import scheduler_mu
@@ -34,11 +34,19 @@ class SD3(OriginalLayout, Family):
     denoiser_blocks = ("joint_blocks", "transformer_blocks")  # the original layout's and diffusers' names
     links = staticmethod(sd3_links)  # SAI's MMDiT layout: single files and kohya/ComfyUI LoRA files
     objective = "rectified flow"
+    # sizes for model.preset when training from scratch; the inner width (heads x head dim) is the caption's
+    presets = {"tiny": dict(patch_size=2, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+                            caption_projection_dim=32)}
     t5_length = 256  # StableDiffusion3Pipeline's default max_sequence_length
     text_max_length = {"text_encoder_3": t5_length}
     denoiser_kwargs = GenDiT.denoiser_kwargs  # encoder_hidden_states, pooled_projections
     size_multiple = GenDiT.size_multiple  # the VAE factor times the patch size
     skip_layers = True  # SD3Transformer2DModel runs without chosen layers (skip-layer guidance)
+    # LoRA targets: "attn" is diffusers' train_dreambooth_lora_sd3.py default (attn.to_q/k/v, to_out.0 and the
+    # context stream's add_q/k/v_proj, to_add_out; SD3.5's attn2 is not in it), "ff" adds both streams' MLPs
+    lora_targets = {"attn": r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj"
+                            r"|to_add_out)",
+                    "ff": r"transformer_blocks\.\d+\.ff(_context)?\.net\.(0\.proj|2)"}
 
     def __init__(self, index: dict | None = None, configs: dict | None = None):
         index = index or {}
@@ -143,11 +151,17 @@ class SD3(OriginalLayout, Family):
         tokens = (latents.shape[-2] // self.patch_size) * (latents.shape[-1] // self.patch_size)
         return {"num_inference_steps": steps, "mu": scheduler_mu(scheduler.config, tokens, max_shift=1.16)}
 
-    def train_conditioning(self, *args, **kwargs) -> dict:
-        raise GenError("gen samples SD3 models but cannot train them yet")
+    def trained_texts(self) -> tuple[str, ...]:
+        return tuple(enc for enc, _ in CLIPS)  # as diffusers' SD3 LoRA script: the CLIPs, never T5
 
-    def denoiser_options(self, encoders: list) -> dict:
-        raise GenError("gen samples SD3 models but cannot build one from scratch yet")
+    def new_denoiser(self, encoders: list, preset: str, options: dict, latent_channels: int, sample_size: int):
+        """An SD3Transformer2DModel of a named size, its text widths from the encoders: T5's (or, without one,
+        the zeros' width) for the joint attention, both CLIPs' projections for the pooled embedding."""
+        joint = encoders[2].model.config.d_model if self.has_t5 else self.joint_dim
+        pooled = sum(e.model.config.projection_dim for e in encoders[:2])
+        return new_model(self, preset, dict(sample_size=sample_size, in_channels=latent_channels,
+                                            out_channels=latent_channels, joint_attention_dim=joint,
+                                            pooled_projection_dim=pooled) | options)
 
     def default_settings(self, denoiser, vae_factor: int, flow: bool) -> dict:
         # StableDiffusion3Pipeline's defaults: 28 steps, guidance 7.0, sample_size x the VAE factor

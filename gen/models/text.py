@@ -54,6 +54,9 @@ class TextEncoder:
         self.tokenizer = tokenizer
         self.grad = grad
         self._max_length = max_length
+        # None: one max_length sequence, as diffusers tokenizes (training); a gen.prompt_weights.Syntax: long,
+        # weighted prompts as A1111 reads them (what Pipeline calls set)
+        self.syntax = None
 
     @property
     def max_length(self) -> int:
@@ -86,6 +89,14 @@ class TextEncoder:
     def outputs(self, prompts: list[str], hidden_states: bool = True):
         """The tower's whole output for prompts, every layer's hidden states included (SDXL reads the
         penultimate one; a projection model's first output is its projected pooled embedding)."""
-        ids = self.tokenize(prompts).to(self.model.device)
+        from gen import prompt_weights as pw
+
+        s = self.syntax
         with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
+            if s is not None and pw.is_clip(self.model):
+                return pw.encode(self.model, self.tokenizer, prompts, s.weighting, s.min_chunks, s.clip_skip,
+                                 hidden_states, self.max_length)
+            if s is not None and s.weighting:  # a T5 reads the words only
+                prompts = [pw.plain_text(p) for p in prompts]
+            ids = self.tokenize(prompts).to(self.model.device)
             return self.model(ids, output_hidden_states=hidden_states)

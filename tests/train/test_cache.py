@@ -55,7 +55,7 @@ def free_port():
 def test_two_processes_build_what_one_builds(shapes, base_dit, tmp_path):
     cfg = cache_config(base_dit, shapes, tmp_path, data__flip=True)
     pipe = Pipeline.from_pretrained(base_dit)
-    one, built = build(cfg, TrainData(cfg.data, 0), pipe.text, pipe.vae, progress=False)
+    one, built = build(cfg, TrainData(cfg.data, 0), pipe, progress=False)
     assert built
     (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
     # accelerate's multi-CPU mode under torchrun; the same thread count as here (CPU kernels may split sums by it)
@@ -69,7 +69,8 @@ def test_two_processes_build_what_one_builds(shapes, base_dit, tmp_path):
     assert {f.name[:9] for f in two.glob("*.safetensors")} == {"w002-r000", "w002-r001"}  # each wrote its part
     (a, rows_a), (b, rows_b) = contents(one), contents(two)
     assert rows_a == rows_b and sorted(a) == list(range(12))
-    assert set(a[0]) == {"mean", "std", "flip.mean", "flip.std", "hidden", "pooled"}
+    assert set(a[0]) == {"mean", "std", "flip.mean", "flip.std", "cond.hidden", "cond.pooled", "original_size",
+                         "crop_top_left", "flip.crop_top_left"}
     for i in a:
         assert a[i].keys() == b[i].keys()
         for k in a[i]:
@@ -79,9 +80,9 @@ def test_two_processes_build_what_one_builds(shapes, base_dit, tmp_path):
 def test_changed_settings_rebuild_and_unchanged_reuse(shapes, base_dit, tmp_path):
     pipe = Pipeline.from_pretrained(base_dit)
 
-    def run(text=pipe.text, vae=pipe.vae, **kw):
+    def run(models=pipe, **kw):
         cfg = cache_config(base_dit, shapes, tmp_path, **kw)
-        return build(cfg, TrainData(cfg.data, 0), text, vae, progress=False)
+        return build(cfg, TrainData(cfg.data, 0), models, progress=False)
 
     first, built = run()
     stamps = {f.name: f.stat().st_mtime_ns for f in first.iterdir()}
@@ -94,12 +95,12 @@ def test_changed_settings_rebuild_and_unchanged_reuse(shapes, base_dit, tmp_path
         assert built and folder not in folders, kw
         folders.add(folder)
     bf16 = Pipeline.from_pretrained(base_dit, dtype=torch.bfloat16)
-    folder, built = run(text=bf16.text, vae=bf16.vae)
+    folder, built = run(bf16)
     assert built and folder not in folders and contents(folder)[0][0]["mean"].dtype == torch.bfloat16
     changed = Pipeline.from_pretrained(base_dit)
     with torch.no_grad():
         changed.vae.decoder.conv_out.bias.add_(1e-3)  # another VAE: even a decoder-only change counts
-    folder, built = run(vae=changed.vae)
+    folder, built = run(changed)
     assert built and folder not in folders
 
 
@@ -138,7 +139,7 @@ def test_one_build_per_cache_folder(shapes, base_dit, tmp_path, caplog):
 
     cfg = cache_config(base_dit, shapes, tmp_path)
     pipe, data = Pipeline.from_pretrained(base_dit), TrainData(cfg.data, 0)
-    folder = cache_folder(cfg, key_parts(data, pipe.text, pipe.vae))
+    folder = cache_folder(cfg, key_parts(data, pipe))
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
                                "from train.lock import acquire; acquire(Path(sys.argv[1]), 'x'); print('held', "
                                "flush=True); time.sleep(600)", str(folder)], stdout=subprocess.PIPE, text=True)
@@ -146,11 +147,11 @@ def test_one_build_per_cache_folder(shapes, base_dit, tmp_path, caplog):
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(GenError, match=f"the cache folder {folder} is in use by another run: process "
                                            f"{holder.pid} on {socket.gethostname()}"):
-            build(cfg, data, pipe.text, pipe.vae, progress=False)
+            build(cfg, data, pipe, progress=False)
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
     with caplog.at_level("WARNING", logger="gen"):
-        assert build(cfg, data, pipe.text, pipe.vae, progress=False) == (folder, True)
+        assert build(cfg, data, pipe, progress=False) == (folder, True)
     assert f"taking over the stale lock of process {holder.pid}" in caplog.text
     assert (folder / "index.json").is_file() and not (folder / NAME).exists()

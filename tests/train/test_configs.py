@@ -33,7 +33,31 @@ SHRINK = {
     "unet-sd15-finetune.yaml": [],
     "lora-sd.yaml": ["lora.rank=4"],
     "lora-subject.yaml": ["lora.rank=4"],
+    "lora-sd3-flux.yaml": ["lora.rank=4"],
+    "finetune-sd3-flux.yaml": [],
 }
+
+
+def flux_base(tmp_path: Path) -> Path:
+    from diffusers import FluxPipeline
+
+    from tests.conftest import tiny_flux_components
+
+    FluxPipeline(**tiny_flux_components(tmp_path)).save_pretrained(tmp_path / "flux")
+    return tmp_path / "flux"
+
+
+def sd3_base(tmp_path: Path) -> Path:
+    from diffusers import StableDiffusion3Pipeline
+
+    from tests.conftest import tiny_sd3_components
+
+    StableDiffusion3Pipeline(**tiny_sd3_components()).save_pretrained(tmp_path / "sd3")
+    return tmp_path / "sd3"
+
+
+# Recipes for other families than SD and gen's DiT, and the stand-in base each trains on.
+FAMILY_BASES = {"lora-sd3-flux.yaml": flux_base, "finetune-sd3-flux.yaml": sd3_base}
 # The chain configs/default-model.yaml, whose stages are default/clip.yaml, default/vae.yaml, default/dit.yaml.
 CHAIN = ["data.resolution=16", "data.num_images=16", "train.batch_size=2", "train.max_steps=3", "log.progress=false",
          "log.tracker=none", "clip:clip.eval_images=8", "vae:vae.eval_images=8", "denoiser:sampling.steps=2",
@@ -86,11 +110,14 @@ def resumed(run: Path, paused: dict, caplog) -> None:
 @pytest.mark.parametrize("name", sorted(SHRINK))
 def test_recipe_trains_and_resumes(name, sd_folder, base_dit, captioned, tmp_path, caplog):
     """`gen train|lora configs/NAME` to train.stop_at_step=2, then the same command resumes it to step 3,
-    draws its validation grid and exports a product that samples. Stand-ins: a tiny diffusers-made SD folder for SD bases, a tiny gen DiT."""
+    draws its validation grid and exports a product that samples. Stand-ins: a tiny diffusers-made SD folder for SD
+    bases, a tiny gen DiT, tiny Flux and SD3 folders (FAMILY_BASES)."""
     path, run = CONFIGS / name, tmp_path / "run"
     tree = read_yaml(path)
     command = "lora" if "lora" in tree else "train"
     base = base_dit if tree["model"].get("denoiser") == "dit" else sd_folder
+    if name in FAMILY_BASES:
+        base = FAMILY_BASES[name](tmp_path)
     args = [f"model.base={base}", f"train.output_dir={run}", *SMALL, *SHRINK[name]]
     if tree["data"]["source"] == "folder":
         args.append(f"data.path={captioned}")
@@ -108,7 +135,8 @@ def test_recipe_trains_and_resumes(name, sd_folder, base_dit, captioned, tmp_pat
     if command == "lora":
         pipe.load_lora(product)
     pipe.progress = False
-    assert pipe("a red circle", seed=0, num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
+    images = pipe("a red circle", seed=0, num_inference_steps=2, height=16, width=16, output_type="np").images
+    assert images.shape == (1, 16, 16, 3)
 
 
 def test_default_model_chain_trains_and_resumes_each_stage(tmp_path, caplog):
@@ -128,4 +156,5 @@ def test_default_model_chain_trains_and_resumes_each_stage(tmp_path, caplog):
             paused = weights(out / stage, 2)
     pipe = Pipeline.from_pretrained(out / "denoiser" / "model")
     pipe.progress = False
-    assert pipe("a red circle", seed=0, num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
+    images = pipe("a red circle", seed=0, num_inference_steps=2, height=16, width=16, output_type="np").images
+    assert images.shape == (1, 16, 16, 3)

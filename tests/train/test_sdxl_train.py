@@ -41,6 +41,18 @@ def step_tensors(run, step, part):
     return load_file(str(run / "checkpoints" / f"step-{step:08d}" / f"{part}.safetensors"))
 
 
+def straight_and_resumed(config, base, images, root, more, task_class=None, steps=4):
+    """Run A: `gen lora|train CONFIG` straight to `steps`; run B: half of them, then resumed to `steps`. Returns
+    both run folders."""
+    command, more = "train" if task_class is None else "lora", more | {"train.max_steps": steps,
+                                                                       "train.checkpoint_every": steps // 2}
+    assert gen_main([command, config, *args(settings(base, images, root / "a", **more))]) == 0
+    b = settings(base, images, root / "b", **more)
+    train(load_config(config, extra=b | {"train.max_steps": steps // 2}), task_class)
+    train(load_config(config, extra=b), task_class)
+    return root / "a", root / "b"
+
+
 def assert_same_checkpoints(a, b, step, parts=("model", "optimizer")):
     for part in parts:
         x, y = step_tensors(a, step, part), step_tensors(b, step, part)
@@ -65,14 +77,10 @@ def images(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lora_runs(sdxl_folder, images, tmp_path_factory):
     """A: `gen lora` straight to step 4; B: 2 steps, then resumed to 4. UNet + both text encoders."""
-    root = tmp_path_factory.mktemp("sdxl-lora-runs")
     more = {"lora.rank": 4, "lora.alpha": 8, "lora.targets": "attn+ff", "lora.text_encoder": True,
             "lora.save_dtype": "fp32"}
-    assert gen_main(["lora", "configs/lora-sd.yaml", *args(settings(sdxl_folder, images, root / "a", **more))]) == 0
-    b = settings(sdxl_folder, images, root / "b", **more)
-    train(load_config("configs/lora-sd.yaml", extra=b | {"train.max_steps": 2}), LoraTask)
-    train(load_config("configs/lora-sd.yaml", extra=b), LoraTask)
-    return root / "a", root / "b"
+    return straight_and_resumed("configs/lora-sd.yaml", sdxl_folder, images, tmp_path_factory.mktemp("sdxl-lora-runs"),
+                                more, LoraTask)
 
 
 def test_an_sdxl_lora_run_on_unet_and_both_text_encoders_resumes_bitwise(lora_runs):
@@ -104,10 +112,7 @@ def test_the_sdxl_lora_file_gives_diffusers_images(lora_runs, sdxl_folder):
 
 def test_an_sdxl_full_fine_tune_from_the_base_resumes_bitwise(sdxl_folder, images, tmp_path):
     more = {"model.init_from_base": True, "model.train_text_encoder": True, "train.ema_decay": 0.9}
-    a, b = settings(sdxl_folder, images, tmp_path / "a", **more), settings(sdxl_folder, images, tmp_path / "b", **more)
-    assert gen_main(["train", "configs/unet-sd15-finetune.yaml", *args(a)]) == 0
-    train(load_config("configs/unet-sd15-finetune.yaml", extra=b | {"train.max_steps": 2}))
-    train(load_config("configs/unet-sd15-finetune.yaml", extra=b))
+    straight_and_resumed("configs/unet-sd15-finetune.yaml", sdxl_folder, images, tmp_path, more)
     assert_same_checkpoints(tmp_path / "a", tmp_path / "b", 4, ("model", "ema", "optimizer"))
     keys = step_tensors(tmp_path / "a", 4, "model")
     assert {k.split(".")[0] for k in keys} == {"denoiser", "text_encoder", "text_encoder_2"}

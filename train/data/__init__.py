@@ -45,8 +45,7 @@ def augment(img: Image.Image, size: int | tuple[int, int], crop: str, flip: bool
     crop conditioning: where the training view starts in the whole picture)."""
     w, h = img.size
     tw, th = (size, size) if isinstance(size, int) else size
-    s = max(tw / w, th / h)
-    nw, nh = max(tw, round(w * s)), max(th, round(h * s))
+    nw, nh = cover(w, h, tw, th)
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=None)
     if crop == "random":
@@ -59,6 +58,22 @@ def augment(img: Image.Image, size: int | tuple[int, int], crop: str, flip: bool
         x = nw - tw - x  # the mirrored picture's crop starts this far from its left edge
     a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
     return a.float() / 127.5 - 1, (y, x)
+
+
+def cover(w: int, h: int, tw: int, th: int) -> tuple[int, int]:
+    """The (width, height) a w x h picture is resized to so that it covers tw x th, its aspect kept."""
+    s = max(tw / w, th / h)
+    return max(tw, round(w * s)), max(th, round(h * s))
+
+
+def center_sizes(img: Image.Image, size: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+    """SDXL's size conditioning of a center crop, as `example` gives it, for the picture and its mirror image:
+    original_size (height, width), crop_top_left (top, left) and flip.crop_top_left."""
+    tw, th = (size, size) if isinstance(size, int) else size
+    nw, nh = cover(*img.size, tw, th)
+    top, left = (nh - th) // 2, (nw - tw) // 2
+    return {"original_size": torch.tensor([img.height, img.width]), "crop_top_left": torch.tensor([top, left]),
+            "flip.crop_top_left": torch.tensor([top, nw - tw - left])}
 
 
 def image_sizes(source) -> list[tuple[int, int]]:

@@ -1,16 +1,18 @@
-"""Latent and text-embedding caches: the frozen VAE and text encoder run once per image, not once per step.
+"""Latent and text-embedding caches: the frozen VAE and text encoders run once per image, not once per step.
 
 A cache is a folder `<data.cache_dir>/<key>/` named by a hash of everything its contents depend on: the
-VAE's and text encoder's weights and config, the tokenizer, the dataset's fingerprint, the resolution or
-bucket sizes, the crop and flip settings, the encoders' dtype and the latent mode. A changed setting
-gives a new key, so stale data is never reused; an unchanged one finds `index.json` and reuses it.
+VAE's and text encoders' weights and configs, their tokenizers, the model family, the dataset's fingerprint,
+the resolution or bucket sizes, the crop and flip settings, the encoders' dtype and the latent mode. A changed
+setting gives a new key, so stale data is never reused; an unchanged one finds `index.json` and reuses it.
 
 Building splits the data into units (runs of items of a folder, or whole shards) dealt round-robin to
 the processes under accelerate; each process encodes its units in batches (the same batches whatever
 the number of processes) and writes its own safetensors files; the main process then merges their
 item lists into `index.json`. Per image it stores the VAE posterior's mean (and std, for
 data.cache_latents=sample, so each step draws a fresh latent exactly as the uncached path does), the
-mirrored image's too when data.flip is on, and the caption's hidden states and pooled embedding.
+mirrored image's too when data.flip is on, the caption's whole conditioning as the family encodes it (every
+text encoder's part: CLIP's states and pooled embedding, T5's states), and the picture's original size and crop
+top-left (SDXL's size conditioning).
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ from tqdm.auto import tqdm
 
 from gen.errors import GenError
 from gen.models import vae as vae_lib
-from train.data import TrainData, collate, transform
+from train.data import TrainData, center_sizes, collate, transform
 from train.data.shards import decode
 from train.lock import hold
 
 log = logging.getLogger("gen")
 
-VERSION = 1
+VERSION = 2
 FLUSH_ITEMS = 1024  # items per written file: bounds a process's memory while building
 
 
@@ -52,19 +54,25 @@ def module_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def key_parts(data: TrainData, text, vae) -> dict:
-    c = data.cfg
+def tokenizer_digest(text) -> str:
+    """sha256 of a TextEncoder's tokenizer and token length."""
     tok = text.tokenizer
     if hasattr(tok, "backend_tokenizer"):  # minus the padding/truncation state that a call leaves behind
         state = {k: v for k, v in json.loads(tok.backend_tokenizer.to_str()).items() if k not in ("padding", "truncation")}
         tok_state = json.dumps(state, sort_keys=True)
     else:
         tok_state = json.dumps(tok.get_vocab(), sort_keys=True)
-    return {"version": VERSION, "data": data.fingerprint(), "vae": module_digest(vae),
-            "text_encoder": module_digest(text.model),
-            "tokenizer": hashlib.sha256(f"{tok_state}\0{text.max_length}".encode()).hexdigest()[:16],
+    return hashlib.sha256(f"{tok_state}\0{text.max_length}".encode()).hexdigest()[:16]
+
+
+def key_parts(data: TrainData, models) -> dict:
+    """What a cache's contents depend on; `models`: the frozen encoders (.texts, .vae, .family)."""
+    c = data.cfg
+    return {"version": VERSION, "data": data.fingerprint(), "vae": module_digest(models.vae),
+            "family": models.family.name, "text_encoders": [module_digest(t.model) for t in models.texts],
+            "tokenizers": [tokenizer_digest(t) for t in models.texts],
             "buckets": data.buckets.sizes if data.buckets else None, "crop": c.crop, "flip": c.flip,
-            "dtype": str(vae.dtype).removeprefix("torch."), "latents": c.cache_latents}
+            "dtype": str(models.vae.dtype).removeprefix("torch."), "latents": c.cache_latents}
 
 
 def cache_folder(cfg, parts: dict) -> Path:
@@ -89,14 +97,16 @@ def _units(data: TrainData, unit: int) -> list[tuple[int, object]]:
 class _Writer:
     """Encodes batches of one size and writes this process's files `w{world}-r{rank}-{n}.safetensors`."""
 
-    def __init__(self, folder: Path, data: TrainData, text, vae, rank: int, world: int, bar):
-        self.folder, self.data, self.text, self.vae, self.bar = folder, data, text, vae, bar
+    def __init__(self, folder: Path, data: TrainData, models, rank: int, world: int, bar):
+        self.folder, self.data, self.models, self.vae, self.bar = folder, data, models, models.vae, bar
+        self.cond: list[str] = []  # the conditioning's keys (stored as <item>.cond.<key>)
         self.prefix, self.n = f"w{world:03d}-r{rank:03d}", 0
         self.tensors, self.rows = {}, []
 
     @torch.no_grad()
-    def encode(self, batch: list[tuple[int, torch.Tensor, str]]) -> None:
-        items, pixels, captions = zip(*batch)
+    def encode(self, batch: list[tuple[int, torch.Tensor, str, dict]]) -> None:
+        """batch: (item, pixels (3, H, W), caption, {original_size, crop_top_left, flip.crop_top_left}) rows."""
+        items, pixels, captions, sizes = zip(*batch)
         x = torch.stack(pixels).to(self.vae.device, self.vae.dtype)  # (B, 3, H, W)
         views = {"": x, "flip.": x.flip(-1)} if self.data.cfg.flip else {"": x}
         out = {}
@@ -105,11 +115,13 @@ class _Writer:
             out[f"{tag}mean"] = dist.mean
             if self.data.cfg.cache_latents == "sample":
                 out[f"{tag}std"] = dist.std
-        out["hidden"], out["pooled"] = self.text(list(captions))
+        h, w = x.shape[-2:]
+        cond = self.models.family.encode(self.models.texts, list(captions), h, w)
+        self.cond = sorted(cond)
+        out |= {f"cond.{k}": v for k, v in cond.items()} | {k: torch.stack([s[k] for s in sizes]) for k in sizes[0]}
         for k, i in enumerate(items):
             for name, t in out.items():
                 self.tensors[f"{i}.{name}"] = t[k].detach().cpu().clone(memory_format=torch.contiguous_format)
-        h, w = x.shape[-2:]
         self.rows += [(i, c, (w, h)) for i, c in zip(items, captions)]
         self.bar.update(len(items))
         if len(self.rows) >= FLUSH_ITEMS:
@@ -119,20 +131,22 @@ class _Writer:
         if not self.rows:
             return
         path = self.folder / f"{self.prefix}-{self.n:05d}.safetensors"
-        save_file(self.tensors, str(path.with_suffix(".tmp")), metadata={"rows": json.dumps(self.rows)})
+        save_file(self.tensors, str(path.with_suffix(".tmp")),
+                  metadata={"rows": json.dumps(self.rows), "cond": json.dumps(self.cond)})
         path.with_suffix(".tmp").replace(path)
         self.tensors, self.rows, self.n = {}, [], self.n + 1
 
 
-def build(cfg, data: TrainData, text, vae, rank: int = 0, world: int = 1, wait=lambda: None,
+def build(cfg, data: TrainData, models, rank: int = 0, world: int = 1, wait=lambda: None,
           progress: bool = True) -> tuple[Path, bool]:
-    """Builds (or finds) the cache of `data`; returns (its folder, whether it was built now). Every process
-    calls this; `wait` is a barrier (accelerate's wait_for_everyone)."""
+    """Builds (or finds) the cache of `data`; returns (its folder, whether it was built now). `models`: the
+    frozen encoders and the family that says how captions are encoded, as a Pipeline or a DenoiserTask holds
+    them (.texts, .vae, .family). Every process calls this; `wait` is a barrier (accelerate's wait_for_everyone)."""
     c = data.cfg
     if c.crop == "random":
         raise GenError("config key 'data.crop': a cache holds one crop per image; use data.crop=center with "
                        "data.cache=true (flips are cached both ways)")
-    folder = cache_folder(cfg, key_parts(data, text, vae))
+    folder = cache_folder(cfg, key_parts(data, models))
     if (folder / "index.json").is_file():  # nobody writes index.json before the barrier below
         wait()
         if rank == 0:
@@ -140,18 +154,18 @@ def build(cfg, data: TrainData, text, vae, rank: int = 0, world: int = 1, wait=l
         return folder, False
     with hold(folder, "the cache folder") if rank == 0 else contextlib.nullcontext():  # one build at a time
         wait()  # the other processes write once process 0 holds the lock
-        _write(folder, cfg, data, text, vae, rank, world, wait, progress)
+        _write(folder, cfg, data, models, rank, world, wait, progress)
     return folder, True
 
 
-def _write(folder: Path, cfg, data: TrainData, text, vae, rank: int, world: int, wait, progress: bool) -> None:
+def _write(folder: Path, cfg, data: TrainData, models, rank: int, world: int, wait, progress: bool) -> None:
     """Every process encodes its units; process 0 then merges their item lists into index.json."""
     for stale in folder.glob(f"w{world:03d}-r{rank:03d}-*"):  # an interrupted build of this process
         stale.unlink()
     units = _units(data, 4 * cfg.train.batch_size)[rank::world]
     bar = tqdm(total=sum(n for n, _ in units), desc=f"cache (process {rank} of {world})" if world > 1 else "cache",
                unit="img", disable=not (progress and rank == 0), dynamic_ncols=True)
-    writer = _Writer(folder, data, text, vae, rank, world, bar)
+    writer = _Writer(folder, data, models, rank, world, bar)
     for _, unit in units:
         pending: dict[tuple[int, int], list] = {}  # one batch per size; flushed at the unit's end
         for i, name, img, caption in unit():
@@ -160,7 +174,7 @@ def _write(folder: Path, cfg, data: TrainData, text, vae, rank: int, world: int,
             size = _size(data, i, img)
             pixels = transform(img, size, "center", False, None)
             group = pending.setdefault(size if isinstance(size, tuple) else (size, size), [])
-            group.append((i, pixels, caption))
+            group.append((i, pixels, caption, center_sizes(img, size)))
             if len(group) == cfg.train.batch_size:
                 writer.encode(group)
                 group.clear()
@@ -172,10 +186,11 @@ def _write(folder: Path, cfg, data: TrainData, text, vae, rank: int, world: int,
     wait()
     if rank == 0:
         files = sorted(folder.glob(f"w{world:03d}-r*-*.safetensors"))
-        index = {"key": key_parts(data, text, vae), "files": {}}
+        index = {"key": key_parts(data, models), "files": {}, "cond": []}
         for f in files:
             with safe_open(str(f), "pt") as h:
                 index["files"][f.name] = json.loads(h.metadata()["rows"])
+                index["cond"] = json.loads(h.metadata()["cond"])
         n = sum(len(v) for v in index["files"].values())
         (folder / "index.tmp").write_text(json.dumps(index))
         (folder / "index.tmp").replace(folder / "index.json")
@@ -209,6 +224,7 @@ class CachedData(torch.utils.data.Dataset):
         if not rows:
             raise GenError(f"the cache {folder} holds no images; check data.path")
         self.items, self.captions, self.sizes, self.files = (list(v) for v in zip(*rows))
+        self.cond = index["cond"]
         self.buckets = data.buckets
         self.assignment = [self.buckets.sizes.index(s) for s in self.sizes] if self.buckets else None
         self._open: dict[str, object] = {}
@@ -226,8 +242,9 @@ class CachedData(torch.utils.data.Dataset):
         row = {"latents": f.get_tensor(f"{i}.{tag}mean")}
         if self.cfg.cache_latents == "sample":
             row["latents_std"] = f.get_tensor(f"{i}.{tag}std")
-        return {**row, "hidden": f.get_tensor(f"{i}.hidden"), "pooled": f.get_tensor(f"{i}.pooled"),
-                "text": self.captions[k], "index": i}
+        row |= {f"cond.{c}": f.get_tensor(f"{i}.cond.{c}") for c in self.cond}
+        return {**row, "original_size": f.get_tensor(f"{i}.original_size"),
+                "crop_top_left": f.get_tensor(f"{i}.{tag}crop_top_left"), "text": self.captions[k], "index": i}
 
     def fingerprint(self) -> dict:
         return self.data.fingerprint()  # the same data as uncached: a run may resume with the cache on
@@ -242,9 +259,9 @@ def latents(vae, batch: dict, g: torch.Generator) -> torch.Tensor:
     return vae_lib.to_latents(vae, z.to(vae.device))
 
 
-def cached(cfg, data: TrainData, text, vae, acc) -> CachedData:
+def cached(cfg, data: TrainData, models, acc) -> CachedData:
     """The loop's entry: build or reuse the cache across accelerate's processes, then read it."""
-    folder, _ = build(cfg, data, text, vae, acc.process_index, acc.num_processes, acc.wait_for_everyone,
+    folder, _ = build(cfg, data, models, acc.process_index, acc.num_processes, acc.wait_for_everyone,
                       progress=cfg.log.progress)
     return CachedData(folder, data)
 
@@ -263,6 +280,6 @@ def main(config: str, overrides: list[str]) -> int:
     dtype = weight_dtype(cfg.train.mixed_precision, acc.device)
     data = TrainData(cfg.data, cfg.train.seed)
     task = DenoiserTask(cfg, acc.device, dtype)
-    build(cfg, data, task.text, task.vae, acc.process_index, acc.num_processes, acc.wait_for_everyone,
+    build(cfg, data, task, acc.process_index, acc.num_processes, acc.wait_for_everyone,
           progress=cfg.log.progress)
     return 0
