@@ -1,5 +1,6 @@
-"""Attention backend dispatch (triton | xformers | sdpa | math | auto), and the diffusers attention processor
-that routes a UNet's attention through it; the project's DiT calls `attention` directly."""
+"""Attention backend dispatch (triton | xformers | sdpa | math | auto), the diffusers attention processor that
+routes a UNet's attention through it, and diffusers' MMDiT processors (SD3's joint attention, Flux's) with only
+their softmax(QK^T)V rebound to it; the project's DiT calls `attention` directly."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import math
 import statistics
 import time
+import types
 from typing import Callable
 
 import torch
@@ -239,9 +241,74 @@ class GenAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-def install_processor(unet) -> None:
-    """Routes a diffusers UNet's standard attention layers through `attention` (other processors, e.g.
-    IP-Adapter ones, are left as they are)."""
-    proc = GenAttnProcessor()
-    unet.set_attn_processor({name: proc if type(p).__name__ in ("AttnProcessor2_0", "AttnProcessor") else p
-                             for name, p in unet.attn_processors.items()})
+def _sdpa_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    """F.scaled_dot_product_attention as diffusers' processors call it, q (B, H, N, D): the plain case through
+    `attention`, masked, dropout, causal or other calls on torch's SDPA unchanged."""
+    if attn_mask is None and not dropout_p and not is_causal and not kwargs:
+        return attention(query, key, value, scale)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal, scale=scale, **kwargs)
+
+
+class _Functional(types.ModuleType):
+    """torch.nn.functional with scaled_dot_product_attention through gen's backend: the `F` that SD3's
+    JointAttnProcessor2_0 sees."""
+    scaled_dot_product_attention = staticmethod(_sdpa_call)
+
+    def __getattr__(self, name):
+        return getattr(F, name)
+
+
+def _dispatch_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                   attention_kwargs=None, *, backend=None, parallel_config=None):
+    """diffusers' dispatch_attention_fn, q (B, N, H, D): the plain case through `attention`; a diffusers backend
+    set on the processor (set_attention_backend), context parallelism, masks and the rest go to diffusers."""
+    if (attn_mask is None and not dropout_p and not is_causal and not enable_gqa and not attention_kwargs
+            and backend is None and parallel_config is None):
+        return attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale).transpose(1, 2)
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    return dispatch_attention_fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                 attention_kwargs, backend=backend, parallel_config=parallel_config)
+
+
+# diffusers processor -> (the global name its __call__ reaches attention through, gen's stand-in for it)
+_DISPATCH_POINTS = {"JointAttnProcessor2_0": ("F", _Functional("gen_functional")),
+                    "FluxAttnProcessor": ("dispatch_attention_fn", _dispatch_call)}
+_rebound: dict[type, type] = {}
+
+
+def _rebind(cls: type) -> type | None:
+    """A subclass of diffusers' processor class whose __call__ is diffusers' own code (the same code object: q/k/v,
+    norms, rope, output projections) with its attention global bound to gen's backend; None where this diffusers
+    version's __call__ no longer reaches attention through that name (the processor is then left alone)."""
+    if cls not in _rebound:
+        name, stand_in = _DISPATCH_POINTS[cls.__name__]
+        fn = cls.__call__
+        if name not in fn.__code__.co_names:
+            _rebound[cls] = None
+        else:
+            call = types.FunctionType(fn.__code__, fn.__globals__ | {name: stand_in}, fn.__name__, fn.__defaults__,
+                                      fn.__closure__)
+            call.__kwdefaults__ = fn.__kwdefaults__
+            _rebound[cls] = type(f"Gen{cls.__name__}", (cls,), {"__call__": call, "__doc__": cls.__doc__})
+    return _rebound[cls]
+
+
+def _routed(p):
+    """The processor that runs `p`'s attention through `attention`, or p itself where gen has none for it."""
+    kind = type(p).__name__
+    if kind in ("AttnProcessor2_0", "AttnProcessor"):
+        return GenAttnProcessor()
+    cls = _rebind(type(p)) if kind in _DISPATCH_POINTS else None
+    if cls is None:
+        return p
+    routed = object.__new__(cls)
+    routed.__dict__.update(p.__dict__)  # e.g. a diffusers backend set on it, which it keeps
+    return routed
+
+
+def install_processor(denoiser) -> None:
+    """Routes a diffusers UNet's standard attention layers, SD3's joint attention and Flux's attention through
+    `attention` (other processors, e.g. IP-Adapter or fused ones, are left as they are)."""
+    denoiser.set_attn_processor({name: _routed(p) for name, p in denoiser.attn_processors.items()})

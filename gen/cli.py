@@ -49,6 +49,15 @@ def _add_sample(sub) -> None:
                         "features between (DeepCache); 1 = exact (default)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on CUDA)")
+    p.add_argument("--offload", action="store_true", help="keep the components on the CPU, each moved to the device "
+                   "only while it runs (less device memory)")
+    p.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
+                   help="the T5 encoder's token length (SD3: 256, Flux: 512 by default)")
+    p.add_argument("--slg-layers", type=_layers_arg, default=None, metavar="I,J,...",
+                   help="skip-layer guidance (SD3.5): transformer blocks left out of its third pass, e.g. 7,8,9")
+    p.add_argument("--slg-scale", type=float, default=2.8, help="skip-layer guidance scale (default 2.8)")
+    p.add_argument("--slg-start", type=float, default=0.01, help="fraction of the steps where it starts (0.01)")
+    p.add_argument("--slg-stop", type=float, default=0.2, help="fraction of the steps where it stops (0.2)")
     p.add_argument("--out", default="outputs", help="a .png file, or a folder (default: outputs/)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle-based weight files (unsafe)")
     p.add_argument("--lora", action="append", default=None, type=_lora_arg, metavar="PATH[:SCALE]",
@@ -56,6 +65,13 @@ def _add_sample(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
     _workflow_flags(p)
     p.set_defaults(func=cmd_sample)
+
+
+def _layers_arg(text: str) -> list[int]:
+    try:
+        return [int(i) for i in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer numbers separated by commas, e.g. 7,8,9, not {text!r}")
 
 
 def _workflow_flags(p) -> None:
@@ -225,7 +241,11 @@ def _runs(args, jobs, pipe) -> list[tuple[int, dict]]:
     shared = dict(sampler=_first(args.sampler, d["sampler"]),
                   guidance_rescale=_first(args.guidance_rescale, d.get("guidance_rescale", 0.0)),
                   guidance_interval=tuple(_first(args.guidance_interval, (0.0, 1.0))),
-                  cache_interval=_first(args.cache_interval, 1), num_images_per_prompt=_first(args.num_images, 1))
+                  cache_interval=_first(args.cache_interval, 1), num_images_per_prompt=_first(args.num_images, 1),
+                  max_sequence_length=args.max_sequence_length)
+    if args.slg_layers is not None:
+        shared |= dict(skip_guidance_layers=args.slg_layers, skip_layer_guidance_scale=args.slg_scale,
+                       skip_layer_guidance_start=args.slg_start, skip_layer_guidance_stop=args.slg_stop)
     runs = []
     sized = args.init_image is None or args.inpaint_full_res  # else an img2img image has its source's size
     for line, job in jobs:
@@ -282,7 +302,7 @@ def cmd_sample(args) -> int:
                                     attention=args.attention, allow_pickle=args.allow_pickle,
                                     compile=args.compile, channels_last=args.channels_last,
                                     tokenizer=args.tokenizer, prediction_type=args.prediction_type,
-                                    base=args.base)
+                                    base=args.base, offload=args.offload)
     model_path = Path(args.model) if args.model else DEFAULT_MODEL
     model_hash = ThreadPoolExecutor(1).submit(recipe.model_hash, model_path)  # hashed while sampling
     loras = [(str(Path(p).resolve()), s) for p, s in args.lora or []]

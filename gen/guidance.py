@@ -1,9 +1,10 @@
-"""Classifier-free guidance (Ho & Salimans 2022), guidance rescale (Lin et al. 2023) and the
-guidance interval (Kynkaanniemi et al. 2024)."""
+"""Classifier-free guidance (Ho & Salimans 2022), guidance rescale (Lin et al. 2023), the guidance interval
+(Kynkaanniemi et al. 2024) and skip-layer guidance (Stability AI's SD3.5, after Spatiotemporal Skip Guidance)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -39,3 +40,32 @@ def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float, rescale: float
         rescaled = out * (cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
         out = rescale * rescaled + (1 - rescale) * out
     return out
+
+
+@dataclass
+class SkipLayers:
+    """Skip-layer guidance: on steps i with steps * start < i < steps * stop, the guided prediction moves by
+    scale * (cond - cond without these layers), as StableDiffusion3Pipeline's skip_guidance_layers does (i counts the
+    scheduler's timesteps, `steps` is the number asked for)."""
+    layers: list[int]
+    scale: float
+    start: float
+    stop: float
+    steps: int
+
+    def check(self, num_layers: int) -> None:
+        bad = [i for i in self.layers if not 0 <= i < num_layers]
+        if not self.layers or bad:
+            raise GenError(f"skip-layer guidance layers must be in 0..{num_layers - 1} for this model, "
+                           f"not {bad or self.layers}")
+        if not math.isfinite(self.scale) or self.scale < 0:
+            raise GenError(f"skip-layer guidance scale must be >= 0 and finite, not {self.scale}")
+        if not 0 <= self.start <= self.stop <= 1:
+            raise GenError(f"skip-layer guidance start and stop must be 0 <= start <= stop <= 1, not "
+                           f"{self.start}, {self.stop}")
+
+    def applies(self, step: int) -> bool:
+        return self.steps * self.start < step < self.steps * self.stop
+
+    def guide(self, guided: torch.Tensor, cond: torch.Tensor, skipped: torch.Tensor) -> torch.Tensor:
+        return guided + (cond - skipped) * self.scale

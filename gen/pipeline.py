@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -20,7 +21,7 @@ from gen import attention as attn
 from gen import families, formulations, img2img
 from gen import prompt_weights as pw
 from gen.errors import GenError
-from gen.guidance import check_guidance, guide, in_interval, uses_cfg
+from gen.guidance import SkipLayers, check_guidance, guide, in_interval, uses_cfg
 from gen.io import load_model, read_json
 from gen.models import vae as vae_lib
 from gen.models.text import TextEncoder
@@ -103,6 +104,8 @@ class Pipeline:
                       for enc, tok in self.family.text_parts]
         self.vae = vae
         self.denoiser = denoiser
+        self._offload: torch.device | None = None  # the device components visit while they run (enable_offload)
+        self.resident: tuple[torch.nn.Module, ...] = ()  # the components there now, under offload
         self.formulation = formulation or formulations.from_scheduler_config(scheduler_config or {})
         self.scheduler_config = dict(scheduler_config) if scheduler_config else None
         self.recipe = dict(recipe or {})
@@ -144,7 +147,8 @@ class Pipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.denoiser.device
+        """Where sampling runs: the components' device, or the one they visit under enable_offload."""
+        return self._offload or self.denoiser.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -182,25 +186,56 @@ class Pipeline:
         self._progress_bar_config = kwargs
 
     def to(self, device=None, dtype=None) -> "Pipeline":
+        """Moves every component (a device ends enable_offload) and casts its weights to dtype."""
+        if device is not None:
+            self._offload = None
         for m in self.models:
             m.to(device=device)
             if dtype is not None and m.dtype != dtype:
                 m.to(dtype=dtype)
         return self
 
+    def enable_offload(self, device=None) -> "Pipeline":
+        """Keeps the components on the CPU and moves each group to `device` (default: CUDA where there is one) only
+        while it runs: the text encoders while the prompts are encoded (once per call), the denoiser for the
+        sampling loop, the VAE for decoding; as diffusers' enable_model_cpu_offload. The device then holds the
+        largest of them rather than their sum (bench/memory.py). On a CPU-only machine nothing moves."""
+        device = resolve_device(device)
+        for m in self.models:
+            m.to("cpu")
+        self._offload = device if device.type != "cpu" else None
+        return self
+
+    @contextlib.contextmanager
+    def _on_device(self, *modules: torch.nn.Module):
+        """Runs the block with `modules` on the offload device, and puts them back on the CPU after it."""
+        if self._offload is None:
+            yield
+            return
+        for m in modules:
+            m.to(self._offload)
+        self.resident = modules
+        try:
+            yield
+        finally:
+            self.resident = ()
+            for m in modules:
+                m.to("cpu")
+
     # ---- loading and saving -----------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device=None, dtype=None,
                         attention: str | None = None, allow_pickle: bool = False, compile: bool | dict = False,
                         channels_last: bool = False, tokenizer: str | Path | None = None,
-                        prediction_type: str | None = None, base: str | Path | None = None) -> "Pipeline":
+                        prediction_type: str | None = None, base: str | Path | None = None,
+                        offload: bool = False) -> "Pipeline":
         """Loads a diffusers-layout folder of any family gen knows (gen/families), or a single .safetensors file in
         the original layout (SD-1.x, SD-2.x, SDXL: LDM/A1111; SD3/3.5, Flux: SAI's/BFL's; gen/single_file.py); None =
-        the bundled default. attention, compile and channels_last are as in Pipeline. For a single file only:
-        `tokenizer`, a diffusers folder (or tokenizer folder) when the file carries none; `prediction_type`
-        ("epsilon" or "v_prediction"), which weights cannot tell (SD-2.x 768 models are v_prediction); `base`, a
-        diffusers folder of the same family supplying the parts an SD3/Flux file lacks (a transformer-only file
-        takes its text encoders, tokenizers, VAE and scheduler from it)."""
+        the bundled default. attention, compile and channels_last are as in Pipeline; `offload`: enable_offload(device).
+        For a single file only: `tokenizer`, a diffusers folder (or tokenizer folder) when the file carries none;
+        `prediction_type` ("epsilon" or "v_prediction"), which weights cannot tell (SD-2.x 768 models are
+        v_prediction); `base`, a diffusers folder of the same family supplying the parts an SD3/Flux file lacks (a
+        transformer-only file takes its text encoders, tokenizers, VAE and scheduler from it)."""
         from diffusers import AutoencoderKL
 
         if path is None:
@@ -211,13 +246,14 @@ class Pipeline:
         path = Path(path)
         if not path.exists():
             raise GenError(f"model folder not found: {path}")
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
         if path.is_file():  # a pickle is opened only if allowed, and then by gen.io's weights-only loader
             from gen import single_file
 
             parts = single_file.load(path, tokenizer, prediction_type, allow_pickle, base)
             pipe = cls(**parts, attention=attention, compile=compile, channels_last=channels_last)
-            device = resolve_device(device)
-            return pipe.to(device, resolve_dtype(dtype, device))
+            return pipe._place(device, dtype, offload)
         if not (path / "model_index.json").is_file():
             raise GenError(f"{path} is not a model folder (no model_index.json); expected the diffusers layout")
         index = read_json(path / "model_index.json")
@@ -227,8 +263,6 @@ class Pipeline:
             if not (path / part).is_dir():
                 raise GenError(f"{path} is missing the {part}/ folder; a {family.title} folder needs "
                                f"{', '.join(texts)}, vae/, {family.denoiser_part}/ and scheduler/")
-        device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device)
         parts = {enc: load_model(family.text_class(enc), path / enc, allow_pickle) for enc, _ in family.text_parts}
         for _, tok in family.text_parts:
             try:
@@ -243,7 +277,12 @@ class Pipeline:
         pipe = cls(vae=vae, denoiser=denoiser, scheduler_config=scheduler_config, formulation=formulation,
                    defaults=extra.get("sampling"), recipe=extra.get("recipe"), name=path.name, attention=attention,
                    compile=compile, channels_last=channels_last, family=family, **parts)
-        return pipe.to(device, dtype)
+        return pipe._place(device, dtype, offload)
+
+    def _place(self, device: torch.device, dtype: torch.dtype, offload: bool) -> "Pipeline":
+        """A loaded pipeline onto its device in its dtype, or kept on the CPU and offloaded to the device."""
+        self.to("cpu" if offload else device, dtype)
+        return self.enable_offload(device) if offload else self
 
     def save_pretrained(self, path: str | Path, single_file: bool = False) -> None:
         """Writes the diffusers layout (safetensors), with sampling defaults and recipe in gen_config.json; or, with
@@ -322,14 +361,37 @@ class Pipeline:
         return self.loras.save(path, adapter_name, format)
 
     # ---- sampling ---------------------------------------------------------------------------
-    def encode_prompts(self, prompts: list[str], height: int | None = None, width: int | None = None) -> dict:
-        """Prompts -> the family's conditioning (a dict of batch-first tensors, gen.families)."""
-        cond = self.family.encode(self.texts, prompts, height or self.defaults["height"], width or self.defaults["width"])
+    def encode_prompts(self, prompts: list[str], height: int | None = None, width: int | None = None,
+                       texts: list[TextEncoder] | None = None) -> dict:
+        """Prompts -> the family's conditioning (a dict of batch-first tensors, gen.families); `texts`: the
+        towers to use (default self.texts)."""
+        cond = self.family.encode(texts or self.texts, prompts, height or self.defaults["height"],
+                                  width or self.defaults["width"])
         return families.to(cond, self.dtype)
 
-    def _predict(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        """The denoiser contract: model(x_t, t, encoder_hidden_states, **extra) -> prediction (the family's)."""
-        return self.family.predict(self.denoiser, x, t, cond)
+    def _texts(self, max_sequence_length: int | None) -> list[TextEncoder]:
+        """The text towers for a call: the family's long-sequence tower (a T5) padded to max_sequence_length
+        tokens where one is given."""
+        if max_sequence_length is None:
+            return self.texts
+        part = self.family.sequence_part
+        names = [enc for enc, _ in self.family.text_parts]
+        if part not in names:
+            raise GenError(f"max_sequence_length (--max-sequence-length) sets the T5 encoder's token length, but this "
+                           f"{self.family.title} model has no T5 encoder ({part or 'none'}); leave it out"
+                           + (f" or use a folder with {part}/" if part else ""))
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) \
+                or not 1 <= max_sequence_length <= 512:
+            raise GenError(f"max_sequence_length must be an integer in [1, 512], not {max_sequence_length!r}")
+        i = names.index(part)
+        texts = list(self.texts)
+        texts[i] = TextEncoder(texts[i].model, texts[i].tokenizer, max_length=max_sequence_length)
+        return texts
+
+    def _predict(self, x: torch.Tensor, t: torch.Tensor, cond: dict, **kwargs) -> torch.Tensor:
+        """The denoiser contract: model(x_t, t, encoder_hidden_states, **extra) -> prediction (the family's);
+        `kwargs`: skip_layers, for families that take them."""
+        return self.family.predict(self.denoiser, x, t, cond, **kwargs)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
@@ -341,7 +403,10 @@ class Pipeline:
                  true_cfg_scale: float | None = None, image=None, strength: float | None = None, mask_image=None,
                  mask_blur: float = 0, padding_mask_crop: int | None = None, clip_skip: int = 1,
                  prompt_weighting: bool = True, hires_scale: float | None = None, hires_strength: float = 0.7,
-                 hires_steps: int | None = None, hires_upscaler: str = "latent") -> PipelineOutput:
+                 hires_steps: int | None = None, hires_upscaler: str = "latent",
+                 skip_guidance_layers: list[int] | None = None, skip_layer_guidance_scale: float = 2.8,
+                 skip_layer_guidance_start: float = 0.01, skip_layer_guidance_stop: float = 0.2,
+                 max_sequence_length: int | None = None) -> PipelineOutput:
         """Generates images.
 
         Args:
@@ -369,6 +434,11 @@ class Pipeline:
                 hires_scale ("latent": the latents, bilinear; "image": the decoded image, Lanczos), then run
                 img2img at hires_strength for hires_steps (default: the same steps) at the larger size
                 (gen.hires).
+            skip_guidance_layers: skip-layer guidance (SD3.5; families whose denoiser can skip layers): the
+                transformer blocks left out of a third pass, whose difference from the conditional pass is added at
+                skip_layer_guidance_scale on the steps between the start and stop fractions; as diffusers'
+                StableDiffusion3Pipeline (7, 8, 9 with scale 2.8 for SD3.5-medium), and only with guidance > 1.
+            max_sequence_length: the T5 encoder's token length (SD3: 256 by default, Flux: 512), as diffusers'.
 
         Returns:
             PipelineOutput with `.images` and the `.seeds` used.
@@ -397,24 +467,36 @@ class Pipeline:
             raise GenError(f"clip_skip must be an integer >= 1 (1: the last layer), not {clip_skip!r}")
         n = len(prompts) * num_images_per_prompt
         seeds, generator = self._generators(seed, generator, n)
+        slg = None
+        if skip_guidance_layers is not None:
+            slg = SkipLayers(list(skip_guidance_layers), skip_layer_guidance_scale, skip_layer_guidance_start,
+                             skip_layer_guidance_stop, steps)
+            if not self.family.skip_layers:
+                raise GenError(f"skip-layer guidance is for SD3 models; a {self.family.title} model cannot skip layers")
+            slg.check(self.denoiser.config.num_layers)
 
         f = self.vae_scale_factor
         shape = self.family.latent_shape(self.denoiser, n, height // f, width // f)
-        x0 = img2img.encode(self, source, generator, n) if source is not None else None  # drawn before the noise
+        with self._on_device(self.vae):  # img2img's image to latents, drawn before the noise
+            x0 = img2img.encode(self, source, generator, n) if source is not None else None
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         latents, extra = self.family.pack(latents)  # extra: conditioning the packing adds (position ids)
-        pw.configure(self.texts, prompts + negs, prompt_weighting, clip_skip)
+        texts = self._texts(max_sequence_length)
+        pw.configure(texts, prompts + negs, prompt_weighting, clip_skip)
+        scheduler = make_scheduler(sampler, self.formulation, self.scheduler_config)  # before encoding: it may refuse
+        scheduler.set_timesteps(device=self.device, **self.family.scheduler_kwargs(scheduler, steps, latents))
         scale, embedded = self.family.guidance(self.denoiser, scale, true_cfg_scale, negative_prompt is not None, n)
         extra = {k: v.to(self.device) for k, v in (extra | embedded).items()}
-        cond = families.repeat(self.encode_prompts(prompts, height, width), num_images_per_prompt) | extra
-        both = None
-        if uses_cfg(scale):
-            neg = self.family.encode_negative(self.texts, negs, negative_prompt is not None, height, width)
-            neg = families.repeat(families.to(neg, self.dtype), num_images_per_prompt) | extra
-            both = families.cat(neg, cond)
-
-        scheduler = make_scheduler(sampler, self.formulation, self.scheduler_config)
-        scheduler.set_timesteps(device=self.device, **self.family.scheduler_kwargs(scheduler, steps, latents))
+        with self._on_device(*(t.model for t in texts)):  # each tower runs once per prompt batch, not per image
+            cond = families.repeat(self.encode_prompts(prompts, height, width, texts), num_images_per_prompt) | extra
+            both = None
+            if uses_cfg(scale):
+                neg = self.family.encode_negative(texts, negs, negative_prompt is not None, height, width)
+                neg = families.repeat(families.to(neg, self.dtype), num_images_per_prompt) | extra
+                both = families.cat(neg, cond)
+        if both is None and slg is not None:
+            log.info("skip-layer guidance needs classifier-free guidance (guidance > 1); it is off for this call")
+            slg = None
         run = img2img.Start(latents * getattr(scheduler, "init_noise_sigma", 1.0), 0) if source is None else \
             img2img.start(self, source, scheduler, steps, latents, x0, generator, n)  # FlowMatch sigma: 1
         predict = self._predict
@@ -425,14 +507,16 @@ class Pipeline:
             cache = FeatureCache(self.denoiser, cache_interval, self._fast_forward)
             predict = lambda x, t, c: cache(x, t, **self.family.denoiser_kwargs(c))  # noqa: E731
         predict = run.wrap(predict) if run.wrap else predict
-        with attn.use_backend(self.attention):
+        with attn.use_backend(self.attention), self._on_device(self.denoiser):
             latents = denoise(predict, scheduler, run.latents, cond, both, scale, rescale,
-                              guidance_interval, generator, self._progress_bar_config, run.first, run.after_step)
+                              guidance_interval, generator, self._progress_bar_config, run.first, run.after_step,
+                              slg)
         latents = self.family.unpack(latents, height // f, width // f)
 
         if output_type == "latent":
             return PipelineOutput(latents, seeds)
-        images = img2img.finish(source, vae_lib.decode(self.vae, latents))  # (B, 3, H, W) in [0, 1]
+        with self._on_device(self.vae):
+            images = img2img.finish(source, vae_lib.decode(self.vae, latents))  # (B, 3, H, W) in [0, 1]
         if output_type == "pt":
             return PipelineOutput(images, seeds)
         array = images.cpu().permute(0, 2, 3, 1).float().numpy()
@@ -474,10 +558,12 @@ class Pipeline:
 
 def denoise(predict, scheduler, latents: torch.Tensor, cond: dict, uncond_cond: dict | None, scale: float,
             rescale: float = 0.0, interval: tuple[float, float] = (0.0, 1.0), generator=None,
-            progress_bar: dict | None = None, first: int = 0, after_step=None) -> torch.Tensor:
+            progress_bar: dict | None = None, first: int = 0, after_step=None,
+            skip_layers: SkipLayers | None = None) -> torch.Tensor:
     """The sampling loop: `predict(x, t, cond)` over the scheduler's timesteps from index `first` on (img2img),
     with CFG in one batched forward where `uncond_cond` (the negative and positive conditioning, concatenated)
-    is given; `after_step(i, latents) -> latents` after each step (inpainting's blend).
+    is given; `after_step(i, latents) -> latents` after each step (inpainting's blend); skip-layer guidance on
+    the guided steps it covers (a third, conditional pass with `predict(..., skip_layers=...)`).
     `progress_bar`: tqdm keyword arguments for a bar over the steps (None: no bar)."""
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     scale_input = getattr(scheduler, "scale_model_input", None)  # FlowMatch schedulers need none
@@ -492,6 +578,8 @@ def denoise(predict, scheduler, latents: torch.Tensor, cond: dict, uncond_cond: 
         if guided:
             uncond, c = pred.chunk(2)
             pred = guide(uncond, c, scale, rescale)
+            if skip_layers is not None and skip_layers.applies(i):
+                pred = skip_layers.guide(pred, c, predict(latents, t, cond, skip_layers=skip_layers.layers))
         latents = scheduler.step(pred, t, latents, return_dict=False, **step_kwargs)[0]
         if after_step is not None:
             latents = after_step(first + i, latents)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
@@ -45,6 +46,20 @@ def check_sampler(name: str, formulation: Formulation) -> None:
     if SAMPLERS[name][0] != formulation.kind:
         raise GenError(f"sampler {name!r} is for {SAMPLERS[name][0]} models, but this model is a "
                        f"{formulation.kind} model; valid: {', '.join(valid)}")
+
+
+def check_schedule(scheduler, params: tuple[str, ...], why: str) -> None:
+    """A one-line GenError where this scheduler's set_timesteps cannot take `params`, which the model's schedule
+    needs (`why` says what), naming the samplers whose schedulers can."""
+    def takes(cls) -> bool:
+        return set(params) <= set(inspect.signature(cls.set_timesteps).parameters)
+
+    if takes(type(scheduler)):
+        return
+    name, kind = next(((n, k) for n, (k, cls, _) in SAMPLERS.items() if cls is type(scheduler)),
+                      (type(scheduler).__name__, "flow"))
+    able = [n for n, (k, cls, _) in SAMPLERS.items() if k == kind and takes(cls)]
+    raise GenError(f"sampler {name!r} cannot take {why}; samplers that can: {', '.join(able)}")
 
 
 def make_scheduler(name: str, formulation: Formulation, base_config: dict | None = None):

@@ -195,3 +195,79 @@ def test_pipelines_in_one_process_keep_their_own_backend(unet_folder):
     with pytest.raises(GenError, match="unknown attention backend"):
         with attn.use_backend("flash9"):
             pass
+
+
+# ---- the MMDiT families: diffusers' own processors with only softmax(QK^T)V through gen's backend -------------
+@pytest.fixture(scope="module")
+def sd3_theirs(sd3_folder):
+    from diffusers import StableDiffusion3Pipeline
+
+    absent = {} if sd3_folder.name.endswith("with-t5") else dict(text_encoder_3=None, tokenizer_3=None)
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_folder, **absent)
+    pipe.folder_scheduler_config = pipe.scheduler.config
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_mmdit_processors_run_diffusers_code_with_gens_attention(sd3_folder, flux_folder):
+    """The routed processors are subclasses of diffusers' whose __call__ is diffusers' code object; what differs is
+    only the global it reaches attention through."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    for folder, stock in ((sd3_folder, JointAttnProcessor2_0), (flux_folder, FluxAttnProcessor)):
+        procs = set(map(type, Pipeline.from_pretrained(folder, attention="math").denoiser.attn_processors.values()))
+        assert len(procs) == 1 and issubclass(proc := procs.pop(), stock) and proc is not stock
+        assert proc.__call__.__code__ is stock.__call__.__code__
+
+
+TRITON = dict(marks=needs_triton)  # the interpreter is slow: a short T5 sequence, a small image, few steps
+
+
+@pytest.mark.parametrize("backend,sampler,shift,short", [
+    ("sdpa", "flow-euler", None, False), ("sdpa", "flow-heun", 1.5, False), ("math", "flow-euler", 1.5, False),
+    ("math", "flow-heun", None, False), pytest.param("triton", "flow-euler", 1.5, True, **TRITON)])
+def test_sd3_matches_diffusers_with_every_backend(sd3_theirs, sd3_folder, tmp_path, backend, sampler, shift, short):
+    from tests.test_sd3 import with_shift
+    from tests.test_sdxl import our_images, theirs_images
+
+    seen = []
+    pipe = Pipeline.from_pretrained(with_shift(sd3_folder, shift, tmp_path), attention=backend)
+    pipe.progress = False
+    pipe.denoiser.transformer_blocks[0].attn.register_forward_pre_hook(lambda *_: seen.append(attn.get_backend()))
+    kw = dict(n=1, steps=1 if short else 3, size=16 if short else 32)
+    if short and pipe.family.has_t5:
+        kw["max_sequence_length"] = 8
+    a = theirs_images(sd3_theirs, sampler, scheduler=None if shift is None else {"shift": shift}, **kw)
+    b = our_images(pipe, sampler, **kw)
+    assert set(seen) == {backend} and a.std() > 0.01
+    assert np.abs(a - b).max() <= 1e-4
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math", pytest.param("triton", **TRITON)])
+def test_flux_matches_diffusers_with_every_backend(flux_folder, backend):
+    from diffusers import FluxPipeline
+
+    from tests.test_flux import our_images, theirs_images
+
+    theirs = FluxPipeline.from_pretrained(flux_folder)
+    theirs.set_progress_bar_config(disable=True)
+    pipe = Pipeline.from_pretrained(flux_folder, attention=backend)
+    pipe.progress = False
+    kw = dict(n=1, height=16, width=24) | (dict(steps=2, max_sequence_length=8) if backend == "triton" else {})
+    a, b = theirs_images(theirs, **kw), our_images(pipe, **kw)
+    assert a.std() > 0.01
+    assert np.abs(a - b).max() <= 1e-4
+
+
+def test_an_mmdit_keeps_a_diffusers_backend_set_on_it(flux_folder):
+    """set_attention_backend on the transformer still chooses diffusers' kernel: the processor hands such calls to
+    diffusers' dispatch (here its native SDPA, so the images are the default's)."""
+    pipe = Pipeline.from_pretrained(flux_folder, attention="math")
+    pipe.progress = False
+    ref = pipe("a cat", num_inference_steps=2, seed=0, height=16, width=16, output_type="np").images
+    pipe.denoiser.set_attention_backend("native")
+    out = pipe("a cat", num_inference_steps=2, seed=0, height=16, width=16, output_type="np").images
+    procs = list(pipe.denoiser.attn_processors.values())
+    assert all(p._attention_backend == "native" for p in procs)
+    assert np.abs(out - ref).max() <= 1e-4

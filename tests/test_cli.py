@@ -127,3 +127,40 @@ def test_an_interrupted_batch_keeps_what_was_made_and_says_how_many(dit_folder, 
     assert stdout.split() == [str(f) for f in files] == [str(out / f"{7 + i}.png") for i in range(len(files))]
     for f in files:
         Image.open(f).load()
+
+
+def one_line_error(r, message):
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"gen: error: {message}"], r.stderr
+
+
+def test_sd3_options_on_the_command_line(sd3_folder, tmp_path):
+    """--max-sequence-length needs a T5 (a T5-less folder refuses it in one line); with one, it runs beside
+    skip-layer guidance, offload and bf16 weights."""
+    args = ["sample", "a red circle", "--model", sd3_folder, "--steps", 2, "--height", 16, "--width", 16,
+            "--max-sequence-length", 16, "--out", tmp_path / "a.png", "--no-progress"]
+    if "no-t5" in sd3_folder.name:
+        one_line_error(gen(*args), "max_sequence_length (--max-sequence-length) sets the T5 encoder's token length, "
+                                   "but this SD3 model has no T5 encoder (text_encoder_3); leave it out or use a "
+                                   "folder with text_encoder_3/")
+        return
+    r = gen(*args, "--slg-layers", "0", "--slg-scale", 3, "--slg-stop", 0.9, "--offload", "--dtype", "bf16")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "a.png").size == (16, 16)
+
+
+def test_flux_refusals_on_the_command_line(flux_folder, tmp_path):
+    """A guidance value on a schnell-style model (which has no guidance input) and skip-layer guidance on Flux."""
+    args = ["sample", "a cat", "--model", flux_folder, "--steps", 1, "--height", 16, "--width", 16, "--out", tmp_path]
+    if not _guidance_embeds(flux_folder):
+        one_line_error(gen(*args, "--guidance", 3.5), "this Flux model (schnell-style) has no guidance input, so "
+                       "guidance 3.5 would change nothing; leave --guidance out (for classifier-free guidance give a "
+                       "negative prompt and true_cfg_scale)")
+    else:
+        one_line_error(gen(*args, "--slg-layers", "0"), "skip-layer guidance is for SD3 models; a Flux model cannot "
+                                                        "skip layers")
+
+
+def _guidance_embeds(folder):
+    import json
+
+    return json.loads((folder / "transformer" / "config.json").read_text())["guidance_embeds"]

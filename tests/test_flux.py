@@ -34,6 +34,8 @@ def theirs_images(pipe, seed=7, n=2, steps=4, guidance=3.5, height=16, width=16,
 
 
 def our_images(pipe, seed=7, n=2, steps=4, guidance=3.5, height=16, width=16, **kw):
+    """gen's images; on a schnell model, which refuses a guidance value, its default (diffusers ignores it)."""
+    guidance = guidance if pipe.denoiser.config.guidance_embeds else None
     return pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=n, seed=seed,
                 output_type="np", height=height, width=width, **kw).images
 
@@ -55,13 +57,21 @@ def test_flux_matches_diffusers(theirs, ours, height, width):
     assert np.abs(a - b).max() <= 1e-4
 
 
-def test_the_guidance_value_is_embedded_on_dev_and_ignored_on_schnell(theirs, ours):
+def test_the_guidance_value_is_embedded_on_dev_and_refused_on_schnell(theirs, ours):
+    if not ours.denoiser.config.guidance_embeds:  # diffusers would ignore it silently
+        with pytest.raises(GenError, match=r"^this Flux model \(schnell-style\) has no guidance input, so guidance 8 "
+                                           r"would change nothing; leave --guidance out"):
+            ours("a cat", num_inference_steps=1, guidance_scale=8.0, height=16, width=16)
+        return
     low, high = our_images(ours, n=1, guidance=1.0), our_images(ours, n=1, guidance=8.0)
-    if ours.denoiser.config.guidance_embeds:
-        assert np.abs(low - high).max() > 1e-3
-        assert np.abs(theirs_images(theirs, n=1, guidance=8.0) - high).max() <= 1e-4
-    else:  # as diffusers: no guidance input, so the value changes nothing
-        assert np.array_equal(low, high)
+    assert np.abs(low - high).max() > 1e-3
+    assert np.abs(theirs_images(theirs, n=1, guidance=8.0) - high).max() <= 1e-4
+
+
+def test_max_sequence_length_is_diffusers(theirs, ours):
+    a, b = theirs_images(theirs, n=1, max_sequence_length=24), our_images(ours, n=1, max_sequence_length=24)
+    assert np.abs(a - b).max() <= 1e-4
+    assert np.abs(b - our_images(ours, n=1)).max() > 1e-4
 
 
 def test_true_cfg_with_a_negative_prompt_matches_diffusers(theirs, ours):
@@ -100,8 +110,11 @@ def test_latent_output_is_unpacked_and_unsupported_options_are_refused(ours):
     assert out.shape == (1, 4, 8, 12)
     with pytest.raises(GenError, match="fast mode"):
         ours("a cat", height=16, width=16, num_inference_steps=2, cache_interval=2)
-    with pytest.raises(GenError, match="flow-euler"):
+    with pytest.raises(GenError, match=r"^sampler 'flow-heun' cannot take Flux's shifted sigmas \(FluxPipeline cannot "
+                                       r"run it either\); samplers that can: flow-euler$"):
         ours("a cat", height=16, width=16, num_inference_steps=2, sampler="flow-heun")
+    with pytest.raises(GenError, match=r"^skip-layer guidance is for SD3 models; a Flux model cannot skip layers$"):
+        ours("a cat", height=16, width=16, num_inference_steps=2, skip_guidance_layers=[0])
 
 
 def test_true_cfg_on_another_family_is_refused(dit_pipe):

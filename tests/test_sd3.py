@@ -1,5 +1,6 @@
 """SD3 as a family: parity with diffusers' StableDiffusion3Pipeline on tiny random weights (flow-euler and
-flow-heun, two shifts, with and without a negative prompt, with a T5 encoder and without one), `gen info`."""
+flow-heun, two shifts, with and without a negative prompt, with a T5 encoder and without one, skip-layer guidance,
+dynamic shifting, T5's token length), `gen info`. Attention backends: tests/test_attention.py."""
 
 import json
 import shutil
@@ -86,15 +87,6 @@ def test_the_shift_changes_the_images(ours, sd3_folder, tmp_path):
     assert np.abs(our_images(ours, "flow-euler", n=1) - our_images(other, "flow-euler", n=1)).max() > 1e-3
 
 
-@pytest.mark.parametrize("backend", ["math", "auto"])
-def test_attention_backends_leave_joint_attention_to_diffusers(sd3_folder, ours, backend):
-    """gen.attention.install_processor routes only diffusers' standard processors; SD3's joint attention keeps
-    its JointAttnProcessor2_0, so every backend gives the sdpa images."""
-    pipe = quiet_pipeline(sd3_folder, attention=backend)
-    assert {type(p).__name__ for p in pipe.denoiser.attn_processors.values()} == {"JointAttnProcessor2_0"}
-    assert np.abs(our_images(pipe, "flow-euler", n=1) - our_images(ours, "flow-euler", n=1)).max() <= 1e-4
-
-
 def test_a_ddpm_sampler_and_the_fast_mode_are_refused(ours):
     with pytest.raises(GenError, match="flow model"):
         our_images(ours, "euler")
@@ -120,3 +112,63 @@ def test_folder_saved_by_gen_loads_in_diffusers_with_the_same_images(ours, sd3_f
     theirs.set_progress_bar_config(disable=True)
     reloaded = quiet_pipeline(tmp_path / "by-gen")
     assert np.abs(theirs_images(theirs, "flow-euler") - our_images(reloaded, "flow-euler")).max() <= 1e-4
+
+
+def with_config(folder, tmp_path, **settings):
+    """A copy of the folder whose scheduler config has these settings."""
+    copy = tmp_path / "configured"
+    shutil.copytree(folder, copy)
+    config = copy / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | settings))
+    return copy
+
+
+@pytest.mark.parametrize("sampler,slg", [
+    ("flow-euler", dict(skip_guidance_layers=[0])),  # diffusers' defaults: scale 2.8 from 1% to 20% of the steps
+    ("flow-heun", dict(skip_guidance_layers=[0], skip_layer_guidance_scale=4.0, skip_layer_guidance_start=0.0,
+                       skip_layer_guidance_stop=0.6))])
+def test_skip_layer_guidance_matches_diffusers(theirs, ours, sampler, slg):
+    a, b = theirs_images(theirs, sampler, n=1, **slg), our_images(ours, sampler, n=1, **slg)
+    assert np.abs(a - b).max() <= 1e-4
+    assert np.abs(b - our_images(ours, sampler, n=1)).max() > 1e-3  # it changes the images
+
+
+def test_skip_layer_guidance_is_checked_and_needs_cfg(ours, caplog):
+    with pytest.raises(GenError, match=r"^skip-layer guidance layers must be in 0\.\.0 for this model, not \[3\]$"):
+        our_images(ours, "flow-euler", skip_guidance_layers=[3])
+    with pytest.raises(GenError, match="start and stop"):
+        our_images(ours, "flow-euler", skip_guidance_layers=[0], skip_layer_guidance_start=0.5,
+                   skip_layer_guidance_stop=0.1)
+    with caplog.at_level("INFO", logger="gen"):
+        plain = our_images(ours, "flow-euler", n=1, guidance=1.0)
+        assert np.array_equal(plain, our_images(ours, "flow-euler", n=1, guidance=1.0, skip_guidance_layers=[0]))
+    assert "needs classifier-free guidance" in caplog.text
+
+
+def test_dynamic_shifting_matches_diffusers(sd3_folder, tmp_path):
+    """An SD3.5-style scheduler with use_dynamic_shifting: mu from the image's token count, as diffusers computes it."""
+    folder = with_config(sd3_folder, tmp_path, use_dynamic_shifting=True, base_image_seq_len=64,
+                         max_image_seq_len=1024, base_shift=0.5, max_shift=1.16)
+    absent = {} if sd3_folder.name.endswith("with-t5") else dict(text_encoder_3=None, tokenizer_3=None)
+    theirs = StableDiffusion3Pipeline.from_pretrained(folder, **absent)
+    theirs.folder_scheduler_config = theirs.scheduler.config
+    theirs.set_progress_bar_config(disable=True)
+    ours = quiet_pipeline(folder)
+    a, b = theirs_images(theirs, "flow-euler", n=1), our_images(ours, "flow-euler", n=1)
+    assert np.abs(a - b).max() <= 1e-4
+    assert np.abs(b - our_images(quiet_pipeline(sd3_folder), "flow-euler", n=1)).max() > 1e-3
+    with pytest.raises(GenError, match=r"^sampler 'flow-heun' cannot take this model's dynamic shift "
+                                       r"\(use_dynamic_shifting\); samplers that can: flow-euler$"):
+        our_images(ours, "flow-heun")
+
+
+def test_max_sequence_length_is_diffusers_or_needs_t5(theirs, ours):
+    if not ours.family.has_t5:
+        with pytest.raises(GenError, match=r"^max_sequence_length .* this SD3 model has no T5 encoder "
+                                           r"\(text_encoder_3\); leave it out or use a folder with text_encoder_3/$"):
+            our_images(ours, "flow-euler", max_sequence_length=32)
+        return
+    a = theirs_images(theirs, "flow-euler", n=1, max_sequence_length=32)
+    b = our_images(ours, "flow-euler", n=1, max_sequence_length=32)
+    assert np.abs(a - b).max() <= 1e-4
+    assert np.abs(b - our_images(ours, "flow-euler", n=1)).max() > 1e-3

@@ -18,14 +18,15 @@ PROMPTS = ["a red circle", "a blue square left of a green triangle"]
 SIZE = 32
 
 
-def theirs_images(pipe, sampler, negative="blurry", seed=7, n=2, steps=6, guidance=6.0, size=SIZE, scheduler=None):
-    """`scheduler`: settings over the folder's scheduler config (a flow shift)."""
+def theirs_images(pipe, sampler, negative="blurry", seed=7, n=2, steps=6, guidance=6.0, size=SIZE, scheduler=None,
+                  **kw):
+    """`scheduler`: settings over the folder's scheduler config (a flow shift); `kw`: more pipeline arguments."""
     cls, settings = SAMPLERS[sampler][1], SAMPLERS[sampler][2]
     pipe.scheduler = cls.from_config(pipe.folder_scheduler_config, **settings, **scheduler or {})
     gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(PROMPTS) * n)]
     neg = None if negative is None else [negative] * len(PROMPTS)
     return pipe(PROMPTS, negative_prompt=neg, num_inference_steps=steps, guidance_scale=guidance,
-                num_images_per_prompt=n, generator=gens, output_type="np", height=size, width=size).images
+                num_images_per_prompt=n, generator=gens, output_type="np", height=size, width=size, **kw).images
 
 
 def our_images(pipe, sampler, negative="blurry", seed=7, n=2, steps=6, guidance=6.0, size=SIZE, **kw):

@@ -53,6 +53,8 @@ class Family:
     text_max_length: dict = {}  # text encoder folder -> the token length its prompts are padded to (else its own)
     fast_mode = True  # whether gen.fastmode's feature cache knows the denoiser
     presets: dict = {}  # model.preset -> the family's denoiser config, for training one from scratch (new_denoiser)
+    skip_layers = False  # whether predict() takes skip_layers (skip-layer guidance)
+    sequence_part = None  # the text encoder folder whose token length max_sequence_length sets (a T5)
 
     # ---- components ------------------------------------------------------------------------------
     @staticmethod

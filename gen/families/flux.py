@@ -9,13 +9,10 @@ its guidance input at train.guidance (1.0 unless set, as that script's --guidanc
 
 Guidance: on a dev model guidance_scale is embedded and there is no classifier-free guidance, unless a negative
 prompt and true_cfg_scale > 1 are given ("true CFG", batched with the positive pass). A schnell model has no
-guidance input: guidance_scale is ignored, as diffusers ignores it.
+guidance input: diffusers ignores a guidance_scale, gen refuses one other than 0 or 1 (its default is 0).
 """
 
 from __future__ import annotations
-
-import inspect
-import logging
 
 import numpy as np
 import torch
@@ -23,17 +20,10 @@ import torch
 from gen.errors import GenError
 from gen.families import Family, new_model, register
 from gen.families.mmdit_keys import OriginalLayout, flux_links
-
-log = logging.getLogger("gen")
+from gen.formulations.flow import scheduler_mu
+from gen.samplers import check_schedule
 
 T5_LENGTH = 512  # FluxPipeline's max_sequence_length
-
-
-def calculate_shift(seq_len: int, base_seq: int = 256, max_seq: int = 4096, base_shift: float = 0.5,
-                    max_shift: float = 1.15) -> float:
-    """mu of the timestep shift: linear in the packed image's token count (diffusers' calculate_shift)."""
-    m = (max_shift - base_shift) / (max_seq - base_seq)
-    return seq_len * m + base_shift - m * base_seq
 
 
 @register
@@ -42,6 +32,7 @@ class Flux(OriginalLayout, Family):
     title = "Flux"
     pipeline_class = "FluxPipeline"
     denoiser_part = "transformer"
+    sequence_part = "text_encoder_2"  # max_sequence_length sets its token length
     text_parts = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
     text_max_length = {"text_encoder_2": T5_LENGTH}
     # sd-scripts' networks/lora_flux.py: CLIP-L is lora_te1_ (T5's lora_te3_ layers gen does not read)
@@ -151,9 +142,11 @@ class Flux(OriginalLayout, Family):
     def guidance(self, denoiser, scale: float, true_cfg: float | None, negative_given: bool,
                  n: int) -> tuple[float, dict]:
         cfg = (true_cfg or 1.0) if negative_given else 1.0  # true CFG: FluxPipeline's true_cfg_scale
-        if not denoiser.config.guidance_embeds:  # schnell: diffusers ignores guidance_scale, and so does gen
+        if not denoiser.config.guidance_embeds:  # schnell: diffusers ignores guidance_scale silently; gen says so
             if scale not in (0.0, 1.0):
-                log.info("this Flux model has no guidance input; guidance %s is ignored", scale)
+                raise GenError(f"this Flux model (schnell-style) has no guidance input, so guidance {scale:g} would "
+                               "change nothing; leave --guidance out (for classifier-free guidance give a negative "
+                               "prompt and true_cfg_scale)")
             return cfg, {}
         return cfg, {"guidance": torch.full((n,), float(scale), dtype=torch.float32)}
 
@@ -191,13 +184,9 @@ class Flux(OriginalLayout, Family):
 
     def scheduler_kwargs(self, scheduler, steps: int, latents: torch.Tensor) -> dict:
         """FluxPipeline's schedule: sigmas linspace(1, 1/steps), shifted by mu for this many image tokens."""
-        accepts = inspect.signature(scheduler.set_timesteps).parameters
-        if "sigmas" not in accepts or "mu" not in accepts:
-            raise GenError(f"{type(scheduler).__name__} cannot take Flux's shifted sigmas; use the flow-euler sampler")
-        c = scheduler.config
-        mu = calculate_shift(latents.shape[1], c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
-        sigmas = None if c.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
+        check_schedule(scheduler, ("sigmas", "mu"), "Flux's shifted sigmas (FluxPipeline cannot run it either)")
+        mu = scheduler_mu(scheduler.config, latents.shape[1])
+        sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
         return {"sigmas": sigmas, "mu": mu} if sigmas is not None else {"num_inference_steps": steps, "mu": mu}
 
     def default_settings(self, denoiser, vae_factor: int, flow: bool) -> dict:

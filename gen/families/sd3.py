@@ -2,8 +2,10 @@
 states concatenated on features, padded to T5's width and followed by T5's states on the sequence axis (zeros
 where the folder has no T5, as diffusers does); both CLIPs' projected pooled embeddings concatenated; an
 SD3Transformer2DModel (MMDiT) in `transformer/`; the 16-channel VAE with scaling and shift factors; rectified
-flow with the folder's shift. Single files and LoRA files in the original (SAI MMDiT) layout read and write
-through gen/families/mmdit_keys.py. Training and LoRA adapt the transformer and the two CLIPs; T5 stays frozen."""
+flow with the folder's shift, or (SD3.5 folders with use_dynamic_shifting) a shift that grows with the image's token
+count; skip-layer guidance (SD3.5) runs the transformer a third time without some of its layers. Single files and
+LoRA files in the original (SAI MMDiT) layout read and write through gen/families/mmdit_keys.py. Training and LoRA
+adapt the transformer and the two CLIPs; T5 stays frozen."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import torch
 from gen.families import Family, new_model, register
 from gen.families.dit import GenDiT
 from gen.families.mmdit_keys import OriginalLayout, sd3_links
+from gen.formulations.flow import scheduler_mu
+from gen.samplers import check_schedule
 
 CLIPS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 T5 = ("text_encoder_3", "tokenizer_3")
@@ -23,6 +27,7 @@ class SD3(OriginalLayout, Family):
     title = "SD3"
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser_part = "transformer"
+    sequence_part = T5[0]  # max_sequence_length sets its token length
     # sd-scripts' networks/lora_sd3.py: CLIP-L lora_te1_, CLIP-G lora_te2_ (T5's lora_te3_ layers gen does not read)
     kohya_text = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
     kohya_base = "sd3"
@@ -36,6 +41,7 @@ class SD3(OriginalLayout, Family):
     text_max_length = {"text_encoder_3": t5_length}
     denoiser_kwargs = GenDiT.denoiser_kwargs  # encoder_hidden_states, pooled_projections
     size_multiple = GenDiT.size_multiple  # the VAE factor times the patch size
+    skip_layers = True  # SD3Transformer2DModel runs without chosen layers (skip-layer guidance)
     # LoRA targets: "attn" is diffusers' train_dreambooth_lora_sd3.py default (attn.to_q/k/v, to_out.0 and the
     # context stream's add_q/k/v_proj, to_add_out; SD3.5's attn2 is not in it), "ff" adds both streams' MLPs
     lora_targets = {"attn": r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj"
@@ -47,7 +53,9 @@ class SD3(OriginalLayout, Family):
         self.has_t5 = bool(index.get(T5[0], [None])[0])
         self.text_parts = (*CLIPS, T5) if self.has_t5 else CLIPS
         # the width of the zeros that stand in for an absent T5: the transformer's joint attention width
-        self.joint_dim = ((configs or {}).get("transformer") or {}).get("joint_attention_dim", 4096)
+        transformer = (configs or {}).get("transformer") or {}
+        self.joint_dim = transformer.get("joint_attention_dim", 4096)
+        self.patch_size = transformer.get("patch_size", 2)
         absent = {} if self.has_t5 else {T5[0]: [None, None], T5[1]: [None, None]}
         self.index_extra = absent | {"image_encoder": [None, None], "feature_extractor": [None, None]}
 
@@ -127,11 +135,21 @@ class SD3(OriginalLayout, Family):
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return {"hidden": torch.cat([clip, t5.to(clip.dtype)], dim=-2), "pooled": torch.cat(pooled, dim=-1)}
 
-    def predict(self, denoiser, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    def predict(self, denoiser, x: torch.Tensor, t: torch.Tensor, cond: dict,
+                skip_layers: list[int] | None = None) -> torch.Tensor:
         """SD3Transformer2DModel takes keywords (its second positional argument is the text) and a timestep per
-        sample, t.expand(batch), as StableDiffusion3Pipeline passes it."""
-        return denoiser(hidden_states=x, timestep=t.expand(x.shape[0]), return_dict=False,
+        sample, t.expand(batch), as StableDiffusion3Pipeline passes it; `skip_layers`: blocks to leave out."""
+        return denoiser(hidden_states=x, timestep=t.expand(x.shape[0]), return_dict=False, skip_layers=skip_layers,
                         **self.denoiser_kwargs(cond))[0]
+
+    def scheduler_kwargs(self, scheduler, steps: int, latents: torch.Tensor) -> dict:
+        """The folder's fixed shift; with use_dynamic_shifting (SD3.5's option) StableDiffusion3Pipeline's mu for
+        this many image tokens (latent size / patch size, squared), with its default max_shift of 1.16."""
+        if not scheduler.config.get("use_dynamic_shifting"):
+            return {"num_inference_steps": steps}
+        check_schedule(scheduler, ("mu",), "this model's dynamic shift (use_dynamic_shifting)")
+        tokens = (latents.shape[-2] // self.patch_size) * (latents.shape[-1] // self.patch_size)
+        return {"num_inference_steps": steps, "mu": scheduler_mu(scheduler.config, tokens, max_shift=1.16)}
 
     def trained_texts(self) -> tuple[str, ...]:
         return tuple(enc for enc, _ in CLIPS)  # as diffusers' SD3 LoRA script: the CLIPs, never T5

@@ -60,3 +60,18 @@ class Flow:
 
     def scheduler_config(self) -> dict:
         return dict(num_train_timesteps=self.num_train_timesteps, shift=self.shift)
+
+
+def calculate_shift(seq_len: int, base_seq: int = 256, max_seq: int = 4096, base_shift: float = 0.5,
+                    max_shift: float = 1.15) -> float:
+    """mu of the resolution-dependent timestep shift (Flux; SD3.5 with use_dynamic_shifting): linear in the image's
+    token count, base_shift at base_seq tokens and max_shift at max_seq (diffusers' calculate_shift)."""
+    m = (max_shift - base_shift) / (max_seq - base_seq)
+    return seq_len * m + base_shift - m * base_seq
+
+
+def scheduler_mu(config, seq_len: int, max_shift: float = 1.15) -> float:
+    """calculate_shift with a FlowMatch scheduler config's settings (`max_shift`: the pipeline's default where the
+    config has none: FluxPipeline's 1.15, StableDiffusion3Pipeline's 1.16)."""
+    return calculate_shift(seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                           config.get("base_shift", 0.5), config.get("max_shift", max_shift))

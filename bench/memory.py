@@ -1,0 +1,171 @@
+"""Peak sampling memory per model family at its real size, from parameter counts, with and without offload.
+
+    .venv/bin/python bench/memory.py            # the table (bench/results/memory.txt) and the check on a model here
+
+Each family's components are built on the `meta` device (no weights allocated) from the configs of the released
+models (written out below, from their diffusers config.json files), and their parameters counted. Sampling holds
+  without offload:  every component's weights at once;
+  with offload:     the largest of (all text encoders, the denoiser, the VAE), which are on the device one group at a
+                    time (Pipeline.enable_offload, gen sample --offload);
+plus the activations of the running component, which the table leaves out (measured below on a model that runs here:
+small beside the weights at these sizes, and dependent on image size and batch).
+
+The formula is checked on a random SD3-architecture model of ~0.3B parameters: the process's resident memory (Linux
+VmRSS, and VmHWM for the peak, reset before sampling) grows by its weights' bytes when it is built, and by the
+activations while it samples. CPU only: with no GPU the offload case cannot be measured here (on the CPU it moves
+nothing).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from diffusers import (AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel,  # noqa: E402
+                       UNet2DConditionModel)
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config,  # noqa: E402
+                          T5EncoderModel)
+
+# ---- the released models' configs (diffusers / transformers config.json of each folder) ---------------------------
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+              max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
+              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
+VAE_SD = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+              up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2)
+VAE_16 = VAE_SD | dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+SDXL_UNET = dict(sample_size=128, block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816)
+SD35_LARGE = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+                  num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                  pooled_projection_dim=2048, pos_embed_max_size=192, qk_norm="rms_norm")
+SD35_MEDIUM = SD35_LARGE | dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
+                                pos_embed_max_size=384, dual_attention_layers=tuple(range(13)))
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+
+# family -> {component: (builder, config)}, text encoders first
+FAMILIES = {
+    "SD-1.5": {"CLIP-L": (CLIPTextModel, CLIP_L), "UNet": (UNet2DConditionModel, dict(cross_attention_dim=768)),
+               "VAE": (AutoencoderKL, VAE_SD)},
+    "SDXL": {"CLIP-L": (CLIPTextModel, CLIP_L), "CLIP-G": (CLIPTextModelWithProjection, CLIP_G),
+             "UNet": (UNet2DConditionModel, SDXL_UNET), "VAE": (AutoencoderKL, VAE_SD)},
+    "SD3.5-medium": {"CLIP-L": (CLIPTextModelWithProjection, CLIP_L), "CLIP-G": (CLIPTextModelWithProjection, CLIP_G),
+                     "T5-XXL": (T5EncoderModel, T5_XXL), "MMDiT": (SD3Transformer2DModel, SD35_MEDIUM),
+                     "VAE": (AutoencoderKL, VAE_16)},
+    "SD3.5-large": {"CLIP-L": (CLIPTextModelWithProjection, CLIP_L), "CLIP-G": (CLIPTextModelWithProjection, CLIP_G),
+                    "T5-XXL": (T5EncoderModel, T5_XXL), "MMDiT": (SD3Transformer2DModel, SD35_LARGE),
+                    "VAE": (AutoencoderKL, VAE_16)},
+    "Flux-dev": {"CLIP-L": (CLIPTextModel, CLIP_L), "T5-XXL": (T5EncoderModel, T5_XXL),
+                 "MMDiT": (FluxTransformer2DModel, FLUX_DEV), "VAE": (AutoencoderKL, VAE_16)},
+}
+TEXT = ("CLIP-L", "CLIP-G", "T5-XXL")
+
+
+def build(cls, config: dict) -> torch.nn.Module:
+    if cls in (CLIPTextModel, CLIPTextModelWithProjection):
+        return cls(CLIPTextConfig(**config))
+    if cls is T5EncoderModel:
+        return cls(T5Config(**config))
+    return cls(**config)
+
+
+def count(cls, config: dict) -> int:
+    """Weights of a component, built on the meta device (shapes only): its parameters and buffers (SD3's
+    positional embedding is a buffer: 226M values in SD3.5-medium)."""
+    with torch.device("meta"):
+        model = build(cls, config)
+    return sum(t.numel() for t in [*model.parameters(), *model.buffers()])
+
+
+def peaks(params: dict[str, int], bytes_per_param: int) -> tuple[float, float]:
+    """(peak weight bytes without offload, with offload): all at once, or the largest group at a time."""
+    text = sum(n for name, n in params.items() if name in TEXT)
+    groups = [text] + [n for name, n in params.items() if name not in TEXT]
+    return sum(params.values()) * bytes_per_param, max(groups) * bytes_per_param
+
+
+def table() -> str:
+    gb = 1024 ** 3
+    rows = ["| family | weights (M values: parameters and buffers), from the released configs | "
+            "peak, bf16/fp16 (all weights) | peak with --offload (largest group) |", "| --- | --- | --- | --- |"]
+    for family, parts in FAMILIES.items():
+        params = {name: count(cls, config) for name, (cls, config) in parts.items()}
+        whole, offloaded = peaks(params, 2)
+        counts = ", ".join(f"{name} {n / 1e6:,.1f}" for name, n in params.items())
+        rows.append(f"| {family} | {counts} (total {sum(params.values()) / 1e9:.2f} B) | {whole / gb:.1f} GiB | "
+                    f"{offloaded / gb:.1f} GiB |")
+    return "\n".join(rows)
+
+
+# ---- the check: resident memory of a process that builds and samples a model -------------------------------------
+def _status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise SystemExit("needs Linux /proc/self/status")
+
+
+def check() -> str:
+    from gen.models.text import byte_level_tokenizer
+    from gen.pipeline import Pipeline
+    from tests.conftest import tiny_t5_tokenizer
+
+    mib = 1024 ** 2
+    gc.collect()
+    before = _status("VmRSS")
+    torch.manual_seed(0)
+    clip = dict(CLIP_L, vocab_size=259, hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
+                num_attention_heads=8, projection_dim=512, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    t5_tokenizer = tiny_t5_tokenizer()
+    parts = dict(text_encoder=build(CLIPTextModelWithProjection, clip), tokenizer=byte_level_tokenizer(),
+                 text_encoder_2=build(CLIPTextModelWithProjection, clip), tokenizer_2=byte_level_tokenizer(),
+                 text_encoder_3=build(T5EncoderModel, dict(T5_XXL, vocab_size=len(t5_tokenizer), d_model=1024,
+                                                           d_ff=2816, num_heads=16, num_layers=4)),
+                 tokenizer_3=t5_tokenizer, vae=build(AutoencoderKL, VAE_16),
+                 denoiser=build(SD3Transformer2DModel, SD35_MEDIUM | dict(num_layers=6, num_attention_heads=12,
+                                                                          caption_projection_dim=768,
+                                                                          joint_attention_dim=1024,
+                                                                          pooled_projection_dim=1024,
+                                                                          dual_attention_layers=())))
+    pipe = Pipeline(**parts, scheduler_config={"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0})
+    pipe.progress = False
+    weights = sum(p.numel() * p.element_size() for m in pipe.models for p in m.parameters())
+    weights += sum(b.numel() * b.element_size() for m in pipe.models for b in m.buffers())
+    gc.collect()
+    built = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak, to the current resident size
+    pipe("a red circle", negative_prompt="blurry", num_inference_steps=2, guidance_scale=5.0, height=256, width=256,
+         seed=0, output_type="np")
+    peak = _status("VmHWM")
+    n = sum(p.numel() for m in pipe.models for p in m.parameters())
+    return "\n".join([
+        f"check: a random SD3-architecture model, {n / 1e6:.0f}M parameters, fp32, sampled at 256 px, CFG, 2 steps",
+        f"  weights, counted (parameters and buffers):   {weights / mib:8.0f} MiB",
+        f"  resident memory added by building it:       {(built - before) / mib:8.0f} MiB "
+        f"({(built - before) / weights - 1:+.1%} vs the count)",
+        f"  peak resident memory while sampling:        {(peak - before) / mib:8.0f} MiB "
+        f"(activations and allocator: {(peak - built) / mib:.0f} MiB over the weights)"])
+
+
+def main() -> None:
+    print(table())
+    print()
+    print(check())
+
+
+if __name__ == "__main__":
+    main()
