@@ -38,6 +38,9 @@ def _add_sample(sub) -> None:
     p.add_argument("--sampler", default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-images", type=int, default=None, help="images per prompt (default 1)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images of a prompt made per pipeline call (default 1; more uses a GPU better); each "
+                        "image is the same whatever the batch, and each batch is written as soon as it is made")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--attention", default=None, choices=("triton", "xformers", "sdpa", "math", "auto"),
@@ -222,7 +225,8 @@ def _jobs(args) -> list[tuple[int, dict]]:
 
     if args.prompts and args.prompt is not None:
         raise GenError("give a PROMPT or --prompts FILE, not both")
-    for flag, value in (("--steps", args.steps), ("--num-images", args.num_images)):  # fail before loading anything
+    for flag, value in (("--steps", args.steps), ("--num-images", args.num_images),
+                        ("--batch-size", args.batch_size)):  # fail before loading anything
         if value is not None and value < 1:
             raise GenError(f"{flag} must be >= 1, not {value}")
     if args.guidance is not None and args.guidance < 0:
@@ -321,27 +325,29 @@ def cmd_sample(args) -> int:
     outputs = _Outputs(args.out, total)
     pipe.set_progress_bar_config(disable=args.no_progress or total > 1)  # a batch has one bar, over images
     bar = tqdm(total=total, unit="img", desc="images", disable=args.no_progress or total == 1)
-    images = []  # one pipeline call per image (image k of a batch is that image made alone, see DESIGN.md)
-    for line, run in runs:
+    calls = []  # --batch-size images of a prompt per pipeline call (image k of a batch is that image made alone,
+    for line, run in runs:  # see DESIGN.md, so the batch size changes no image)
         if run["seed"] is None:
             run["seed"], seed = seed, seed + run["num_images_per_prompt"]
-        images += [(line, {**run, "seed": run["seed"] + i, "num_images_per_prompt": 1})
-                   for i in range(run["num_images_per_prompt"])]
+        n, b = run["num_images_per_prompt"], args.batch_size
+        calls += [(line, {**run, "seed": run["seed"] + i, "num_images_per_prompt": min(b, n - i)})
+                  for i in range(0, n, b)]
     previous, made = signal.signal(signal.SIGTERM, _terminated), 0  # SIGTERM ends it as Ctrl-C does
     try:
-        for line, run in images:  # each written as soon as it is made: an interrupted batch keeps what was done
-            image = pipe(**run, **workflow).images[0]
-            fields = dict(prompt=run["prompt"], negative_prompt=run["negative_prompt"],
-                          steps=run["num_inference_steps"], guidance=run["guidance_scale"], seed=run["seed"],
-                          width=_first(run["width"], image.width), height=_first(run["height"], image.height),
-                          guidance_rescale=run["guidance_rescale"], guidance_interval=run["guidance_interval"],
-                          cache_interval=run["cache_interval"], model_hash=model_hash.result(), **written)
-            r = recipe.Recipe(**fields | _recorded(args, workflow))
-            path = outputs.next(f"{line:04d}-{run['seed']}" if args.prompts else str(run["seed"]))
-            recipe.write_png(image, path, recipe.infotext(r, sampler_fields))
-            made += 1
-            bar.update()
-            tqdm.write(str(path), file=sys.stdout)
+        for line, run in calls:  # written as soon as they are made: an interrupted batch keeps what was done
+            out = pipe(**run, **workflow)
+            for image, image_seed in zip(out.images, out.seeds):
+                fields = dict(prompt=run["prompt"], negative_prompt=run["negative_prompt"],
+                              steps=run["num_inference_steps"], guidance=run["guidance_scale"], seed=image_seed,
+                              width=_first(run["width"], image.width), height=_first(run["height"], image.height),
+                              guidance_rescale=run["guidance_rescale"], guidance_interval=run["guidance_interval"],
+                              cache_interval=run["cache_interval"], model_hash=model_hash.result(), **written)
+                r = recipe.Recipe(**fields | _recorded(args, workflow))
+                path = outputs.next(f"{line:04d}-{image_seed}" if args.prompts else str(image_seed))
+                recipe.write_png(image, path, recipe.infotext(r, sampler_fields))
+                made += 1
+                bar.update()
+                tqdm.write(str(path), file=sys.stdout)
     except (KeyboardInterrupt, Stopped) as e:
         bar.close()
         raise Stopped(f"interrupted: wrote {made} of {total} images ({args.out})",

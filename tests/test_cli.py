@@ -16,18 +16,18 @@ def gen(*args, cwd=None):
 
 def test_sample_writes_pngs_with_a1111_parameters(dit_folder, tmp_path):
     r = gen("sample", "a red circle", "--model", dit_folder, "--negative-prompt", "blurry", "--steps", 3,
-            "--guidance", 4.5, "--seed", 42, "--num-images", 2, "--sampler", "flow-heun", "--out", tmp_path,
-            "--no-progress")
+            "--guidance", 4.5, "--seed", 42, "--num-images", 3, "--batch-size", 2, "--sampler", "flow-heun",
+            "--out", tmp_path, "--no-progress")
     assert r.returncode == 0, r.stderr
     files = sorted(tmp_path.glob("*.png"))
-    assert [f.name for f in files] == ["42.png", "43.png"]
+    assert [f.name for f in files] == ["42.png", "43.png", "44.png"]  # two calls: seeds 42-43, then 44
     params = Image.open(files[1]).text["parameters"]
     assert params.splitlines()[0] == "a red circle"
     assert params.splitlines()[1] == "Negative prompt: blurry"
     assert "Steps: 3, Sampler: Heun, Schedule type: Simple, CFG scale: 4.5, Seed: 43, Size: 32x32, Model hash: " \
         in params
     assert ", Model: tiny-dit, gen sampler: flow-heun, " in params  # A1111's sampler name, and gen's own
-    # the parameters regenerate the image: the same seed alone gives the same pixels
+    # the parameters regenerate the image: the same seed alone (not the second of a batch) gives the same pixels
     r = gen("sample", "a red circle", "--model", dit_folder, "--negative-prompt", "blurry", "--steps", 3,
             "--guidance", 4.5, "--seed", 43, "--sampler", "flow-heun", "--out", tmp_path / "again.png")
     assert r.returncode == 0, r.stderr
