@@ -36,6 +36,7 @@ def peak_flops(device: torch.device) -> float | None:
 
 def make_step(preset: str, latent: int, batch: int, device: torch.device, dtype: torch.dtype, checkpointing: bool):
     """(model, step()) where step() runs one optimizer step of gen's flow loss and returns the loss."""
+    from gen import families
     from gen.models.dit import build_dit
     from train.config import ObjectiveConfig
     from train.task import DenoiserTask, build_formulation
@@ -46,16 +47,18 @@ def make_step(preset: str, latent: int, batch: int, device: torch.device, dtype:
     if checkpointing:
         model.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # as train/loop.py makes it (foreach on CUDA)
-    cfg = SimpleNamespace(objective=ObjectiveConfig(type="flow"))  # gen's defaults: logit-normal times
-    task = SimpleNamespace(cfg=cfg, formulation=build_formulation(cfg))  # what _denoising_loss reads
+    # gen's defaults: logit-normal times; no guidance input
+    cfg = SimpleNamespace(objective=ObjectiveConfig(type="flow"), train=SimpleNamespace(guidance=None))
+    task = SimpleNamespace(cfg=cfg, formulation=build_formulation(cfg), family=families.get("dit"),
+                           model=model)  # what _denoising_loss reads
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(batch, 4, latent, latent, generator=g).to(device)
-    cond = dict(encoder_hidden_states=torch.randn(batch, TEXT_TOKENS, TEXT_WIDTH, generator=g).to(device),
-                pooled_projections=torch.randn(batch, TEXT_WIDTH, generator=g).to(device))
+    cond = {"hidden": torch.randn(batch, TEXT_TOKENS, TEXT_WIDTH, generator=g).to(device),
+            "pooled": torch.randn(batch, TEXT_WIDTH, generator=g).to(device)}  # the DiT family's conditioning
 
     def step() -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = DenoiserTask._denoising_loss(task, model, x0, g, **cond)
+            loss = DenoiserTask._denoising_loss(task, model, x0, g, cond=cond)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
