@@ -1,11 +1,12 @@
 """Peak training memory of every shipped recipe (configs/*.yaml) at its real size, from a formula, and the
 formula against peaks measured on small sizes.
 
-    .venv/bin/python bench/train_memory.py            # the recipes' table, then the check (CPU, ~1 min)
+    .venv/bin/python bench/train_memory.py            # the recipes' table, then the check (CPU, ~2 min)
 
 Formula (bytes), for one optimizer step of the training loop (AdamW, train.mixed_precision by autocast):
     weights      trainable parameters in fp32 (accelerate keeps fp32 masters) + frozen parts (VAE, text
-                 encoder(s), a LoRA's base) in the weight dtype (bf16/fp16 under mixed precision)
+                 encoder(s), a LoRA's base) in the weight dtype (bf16/fp16 under mixed precision) + the
+                 denoiser's buffers (SD3's positional embedding) with its weights
     gradients    trainable x 4
     optimizer    trainable x 8 (AdamW's two moments)
     EMA          trainable x 4 when train.ema_decay > 0
@@ -19,6 +20,9 @@ Formula (bytes), for one optimizer step of the training loop (AdamW, train.mixed
 AdamW's temporaries (its foreach implementation on CUDA) are one more fp32 copy of the trainable weights.
 The check runs real fp32 steps on CPU at small sizes under torch's MemTracker (every live tensor, by kind).
 The frozen VAE and text encoder run under no_grad: their transient activations are not counted.
+The SD3/Flux recipes leave model.base to the user: their rows are the released Flux-dev, SD3.5-large and
+SD3.5-medium (bench/memory.py's configs), with CLIP(s) + T5-XXL + VAE resident (data.cache off, as shipped),
+the step's inputs built by the family (gen/families/sd3.py, flux.py) and the LoRA targets the family's.
 """
 
 from __future__ import annotations
@@ -143,16 +147,17 @@ def denoiser_inputs(model, batch: int, latent: int, device, dtype, text_tokens: 
 
 def family_forward(family, texts: list):
     """inputs(model, batch, latent, dtype) -> the forward of train/task.py's step for a family with its own
-    input layout (SD3, Flux), asked of the family: its encode on `texts` (TextEncoders of meta towers, MetaTokens:
-    the real text forward, shapes only, no grad), its latent_shape, pack and train_inputs, its predict."""
+    input layout (SD3, Flux), asked of the family: its encode on `texts` (ZeroTokens: the towers' real forward,
+    no grad), its latent_shape, pack and train_inputs, its predict; on the model's device (meta: shapes only)."""
     def inputs(model, batch: int, latent: int, dtype):
-        with torch.device("meta"):
+        device = next(model.parameters()).device
+        with torch.device(device):
             with torch.no_grad():
                 cond = family.encode(texts, [""] * batch, latent, latent)
             x, extra = family.pack(torch.randn(family.latent_shape(model, batch, latent, latent), dtype=dtype))
             extra |= family.train_inputs(model, None, batch)
             t = torch.rand(batch) * 1000  # the flow formulation's model_timestep: sigma x 1000
-        return lambda: family.predict(model, x, t, cond | {k: v.to("meta") for k, v in extra.items()})
+        return lambda: family.predict(model, x, t, cond | {k: v.to(device) for k, v in extra.items()})
     return inputs
 
 
@@ -224,29 +229,30 @@ def _frozen_folder(folder: Path) -> tuple[int, int, int]:
     return n, text_cfg.hidden_size, 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-class MetaTokens(TextEncoder):
-    """gen's TextEncoder over a text tower on the meta device, fed max_length meta token ids instead of a
-    tokenizer's: a family's encode runs the tower's real forward, shapes only."""
+class ZeroTokens(TextEncoder):
+    """gen's TextEncoder fed max_length zero token ids instead of a tokenizer's (the released models' tokenizers
+    are not here; memory depends on the length only): a family's encode runs the tower's real forward."""
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return torch.zeros(len(prompts), self.max_length, dtype=torch.long, device="meta")
+        return torch.zeros(len(prompts), self.max_length, dtype=torch.long, device=self.model.device)
 
 
-def mmdit_setup(model: str, dtype: torch.dtype) -> tuple:
-    """(denoiser builder, family_forward, frozen parameters, VAE factor, family) of a released SD3.5 / Flux model
-    (bench/memory.py's configs): its text towers (CLIPs + T5-XXL) and VAE frozen, the family detected from the
-    live (meta) models as gen.Pipeline does, the text token lengths the family's (text_max_length, else CLIP's 77)."""
-    from bench.memory import FAMILIES, TEXT
+def mmdit_setup(parts: dict, dtype: torch.dtype, device: str = "meta") -> tuple:
+    """(denoiser builder, family_forward, frozen parameters, VAE factor, family) of an SD3 / Flux model given as
+    bench/memory.py's FAMILIES entries ({component: (class, config)}: the released models): its text towers
+    (CLIPs + T5-XXL, on `device`) and VAE (counted on meta) frozen, the family detected from the live models as
+    gen.Pipeline does, the text token lengths the family's (text_max_length, else CLIP's 77)."""
+    from bench.memory import TEXT
     from bench.memory import build as build_part
     from gen.families import detect_models
 
-    parts = FAMILIES[model]
-    with torch.device("meta"):
+    with torch.device(device):
         towers = [build_part(*parts[name]).to(dtype) for name in parts if name in TEXT]
+    with torch.device("meta"):
         vae = build_part(*parts["VAE"])
         family = detect_models(build_part(*parts["MMDiT"]), towers)
     names = [f"text_encoder{'_' + str(i + 1) if i else ''}" for i in range(len(towers))]
-    texts = [MetaTokens(t, None, max_length=family.text_max_length.get(n) or t.config.max_position_embeddings)
+    texts = [ZeroTokens(t, None, max_length=family.text_max_length.get(n) or t.config.max_position_embeddings)
              for n, t in zip(names, towers)]
     frozen = sum(p.numel() for m in (*towers, vae) for p in m.parameters())
     return (lambda: build_part(*parts["MMDiT"]), family_forward(family, texts), frozen,
@@ -261,6 +267,7 @@ MMDIT_MODELS = ("Flux-dev", "SD3.5-large", "SD3.5-medium")
 def recipe_rows(checkpointing_both: bool = True, mmdit_models: tuple[str, ...] = MMDIT_MODELS) -> list[tuple]:
     """(recipe, model, batch x size, precision, checkpointing, chosen, Memory) for each configs/*.yaml denoiser
     run; the SD3/Flux recipes once per `mmdit_models` entry."""
+    from bench.memory import FAMILIES
     from gen.families import get
     from gen.models.dit import build_dit
     from gen.models.unet import build_unet
@@ -283,7 +290,7 @@ def recipe_rows(checkpointing_both: bool = True, mmdit_models: tuple[str, ...] =
         if path.name in MMDIT_RECIPES:  # frozen: CLIPs + T5-XXL + VAE, resident (data.cache false)
             for model in mmdit_models:
                 build, inputs, frozen, factor, family = mmdit_setup(
-                    model, torch.float32 if t.mixed_precision == "no" else torch.bfloat16)
+                    FAMILIES[model], torch.float32 if t.mixed_precision == "no" else torch.bfloat16)
                 runs.append((f"{model} transformer" + (" + LoRA" if lora_opts else ""), build, inputs, frozen,
                              factor, family.lora_targets))
         else:
@@ -315,8 +322,9 @@ def recipe_rows(checkpointing_both: bool = True, mmdit_models: tuple[str, ...] =
 
 
 # ---- the check: the formula against measured peaks ---------------------------------------------------------------
-def measured_peak(build, batch: int, latent: int, checkpointing: bool) -> int:
-    """Peak bytes of a real fp32 training step on CPU (the second: the optimizer state exists), MemTracker."""
+def measured_peak(build, batch: int, latent: int, checkpointing: bool, inputs=None) -> int:
+    """Peak bytes of a real fp32 training step on CPU (the second: the optimizer state exists), MemTracker;
+    `inputs`: as estimate's."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
     torch.manual_seed(0)
@@ -324,10 +332,11 @@ def measured_peak(build, batch: int, latent: int, checkpointing: bool) -> int:
     if checkpointing:
         model.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(model.parameters())
-    kw = denoiser_inputs(model, batch, latent, "cpu", torch.float32)
+    kw = denoiser_inputs(model, batch, latent, "cpu", torch.float32) if inputs is None else None
+    run = inputs(model, batch, latent, torch.float32) if inputs else (lambda: model(**kw)[0])
 
     def step():
-        model(**kw)[0].pow(2).mean().backward()
+        run().pow(2).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -349,13 +358,33 @@ def check_builds() -> dict:
             "UNet tiny": (lambda: build_unet("tiny", sample_size=16, cross_attention_dim=32), 4, 16)}
 
 
+def tiny_flux(device: str) -> tuple:
+    """(builder, family_forward) of a small Flux-dev architecture (FLUX_DEV's layout, d128, 2 + 2 blocks) with
+    small CLIP-L / T5 towers on `device`: the SD3/Flux rows' path (the family's inputs) on a real step."""
+    from bench.memory import CLIP_L, FAMILIES, FLUX_DEV, T5_XXL
+
+    parts = FAMILIES["Flux-dev"] | {
+        "CLIP-L": (FAMILIES["Flux-dev"]["CLIP-L"][0], CLIP_L | dict(hidden_size=32, intermediate_size=64,
+                                                                    num_hidden_layers=1, num_attention_heads=2)),
+        "T5-XXL": (FAMILIES["Flux-dev"]["T5-XXL"][0], T5_XXL | dict(d_model=32, d_ff=64, d_kv=16, num_heads=2,
+                                                                    num_layers=1)),
+        "MMDiT": (FAMILIES["Flux-dev"]["MMDiT"][0], FLUX_DEV | dict(
+            in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=4,
+            axes_dims_rope=(8, 12, 12), joint_attention_dim=32, pooled_projection_dim=32))}
+    build, inputs, *_ = mmdit_setup(parts, torch.float32, device)
+    return build, inputs
+
+
 def check_rows() -> list[tuple]:
     """(model, checkpointing, formula bytes, measured bytes) for CHECKS on CPU in fp32."""
     rows = []
-    for name, (build, batch, latent) in check_builds().items():
+    cases = {name: (build, batch, latent, None, None) for name, (build, batch, latent) in check_builds().items()}
+    build, meta_inputs = tiny_flux("meta")
+    cases["Flux d128 x 2+2"] = (build, 2, 16, meta_inputs, tiny_flux("cpu")[1])
+    for name, (build, batch, latent, meta_inputs, cpu_inputs) in cases.items():
         for ckpt in (False, True):
-            est = estimate(build, batch, latent, "no", ckpt, ema=False, device_type="cpu").peak
-            rows.append((name, ckpt, est, measured_peak(build, batch, latent, ckpt)))
+            est = estimate(build, batch, latent, "no", ckpt, ema=False, device_type="cpu", inputs=meta_inputs).peak
+            rows.append((name, ckpt, est, measured_peak(build, batch, latent, ckpt, inputs=cpu_inputs)))
     return rows
 
 

@@ -37,6 +37,16 @@ def test_formula_matches_measured_peaks():
         assert abs(formula / measured - 1) < 0.15, (ckpt, formula, measured)
 
 
+def test_formula_matches_a_flux_step_built_by_the_family():
+    """The SD3/Flux rows' path (the family's encode, pack, train_inputs and predict) on a real step of a small
+    Flux-dev architecture, checkpointed as the recipes train."""
+    build, meta_inputs = tm.tiny_flux("meta")
+    cpu_inputs = tm.tiny_flux("cpu")[1]
+    formula = tm.estimate(build, 2, 16, "no", True, ema=False, device_type="cpu", inputs=meta_inputs).peak
+    measured = tm.measured_peak(build, 2, 16, True, inputs=cpu_inputs)
+    assert abs(formula / measured - 1) < 0.15, (formula, measured)
+
+
 def test_every_recipe_has_a_row():
     rows = tm.recipe_rows(mmdit_models=("SD3.5-medium",))  # the others: the test below, the script
     recipes = {r[0] for r in rows}
