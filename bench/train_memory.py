@@ -1,11 +1,12 @@
 """Peak training memory of every shipped recipe (configs/*.yaml) at its real size, from a formula, and the
 formula against peaks measured on small sizes.
 
-    .venv/bin/python bench/train_memory.py            # the recipes' table, then the check (CPU, ~1 min)
+    .venv/bin/python bench/train_memory.py            # the recipes' table, then the check (CPU, ~2 min)
 
 Formula (bytes), for one optimizer step of the training loop (AdamW, train.mixed_precision by autocast):
     weights      trainable parameters in fp32 (accelerate keeps fp32 masters) + frozen parts (VAE, text
-                 encoder(s), a LoRA's base) in the weight dtype (bf16/fp16 under mixed precision)
+                 encoder(s), a LoRA's base) in the weight dtype (bf16/fp16 under mixed precision) + the
+                 denoiser's buffers (SD3's positional embedding) with its weights
     gradients    trainable x 4
     optimizer    trainable x 8 (AdamW's two moments)
     EMA          trainable x 4 when train.ema_decay > 0
@@ -19,6 +20,9 @@ Formula (bytes), for one optimizer step of the training loop (AdamW, train.mixed
 AdamW's temporaries (its foreach implementation on CUDA) are one more fp32 copy of the trainable weights.
 The check runs real fp32 steps on CPU at small sizes under torch's MemTracker (every live tensor, by kind).
 The frozen VAE and text encoder run under no_grad: their transient activations are not counted.
+The SD3/Flux recipes leave model.base to the user: their rows are the released Flux-dev, SD3.5-large and
+SD3.5-medium (bench/memory.py's configs), with CLIP(s) + T5-XXL + VAE resident (data.cache off, as shipped),
+the step's inputs built by the family (gen/families/sd3.py, flux.py) and the LoRA targets the family's.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
+
+from gen.models.text import TextEncoder  # noqa: E402
 
 diffusers_logging.set_verbosity_error()  # .to(bf16) on meta models warns about fp32 modules that these have none of
 
@@ -81,8 +87,9 @@ class _FlashAttentionSaves(torch.autograd.Function):
 def fused_attention_on_meta():
     sdpa = F.scaled_dot_product_attention
 
-    def patched(q, k, v, *args, **kwargs):
-        return _FlashAttentionSaves.apply(q, k, v) if q.device.type == "meta" else sdpa(q, k, v, *args, **kwargs)
+    def patched(*args, **kwargs):  # diffusers' dispatcher (Flux, SD3) passes query=, key=, value=
+        q, k, v, *rest = (*args, *(kwargs.pop(n) for n in ("query", "key", "value") if n in kwargs))
+        return _FlashAttentionSaves.apply(q, k, v) if q.device.type == "meta" else sdpa(q, k, v, *rest, **kwargs)
 
     F.scaled_dot_product_attention = patched
     try:
@@ -138,28 +145,51 @@ def denoiser_inputs(model, batch: int, latent: int, device, dtype, text_tokens: 
     return kw
 
 
+def family_forward(family, texts: list):
+    """inputs(model, batch, latent, dtype) -> the forward of train/task.py's step for a family with its own
+    input layout (SD3, Flux), asked of the family: its encode on `texts` (ZeroTokens: the towers' real forward,
+    no grad), its latent_shape, pack and train_inputs, its predict; on the model's device (meta: shapes only)."""
+    def inputs(model, batch: int, latent: int, dtype):
+        device = next(model.parameters()).device
+        with torch.device(device):
+            with torch.no_grad():
+                cond = family.encode(texts, [""] * batch, latent, latent)
+            x, extra = family.pack(torch.randn(family.latent_shape(model, batch, latent, latent), dtype=dtype))
+            extra |= family.train_inputs(model, None, batch)
+            t = torch.rand(batch) * 1000  # the flow formulation's model_timestep: sigma x 1000
+        return lambda: family.predict(model, x, t, cond | {k: v.to(device) for k, v in extra.items()})
+    return inputs
+
+
 def estimate(build, batch: int, latent: int, compute: str, checkpointing: bool, ema: bool,
-             frozen_params: int = 0, lora: dict | None = None, device_type: str = "cuda") -> Memory:
+             frozen_params: int = 0, lora: dict | None = None, device_type: str = "cuda", inputs=None) -> Memory:
     """The formula for the denoiser `build()` makes (on the meta device), trained at `batch` x `latent`^2.
-    `lora`: lora_config options (rank, parts, ...): the denoiser is frozen and only the adapter trains."""
+    `lora`: lora_config arguments (presets: the family's lora_targets, rank, parts, ...): the denoiser is frozen
+    and only the adapter trains. `inputs`: a family_forward (default: denoiser_inputs, gen's DiT and UNets)."""
     with torch.device("meta"):
         model = build()
         if lora:
             from peft import inject_adapter_in_model
 
-            from gen.families import get
             from gen.lora import lora_config
 
             model.requires_grad_(False)
-            inject_adapter_in_model(lora_config(get("sd1").lora_targets, **lora), model)
+            inject_adapter_in_model(lora_config(**lora), model)
     dtype = torch.float32 if compute == "no" else torch.bfloat16
     model.to(dtype)
     trainable = sum(p.numel() for n, p in model.named_parameters() if not lora or ".lora_" in n)
     frozen = sum(p.numel() for p in model.parameters()) - trainable + frozen_params
-    kw = denoiser_inputs(model, batch, latent, "meta", dtype)
-    act, unit = saved_activation_bytes(model, lambda: model(**kw), checkpointing)
+    # buffers (SD3's positional embedding: 226M values in SD3.5-medium) live with the denoiser's weights
+    buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point())
+    if inputs is None:
+        kw = denoiser_inputs(model, batch, latent, "meta", dtype)
+        run = lambda: model(**kw)  # noqa: E731
+    else:
+        run = inputs(model, batch, latent, dtype)
+    act, unit = saved_activation_bytes(model, run, checkpointing)
     act += trainable * DTYPE_BYTES[compute] if compute != "no" else 0  # autocast's copies of fp32 weights
-    return Memory(weights=4 * trainable + DTYPE_BYTES[compute] * frozen, gradients=4 * trainable,
+    held = DTYPE_BYTES[compute] if lora else 4  # a LoRA's base in the weight dtype, a trained denoiser in fp32
+    return Memory(weights=4 * trainable + DTYPE_BYTES[compute] * frozen + held * buffers, gradients=4 * trainable,
                   optimizer=8 * trainable, ema=4 * trainable if ema else 0, activations=act,
                   adam_temp=4 * trainable if device_type == "cuda" else 0, recompute=unit if checkpointing else 0)
 
@@ -199,8 +229,46 @@ def _frozen_folder(folder: Path) -> tuple[int, int, int]:
     return n, text_cfg.hidden_size, 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def recipe_rows(checkpointing_both: bool = True) -> list[tuple]:
-    """(recipe, model, batch x size, precision, checkpointing, Memory) for each configs/*.yaml denoiser run."""
+class ZeroTokens(TextEncoder):
+    """gen's TextEncoder fed max_length zero token ids instead of a tokenizer's (the released models' tokenizers
+    are not here; memory depends on the length only): a family's encode runs the tower's real forward."""
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return torch.zeros(len(prompts), self.max_length, dtype=torch.long, device=self.model.device)
+
+
+def mmdit_setup(parts: dict, dtype: torch.dtype, device: str = "meta") -> tuple:
+    """(denoiser builder, family_forward, frozen parameters, VAE factor, family) of an SD3 / Flux model given as
+    bench/memory.py's FAMILIES entries ({component: (class, config)}: the released models): its text towers
+    (CLIPs + T5-XXL, on `device`) and VAE (counted on meta) frozen, the family detected from the live models as
+    gen.Pipeline does, the text token lengths the family's (text_max_length, else CLIP's 77)."""
+    from bench.memory import TEXT
+    from bench.memory import build as build_part
+    from gen.families import detect_models
+
+    with torch.device(device):
+        towers = [build_part(*parts[name]).to(dtype) for name in parts if name in TEXT]
+    with torch.device("meta"):
+        vae = build_part(*parts["VAE"])
+        family = detect_models(build_part(*parts["MMDiT"]), towers)
+    names = [f"text_encoder{'_' + str(i + 1) if i else ''}" for i in range(len(towers))]
+    texts = [ZeroTokens(t, None, max_length=family.text_max_length.get(n) or t.config.max_position_embeddings)
+             for n, t in zip(names, towers)]
+    frozen = sum(p.numel() for m in (*towers, vae) for p in m.parameters())
+    return (lambda: build_part(*parts["MMDiT"]), family_forward(family, texts), frozen,
+            2 ** (len(vae.config.block_out_channels) - 1), family)
+
+
+# the SD3/Flux recipes leave model.base to the user: rows for these released models (bench/memory.py's configs)
+MMDIT_RECIPES = ("lora-sd3-flux.yaml", "finetune-sd3-flux.yaml")
+MMDIT_MODELS = ("Flux-dev", "SD3.5-large", "SD3.5-medium")
+
+
+def recipe_rows(checkpointing_both: bool = True, mmdit_models: tuple[str, ...] = MMDIT_MODELS) -> list[tuple]:
+    """(recipe, model, batch x size, precision, checkpointing, chosen, Memory) for each configs/*.yaml denoiser
+    run; the SD3/Flux recipes once per `mmdit_models` entry."""
+    from bench.memory import FAMILIES
+    from gen.families import get
     from gen.models.dit import build_dit
     from gen.models.unet import build_unet
     from train.config import load_config
@@ -210,39 +278,53 @@ def recipe_rows(checkpointing_both: bool = True) -> list[tuple]:
     paths.insert(0, ROOT / "configs" / "default" / "dit.yaml")  # the default model's denoiser stage
     for path in paths:
         # model.base: the recipe's (the default model's stage trains on the default model's VAE and text tower),
-        # or where it leaves it to the user, an SD-1.5 folder. data.path: any, nothing is read.
+        # or where it leaves it to the user, an SD-1.5 folder (SD3/Flux recipes: the released models).
+        # data.path: any, nothing is read.
         base = yaml.safe_load(path.read_text()).get("model", {}).get("base") or (
             "gen/assets/default" if path.parent.name == "default" else SD15)
         cfg = load_config(path, extra={"data.path": ".", "model.base": base})
         t, m = cfg.train, cfg.model
-        lora = None
-        if base != SD15:
-            frozen, width, factor = _frozen_folder(ROOT / base)
-        else:  # model.base is the user's: an SD-1.5 folder, as the recipe's comment says
-            frozen, width, factor = _frozen_sd15(), 768, 8
-        latent = cfg.data.resolution // factor
-        if hasattr(cfg, "lora") and path.name.startswith("lora"):
-            o = cfg.lora
-            lora = dict(rank=o.rank, alpha=o.alpha, parts=o.targets)
-            build, name = (lambda: build_unet("sd15", cross_attention_dim=width)), "SD-1.5 UNet + LoRA"
-        elif m.denoiser == "dit":
-            build = (lambda m=m, latent=latent, width=width: build_dit(
-                m.preset, sample_size=latent, cross_attention_dim=width, pooled_projection_dim=width, **m.options))
-            name = m.preset + "".join(f", {k} {v}" for k, v in m.options.items() if k in ("depth", "hidden_size"))
+        lora_opts = dict(rank=cfg.lora.rank, alpha=cfg.lora.alpha, parts=cfg.lora.targets) if (
+            hasattr(cfg, "lora") and path.name.startswith("lora")) else None
+        runs = []  # (name, builder, inputs, frozen, VAE factor, LoRA presets)
+        if path.name in MMDIT_RECIPES:  # frozen: CLIPs + T5-XXL + VAE, resident (data.cache false)
+            for model in mmdit_models:
+                build, inputs, frozen, factor, family = mmdit_setup(
+                    FAMILIES[model], torch.float32 if t.mixed_precision == "no" else torch.bfloat16)
+                runs.append((f"{model} transformer" + (" + LoRA" if lora_opts else ""), build, inputs, frozen,
+                             factor, family.lora_targets))
         else:
-            preset = "sd15" if m.init_from_base else m.preset
-            build, name = (lambda p=preset: build_unet(p, cross_attention_dim=width)), f"UNet {preset}"
-        for ckpt in ((False, True) if checkpointing_both else (t.gradient_checkpointing,)):
-            mem = estimate(build, t.batch_size, latent, t.mixed_precision, ckpt, t.ema_decay > 0,
-                           frozen_params=frozen, lora=lora)
-            rows.append((path.relative_to(ROOT).as_posix(), name, f"{t.batch_size} x {cfg.data.resolution} px",
-                         t.mixed_precision, ckpt, ckpt == t.gradient_checkpointing, mem))
+            if base != SD15:
+                frozen, width, factor = _frozen_folder(ROOT / base)
+            else:  # model.base is the user's: an SD-1.5 folder, as the recipe's comment says
+                frozen, width, factor = _frozen_sd15(), 768, 8
+            latent = cfg.data.resolution // factor
+            if lora_opts:
+                build, name = (lambda: build_unet("sd15", cross_attention_dim=width)), "SD-1.5 UNet + LoRA"
+            elif m.denoiser == "dit":
+                build = (lambda m=m, latent=latent, width=width: build_dit(
+                    m.preset, sample_size=latent, cross_attention_dim=width, pooled_projection_dim=width,
+                    **m.options))
+                name = m.preset + "".join(f", {k} {v}" for k, v in m.options.items()
+                                          if k in ("depth", "hidden_size"))
+            else:
+                preset = "sd15" if m.init_from_base else m.preset
+                build, name = (lambda p=preset: build_unet(p, cross_attention_dim=width)), f"UNet {preset}"
+            runs.append((name, build, None, frozen, factor, get("sd1").lora_targets))
+        for name, build, inputs, frozen, factor, presets in runs:
+            lora = dict(presets=presets, **lora_opts) if lora_opts else None
+            for ckpt in ((False, True) if checkpointing_both else (t.gradient_checkpointing,)):
+                mem = estimate(build, t.batch_size, cfg.data.resolution // factor, t.mixed_precision, ckpt,
+                               t.ema_decay > 0, frozen_params=frozen, lora=lora, inputs=inputs)
+                rows.append((path.relative_to(ROOT).as_posix(), name, f"{t.batch_size} x {cfg.data.resolution} px",
+                             t.mixed_precision, ckpt, ckpt == t.gradient_checkpointing, mem))
     return rows
 
 
 # ---- the check: the formula against measured peaks ---------------------------------------------------------------
-def measured_peak(build, batch: int, latent: int, checkpointing: bool) -> int:
-    """Peak bytes of a real fp32 training step on CPU (the second: the optimizer state exists), MemTracker."""
+def measured_peak(build, batch: int, latent: int, checkpointing: bool, inputs=None) -> int:
+    """Peak bytes of a real fp32 training step on CPU (the second: the optimizer state exists), MemTracker;
+    `inputs`: as estimate's."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
     torch.manual_seed(0)
@@ -250,10 +332,11 @@ def measured_peak(build, batch: int, latent: int, checkpointing: bool) -> int:
     if checkpointing:
         model.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(model.parameters())
-    kw = denoiser_inputs(model, batch, latent, "cpu", torch.float32)
+    kw = denoiser_inputs(model, batch, latent, "cpu", torch.float32) if inputs is None else None
+    run = inputs(model, batch, latent, torch.float32) if inputs else (lambda: model(**kw)[0])
 
     def step():
-        model(**kw)[0].pow(2).mean().backward()
+        run().pow(2).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -275,13 +358,33 @@ def check_builds() -> dict:
             "UNet tiny": (lambda: build_unet("tiny", sample_size=16, cross_attention_dim=32), 4, 16)}
 
 
+def tiny_flux(device: str) -> tuple:
+    """(builder, family_forward) of a small Flux-dev architecture (FLUX_DEV's layout, d128, 2 + 2 blocks) with
+    small CLIP-L / T5 towers on `device`: the SD3/Flux rows' path (the family's inputs) on a real step."""
+    from bench.memory import CLIP_L, FAMILIES, FLUX_DEV, T5_XXL
+
+    parts = FAMILIES["Flux-dev"] | {
+        "CLIP-L": (FAMILIES["Flux-dev"]["CLIP-L"][0], CLIP_L | dict(hidden_size=32, intermediate_size=64,
+                                                                    num_hidden_layers=1, num_attention_heads=2)),
+        "T5-XXL": (FAMILIES["Flux-dev"]["T5-XXL"][0], T5_XXL | dict(d_model=32, d_ff=64, d_kv=16, num_heads=2,
+                                                                    num_layers=1)),
+        "MMDiT": (FAMILIES["Flux-dev"]["MMDiT"][0], FLUX_DEV | dict(
+            in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=4,
+            axes_dims_rope=(8, 12, 12), joint_attention_dim=32, pooled_projection_dim=32))}
+    build, inputs, *_ = mmdit_setup(parts, torch.float32, device)
+    return build, inputs
+
+
 def check_rows() -> list[tuple]:
     """(model, checkpointing, formula bytes, measured bytes) for CHECKS on CPU in fp32."""
     rows = []
-    for name, (build, batch, latent) in check_builds().items():
+    cases = {name: (build, batch, latent, None, None) for name, (build, batch, latent) in check_builds().items()}
+    build, meta_inputs = tiny_flux("meta")
+    cases["Flux d128 x 2+2"] = (build, 2, 16, meta_inputs, tiny_flux("cpu")[1])
+    for name, (build, batch, latent, meta_inputs, cpu_inputs) in cases.items():
         for ckpt in (False, True):
-            est = estimate(build, batch, latent, "no", ckpt, ema=False, device_type="cpu").peak
-            rows.append((name, ckpt, est, measured_peak(build, batch, latent, ckpt)))
+            est = estimate(build, batch, latent, "no", ckpt, ema=False, device_type="cpu", inputs=meta_inputs).peak
+            rows.append((name, ckpt, est, measured_peak(build, batch, latent, ckpt, inputs=cpu_inputs)))
     return rows
 
 
