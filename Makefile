@@ -50,7 +50,7 @@ demo: setup
 	fi
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # Trains the bundled default model from scratch (CLIP, VAE, DiT-flow on the shapes world; see
 # configs/default-model.yaml) and installs it into gen/assets/default/ with its training log.

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import quiet_pipeline
+from conftest import quiet_pipeline, tiny_t5_tokenizer
 from gen import prompt_weights as pw
 from gen.models.text import TextEncoder, build_text_encoder, byte_level_tokenizer
 
@@ -118,7 +118,6 @@ def test_every_family_takes_long_weighted_prompts(sdxl_folder, flux_folder, dit_
 
 
 def test_a_t5_reads_the_words_only(tmp_path):
-    from conftest import tiny_t5_tokenizer
     from transformers import T5Config, T5EncoderModel
 
     tok = tiny_t5_tokenizer()
