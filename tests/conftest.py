@@ -15,6 +15,20 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def diffusers_pipeline(cls, folder, **kwargs):
+    """diffusers' pipeline `cls` from a folder, progress bar off, with the folder's scheduler config kept (the
+    parity tests swap samplers from it). An SD3 folder without T5 loads the way diffusers loads one:
+    text_encoder_3=None, tokenizer_3=None."""
+    from pathlib import Path
+
+    if cls.__name__.startswith("StableDiffusion3") and not (Path(folder) / "text_encoder_3").is_dir():
+        kwargs = dict(text_encoder_3=None, tokenizer_3=None) | kwargs
+    pipe = cls.from_pretrained(folder, **kwargs)
+    pipe.folder_scheduler_config = pipe.scheduler.config
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def quiet_pipeline(folder, **kwargs):
     """gen's Pipeline for a folder or file, with its progress bar off."""
     from gen.pipeline import Pipeline

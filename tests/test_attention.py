@@ -18,6 +18,7 @@ from gen.errors import GenError  # noqa: E402
 from gen.models.tiny import tiny_pipeline  # noqa: E402
 from gen.models.unet import build_unet  # noqa: E402
 from gen.pipeline import Pipeline  # noqa: E402
+from tests.conftest import diffusers_pipeline  # noqa: E402
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 
@@ -202,11 +203,7 @@ def test_pipelines_in_one_process_keep_their_own_backend(unet_folder):
 def sd3_theirs(sd3_folder):
     from diffusers import StableDiffusion3Pipeline
 
-    absent = {} if sd3_folder.name.endswith("with-t5") else dict(text_encoder_3=None, tokenizer_3=None)
-    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_folder, **absent)
-    pipe.folder_scheduler_config = pipe.scheduler.config
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_pipeline(StableDiffusion3Pipeline, sd3_folder)
 
 
 def test_mmdit_processors_run_diffusers_code_with_gens_attention(sd3_folder, flux_folder):

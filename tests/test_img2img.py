@@ -7,7 +7,7 @@ from diffusers import (StableDiffusion3Img2ImgPipeline, StableDiffusionImg2ImgPi
                        UNet2DConditionModel)
 from PIL import Image
 
-from conftest import quiet_pipeline, tiny_sd_components
+from conftest import diffusers_pipeline, quiet_pipeline, tiny_sd_components
 from gen.errors import GenError
 from gen.samplers import SAMPLERS
 
@@ -37,10 +37,8 @@ def gens(seed, n):
 
 @pytest.fixture(scope="module")
 def sd(sd_folder):
-    i2i = StableDiffusionImg2ImgPipeline.from_pretrained(sd_folder, safety_checker=None)
-    inpaint = StableDiffusionInpaintPipeline.from_pretrained(sd_folder, safety_checker=None)
-    for p in (i2i, inpaint):
-        p.folder_scheduler_config = p.scheduler.config
+    i2i = diffusers_pipeline(StableDiffusionImg2ImgPipeline, sd_folder, safety_checker=None)
+    inpaint = diffusers_pipeline(StableDiffusionInpaintPipeline, sd_folder, safety_checker=None)
     return i2i, inpaint, quiet_pipeline(sd_folder)
 
 
@@ -106,8 +104,7 @@ def inpainting_folder(tmp_path_factory):
 
 @pytest.mark.parametrize("sampler, strength", [("ddim", 1.0), ("euler-a", 0.7)])
 def test_a_nine_channel_inpainting_unet_matches_diffusers(inpainting_folder, sampler, strength):
-    theirs = StableDiffusionInpaintPipeline.from_pretrained(inpainting_folder, safety_checker=None)
-    theirs.folder_scheduler_config = theirs.scheduler.config
+    theirs = diffusers_pipeline(StableDiffusionInpaintPipeline, inpainting_folder, safety_checker=None)
     ours = quiet_pipeline(inpainting_folder)
     a = use(theirs, sampler)(["a red circle"], image=source(), mask_image=mask(), strength=strength, height=32,
                              width=32, negative_prompt=["blurry"], generator=gens(3, 1), **KW).images

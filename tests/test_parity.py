@@ -7,6 +7,7 @@ from diffusers import StableDiffusionPipeline
 
 from gen.pipeline import Pipeline
 from gen.samplers import SAMPLERS
+from tests.conftest import diffusers_pipeline
 
 PROMPTS = ["a red circle", "a blue square left of a green triangle"]
 
@@ -28,8 +29,7 @@ def gen_images(pipe, sampler, seed=7, n=2, steps=8, guidance=6.0, negative="blur
 
 @pytest.fixture(scope="module")
 def both(sd_folder):
-    theirs = StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None)
-    theirs.folder_scheduler_config = theirs.scheduler.config
+    theirs = diffusers_pipeline(StableDiffusionPipeline, sd_folder, safety_checker=None)
     ours = Pipeline.from_pretrained(sd_folder)
     ours.progress = False
     return theirs, ours
@@ -48,8 +48,7 @@ def test_gen_matches_diffusers_on_a_diffusers_folder(both, sampler):
 def test_folder_saved_by_gen_loads_in_diffusers(both, tmp_path):
     _, ours = both
     ours.save_pretrained(tmp_path / "by-gen")
-    theirs = StableDiffusionPipeline.from_pretrained(tmp_path / "by-gen")
-    theirs.folder_scheduler_config = theirs.scheduler.config
+    theirs = diffusers_pipeline(StableDiffusionPipeline, tmp_path / "by-gen")
     reloaded = Pipeline.from_pretrained(tmp_path / "by-gen")
     reloaded.progress = False
     for sampler in ("ddim", "dpm++2m", "euler"):

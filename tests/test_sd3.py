@@ -12,7 +12,7 @@ from diffusers import StableDiffusion3Pipeline
 
 from gen.errors import GenError
 from tests.test_sdxl import PROMPTS, our_images, theirs_images
-from tests.conftest import quiet_pipeline
+from tests.conftest import diffusers_pipeline, quiet_pipeline
 
 SIZE = 32
 
@@ -30,11 +30,7 @@ def with_shift(folder, shift, tmp_path):
 
 @pytest.fixture(scope="module")
 def theirs(sd3_folder):
-    absent = {} if sd3_folder.name.endswith("with-t5") else dict(text_encoder_3=None, tokenizer_3=None)
-    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_folder, **absent)  # diffusers' way to load without T5
-    pipe.folder_scheduler_config = pipe.scheduler.config
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_pipeline(StableDiffusion3Pipeline, sd3_folder)
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +102,7 @@ def test_folder_saved_by_gen_loads_in_diffusers_with_the_same_images(ours, sd3_f
     index = json.loads((tmp_path / "by-gen" / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusion3Pipeline"
     assert (index["text_encoder_3"][0] is None) == sd3_folder.name.endswith("no-t5")
-    absent = {} if ours.family.has_t5 else dict(text_encoder_3=None, tokenizer_3=None)
-    theirs = StableDiffusion3Pipeline.from_pretrained(tmp_path / "by-gen", **absent)
-    theirs.folder_scheduler_config = theirs.scheduler.config
-    theirs.set_progress_bar_config(disable=True)
+    theirs = diffusers_pipeline(StableDiffusion3Pipeline, tmp_path / "by-gen")
     reloaded = quiet_pipeline(tmp_path / "by-gen")
     assert np.abs(theirs_images(theirs, "flow-euler") - our_images(reloaded, "flow-euler")).max() <= 1e-4
 
@@ -149,10 +142,7 @@ def test_dynamic_shifting_matches_diffusers(sd3_folder, tmp_path):
     """An SD3.5-style scheduler with use_dynamic_shifting: mu from the image's token count, as diffusers computes it."""
     folder = with_config(sd3_folder, tmp_path, use_dynamic_shifting=True, base_image_seq_len=64,
                          max_image_seq_len=1024, base_shift=0.5, max_shift=1.16)
-    absent = {} if sd3_folder.name.endswith("with-t5") else dict(text_encoder_3=None, tokenizer_3=None)
-    theirs = StableDiffusion3Pipeline.from_pretrained(folder, **absent)
-    theirs.folder_scheduler_config = theirs.scheduler.config
-    theirs.set_progress_bar_config(disable=True)
+    theirs = diffusers_pipeline(StableDiffusion3Pipeline, folder)
     ours = quiet_pipeline(folder)
     a, b = theirs_images(theirs, "flow-euler", n=1), our_images(ours, "flow-euler", n=1)
     assert np.abs(a - b).max() <= 1e-4

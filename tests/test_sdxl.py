@@ -12,7 +12,7 @@ from diffusers import StableDiffusionXLPipeline
 from gen.errors import GenError
 from gen.pipeline import Pipeline
 from gen.samplers import SAMPLERS, names_for
-from tests.conftest import quiet_pipeline
+from tests.conftest import diffusers_pipeline, quiet_pipeline
 
 PROMPTS = ["a red circle", "a blue square left of a green triangle"]
 SIZE = 32
@@ -37,10 +37,7 @@ def our_images(pipe, sampler, negative="blurry", seed=7, n=2, steps=6, guidance=
 
 @pytest.fixture(scope="module")
 def theirs(sdxl_folder):
-    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
-    pipe.folder_scheduler_config = pipe.scheduler.config
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_pipeline(StableDiffusionXLPipeline, sdxl_folder)
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +77,7 @@ def test_folder_saved_by_gen_loads_in_diffusers_with_the_same_images(ours, tmp_p
     ours.save_pretrained(tmp_path / "by-gen")
     index = json.loads((tmp_path / "by-gen" / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"] is True
-    theirs = StableDiffusionXLPipeline.from_pretrained(tmp_path / "by-gen")
-    theirs.folder_scheduler_config = theirs.scheduler.config
-    theirs.set_progress_bar_config(disable=True)
+    theirs = diffusers_pipeline(StableDiffusionXLPipeline, tmp_path / "by-gen")
     reloaded = quiet_pipeline(tmp_path / "by-gen")
     assert np.abs(theirs_images(theirs, "euler-a") - our_images(reloaded, "euler-a")).max() <= 1e-4
 
