@@ -367,7 +367,8 @@ def _terminated(signum, frame):
 
 def _single_file_flags(p) -> None:
     p.add_argument("--tokenizer", default=None, metavar="FOLDER",
-                   help="for a single file without one: a diffusers folder whose tokenizer/ (tokenizer_2/) to use")
+                   help="for a single file: a diffusers folder whose tokenizer/ (tokenizer_2/) to use instead of "
+                        "gen's bundled CLIP/T5 tokenizers")
     p.add_argument("--base", default=None, metavar="FOLDER",
                    help="for an SD3/Flux single file lacking parts (a transformer-only Flux finetune): a diffusers "
                         "folder of the same family whose text encoders, tokenizers, VAE and scheduler to use")

@@ -93,12 +93,12 @@ def _gen_meta(meta: dict) -> dict:
         raise GenError(f"the file's '{META}' metadata is not JSON") from None
 
 
-def tokenizers(path: Path, texts, family, given: str | Path | None, meta: dict) -> dict:
+def tokenizers(path: Path, texts, family, given: str | Path | None, meta: dict, shapes: dict) -> dict:
     """The tokenizer of each text tower in `texts` (the family's file_texts): from `given` (a diffusers folder, or
-    a tokenizer folder), else the file's metadata (gen writes it there), else a tokenizer/ folder beside the file;
-    none: a one-line GenError."""
+    a tokenizer folder), else the file's metadata (gen writes it there), else a tokenizer/ folder beside the file,
+    else the CLIP or T5 tokenizer gen ships (as ComfyUI ships them), checked against the tower's vocabulary."""
     out = {}
-    for _, tok, _, _ in texts:
+    for _, tok, prefix, kind in texts:
         klass = family.tokenizer_class(tok)
         where = [Path(given) / tok, Path(given)] if given else [path.parent / tok]
         folder = next((p for p in where if (p / "tokenizer_config.json").is_file()), None)
@@ -107,13 +107,30 @@ def tokenizers(path: Path, texts, family, given: str | Path | None, meta: dict) 
                 for name, text in json.loads(meta[f"{META}.{tok}"]).items():
                     (Path(tmp) / Path(name).name).write_text(text)
                 out[tok] = klass.from_pretrained(tmp)
-            continue
-        if folder is None:
-            hint = f" ({given} has no {tok}/)" if given else ""
-            raise GenError(f"{path} carries no tokenizer{hint}: pass --tokenizer FOLDER (tokenizer=FOLDER), a diffusers "
-                           f"{family.title} folder whose {tok}/ gen uses, or put {tok}/ beside the file")
-        out[tok] = klass.from_pretrained(folder)
+        elif folder is not None:
+            out[tok] = klass.from_pretrained(folder)
+        elif given:
+            raise GenError(f"{given} has no {tok}/ tokenizer for {path}: pass --tokenizer FOLDER (tokenizer=FOLDER), "
+                           f"a diffusers {family.title} folder whose {tok}/ gen uses, or leave it out (gen's own)")
+        else:
+            out[tok] = _bundled(path, tok, prefix, kind, family, shapes)
     return out
+
+
+def _bundled(path: Path, tok: str, prefix: str, kind: str, family, shapes: dict):
+    """gen's own CLIP or T5 tokenizer for a tower whose file carries none, if the tower's vocabulary fits it."""
+    from gen.models.text import bundled_tokenizer
+
+    name = "t5" if kind == "t5" else "clip"
+    tokenizer = bundled_tokenizer(name, "!" if tok in family.file_pad_zero else None)
+    rows = next((shapes[prefix + k][0] for k in ("text_model.embeddings.token_embedding.weight",
+                                                  "token_embedding.weight", "shared.weight",
+                                                  "encoder.embed_tokens.weight") if prefix + k in shapes), None)
+    if rows is not None and rows < len(tokenizer):
+        raise GenError(f"{path}: its {tok.replace('tokenizer', 'text tower')} has a vocabulary of {rows} tokens, "
+                       f"not {name.upper()}'s {len(tokenizer)}, and the file carries no tokenizer: pass --tokenizer "
+                       f"FOLDER (tokenizer=FOLDER) with the model's own {tok}/")
+    return tokenizer
 
 
 def _empty(factory):
@@ -158,7 +175,7 @@ def load(path: Path, tokenizer=None, prediction_type: str | None = None, allow_p
         raise GenError(f"base is for SD3/Flux files; a {family.title} file holds every part (tokenizer: --tokenizer)")
     hints = gm.get("hints", {})
     pred = prediction_type or gm.get("prediction_type") or "epsilon"
-    parts = tokenizers(path, family.file_texts, family, tokenizer, src.meta)
+    parts = tokenizers(path, family.file_texts, family, tokenizer, src.meta, src.shapes)
     convention = family.file_convention(pred)
     for enc, tok, prefix, kind in family.file_texts:
         cfg = ldm.text_config(src.shapes, prefix, kind, hints.get(enc, {}), family.file_penultimate, parts[tok])
@@ -252,5 +269,6 @@ def describe(path: Path, shapes: dict, meta: dict) -> list[str]:
     lines.append(f"  prediction type: {pred} (written by gen)" if pred else
                  "  prediction type: not recorded (epsilon unless --prediction-type v_prediction)")
     toks = [tok for _, tok, _, _ in family.file_texts if f"{META}.{tok}" not in meta]
-    lines.append("  tokenizer: in the file" if not toks else "  tokenizer: none in the file (pass --tokenizer FOLDER)")
+    lines.append("  tokenizer: in the file" if not toks else
+                 "  tokenizer: none in the file (gen's bundled CLIP tokenizer; --tokenizer FOLDER overrides)")
     return lines

@@ -88,6 +88,9 @@ class Family:
     # Flux" (gen/families/mmdit_file.py)
     file_optional: tuple = ()  # text encoders a whole file may lack (SD3's T5)
     file_penultimate = False  # the file's last text block is unused (conditioning on the one before)
+    # tokenizer folders of OpenCLIP towers (H, bigG): they pad with "!" (id 0), as open_clip and sd-scripts
+    # (strategy_sdxl/strategy_sd3: pad_token_id = 0) tokenize; gen's bundled CLIP tokenizer is told so
+    file_pad_zero: tuple = ()
 
     @classmethod
     def recognises_file(cls, keys: set[str], shapes: dict[str, list[int]]) -> bool:

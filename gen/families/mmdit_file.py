@@ -75,7 +75,7 @@ def load(path: Path, src, family, tokenizer, base, gm: dict) -> dict:
         raise GenError(f"{path} holds no {', '.join(lacking)} (a transformer-only file?): pass --base FOLDER "
                        f"(base=FOLDER), a diffusers {family.title} folder whose other parts gen uses")
     texts = [t for t in family.file_texts if t[0] not in skip]
-    parts = tokenizers(path, texts, family, tokenizer or base, src.meta)
+    parts = tokenizers(path, texts, family, tokenizer or base, src.meta, src.shapes)
     for enc, tok, prefix, kind in texts:
         if enc in lacking:
             parts[enc] = load_model(family.text_class(enc), base / enc)

@@ -67,6 +67,7 @@ class SD2(SD1):
                                                  or unet.get("cross_attention_dim") == 1024)
 
     file_texts = (("text_encoder", "tokenizer", "cond_stage_model.model.", "openclip"),)
+    file_pad_zero = ("tokenizer",)
     file_penultimate = True  # FrozenOpenCLIPEmbedder(layer="penultimate"), as diffusers drops resblocks.23
 
     @classmethod

@@ -85,6 +85,7 @@ class SD3(OriginalLayout, Family):
     file_texts = (("text_encoder", "tokenizer", "text_encoders.clip_l.transformer.", "hf"),
                   ("text_encoder_2", "tokenizer_2", "text_encoders.clip_g.transformer.", "hf"),
                   ("text_encoder_3", "tokenizer_3", "text_encoders.t5xxl.transformer.", "t5"))
+    file_pad_zero = ("tokenizer_2",)  # CLIP-G
     file_layout, file_blocks = "SD3 MMDiT", "joint_blocks."
     file_optional = ("text_encoder_3",)  # sd3_medium_incl_clips.safetensors: no T5, as a folder without one
 

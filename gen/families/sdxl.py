@@ -48,6 +48,7 @@ class SDXL(Family):
     # SGM's conditioner: embedders.0 is CLIP-L in transformers' form, embedders.1 OpenCLIP-bigG
     file_texts = (("text_encoder", "tokenizer", "conditioner.embedders.0.transformer.", "hf"),
                   ("text_encoder_2", "tokenizer_2", "conditioner.embedders.1.model.", "openclip"))
+    file_pad_zero = ("tokenizer_2",)
 
     @classmethod
     def recognises_file(cls, keys: set, shapes: dict) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -31,6 +32,20 @@ def byte_level_tokenizer(merges: list[str] | None = None, vocab_extra: list[str]
         vocab.setdefault(tok, len(vocab))
     return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges or []],
                          model_max_length=model_max_length)
+
+
+BUNDLED = Path(__file__).resolve().parent.parent / "assets" / "tokenizers"
+
+
+def bundled_tokenizer(name: str, pad_token: str | None = None):
+    """The CLIP ("clip") or T5 ("t5") tokenizer shipped with gen (gen/assets/tokenizers/, README and licenses
+    there), for a model file that carries none. `pad_token`: "!" (id 0) for OpenCLIP's towers (SD-2.x's H, the
+    bigG of SDXL and SD3), which pad with it as open_clip does; OpenAI's CLIP-L pads with end-of-text."""
+    from transformers import T5TokenizerFast
+
+    if name == "t5":
+        return T5TokenizerFast.from_pretrained(BUNDLED / "t5")
+    return CLIPTokenizer.from_pretrained(BUNDLED / "clip", **({"pad_token": pad_token} if pad_token else {}))
 
 
 def build_text_encoder(preset: str = "tiny", vocab_size: int = 514, **overrides) -> CLIPTextModel:
