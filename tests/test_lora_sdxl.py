@@ -202,3 +202,93 @@ def test_gen_info_reports_the_sdxl_components(ours, made, kohya_named, capsys):
         order = sorted(counts, key=lambda p: (p not in ("unet", "lora_unet_"), p))  # the denoiser first
         parts = ", ".join(f"{p.rstrip('_')} {counts[p]}" for p in order)
         assert f"targets: {sum(counts.values())} layers ({parts})" in text
+
+
+def sgm_prefixes(config) -> dict[str, str]:
+    """diffusers UNet module prefix -> the original (SGM/LDM) block prefix sd-scripts' SDXL UNet names it by
+    (its networks/lora_diffusers.py make_unet_conversion_map, written here for any layers_per_block)."""
+    n, out = config.layers_per_block + 1, {"mid_block.resnets.0.": "middle_block.0.",
+                                           "mid_block.attentions.0.": "middle_block.1.",
+                                           "mid_block.resnets.1.": "middle_block.2."}
+    for i in range(len(config.down_block_types)):
+        for j in range(n - 1):
+            out |= {f"down_blocks.{i}.resnets.{j}.": f"input_blocks.{n * i + j + 1}.0.",
+                    f"down_blocks.{i}.attentions.{j}.": f"input_blocks.{n * i + j + 1}.1."}
+        out[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{n * (i + 1)}.0.op."
+    for i, kind in enumerate(config.up_block_types):
+        for j in range(n):
+            out |= {f"up_blocks.{i}.resnets.{j}.": f"output_blocks.{n * i + j}.0.",
+                    f"up_blocks.{i}.attentions.{j}.": f"output_blocks.{n * i + j}.1."}
+        out[f"up_blocks.{i}.upsamplers.0."] = f"output_blocks.{n * i + n - 1}.{2 if 'CrossAttn' in kind else 1}."
+    return out
+
+
+RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+          "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+
+
+def to_sgm(module: str, config) -> str:
+    prefix = next(p for p in sgm_prefixes(config) if (module + ".").startswith(p))
+    rest = (module + ".")[len(prefix):].removesuffix(".")
+    return (sgm_prefixes(config)[prefix] + (RESNET.get(rest, rest) if ".resnets." in prefix else rest)).rstrip(".")
+
+
+@pytest.fixture(scope="module")
+def sgm_named(kohya_named, sdxl_folder, tmp_path_factory):
+    """kohya_named with its UNet layers named as sd-scripts' sdxl_train_network.py names them (the original
+    blocks), plus LoCon factors on resnet convolutions, time embeddings, a downsampler and an upsampler; and the
+    same file in diffusers' names."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(sdxl_folder / "unet")
+    layers = dict(unet.named_modules())
+    tensors, torch_gen = load_file(str(kohya_named)), torch.Generator().manual_seed(5)
+    for name in ("down_blocks.0.resnets.1.conv1", "down_blocks.1.resnets.0.conv_shortcut",
+                 "up_blocks.0.resnets.2.conv2", "mid_block.resnets.1.time_emb_proj",
+                 "down_blocks.0.downsamplers.0.conv", "up_blocks.0.upsamplers.0.conv"):
+        w = layers[name].weight
+        down = (2, *w.shape[1:]) if w.ndim == 2 else (2, w.shape[1], *w.shape[2:])
+        up = (w.shape[0], 2) + ((1, 1) if w.ndim == 4 else ())
+        key = "lora_unet_" + name.replace(".", "_")
+        tensors |= {f"{key}.lora_down.weight": torch.randn(down, generator=torch_gen) * 0.3,
+                    f"{key}.lora_up.weight": torch.randn(up, generator=torch_gen) * 0.3,
+                    f"{key}.alpha": torch.tensor(1.0)}
+    d = tmp_path_factory.mktemp("sgm")
+    save_file(tensors, str(d / "diffusers-names.safetensors"), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    unet_names = {k.split(".")[0].removeprefix("lora_unet_") for k in tensors if k.startswith("lora_unet_")}
+    flat = {n.replace(".", "_"): n for n in layers}
+    renamed = {}
+    for key, value in tensors.items():
+        head, _, tail = key.partition(".")
+        if head.startswith("lora_unet_") and head.removeprefix("lora_unet_") in unet_names:
+            head = "lora_unet_" + to_sgm(flat[head.removeprefix("lora_unet_")], unet.config).replace(".", "_")
+        renamed[f"{head}.{tail}"] = value
+    save_file(renamed, str(d / "sgm-names.safetensors"), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    return d / "sgm-names.safetensors", d / "diffusers-names.safetensors"
+
+
+def test_an_sd_scripts_sdxl_lora_in_original_block_names_loads_every_layer(sdxl_folder, sgm_named):
+    """sd-scripts' SDXL LoRA/LoCon names (input_blocks / middle_block / output_blocks, in_layers_2, op, ...)
+    land on the layers their diffusers-named twin does: every key matched, the same image."""
+    sgm, twin = sgm_named
+    keys = load_file(str(sgm))
+    assert any(k.startswith("lora_unet_output_blocks_") for k in keys)
+    assert any("_in_layers_2." in k or "_out_layers_3." in k for k in keys)
+    images = []
+    for path in (twin, sgm):
+        pipe = Pipeline.from_pretrained(sdxl_folder)
+        pipe.progress = False
+        pipe.load_lora(path)
+        counts = lora_layers(path)
+        assert loaded_layers(pipe)["denoiser"] == counts["lora_unet_"]
+        images.append(our_images(pipe, "euler", **RUN))
+    assert diff(images[0], images[1]) == 0
+
+
+
+def test_an_sd_scripts_sdxl_lora_gives_diffusers_image(theirs, sdxl_folder, sgm_named):
+    """diffusers reads the same file by its own SGM mapping (_maybe_map_sgm_blocks_to_diffusers): same image."""
+    pipe = Pipeline.from_pretrained(sdxl_folder)
+    pipe.progress = False
+    pipe.load_lora(sgm_named[0])
+    assert diff(theirs_with(theirs, sgm_named[0], "euler"), our_images(pipe, "euler", **RUN)) <= 1e-4

@@ -154,6 +154,22 @@ def _unet_key(k: str, cfg: dict) -> str:
     return _UNET_TOP.get(k, k)
 
 
+def lora_from_ldm(factors: dict, kohya: bool, unet) -> dict:
+    """A kohya LoRA's UNet layers named by the original layout's blocks, as sd-scripts' sdxl_train_network.py
+    names them (lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q; LoCon's ..._0_in_layers_2,
+    ..._0_op, time_embed_0) -> the diffusers UNet's flat names; diffusers-style names pass through. The table is
+    the UNet's own layers through the writer's renaming (`_unet_key`, checked against diffusers' reader)."""
+    if not kohya:
+        return factors
+    table = {}
+    for name, _ in unet.named_modules():
+        name = name.removeprefix("base_model.model.")
+        if name and ".base_layer" not in name and ".lora_" not in name:
+            table[_unet_key(name + ".weight", unet.config).removesuffix(".weight").replace(".", "_")] = \
+                name.replace(".", "_")
+    return {table.get(n, n): f for n, f in factors.items()}
+
+
 def _resnet(rest: str) -> str:
     for ldm, hf in _RESNET:
         rest = rest.replace(hf, ldm)

@@ -3,7 +3,7 @@ VAE; DDPM with epsilon (1.x, 2.x-base) or v prediction (2.x 768)."""
 
 from __future__ import annotations
 
-from gen.families import Family, register
+from gen.families import Family, ldm, register
 from gen.families.ldm import UNET, VAE
 
 
@@ -37,6 +37,9 @@ class SD1(Family):
         return self.kohya_base + ("_v" if v else "")
 
     file_texts = (("text_encoder", "tokenizer", "cond_stage_model.transformer.", "hf"),)
+
+    def lora_from_file(self, factors: dict, kohya: bool, denoiser) -> dict:
+        return ldm.lora_from_ldm(factors, kohya, denoiser)  # sd-scripts' original-block names
 
     @classmethod
     def recognises(cls, index: dict, configs: dict) -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from gen.families import Family, register
+from gen.families import Family, ldm, register
 from gen.families.ldm import UNET
 from gen.families.sd import ldm_unet
 
@@ -49,6 +49,9 @@ class SDXL(Family):
     file_texts = (("text_encoder", "tokenizer", "conditioner.embedders.0.transformer.", "hf"),
                   ("text_encoder_2", "tokenizer_2", "conditioner.embedders.1.model.", "openclip"))
     file_pad_zero = ("tokenizer_2",)
+
+    def lora_from_file(self, factors: dict, kohya: bool, denoiser) -> dict:
+        return ldm.lora_from_ldm(factors, kohya, denoiser)  # sd-scripts' original-block names
 
     @classmethod
     def recognises_file(cls, keys: set, shapes: dict) -> bool:
