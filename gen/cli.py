@@ -169,7 +169,9 @@ class _Outputs:
 
 def _apply_recipe(r, args) -> None:
     """Fills what the command line left unset from a --from recipe; a model or LoRA file it names must exist."""
-    for key in ("negative_prompt", "steps", "guidance", "seed", "width", "height", "sampler", "guidance_rescale",
+    if args.negative_prompt is None and r.negative_prompt:  # none recorded is none given: SDXL's zero negative
+        args.negative_prompt = r.negative_prompt
+    for key in ("steps", "guidance", "seed", "width", "height", "sampler", "guidance_rescale",
                 "guidance_interval", "cache_interval"):
         if getattr(args, key) is None:
             setattr(args, key, getattr(r, key))
@@ -256,7 +258,7 @@ def _runs(args, jobs, pipe) -> list[tuple[int, dict]]:
     runs = []
     sized = args.init_image is None or args.inpaint_full_res  # else an img2img image has its source's size
     for line, job in jobs:
-        run = dict(prompt=job["prompt"], negative_prompt=_first(job.get("negative_prompt"), args.negative_prompt, ""),
+        run = dict(prompt=job["prompt"], negative_prompt=_first(job.get("negative_prompt"), args.negative_prompt),
                    num_inference_steps=_first(job.get("steps"), args.steps, d["steps"]),
                    guidance_scale=_first(job.get("guidance"), args.guidance, d["guidance"]),
                    height=_first(job.get("height"), args.height, d["height"] if sized else None, None),
@@ -340,7 +342,7 @@ def cmd_sample(args) -> int:
         for line, run in calls:  # written as soon as they are made: an interrupted batch keeps what was done
             out = pipe(**run, **workflow)
             for image, image_seed in zip(out.images, out.seeds):
-                fields = dict(prompt=run["prompt"], negative_prompt=run["negative_prompt"],
+                fields = dict(prompt=run["prompt"], negative_prompt=run["negative_prompt"] or "",
                               steps=run["num_inference_steps"], guidance=run["guidance_scale"], seed=image_seed,
                               width=_first(run["width"], image.width), height=_first(run["height"], image.height),
                               guidance_rescale=run["guidance_rescale"], guidance_interval=run["guidance_interval"],

@@ -1,0 +1,38 @@
+"""`gen sample` as a real subprocess: its images equal the Python API's and diffusers', its refusals are one line,
+and the model hash it computes beside sampling never holds an image or an exit back."""
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionXLPipeline
+from PIL import Image
+
+from gen.recipe import read_png
+from gen.samplers import SAMPLERS
+from tests.conftest import diffusers_pipeline, quiet_pipeline
+from tests.test_cli import gen, one_line_error
+
+SDXL = dict(prompt="a red circle", steps=3, guidance=6.0, seed=5, size=32)
+
+
+def test_sdxl_without_a_negative_prompt_is_diffusers_image_and_the_apis(sdxl_folder, tmp_path):
+    """No --negative-prompt is diffusers' negative_prompt=None (zero negative conditioning on SDXL, its
+    force_zeros_for_empty_prompt), in gen sample, in gen.Pipeline and again from the PNG's recipe."""
+    s = SDXL
+    out = tmp_path / "a.png"
+    r = gen("sample", s["prompt"], "--model", sdxl_folder, "--steps", s["steps"], "--guidance", s["guidance"],
+            "--seed", s["seed"], "--height", s["size"], "--width", s["size"], "--sampler", "euler", "--out", out,
+            "--no-progress")
+    assert r.returncode == 0, r.stderr
+    cli = np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
+    api = quiet_pipeline(sdxl_folder)(s["prompt"], num_inference_steps=s["steps"], guidance_scale=s["guidance"],
+                                      seed=s["seed"], height=s["size"], width=s["size"], sampler="euler").images[0]
+    assert np.array_equal(cli, np.asarray(api, dtype=np.int16))
+    theirs = diffusers_pipeline(StableDiffusionXLPipeline, sdxl_folder)
+    theirs.scheduler = SAMPLERS["euler"][1].from_config(theirs.scheduler.config, **SAMPLERS["euler"][2])
+    ref = theirs(s["prompt"], num_inference_steps=s["steps"], guidance_scale=s["guidance"], height=s["size"],
+                 width=s["size"], generator=torch.Generator("cpu").manual_seed(s["seed"]), output_type="np").images[0]
+    assert cli.std() > 3 and np.abs(cli - (ref * 255).round()).max() <= 1
+    assert read_png(out).negative_prompt == ""
+    again = tmp_path / "b.png"
+    assert gen("sample", "--from", out, "--out", again, "--no-progress").returncode == 0
+    assert np.array_equal(np.asarray(Image.open(again).convert("RGB"), dtype=np.int16), cli)
