@@ -307,6 +307,11 @@ def cmd_sample(args) -> int:
         _apply_recipe(base, args)
     jobs = _jobs(args)
     workflow = _workflow(args)
+    if workflow["prompt_weighting"]:  # a malformed (word:weight) fails before the model loads
+        from gen.prompt_weights import parse
+
+        for _, job in jobs:
+            parse(job["prompt"]), parse(_first(job.get("negative_prompt"), args.negative_prompt, ""))
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                     attention=args.attention, allow_pickle=args.allow_pickle,
                                     compile=args.compile, channels_last=args.channels_last,

@@ -24,6 +24,8 @@ import re
 
 import torch
 
+from gen.errors import GenError
+
 ROUND, SQUARE = 1.1, 1 / 1.1
 LENGTH = 77  # a chunk's tokens with the start and end tokens (a tower with fewer positions takes its own)
 COMMA_BACKTRACK = 20  # A1111's default "prompt word wrap length limit"
@@ -58,7 +60,7 @@ def parse(text: str) -> list[tuple[str, float]]:
         elif piece == "[":
             squares.append(len(res))
         elif weight is not None and rounds:
-            multiply(rounds.pop(), float(weight))
+            multiply(rounds.pop(), _weight(weight))
         elif piece == ")" and rounds:
             multiply(rounds.pop(), ROUND)
         elif piece == "]" and squares:
@@ -81,6 +83,14 @@ def parse(text: str) -> list[tuple[str, float]]:
         else:
             merged.append(run)
     return [(t, w) for t, w in merged]
+
+
+def _weight(weight: str) -> float:
+    try:
+        return float(weight)
+    except ValueError:  # A1111's pattern takes any run of digits and dots, "1.2.3" too
+        raise GenError(f"the prompt weight in (...:{weight}) is not a number; write it as (word:1.2), or write "
+                       "\\( and \\) for literal brackets") from None
 
 
 def plain_text(text: str) -> str:

@@ -327,10 +327,12 @@ def model_hash(path: str | Path) -> str:
 def lora_hash(path: str | Path) -> str:
     """A1111's short hash of a LoRA file (extensions-builtin/Lora/network.py): the header's `sshs_model_hash`
     where kohya's scripts wrote one, else the addnet hash (modules/hashes.py addnet_hash_safetensors: sha256
-    of the bytes after the safetensors header), first 12 hex digits; a non-safetensors file's whole sha256."""
+    of the bytes after the safetensors header), first 12 hex digits; a non-safetensors file's whole sha256. For a
+    LoRA folder (diffusers' and peft's), the hash of the weights file in it that gen loads."""
     from gen.io import read_metadata
+    from gen.lora_formats import weights_file
 
-    path = Path(path)
+    path = weights_file(Path(path))
     if path.suffix != ".safetensors":
         return sha256(path)[:12]
     recorded = read_metadata(path).get("sshs_model_hash")

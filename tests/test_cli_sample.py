@@ -36,3 +36,29 @@ def test_sdxl_without_a_negative_prompt_is_diffusers_image_and_the_apis(sdxl_fol
     again = tmp_path / "b.png"
     assert gen("sample", "--from", out, "--out", again, "--no-progress").returncode == 0
     assert np.array_equal(np.asarray(Image.open(again).convert("RGB"), dtype=np.int16), cli)
+
+
+def test_a_malformed_prompt_weight_is_one_line(dit_folder, tmp_path):
+    for flags in ([], ["--negative-prompt", "(blurry:1.2.3)"]):
+        prompt = "a red circle" if flags else "a (red:1.2.3) circle"
+        one_line_error(gen("sample", prompt, *flags, "--model", dit_folder, "--out", tmp_path),
+                       "the prompt weight in (...:1.2.3) is not a number; write it as (word:1.2), or write \\( and \\) "
+                       "for literal brackets")
+
+
+def test_a_lora_folder_is_loaded_and_hashed_as_its_weights_file(sd_folder, tmp_path):
+    """--lora FOLDER (what diffusers' training scripts write) samples with the file in it, whose hash is recorded."""
+    from gen.recipe import lora_hash
+    from tests.test_lora import peft_lora_saved_by_diffusers
+
+    folder = tmp_path / "my-lora"
+    folder.mkdir()
+    weights = peft_lora_saved_by_diffusers(folder / "pytorch_lora_weights.safetensors", 1, r=2, unet_alpha=2,
+                                           text_alpha=2)
+    args = ["sample", "a cat", "--model", sd_folder, "--steps", 2, "--seed", 1, "--height", 16, "--width", 16,
+            "--no-progress"]
+    r = gen(*args, "--lora", f"{folder}:0.5", "--out", tmp_path / "folder.png")
+    assert r.returncode == 0, r.stderr
+    assert read_png(tmp_path / "folder.png").lora_hashes == {"my-lora": lora_hash(weights)}
+    assert gen(*args, "--lora", f"{weights}:0.5", "--out", tmp_path / "file.png").returncode == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "folder.png")), np.asarray(Image.open(tmp_path / "file.png")))

@@ -6,6 +6,7 @@ import torch
 
 from conftest import quiet_pipeline, tiny_t5_tokenizer
 from gen import prompt_weights as pw
+from gen.errors import GenError
 from gen.models.text import TextEncoder, build_text_encoder, byte_level_tokenizer
 
 # A1111's parse_prompt_attention docstring cases, and the rules for escapes and BREAK
@@ -30,6 +31,12 @@ def test_parse_follows_a1111(text, runs):
     got = pw.parse(text)
     assert [t for t, _ in got] == [t for t, _ in runs]
     assert [w for _, w in got] == pytest.approx([w for _, w in runs])
+
+
+@pytest.mark.parametrize("text", ["(red:1.2.3)", "a (red:.) cat"])
+def test_a_weight_that_is_no_number_is_a_clear_error(text):
+    with pytest.raises(GenError, match=r"the prompt weight in \(\.\.\.:[.\d]+\) is not a number"):
+        pw.parse(text)
 
 
 TOK = byte_level_tokenizer()  # one token per character (+ </w> at word ends)
