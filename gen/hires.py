@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 
-import numpy as np
 import torch
 
 from gen.errors import GenError
@@ -77,7 +76,5 @@ def _second(pipe, call: dict, image, prompts: list[str], generator):
                    negative_prompt=negs[i // per] if isinstance(negs, list) else negs,
                    generator=[generator[i]] if isinstance(generator, list) else generator)
         one["image"] = image[i:i + 1] if isinstance(image, torch.Tensor) else image[i]
-        results.append(pipe(**one).images)
-    if isinstance(results[0], list):
-        return PipelineOutput([im for r in results for im in r])
-    return PipelineOutput(torch.cat(results) if isinstance(results[0], torch.Tensor) else np.concatenate(results))
+        results.append(pipe(**one))
+    return PipelineOutput.concat(results, [])

@@ -62,3 +62,8 @@ def test_a_lora_folder_is_loaded_and_hashed_as_its_weights_file(sd_folder, tmp_p
     assert read_png(tmp_path / "folder.png").lora_hashes == {"my-lora": lora_hash(weights)}
     assert gen(*args, "--lora", f"{weights}:0.5", "--out", tmp_path / "file.png").returncode == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "folder.png")), np.asarray(Image.open(tmp_path / "file.png")))
+
+
+def test_clip_skip_beyond_the_text_tower_is_one_line(dit_folder, tmp_path):
+    one_line_error(gen("sample", "a cat", "--model", dit_folder, "--clip-skip", 4, "--out", tmp_path),
+                   "clip_skip (--clip-skip) 4 is more than the 2 layers of this model's CLIP text tower; use 1 to 2")
