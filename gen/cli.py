@@ -210,11 +210,11 @@ def _apply_recipe(r, args) -> None:
         args.lora = r.loras
 
 
-def _check_against_recipe(r, args, pipe, model_hash: str, lora_hashes: dict[str, str]) -> None:
+def _check_against_recipe(r, args, pipe, model_hash: str | None, lora_hashes: dict[str, str]) -> None:
     """Warns where the model or a LoRA differs from the one the recipe recorded; takes an A1111 recipe's sampler."""
     from gen.samplers import from_a1111
 
-    if r.model_hash and r.model_hash != model_hash:
+    if r.model_hash and model_hash and r.model_hash != model_hash:
         log.warning("%s was made with model hash %s; this model's is %s, so the image will differ",
                     args.recipe, r.model_hash, model_hash)
     for name, now in lora_hashes.items():
@@ -294,7 +294,6 @@ def _first(*values):
 
 def cmd_sample(args) -> int:
     import random
-    from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
@@ -318,7 +317,7 @@ def cmd_sample(args) -> int:
                                     tokenizer=args.tokenizer, prediction_type=args.prediction_type,
                                     base=args.base, offload=args.offload)
     model_path = Path(args.model) if args.model else DEFAULT_MODEL
-    model_hash = ThreadPoolExecutor(1).submit(recipe.model_hash, model_path)  # hashed while sampling
+    model_hash = recipe.HashInBackground(model_path)  # hashed while sampling
     loras = [(str(Path(p).resolve()), s) for p, s in args.lora or []]
     for path, scale in loras:
         pipe.load_lora(path, scale=scale, allow_pickle=args.allow_pickle)

@@ -67,3 +67,61 @@ def test_a_lora_folder_is_loaded_and_hashed_as_its_weights_file(sd_folder, tmp_p
 def test_clip_skip_beyond_the_text_tower_is_one_line(dit_folder, tmp_path):
     one_line_error(gen("sample", "a cat", "--model", dit_folder, "--clip-skip", 4, "--out", tmp_path),
                    "clip_skip (--clip-skip) 4 is more than the 2 layers of this model's CLIP text tower; use 1 to 2")
+
+
+def hashed_model(dit_folder, tmp_path, name: str):
+    """A copy of the tiny model with one more weights-named file, `name`, for the model hash to read."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(dit_folder, model)
+    return model, model / name
+
+
+def sigterm_caught(pid: int) -> bool:
+    """Whether the process has installed its SIGTERM handler (gen sample does so once its model is loaded)."""
+    import signal
+    from pathlib import Path
+
+    caught = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt"))
+    return bool(int(caught.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+
+
+def test_sigterm_does_not_wait_for_the_model_hash(dit_folder, tmp_path):
+    """The model is hashed in a thread while sampling; a SIGTERM ends the command at once, not after the hash (a
+    100 GB sparse file takes minutes to read here)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model, big = hashed_model(dit_folder, tmp_path, "zz-big.safetensors")
+    with open(big, "wb") as f:
+        f.truncate(100 << 30)
+    proc = subprocess.Popen([sys.executable, "-m", "gen", "sample", "a cat", "--model", str(model), "--steps", "1",
+                             "--out", str(tmp_path / "out"), "--no-progress"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and not sigterm_caught(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1]
+        os.kill(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 143 and stderr.strip().splitlines()[-1].startswith("gen: interrupted: wrote 0 of 1")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_model_hash_that_fails_keeps_the_images(dit_folder, tmp_path):
+    """A weights file that cannot be read (here /proc/self/mem, whose first bytes give an I/O error) costs the
+    recipe its `Model hash` and a warning, not the images."""
+    model, bad = hashed_model(dit_folder, tmp_path, "zz-unreadable.safetensors")
+    bad.symlink_to("/proc/self/mem")
+    r = gen("sample", "a cat", "--model", model, "--steps", 1, "--seed", 2, "--out", tmp_path / "a.png",
+            "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "WARNING: the model hash is unknown: could not hash" in r.stderr and "Input/output error" in r.stderr
+    assert read_png(tmp_path / "a.png").model_hash is None and read_png(tmp_path / "a.png").seed == 2
