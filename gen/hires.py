@@ -51,8 +51,9 @@ def run(pipe, call: dict):
     else:
         from gen.models import vae as vae_lib
 
-        image = torch.nn.functional.interpolate(vae_lib.decode(pipe.vae, latents), size=big, mode="bicubic",
-                                                antialias=True).clamp(0, 1)
+        with pipe._on_device(pipe.vae):  # under offload, the VAE visits the device as the pipeline's decode does
+            decoded = vae_lib.decode(pipe.vae, latents)
+        image = torch.nn.functional.interpolate(decoded, size=big, mode="bicubic", antialias=True).clamp(0, 1)
         image = [img for img in image]  # one source per image: each is encoded on its own
     second = dict(call, hires_scale=None, seed=None, generator=generator, height=None, width=None,
                   strength=call["hires_strength"], num_inference_steps=call["hires_steps"] or call[
