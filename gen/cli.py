@@ -203,7 +203,7 @@ def _apply_recipe(r, args) -> None:
             name, scale = r.lora_tags[0]
             raise GenError(f"{args.recipe} uses the LoRA {name!r} (<lora:{name}:{scale:g}>), which gen cannot find "
                            "by name; pass --lora PATH[:SCALE] for each of its LoRAs")
-        missing = [p for p, _ in r.loras if not Path(p).is_file()]
+        missing = [p for p, _ in r.loras if not Path(p).exists()]  # a file, or a LoRA folder
         if missing:
             raise GenError(f"{args.recipe} was made with the LoRA {missing[0]}, which is not there; pass "
                            "--lora PATH[:SCALE] for each of its LoRAs")

@@ -435,7 +435,7 @@ class Pipeline:
             mask_image: repaint where this mask is white (inpainting; default strength 1.0); mask_blur: blur
                 radius in pixels; padding_mask_crop: repaint only the mask's box grown by this many pixels, at
                 height x width (A1111's "only masked").
-            clip_skip: A1111's "Clip skip": N ends the CLIP towers N - 1 layers early.
+            clip_skip: A1111's "Clip skip": N ends the CLIP towers N - 1 layers early (N at most their layers).
             prompt_weighting: read A1111's (word:1.3) / (word) / [word] / BREAK syntax (else plain text); prompts
                 longer than 75 tokens are encoded in chunks either way, each padded to its own negative's chunks
                 only (gen.prompt_weights).

@@ -61,7 +61,11 @@ def test_a_lora_folder_is_loaded_and_hashed_as_its_weights_file(sd_folder, tmp_p
     assert r.returncode == 0, r.stderr
     assert read_png(tmp_path / "folder.png").lora_hashes == {"my-lora": lora_hash(weights)}
     assert gen(*args, "--lora", f"{weights}:0.5", "--out", tmp_path / "file.png").returncode == 0
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "folder.png")), np.asarray(Image.open(tmp_path / "file.png")))
+    made = np.asarray(Image.open(tmp_path / "folder.png"))
+    assert np.array_equal(made, np.asarray(Image.open(tmp_path / "file.png")))
+    r = gen("sample", "--from", tmp_path / "folder.png", "--out", tmp_path / "again.png", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), made)
 
 
 def test_clip_skip_beyond_the_text_tower_is_one_line(dit_folder, tmp_path):

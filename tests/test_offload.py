@@ -77,7 +77,8 @@ def vae_calls(pipe) -> list[tuple[str, bool]]:
     calls = []
     for name in ("encoder", "decoder"):
         def record(module, *_, name=name):
-            calls.append((name, pipe.vae in pipe.resident and all(p.device == pipe.device for p in module.parameters())))
+            held = pipe.vae in pipe.resident
+            calls.append((name, held and all(p.device == pipe.device for p in module.parameters())))
         getattr(pipe.vae, name).register_forward_pre_hook(record)
     return calls
 
