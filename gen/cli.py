@@ -169,7 +169,9 @@ class _Outputs:
 
 def _apply_recipe(r, args) -> None:
     """Fills what the command line left unset from a --from recipe; a model or LoRA file it names must exist."""
-    for key in ("negative_prompt", "steps", "guidance", "seed", "width", "height", "sampler", "guidance_rescale",
+    if args.negative_prompt is None and r.negative_prompt:  # none recorded is none given: SDXL's zero negative
+        args.negative_prompt = r.negative_prompt
+    for key in ("steps", "guidance", "seed", "width", "height", "sampler", "guidance_rescale",
                 "guidance_interval", "cache_interval"):
         if getattr(args, key) is None:
             setattr(args, key, getattr(r, key))
@@ -201,18 +203,18 @@ def _apply_recipe(r, args) -> None:
             name, scale = r.lora_tags[0]
             raise GenError(f"{args.recipe} uses the LoRA {name!r} (<lora:{name}:{scale:g}>), which gen cannot find "
                            "by name; pass --lora PATH[:SCALE] for each of its LoRAs")
-        missing = [p for p, _ in r.loras if not Path(p).is_file()]
+        missing = [p for p, _ in r.loras if not Path(p).exists()]  # a file, or a LoRA folder
         if missing:
             raise GenError(f"{args.recipe} was made with the LoRA {missing[0]}, which is not there; pass "
                            "--lora PATH[:SCALE] for each of its LoRAs")
         args.lora = r.loras
 
 
-def _check_against_recipe(r, args, pipe, model_hash: str, lora_hashes: dict[str, str]) -> None:
+def _check_against_recipe(r, args, pipe, model_hash: str | None, lora_hashes: dict[str, str]) -> None:
     """Warns where the model or a LoRA differs from the one the recipe recorded; takes an A1111 recipe's sampler."""
     from gen.samplers import from_a1111
 
-    if r.model_hash and r.model_hash != model_hash:
+    if r.model_hash and model_hash and r.model_hash != model_hash:
         log.warning("%s was made with model hash %s; this model's is %s, so the image will differ",
                     args.recipe, r.model_hash, model_hash)
     for name, now in lora_hashes.items():
@@ -256,7 +258,7 @@ def _runs(args, jobs, pipe) -> list[tuple[int, dict]]:
     runs = []
     sized = args.init_image is None or args.inpaint_full_res  # else an img2img image has its source's size
     for line, job in jobs:
-        run = dict(prompt=job["prompt"], negative_prompt=_first(job.get("negative_prompt"), args.negative_prompt, ""),
+        run = dict(prompt=job["prompt"], negative_prompt=_first(job.get("negative_prompt"), args.negative_prompt),
                    num_inference_steps=_first(job.get("steps"), args.steps, d["steps"]),
                    guidance_scale=_first(job.get("guidance"), args.guidance, d["guidance"]),
                    height=_first(job.get("height"), args.height, d["height"] if sized else None, None),
@@ -292,7 +294,6 @@ def _first(*values):
 
 def cmd_sample(args) -> int:
     import random
-    from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
@@ -305,13 +306,18 @@ def cmd_sample(args) -> int:
         _apply_recipe(base, args)
     jobs = _jobs(args)
     workflow = _workflow(args)
+    if workflow["prompt_weighting"]:  # a malformed (word:weight) fails before the model loads
+        from gen.prompt_weights import parse
+
+        for _, job in jobs:
+            parse(job["prompt"]), parse(_first(job.get("negative_prompt"), args.negative_prompt, ""))
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                     attention=args.attention, allow_pickle=args.allow_pickle,
                                     compile=args.compile, channels_last=args.channels_last,
                                     tokenizer=args.tokenizer, prediction_type=args.prediction_type,
                                     base=args.base, offload=args.offload)
     model_path = Path(args.model) if args.model else DEFAULT_MODEL
-    model_hash = ThreadPoolExecutor(1).submit(recipe.model_hash, model_path)  # hashed while sampling
+    model_hash = recipe.HashInBackground(model_path)  # hashed while sampling
     loras = [(str(Path(p).resolve()), s) for p, s in args.lora or []]
     for path, scale in loras:
         pipe.load_lora(path, scale=scale, allow_pickle=args.allow_pickle)
@@ -340,7 +346,7 @@ def cmd_sample(args) -> int:
         for line, run in calls:  # written as soon as they are made: an interrupted batch keeps what was done
             out = pipe(**run, **workflow)
             for image, image_seed in zip(out.images, out.seeds):
-                fields = dict(prompt=run["prompt"], negative_prompt=run["negative_prompt"],
+                fields = dict(prompt=run["prompt"], negative_prompt=run["negative_prompt"] or "",
                               steps=run["num_inference_steps"], guidance=run["guidance_scale"], seed=image_seed,
                               width=_first(run["width"], image.width), height=_first(run["height"], image.height),
                               guidance_rescale=run["guidance_rescale"], guidance_interval=run["guidance_interval"],

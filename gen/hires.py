@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 
-import numpy as np
 import torch
 
 from gen.errors import GenError
@@ -52,8 +51,9 @@ def run(pipe, call: dict):
     else:
         from gen.models import vae as vae_lib
 
-        image = torch.nn.functional.interpolate(vae_lib.decode(pipe.vae, latents), size=big, mode="bicubic",
-                                                antialias=True).clamp(0, 1)
+        with pipe._on_device(pipe.vae):  # under offload, the VAE visits the device as the pipeline's decode does
+            decoded = vae_lib.decode(pipe.vae, latents)
+        image = torch.nn.functional.interpolate(decoded, size=big, mode="bicubic", antialias=True).clamp(0, 1)
         image = [img for img in image]  # one source per image: each is encoded on its own
     second = dict(call, hires_scale=None, seed=None, generator=generator, height=None, width=None,
                   strength=call["hires_strength"], num_inference_steps=call["hires_steps"] or call[
@@ -77,7 +77,5 @@ def _second(pipe, call: dict, image, prompts: list[str], generator):
                    negative_prompt=negs[i // per] if isinstance(negs, list) else negs,
                    generator=[generator[i]] if isinstance(generator, list) else generator)
         one["image"] = image[i:i + 1] if isinstance(image, torch.Tensor) else image[i]
-        results.append(pipe(**one).images)
-    if isinstance(results[0], list):
-        return PipelineOutput([im for r in results for im in r])
-    return PipelineOutput(torch.cat(results) if isinstance(results[0], torch.Tensor) else np.concatenate(results))
+        results.append(pipe(**one))
+    return PipelineOutput.concat(results, [])

@@ -227,7 +227,8 @@ def start(pipe, source: Source, scheduler, steps: int, noise: torch.Tensor, x0: 
     mask = mask.to(pipe.device, pipe.dtype)
     masked = source.image * (source.mask < 0.5)
     if inpainting_model(pipe):
-        cond = _sample(pipe, masked, generator, n)
+        with pipe._on_device(pipe.vae):
+            cond = _sample(pipe, masked, generator, n)
         mask = mask.repeat(n, 1, 1, 1)
         return Start(latents, first, wrap=lambda predict: _with_inputs(predict, mask, cond))
     # the unused masked-image sample of diffusers' inpaint pipeline, drawn so that later draws (ancestral

@@ -42,6 +42,14 @@ class PipelineOutput:
     images: list | np.ndarray | torch.Tensor
     seeds: list[int] = field(default_factory=list)
 
+    @staticmethod
+    def concat(outputs: list["PipelineOutput"], seeds: list[int]) -> "PipelineOutput":
+        """The images of several calls, in order, as one output of their type."""
+        images = [o.images for o in outputs]
+        if isinstance(images[0], list):
+            return PipelineOutput([im for part in images for im in part], seeds)
+        return PipelineOutput((torch.cat if isinstance(images[0], torch.Tensor) else np.concatenate)(images), seeds)
+
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
@@ -427,9 +435,10 @@ class Pipeline:
             mask_image: repaint where this mask is white (inpainting; default strength 1.0); mask_blur: blur
                 radius in pixels; padding_mask_crop: repaint only the mask's box grown by this many pixels, at
                 height x width (A1111's "only masked").
-            clip_skip: A1111's "Clip skip": N ends the CLIP towers N - 1 layers early.
+            clip_skip: A1111's "Clip skip": N ends the CLIP towers N - 1 layers early (N at most their layers).
             prompt_weighting: read A1111's (word:1.3) / (word) / [word] / BREAK syntax (else plain text); prompts
-                longer than 75 tokens are encoded in chunks either way (gen.prompt_weights).
+                longer than 75 tokens are encoded in chunks either way, each padded to its own negative's chunks
+                only (gen.prompt_weights).
             hires_scale, hires_strength, hires_steps, hires_upscaler: A1111's hires fix: sample, upscale by
                 hires_scale ("latent": the latents, bilinear; "image": the decoded image, Lanczos), then run
                 img2img at hires_strength for hires_steps (default: the same steps) at the larger size
@@ -443,10 +452,11 @@ class Pipeline:
         Returns:
             PipelineOutput with `.images` and the `.seeds` used.
         """
+        call = {k: v for k, v in locals().items() if k != "self"}
         if hires_scale is not None:
             from gen import hires
 
-            return hires.run(self, locals())
+            return hires.run(self, call)
         source = img2img.prepare(self, image, mask_image, strength, height, width, mask_blur, padding_mask_crop)
         if source is not None:
             height, width = source.height, source.width
@@ -474,6 +484,12 @@ class Pipeline:
             if not self.family.skip_layers:
                 raise GenError(f"skip-layer guidance is for SD3 models; a {self.family.title} model cannot skip layers")
             slg.check(self.denoiser.config.num_layers)
+        scale, embedded = self.family.guidance(self.denoiser, scale, true_cfg_scale, negative_prompt is not None, n)
+        texts = self._texts(max_sequence_length)
+        chunks = pw.chunk_counts(texts, prompts, negs if uses_cfg(scale) else None, prompt_weighting)
+        if len(set(chunks)) > 1:  # no prompt is padded to another's length
+            return pw.by_chunks(self, call, prompts, negs, chunks, seeds, generator)
+        texts = pw.with_syntax(texts, prompt_weighting, clip_skip, chunks[0])  # for this call only
 
         f = self.vae_scale_factor
         shape = self.family.latent_shape(self.denoiser, n, height // f, width // f)
@@ -481,11 +497,8 @@ class Pipeline:
             x0 = img2img.encode(self, source, generator, n) if source is not None else None
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         latents, extra = self.family.pack(latents)  # extra: conditioning the packing adds (position ids)
-        texts = self._texts(max_sequence_length)
-        pw.configure(texts, prompts + negs, prompt_weighting, clip_skip)
         scheduler = make_scheduler(sampler, self.formulation, self.scheduler_config)  # before encoding: it may refuse
         scheduler.set_timesteps(device=self.device, **self.family.scheduler_kwargs(scheduler, steps, latents))
-        scale, embedded = self.family.guidance(self.denoiser, scale, true_cfg_scale, negative_prompt is not None, n)
         extra = {k: v.to(self.device) for k, v in (extra | embedded).items()}
         with self._on_device(*(t.model for t in texts)):  # each tower runs once per prompt batch, not per image
             cond = families.repeat(self.encode_prompts(prompts, height, width, texts), num_images_per_prompt) | extra

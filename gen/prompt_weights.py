@@ -9,10 +9,11 @@ modules/sd_hijack_clip.py) and ComfyUI does alike:
   token) and the chunks' hidden states are concatenated along the sequence;
 - each token's hidden state is multiplied by its weight and the chunk is then rescaled to keep its mean.
 
-Where gen differs: A1111 takes that mean over the whole batch of prompts, gen over each prompt's own chunk, so an
-image does not depend on the prompts it is batched with (a batch of one prompt gives A1111's numbers). Prompts of
-fewer chunks than others in the same call (the negative prompt included) get empty-prompt chunks appended, as
-A1111 does within a batch and with its "pad prompt/negative prompt" option. The pooled embedding is the first
+Where gen differs: A1111 takes that mean over the whole batch of prompts, gen over each prompt's own chunk, and a
+prompt is padded only to its own negative's chunks (empty-prompt chunks appended to the shorter, as A1111's "pad
+prompt/negative prompt" option does; a negative that guidance does not use counts for nothing), never to other
+prompts of the batch: a call runs each group of prompts of one chunk count on its own. So an image does not depend
+on the prompts it is batched with (a batch of one prompt gives A1111's numbers). The pooled embedding is the first
 chunk's. Only CLIP towers read the syntax; a T5 tower (SD3, Flux) gets the prompt's text without it (brackets
 and weights removed, BREAK as a space), unweighted and cut at its own length, as A1111/Forge and ComfyUI's
 defaults leave T5.
@@ -20,9 +21,12 @@ defaults leave T5.
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import torch
+
+from gen.errors import GenError
 
 ROUND, SQUARE = 1.1, 1 / 1.1
 LENGTH = 77  # a chunk's tokens with the start and end tokens (a tower with fewer positions takes its own)
@@ -58,7 +62,7 @@ def parse(text: str) -> list[tuple[str, float]]:
         elif piece == "[":
             squares.append(len(res))
         elif weight is not None and rounds:
-            multiply(rounds.pop(), float(weight))
+            multiply(rounds.pop(), _weight(weight))
         elif piece == ")" and rounds:
             multiply(rounds.pop(), ROUND)
         elif piece == "]" and squares:
@@ -81,6 +85,14 @@ def parse(text: str) -> list[tuple[str, float]]:
         else:
             merged.append(run)
     return [(t, w) for t, w in merged]
+
+
+def _weight(weight: str) -> float:
+    try:
+        return float(weight)
+    except ValueError:  # A1111's pattern takes any run of digits and dots, "1.2.3" too
+        raise GenError(f"the prompt weight in (...:{weight}) is not a number; write it as (word:1.2), or write "
+                       "\\( and \\) for literal brackets") from None
 
 
 def plain_text(text: str) -> str:
@@ -201,10 +213,52 @@ def is_clip(model) -> bool:
     return final_norm(model) is not None
 
 
-def configure(encoders: list, prompts: list[str], weighting: bool = True, clip_skip: int = 1) -> None:
-    """Sets every encoder to read these prompts (the positive and negative ones of a call) A1111's way, with as
-    many chunks as the longest needs, so that their embeddings line up for classifier-free guidance."""
+def chunk_counts(encoders: list, prompts: list[str], negatives: list[str] | None, weighting: bool = True) -> list[int]:
+    """The chunks prompt i is encoded in: the most its own text, or its negative (where guidance uses one), needs
+    in any CLIP tower, so that the two line up for classifier-free guidance and nothing else pads them."""
     clips = [e for e in encoders if is_clip(e.model)]
-    n = max((count(e.tokenizer, prompts, weighting, e.max_length) for e in clips), default=1)
+    pairs = [[p] if negatives is None else [p, n] for p, n in zip(prompts, negatives or prompts)]
+    return [max((count(e.tokenizer, pair, weighting, e.max_length) for e in clips), default=1) for pair in pairs]
+
+
+def by_chunks(pipe, call: dict, prompts: list[str], negs: list[str], chunks: list[int], seeds, generator):
+    """A pipeline call (its arguments `call`) as one call per run of prompts encoded in the same number of chunks,
+    each image with its own generator: the images of the single call, none padded to another prompt's length."""
+    from gen.pipeline import PipelineOutput
+
+    per, outs, i = call["num_images_per_prompt"], [], 0
+    for _, run in itertools.groupby(chunks):
+        j = i + len(list(run))
+        gens = generator[i * per:j * per] if isinstance(generator, list) else generator
+        outs.append(pipe(**call | dict(prompt=prompts[i:j], seed=None, generator=gens, negative_prompt=(
+            negs[i:j] if call["negative_prompt"] is not None else None))))
+        i = j
+    return PipelineOutput.concat(outs, seeds)
+
+
+def check_clip_skip(encoders: list, clip_skip: int) -> None:
+    layers = min((e.model.config.num_hidden_layers for e in encoders if is_clip(e.model)), default=None)
+    if layers is not None and clip_skip > layers:
+        raise GenError(f"clip_skip (--clip-skip) {clip_skip} is more than the {layers} layers of this model's CLIP "
+                       f"text tower; use 1 to {layers}")
+
+
+def with_syntax(encoders: list, weighting: bool = True, clip_skip: int = 1, min_chunks: int = 1) -> list:
+    """Copies of the encoders (the same towers) that read prompts A1111's way in at least `min_chunks` chunks,
+    for one pipeline call: the encoders given keep their own settings."""
+    import copy
+
+    check_clip_skip(encoders, clip_skip)
+    out = [copy.copy(e) for e in encoders]
+    for e in out:
+        e.syntax = Syntax(weighting, clip_skip, min_chunks)
+    return out
+
+
+def configure(encoders: list, prompts: list[str], weighting: bool = True, clip_skip: int = 1) -> None:
+    """Sets these encoders to read prompts A1111's way, with as many chunks as the longest of `prompts` needs (to
+    encode outside a pipeline call; a call sets its own copies, with_syntax)."""
+    check_clip_skip(encoders, clip_skip)
+    n = max(chunk_counts(encoders, prompts, None, weighting))
     for e in encoders:
         e.syntax = Syntax(weighting, clip_skip, n)

@@ -324,13 +324,38 @@ def model_hash(path: str | Path) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()[:10]
 
 
+class HashInBackground:
+    """The model's hash (gen.recipe.model_hash), computed in a daemon thread while the first images are sampled:
+    it never holds back an exit (SIGTERM, Ctrl-C, an error), and where it fails (an unreadable file) the images
+    are written all the same, without a `Model hash`, and a warning says why."""
+
+    def __init__(self, path: str | Path):
+        self.path, self.value, self.done = Path(path), None, threading.Event()
+        threading.Thread(target=self._run, name="gen-model-hash", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self.value = model_hash(self.path)
+        except Exception as e:  # noqa: BLE001 -- any failure only costs the recipe its hash
+            log.warning("the model hash is unknown: could not hash %s (%s: %s); the images are written without "
+                        "one", self.path, type(e).__name__, e)
+        finally:
+            self.done.set()
+
+    def result(self) -> str | None:
+        self.done.wait()
+        return self.value
+
+
 def lora_hash(path: str | Path) -> str:
     """A1111's short hash of a LoRA file (extensions-builtin/Lora/network.py): the header's `sshs_model_hash`
     where kohya's scripts wrote one, else the addnet hash (modules/hashes.py addnet_hash_safetensors: sha256
-    of the bytes after the safetensors header), first 12 hex digits; a non-safetensors file's whole sha256."""
+    of the bytes after the safetensors header), first 12 hex digits; a non-safetensors file's whole sha256. For a
+    LoRA folder (diffusers' and peft's), the hash of the weights file in it that gen loads."""
     from gen.io import read_metadata
+    from gen.lora_formats import weights_file
 
-    path = Path(path)
+    path = weights_file(Path(path))
     if path.suffix != ".safetensors":
         return sha256(path)[:12]
     recorded = read_metadata(path).get("sshs_model_hash")

@@ -7,6 +7,7 @@ import torch
 
 from gen.pipeline import Pipeline
 from tests.conftest import tiny_sd3_components
+from tests.test_img2img import inpainting_folder, mask, source  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +67,28 @@ def test_bf16_weights_sample_close_to_fp32(folder, reference):
     assert {p.dtype for m in pipe.models for p in m.parameters()} == {torch.bfloat16}
     out = images(pipe)
     assert out.dtype == np.float32 and np.abs(out - reference).mean() < 0.02
+
+
+def vae_calls(pipe) -> list[tuple[str, bool]]:
+    """(part, on the device) at each call of the VAE's encoder and decoder: whether the pipeline holds the VAE on
+    the execution device then, its weights there (the CPU here, as in the test above)."""
+    pipe._offload = torch.device("cpu")
+    pipe.progress = False
+    calls = []
+    for name in ("encoder", "decoder"):
+        def record(module, *_, name=name):
+            held = pipe.vae in pipe.resident
+            calls.append((name, held and all(p.device == pipe.device for p in module.parameters())))
+        getattr(pipe.vae, name).register_forward_pre_hook(record)
+    return calls
+
+
+def test_the_vae_is_on_the_device_in_hires_and_for_a_nine_channel_models_masked_image(folder, inpainting_folder):
+    pipe = Pipeline.from_pretrained(folder)
+    calls = vae_calls(pipe)  # hires with the image upscaler: decode, upscale, encode, img2img, decode
+    pipe("a red circle", num_inference_steps=2, seed=1, hires_scale=1.5, hires_upscaler="image", output_type="np")
+    assert calls == [("decoder", True), ("encoder", True), ("decoder", True)]
+    pipe = Pipeline.from_pretrained(inpainting_folder)
+    calls = vae_calls(pipe)  # the masked image encoded for the UNet's extra channels, then the decode
+    pipe("a red circle", image=source(), mask_image=mask(), num_inference_steps=2, seed=1, output_type="np")
+    assert calls == [("encoder", True), ("decoder", True)]

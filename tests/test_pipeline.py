@@ -98,11 +98,12 @@ def test_empty_unicode_and_long_prompts(dit_pipe, caplog):
     with caplog.at_level(logging.WARNING, logger="gen"):
         call(dit_pipe, long)
     assert "dropped" not in caplog.text
-    from gen.prompt_weights import chunks
+    from gen.prompt_weights import chunks, with_syntax
 
     length = dit_pipe.text.max_length
     n = len(chunks(dit_pipe.text.tokenizer, long, length=length))
-    assert n > 1 and dit_pipe.encode_prompts([long])["hidden"].shape[1] == n * length
+    hidden = dit_pipe.encode_prompts([long], texts=with_syntax(dit_pipe.texts))["hidden"]
+    assert n > 1 and hidden.shape[1] == n * length
 
 
 @pytest.mark.parametrize("kw, msg", [

@@ -6,6 +6,7 @@ import torch
 
 from conftest import quiet_pipeline, tiny_t5_tokenizer
 from gen import prompt_weights as pw
+from gen.errors import GenError
 from gen.models.text import TextEncoder, build_text_encoder, byte_level_tokenizer
 
 # A1111's parse_prompt_attention docstring cases, and the rules for escapes and BREAK
@@ -30,6 +31,12 @@ def test_parse_follows_a1111(text, runs):
     got = pw.parse(text)
     assert [t for t, _ in got] == [t for t, _ in runs]
     assert [w for _, w in got] == pytest.approx([w for _, w in runs])
+
+
+@pytest.mark.parametrize("text", ["(red:1.2.3)", "a (red:.) cat"])
+def test_a_weight_that_is_no_number_is_a_clear_error(text):
+    with pytest.raises(GenError, match=r"the prompt weight in \(\.\.\.:[.\d]+\) is not a number"):
+        pw.parse(text)
 
 
 TOK = byte_level_tokenizer()  # one token per character (+ </w> at word ends)
@@ -126,3 +133,41 @@ def test_a_t5_reads_the_words_only(tmp_path):
     plain = t5.outputs(["a red circle"], hidden_states=False).last_hidden_state
     pw.configure([t5], ["a (red:1.5) circle"])
     assert torch.equal(t5.outputs(["a (red:1.5) circle"], hidden_states=False).last_hidden_state, plain)
+
+
+LONG = "a (red:1.2) circle, " * 12 + "BREAK a [blue] square"  # three chunks
+
+
+def test_an_image_depends_on_its_own_prompt_and_negative_only(sd_folder):
+    """A long prompt in the batch pads no other prompt, and a negative that guidance does not use (guidance 1)
+    pads nothing (0.036 and 0.0057 apart when they did); the seeds and the order of the images are the single
+    call's."""
+    pipe = quiet_pipeline(sd_folder)
+    kw = dict(num_inference_steps=2, guidance_scale=4.0, output_type="np", height=16, width=16)
+    prompts = ["a cat", LONG, "a dog", "a bird"]
+    batch = pipe(prompts, negative_prompt="blurry", seed=3, num_images_per_prompt=2, **kw)
+    assert batch.seeds == list(range(3, 11)) and batch.images.shape[0] == 8
+    for i, p in enumerate(prompts):
+        alone = pipe(p, negative_prompt="blurry", seed=4 + 2 * i, **kw).images[0]
+        assert np.abs(batch.images[2 * i + 1] - alone).max() <= 1e-6, p
+    unused = pipe("a cat", negative_prompt=LONG, seed=3, **kw | dict(guidance_scale=1.0)).images
+    assert np.abs(unused - pipe("a cat", seed=3, **kw | dict(guidance_scale=1.0)).images).max() <= 1e-6
+    pil = pipe(prompts[:2], negative_prompt="blurry", seed=3, **kw | dict(output_type="pil")).images
+    assert len(pil) == 2 and np.array_equal(np.asarray(pil[0]), (batch.images[0] * 255).round().astype(np.uint8))
+
+
+def test_a_call_leaves_no_settings_on_the_text_encoders(sd_folder):
+    pipe = quiet_pipeline(sd_folder)
+    before = pipe.encode_prompts(["a red circle"])["hidden"]
+    pipe("a red circle", negative_prompt=LONG, clip_skip=2, num_inference_steps=1)
+    assert [t.syntax for t in pipe.texts] == [None]
+    assert torch.equal(pipe.encode_prompts(["a red circle"])["hidden"], before)
+
+
+def test_clip_skip_beyond_the_tower_is_refused(sd_folder):
+    pipe = quiet_pipeline(sd_folder)  # a 5-layer CLIP tower
+    for skip in (6, 7, 9):  # would be the embeddings, an IndexError, a wrap to the last layer
+        with pytest.raises(GenError, match=rf"clip_skip \(--clip-skip\) {skip} is more than the 5 layers of this "
+                                           r"model's CLIP text tower; use 1 to 5"):
+            pipe("a red circle", clip_skip=skip, num_inference_steps=1)
+    assert pipe("a red circle", clip_skip=5, num_inference_steps=1, output_type="np").images.shape[0] == 1
