@@ -263,14 +263,14 @@ class Pipeline:
             if not (path / part).is_dir():
                 raise GenError(f"{path} is missing the {part}/ folder; a {family.title} folder needs "
                                f"{', '.join(texts)}, vae/, {family.denoiser_part}/ and scheduler/")
-        parts = {enc: load_model(family.text_class(enc), path / enc, allow_pickle) for enc, _ in family.text_parts}
+        parts = {enc: load_model(family.text_class(enc), path / enc, allow_pickle, dtype) for enc, _ in family.text_parts}
         for _, tok in family.text_parts:
             try:
                 parts[tok] = family.tokenizer_class(tok).from_pretrained(path / tok)
             except (OSError, ValueError, TypeError) as e:
                 raise GenError(f"could not load {path / tok}: {str(e).splitlines()[0]}") from None
-        vae = load_model(AutoencoderKL, path / "vae", allow_pickle)
-        denoiser = load_model(family.denoiser_class(), path / family.denoiser_part, allow_pickle)
+        vae = load_model(AutoencoderKL, path / "vae", allow_pickle, dtype)
+        denoiser = load_model(family.denoiser_class(), path / family.denoiser_part, allow_pickle, dtype)
         scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
         extra = read_json(path / GEN_CONFIG) if (path / GEN_CONFIG).is_file() else {}
         formulation = formulations.from_dict(extra["formulation"]) if "formulation" in extra else None
