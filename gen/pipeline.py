@@ -273,7 +273,8 @@ class Pipeline:
             if not (path / part).is_dir():
                 raise GenError(f"{path} is missing the {part}/ folder; a {family.title} folder needs "
                                f"{', '.join(texts)}, vae/, {family.denoiser_part}/ and scheduler/")
-        parts = {enc: load_model(family.text_class(enc), path / enc, allow_pickle, dtype) for enc, _ in family.text_parts}
+        parts = {enc: load_model(family.text_class(enc), path / enc, allow_pickle, dtype)
+                 for enc, _ in family.text_parts}
         for _, tok in family.text_parts:
             try:
                 parts[tok] = family.tokenizer_class(tok).from_pretrained(path / tok)
