@@ -1,6 +1,13 @@
 """gen: train, LoRA fine-tune and sample text-to-image latent diffusion and rectified-flow models."""
 
+import logging
+
 from gen.errors import GenError
+
+# diffusers imports bitsandbytes where it is installed (gen's adamw8bit optimizer), whose CPU backend then warns on
+# every load that an optional 4-bit kernel package is missing; gen uses no 4-bit kernel. Set here, so that the
+# Python API and the CLI (which imports this package) both keep it off stderr.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __all__ = ["GenError", "Pipeline"]
 __version__ = "0.1.0"

@@ -14,9 +14,6 @@ from gen.errors import GenError, Stopped
 from gen.recipe import lora_arg as _lora_arg
 
 log = logging.getLogger("gen")
-# diffusers imports bitsandbytes where it is installed (gen's adamw8bit optimizer), whose CPU backend then warns on
-# every command that an optional 4-bit kernel package is missing; gen uses no 4-bit kernel.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _add_sample(sub) -> None:

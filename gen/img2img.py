@@ -47,6 +47,25 @@ def check_strength(strength) -> float:
     return float(strength)
 
 
+def check_side(side: str, value, multiple: int) -> None:
+    """A sampling height or width: a positive multiple of the model's size multiple, or a one-line GenError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
+        raise GenError(f"{side} must be a positive multiple of {multiple} for this model, not {value!r}")
+
+
+def _check_size(pil, height, width, multiple: int) -> None:
+    """The size an image is sampled at (its own where height/width are not given) is refused as text-to-image
+    refuses it, where diffusers' image processor would round it down to the multiple without a word."""
+    for side, given, own in (("height", height, pil.height), ("width", width, pil.width)):
+        if given is not None:
+            check_side(side, given, multiple)
+        elif own % multiple:
+            near = lambda v: max(multiple, round(v / multiple) * multiple)  # noqa: E731
+            raise GenError(f"the init image is {pil.width}x{pil.height}, and this model samples sizes that are "
+                           f"multiples of {multiple}: pass --width {near(pil.width)} --height {near(pil.height)} "
+                           "(width=, height=) to resize it, or crop it")
+
+
 def _pil(value, what: str):
     """A PIL image from a path, a PIL image, an (H, W, 3) array or a (3, H, W) / (1, 3, H, W) tensor in [0, 1]."""
     from PIL import Image
@@ -142,6 +161,7 @@ def prepare(pipe, image, mask_image, strength, height, width, mask_blur: float =
 def _source(processor, pil, mask, strength, height, width, crop, overlay) -> Source:
     from diffusers.image_processor import VaeImageProcessor
 
+    _check_size(pil, height, width, processor.config.vae_scale_factor)
     mode = "fill" if crop is not None else "default"
     image = processor.preprocess(pil, height=height, width=width, crops_coords=crop, resize_mode=mode).float()
     s = Source(strength, image.shape[2], image.shape[3], image=image)

@@ -99,10 +99,12 @@ def load_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
     raise GenError(f"unsupported weights format {path.suffix!r} for {path}: expected .safetensors")
 
 
-def load_model(klass, folder: str | Path, allow_pickle: bool = False):
+def load_model(klass, folder: str | Path, allow_pickle: bool = False, dtype: torch.dtype | None = None):
     """A diffusers or transformers model class from a component folder (config.json + weights), every weights
     file going through this module: safetensors are validated before the library reads them; pickle-based
-    files (.bin, .ckpt, ...) are refused unless allowed, and then read by `_load_pickle` only."""
+    files (.bin, .ckpt, ...) are refused unless allowed, and then read by `_load_pickle` only. `dtype`: the
+    weights are read straight into it (an fp16 folder asked for in fp16 never exists in fp32, which would
+    double the peak host memory); None: the library's default."""
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.is_file())
     tensors = [p for p in files if p.suffix == ".safetensors"]
@@ -117,7 +119,9 @@ def load_model(klass, folder: str | Path, allow_pickle: bool = False):
         if tensors:
             for p in tensors:
                 check_safetensors(p)
-            return klass.from_pretrained(folder, use_safetensors=True)
+            diffusers = hasattr(klass, "load_config")  # a diffusers ModelMixin, else a transformers PreTrainedModel
+            kwargs = {} if dtype is None else {"torch_dtype" if diffusers else "dtype": dtype}
+            return klass.from_pretrained(folder, use_safetensors=True, **kwargs)
         state = {}
         for p in pickles:  # several files: a sharded checkpoint
             state.update(load_state_dict(p, allow_pickle=True))
@@ -125,6 +129,8 @@ def load_model(klass, folder: str | Path, allow_pickle: bool = False):
             model = klass.from_config(klass.load_config(folder))
         else:  # transformers PreTrainedModel
             model = klass(klass.config_class.from_pretrained(folder))
+        if dtype is not None:
+            model.to(dtype)
         missing, _ = model.load_state_dict(state, strict=False)  # unexpected keys: legacy buffers
         if missing:
             raise GenError(f"{folder}: the weights lack {len(missing)} parameters, e.g. {missing[0]}")

@@ -63,6 +63,7 @@ ATTN_PROCESSOR = re.compile(r"\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$
 ATTN_PROCESSOR_LAYERS = {False: {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
                          True: {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
 TEXT_FOLDER = re.compile(r"text_encoder(_\d+)?")  # text_encoder, text_encoder_2, ...
+KOHYA_T5 = "lora_te3_"  # sd-scripts' T5-XXL layers (networks/lora_sd3.py, lora_flux.py with --train_t5xxl)
 
 
 def is_text(component: str) -> bool:
@@ -253,14 +254,40 @@ def weights_file(path: Path) -> Path:
 def read(path: str | Path, allow_pickle: bool = False) -> LoraFile:
     """Reads a LoRA file (.safetensors; pickle formats only with allow_pickle) in any supported layout; for a
     folder (what diffusers' training scripts and peft write), the weights file in it."""
-    from gen.io import load_state_dict, read_json, read_metadata
+    from gen.io import check_safetensors, load_state_dict, read_json, read_metadata
 
     path = weights_file(Path(path))
+    if path.suffix == ".safetensors":  # from the header: a whole checkpoint is not read only to be refused
+        header = check_safetensors(path)
+        refuse_other(path, {k: v["shape"] for k, v in header.items() if k != "__metadata__"})
     state_dict = load_state_dict(path, allow_pickle=allow_pickle)
+    if path.suffix != ".safetensors":
+        refuse_other(path, {k: list(v.shape) for k, v in state_dict.items()})
     metadata = read_metadata(path) if path.suffix == ".safetensors" else {}
     sidecar = path.with_name("adapter_config.json")  # peft's save_pretrained writes it beside the weights
     peft_config = read_json(sidecar) if sidecar.is_file() and DIFFUSERS_META not in metadata else None
     return parse(state_dict, metadata, peft_config, source=str(path))
+
+
+def refuse_other(path: Path, shapes: dict[str, list[int]]) -> None:
+    """A one-line GenError saying what a file given as a LoRA is where gen cannot load it as one: a LoRA with T5
+    layers (kohya's lora_te3_), or a whole model checkpoint."""
+    t5 = {k.split(".")[0] for k in shapes if k.startswith(KOHYA_T5)}
+    if t5:
+        raise GenError(f"{path} is a LoRA with {len(t5)} T5 text-encoder layers ({KOHYA_T5} keys), which gen does "
+                       "not load: it reads a LoRA's denoiser and CLIP layers; use a LoRA trained without T5 "
+                       "(sd-scripts without --train_t5xxl)")
+    if is_lora(shapes):
+        return
+    from gen import single_file
+
+    if single_file.is_checkpoint(shapes):
+        try:
+            what = f"a whole {single_file.detect(path, shapes).title} checkpoint"
+        except GenError:
+            what = "a whole model checkpoint"
+        raise GenError(f"{path} is {what}, not a LoRA: pass it as --model (Pipeline.from_pretrained), not as "
+                       "--lora (load_lora)")
 
 
 # ---- writing ------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from gen.guidance import SkipLayers, check_guidance, guide, in_interval, uses_cf
 from gen.io import load_model, read_json
 from gen.models import vae as vae_lib
 from gen.models.text import TextEncoder
-from gen.samplers import check_sampler, make_scheduler, sampler_name
+from gen.samplers import check_sampler, default_sampler, make_scheduler, sampler_name
 
 log = logging.getLogger("gen")
 
@@ -120,6 +120,7 @@ class Pipeline:
         self.name = name
         self._progress_bar_config: dict = {}
         self.defaults = self._default_settings() | dict(defaults or {})
+        self._warn_unknown_scheduler(defaults or {})
         attn.set_backend(attention)  # checked here, so an unavailable backend fails at load
         self.attention = attention  # and used for this pipeline's sampling (gen.attention.use_backend)
         if hasattr(self.denoiser, "set_attn_processor"):  # diffusers' attention layers run through gen's
@@ -173,10 +174,19 @@ class Pipeline:
 
     def _default_settings(self) -> dict:
         flow = self.formulation.kind == "flow"
-        sampler = sampler_name(self.scheduler_config, self.formulation) if self.scheduler_config else (
-            "flow-euler" if flow else "dpm++2m")
+        sampler = sampler_name(self.scheduler_config, self.formulation) if self.scheduler_config else None
         return self.family.default_settings(self.denoiser, self.vae_scale_factor, flow) | dict(
-            sampler=sampler, guidance_rescale=0.0)
+            sampler=sampler or default_sampler(self.formulation), guidance_rescale=0.0)
+
+    def _warn_unknown_scheduler(self, given: dict) -> None:
+        """A folder whose scheduler gen has no sampler for (a distilled model's LCMScheduler or TCDScheduler) is
+        sampled with gen's default sampler and steps unless told otherwise: said in one warning at load."""
+        if "sampler" in given or not self.scheduler_config or sampler_name(self.scheduler_config, self.formulation):
+            return
+        d = self.defaults
+        log.warning("%s: gen has no sampler for its scheduler %s (scheduler/scheduler_config.json); it samples with "
+                    "%s at %s steps instead unless --sampler/--steps (sampler=, num_inference_steps=) say otherwise",
+                    self.name, self.scheduler_config.get("_class_name"), d["sampler"], d["steps"])
 
     @property
     def progress(self) -> bool:
@@ -271,14 +281,15 @@ class Pipeline:
             if not (path / part).is_dir():
                 raise GenError(f"{path} is missing the {part}/ folder; a {family.title} folder needs "
                                f"{', '.join(texts)}, vae/, {family.denoiser_part}/ and scheduler/")
-        parts = {enc: load_model(family.text_class(enc), path / enc, allow_pickle) for enc, _ in family.text_parts}
+        parts = {enc: load_model(family.text_class(enc), path / enc, allow_pickle, dtype)
+                 for enc, _ in family.text_parts}
         for _, tok in family.text_parts:
             try:
                 parts[tok] = family.tokenizer_class(tok).from_pretrained(path / tok)
             except (OSError, ValueError, TypeError) as e:
                 raise GenError(f"could not load {path / tok}: {str(e).splitlines()[0]}") from None
-        vae = load_model(AutoencoderKL, path / "vae", allow_pickle)
-        denoiser = load_model(family.denoiser_class(), path / family.denoiser_part, allow_pickle)
+        vae = load_model(AutoencoderKL, path / "vae", allow_pickle, dtype)
+        denoiser = load_model(family.denoiser_class(), path / family.denoiser_part, allow_pickle, dtype)
         scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
         extra = read_json(path / GEN_CONFIG) if (path / GEN_CONFIG).is_file() else {}
         formulation = formulations.from_dict(extra["formulation"]) if "formulation" in extra else None
@@ -560,8 +571,7 @@ class Pipeline:
         check_guidance(scale, rescale, tuple(interval))
         m = self.size_multiple
         for side, v in (("height", height), ("width", width)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % m:
-                raise GenError(f"{side} must be a positive multiple of {m} for this model, not {v!r}")
+            img2img.check_side(side, v, m)
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise GenError(f"num_images_per_prompt must be an integer >= 1, not {num_images!r}")
         check_sampler(sampler, self.formulation)

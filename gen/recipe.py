@@ -311,15 +311,16 @@ def sha256(path: str | Path, start: int = 0) -> str:
 
 def model_hash(path: str | Path) -> str:
     """`Model hash:`. For a single file A1111's: the first 10 hex digits of its sha256. For a model folder, which
-    A1111 has no hash for: the first 10 of the sha256 of the `sha256sum` listing of its weight files
-    (`HEX  RELATIVE/PATH` lines, sorted by path), so the folder's name and place do not count."""
-    from gen.io import PICKLE_SUFFIXES
-
+    A1111 has no hash for: the first 10 of the sha256 of the `sha256sum` listing of its *.safetensors files
+    (`HEX  RELATIVE/PATH` lines, sorted by path), so the folder's name and place do not count; symbolic links
+    followed (a hub cache's snapshot folders are links). The README's shell command gives the same: stray
+    pickle files, which gen never loads from a folder holding safetensors, do not count."""
     path = Path(path)
     if path.is_file():
         return sha256(path)[:10]
-    weights = (".safetensors", *PICKLE_SUFFIXES)
-    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.suffix in weights and p.is_file())
+    files = sorted((Path(root) / name).relative_to(path).as_posix()
+                   for root, _, names in os.walk(path, followlinks=True) for name in names
+                   if name.endswith(".safetensors") and (Path(root) / name).is_file())
     listing = "".join(f"{sha256(path / f)}  {f}\n" for f in files)
     return hashlib.sha256(listing.encode()).hexdigest()[:10]
 

@@ -76,15 +76,20 @@ def make_scheduler(name: str, formulation: Formulation, base_config: dict | None
     return cls.from_config(base_config, **{**formulation.scheduler_config(), **settings})
 
 
-def sampler_name(scheduler_config: dict, formulation: Formulation) -> str:
-    """The table name of a folder's scheduler, or the formulation's default sampler."""
+def default_sampler(formulation: Formulation) -> str:
+    return "flow-euler" if formulation.kind == "flow" else "dpm++2m"
+
+
+def sampler_name(scheduler_config: dict, formulation: Formulation) -> str | None:
+    """The table name of a folder's scheduler; None where gen has no sampler for it (LCMScheduler, TCDScheduler,
+    ...: the caller says which it uses instead)."""
     cls_name = scheduler_config.get("_class_name")
     if cls_name == "DPMSolverMultistepScheduler":
         return "dpm++2m-karras" if scheduler_config.get("use_karras_sigmas") else "dpm++2m"
     for name, (kind, cls, _) in SAMPLERS.items():
         if cls.__name__ == cls_name and kind == formulation.kind:
             return name
-    return "flow-euler" if formulation.kind == "flow" else "dpm++2m"
+    return None
 
 
 # gen's sampler -> the name AUTOMATIC1111 and Forge give the same algorithm in a PNG's `Sampler:` field
