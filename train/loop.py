@@ -302,6 +302,8 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
                     skip = acc.reduce(bad.float(), "sum").item() > 0  # one host sync per step; every process agrees
                     if not skip:
                         optimizer.step()
+                    elif acc.scaler is not None:  # clip_grad_norm_ unscaled: without update() the next unscale_ raises
+                        acc.scaler.update()  # and the scale backs off, as after an overflow the scaler skips itself
                 optimizer.zero_grad(set_to_none=True)
             step_loss += loss.detach() / accum
         if skip:  # the data is consumed, nothing else moves: no update, no LR or EMA step
