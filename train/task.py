@@ -175,11 +175,8 @@ class DenoiserTask:
 
         m, res, f = self.cfg.model, self.cfg.data.resolution, self.vae_scale_factor
         self.scheduler_config = None  # a base's denoiser samples with the base's scheduler (Flux: dynamic shift)
+        self._check_kind()
         if m.init_from_base:
-            kind = "dit" if base.family.denoiser_part == "transformer" else "unet"
-            if kind != m.denoiser:
-                raise GenError(f"config key 'model.init_from_base': {m.base} holds a "
-                               f"{kind} denoiser, but model.denoiser is {m.denoiser!r}")
             self._check_objective(base.formulation)
             self.scheduler_config = base.scheduler_config
             return base.denoiser.float()
@@ -204,6 +201,20 @@ class DenoiserTask:
             if isinstance(e, GenError):
                 raise
             raise GenError(f"config key 'model.preset' / 'model.options': {e}") from None
+
+    def _check_kind(self) -> None:
+        """model.denoiser must be the kind the family (model.base's) exports: a UNet in an SD folder, a transformer in
+        a DiT/SD3/Flux one; otherwise the model folder would not load."""
+        m, family = self.cfg.model, self.family
+        kind = "dit" if family.denoiser_part == "transformer" else "unet"
+        if kind == m.denoiser:
+            return
+        hint = (f"; to train a {m.denoiser} with its text encoder and VAE, set model.base='' "
+                f"model.text_encoder={m.base} model.vae={m.base}" if Path(m.base).is_dir() and not m.init_from_base
+                else "")
+        raise GenError(f"config key 'model.denoiser': model.base {m.base} is a {family.title} model, whose denoiser "
+                       f"is a {family.denoiser_part}, but model.denoiser is {m.denoiser!r}: set "
+                       f"model.denoiser={kind}{hint}")
 
     def _check_objective(self, theirs) -> None:
         """Fine-tuning with another objective than the base was trained with is allowed, never silent."""
