@@ -224,8 +224,6 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
         scheduler.load_state_dict(state["scheduler"])
         if acc.scaler is not None and state.get("scaler"):
             acc.scaler.load_state_dict(state["scaler"])
-        if "rng" in local:
-            set_rng_state(local["rng"])
         step, position = state["step"], state["position"]
         if main:
             log.info("resumed from %s (step %d)", found, step)
@@ -269,6 +267,8 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
 
     trackers = Trackers(cfg, run_dir, step, main)
     batches = iter(loader(data, cfg.train.batch_size, position, world, rank, cfg.data.num_workers))
+    if found and "rng" in local:  # after the iterator, which draws its seed from torch's RNG (as a new run's did)
+        set_rng_state(local["rng"])
     accum, per_step = cfg.train.grad_accum, cfg.train.batch_size * world * cfg.train.grad_accum
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not (main and cfg.log.progress),
                desc="train", dynamic_ncols=True)

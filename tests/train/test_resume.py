@@ -32,12 +32,19 @@ def test_resume_is_bitwise_exact_with_every_training_option(base_dit, tagged_mas
         "optim__name": "lion", "optim__schedule": "cosine_with_restarts", "optim__cycles": 2})
 
 
-def assert_resumes_exactly(base, tmp_path, extra: dict) -> None:
-    train(fast_config(base, tmp_path / "straight", **extra))
-    train(fast_config(base, tmp_path / "split", **extra, train__stop_at_step=3, train__checkpoint_every=0))
+def test_lora_resume_is_bitwise_exact_with_adapter_dropout(base_unet, tmp_path):
+    """peft's dropout draws from torch's global RNG: the checkpoint's RNG state must be what the next step sees."""
+    from train.lora import LoraTask
+
+    assert_resumes_exactly(base_unet, tmp_path, {"lora__rank": 4, "lora__dropout": 0.5}, LoraTask)
+
+
+def assert_resumes_exactly(base, tmp_path, extra: dict, task_class=None) -> None:
+    train(fast_config(base, tmp_path / "straight", **extra), task_class)
+    train(fast_config(base, tmp_path / "split", **extra, train__stop_at_step=3, train__checkpoint_every=0), task_class)
     assert (tmp_path / "split" / "checkpoints" / "step-00000003").is_dir()  # a paused run leaves a checkpoint
     assert not (tmp_path / "split" / "model").exists()
-    train(fast_config(base, tmp_path / "split", **extra))
+    train(fast_config(base, tmp_path / "split", **extra), task_class)
 
     a, b = checkpoint_tensors(tmp_path / "straight", 6), checkpoint_tensors(tmp_path / "split", 6)
     for part in ("model", "ema", "optimizer"):
