@@ -205,6 +205,8 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
     model, optimizer = (model, acc.prepare(optimizer)) if sharded else acc.prepare(model, optimizer)
     fingerprint = json.loads(json.dumps({**task.fingerprint(), "data": data.fingerprint()}))
 
+    if cfg.train.resume == "none":
+        _set_aside(run_dir / "checkpoints", main, acc.wait_for_everyone)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints, rank, acc.wait_for_everyone)
     step, position = 0, 0
     found = ckpt.find(cfg.train.resume)
@@ -364,6 +366,17 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
     acc.wait_for_everyone()
     acc.end_training()
     return out
+
+
+def _set_aside(folder: Path, main: bool, barrier) -> None:
+    """train.resume=none where an earlier run left checkpoints: they move to a folder of their own, so that this run's
+    are the only ones pruned, resumed (train.resume=auto) and named by `latest`."""
+    if main and folder.is_dir() and any(folder.iterdir()):
+        aside = folder.with_name(f"{folder.name}-before-{time.strftime('%Y%m%d-%H%M%S')}")
+        folder.rename(aside)
+        log.warning("train.resume=none: the earlier run's checkpoints in %s moved to %s; this run starts afresh",
+                    folder, aside)
+    barrier()
 
 
 def _check_fingerprint(saved: dict, now: dict, path: Path) -> None:

@@ -77,3 +77,21 @@ def test_resume_refuses_a_changed_model_or_dataset(base_dit, tmp_path):
     with pytest.raises(GenError, match="objective changed"):
         train(fast_config(base_dit, tmp_path, train__max_steps=4, objective__shift=3.0))
     train(fast_config(base_dit, tmp_path, train__max_steps=4, train__resume="none", train__output_dir=str(tmp_path)))
+
+
+def test_a_fresh_run_in_an_earlier_runs_folder_resumes_its_own_checkpoints(base_dit, tmp_path):
+    """train.resume=none where another run (seed 1) checkpointed: its checkpoints are set aside, and this run's
+    pause + resume equals the same run straight."""
+    train(fast_config(base_dit, tmp_path / "run", train__seed=1))
+    fresh = dict(train__resume="none", train__stop_at_step=3, train__checkpoint_every=0)
+    train(fast_config(base_dit, tmp_path / "run", **fresh))
+    ck = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step-00000003"]
+    assert (ck / "latest").read_text().strip() == "step-00000003"
+    aside = list((tmp_path / "run").glob("checkpoints-before-*"))
+    assert len(aside) == 1 and (aside[0] / "step-00000006").is_dir()
+    train(fast_config(base_dit, tmp_path / "run"))  # train.resume=auto: this run's step 3
+    train(fast_config(base_dit, tmp_path / "straight"))
+    a, b = checkpoint_tensors(tmp_path / "straight", 6), checkpoint_tensors(tmp_path / "run", 6)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert losses(tmp_path / "straight") == losses(tmp_path / "run")
