@@ -30,7 +30,7 @@ from train.distributed import Sharded, plain
 from train.ema import EMA
 from train.heldout import HeldOut
 from train.lock import hold
-from train.optim import build_optimizer, check_resume, lr_lambda
+from train.optim import apply_changes, build_optimizer, check_regrouping, check_resume, lr_lambda
 from train.prior import with_class_images
 from train.signals import EXIT_CODES, Guard
 
@@ -214,6 +214,7 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
         shared, local, state = ckpt.load(found)
         _check_fingerprint(state["fingerprint"], fingerprint, found)
         check_resume(state.get("config", {}), o, found)
+        check_regrouping(state.get("config", {}), o, found)
         if sharded:
             sharded.load(local, state, model, optimizer, ema)
         elif "model" not in shared:
@@ -224,6 +225,7 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
                 ema.load_state_dict(shared["ema"], state["ema_updates"])
             optimizer.load_state_dict(shared["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        apply_changes(state.get("config", {}), o, optimizer, scheduler)
         if acc.scaler is not None and state.get("scaler"):
             acc.scaler.load_state_dict(state["scaler"])
         step, position = state["step"], state["position"]
