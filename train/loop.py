@@ -215,6 +215,7 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
         _check_fingerprint(state["fingerprint"], fingerprint, found)
         check_resume(state.get("config", {}), o, found)
         check_regrouping(state.get("config", {}), o, found)
+        _check_frozen(state.get("frozen"), getattr(task, "frozen", None), found, cfg)
         if sharded:
             sharded.load(local, state, model, optimizer, ema)
         elif "model" not in shared:
@@ -245,6 +246,7 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
         state = {"position": position, "scheduler": scheduler.state_dict(), "fingerprint": fingerprint,
                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                  "ema_updates": ema.num_updates if ema else 0, "config": cfg.to_dict(),
+                 "frozen": getattr(task, "frozen", None),
                  "sharded_over": acc.num_processes if sharded else None}
         ckpt.save(step, shared, local, state)
         saved = step
@@ -379,6 +381,18 @@ def _set_aside(folder: Path, main: bool, barrier) -> None:
         log.warning("train.resume=none: the earlier run's checkpoints in %s moved to %s; this run starts afresh",
                     folder, aside)
     barrier()
+
+
+def _check_frozen(saved: dict | None, now: dict | None, path: Path, cfg: Config) -> None:
+    """The frozen parts (VAE, text encoders, a LoRA's base denoiser) must be the ones the checkpoint trained with."""
+    differ = sorted(k for k in (saved or {}) if k in (now or {}) and saved[k] != now[k])
+    if differ:
+        m = cfg.model
+        where = ", ".join(f"model.{k}={v}" for k, v in (("base", m.base), ("vae", m.vae), ("text_encoder", m.text_encoder))
+                          if v)
+        raise GenError(f"cannot resume from {path}: the frozen {', '.join(differ)} differ from the ones it was trained "
+                       f"with (now {where}); give the same model files, or start afresh (train.resume=none or a new "
+                       "train.output_dir)")
 
 
 def _check_fingerprint(saved: dict, now: dict, path: Path) -> None:

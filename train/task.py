@@ -13,6 +13,7 @@ is a small class with this surface, never a copy of the loop:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,6 +38,17 @@ def build_formulation(cfg: Config):
         return formulations.Flow(shift=o.shift, logit_mean=o.logit_mean, logit_std=o.logit_std)
     return formulations.DDPM(prediction_type=o.prediction_type, beta_schedule=o.beta_schedule,
                              zero_terminal_snr=o.zero_terminal_snr)
+
+
+def signature(module: nn.Module) -> str:
+    """A cheap content signature of frozen weights (what a resume checks): each tensor's name, shape and a strided
+    sample of 256 of its values in fp32."""
+    h = hashlib.sha1()
+    for name, t in module.state_dict().items():
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(flat[::max(1, flat.numel() // 256)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 class Shared(dict):
@@ -106,6 +118,7 @@ class DenoiserTask:
         self.texts, self.vae = base.texts, base.vae
         self.family = base.family if isinstance(base, Pipeline) else families.get(
             "dit" if cfg.model.denoiser == "dit" else "sd1")
+        self.frozen = {"vae": signature(self.vae), **{part: signature(t.model) for part, t in self.text_parts.items()}}
         for t in self.texts:
             t.model.to(device, weight_dtype).requires_grad_(False)
         self.vae.to(device, weight_dtype).requires_grad_(False)

@@ -95,3 +95,37 @@ def test_a_fresh_run_in_an_earlier_runs_folder_resumes_its_own_checkpoints(base_
     a, b = checkpoint_tensors(tmp_path / "straight", 6), checkpoint_tensors(tmp_path / "run", 6)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert losses(tmp_path / "straight") == losses(tmp_path / "run")
+
+
+def test_resume_refuses_other_frozen_parts_but_not_a_moved_copy(base_dit, tmp_path):
+    """The VAE and text encoder are not in checkpoints: another VAE (model.vae) is refused; the same base folder
+    copied elsewhere resumes."""
+    import shutil
+
+    from gen.models.tiny import tiny_pipeline
+
+    run = tmp_path / "run"
+    train(fast_config(base_dit, run, train__stop_at_step=2))
+    other = tmp_path / "other"
+    tiny_pipeline("dit", seed=1).save_pretrained(other)
+    with pytest.raises(GenError, match=rf"frozen vae differ.*model.vae={other}.*train.resume=none"):
+        train(fast_config(base_dit, run, model__vae=str(other)))
+    moved = shutil.copytree(base_dit, tmp_path / "moved")
+    train(fast_config(moved, run, train__max_steps=3))
+    assert (run / "model").is_dir()
+
+
+def test_lora_resume_refuses_another_base_denoiser(base_unet, tmp_path):
+    from gen.models.tiny import tiny_pipeline
+    from train.lora import LoraTask
+
+    run = tmp_path / "run"
+    train(fast_config(base_unet, run, lora__rank=4, train__stop_at_step=2), LoraTask)
+    other = tmp_path / "unet-other"
+    pipe = tiny_pipeline("unet")
+    with torch.no_grad():
+        for p in pipe.denoiser.parameters():
+            p.mul_(1.5)
+    pipe.save_pretrained(other)
+    with pytest.raises(GenError, match="frozen denoiser differ"):
+        train(fast_config(other, run, lora__rank=4), LoraTask)
