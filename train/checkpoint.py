@@ -3,7 +3,10 @@
 A checkpoint is a folder `step-NNNNNNNN/` written as `.tmp-step-NNNNNNNN/`, every file fsynced, the
 folder renamed into place (atomic), its parent fsynced, and only then the `latest` marker replaced
 (atomic) and old checkpoints pruned. A crash at any point leaves the previous checkpoint intact;
-`.tmp-*` folders are partial by construction and never read.
+`.tmp-*` folders are partial by construction and never read. Resume (train.resume=auto) takes the newest complete
+checkpoint, which is the one `latest` names unless a save stopped between its rename and the marker's move; a folder
+holds one run's checkpoints only (train.resume=none sets an earlier run's aside), so step order is the run's order.
+`latest` is for people and tools (e.g. `cat runs/x/checkpoints/latest`).
 
 Tensors go to safetensors; everything else (step, schedules, RNG states, config) to JSON; nothing is
 pickled. Nested state (an optimizer's state_dict, numpy's RNG state) is split into a JSON skeleton

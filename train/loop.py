@@ -30,7 +30,7 @@ from train.distributed import Sharded, plain
 from train.ema import EMA
 from train.heldout import HeldOut
 from train.lock import hold
-from train.optim import build_optimizer, check_resume, lr_lambda
+from train.optim import apply_changes, build_optimizer, check_regrouping, check_resume, lr_lambda
 from train.prior import with_class_images
 from train.signals import EXIT_CODES, Guard
 
@@ -205,6 +205,8 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
     model, optimizer = (model, acc.prepare(optimizer)) if sharded else acc.prepare(model, optimizer)
     fingerprint = json.loads(json.dumps({**task.fingerprint(), "data": data.fingerprint()}))
 
+    if cfg.train.resume == "none":
+        _set_aside(run_dir / "checkpoints", main, acc.wait_for_everyone)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints, rank, acc.wait_for_everyone)
     step, position = 0, 0
     found = ckpt.find(cfg.train.resume)
@@ -212,6 +214,8 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
         shared, local, state = ckpt.load(found)
         _check_fingerprint(state["fingerprint"], fingerprint, found)
         check_resume(state.get("config", {}), o, found)
+        check_regrouping(state.get("config", {}), o, found)
+        _check_frozen(state.get("frozen"), getattr(task, "frozen", None), found, cfg)
         if sharded:
             sharded.load(local, state, model, optimizer, ema)
         elif "model" not in shared:
@@ -222,10 +226,9 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
                 ema.load_state_dict(shared["ema"], state["ema_updates"])
             optimizer.load_state_dict(shared["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        apply_changes(state.get("config", {}), o, optimizer, scheduler)
         if acc.scaler is not None and state.get("scaler"):
             acc.scaler.load_state_dict(state["scaler"])
-        if "rng" in local:
-            set_rng_state(local["rng"])
         step, position = state["step"], state["position"]
         if main:
             log.info("resumed from %s (step %d)", found, step)
@@ -243,6 +246,7 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
         state = {"position": position, "scheduler": scheduler.state_dict(), "fingerprint": fingerprint,
                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                  "ema_updates": ema.num_updates if ema else 0, "config": cfg.to_dict(),
+                 "frozen": getattr(task, "frozen", None),
                  "sharded_over": acc.num_processes if sharded else None}
         ckpt.save(step, shared, local, state)
         saved = step
@@ -269,6 +273,8 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
 
     trackers = Trackers(cfg, run_dir, step, main)
     batches = iter(loader(data, cfg.train.batch_size, position, world, rank, cfg.data.num_workers))
+    if found and "rng" in local:  # after the iterator, which draws its seed from torch's RNG (as a new run's did)
+        set_rng_state(local["rng"])
     accum, per_step = cfg.train.grad_accum, cfg.train.batch_size * world * cfg.train.grad_accum
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not (main and cfg.log.progress),
                desc="train", dynamic_ncols=True)
@@ -302,6 +308,8 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
                     skip = acc.reduce(bad.float(), "sum").item() > 0  # one host sync per step; every process agrees
                     if not skip:
                         optimizer.step()
+                    elif acc.scaler is not None:  # clip_grad_norm_ unscaled: without update() the next unscale_ raises
+                        acc.scaler.update()  # and the scale backs off, as after an overflow the scaler skips itself
                 optimizer.zero_grad(set_to_none=True)
             step_loss += loss.detach() / accum
         if skip:  # the data is consumed, nothing else moves: no update, no LR or EMA step
@@ -362,6 +370,29 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
     acc.wait_for_everyone()
     acc.end_training()
     return out
+
+
+def _set_aside(folder: Path, main: bool, barrier) -> None:
+    """train.resume=none where an earlier run left checkpoints: they move to a folder of their own, so that this run's
+    are the only ones pruned, resumed (train.resume=auto) and named by `latest`."""
+    if main and folder.is_dir() and any(folder.iterdir()):
+        aside = folder.with_name(f"{folder.name}-before-{time.strftime('%Y%m%d-%H%M%S')}")
+        folder.rename(aside)
+        log.warning("train.resume=none: the earlier run's checkpoints in %s moved to %s; this run starts afresh",
+                    folder, aside)
+    barrier()
+
+
+def _check_frozen(saved: dict | None, now: dict | None, path: Path, cfg: Config) -> None:
+    """The frozen parts (VAE, text encoders, a LoRA's base denoiser) must be the ones the checkpoint trained with."""
+    differ = sorted(k for k in (saved or {}) if k in (now or {}) and saved[k] != now[k])
+    if differ:
+        m = cfg.model
+        where = ", ".join(f"model.{k}={v}" for k, v in (("base", m.base), ("vae", m.vae), ("text_encoder", m.text_encoder))
+                          if v)
+        raise GenError(f"cannot resume from {path}: the frozen {', '.join(differ)} differ from the ones it was trained "
+                       f"with (now {where}); give the same model files, or start afresh (train.resume=none or a new "
+                       "train.output_dir)")
 
 
 def _check_fingerprint(saved: dict, now: dict, path: Path) -> None:

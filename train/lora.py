@@ -24,7 +24,7 @@ from gen.errors import GenError
 from gen.io import read_json
 from gen.pipeline import GEN_CONFIG
 from train.config import Config
-from train.task import DenoiserTask, WithText
+from train.task import DenoiserTask, WithText, signature
 
 log = logging.getLogger("gen")
 
@@ -104,6 +104,7 @@ class LoraTask(DenoiserTask):
         align_objective(cfg)
         super().__init__(cfg, device, weight_dtype)
         denoiser = self.model.requires_grad_(False)
+        self.frozen["denoiser"] = signature(denoiser)  # the base the adapters are trained on
         if weight_dtype != torch.float32:  # the frozen base in the autocast dtype; the adapters stay fp32
             denoiser.to(dtype=weight_dtype)
         kind = self.family.denoiser_part

@@ -10,6 +10,7 @@ is plain tensors and numbers, so checkpoints hold it and resume is exact (tests/
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 from pathlib import Path
 
@@ -79,6 +80,43 @@ def check_resume(saved_config: dict, o: OptimConfig, path: Path) -> None:
     if saved != o.name:
         raise GenError(f"cannot resume from {path}: it holds {saved} state and optim.name is {o.name}; set "
                        f"optim.name={saved}, or start afresh (train.resume=none or a new train.output_dir)")
+
+
+HYPER = ("lr", "betas", "weight_decay", "eps", "options", "warmup_steps", "schedule", "min_lr_ratio", "cycles",
+         "grad_clip")
+
+
+def check_regrouping(saved_config: dict, o: OptimConfig, path: Path) -> None:
+    """Weight decay on or off changes the parameter groups (train/loop.py), which the saved state cannot follow."""
+    was = (saved_config.get("optim") or {}).get("weight_decay", o.weight_decay)
+    if bool(was) != bool(o.weight_decay):
+        raise GenError(f"cannot resume from {path}: optim.weight_decay was {was} there and is {o.weight_decay} now; "
+                       "turning weight decay on or off regroups the parameters: set it to a non-zero value as "
+                       f"{'there' if was else 'zero, as there'}, or start afresh (train.resume=none)")
+
+
+def apply_changes(saved_config: dict, o: OptimConfig, optimizer, scheduler) -> None:
+    """A resumed optimizer keeps the hyperparameters it was saved with; the config's changed ones (lr, betas,
+    weight decay, ...) replace them here, from the resumed step on, with a log line (sd-scripts and accelerate users
+    expect an edited lr to apply on resume). The schedule's shape and grad_clip come from the config anyway."""
+    saved = saved_config.get("optim") or {}
+    changed = {k: (saved[k], getattr(o, k)) for k in HYPER if k in saved and _plain(saved[k]) != _plain(getattr(o, k))}
+    if not changed:
+        return
+    scheduler.base_lrs = [o.lr] * len(optimizer.param_groups)
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group in optimizer.param_groups:
+        new = {"lr": o.lr * factor, "initial_lr": o.lr, "betas": tuple(o.betas), "eps": o.eps,
+               "weight_decay": o.weight_decay if group["weight_decay"] else 0.0, **o.options}
+        group.update({k: v for k, v in new.items() if k in group and type(group[k]) is type(v)})  # Adafactor: eps pair
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    logging.getLogger("gen").warning("resuming with changed optim settings, applied from step %d on: %s",
+                                     scheduler.last_epoch, ", ".join(f"optim.{k} {a} -> {b}"
+                                                                     for k, (a, b) in changed.items()))
+
+
+def _plain(x):
+    return list(x) if isinstance(x, (tuple, list)) else x
 
 
 def lr_lambda(cfg: Config):

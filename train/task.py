@@ -13,6 +13,7 @@ is a small class with this surface, never a copy of the loop:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,6 +38,17 @@ def build_formulation(cfg: Config):
         return formulations.Flow(shift=o.shift, logit_mean=o.logit_mean, logit_std=o.logit_std)
     return formulations.DDPM(prediction_type=o.prediction_type, beta_schedule=o.beta_schedule,
                              zero_terminal_snr=o.zero_terminal_snr)
+
+
+def signature(module: nn.Module) -> str:
+    """A cheap content signature of frozen weights (what a resume checks): each tensor's name, shape and a strided
+    sample of 256 of its values in fp32."""
+    h = hashlib.sha1()
+    for name, t in module.state_dict().items():
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(flat[::max(1, flat.numel() // 256)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 class Shared(dict):
@@ -106,6 +118,7 @@ class DenoiserTask:
         self.texts, self.vae = base.texts, base.vae
         self.family = base.family if isinstance(base, Pipeline) else families.get(
             "dit" if cfg.model.denoiser == "dit" else "sd1")
+        self.frozen = {"vae": signature(self.vae), **{part: signature(t.model) for part, t in self.text_parts.items()}}
         for t in self.texts:
             t.model.to(device, weight_dtype).requires_grad_(False)
         self.vae.to(device, weight_dtype).requires_grad_(False)
@@ -175,11 +188,8 @@ class DenoiserTask:
 
         m, res, f = self.cfg.model, self.cfg.data.resolution, self.vae_scale_factor
         self.scheduler_config = None  # a base's denoiser samples with the base's scheduler (Flux: dynamic shift)
+        self._check_kind()
         if m.init_from_base:
-            kind = "dit" if base.family.denoiser_part == "transformer" else "unet"
-            if kind != m.denoiser:
-                raise GenError(f"config key 'model.init_from_base': {m.base} holds a "
-                               f"{kind} denoiser, but model.denoiser is {m.denoiser!r}")
             self._check_objective(base.formulation)
             self.scheduler_config = base.scheduler_config
             return base.denoiser.float()
@@ -204,6 +214,20 @@ class DenoiserTask:
             if isinstance(e, GenError):
                 raise
             raise GenError(f"config key 'model.preset' / 'model.options': {e}") from None
+
+    def _check_kind(self) -> None:
+        """model.denoiser must be the kind the family (model.base's) exports: a UNet in an SD folder, a transformer in
+        a DiT/SD3/Flux one; otherwise the model folder would not load."""
+        m, family = self.cfg.model, self.family
+        kind = "dit" if family.denoiser_part == "transformer" else "unet"
+        if kind == m.denoiser:
+            return
+        hint = (f"; to train a {m.denoiser} with its text encoder and VAE, set model.base='' "
+                f"model.text_encoder={m.base} model.vae={m.base}" if Path(m.base).is_dir() and not m.init_from_base
+                else "")
+        raise GenError(f"config key 'model.denoiser': model.base {m.base} is a {family.title} model, whose denoiser "
+                       f"is a {family.denoiser_part}, but model.denoiser is {m.denoiser!r}: set "
+                       f"model.denoiser={kind}{hint}")
 
     def _check_objective(self, theirs) -> None:
         """Fine-tuning with another objective than the base was trained with is allowed, never silent."""

@@ -1,6 +1,7 @@
 """Non-finite losses: a bad step is skipped with a warning, a run of them stops the run, and no checkpoint
 ever holds NaN/inf weights. Real tiny runs; the non-finite values come from inf pixels or a blown-up lr."""
 
+import json
 import logging
 
 import pytest
@@ -78,3 +79,23 @@ def test_non_finite_weights_are_never_written(tmp_path):
             ck.save(2, {"model": {"w": torch.tensor([1.0, bad])}}, {}, {"position": 0})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001"]  # nothing pruned, no partial
     assert (tmp_path / "latest").read_text().strip() == "step-00000001"
+
+
+def test_a_skipped_step_under_fp16_loss_scaling_updates_the_grad_scaler(base_dit, tmp_path, caplog, monkeypatch):
+    """fp16 on a GPU: accelerate unscales the gradients in clip_grad_norm_; a skipped step must still update() the
+    scaler, or the next step's unscale_ raises. accelerate builds its scaler on GPUs only, so the Accelerator here is
+    set up as it does for fp16 there (native autocast, a real torch GradScaler), on the CPU."""
+    import train.loop as loop
+
+    real = loop.accelerator
+
+    def fp16_accelerator(cfg):
+        acc = real(cfg)
+        acc.state._mixed_precision, acc.native_amp, acc.scaler = "fp16", True, torch.amp.GradScaler("cpu")
+        return acc
+    monkeypatch.setattr(loop, "accelerator", fp16_accelerator)
+    with caplog.at_level(logging.WARNING, logger="gen"):
+        train(fast_config(base_dit, tmp_path), task_class=inf_pixels_task({3}))
+    assert len(skipped(caplog)) == 1 and (tmp_path / "model").is_dir() and all_finite(tmp_path)
+    state = json.loads((tmp_path / "checkpoints" / "step-00000006" / "state.json").read_text())
+    assert state["scaler"]["scale"] == torch.amp.GradScaler("cpu").get_scale() * state["scaler"]["backoff_factor"]

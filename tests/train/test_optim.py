@@ -81,3 +81,28 @@ def test_optimizer_errors_are_one_line(base_dit, tmp_path, monkeypatch):
         fast_config(base_dit, tmp_path, optim__name="adam")
     with pytest.raises(GenError, match="optim.cycles"):
         fast_config(base_dit, tmp_path, optim__cycles=0)
+
+
+def test_changed_optimizer_settings_apply_on_resume_with_a_log_line(base_dit, tmp_path, caplog):
+    """lr, betas and weight decay edited between a pause and its resume: the resumed steps use the new values."""
+    import json
+    import logging
+
+    old = dict(optim__lr=1e-3, optim__weight_decay=0.01)
+    train(fast_config(base_dit, tmp_path, **old, train__stop_at_step=3))
+    new = dict(optim__lr=3e-3, optim__betas=[0.8, 0.99], optim__weight_decay=0.05)
+    with caplog.at_level(logging.WARNING, logger="gen"):
+        train(fast_config(base_dit, tmp_path, **new))
+    line = [r.getMessage() for r in caplog.records if "changed optim" in r.getMessage()]
+    assert len(line) == 1 and "optim.lr 0.001 -> 0.003" in line[0] and "optim.weight_decay 0.01 -> 0.05" in line[0]
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == [1e-3, 1e-3, 1e-3, 3e-3, 3e-3, 3e-3]  # logged after each step's
+    groups = json.loads((tmp_path / "checkpoints" / "step-00000006" / "optimizer.json").read_text())["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0] and all(g["betas"] == {"__tuple__": [0.8, 0.99]}
+                                                                      for g in groups)
+
+
+def test_turning_weight_decay_on_at_resume_is_refused_in_one_line(base_dit, tmp_path):
+    train(fast_config(base_dit, tmp_path, train__stop_at_step=2))
+    with pytest.raises(GenError, match="optim.weight_decay was 0.0 there and is 0.01 now.*regroups"):
+        train(fast_config(base_dit, tmp_path, optim__weight_decay=0.01))

@@ -32,12 +32,19 @@ def test_resume_is_bitwise_exact_with_every_training_option(base_dit, tagged_mas
         "optim__name": "lion", "optim__schedule": "cosine_with_restarts", "optim__cycles": 2})
 
 
-def assert_resumes_exactly(base, tmp_path, extra: dict) -> None:
-    train(fast_config(base, tmp_path / "straight", **extra))
-    train(fast_config(base, tmp_path / "split", **extra, train__stop_at_step=3, train__checkpoint_every=0))
+def test_lora_resume_is_bitwise_exact_with_adapter_dropout(base_unet, tmp_path):
+    """peft's dropout draws from torch's global RNG: the checkpoint's RNG state must be what the next step sees."""
+    from train.lora import LoraTask
+
+    assert_resumes_exactly(base_unet, tmp_path, {"lora__rank": 4, "lora__dropout": 0.5}, LoraTask)
+
+
+def assert_resumes_exactly(base, tmp_path, extra: dict, task_class=None) -> None:
+    train(fast_config(base, tmp_path / "straight", **extra), task_class)
+    train(fast_config(base, tmp_path / "split", **extra, train__stop_at_step=3, train__checkpoint_every=0), task_class)
     assert (tmp_path / "split" / "checkpoints" / "step-00000003").is_dir()  # a paused run leaves a checkpoint
     assert not (tmp_path / "split" / "model").exists()
-    train(fast_config(base, tmp_path / "split", **extra))
+    train(fast_config(base, tmp_path / "split", **extra), task_class)
 
     a, b = checkpoint_tensors(tmp_path / "straight", 6), checkpoint_tensors(tmp_path / "split", 6)
     for part in ("model", "ema", "optimizer"):
@@ -70,3 +77,55 @@ def test_resume_refuses_a_changed_model_or_dataset(base_dit, tmp_path):
     with pytest.raises(GenError, match="objective changed"):
         train(fast_config(base_dit, tmp_path, train__max_steps=4, objective__shift=3.0))
     train(fast_config(base_dit, tmp_path, train__max_steps=4, train__resume="none", train__output_dir=str(tmp_path)))
+
+
+def test_a_fresh_run_in_an_earlier_runs_folder_resumes_its_own_checkpoints(base_dit, tmp_path):
+    """train.resume=none where another run (seed 1) checkpointed: its checkpoints are set aside, and this run's
+    pause + resume equals the same run straight."""
+    train(fast_config(base_dit, tmp_path / "run", train__seed=1))
+    fresh = dict(train__resume="none", train__stop_at_step=3, train__checkpoint_every=0)
+    train(fast_config(base_dit, tmp_path / "run", **fresh))
+    ck = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step-00000003"]
+    assert (ck / "latest").read_text().strip() == "step-00000003"
+    aside = list((tmp_path / "run").glob("checkpoints-before-*"))
+    assert len(aside) == 1 and (aside[0] / "step-00000006").is_dir()
+    train(fast_config(base_dit, tmp_path / "run"))  # train.resume=auto: this run's step 3
+    train(fast_config(base_dit, tmp_path / "straight"))
+    a, b = checkpoint_tensors(tmp_path / "straight", 6), checkpoint_tensors(tmp_path / "run", 6)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert losses(tmp_path / "straight") == losses(tmp_path / "run")
+
+
+def test_resume_refuses_other_frozen_parts_but_not_a_moved_copy(base_dit, tmp_path):
+    """The VAE and text encoder are not in checkpoints: another VAE (model.vae) is refused; the same base folder
+    copied elsewhere resumes."""
+    import shutil
+
+    from gen.models.tiny import tiny_pipeline
+
+    run = tmp_path / "run"
+    train(fast_config(base_dit, run, train__stop_at_step=2))
+    other = tmp_path / "other"
+    tiny_pipeline("dit", seed=1).save_pretrained(other)
+    with pytest.raises(GenError, match=rf"frozen vae differ.*model.vae={other}.*train.resume=none"):
+        train(fast_config(base_dit, run, model__vae=str(other)))
+    moved = shutil.copytree(base_dit, tmp_path / "moved")
+    train(fast_config(moved, run, train__max_steps=3))
+    assert (run / "model").is_dir()
+
+
+def test_lora_resume_refuses_another_base_denoiser(base_unet, tmp_path):
+    from gen.models.tiny import tiny_pipeline
+    from train.lora import LoraTask
+
+    run = tmp_path / "run"
+    train(fast_config(base_unet, run, lora__rank=4, train__stop_at_step=2), LoraTask)
+    other = tmp_path / "unet-other"
+    pipe = tiny_pipeline("unet")
+    with torch.no_grad():
+        for p in pipe.denoiser.parameters():
+            p.mul_(1.5)
+    pipe.save_pretrained(other)
+    with pytest.raises(GenError, match="frozen denoiser differ"):
+        train(fast_config(other, run, lora__rank=4), LoraTask)
