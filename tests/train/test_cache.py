@@ -155,3 +155,27 @@ def test_one_build_per_cache_folder(shapes, base_dit, tmp_path, caplog):
         assert build(cfg, data, pipe, progress=False) == (folder, True)
     assert f"taking over the stale lock of process {holder.pid}" in caplog.text
     assert (folder / "index.json").is_file() and not (folder / NAME).exists()
+
+
+def test_a_changed_image_of_the_same_size_rebuilds_the_cache(base_dit, tmp_path):
+    """BMP files keep their byte size whatever their pixels: only the modification time tells the change."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "bmp"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / f"{i}.bmp")
+        (root / f"{i}.txt").write_text("a red circle")
+    cfg = cache_config(base_dit, root, tmp_path)
+    pipe = Pipeline.from_pretrained(base_dit)
+    first, _ = build(cfg, TrainData(cfg.data, 0), pipe, progress=False)
+    before = (root / "0.bmp").stat()
+    Image.fromarray(255 - np.asarray(Image.open(root / "0.bmp"))).save(root / "0.bmp")
+    os.utime(root / "0.bmp", ns=(before.st_atime_ns, before.st_mtime_ns + 10 ** 9))
+    assert (root / "0.bmp").stat().st_size == before.st_size
+    again, built = build(cfg, TrainData(cfg.data, 0), pipe, progress=False)
+    assert built and again != first
+    assert not torch.equal(contents(first)[0][0]["mean"], contents(again)[0][0]["mean"])
+    assert build(cfg, TrainData(cfg.data, 0), pipe, progress=False) == (again, False)  # unchanged: reused

@@ -166,6 +166,12 @@ class TrainData(torch.utils.data.Dataset):
         return fp
 
 
+    def stamp(self) -> str | None:
+        """What the fingerprint leaves out: the files' sizes and modification times (None for the shapes world).
+        Caches depend on it; a resume does not (a copied dataset has new times and the same pictures)."""
+        return self.source.stamp() if hasattr(self.source, "stamp") else None
+
+
 class OrderSampler(Sampler):
     """Endless batches of (item, position) for one process; epoch e is a permutation seeded by seed + e.
 

@@ -1,8 +1,9 @@
 """Latent and text-embedding caches: the frozen VAE and text encoders run once per image, not once per step.
 
 A cache is a folder `<data.cache_dir>/<key>/` named by a hash of everything its contents depend on: the
-VAE's and text encoders' weights and configs, their tokenizers, the model family, the dataset's fingerprint,
-the resolution or bucket sizes, the crop and flip settings, the encoders' dtype and the latent mode. A changed
+VAE's and text encoders' weights and configs, their tokenizers, the model family, the dataset's fingerprint
+and its files' sizes and modification times (a stat per file: hashing every byte would read the whole dataset at
+each start, while an edited, converted or re-downloaded image gets a new time), the resolution or bucket sizes, the crop and flip settings, the encoders' dtype and the latent mode. A changed
 setting gives a new key, so stale data is never reused; an unchanged one finds `index.json` and reuses it.
 
 Building splits the data into units (runs of items of a folder, or whole shards) dealt round-robin to
@@ -68,7 +69,7 @@ def tokenizer_digest(text) -> str:
 def key_parts(data: TrainData, models) -> dict:
     """What a cache's contents depend on; `models`: the frozen encoders (.texts, .vae, .family)."""
     c = data.cfg
-    return {"version": VERSION, "data": data.fingerprint(), "vae": module_digest(models.vae),
+    return {"version": VERSION, "data": data.fingerprint(), "files": data.stamp(), "vae": module_digest(models.vae),
             "family": models.family.name, "text_encoders": [module_digest(t.model) for t in models.texts],
             "tokenizers": [tokenizer_digest(t) for t in models.texts],
             "buckets": data.buckets.sizes if data.buckets else None, "crop": c.crop, "flip": c.flip,

@@ -124,8 +124,20 @@ class ImageFolder:
                     log.warning("cannot decode %s (%s); using the next image in its place", p, e)
         raise GenError(f"config key 'data.path': none of the images in {self.root} can be decoded any more")
 
+    def name(self, p: Path) -> str:
+        """An item's name: its path under the folder (or as metadata.jsonl gave it, when absolute)."""
+        return str(p.relative_to(self.root)) if p.is_relative_to(self.root) else str(p)
+
     def fingerprint(self) -> dict:
         h = hashlib.sha256()
         for p, text in self.items:
-            h.update(f"{p.relative_to(self.root)}\0{p.stat().st_size}\0{text}\n".encode())
+            h.update(f"{self.name(p)}\0{p.stat().st_size}\0{text}\n".encode())
         return {"source": "folder", "num_images": len(self.items), "sha256": h.hexdigest()[:16]}
+
+    def stamp(self) -> str:
+        """A digest of every image's (name, size, modification time): what a cache of its pixels depends on."""
+        h = hashlib.sha256()
+        for p, _ in self.items:
+            st = p.stat()
+            h.update(f"{self.name(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]
