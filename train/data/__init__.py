@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Sampler
 from gen.errors import GenError
 from train import captions
 from train.config import DataConfig
+from train.data import exif
 from train.data.buckets import Buckets, BucketSampler
 from train.data.folder import ImageFolder
 from train.data.shapes import ShapesWorld
@@ -91,7 +92,7 @@ def image_sizes(source) -> list[tuple[int, int]]:
         out = []
         for p, _ in source.items:
             with Image.open(p) as im:
-                out.append(im.size)
+                out.append(exif.size(im))
         return out
     return [source[i][0].size for i in range(len(source))]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from gen.errors import GenError
-from train.data import masks
+from train.data import exif, masks
 
 log = logging.getLogger("gen")
 
@@ -117,6 +117,7 @@ class ImageFolder:
             p, text = self.items[(i + k) % len(self.items)]
             try:
                 with Image.open(p) as im:
+                    im = exif.upright(im)  # a phone photo's Orientation tag, as viewers apply it
                     return im.convert("RGB"), text, masks.read(p, im) if mask else None
             except IMAGE_ERRORS as e:
                 if p not in self.failed:

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from gen.errors import GenError
+from train.data import exif
 
 log = logging.getLogger("gen")
 
@@ -224,7 +225,7 @@ def decode(data: bytes | None, name: str) -> Image.Image | None:
         if data is None:
             raise OSError("unreadable member")
         with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
+            return exif.upright(im).convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         if name not in _warned:  # once per sample and process, not every epoch
             _warned.add(name)
