@@ -203,6 +203,7 @@ def test_dit_dora_lora_on_a_gen_model(dit_base, images, tmp_path):
     ({"data.cache": True}, "cannot be used with lora.text_encoder"),
     ({"lora.targets": "ff+attn"}, "lora.targets"),
     ({"lora.rank": 0}, "lora.rank"),
+    ({"model.train_text_encoder": True}, "model.train_text_encoder.*lora.text_encoder=true"),
 ])
 def test_config_errors_name_the_key(bad, message, sd_folder, images, tmp_path):
     with pytest.raises(GenError, match=message):
