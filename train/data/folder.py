@@ -118,12 +118,23 @@ class ImageFolder:
             try:
                 with Image.open(p) as im:
                     im = exif.upright(im)  # a phone photo's Orientation tag, as viewers apply it
-                    return im.convert("RGB"), text, masks.read(p, im) if mask else None
+                    return im.convert("RGB"), text, self._mask(p, im) if mask else None
             except IMAGE_ERRORS as e:
                 if p not in self.failed:
                     self.failed.add(p)
                     log.warning("cannot decode %s (%s); using the next image in its place", p, e)
         raise GenError(f"config key 'data.path': none of the images in {self.root} can be decoded any more")
+
+    def _mask(self, p: Path, im: Image.Image) -> Image.Image | None:
+        """The image's loss mask; a mask file that does not decode leaves the image unmasked, with one warning."""
+        try:
+            return masks.read(p, im)
+        except IMAGE_ERRORS as e:
+            bad = masks.mask_file(p)
+            if bad not in self.failed:
+                self.failed.add(bad)
+                log.warning("cannot decode the mask %s (%s); its image trains unmasked", bad, e)
+            return None
 
     def name(self, p: Path) -> str:
         """An item's name: its path under the folder (or as metadata.jsonl gave it, when absolute)."""
