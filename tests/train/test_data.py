@@ -162,3 +162,16 @@ def test_exif_orientation_is_applied_to_images_masks_bucket_sizes_and_shards(tmp
     with tarfile.open(tmp_path / "shards" / "shard-000000.tar") as tar:
         png = tar.extractfile("000000000.png").read()
     assert np.array_equal(np.asarray(decode(png, "a")), upright)
+
+
+def test_absolute_file_names_in_metadata_are_read_as_hf_imagefolder_reads_them(tmp_path):
+    images = write_folder(tmp_path / "elsewhere", 2, seed=1)
+    root = tmp_path / "data"
+    root.mkdir()
+    rows = [json.loads(r) for r in (images / "metadata.jsonl").read_text().splitlines()]
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": str(images / r["file_name"]),
+                                                             "text": r["text"]}) + "\n" for r in rows))
+    cfg = load_config(None, extra={"model.base": "unused", "data.path": str(root), "data.resolution": 16})
+    data = TrainData(cfg.data, 0)
+    assert len(data) == 2 and data[1, 0]["text"] == rows[1]["text"]
+    assert data.fingerprint()["num_images"] == 2 and data.stamp()
