@@ -197,7 +197,7 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
     task = task_class(cfg, acc.device, dtype)
     if cfg.data.cache and hasattr(task, "family") and hasattr(task, "vae"):  # latents + conditioning from disk
         from train.data.cache import cached
-        data = cached(cfg, data, task, acc)
+        data = cached(cfg, data, task, acc, stop=lambda: guard.signal)  # Ctrl-C stops the build too
     held_out = HeldOut(cfg, task)  # validation.loss_path's fixed triples (train/heldout.py)
     model = task.model
     model.train()

@@ -179,3 +179,32 @@ def test_a_changed_image_of_the_same_size_rebuilds_the_cache(base_dit, tmp_path)
     assert built and again != first
     assert not torch.equal(contents(first)[0][0]["mean"], contents(again)[0][0]["mean"])
     assert build(cfg, TrainData(cfg.data, 0), pipe, progress=False) == (again, False)  # unchanged: reused
+
+
+def test_a_stopped_build_stops_at_once_and_the_next_one_continues_it(shapes, base_dit, tmp_path):
+    """12 images in units of 8 (4 batches of 2): a stop in the second unit keeps the first, which the next build
+    reuses; the result equals an uninterrupted build."""
+    import signal
+
+    from gen.errors import Stopped
+
+    cfg = cache_config(base_dit, shapes, tmp_path)
+    pipe, data = Pipeline.from_pretrained(base_dit), TrainData(cfg.data, 0)
+    asked = []
+
+    def stop():  # Ctrl-C while the 11th image is read
+        asked.append(1)
+        return signal.SIGINT if len(asked) > 10 else None
+
+    with pytest.raises(Stopped, match="stopped the cache build \\(SIGINT\\).*run the same command again") as e:
+        build(cfg, data, pipe, progress=False, stop=stop)
+    assert e.value.code == 130 and len(asked) == 12  # no image encoded after the signal
+    kept = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "cache").rglob("*.safetensors")}
+    assert len(kept) == 1
+    folder, built = build(cfg, data, pipe, progress=False)
+    assert built and {f: (folder / f).stat().st_mtime_ns for f in kept} == kept  # the finished part reused
+    whole = cache_config(base_dit, shapes, tmp_path / "whole")
+    straight, _ = build(whole, TrainData(whole.data, 0), pipe, progress=False)
+    (a, rows_a), (b, rows_b) = contents(folder), contents(straight)
+    assert rows_a == rows_b and sorted(a) == list(range(12))
+    assert all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])
