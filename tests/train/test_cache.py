@@ -208,3 +208,32 @@ def test_a_stopped_build_stops_at_once_and_the_next_one_continues_it(shapes, bas
     (a, rows_a), (b, rows_b) = contents(folder), contents(straight)
     assert rows_a == rows_b and sorted(a) == list(range(12))
     assert all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])
+
+
+class CtrlCTask(DenoiserTask):
+    """Sends this process a real SIGINT when the VAE encodes the fifth batch of the cache build."""
+
+    def __init__(self, *args, **kwargs):
+        import signal
+
+        super().__init__(*args, **kwargs)
+        calls = []
+
+        def hook(*_):
+            calls.append(1)
+            if len(calls) == 5:  # the first batch of the second unit
+                os.kill(os.getpid(), signal.SIGINT)
+        self.vae.encoder.register_forward_hook(hook)
+
+
+def test_ctrl_c_during_the_cache_build_of_a_run_stops_it_and_the_rerun_continues(shapes, base_dit, tmp_path):
+    from gen.errors import Stopped
+
+    cfg = cache_config(base_dit, shapes, tmp_path, train__max_steps=2, train__checkpoint_every=0)
+    with pytest.raises(Stopped, match="stopped the cache build \\(SIGINT\\)") as e:
+        train(cfg, task_class=CtrlCTask)
+    assert e.value.code == 130 and not list((tmp_path / "cache").rglob("index.json"))
+    kept = {f: f.stat().st_mtime_ns for f in (tmp_path / "cache").rglob("*.safetensors")}
+    assert len(kept) == 1  # the first unit (4 batches of 2)
+    train(cfg)
+    assert {f: f.stat().st_mtime_ns for f in kept} == kept and len(losses(tmp_path / "run")) == 2
