@@ -417,12 +417,28 @@ def validate(cfg: Config) -> Config:
               ("optim.warmup_steps", cfg.optim.warmup_steps >= 0), ("optim.cycles", cfg.optim.cycles >= 1),
               ("validation.loss_images", cfg.validation.loss_images >= 1), ("objective.logit_std", cfg.objective.logit_std > 0),
               ("objective.shift", cfg.objective.shift > 0), ("log.every", cfg.log.every >= 1)]
-    for key, ok in checks:
+    o, ob, t, d, sa = cfg.optim, cfg.objective, cfg.train, cfg.data, cfg.sampling
+    ranged = [("objective.min_snr_gamma", ob.min_snr_gamma is None or ob.min_snr_gamma > 0, "> 0 (or null: off)"),
+              ("objective.offset_noise", ob.offset_noise >= 0, ">= 0"),
+              ("optim.weight_decay", o.weight_decay >= 0, ">= 0"), ("optim.eps", o.eps > 0, "> 0"),
+              ("optim.betas", all(0 <= b < 1 for b in o.betas), "two numbers in [0, 1)"),
+              ("optim.min_lr_ratio", 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
+              ("optim.grad_clip", o.grad_clip >= 0, ">= 0 (0: no clipping)"),
+              ("train.guidance", t.guidance is None or t.guidance > 0, "> 0 (or null)"),
+              ("data.num_workers", d.num_workers >= 0, ">= 0"), ("data.bucket_step", d.bucket_step >= 1, ">= 1"),
+              ("data.max_aspect", d.max_aspect >= 1, ">= 1"), ("vae.kl_weight", cfg.vae.kl_weight >= 0, ">= 0"),
+              ("clip.projection_dim", cfg.clip.projection_dim >= 1, ">= 1"),
+              ("clip.vocab_size", cfg.clip.vocab_size >= 1, ">= 1"),
+              ("validation.every", cfg.validation.every >= 0, ">= 0 (0: only at the end)"),
+              ("sampling.steps", sa.steps is None or sa.steps >= 1, ">= 1 (or null)"),
+              ("sampling.guidance", sa.guidance is None or sa.guidance >= 0, ">= 0 (or null)")]
+    for key, ok, *rule in checks + ranged:
         if not ok:
             value = cfg
             for name in key.split("."):
                 value = getattr(value, name)
-            raise GenError(f"config key {key!r} has an invalid value {value!r}")
+            must = f"; it must be {rule[0]}" if rule else ""
+            raise GenError(f"config key {key!r} has an invalid value {value!r}{must}")
     if cfg.stage == "denoiser" and not cfg.model.base and not (cfg.model.text_encoder and cfg.model.vae):
         raise GenError("config key 'model.base' is empty: give a model folder holding the text encoder, "
                        "tokenizer and VAE to train with (or set model.text_encoder and model.vae)")

@@ -12,7 +12,10 @@ class EMA:
     """ema = d * ema + (1 - d) * w after every optimizer step; with warmup, d = min(decay, (1+n)/(10+n))."""
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        # the copy shares the frozen parameters (a LoRA's base, a frozen text encoder): they never move, and a
+        # copy of them would double the memory of the largest part for nothing
+        frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
+        self.model = copy.deepcopy(model, memo=frozen).eval().requires_grad_(False)
         self.decay, self.warmup, self.num_updates = decay, warmup, 0
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 

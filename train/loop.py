@@ -64,7 +64,7 @@ class Trackers:
         if not enabled:
             return
         if self.path.is_file():  # a resumed run rewrites what came after its checkpoint
-            rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+            rows = [r for r in self.path.read_text().splitlines() if _step_of(r) <= step]
             self.path.write_text("".join(r + "\n" for r in rows))
         kind = cfg.log.tracker
         if kind in ("auto", "tensorboard"):
@@ -105,6 +105,14 @@ class Trackers:
             self.tb.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def _step_of(row: str) -> float:
+    """The step of a metrics.jsonl line; infinite (dropped) for a line a crash tore mid-write."""
+    try:
+        return json.loads(row)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _has_accelerator() -> bool:
@@ -189,7 +197,7 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
     task = task_class(cfg, acc.device, dtype)
     if cfg.data.cache and hasattr(task, "family") and hasattr(task, "vae"):  # latents + conditioning from disk
         from train.data.cache import cached
-        data = cached(cfg, data, task, acc)
+        data = cached(cfg, data, task, acc, stop=lambda: guard.signal)  # Ctrl-C stops the build too
     held_out = HeldOut(cfg, task)  # validation.loss_path's fixed triples (train/heldout.py)
     model = task.model
     model.train()

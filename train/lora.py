@@ -91,6 +91,9 @@ class LoraTask(DenoiserTask):
         if not cfg.model.base:
             raise GenError("config key 'model.base' is empty: give the model folder to train a LoRA for")
         o = cfg.lora
+        if cfg.model.train_text_encoder:  # a LoRA file holds adapters only: a fully trained text encoder is lost
+            raise GenError("config key 'model.train_text_encoder': a LoRA holds adapters only; set "
+                           "lora.text_encoder=true for text-encoder adapters, or fine-tune fully with gen train")
         if cfg.data.cache and (o.text_encoder or o.instance_prompt):
             what = "lora.text_encoder=true" if o.text_encoder else "lora.instance_prompt"
             raise GenError(f"data.cache stores the captions' text embeddings, so it cannot be used with {what}; "

@@ -25,6 +25,7 @@ from gen.errors import GenError
 from gen.models import vae as vae_lib
 from train.config import Config
 from train.data import build_source, transform
+from train.data.shards import Shards, decode
 
 log = logging.getLogger("gen")
 
@@ -41,9 +42,40 @@ def holdout(cfg: Config, n: int) -> tuple[torch.Tensor, list[str]]:
         source = build_source(d)
         log.warning("data.source=%s has no held-out split: evaluating on the last %d training images", d.source, n)
     rng = np.random.default_rng(0)
-    items = [source[i] for i in range(max(0, len(source) - n), len(source))]
+    items = list(_pairs(source, max(0, len(source) - n)))
     pixels = torch.stack([transform(img, d.resolution, "center", False, rng) for img, _ in items])
     return pixels, [text for _, text in items]
+
+
+def _pairs(source, lo: int):
+    """(image, caption) of a source's items from `lo` on; shards are read in order (corrupt samples skipped)."""
+    if not isinstance(source, Shards):
+        yield from (source[i] for i in range(lo, len(source)))
+        return
+    for j in range(len(source.urls)):
+        if source.offsets[j + 1] > lo:
+            for _, name, data, text in source.read(j, max(0, lo - source.offsets[j])):
+                img = decode(data, name)
+                if img is not None:
+                    yield img, text or ""
+
+
+def through_forward(model: nn.Module, fn, *args):
+    """fn(module, *args) run as the forward of `model`: through its DDP wrapper when it has one (accelerate's under
+    several processes), whose forward prepares the gradient all-reduce; methods called on the bare module (encode,
+    get_image_features) would skip it, and on the wrapper they do not exist."""
+    inner = getattr(model, "module", None)
+    if inner is None:
+        return fn(model, *args)
+    saved = inner.__dict__.get("forward")  # accelerate's autocast wrapper, when it set one
+    inner.forward = lambda *a: fn(inner, *a)
+    try:
+        return model(*args)
+    finally:
+        if saved is None:
+            del inner.forward
+        else:
+            inner.forward = saved
 
 
 def _save_json(path: Path, data: dict) -> None:
@@ -74,6 +106,9 @@ class VAETask:
         return {"vae": {k: v for k, v in dict(self.model.config).items() if not k.startswith("_")}}
 
     def loss(self, model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
+        return through_forward(model, self._loss, batch, g)
+
+    def _loss(self, model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
         x = batch["pixel_values"].to(self.device)  # (N, 3, H, W) in [-1, 1]
         post = model.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(self.device)
@@ -139,6 +174,8 @@ def captions_of(cfg: Config) -> list[str]:
     source = build_source(cfg.data)
     if isinstance(source, ShapesWorld):
         return [source.scene(i).caption for i in range(len(source))]
+    if isinstance(source, Shards):
+        return [text or "" for j in range(len(source.urls)) for _, _, _, text in source.read(j)]
     return [source[i][1] for i in range(len(source))]
 
 
@@ -264,6 +301,9 @@ class CLIPTask:
         return logits, ids.masked_fill((pos == 0) | (pos > first_eos), -100)
 
     def loss(self, model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
+        return through_forward(model, self._loss, batch, g)
+
+    def _loss(self, model: nn.Module, batch: dict, g: torch.Generator) -> torch.Tensor:
         ids = self.tokens(batch["text"])
         img = self.image_features(model, batch["pixel_values"])
         txt, pooled = self.text_states(model, ids)

@@ -79,8 +79,19 @@ def test_bucket_order_is_deterministic_and_resumable(mixed):
     assert [b["index"].tolist() for b in stream(data, 6, position=12)] == whole[6:]
     two = [stream(data, 6, world=2, rank=r) for r in (0, 1)]
     assert [b["index"].tolist() for k in range(6) for b in (two[0][k], two[1][k])] == whole
-    with pytest.raises(GenError, match="no aspect-ratio bucket holds train.batch_size"):
-        stream(data, 1, bs=40)
+
+
+def test_every_image_trains_every_epoch_even_in_buckets_smaller_than_the_batch(mixed, capfd):
+    data = bucketed(mixed)
+    counts = np.bincount(data.assignment)
+    assert any(0 < c < 8 for c in counts)  # buckets smaller than the batch
+    per_epoch = sum(-(-int(c) // 8) for c in counts)
+    batches = stream(data, 2 * per_epoch, bs=8)
+    assert "batches (the last of" in capfd.readouterr().err
+    for epoch in (batches[:per_epoch], batches[per_epoch:]):
+        seen = [i for b in epoch for i in b["index"].tolist()]
+        assert sorted(seen) == list(range(len(data)))  # each image once per epoch
+    assert {len(b["index"]) for b in batches} - {8}  # some batches are partial
 
 
 def test_a_bucketed_run_trains(mixed, base_dit, tmp_path):

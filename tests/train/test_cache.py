@@ -155,3 +155,85 @@ def test_one_build_per_cache_folder(shapes, base_dit, tmp_path, caplog):
         assert build(cfg, data, pipe, progress=False) == (folder, True)
     assert f"taking over the stale lock of process {holder.pid}" in caplog.text
     assert (folder / "index.json").is_file() and not (folder / NAME).exists()
+
+
+def test_a_changed_image_of_the_same_size_rebuilds_the_cache(base_dit, tmp_path):
+    """BMP files keep their byte size whatever their pixels: only the modification time tells the change."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "bmp"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / f"{i}.bmp")
+        (root / f"{i}.txt").write_text("a red circle")
+    cfg = cache_config(base_dit, root, tmp_path)
+    pipe = Pipeline.from_pretrained(base_dit)
+    first, _ = build(cfg, TrainData(cfg.data, 0), pipe, progress=False)
+    before = (root / "0.bmp").stat()
+    Image.fromarray(255 - np.asarray(Image.open(root / "0.bmp"))).save(root / "0.bmp")
+    os.utime(root / "0.bmp", ns=(before.st_atime_ns, before.st_mtime_ns + 10 ** 9))
+    assert (root / "0.bmp").stat().st_size == before.st_size
+    again, built = build(cfg, TrainData(cfg.data, 0), pipe, progress=False)
+    assert built and again != first
+    assert not torch.equal(contents(first)[0][0]["mean"], contents(again)[0][0]["mean"])
+    assert build(cfg, TrainData(cfg.data, 0), pipe, progress=False) == (again, False)  # unchanged: reused
+
+
+def test_a_stopped_build_stops_at_once_and_the_next_one_continues_it(shapes, base_dit, tmp_path):
+    """12 images in units of 8 (4 batches of 2): a stop in the second unit keeps the first, which the next build
+    reuses; the result equals an uninterrupted build."""
+    import signal
+
+    from gen.errors import Stopped
+
+    cfg = cache_config(base_dit, shapes, tmp_path)
+    pipe, data = Pipeline.from_pretrained(base_dit), TrainData(cfg.data, 0)
+    asked = []
+
+    def stop():  # Ctrl-C while the 11th image is read
+        asked.append(1)
+        return signal.SIGINT if len(asked) > 10 else None
+
+    with pytest.raises(Stopped, match="stopped the cache build \\(SIGINT\\).*run the same command again") as e:
+        build(cfg, data, pipe, progress=False, stop=stop)
+    assert e.value.code == 130 and len(asked) == 12  # no image encoded after the signal
+    kept = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "cache").rglob("*.safetensors")}
+    assert len(kept) == 1
+    folder, built = build(cfg, data, pipe, progress=False)
+    assert built and {f: (folder / f).stat().st_mtime_ns for f in kept} == kept  # the finished part reused
+    whole = cache_config(base_dit, shapes, tmp_path / "whole")
+    straight, _ = build(whole, TrainData(whole.data, 0), pipe, progress=False)
+    (a, rows_a), (b, rows_b) = contents(folder), contents(straight)
+    assert rows_a == rows_b and sorted(a) == list(range(12))
+    assert all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])
+
+
+class CtrlCTask(DenoiserTask):
+    """Sends this process a real SIGINT when the VAE encodes the fifth batch of the cache build."""
+
+    def __init__(self, *args, **kwargs):
+        import signal
+
+        super().__init__(*args, **kwargs)
+        calls = []
+
+        def hook(*_):
+            calls.append(1)
+            if len(calls) == 5:  # the first batch of the second unit
+                os.kill(os.getpid(), signal.SIGINT)
+        self.vae.encoder.register_forward_hook(hook)
+
+
+def test_ctrl_c_during_the_cache_build_of_a_run_stops_it_and_the_rerun_continues(shapes, base_dit, tmp_path):
+    from gen.errors import Stopped
+
+    cfg = cache_config(base_dit, shapes, tmp_path, train__max_steps=2, train__checkpoint_every=0)
+    with pytest.raises(Stopped, match="stopped the cache build \\(SIGINT\\)") as e:
+        train(cfg, task_class=CtrlCTask)
+    assert e.value.code == 130 and not list((tmp_path / "cache").rglob("index.json"))
+    kept = {f: f.stat().st_mtime_ns for f in (tmp_path / "cache").rglob("*.safetensors")}
+    assert len(kept) == 1  # the first unit (4 batches of 2)
+    train(cfg)
+    assert {f: f.stat().st_mtime_ns for f in kept} == kept and len(losses(tmp_path / "run")) == 2

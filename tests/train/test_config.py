@@ -34,6 +34,23 @@ def test_errors_name_the_key(override, key):
         load_config(None, BASE + [override])
 
 
+@pytest.mark.parametrize("override", [
+    "objective.min_snr_gamma=-5", "objective.offset_noise=-0.1", "optim.weight_decay=-0.01", "optim.eps=0",
+    "optim.betas=[0.9, 1.5]", "optim.min_lr_ratio=2", "optim.grad_clip=-1", "train.guidance=0",
+    "data.num_workers=-1", "data.bucket_step=0", "data.max_aspect=0.5", "vae.kl_weight=-1",
+    "validation.every=-1", "sampling.steps=0", "sampling.guidance=-1", "clip.projection_dim=0",
+])
+def test_out_of_range_values_are_one_line_errors_naming_the_key_and_the_range(override, capsys, tmp_path):
+    key, value = override.split("=")
+    with pytest.raises(GenError, match=rf"config key '{re.escape(key)}' has an invalid value .*; it must be "):
+        load_config(None, BASE + [override])
+    f = tmp_path / "c.yaml"
+    f.write_text("model: {base: m}\ndata: {source: shapes}\n")
+    assert gen_main(["train", str(f), override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"'{key}'" in err[0]
+
+
 @pytest.mark.parametrize("override, key, value", [
     ("train.mixed_precision=no", "train.mixed_precision", "no"),  # YAML 1.1 would read False
     ("data.path=off", "data.path", "off"), ("model.base=1e-4", "model.base", "1e-4"),

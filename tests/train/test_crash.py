@@ -80,3 +80,13 @@ def test_sigkill_during_a_save(phase, resumes_from, base_dit, straight, tmp_path
     for part in a:
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     assert losses(run) == losses(straight)
+
+
+def test_a_torn_last_metrics_line_does_not_block_resume(base_dit, tmp_path):
+    """A crash in the middle of a metrics.jsonl write leaves half a line: resume drops it."""
+    train(fast_config(base_dit, tmp_path, train__max_steps=4, train__stop_at_step=2, train__checkpoint_every=0,
+                      train__ema_decay=0.0))
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.1')  # torn
+    train(fast_config(base_dit, tmp_path, train__max_steps=4, train__checkpoint_every=0, train__ema_decay=0.0))
+    assert len(losses(tmp_path)) == 4

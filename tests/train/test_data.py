@@ -2,6 +2,7 @@
 
 import json
 import logging
+import tarfile
 
 import numpy as np
 import pytest
@@ -129,3 +130,48 @@ def test_data_wait_is_logged_and_sees_a_slow_loader(base_dit, tmp_path, caplog):
     slowed = data_wait(tmp_path / "slow")
     assert len(slowed) == 2 and all(0.25 < w <= 1 for w in slowed), slowed
     assert "raise data.num_workers (now 0) or use data.cache" in caplog.text
+
+
+def test_exif_orientation_is_applied_to_images_masks_bucket_sizes_and_shards(tmp_path):
+    """A phone photo: landscape pixels with Orientation 6 (turn 90 degrees clockwise to view), its mask too."""
+    from PIL import Image
+
+    from train.data.shards import decode, pack
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    stored = rng.integers(0, 256, (16, 32, 3), dtype=np.uint8)  # (H, W): as the sensor wrote it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(root / "a.png", exif=exif)
+    mask = np.zeros((16, 32), np.uint8)
+    mask[:, :8] = 255  # the stored left edge: the top once turned
+    Image.fromarray(mask).save(root / "a.mask.png", exif=exif)
+    (root / "a.txt").write_text("a photo")
+    upright = np.rot90(stored, k=-1)  # clockwise: (32, 16)
+    img, _, m = ImageFolder(root).load(0, mask=True)
+    assert np.array_equal(np.asarray(img), upright)
+    assert np.array_equal(np.asarray(m), np.rot90(mask, k=-1))
+    cfg = load_config(None, extra={"model.base": "unused", "data.path": str(root), "data.resolution": 16,
+                                   "data.buckets": True, "data.bucket_step": 4})
+    data = TrainData(cfg.data, 0)
+    w, h = data.size(0)
+    assert h > w  # a portrait bucket
+    pack(root, tmp_path / "shards", progress=False)
+    with tarfile.open(tmp_path / "shards" / "shard-000000.tar") as tar:
+        png = tar.extractfile("000000000.png").read()
+    assert np.array_equal(np.asarray(decode(png, "a")), upright)
+
+
+def test_absolute_file_names_in_metadata_are_read_as_hf_imagefolder_reads_them(tmp_path):
+    images = write_folder(tmp_path / "elsewhere", 2, seed=1)
+    root = tmp_path / "data"
+    root.mkdir()
+    rows = [json.loads(r) for r in (images / "metadata.jsonl").read_text().splitlines()]
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": str(images / r["file_name"]),
+                                                             "text": r["text"]}) + "\n" for r in rows))
+    cfg = load_config(None, extra={"model.base": "unused", "data.path": str(root), "data.resolution": 16})
+    data = TrainData(cfg.data, 0)
+    assert len(data) == 2 and data[1, 0]["text"] == rows[1]["text"]
+    assert data.fingerprint()["num_images"] == 2 and data.stamp()

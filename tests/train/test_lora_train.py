@@ -203,6 +203,7 @@ def test_dit_dora_lora_on_a_gen_model(dit_base, images, tmp_path):
     ({"data.cache": True}, "cannot be used with lora.text_encoder"),
     ({"lora.targets": "ff+attn"}, "lora.targets"),
     ({"lora.rank": 0}, "lora.rank"),
+    ({"model.train_text_encoder": True}, "model.train_text_encoder.*lora.text_encoder=true"),
 ])
 def test_config_errors_name_the_key(bad, message, sd_folder, images, tmp_path):
     with pytest.raises(GenError, match=message):
@@ -221,3 +222,21 @@ def test_lora_on_a_single_file_base_equals_the_folders(sd_folder, images, tmp_pa
         out[name] = load_file(str(train(cfg, LoraTask)))
     assert out["folder"].keys() == out["file"].keys() and len(out["file"]) > 0
     assert max(diff(out["folder"][k], out["file"][k]) for k in out["file"]) <= 1e-6
+
+
+def test_ema_of_a_lora_copies_the_adapters_only(sd_folder, images, tmp_path):
+    from train.ema import EMA
+
+    task = LoraTask(load_config(None, extra=settings(sd_folder, images, tmp_path)), torch.device("cpu"))
+    ema = EMA(task.model, 0.9)
+    ours, theirs = dict(task.model.named_parameters()), dict(ema.model.named_parameters())
+    assert ours.keys() == theirs.keys()
+    frozen = [k for k, p in ours.items() if not p.requires_grad]
+    assert frozen and all(theirs[k] is ours[k] for k in frozen)  # the base: shared, not copied
+    adapters = [k for k, p in ours.items() if p.requires_grad]
+    assert adapters and all(theirs[k] is not ours[k] for k in adapters)
+    with torch.no_grad():
+        for k in adapters:
+            ours[k].add_(1.0)
+    ema.update(task.model)
+    assert all(not torch.equal(theirs[k], ours[k]) for k in adapters)  # the EMA lags the adapters

@@ -87,3 +87,13 @@ def test_a_cache_refuses_masks(base_dit, folder, tmp_path):
     with pytest.raises(GenError, match="data.cache.*loss masks"):
         TrainData(config(base_dit, folder, tmp_path, data__cache=True).data, 0)
     assert not TrainData(config(base_dit, folder, tmp_path, data__cache=True, data__masked_loss=False).data, 0).masked
+
+
+def test_a_corrupt_mask_leaves_its_image_unmasked_with_a_warning(base_dit, folder, tmp_path, caplog):
+    (folder / "a.mask.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    data = TrainData(config(base_dit, folder, tmp_path).data, 0)
+    i = [p.name for p, _ in data.source.items].index("a.png")
+    with caplog.at_level("WARNING", logger="gen"):
+        row = data[i, 0]
+    assert row["text"] == "picture a" and row["mask"].eq(1).all()  # its own image, weighing 1 everywhere
+    assert "a.mask.png" in caplog.text and "trains unmasked" in caplog.text

@@ -75,3 +75,17 @@ def test_prior_errors_name_the_key(sd_folder, images, tmp_path):
         train(config(sd_folder, images, tmp_path, **{"data.cache": True, "lora.instance_prompt": ""}), LoraTask)
     with pytest.raises(GenError, match="lora.num_class_images"):
         config(sd_folder, images, tmp_path, **{"lora.num_class_images": 0})
+
+
+def test_a_changed_num_class_images_changes_the_class_data(sd_folder, images, tmp_path):
+    def class_data(n):
+        cfg = config(sd_folder, images, tmp_path, **{"lora.num_class_images": n})
+        folder = generate(cfg)
+        return folder, TrainData(load_config(None, extra={"model.base": "x", "data.path": str(folder)}).data, 1)
+
+    folder, data = class_data(3)
+    assert len(data) == 3
+    kept = (folder / "00000.png").stat().st_mtime_ns
+    assert len(class_data(2)[1]) == 2  # fewer: the first two
+    assert len(class_data(4)[1]) == 4  # more: one more sampled, the others reused
+    assert (folder / "00003.png").is_file() and (folder / "00000.png").stat().st_mtime_ns == kept

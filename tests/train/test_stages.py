@@ -206,3 +206,25 @@ def test_text_encoder_trains_with_the_denoiser_resumes_exactly_and_is_exported(b
     assert Pipeline.from_pretrained(straight)("a red circle", seed=0, output_type="np").images.shape == (1, 16, 16, 3)
     with pytest.raises(GenError, match="data.cache"):
         train(fast_config(base_dit, tmp_path / "c", model__train_text_encoder=True, data__cache=True))
+
+
+def test_vae_and_clip_stages_read_shards(tmp_path):
+    from train.data.shapes import write_folder
+    from train.data.shards import pack
+
+    pack(write_folder(tmp_path / "images", 20), tmp_path / "shards", shard_size=8, progress=False)
+    shards = {"data.source": "shards", "data.path": str(tmp_path / "shards")}
+    for stage, evals in (("vae", {"vae.eval_images": 4}), ("clip", {"clip.eval_images": 4})):
+        out = train(_cfg(tmp_path / stage, stage, steps=2, **shards, **evals))
+        assert json.loads((out / "stage.json").read_text())["stage"] == stage
+
+
+def test_vae_and_clip_stages_train_under_two_processes(tmp_path):
+    """accelerate wraps the model in DDP: the stages' losses run through its forward (tiny: 2 steps each)."""
+    from tests.train.test_distributed import launch
+
+    for stage in ("vae", "clip"):
+        config = tmp_path / f"{stage}.yaml"
+        config.write_text(_cfg(tmp_path / stage, stage, steps=2).to_yaml())
+        assert "2 process(es) on cpu" in launch(config)
+        assert (tmp_path / stage / "model" / ("vae" if stage == "vae" else "text_encoder")).is_dir()

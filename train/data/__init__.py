@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Sampler
 from gen.errors import GenError
 from train import captions
 from train.config import DataConfig
+from train.data import exif
 from train.data.buckets import Buckets, BucketSampler
 from train.data.folder import ImageFolder
 from train.data.shapes import ShapesWorld
@@ -91,7 +92,7 @@ def image_sizes(source) -> list[tuple[int, int]]:
         out = []
         for p, _ in source.items:
             with Image.open(p) as im:
-                out.append(im.size)
+                out.append(exif.size(im))
         return out
     return [source[i][0].size for i in range(len(source))]
 
@@ -164,6 +165,12 @@ class TrainData(torch.utils.data.Dataset):
         if self.buckets:
             fp |= {"bucket_step": self.cfg.bucket_step, "max_aspect": self.cfg.max_aspect}
         return fp
+
+
+    def stamp(self) -> str | None:
+        """What the fingerprint leaves out: the files' sizes and modification times (None for the shapes world).
+        Caches depend on it; a resume does not (a copied dataset has new times and the same pictures)."""
+        return self.source.stamp() if hasattr(self.source, "stamp") else None
 
 
 class OrderSampler(Sampler):

@@ -66,7 +66,8 @@ class Buckets:
 
     def report(self, assignment: list[int], batch_size: int) -> str:
         counts = torch.bincount(torch.tensor(assignment), minlength=len(self.sizes)).tolist()
-        rows = [f"  {w}x{h} (aspect {w / h:.2f}): {c} images, {c // batch_size} batches"
+        rows = [f"  {w}x{h} (aspect {w / h:.2f}): {c} images, {-(-c // batch_size)} batches"
+                + (f" (the last of {c % batch_size})" if c % batch_size else "")
                 for (w, h), c in zip(self.sizes, counts) if c]
         return f"aspect-ratio buckets ({sum(c > 0 for c in counts)} used of {len(self.sizes)}):\n" + "\n".join(rows)
 
@@ -74,8 +75,9 @@ class Buckets:
 class BucketSampler(Sampler):
     """Endless batches of (item, position), each batch from one bucket; a function of (seed, position).
 
-    Epoch e shuffles each bucket's items (seed + e), cuts them into batches of B (a bucket's last
-    incomplete batch waits for the next epoch's shuffle), and shuffles the batches. Global batch q is the
+    Epoch e shuffles each bucket's items (seed + e), cuts them into batches of B (a bucket's last batch is
+    smaller when B does not divide its size: every image trains every epoch, as in kohya's sd-scripts), and
+    shuffles the batches. Global batch q is the
     epoch's batch q mod n; process r of W takes batches start/B + k*W + r, as OrderSampler does."""
 
     def __init__(self, assignment: list[int], seed: int, batch_size: int, start: int = 0, world: int = 1,
@@ -88,10 +90,7 @@ class BucketSampler(Sampler):
         for i, b in enumerate(assignment):
             buckets.setdefault(b, []).append(i)
         self.buckets = [torch.tensor(v) for _, v in sorted(buckets.items())]
-        self.per_epoch = sum(len(v) // batch_size for v in self.buckets)
-        if not self.per_epoch:
-            raise GenError(f"no aspect-ratio bucket holds train.batch_size={batch_size} images; lower "
-                           f"train.batch_size or raise data.bucket_step (fewer, wider buckets)")
+        self.per_epoch = sum(-(-len(v) // batch_size) for v in self.buckets)
         self._epoch: tuple[int, list[list[int]]] | None = None
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
@@ -100,7 +99,7 @@ class BucketSampler(Sampler):
             batches = []
             for items in self.buckets:
                 items = items[torch.randperm(len(items), generator=g)]
-                batches += [items[s:s + self.bs].tolist() for s in range(0, len(items) - self.bs + 1, self.bs)]
+                batches += [items[s:s + self.bs].tolist() for s in range(0, len(items), self.bs)]
             order = torch.randperm(len(batches), generator=g).tolist()
             self._epoch = (epoch, [batches[i] for i in order])
         return self._epoch[1]

@@ -1,18 +1,21 @@
 """Latent and text-embedding caches: the frozen VAE and text encoders run once per image, not once per step.
 
 A cache is a folder `<data.cache_dir>/<key>/` named by a hash of everything its contents depend on: the
-VAE's and text encoders' weights and configs, their tokenizers, the model family, the dataset's fingerprint,
-the resolution or bucket sizes, the crop and flip settings, the encoders' dtype and the latent mode. A changed
-setting gives a new key, so stale data is never reused; an unchanged one finds `index.json` and reuses it.
+VAE's and text encoders' weights and configs, their tokenizers, the model family, the dataset's fingerprint
+and its files' sizes and modification times (a stat per file: hashing every byte would read the whole dataset at
+each start, while an edited, converted or re-downloaded image gets a new time), the resolution or bucket sizes,
+the crop and flip settings, the encoders' dtype and the latent mode. A changed setting gives a new key, so stale
+data is never reused; an unchanged one finds `index.json` and reuses it.
 
 Building splits the data into units (runs of items of a folder, or whole shards) dealt round-robin to
 the processes under accelerate; each process encodes its units in batches (the same batches whatever
 the number of processes) and writes its own safetensors files; the main process then merges their
-item lists into `index.json`. Per image it stores the VAE posterior's mean (and std, for
-data.cache_latents=sample, so each step draws a fresh latent exactly as the uncached path does), the
-mirrored image's too when data.flip is on, the caption's whole conditioning as the family encodes it (every
-text encoder's part: CLIP's states and pooled embedding, T5's states), and the picture's original size and crop
-top-left (SDXL's size conditioning).
+item lists into `index.json`. Each file records the units it finished, so a build stopped by a signal (or
+killed) continues where it was: finished units are kept, a unit in progress is encoded again. Per image it
+stores the VAE posterior's mean (and std, for data.cache_latents=sample, so each step draws a fresh latent
+exactly as the uncached path does), the mirrored image's too when data.flip is on, the caption's whole
+conditioning as the family encodes it (every text encoder's part: CLIP's states and pooled embedding, T5's
+states), and the picture's original size and crop top-left (SDXL's size conditioning).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -68,7 +72,7 @@ def tokenizer_digest(text) -> str:
 def key_parts(data: TrainData, models) -> dict:
     """What a cache's contents depend on; `models`: the frozen encoders (.texts, .vae, .family)."""
     c = data.cfg
-    return {"version": VERSION, "data": data.fingerprint(), "vae": module_digest(models.vae),
+    return {"version": VERSION, "data": data.fingerprint(), "files": data.stamp(), "vae": module_digest(models.vae),
             "family": models.family.name, "text_encoders": [module_digest(t.model) for t in models.texts],
             "tokenizers": [tokenizer_digest(t) for t in models.texts],
             "buckets": data.buckets.sizes if data.buckets else None, "crop": c.crop, "flip": c.flip,
@@ -102,6 +106,50 @@ class _Writer:
         self.cond: list[str] = []  # the conditioning's keys (stored as <item>.cond.<key>)
         self.prefix, self.n = f"w{world:03d}-r{rank:03d}", 0
         self.tensors, self.rows = {}, []
+        self.units: list[int] = []  # units whose rows are all in the buffer
+        self.open: int | None = None  # the unit being encoded
+        self.mark = 0  # where its rows start in the buffer
+
+    def resume(self) -> set[int]:
+        """The units an interrupted build of this process finished (its files are kept); files holding part of an
+        unfinished unit, or written before units were recorded, are removed: those units are encoded again."""
+        files = sorted(self.folder.glob(f"{self.prefix}-*.safetensors"))
+        meta = {}
+        for f in files:
+            try:
+                with safe_open(str(f), "pt") as h:
+                    meta[f] = h.metadata() or {}
+            except (OSError, ValueError, RuntimeError):  # torn: never renamed into place, but be safe
+                meta[f] = {}
+        done = {u for m in meta.values() for u in json.loads(m.get("units", "[]"))}
+        for f, m in meta.items():
+            if "units" not in m or (m.get("open") not in (None, "null") and json.loads(m["open"]) not in done):
+                f.unlink()
+        for stale in self.folder.glob(f"{self.prefix}-*.tmp"):
+            stale.unlink()
+        kept = [int(f.stem.rsplit("-", 1)[1]) for f in files if f.exists()]
+        self.n = max(kept, default=-1) + 1
+        return done
+
+    def start(self, unit: int, size: int) -> None:
+        """Before a unit of `size` items: a flush first if the unit would overfill the buffer, so that a file written
+        in the middle of a unit holds that unit's rows only."""
+        if self.rows and len(self.rows) + size > FLUSH_ITEMS:
+            self.flush()
+        self.open, self.mark = unit, len(self.rows)
+
+    def finish(self) -> None:
+        self.units.append(self.open)
+        self.open, self.mark = None, len(self.rows)
+        if len(self.rows) >= FLUSH_ITEMS:
+            self.flush()
+
+    def drop_open(self) -> None:
+        """Forgets the rows of the unfinished unit (a stop): what is flushed then is whole units only."""
+        for i, _, _ in self.rows[self.mark:]:
+            for k in [k for k in self.tensors if k.startswith(f"{i}.")]:
+                del self.tensors[k]
+        self.rows, self.open = self.rows[:self.mark], None
 
     @torch.no_grad()
     def encode(self, batch: list[tuple[int, torch.Tensor, str, dict]]) -> None:
@@ -124,7 +172,7 @@ class _Writer:
                 self.tensors[f"{i}.{name}"] = t[k].detach().cpu().clone(memory_format=torch.contiguous_format)
         self.rows += [(i, c, (w, h)) for i, c in zip(items, captions)]
         self.bar.update(len(items))
-        if len(self.rows) >= FLUSH_ITEMS:
+        if len(self.rows) >= FLUSH_ITEMS:  # a unit larger than the buffer (a big shard): written in parts
             self.flush()
 
     def flush(self) -> None:
@@ -132,16 +180,19 @@ class _Writer:
             return
         path = self.folder / f"{self.prefix}-{self.n:05d}.safetensors"
         save_file(self.tensors, str(path.with_suffix(".tmp")),
-                  metadata={"rows": json.dumps(self.rows), "cond": json.dumps(self.cond)})
+                  metadata={"rows": json.dumps(self.rows), "cond": json.dumps(self.cond),
+                            "units": json.dumps(self.units), "open": json.dumps(self.open)})
         path.with_suffix(".tmp").replace(path)
-        self.tensors, self.rows, self.n = {}, [], self.n + 1
+        self.tensors, self.rows, self.units, self.mark, self.n = {}, [], [], 0, self.n + 1
 
 
 def build(cfg, data: TrainData, models, rank: int = 0, world: int = 1, wait=lambda: None,
-          progress: bool = True) -> tuple[Path, bool]:
+          progress: bool = True, stop=lambda: None) -> tuple[Path, bool]:
     """Builds (or finds) the cache of `data`; returns (its folder, whether it was built now). `models`: the
     frozen encoders and the family that says how captions are encoded, as a Pipeline or a DenoiserTask holds
-    them (.texts, .vae, .family). Every process calls this; `wait` is a barrier (accelerate's wait_for_everyone)."""
+    them (.texts, .vae, .family). Every process calls this; `wait` is a barrier (accelerate's wait_for_everyone).
+    `stop()` returns a signal number once the build should stop (train/signals.py's Guard): the finished units are
+    written, Stopped is raised, and the next build of the same cache continues from them."""
     c = data.cfg
     if c.crop == "random":
         raise GenError("config key 'data.crop': a cache holds one crop per image; use data.crop=center with "
@@ -154,21 +205,33 @@ def build(cfg, data: TrainData, models, rank: int = 0, world: int = 1, wait=lamb
         return folder, False
     with hold(folder, "the cache folder") if rank == 0 else contextlib.nullcontext():  # one build at a time
         wait()  # the other processes write once process 0 holds the lock
-        _write(folder, cfg, data, models, rank, world, wait, progress)
+        _write(folder, cfg, data, models, rank, world, wait, progress, stop)
     return folder, True
 
 
-def _write(folder: Path, cfg, data: TrainData, models, rank: int, world: int, wait, progress: bool) -> None:
-    """Every process encodes its units; process 0 then merges their item lists into index.json."""
-    for stale in folder.glob(f"w{world:03d}-r{rank:03d}-*"):  # an interrupted build of this process
-        stale.unlink()
-    units = _units(data, 4 * cfg.train.batch_size)[rank::world]
-    bar = tqdm(total=sum(n for n, _ in units), desc=f"cache (process {rank} of {world})" if world > 1 else "cache",
+def _write(folder: Path, cfg, data: TrainData, models, rank: int, world: int, wait, progress: bool, stop) -> None:
+    """Every process encodes its units (skipping those an interrupted build finished); process 0 then merges
+    their item lists into index.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    units = list(enumerate(_units(data, 4 * cfg.train.batch_size)))[rank::world]
+    bar = tqdm(total=sum(n for _, (n, _) in units), desc=f"cache (process {rank} of {world})" if world > 1 else "cache",
                unit="img", disable=not (progress and rank == 0), dynamic_ncols=True)
     writer = _Writer(folder, data, models, rank, world, bar)
-    for _, unit in units:
+    done = writer.resume()
+    if done and rank == 0:
+        log.info("continuing the interrupted cache build in %s", folder)
+    for u, (n, unit) in units:
+        if u in done:
+            bar.update(n)
+            continue
+        writer.start(u, n)
         pending: dict[tuple[int, int], list] = {}  # one batch per size; flushed at the unit's end
         for i, name, img, caption in unit():
+            if stop():
+                writer.drop_open()
+                writer.flush()
+                bar.close()
+                _stopped(folder, stop(), rank)
             if img is None:
                 continue  # a corrupt sample (warned by decode): not in the cache
             size = _size(data, i, img)
@@ -181,6 +244,7 @@ def _write(folder: Path, cfg, data: TrainData, models, rank: int, world: int, wa
         for group in pending.values():
             if group:
                 writer.encode(group)
+        writer.finish()
     writer.flush()
     bar.close()
     wait()
@@ -199,6 +263,15 @@ def _write(folder: Path, cfg, data: TrainData, models, rank: int, world: int, wa
                 f.unlink()  # left by an interrupted build with another number of processes
         print(f"cached latents and text embeddings of {n} images in {folder}", file=sys.stderr)
     wait()
+
+
+def _stopped(folder: Path, signum: int, rank: int):
+    from gen.errors import Stopped
+    from train.signals import EXIT_CODES
+
+    name = signal.Signals(signum).name
+    raise Stopped(f"stopped the cache build ({name}); its finished part is kept in {folder}: run the same command "
+                  "again to continue it" if rank == 0 else "", EXIT_CODES.get(signum, 143))
 
 
 def _size(data: TrainData, i: int, img) -> int | tuple[int, int]:
@@ -259,10 +332,10 @@ def latents(vae, batch: dict, g: torch.Generator) -> torch.Tensor:
     return vae_lib.to_latents(vae, z.to(vae.device))
 
 
-def cached(cfg, data: TrainData, models, acc) -> CachedData:
+def cached(cfg, data: TrainData, models, acc, stop=lambda: None) -> CachedData:
     """The loop's entry: build or reuse the cache across accelerate's processes, then read it."""
     folder, _ = build(cfg, data, models, acc.process_index, acc.num_processes, acc.wait_for_everyone,
-                      progress=cfg.log.progress)
+                      progress=cfg.log.progress, stop=stop)
     return CachedData(folder, data)
 
 
@@ -273,6 +346,7 @@ def main(config: str, overrides: list[str]) -> int:
 
     from train.config import load_config
     from train.loop import weight_dtype
+    from train.signals import Guard
     from train.task import DenoiserTask
 
     cfg = load_config(config, list(overrides) + ["data.cache=true"])
@@ -280,6 +354,7 @@ def main(config: str, overrides: list[str]) -> int:
     dtype = weight_dtype(cfg.train.mixed_precision, acc.device)
     data = TrainData(cfg.data, cfg.train.seed)
     task = DenoiserTask(cfg, acc.device, dtype)
-    build(cfg, data, task, acc.process_index, acc.num_processes, acc.wait_for_everyone,
-          progress=cfg.log.progress)
+    with Guard(None, None, 0.0, acc.device, acc.num_processes, acc.is_main_process) as guard:  # Ctrl-C, SIGTERM
+        build(cfg, data, task, acc.process_index, acc.num_processes, acc.wait_for_everyone,
+              progress=cfg.log.progress, stop=lambda: guard.signal)
     return 0

@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from gen.errors import GenError
-from train.data import masks
+from train.data import exif, masks
 
 log = logging.getLogger("gen")
 
@@ -117,15 +117,39 @@ class ImageFolder:
             p, text = self.items[(i + k) % len(self.items)]
             try:
                 with Image.open(p) as im:
-                    return im.convert("RGB"), text, masks.read(p, im) if mask else None
+                    im = exif.upright(im)  # a phone photo's Orientation tag, as viewers apply it
+                    return im.convert("RGB"), text, self._mask(p, im) if mask else None
             except IMAGE_ERRORS as e:
                 if p not in self.failed:
                     self.failed.add(p)
                     log.warning("cannot decode %s (%s); using the next image in its place", p, e)
         raise GenError(f"config key 'data.path': none of the images in {self.root} can be decoded any more")
 
+    def _mask(self, p: Path, im: Image.Image) -> Image.Image | None:
+        """The image's loss mask; a mask file that does not decode leaves the image unmasked, with one warning."""
+        try:
+            return masks.read(p, im)
+        except IMAGE_ERRORS as e:
+            bad = masks.mask_file(p)
+            if bad not in self.failed:
+                self.failed.add(bad)
+                log.warning("cannot decode the mask %s (%s); its image trains unmasked", bad, e)
+            return None
+
+    def name(self, p: Path) -> str:
+        """An item's name: its path under the folder (or as metadata.jsonl gave it, when absolute)."""
+        return str(p.relative_to(self.root)) if p.is_relative_to(self.root) else str(p)
+
     def fingerprint(self) -> dict:
         h = hashlib.sha256()
         for p, text in self.items:
-            h.update(f"{p.relative_to(self.root)}\0{p.stat().st_size}\0{text}\n".encode())
+            h.update(f"{self.name(p)}\0{p.stat().st_size}\0{text}\n".encode())
         return {"source": "folder", "num_images": len(self.items), "sha256": h.hexdigest()[:16]}
+
+    def stamp(self) -> str:
+        """A digest of every image's (name, size, modification time): what a cache of its pixels depends on."""
+        h = hashlib.sha256()
+        for p, _ in self.items:
+            st = p.stat()
+            h.update(f"{self.name(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]

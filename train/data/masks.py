@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from train.data import exif
+
 SUFFIX = ".mask.png"
 
 
@@ -35,7 +37,7 @@ def read(image: Path, im: Image.Image) -> Image.Image | None:
     path = mask_file(image)
     if path.is_file():
         with Image.open(path) as m:
-            m = m.convert("L")
+            m = exif.upright(m).convert("L")
             return m if m.size == im.size else m.resize(im.size, Image.Resampling.BILINEAR)
     if has_alpha(im):
         return im.convert("RGBA").getchannel("A")

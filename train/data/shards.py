@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from gen.errors import GenError
+from train.data import exif
 
 log = logging.getLogger("gen")
 
@@ -159,6 +160,21 @@ class Shards:
             h.update(f"{u.rsplit('/', 1)[-1]}\0{n}\n".encode())
         return {"source": "shards", "num_images": len(self), "num_shards": len(self.urls), "sha256": h.hexdigest()[:16]}
 
+    def stamp(self) -> str:
+        """A digest of every shard's size and modification time (a remote store's ETag or mtime where it gives
+        one): what a cache of their pixels depends on."""
+        h = hashlib.sha256()
+        for u in self.urls:
+            if _is_remote(u):
+                fs, path = _fsspec().core.url_to_fs(u)
+                info = fs.info(path)
+                stamp = [info.get(k) for k in ("size", "ETag", "etag", "mtime", "LastModified", "md5Hash")]
+            else:
+                st = Path(u.removeprefix("file://")).stat()
+                stamp = [st.st_size, st.st_mtime_ns]
+            h.update(f"{u.rsplit('/', 1)[-1]}\0{stamp}\n".encode())
+        return h.hexdigest()[:16]
+
     def order(self, seed: int, epoch: int, world: int, rank: int) -> list[int]:
         """The shards process `rank` reads in `epoch`."""
         perm = torch.randperm(len(self.urls), generator=torch.Generator().manual_seed(seed + epoch))
@@ -209,7 +225,7 @@ def decode(data: bytes | None, name: str) -> Image.Image | None:
         if data is None:
             raise OSError("unreadable member")
         with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
+            return exif.upright(im).convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         if name not in _warned:  # once per sample and process, not every epoch
             _warned.add(name)
