@@ -76,8 +76,8 @@ def cache_worker(config: str, out: str) -> None:
     task = DenoiserTask(cfg, acc.device, WEIGHT_DTYPES[cfg.train.mixed_precision])
     acc.wait_for_everyone()
     t, cpu = time.perf_counter(), time.process_time()
-    folder, built = build(cfg, data, task.text, task.vae, acc.process_index, acc.num_processes,
-                          acc.wait_for_everyone, progress=False)
+    folder, built = build(cfg, data, task, acc.process_index, acc.num_processes, acc.wait_for_everyone,
+                          progress=False)
     seconds, cpu = time.perf_counter() - t, time.process_time() - cpu  # cpu: this process's threads, user + sys
     assert built
     n = sum(len(rows) for rows in json.loads((folder / "index.json").read_text())["files"].values())
@@ -164,7 +164,7 @@ def loader_rate(settings: dict, batches: int) -> float:
         from train.task import DenoiserTask
 
         task = DenoiserTask(cfg, "cpu")
-        data = CachedData(cache_folder(cfg, key_parts(data, task.text, task.vae)), data)
+        data = CachedData(cache_folder(cfg, key_parts(data, task)), data)
     it = iter(loader(data, cfg.train.batch_size, 0, 1, 0, cfg.data.num_workers))
     next(it)  # workers started, first batch out
     t = time.perf_counter()
