@@ -32,6 +32,7 @@ from train.heldout import HeldOut
 from train.lock import hold
 from train.optim import build_optimizer, check_resume, lr_lambda
 from train.prior import with_class_images
+from train.repeats import Repeats
 from train.signals import EXIT_CODES, Guard
 
 log = logging.getLogger("gen")
@@ -194,7 +195,8 @@ def train(cfg: Config, task_class=None) -> Path:
                        "with `accelerate launch --multi_gpu --num_processes N` or torchrun)")
     guard = Guard(cfg.train.checkpoint_minutes, cfg.train.time_limit, start, acc.device, acc.num_processes,
                   acc.is_main_process)
-    with hold(Path(cfg.train.output_dir), "train.output_dir", acc), guard:
+    with hold(Path(cfg.train.output_dir), "train.output_dir", acc), guard, Repeats(cfg.train.output_dir,
+                                                                                  acc.is_main_process):
         return _train(cfg, task_class, acc, dtype, guard)
 
 

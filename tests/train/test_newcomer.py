@@ -111,3 +111,20 @@ def test_accelerate_launch_num_processes_2_warns_in_one_line(tmp_path, captioned
     assert r.returncode == 0, r.stderr[-3000:]
     warned = [line for line in r.stderr.splitlines() if "--multi_gpu" in line and line.startswith("WARNING: ")]
     assert len(warned) == 1 and "accelerate launch --multi_gpu --num_processes N" in warned[0]
+
+
+def test_fifty_over_long_captions_warn_once_with_the_count(tmp_path):
+    """A run over a folder of 50 images whose captions are longer than the text encoder's length (the bundled
+    model's: 16 tokens): one warning line with the count and the first; warnings.log in the run folder has all."""
+    from PIL import Image
+
+    images = tmp_path / "long"
+    images.mkdir()
+    for i in range(50):
+        Image.new("RGB", (16, 16), (5 * i, 0, 0)).save(images / f"{i:02d}.png")
+        (images / f"{i:02d}.txt").write_text(f"image {i} " + "a red circle left of a blue square " * 4)
+    r = run("gen lora lora-sd model.base=default data.path=long data.cache=true train.output_dir=run", tmp_path,
+            *SMALL, "lora.rank=2")
+    cut = [line for line in r.stderr.splitlines() if "tokens were dropped" in line or "captions were cut" in line]
+    assert len(cut) == 1 and cut[0].startswith("WARNING: 50 captions were cut to 16 tokens; first: "), cut
+    assert len((tmp_path / "run" / "warnings.log").read_text().splitlines()) == 50
