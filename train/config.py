@@ -62,7 +62,7 @@ class CaptionConfig:
 class DataConfig:
     source: Literal["folder", "shapes", "shards"] = "folder"
     path: str = ""                          # image folder (folder); folder, glob or URL of .tar shards (shards)
-    resolution: int = 64
+    resolution: int = 64                    # unset with a model.base: the base's native size (train/recipes.py)
     crop: Literal["center", "random"] = "center"
     flip: bool = False                      # off by default: it would falsify "left of" captions
     num_images: int = 10000                 # size of the synthetic shapes world (source=shapes)
@@ -390,6 +390,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), extra
     if cfg.model.base == "default" and not Path("default").exists():
         from gen.pipeline import DEFAULT_MODEL
         cfg.model.base = str(DEFAULT_MODEL)
+    from train.recipes import fit_resolution
+    fit_resolution(cfg, "resolution" in (tree.get("data") or {}))  # unset: the base's native size
     return validate(cfg) if check_paths else cfg
 
 

@@ -128,3 +128,22 @@ def test_fifty_over_long_captions_warn_once_with_the_count(tmp_path):
     cut = [line for line in r.stderr.splitlines() if "tokens were dropped" in line or "captions were cut" in line]
     assert len(cut) == 1 and cut[0].startswith("WARNING: 50 captions were cut to 16 tokens; first: "), cut
     assert len((tmp_path / "run" / "warnings.log").read_text().splitlines()) == 50
+
+
+def test_resolution_defaults_to_the_bases_native_size(sd_folder, caplog):
+    """lora-sd sets no data.resolution: the base's (the bundled model: 64 px; the tiny SD folder: its UNet's
+    sample_size x the VAE factor); a resolution over 2x from it is a warning that says so."""
+    import json
+    import logging
+
+    from train.config import load_config
+
+    recipe = ROOT / "configs" / "lora-sd.yaml"
+    assert load_config(recipe, extra={"model.base": "default", "data.path": "x"}).data.resolution == 64
+    unet = json.loads((sd_folder / "unet" / "config.json").read_text())["sample_size"]
+    factor = 2 ** (len(json.loads((sd_folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+    cfg = load_config(recipe, extra={"model.base": str(sd_folder), "data.path": "x"})
+    assert cfg.data.resolution == unet * factor
+    with caplog.at_level(logging.WARNING, logger="gen"):
+        load_config(recipe, ["data.resolution=512"], extra={"model.base": "default", "data.path": "x"})
+    assert [r.getMessage() for r in caplog.records if "data.resolution 512 is far from 64" in r.getMessage()]
