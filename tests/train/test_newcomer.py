@@ -147,3 +147,28 @@ def test_resolution_defaults_to_the_bases_native_size(sd_folder, caplog):
     with caplog.at_level(logging.WARNING, logger="gen"):
         load_config(recipe, ["data.resolution=512"], extra={"model.base": "default", "data.path": "x"})
     assert [r.getMessage() for r in caplog.records if "data.resolution 512 is far from 64" in r.getMessage()]
+
+
+def test_readme_says_how_to_reach_the_installed_gen_and_the_package_is_licensed():
+    """`make demo` installs gen into .venv/bin only; the README says to activate it or call .venv/bin/gen. The
+    package carries Apache-2.0 (as diffusers) as a LICENSE file and in its metadata."""
+    import tomllib
+
+    two = README.split("## The two commands")[1].split("\n## ")[0]
+    assert "source .venv/bin/activate" in two and ".venv/bin/gen" in two
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    assert (ROOT / "LICENSE").read_text().split()[:3] == ["Apache", "License", "Version"]
+    assert "configs/**/*.yaml" in str(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"])
+    assert (ROOT / "train" / "configs").resolve() == ROOT / "configs"  # the one source, shipped as package data
+
+
+def test_readme_eval_reads_what_the_readme_chain_writes():
+    """The chain command's product (OUTPUT_DIR/denoiser/model, train/chain.py; trained in
+    tests/train/test_configs.py) is the folder the README's `gen eval adherence --model` names."""
+    chain = readme_line("gen train configs/default-model.yaml output_dir=")
+    out = next(a.split("=", 1)[1] for a in chain.split() if a.startswith("output_dir="))
+    evaluated = readme_line("gen eval adherence --model").split()[4]
+    assert evaluated == f"{out}/denoiser/model"
+    assert "denoiser" in Path(__file__).with_name("test_configs.py").read_text()
+    assert "the product is output_dir/denoiser/model" in (ROOT / "train" / "chain.py").read_text().lower()
