@@ -48,6 +48,7 @@ demo: setup
 	  $(PY) -m gen.models.tiny out/demo-model && \
 	  $(VENV)/bin/gen sample "a red circle left of a blue square" --model out/demo-model --num-images 4 --out out/demo; \
 	fi
+	@echo "gen is installed in $(VENV)/bin: run 'source $(VENV)/bin/activate' to call gen directly (or $(VENV)/bin/gen)"
 
 test: setup
 	$(PY) -m pytest -q --durations=15 tests

@@ -122,13 +122,14 @@ def lora_params(base: Path, rank: int) -> dict:
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig, inject_adapter_in_model
 
+    from gen import families
     from gen import lora as lora_lib
 
     def count(config):
         unet = UNet2DConditionModel.from_pretrained(base / "unet")
         inject_adapter_in_model(config, unet)
         return sum(p.numel() for n, p in unet.named_parameters() if ".lora_" in n)
-    return {"gen": count(lora_lib.lora_config("unet", rank, rank, "attn")),
+    return {"gen": count(lora_lib.lora_config(families.get("sd1").lora_targets, rank, rank, "attn")),
             "peer": count(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                      target_modules=["to_k", "to_q", "to_v", "to_out.0"]))}
 

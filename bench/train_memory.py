@@ -272,6 +272,7 @@ def recipe_rows(checkpointing_both: bool = True, mmdit_models: tuple[str, ...] =
     from gen.models.dit import build_dit
     from gen.models.unet import build_unet
     from train.config import load_config
+    from train.loop import resolve_precision
 
     rows = []
     paths = [p for p in sorted((ROOT / "configs").glob("*.yaml")) if "chain" not in p.read_text()]
@@ -280,10 +281,14 @@ def recipe_rows(checkpointing_both: bool = True, mmdit_models: tuple[str, ...] =
         # model.base: the recipe's (the default model's stage trains on the default model's VAE and text tower),
         # or where it leaves it to the user, an SD-1.5 folder (SD3/Flux recipes: the released models).
         # data.path: any, nothing is read.
-        base = yaml.safe_load(path.read_text()).get("model", {}).get("base") or (
-            "gen/assets/default" if path.parent.name == "default" else SD15)
-        cfg = load_config(path, extra={"data.path": ".", "model.base": base})
+        tree = yaml.safe_load(path.read_text())
+        base = tree.get("model", {}).get("base") or ("default" if path.parent.name == "default" else SD15)
+        base = "gen/assets/default" if base == "default" else base  # the bundled model
+        size = {} if "resolution" in tree.get("data", {}) or base != SD15 else {"data.resolution": 512}  # SD-1.5's
+        cfg = load_config(path, extra={"data.path": ".", "model.base": base, **size})
         t, m = cfg.train, cfg.model
+        if t.mixed_precision == "auto":  # on one GPU of today: bf16 (train/loop.py resolve_precision)
+            t.mixed_precision = resolve_precision("cuda", True)
         lora_opts = dict(rank=cfg.lora.rank, alpha=cfg.lora.alpha, parts=cfg.lora.targets) if (
             hasattr(cfg, "lora") and path.name.startswith("lora")) else None
         runs = []  # (name, builder, inputs, frozen, VAE factor, LoRA presets)

@@ -406,7 +406,8 @@ def cmd_convert(args) -> int:
 
 
 def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="describe a model folder or a .safetensors file; --versions for bug reports")
+    p = sub.add_parser("info", help="describe a model folder or a .safetensors file (default: the bundled "
+                       "model); --versions for bug reports")
     p.add_argument("path", nargs="?")
     p.add_argument("--versions", action="store_true", help="print gen's and its key dependencies' versions")
     p.set_defaults(func=cmd_info)
@@ -417,10 +418,10 @@ def cmd_info(args) -> int:
 
     if args.versions:
         print(versions())
-    if args.path is not None:
-        print(describe(args.path))
-    elif not args.versions:
-        raise GenError("gen info needs a model folder or .safetensors file (or --versions)")
+    if args.path is not None or not args.versions:  # no path: the bundled model, as `gen sample` uses
+        from gen.pipeline import DEFAULT_MODEL
+
+        print(describe(args.path or DEFAULT_MODEL))
     return 0
 
 
@@ -439,23 +440,33 @@ class _Versions(argparse.Action):
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a denoiser from a YAML recipe (also under `accelerate launch`)")
-    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("config", nargs="?", help="a recipe name (`gen train --list`) or a YAML config file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
+    _recipe_flags(p)
     p.set_defaults(func=cmd_train)
+
+
+def _recipe_flags(p) -> None:
+    p.add_argument("--list", action="store_true", help="name the shipped recipes, with a line about each")
+    p.add_argument("--print-config", action="store_true", help="print the recipe resolved with the overrides, as "
+                   "YAML to start your own from (`... --print-config > my.yaml`), and exit")
 
 
 def cmd_train(args) -> int:
     import train  # training-only code loads only here
+    from train import recipes
 
-    return train.main(args.config, args.overrides)
+    done = recipes.command(args, "train")
+    return done if done is not None else train.main(args.config, args.overrides)
 
 
 def _add_lora(sub) -> None:
     p = sub.add_parser("lora", help="LoRA fine-tune a model folder from a YAML recipe (also under `accelerate "
                                     "launch`); `gen lora merge BASE LORA[:SCALE]... --out OUT` bakes LoRAs in")
-    p.add_argument("config", help="YAML config (see configs/lora-*.yaml), or `merge`")
+    p.add_argument("config", nargs="?", help="a recipe name (`gen lora --list`) or a YAML config file, or `merge`")
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value",  # REMAINDER: merge's own options
                    help="config overrides, e.g. lora.rank=16")
+    _recipe_flags(p)
     p.set_defaults(func=cmd_lora)
 
 
@@ -472,9 +483,11 @@ def _merge_parser() -> argparse.ArgumentParser:
 def cmd_lora(args) -> int:
     if args.config == "merge":
         return lora_merge(_merge_parser().parse_args(args.overrides))
+    from train import recipes
     from train.lora import main as lora_main
 
-    return lora_main(args.config, args.overrides)
+    done = recipes.command(args, "lora")
+    return done if done is not None else lora_main(args.config, args.overrides)
 
 
 def lora_merge(args) -> int:

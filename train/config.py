@@ -62,7 +62,7 @@ class CaptionConfig:
 class DataConfig:
     source: Literal["folder", "shapes", "shards"] = "folder"
     path: str = ""                          # image folder (folder); folder, glob or URL of .tar shards (shards)
-    resolution: int = 64
+    resolution: int = 64                    # unset with a model.base: the base's native size (train/recipes.py)
     crop: Literal["center", "random"] = "center"
     flip: bool = False                      # off by default: it would falsify "left of" captions
     num_images: int = 10000                 # size of the synthetic shapes world (source=shapes)
@@ -101,7 +101,7 @@ class TrainOptions:
     stop_at_step: int | None = None         # pause here with a checkpoint (a time-limited job); resume later
     batch_size: int = 16                    # per process, per micro-batch
     grad_accum: int = 1
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "no"  # auto: what the device runs fast (loop.py)
     gradient_checkpointing: bool = False
     distributed: Literal["ddp", "fsdp"] = "ddp"  # fsdp: shard the model by block over the processes
     ema_decay: float = 0.999                # 0 disables EMA
@@ -374,8 +374,10 @@ def read_yaml(path: str | Path, as_written: bool = False) -> dict:
     return tree
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), extra: dict | None = None) -> Config:
-    """YAML file (optional) + overrides -> a checked Config."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), extra: dict | None = None,
+                check_paths: bool = True) -> Config:
+    """YAML file (optional) + overrides -> a checked Config (check_paths=False: empty model.base / data.path are
+    let through, for `--print-config`). model.base `default` is the bundled model (unless ./default exists)."""
     tree: dict = read_yaml(path) if path is not None else {}
     written: dict = read_yaml(path, as_written=True) if path is not None else {}  # the same tree, as written
     for k, v in (extra or {}).items():
@@ -384,7 +386,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), extra
     for k, v, text in parse_overrides(list(overrides)):
         _set(tree, k, v)
         _set(written, k, text)
-    return validate(_build(Config, tree, "", written))
+    cfg = _build(Config, tree, "", written)
+    if cfg.model.base == "default" and not Path("default").exists():
+        from gen.pipeline import DEFAULT_MODEL
+        cfg.model.base = str(DEFAULT_MODEL)
+    from train.recipes import fit_resolution
+    fit_resolution(cfg, "resolution" in (tree.get("data") or {}))  # unset: the base's native size
+    return validate(cfg) if check_paths else cfg
 
 
 def _fix_floats(node):

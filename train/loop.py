@@ -32,6 +32,7 @@ from train.heldout import HeldOut
 from train.lock import hold
 from train.optim import apply_changes, build_optimizer, check_regrouping, check_resume, lr_lambda
 from train.prior import with_class_images
+from train.repeats import Repeats
 from train.signals import EXIT_CODES, Guard
 
 log = logging.getLogger("gen")
@@ -134,6 +135,28 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+def resolve_precision(device_type: str, bf16: bool, fast_cpu_bf16: bool = False) -> str:
+    """train.mixed_precision=auto on a device: bf16 where it runs it (Ampere and later, or a CPU with AMX),
+    fp16 with loss scaling on older GPUs, else fp32 ("no"): CPU bf16 without AMX is emulated and slower."""
+    if device_type == "cpu":
+        return "bf16" if fast_cpu_bf16 else "no"
+    return "bf16" if bf16 else "fp16"
+
+
+def auto_precision(cfg: Config) -> None:
+    """Replaces train.mixed_precision=auto by what this machine supports (the run's config.yaml records it)."""
+    if cfg.train.mixed_precision != "auto":
+        return
+    if torch.cuda.is_available():
+        chosen = resolve_precision("cuda", torch.cuda.is_bf16_supported())
+    elif _has_accelerator():
+        chosen = resolve_precision("accelerator", True)
+    else:
+        chosen = resolve_precision("cpu", False, "AMX" in torch.backends.cpu.get_cpu_capability())
+    cfg.train.mixed_precision = chosen
+    log.info("train.mixed_precision=auto: %s on this machine", chosen)
+
+
 def weight_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
     """The dtype of the frozen parts (VAE, text encoder, a LoRA's base) under train.mixed_precision. accelerate
     runs fp16 (autocast + loss scaling) on accelerators only: on a CPU it would train without autocast while
@@ -142,6 +165,12 @@ def weight_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
         raise GenError("config key 'train.mixed_precision': fp16 needs a GPU (accelerate runs fp16 on accelerators "
                        "only); on a CPU set train.mixed_precision=bf16 (or no)")
     return WEIGHT_DTYPES[mixed_precision]
+
+
+def main_alone(env=os.environ) -> bool:
+    """Whether `accelerate launch --num_processes N` (N > 1) without --multi_gpu started one plain process: its
+    simple launcher sets a rendezvous address for N > 1 but no WORLD_SIZE (on a CPU, or with one GPU)."""
+    return "ACCELERATE_DYNAMO_BACKEND" in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env
 
 
 def accelerator(cfg: Config):
@@ -162,15 +191,20 @@ def train(cfg: Config, task_class=None) -> Path:
     """Runs (or resumes) a training run; returns the exported model folder. One run at a time per
     train.output_dir (train/lock.py); SIGTERM, Ctrl-C and SIGUSR1 save a checkpoint (train/signals.py)."""
     start = time.time()  # the wall-time budget (train.time_limit) counts from here
+    auto_precision(cfg)
     acc = accelerator(cfg)
     dtype = weight_dtype(cfg.train.mixed_precision, acc.device)  # before anything is written or loaded
+    if main_alone() and acc.is_main_process:
+        log.warning("accelerate launch --num_processes N without --multi_gpu started this one process only; for "
+                    "N processes: accelerate launch --multi_gpu --num_processes N -m gen ...")
     launched = int(os.environ.get("WORLD_SIZE", acc.num_processes))
     if launched != acc.num_processes:
         raise GenError(f"launched as {launched} processes, but accelerate runs this one alone (on CPU, launch "
                        "with `accelerate launch --multi_gpu --num_processes N` or torchrun)")
     guard = Guard(cfg.train.checkpoint_minutes, cfg.train.time_limit, start, acc.device, acc.num_processes,
                   acc.is_main_process)
-    with hold(Path(cfg.train.output_dir), "train.output_dir", acc), guard:
+    with hold(Path(cfg.train.output_dir), "train.output_dir", acc), guard, Repeats(cfg.train.output_dir,
+                                                                                  acc.is_main_process):
         return _train(cfg, task_class, acc, dtype, guard)
 
 

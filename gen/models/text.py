@@ -93,7 +93,8 @@ class TextEncoder:
                 if dropped:
                     text = self.tokenizer.decode(dropped)
                     log.warning("prompt is longer than %d tokens; %d tokens were dropped: %r", length,
-                                len(dropped), text if len(text) <= 200 else f"{text[:95]} ... {text[-95:]}")
+                                len(dropped), text if len(text) <= 200 else f"{text[:95]} ... {text[-95:]}",
+                                extra={"repeat": f"captions were cut to {length} tokens"})  # once per run in training
         return ids
 
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

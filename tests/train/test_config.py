@@ -121,7 +121,7 @@ def test_fine_tuning_with_another_objective_warns(base_unet, caplog):
 
 
 @pytest.mark.parametrize("command, recipe, product", [
-    ("lora", "configs/lora-sd.yaml", "lora.safetensors"),  # ships mixed_precision: fp16
+    ("lora", "configs/lora-sd.yaml", "lora.safetensors"),  # fp16 given
     ("train", "configs/unet-sd15-finetune.yaml", "model"),
 ])
 def test_fp16_on_a_cpu_stops_before_training_with_one_line(command, recipe, product, sd_folder, captioned, tmp_path,

@@ -122,7 +122,7 @@ def test_recipe_trains_and_resumes(name, sd_folder, base_dit, captioned, tmp_pat
     if tree["data"]["source"] == "folder":
         args.append(f"data.path={captioned}")
     if tree["train"].get("mixed_precision") == "fp16" and not _has_accelerator():
-        args.append("train.mixed_precision=bf16")  # fp16 needs a GPU (tests/train/test_config.py)
+        args.append("train.mixed_precision=bf16")  # fp16 needs a GPU (tests/train/test_config.py); none ships it
     gen(command, path, *args, "train.stop_at_step=2")
     product = run / ("lora.safetensors" if command == "lora" else "model")
     assert not product.exists()

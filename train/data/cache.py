@@ -345,11 +345,12 @@ def main(config: str, overrides: list[str]) -> int:
     from accelerate import Accelerator
 
     from train.config import load_config
-    from train.loop import weight_dtype
+    from train.loop import auto_precision, weight_dtype
     from train.signals import Guard
     from train.task import DenoiserTask
 
     cfg = load_config(config, list(overrides) + ["data.cache=true"])
+    auto_precision(cfg)
     acc = Accelerator()
     dtype = weight_dtype(cfg.train.mixed_precision, acc.device)
     data = TrainData(cfg.data, cfg.train.seed)
