@@ -64,7 +64,8 @@ def settings(base: Path, out: Path, denoiser: str, batch: int, steps: int, warmu
          "train.cond_dropout": 0.0, "optim.lr": 1e-4, "optim.weight_decay": 1e-2, "optim.grad_clip": 1.0,
          "validation.prompts": [], "log.every": warmup, "log.tracker": "none", "log.progress": False}
     if denoiser == "dit":
-        s |= {"model.denoiser": "dit", "model.preset": DIT[0], "model.options": DIT[1], "objective.type": "flow"}
+        s |= {"model.denoiser": "dit", "model.preset": DIT[0], "model.options": DIT[1], "objective.type": "flow",
+              "model.base": "", "model.text_encoder": str(base), "model.vae": str(base)}  # base's CLIP and VAE
     else:
         s |= {"model.denoiser": "unet", "model.preset": UNET, "objective.type": "ddpm"}
     return s

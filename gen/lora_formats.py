@@ -257,6 +257,8 @@ def read(path: str | Path, allow_pickle: bool = False) -> LoraFile:
     from gen.io import check_safetensors, load_state_dict, read_json, read_metadata
 
     path = weights_file(Path(path))
+    if not path.is_file():
+        raise GenError(f"LoRA file not found: {path}")
     if path.suffix == ".safetensors":  # from the header: a whole checkpoint is not read only to be refused
         header = check_safetensors(path)
         refuse_other(path, {k: v["shape"] for k, v in header.items() if k != "__metadata__"})

@@ -16,7 +16,7 @@ def main(config: str, overrides: list[str]) -> int:
         run_chain(config, overrides)
     else:
         cfg = load_config(config, overrides)
-        _refuse_lora_recipe(config, overrides)
+        _refuse_lora_recipe(config, cfg)
         train(cfg)
     return 0
 
@@ -26,14 +26,14 @@ ADAPTER_KEYS = ("rank", "alpha", "dropout", "targets", "text_encoder", "dora", "
                 "instance_prompt")
 
 
-def _refuse_lora_recipe(config: str, overrides: list[str]) -> None:
-    """`gen train` on a LoRA recipe would ignore its lora.* keys and train a whole denoiser."""
+def _refuse_lora_recipe(config: str, cfg) -> None:
+    """`gen train` on a LoRA recipe would ignore its lora.* keys and train a whole denoiser. A key set to its
+    default says nothing (a full run's resolved config.yaml lists them all)."""
     from gen.errors import GenError
-    from train.config import parse_overrides, read_yaml
+    from train.config import LoraOptions
 
-    section = read_yaml(config).get("lora") or {}
-    keys = [f"lora.{k}" for k in ADAPTER_KEYS if k in section]
-    keys += [k for k, _, _ in parse_overrides(overrides) if k.removeprefix("lora.") in ADAPTER_KEYS]
+    default = LoraOptions()
+    keys = [f"lora.{k}" for k in ADAPTER_KEYS if getattr(cfg.lora, k) != getattr(default, k)]
     if keys:
         raise GenError(f"{config} is a LoRA recipe ({', '.join(keys[:3])}): run `gen lora {config} ...` "
                        "(`gen train` trains a whole denoiser and would ignore the lora.* keys)")
