@@ -322,6 +322,9 @@ class Adapters:
         self._unfused("fuse_lora")
         if not self.active:
             raise GenError("no active LoRA to fuse; load_lora() first")
+        from gen import quant
+
+        quant.refuse(self.models.values(), "fuse_lora")
         backup = {}
         for model in self.models.values():
             for _, m in _tuner_layers(model):

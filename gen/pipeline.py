@@ -118,6 +118,7 @@ class Pipeline:
         self.scheduler_config = dict(scheduler_config) if scheduler_config else None
         self.recipe = dict(recipe or {})
         self.name = name
+        self.weights = "auto"  # how fp8/GGUF weights are stored (gen/quant; set by from_pretrained)
         self._progress_bar_config: dict = {}
         self.defaults = self._default_settings() | dict(defaults or {})
         self._warn_unknown_scheduler(defaults or {})
@@ -246,15 +247,19 @@ class Pipeline:
                         attention: str | None = None, allow_pickle: bool = False, compile: bool | dict = False,
                         channels_last: bool = False, tokenizer: str | Path | None = None,
                         prediction_type: str | None = None, base: str | Path | None = None,
-                        offload: bool = False) -> "Pipeline":
+                        offload: bool = False, weights: str | None = None) -> "Pipeline":
         """Loads a diffusers-layout folder of any family gen knows (gen/families), or a single .safetensors file in
         the original layout (SD-1.x, SD-2.x, SDXL: LDM/A1111; SD3/3.5, Flux: SAI's/BFL's; gen/single_file.py); None =
         the bundled default. attention, compile and channels_last are as in Pipeline; `offload`: enable_offload(device).
         For a single file only: `tokenizer`, a diffusers folder (or tokenizer folder) when the file carries none;
         `prediction_type` ("epsilon" or "v_prediction"), which weights cannot tell (SD-2.x 768 models are
         v_prediction); `base`, a diffusers folder of the same family supplying the parts an SD3/Flux file lacks (a
-        transformer-only file takes its text encoders, tokenizers, VAE and scheduler from it)."""
+        transformer-only file takes its text encoders, tokenizers, VAE and scheduler from it). `weights`: "auto",
+        "fp8" or "full", how fp8/GGUF weights are stored (gen/quant: kept stored and upcast per layer, or upcast on
+        load); a .gguf file is a GGUF transformer/UNet (with `base`)."""
         from diffusers import AutoencoderKL
+
+        from gen import quant
 
         if path is None:
             path = DEFAULT_MODEL
@@ -266,12 +271,13 @@ class Pipeline:
             raise GenError(f"model folder not found: {path}")
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        weights = quant.check(weights)
         if path.is_file():  # a pickle is opened only if allowed, and then by gen.io's weights-only loader
             from gen import single_file
 
             parts = single_file.load(path, tokenizer, prediction_type, allow_pickle, base)
             pipe = cls(**parts, attention=attention, compile=compile, channels_last=channels_last)
-            return pipe._place(device, dtype, offload)
+            return pipe._place(device, dtype, offload, weights)
         if not (path / "model_index.json").is_file():
             raise GenError(f"{path} is not a model folder (no model_index.json); expected the diffusers layout")
         index = read_json(path / "model_index.json")
@@ -296,10 +302,14 @@ class Pipeline:
         pipe = cls(vae=vae, denoiser=denoiser, scheduler_config=scheduler_config, formulation=formulation,
                    defaults=extra.get("sampling"), recipe=extra.get("recipe"), name=path.name, attention=attention,
                    compile=compile, channels_last=channels_last, family=family, **parts)
-        return pipe._place(device, dtype, offload)
+        return pipe._place(device, dtype, offload, weights)
 
-    def _place(self, device: torch.device, dtype: torch.dtype, offload: bool) -> "Pipeline":
-        """A loaded pipeline onto its device in its dtype, or kept on the CPU and offloaded to the device."""
+    def _place(self, device: torch.device, dtype: torch.dtype, offload: bool, weights: str = "auto") -> "Pipeline":
+        """A loaded pipeline onto its device in its dtype (its weights stored as `weights` says, gen/quant), or
+        kept on the CPU and offloaded to the device."""
+        from gen import quant
+
+        quant.apply(self, weights, dtype)
         self.to("cpu" if offload else device, dtype)
         return self.enable_offload(device) if offload else self
 
@@ -310,6 +320,9 @@ class Pipeline:
         loses nothing."""
         if "_loras" in self.__dict__ and self._loras.weights:
             raise GenError("unload_lora() before save_pretrained (after fuse_lora() to bake the LoRA in)")
+        from gen import quant
+
+        quant.refuse(self.models, "save_pretrained")
         path = Path(path)
         if single_file:
             from gen import single_file as sf

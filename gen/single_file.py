@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from gen import families, formulations
+from gen import families, formulations, quant
 from gen.errors import GenError
 from gen.families import ldm, mmdit_file
 from gen.io import PICKLE_SUFFIXES, check_safetensors, load_state_dict, write_safetensors
@@ -72,18 +72,23 @@ class _Source:
             except GenError as e:
                 raise GenError(f"single file {e}") from None
             self.shapes, self.meta = {k: list(v.shape) for k, v in self.state.items()}, {}
+        elif path.suffix == ".gguf":  # a GGUF denoiser, its quantized tensors kept so (gen/quant)
+            from gen.quant import gguf
+
+            self.state, self.shapes, self.meta = gguf.read(path)
         elif path.suffix == ".safetensors":
             from safetensors import safe_open
 
             self.shapes, self.meta = header(path)
+            self.shapes = quant.fp8.visible(path, self.shapes)  # scaled fp8's scales travel with their weights
             self.handle = safe_open(str(path), framework="pt")
         else:
-            raise GenError(f"{path}: unsupported single-file format {path.suffix!r}; expected .safetensors")
+            raise GenError(f"{path}: unsupported single-file format {path.suffix!r}; expected .safetensors or .gguf")
 
     def take(self, prefix: str) -> dict[str, torch.Tensor]:
         if self.state is not None:
-            return {k: self.state.pop(k) for k in [k for k in self.state if k.startswith(prefix)]}
-        return {k: self.handle.get_tensor(k) for k in self.shapes if k.startswith(prefix)}
+            return quant.fp8.wrap({k: self.state.pop(k) for k in [k for k in self.state if k.startswith(prefix)]})
+        return quant.fp8.wrap({k: self.handle.get_tensor(k) for k in self.handle.keys() if k.startswith(prefix)})
 
 
 def _gen_meta(meta: dict) -> dict:
@@ -144,11 +149,13 @@ def _empty(factory):
 def _fill(model, state: dict, what: str):
     """`model`'s parameters become `state`'s tensors (assigned, not copied)."""
     expected = set(model.state_dict())
+    state, stored = quant.store.split(model, state)  # fp8/GGUF weights stay stored (gen/quant)
     missing = sorted(expected - set(state))
     if missing:
         raise GenError(f"the file lacks {len(missing)} {what} weights gen expects for the shapes it read, "
                        f"e.g. {missing[0]}; is it truncated or an unusual variant?")
     model.load_state_dict({k: state[k].contiguous() for k in expected}, strict=True, assign=True)
+    quant.store.attach_all(model, stored)
     return model
 
 
