@@ -52,6 +52,9 @@ def _add_sample(sub) -> None:
                         "features between (DeepCache); 1 = exact (default)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on CUDA)")
+    p.add_argument("--weights", default=None, choices=("auto", "fp8", "full"),
+                   help="weight storage: fp8 keeps the denoiser's and text encoders' Linear/Conv weights in "
+                        "float8_e4m3fn, upcast per layer (auto: a file's fp8/GGUF weights stay so; full: upcast on load)")
     p.add_argument("--offload", action="store_true", help="keep the components on the CPU, each moved to the device "
                    "only while it runs (less device memory)")
     p.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
@@ -169,7 +172,7 @@ def _apply_recipe(r, args) -> None:
     if args.negative_prompt is None and r.negative_prompt:  # none recorded is none given: SDXL's zero negative
         args.negative_prompt = r.negative_prompt
     for key in ("steps", "guidance", "seed", "width", "height", "sampler", "guidance_rescale",
-                "guidance_interval", "cache_interval"):
+                "guidance_interval", "cache_interval", "weights"):
         if getattr(args, key) is None:
             setattr(args, key, getattr(r, key))
     hires = r.hires_scale is not None
@@ -312,7 +315,7 @@ def cmd_sample(args) -> int:
                                     attention=args.attention, allow_pickle=args.allow_pickle,
                                     compile=args.compile, channels_last=args.channels_last,
                                     tokenizer=args.tokenizer, prediction_type=args.prediction_type,
-                                    base=args.base, offload=args.offload)
+                                    base=args.base, offload=args.offload, weights=args.weights)
     model_path = Path(args.model) if args.model else DEFAULT_MODEL
     model_hash = recipe.HashInBackground(model_path)  # hashed while sampling
     loras = [(str(Path(p).resolve()), s) for p, s in args.lora or []]
@@ -325,7 +328,8 @@ def cmd_sample(args) -> int:
     sampler = runs[0][1]["sampler"]
     sampler_fields = a1111_fields(sampler, pipe.formulation, pipe.scheduler_config)
     written = dict(sampler=sampler, model=str(model_path.resolve()) if args.model else None,
-                   model_name=model_path.name if args.model else "gen-default", loras=loras, lora_hashes=lora_hashes)
+                   model_name=model_path.name if args.model else "gen-default", loras=loras, lora_hashes=lora_hashes,
+                   weights=pipe.weights)
     seed = _first(args.seed, random.randrange(2 ** 32))  # lines without a seed take the next ones
     total = sum(run["num_images_per_prompt"] for _, run in runs)
     outputs = _Outputs(args.out, total)

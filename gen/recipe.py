@@ -34,7 +34,7 @@ READ = {"Steps", "Sampler", "Schedule type", "Eta DDIM", "CFG scale", "Seed", "S
         "Lora hashes", "Version", "gen sampler", "gen guidance rescale", "gen guidance interval",
         "gen cache interval", "gen model", "Denoising strength", "Clip skip", "Emphasis", "Mask blur",
         "Inpaint area", "Masked area padding", "Hires upscale", "Hires steps", "Hires upscaler", "gen init image",
-        "gen mask"}
+        "gen mask", "gen weights"}
 HIRES_UPSCALERS = {"latent": "Latent", "image": "Lanczos"}  # gen's name -> A1111's
 
 
@@ -71,6 +71,7 @@ class Recipe:
     hires_scale: float | None = None
     hires_steps: int | None = None
     hires_upscaler: str = "latent"
+    weights: str | None = None  # gen/quant's storage option (fp8, full); None: as the files store them
 
 
 def number(value) -> str:
@@ -144,7 +145,7 @@ def infotext(r: Recipe, sampler_fields: dict) -> str:
               "gen guidance interval": (", ".join(number(float(x)) for x in r.guidance_interval)
                                         if tuple(r.guidance_interval) != (0.0, 1.0) else None),
               "gen cache interval": r.cache_interval if r.cache_interval != 1 else None,
-              "gen model": r.model, **_workflow_fields(r),
+              "gen model": r.model, "gen weights": r.weights if r.weights != "auto" else None, **_workflow_fields(r),
               **{f"gen LoRA {i}": f"{p}:{number(float(s))}" for i, (p, s) in enumerate(r.loras, 1)}}
     line = ", ".join(f"{k}: {quote(v)}" for k, v in fields.items() if v is not None)
     negative = f"\nNegative prompt: {r.negative_prompt}" if r.negative_prompt else ""
@@ -187,7 +188,7 @@ def from_text(text: str, source: str = "the recipe") -> Recipe:
                weighting=f.get("Emphasis", "Original") != "None", init_image=f.get("gen init image"),
                mask=f.get("gen mask"), strength=get("Denoising strength", float),
                mask_blur=get("Mask blur", float, 0.0), hires_scale=get("Hires upscale", float),
-               hires_steps=get("Hires steps", int) or None)
+               hires_steps=get("Hires steps", int) or None, weights=f.get("gen weights"))
     if f.get("Inpaint area") == "Only masked":
         r.inpaint_padding = get("Masked area padding", int, 32)  # A1111's default padding
     if "Hires upscaler" in f:  # A1111's Latent (...) modes upscale the latents, its other upscalers the image

@@ -15,12 +15,12 @@ import torch
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf import quants  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 from gen.errors import GenError  # noqa: E402
 from gen.quant import gguf as gen_gguf  # noqa: E402
 from gen.quant.store import parameter_bytes, stored  # noqa: E402
-from tests.conftest import quiet_pipeline, tiny_flux_components  # noqa: E402
+from tests.conftest import psnr, quiet_pipeline  # noqa: E402
 
 KW = dict(num_inference_steps=2, seed=3, output_type="np", height=16, width=16)
 QUANTIZERS = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]  # gguf-py quantizes these
@@ -58,20 +58,6 @@ def test_supported_types_cover_the_common_quants():
 
 
 # ---- a Flux GGUF ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def flux(tmp_path_factory):
-    """A tiny Flux folder, and its transformer in BFL's layout (bare keys, fp32) as a dict."""
-    from diffusers import FluxPipeline
-
-    tmp = tmp_path_factory.mktemp("flux-gguf")
-    FluxPipeline(**tiny_flux_components(tmp)).save_pretrained(tmp / "folder")
-    quiet_pipeline(tmp / "folder").save_pretrained(tmp / "whole.safetensors", single_file=True)
-    prefix = "model.diffusion_model."
-    bfl = {k[len(prefix):]: v.float() for k, v in load_file(tmp / "whole.safetensors").items()
-           if k.startswith(prefix)}
-    return tmp, bfl
-
-
 def write_gguf(path, tensors: dict, qtype: Q | None, arch: str = "flux") -> dict:
     """Writes `tensors` with gguf's GGUFWriter, 2-D weights whose rows fill whole blocks quantized to `qtype`
     (by gguf's quantizer, or `raw` bytes for types it cannot quantize), the rest F32; returns the tensors as
@@ -95,14 +81,9 @@ def write_gguf(path, tensors: dict, qtype: Q | None, arch: str = "flux") -> dict
     return back
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a - b) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
-
-
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0], ids=lambda q: q.name)
-def test_flux_gguf_samples_the_image_of_its_dequantized_weights(flux, qtype, tmp_path):
-    folder, bfl = flux[0] / "folder", flux[1]
+def test_flux_gguf_samples_the_image_of_its_dequantized_weights(flux_bfl, qtype, tmp_path):
+    folder, bfl = flux_bfl
     back = write_gguf(tmp_path / "flux.gguf", bfl, qtype)
     save_file({k: v.contiguous() for k, v in back.items()}, tmp_path / "dequantized.safetensors")
     pipe = quiet_pipeline(tmp_path / "flux.gguf", base=folder)
@@ -116,12 +97,12 @@ def test_flux_gguf_samples_the_image_of_its_dequantized_weights(flux, qtype, tmp
     image = pipe(["a red circle"], **KW).images
     assert np.abs(image - ref(["a red circle"], **KW).images).max() <= 1e-5
     full = quiet_pipeline(folder)(["a red circle"], **KW).images
-    assert _psnr(image, full) > (30 if qtype == Q.Q8_0 else 15)
+    assert psnr(image, full) > (30 if qtype == Q.Q8_0 else 15)
     assert all(m.weight.dtype == torch.uint8 for n, m in pipe.denoiser.named_modules() if n in quantized)
 
 
-def test_gguf_load_errors(flux, tmp_path):
-    folder, bfl = flux[0] / "folder", flux[1]
+def test_gguf_load_errors(flux_bfl, tmp_path):
+    folder = flux_bfl[0]
     write_gguf(tmp_path / "llama.gguf", {"x.weight": torch.zeros(2, 32)}, None, arch="llama")
     with pytest.raises(GenError, match="architecture 'llama'.*flux, sd3, sdxl, sd1"):
         quiet_pipeline(tmp_path / "llama.gguf", base=folder)

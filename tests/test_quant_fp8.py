@@ -1,0 +1,187 @@
+"""fp8 weights (gen/quant): e4m3fn, e5m2 and ComfyUI's scaled fp8 files load with their Linear weights still fp8 in
+memory and sample the image of the same weights upcast; `weights="fp8"` stores a model as diffusers'
+enable_layerwise_casting(storage_dtype=float8_e4m3fn) does, to the same outputs; a LoRA runs unfused on an fp8
+base; `gen sample --weights fp8` records it in the PNG recipe; one-line errors."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from gen.errors import GenError
+from gen.quant import store_fp8
+from gen.quant.store import LAYERS, parameter_bytes, stored
+from tests.conftest import psnr, quiet_pipeline, tiny_flux_components, tiny_sd_components
+
+KW = dict(num_inference_steps=2, seed=3, output_type="np", height=16, width=16)
+PREFIX = "model.diffusion_model."
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def fp8_file(bfl: dict, dtype: torch.dtype, scaled: bool) -> tuple[dict, dict]:
+    """(an fp8 transformer file's tensors, as ComfyUI's files hold them, the same weights upcast): every tensor
+    but the RMSNorm scales in `dtype`; `scaled`: ComfyUI's scaled fp8 (a `scaled_fp8` marker, per-layer
+    scale_weight = max|W| / 448 and scale_input = 1 beside each 2-D weight)."""
+    out, ref = {}, {}
+    for k, v in bfl.items():
+        if k.endswith(".scale"):
+            out[PREFIX + k], ref[PREFIX + k] = v, v
+            continue
+        layer = k[:-len(".weight")]
+        if scaled and k.endswith(".weight") and v.dim() == 2:
+            s = v.abs().max() / 448
+            q = (v / s).to(dtype)
+            out[PREFIX + k], ref[PREFIX + k] = q, q.float() * s
+            out[f"{PREFIX}{layer}.scale_weight"] = s.reshape(())
+            out[f"{PREFIX}{layer}.scale_input"] = torch.ones(())
+        else:
+            out[PREFIX + k] = v.to(dtype)
+            ref[PREFIX + k] = out[PREFIX + k].float()
+    if scaled:
+        out[PREFIX + "scaled_fp8"] = torch.empty(0, dtype=dtype)
+    return out, ref
+
+
+@pytest.mark.parametrize("dtype, scaled", [(E4M3, False), (E5M2, False), (E4M3, True)],
+                         ids=["e4m3fn", "e5m2", "scaled-fp8"])
+def test_fp8_file_stays_fp8_and_samples_its_upcast_weights(flux_bfl, dtype, scaled, tmp_path):
+    folder, bfl = flux_bfl
+    tensors, ref = fp8_file(bfl, dtype, scaled)
+    save_file(tensors, tmp_path / "fp8.safetensors")
+    save_file(ref, tmp_path / "upcast.safetensors")
+    pipe = quiet_pipeline(tmp_path / "fp8.safetensors", base=folder)
+    fp8 = [m for m in pipe.denoiser.modules() if stored(m) is not None]
+    linears = [m for m in pipe.denoiser.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(fp8) == len(linears)  # every Linear weight of the file (all fp8) is kept fp8
+    assert all(m.weight.dtype == torch.uint8 and m.weight.numel() == m.in_features * m.out_features for m in fp8)
+    assert all(m.bias.dtype == torch.float32 for m in fp8)  # biases upcast on load
+    upcast = quiet_pipeline(tmp_path / "upcast.safetensors", base=folder)
+    weights = sum(m.weight.numel() for m in linears)
+    assert parameter_bytes(upcast.denoiser) - parameter_bytes(pipe.denoiser) == 3 * weights  # 1 byte, not 4
+    image = pipe(["a red circle"], **KW).images
+    assert np.abs(image - upcast(["a red circle"], **KW).images).max() <= 1e-5
+    assert psnr(image, quiet_pipeline(folder)(["a red circle"], **KW).images) > 20
+    full = quiet_pipeline(tmp_path / "fp8.safetensors", base=folder, weights="full")
+    assert not any(stored(m) for m in full.denoiser.modules())
+    assert np.abs(full(["a red circle"], **KW).images - image).max() <= 1e-6
+
+
+def _round_biases(model):
+    """Biases made fp8-representable: diffusers' layerwise casting stores biases in fp8 too, gen keeps them."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LAYERS) and m.bias is not None:
+                m.bias.copy_(m.bias.to(E4M3).float())
+
+
+def _parity(model, inputs: dict) -> float:
+    _round_biases(model)
+    ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
+    store_fp8(ours)
+    theirs.enable_layerwise_casting(storage_dtype=E4M3, compute_dtype=torch.float32)
+    fp8 = {n for n, m in theirs.named_modules() if isinstance(m, LAYERS) and m.weight.dtype == E4M3}
+    assert {n for n, m in ours.named_modules() if stored(m) is not None} == fp8 and len(fp8) > 5
+    with torch.no_grad():
+        a, b = ours(**inputs, return_dict=False)[0], theirs(**inputs, return_dict=False)[0]
+    return (a - b).abs().max().item()
+
+
+def test_weights_fp8_equals_diffusers_layerwise_casting_flux(tmp_path):
+    model = tiny_flux_components(tmp_path)["transformer"]
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, 16, generator=g), encoder_hidden_states=torch.randn(1, 8, 32,
+                  generator=g), pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
+                  img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))
+    assert _parity(model, inputs) <= 1e-6
+
+
+def test_weights_fp8_equals_diffusers_layerwise_casting_unet():
+    model = tiny_sd_components()["unet"]
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(sample=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 7, 32, generator=g))
+    assert _parity(model, inputs) <= 1e-6
+
+
+def _lora(folder, path):
+    """A random LoRA file (rank 2) on the Flux transformer's attention layers, written by gen."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from gen.lora import save_lora
+
+    pipe = quiet_pipeline(folder)
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v"]), pipe.denoiser)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in pipe.denoiser.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.3)
+    return save_lora(path, pipe.denoiser, {}, "default", family=pipe.family)
+
+
+def test_pipeline_weights_fp8_with_an_unfused_lora(flux_bfl, tmp_path):
+    folder = flux_bfl[0]
+    pipe = quiet_pipeline(folder, weights="fp8")
+    assert pipe.weights == "fp8"
+    for model in [pipe.denoiser, *pipe.text_parts.values()]:  # the T5 and CLIP encoders too
+        assert any(stored(m) is not None for m in model.modules())
+    ref = quiet_pipeline(folder)  # the same weights rounded to e4m3fn by hand, stored as fp32
+    before = parameter_bytes(ref.denoiser)
+    with torch.no_grad():
+        for model, mine in zip(ref.models, pipe.models):
+            layers = dict(model.named_modules())
+            for n, m in mine.named_modules():
+                if stored(m) is not None:
+                    layers[n].weight.copy_(layers[n].weight.to(E4M3).float())
+    assert parameter_bytes(pipe.denoiser) < 0.5 * before
+    image = pipe(["a red circle"], **KW).images
+    assert np.abs(image - ref(["a red circle"], **KW).images).max() <= 1e-5
+    lora = _lora(folder, tmp_path / "lora.safetensors")
+    pipe.load_lora(lora)
+    ref.load_lora(lora)
+    with_lora = pipe(["a red circle"], **KW).images
+    assert np.abs(with_lora - image).max() > 1e-3  # the LoRA acts through the fp8 layers' hooks
+    assert np.abs(with_lora - ref(["a red circle"], **KW).images).max() <= 1e-5
+    with pytest.raises(GenError, match="fuse_lora needs full-precision weights.*--weights full"):
+        pipe.fuse_lora()
+    with pytest.raises(GenError, match="save_pretrained needs full-precision"):
+        pipe.unload_lora() or pipe.save_pretrained(tmp_path / "out")
+
+
+def _gen(*args, code: str = ""):
+    """`gen` in a subprocess (`code`: Python run first, in the same process)."""
+    return subprocess.run([sys.executable, "-c", f"{code}\nimport sys\nfrom gen.cli import main\nsys.exit(main())",
+                           *map(str, args)], capture_output=True, text=True)
+
+
+def test_cli_weights_fp8_is_recorded_and_replayed(flux_bfl, tmp_path):
+    from gen.recipe import read_png
+
+    folder = flux_bfl[0]
+    r = _gen("sample", "a red circle", "--model", folder, "--weights", "fp8", "--steps", 2, "--height", 16,
+             "--width", 16, "--seed", 5, "--out", tmp_path / "a.png", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert read_png(tmp_path / "a.png").weights == "fp8"
+    r = _gen("sample", "--from", tmp_path / "a.png", "--out", tmp_path / "b.png", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+
+
+def test_fp8_without_float8_dtypes_is_a_one_line_error(flux_bfl, tmp_path):
+    folder, bfl = flux_bfl
+    save_file(fp8_file(bfl, E4M3, False)[0], tmp_path / "fp8.safetensors")
+    # a torch without float8 dtypes, as gen sees one: diffusers and transformers name torch.float8_* at import,
+    # so the attributes cannot be deleted; gen asks torch for them in one place, fp8_dtypes
+    old_torch = "import gen.quant.store\ngen.quant.store.fp8_dtypes = lambda: {}"
+    for args in (["--model", folder, "--weights", "fp8"], ["--model", tmp_path / "fp8.safetensors", "--base", folder]):
+        r = _gen("sample", "x", *args, "--out", tmp_path / "o.png", code=old_torch)
+        assert r.returncode == 2 and "float8" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
