@@ -54,7 +54,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on CUDA)")
     p.add_argument("--weights", default=None, choices=("auto", "fp8", "full"),
                    help="weight storage: fp8 keeps the denoiser's and text encoders' Linear/Conv weights in "
-                        "float8_e4m3fn, upcast per layer (auto: a file's fp8/GGUF weights stay so; full: upcast on load)")
+                        "float8_e4m3fn, upcast per layer (auto: a file's fp8/GGUF weights stay so; full: upcast "
+                        "them on load)")
     p.add_argument("--offload", action="store_true", help="keep the components on the CPU, each moved to the device "
                    "only while it runs (less device memory)")
     p.add_argument("--max-sequence-length", type=int, default=None, metavar="N",

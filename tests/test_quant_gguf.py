@@ -101,6 +101,35 @@ def test_flux_gguf_samples_the_image_of_its_dequantized_weights(flux_bfl, qtype,
     assert all(m.weight.dtype == torch.uint8 for n, m in pipe.denoiser.named_modules() if n in quantized)
 
 
+def test_sd3_gguf_samples_the_image_of_its_dequantized_weights(sd3_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    quiet_pipeline(sd3_folder).save_pretrained(tmp_path / "whole.safetensors", single_file=True)
+    prefix = "model.diffusion_model."
+    sai = {k[len(prefix):]: v.float() for k, v in load_file(tmp_path / "whole.safetensors").items()
+           if k.startswith(prefix)}
+    back = write_gguf(tmp_path / "sd3.gguf", sai, Q.Q8_0, arch="sd3")
+    save_file({k: v.contiguous() for k, v in back.items()}, tmp_path / "dequantized.safetensors")
+    pipe = quiet_pipeline(tmp_path / "sd3.gguf", base=sd3_folder)
+    assert sum(stored(m) is not None for m in pipe.denoiser.modules()) >= 8
+    ref = quiet_pipeline(tmp_path / "dequantized.safetensors", base=sd3_folder)
+    assert np.abs(pipe(["a red circle"], **KW).images - ref(["a red circle"], **KW).images).max() <= 1e-5
+
+
+def test_cli_samples_a_gguf_with_base(flux_bfl, tmp_path):
+    folder, bfl = flux_bfl
+    write_gguf(tmp_path / "flux-Q4_0.gguf", bfl, Q.Q4_0)
+    r = subprocess.run([sys.executable, "-m", "gen", "sample", "a red circle", "--model",
+                        str(tmp_path / "flux-Q4_0.gguf"), "--base", str(folder), "--steps", "2", "--height", "16",
+                        "--width", "16", "--out", str(tmp_path / "o.png"), "--no-progress"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "o.png").is_file()
+    r = subprocess.run([sys.executable, "-m", "gen", "info", str(tmp_path / "flux-Q4_0.gguf")], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "architecture: flux" in r.stdout and "Q4_0" in r.stdout, r.stderr
+
+
 def test_gguf_load_errors(flux_bfl, tmp_path):
     folder = flux_bfl[0]
     write_gguf(tmp_path / "llama.gguf", {"x.weight": torch.zeros(2, 32)}, None, arch="llama")
@@ -113,6 +142,9 @@ def test_gguf_load_errors(flux_bfl, tmp_path):
         k()
     with pytest.raises(GenError, match=r"img_in.weight is TQ1_0, a GGUF quant type gen does not read; it reads .*Q4_K"):
         quiet_pipeline(tmp_path / "tq.gguf", base=folder)
+    write_gguf(tmp_path / "sdxl.gguf", {"input_blocks.0.0.weight": torch.zeros(2, 4, 3, 3)}, None, arch="sdxl")
+    with pytest.raises(GenError, match="a UNet-only sdxl GGUF needs its text encoders and VAE"):
+        quiet_pipeline(tmp_path / "sdxl.gguf")
     r = subprocess.run([sys.executable, "-m", "gen", "sample", "x", "--model", str(tmp_path / "tq.gguf"), "--base",
                         str(folder), "--out", str(tmp_path / "o.png")], capture_output=True, text=True)
     assert r.returncode == 2 and "TQ1_0" in r.stderr and "Traceback" not in r.stderr

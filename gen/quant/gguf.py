@@ -56,9 +56,8 @@ def _field(reader, name: str):
     return None if field is None else field.contents()
 
 
-def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], dict[str, str]]:
-    """A GGUF file -> (tensors: Packed for quantized ones, the single-file key layout), their logical shapes,
-    metadata (`general.architecture` and the like, as strings). One-line GenErrors for a file gen cannot read."""
+def _open(path: Path):
+    """gguf's reader of `path` and its `general.architecture`, or a one-line GenError."""
     gguf = _module()
     try:
         reader = gguf.GGUFReader(str(path))
@@ -68,6 +67,32 @@ def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], dic
     if arch not in ARCHITECTURES:
         raise GenError(f"{path}: a GGUF file for architecture {arch!r}, which gen does not know; gen reads GGUF "
                        f"denoisers of {', '.join(ARCHITECTURES)}")
+    return reader, arch
+
+
+def describe(path: Path) -> str:
+    """`gen info` for a GGUF file: architecture, tensors per storage type, parameters and bytes."""
+    from collections import Counter
+
+    reader, arch = _open(path)
+    types = Counter(_module().GGMLQuantizationType(t.tensor_type).name for t in reader.tensors)
+    values = sum(int(t.n_elements) for t in reader.tensors)
+    stored = sum(int(t.n_bytes) for t in reader.tensors)
+    return "\n".join([f"GGUF file {path}", f"  architecture: {arch}",
+                      f"  tensors: {len(reader.tensors)} ({', '.join(f'{n} {k}' for k, n in types.most_common())})",
+                      f"  parameters: {values / 1e6:.2f}M in {stored / 2 ** 20:.1f} MiB "
+                      f"({8 * stored / max(values, 1):.2f} bits a value)",
+                      "  holds the denoiser only: sample with --base FOLDER (text encoders, tokenizers, VAE)"])
+
+
+def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], dict[str, str]]:
+    """A GGUF file -> (tensors: Packed for quantized ones, the single-file key layout), their logical shapes,
+    metadata (`general.architecture` and the like, as strings). One-line GenErrors for a file gen cannot read."""
+    gguf = _module()
+    reader, arch = _open(path)
+    if arch in LDM:  # the single-file loader reads UNets inside whole checkpoints only, so far
+        raise GenError(f"{path}: a UNet-only {arch} GGUF needs its text encoders and VAE from component files, "
+                       "which gen does not read yet; flux and sd3 GGUF files load with --base FOLDER")
     quants = set(supported())
     prefix = "model.diffusion_model." if arch in LDM else ""
     state, shapes = {}, {}
