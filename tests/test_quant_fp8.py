@@ -185,3 +185,30 @@ def test_fp8_without_float8_dtypes_is_a_one_line_error(flux_bfl, tmp_path):
         r = _gen("sample", "x", *args, "--out", tmp_path / "o.png", code=old_torch)
         assert r.returncode == 2 and "float8" in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_whole_fp8_checkpoint_with_its_text_encoders_and_vae(flux_bfl, tmp_path):
+    """A whole checkpoint in fp8 (transformer, CLIP, T5 and VAE, every 2-D-or-more tensor e4m3fn) loads alone;
+    T5's `wo`, which transformers keeps in fp32 (its caller casts the input to the weight's dtype), is upcast."""
+    from safetensors import safe_open
+
+    with safe_open(str(flux_bfl[0].parent / "whole.safetensors"), "pt") as f:  # gen's file: configs in its header
+        meta, fp8 = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    fp8 = {k: v.to(E4M3) if v.dim() >= 2 else v for k, v in fp8.items()}
+    save_file(fp8, tmp_path / "fp8.safetensors", metadata=meta)
+    save_file({k: v.float() for k, v in fp8.items()}, tmp_path / "upcast.safetensors", metadata=meta)
+    pipe = quiet_pipeline(tmp_path / "fp8.safetensors")
+    for model in pipe.models:
+        assert any(stored(m) is not None for m in model.modules())
+    t5 = pipe.text_parts["text_encoder_2"]
+    assert not any(stored(m) is not None for n, m in t5.named_modules() if n.endswith(".wo"))
+    image = pipe(["a red circle"], **KW).images
+    upcast = quiet_pipeline(tmp_path / "upcast.safetensors")
+    assert np.abs(image - upcast(["a red circle"], **KW).images).max() <= 1e-5
+
+
+def test_gen_dit_with_fp8_weights(dit_folder):
+    pipe = quiet_pipeline(dit_folder, weights="fp8")
+    assert sum(stored(m) is not None for m in pipe.denoiser.modules()) > 5
+    image = pipe(["a red circle"], **KW).images
+    assert psnr(image, quiet_pipeline(dit_folder)(["a red circle"], **KW).images) > 25

@@ -167,15 +167,19 @@ def store_as(module: nn.Module, kind: str) -> None:
 def split(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """A state dict bound for `model` -> (the state dict to load, with meta placeholders for the Packed weights of
     Linear/Conv layers and every other Packed tensor upcast to fp32 -- a norm or an embedding stays high
-    precision --, {layer name: Packed weight} to attach after loading)."""
+    precision, and so do the layers the model keeps in fp32 (`_keep_in_fp32_modules`: T5's `wo`, whose caller
+    casts its input to the weight's dtype) --, {layer name: Packed weight} to attach after loading)."""
+    import re
+
     modules = dict(model.named_modules())
+    fp32 = getattr(model, "_keep_in_fp32_modules", None) or ()
     out, keep = {}, {}
     for k, v in state.items():
         if not isinstance(v, Packed):
             out[k] = v
             continue
         layer, _, param = k.rpartition(".")
-        if param == "weight" and isinstance(modules.get(layer), LAYERS):
+        if param == "weight" and isinstance(modules.get(layer), LAYERS) and not any(re.search(p, layer) for p in fp32):
             keep[layer] = v
             out[k] = torch.empty(shape_of(v), device="meta")
         else:
