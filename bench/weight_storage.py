@@ -10,8 +10,9 @@ ComfyUI's scaled fp8 (per-tensor scale_weight); GGUF Q8_0, Q5_1, Q5_0, Q4_1 and 
 quantizer (gguf-py has none for K-quants, so those are tested for dequantization only, tests/test_quant_gguf.py).
 Each loads with --base (the folder's text encoders and VAE) and samples the same prompt and seed; `--weights fp8`
 stores the folder's transformer and text encoders as e4m3fn. Reported per variant: the transformer's parameter
-bytes (stored weights at their stored size), the fastest sampling time of --repeats (the least disturbed by other
-work on a shared machine), and the PSNR of the image against the full-precision folder's image (same dtype).
+bytes (stored weights at their stored size), the fastest sampling time of --repeats, taken round robin over the
+variants (the least disturbed by other work on a shared machine), and the PSNR of the image against the
+full-precision folder's image (same dtype).
 Figures: bench/results/weight_storage_cpu.txt.
 """
 
@@ -117,24 +118,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         build(args.size, tmp / "folder")
-        ref, full_bytes = None, None
-        for name, kwargs in variants(tmp / "folder", tmp).items():
-            pipe = Pipeline.from_pretrained(device=device, dtype=dtype, **kwargs)
-            pipe.progress = False
-            nbytes = parameter_bytes(pipe.denoiser)
-            times = []
-            for _ in range(args.repeats):
+        pipes = {name: Pipeline.from_pretrained(device=device, dtype=dtype, **kwargs)
+                 for name, kwargs in variants(tmp / "folder", tmp).items()}
+        times = {name: [] for name in pipes}
+        images = {}
+        for _ in range(args.repeats):  # round robin: a burst of other work on the machine slows every variant
+            for name, pipe in pipes.items():
+                pipe.progress = False
                 t = time.perf_counter()
-                image = pipe(**call).images
+                images[name] = pipe(**call).images
                 if device == "cuda":
                     torch.cuda.synchronize()
-                times.append(time.perf_counter() - t)
-            if ref is None:
-                ref, full_bytes = image, nbytes
-            line = (f"{name:26s} {nbytes:>18,d} {nbytes / full_bytes:>7.2f}x {min(times):>8.3f} "
-                    f"{psnr(image, ref):>8.1f}")
-            lines.append(line)
-            print(line)
+                times[name].append(time.perf_counter() - t)
+    ref, full = images[next(iter(pipes))], parameter_bytes(next(iter(pipes.values())).denoiser)
+    for name, pipe in pipes.items():
+        nbytes = parameter_bytes(pipe.denoiser)
+        lines.append(f"{name:26s} {nbytes:>18,d} {nbytes / full:>7.2f}x {min(times[name]):>8.3f} "
+                     f"{psnr(images[name], ref):>8.1f}")
+        print(lines[-1])
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / f"weight_storage_{'gpu' if device == 'cuda' else 'cpu'}.txt").write_text("\n".join(lines) + "\n")
