@@ -13,6 +13,7 @@ row operations on the bytes too.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from gen.errors import GenError
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # the layers whose weight may stay stored
 
 
+@functools.cache
 def fp8_dtypes() -> dict[str, torch.dtype]:
     """The fp8 formats (safetensors' names) this torch has; empty on a torch without float8 dtypes."""
     names = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
@@ -32,8 +34,8 @@ def fp8_dtypes() -> dict[str, torch.dtype]:
 def need_fp8(what: str) -> dict[str, torch.dtype]:
     formats = fp8_dtypes()
     if len(formats) < 2:
-        raise GenError(f"{what} needs float8 dtypes (torch.float8_e4m3fn), which this torch {torch.__version__} lacks; "
-                       "install torch >= 2.1 (or load a bf16/fp16 file)")
+        raise GenError(f"{what} needs float8 dtypes (torch.float8_e4m3fn), which this torch {torch.__version__} "
+                       "lacks; install torch >= 2.1 (or load a bf16/fp16 file)")
     return formats
 
 
