@@ -20,7 +20,7 @@ from safetensors.torch import save_file  # noqa: E402
 from gen.errors import GenError  # noqa: E402
 from gen.quant import gguf as gen_gguf  # noqa: E402
 from gen.quant.store import parameter_bytes, stored  # noqa: E402
-from tests.conftest import psnr, quiet_pipeline  # noqa: E402
+from tests.conftest import psnr, quiet_pipeline, tiny_flux_components  # noqa: E402
 
 KW = dict(num_inference_steps=2, seed=3, output_type="np", height=16, width=16)
 QUANTIZERS = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]  # gguf-py quantizes these
@@ -42,15 +42,19 @@ def test_dequantize_equals_gguf_quantized(qtype):
     _compare(qtype, quants.quantize(a, qtype), 6, 512)
 
 
+def random_blocks(qtype: Q, rows: int, cols: int, rng, scale=(0.01, 0.1)) -> np.ndarray:
+    """`rows` rows of `cols` values as random K-quant blocks (uint8 (rows, bytes)), super-block scales in `scale`."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    n = rows * (cols // block)
+    raw = rng.integers(0, 256, (n, size), dtype=np.uint8)
+    for at in K_LAYOUT[qtype]:
+        raw[:, at:at + 2] = rng.uniform(*scale, (n, 1)).astype(np.float16).view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
 @pytest.mark.parametrize("qtype", list(K_LAYOUT), ids=lambda q: q.name)
 def test_dequantize_equals_gguf_k_quant_random_blocks(qtype):
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    rows, blocks = 3, 2
-    rng = np.random.default_rng(int(qtype))
-    raw = rng.integers(0, 256, (rows * blocks, size), dtype=np.uint8)
-    for at in K_LAYOUT[qtype]:
-        raw[:, at:at + 2] = rng.uniform(0.01, 0.1, (rows * blocks, 1)).astype(np.float16).view(np.uint8)
-    _compare(qtype, raw.reshape(rows, blocks * size), rows, blocks * block)
+    _compare(qtype, random_blocks(qtype, 3, 512, np.random.default_rng(int(qtype))), 3, 512)
 
 
 def test_supported_types_cover_the_common_quants():
@@ -60,15 +64,15 @@ def test_supported_types_cover_the_common_quants():
 # ---- a Flux GGUF ------------------------------------------------------------------------------------------------
 def write_gguf(path, tensors: dict, qtype: Q | None, arch: str = "flux") -> dict:
     """Writes `tensors` with gguf's GGUFWriter, 2-D weights whose rows fill whole blocks quantized to `qtype`
-    (by gguf's quantizer, or `raw` bytes for types it cannot quantize), the rest F32; returns the tensors as
-    gguf's dequantize reads them back."""
+    (by gguf's quantizer; a K-quant, which it cannot quantize, as random blocks of small values), the rest F32;
+    returns the tensors as gguf's dequantize reads them back."""
     writer = gguf.GGUFWriter(str(path), arch)
-    back = {}
+    back, rng = {}, np.random.default_rng(0)
     for name, t in tensors.items():
         a = t.numpy().astype(np.float32)
         block = gguf.GGML_QUANT_SIZES[qtype][0] if qtype is not None else 0
         if qtype is not None and a.ndim == 2 and name.endswith(".weight") and a.shape[-1] % block == 0:
-            q = quants.quantize(a, qtype)
+            q = random_blocks(qtype, *a.shape, rng, (1e-4, 1e-3)) if qtype in K_LAYOUT else quants.quantize(a, qtype)
             writer.add_tensor(name, q, raw_dtype=qtype)
             back[name] = torch.from_numpy(quants.dequantize(q, qtype).copy())
         else:
@@ -99,6 +103,34 @@ def test_flux_gguf_samples_the_image_of_its_dequantized_weights(flux_bfl, qtype,
     full = quiet_pipeline(folder)(["a red circle"], **KW).images
     assert psnr(image, full) > (30 if qtype == Q.Q8_0 else 15)
     assert all(m.weight.dtype == torch.uint8 for n, m in pipe.denoiser.named_modules() if n in quantized)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K], ids=lambda q: q.name)
+def test_flux_k_quant_gguf_samples_the_image_of_its_dequantized_weights(qtype, tmp_path):
+    """A Flux transformer 256 wide (rows of whole 256-value K-quant super-blocks), its K-quant weights random
+    blocks: the file samples the image of the same weights dequantized by gguf."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    parts = tiny_flux_components(tmp_path)
+    parts["transformer"] = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                                  attention_head_dim=128, num_attention_heads=2,
+                                                  joint_attention_dim=32, pooled_projection_dim=32,
+                                                  axes_dims_rope=[32, 48, 48], guidance_embeds=True)
+    FluxPipeline(**parts).save_pretrained(tmp_path / "folder")
+    quiet_pipeline(tmp_path / "folder").save_pretrained(tmp_path / "whole.safetensors", single_file=True)
+    prefix = "model.diffusion_model."
+    bfl = {k[len(prefix):]: v.float() for k, v in load_file(tmp_path / "whole.safetensors").items()
+           if k.startswith(prefix)}
+    back = write_gguf(tmp_path / "flux.gguf", bfl, qtype)
+    save_file({k: v.contiguous() for k, v in back.items()}, tmp_path / "dequantized.safetensors")
+    pipe = quiet_pipeline(tmp_path / "flux.gguf", base=tmp_path / "folder")
+    kinds = [stored(m).kind for m in pipe.denoiser.modules() if stored(m) is not None]
+    assert len(kinds) >= 8 and set(kinds) == {qtype.name}
+    ref = quiet_pipeline(tmp_path / "dequantized.safetensors", base=tmp_path / "folder")
+    image = pipe(["a red circle"], **KW).images
+    assert np.isfinite(image).all() and image.std() > 0
+    assert np.abs(image - ref(["a red circle"], **KW).images).max() <= 1e-5
 
 
 def test_sd3_gguf_samples_the_image_of_its_dequantized_weights(sd3_folder, tmp_path):
