@@ -109,6 +109,33 @@ def test_weights_fp8_equals_diffusers_layerwise_casting_unet():
     assert _parity(model, inputs) <= 1e-6
 
 
+def test_weights_fp8_images_equal_diffusers_layerwise_casting(flux_bfl, tmp_path):
+    """The whole pipeline: gen's `weights="fp8"` gives the image of diffusers' FluxPipeline with the transformer
+    under layerwise casting (float8_e4m3fn storage, fp32 compute); the biases made fp8-representable, which
+    diffusers stores in fp8 too. diffusers' pipeline cannot take layerwise casting on its transformers text
+    encoders (it reads their dtype, the first parameter's: fp8, for the latents), so there the same layers gen
+    stores are rounded to e4m3fn in place, which is what fp8 storage with fp32 compute computes."""
+    from diffusers import FluxPipeline
+
+    theirs = FluxPipeline.from_pretrained(flux_bfl[0])
+    for model in (theirs.transformer, theirs.text_encoder, theirs.text_encoder_2):
+        _round_biases(model)
+    theirs.save_pretrained(tmp_path / "rounded")
+    ours = quiet_pipeline(tmp_path / "rounded", weights="fp8")
+    theirs.transformer.enable_layerwise_casting(storage_dtype=E4M3, compute_dtype=torch.float32)
+    with torch.no_grad():
+        for model, mine in ((theirs.text_encoder, ours.texts[0].model), (theirs.text_encoder_2, ours.texts[1].model)):
+            layers = dict(model.named_modules())
+            for n, m in mine.named_modules():
+                if stored(m) is not None:
+                    layers[n].weight.copy_(layers[n].weight.to(E4M3).float())
+    theirs.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=3, guidance_scale=3.5, output_type="np", height=16, width=16)
+    a = theirs("a red circle", generator=torch.Generator().manual_seed(7), **kw).images
+    b = ours("a red circle", seed=7, **kw).images
+    assert a.std() > 0.01 and np.abs(a - b).max() <= 1e-4
+
+
 def _lora(folder, path):
     """A random LoRA file (rank 2) on the Flux transformer's attention layers, written by gen."""
     from peft import LoraConfig, inject_adapter_in_model
