@@ -243,3 +243,20 @@ def test_gen_dit_with_fp8_weights(dit_folder):
     assert sum(stored(m) is not None for m in pipe.denoiser.modules()) > 5
     image = pipe(["a red circle"], **KW).images
     assert psnr(image, quiet_pipeline(dit_folder)(["a red circle"], **KW).images) > 25
+
+
+def test_fp8_storage_computes_in_bf16(flux_bfl):
+    """fp8 weights upcast to the pipeline's dtype: bf16 compute on the CPU (fp16/bf16 on a GPU)."""
+    folder = flux_bfl[0]
+    pipe = quiet_pipeline(folder, weights="fp8", dtype="bf16")
+    assert pipe.dtype == torch.bfloat16
+    layer = next(m for m in pipe.denoiser.modules() if stored(m) is not None)
+    seen = []  # the weight as the layer's call sees it (a pre-hook after gen's), and the output
+    hooks = [layer.register_forward_pre_hook(lambda m, args: seen.append(m.weight.dtype)),
+             layer.register_forward_hook(lambda m, args, out: seen.append(out.dtype))]
+    image = pipe(["a red circle"], **KW).images
+    for h in hooks:
+        h.remove()
+    assert seen and set(seen) == {torch.bfloat16}  # the weight, upcast for the call
+    assert layer.weight.dtype == torch.uint8  # and back to its bytes after
+    assert psnr(image, quiet_pipeline(folder, dtype="bf16")(["a red circle"], **KW).images) > 25
