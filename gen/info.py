@@ -112,4 +112,4 @@ def describe(path: str | Path) -> str:
         return describe_gguf(path)
     if not path.exists():
         raise GenError(f"not found: {path}")
-    raise GenError(f"{path} is neither a model folder (with model_index.json) nor a .safetensors file")
+    raise GenError(f"{path} is neither a model folder (with model_index.json) nor a .safetensors or .gguf file")
