@@ -181,3 +181,7 @@ def test_gguf_load_errors(flux_bfl, tmp_path):
                         str(folder), "--out", str(tmp_path / "o.png")], capture_output=True, text=True)
     assert r.returncode == 2 and "TQ1_0" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    no_gguf = "import sys\nsys.modules['gguf'] = None\nfrom gen.cli import main\nsys.exit(main())"  # not installed
+    r = subprocess.run([sys.executable, "-c", no_gguf, "sample", "x", "--model", str(tmp_path / "tq.gguf"), "--base",
+                        str(folder)], capture_output=True, text=True)
+    assert r.returncode == 2 and "pip install 'gen[gguf]'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
