@@ -69,6 +69,11 @@ def _add_sample(sub) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle-based weight files (unsafe)")
     p.add_argument("--lora", action="append", default=None, type=_lora_arg, metavar="PATH[:SCALE]",
                    help="apply a LoRA file at SCALE (default 1); repeat to stack several")
+    p.add_argument("--embedding", action="append", default=None, metavar="FILE",
+                   help="a textual-inversion embedding (A1111, diffusers or SDXL file) the prompts use by its name; "
+                        "repeatable")
+    p.add_argument("--embeddings", action="append", default=None, metavar="FOLDER",
+                   help="a folder of embeddings, each used by its file name in a prompt (or as embedding:NAME)")
     p.add_argument("--no-progress", action="store_true")
     _workflow_flags(p)
     p.set_defaults(func=cmd_sample)
@@ -209,10 +214,18 @@ def _apply_recipe(r, args) -> None:
             raise GenError(f"{args.recipe} was made with the LoRA {missing[0]}, which is not there; pass "
                            "--lora PATH[:SCALE] for each of its LoRAs")
         args.lora = r.loras
+    if args.embedding is None and args.embeddings is None and r.ti_hashes:
+        missing = [p for p in r.embeddings if not Path(p).is_file()]
+        if not r.embeddings or missing:
+            raise GenError(f"{args.recipe} uses the embeddings {', '.join(r.ti_hashes)}, and "
+                           f"{missing[0] + ' is not there' if missing else 'gen cannot find them by name'}; pass "
+                           "--embeddings FOLDER (or --embedding FILE for each)")
+        args.embedding = list(zip(r.embeddings, r.ti_hashes))  # each file under the name it was used by
 
 
 def _check_against_recipe(r, args, pipe, model_hash: str | None, lora_hashes: dict[str, str]) -> None:
-    """Warns where the model or a LoRA differs from the one the recipe recorded; takes an A1111 recipe's sampler."""
+    """Warns where the model, a LoRA or an embedding differs from the one the recipe recorded; takes an A1111
+    recipe's sampler."""
     from gen.samplers import from_a1111
 
     if r.model_hash and model_hash and r.model_hash != model_hash:
@@ -222,6 +235,10 @@ def _check_against_recipe(r, args, pipe, model_hash: str | None, lora_hashes: di
         if r.lora_hashes.get(name, now) != now:
             log.warning("%s was made with LoRA hash %s for %s; this file's is %s", args.recipe, r.lora_hashes[name],
                         name, now)
+    for e in pipe.embeddings_used([r.prompt, r.negative_prompt]):
+        if r.ti_hashes.get(e.name, e.short_hash()) != e.short_hash():
+            log.warning("%s was made with the embedding %s of hash %s; %s's is %s", args.recipe, e.name,
+                        r.ti_hashes[e.name], e.path, e.short_hash())
     if args.sampler is None and r.a1111_sampler:
         args.sampler = from_a1111(*r.a1111_sampler, pipe.formulation.kind)
 
@@ -323,6 +340,11 @@ def cmd_sample(args) -> int:
     for path, scale in loras:
         pipe.load_lora(path, scale=scale, allow_pickle=args.allow_pickle)
     lora_hashes = {recipe.lora_alias(p): recipe.lora_hash(p) for p, _ in loras}
+    for path in args.embeddings or []:
+        pipe.load_textual_inversion(path, allow_pickle=args.allow_pickle)
+    for item in args.embedding or []:  # a path, or (path, name) from a --from recipe
+        path, token = item if isinstance(item, tuple) else (item, None)
+        pipe.load_textual_inversion(path, token, allow_pickle=args.allow_pickle)
     if base is not None:
         _check_against_recipe(base, args, pipe, model_hash.result(), lora_hashes)
     runs = _runs(args, jobs, pipe)
@@ -353,7 +375,9 @@ def cmd_sample(args) -> int:
                               width=_first(run["width"], image.width), height=_first(run["height"], image.height),
                               guidance_rescale=run["guidance_rescale"], guidance_interval=run["guidance_interval"],
                               cache_interval=run["cache_interval"], model_hash=model_hash.result(), **written)
-                r = recipe.Recipe(**fields | _recorded(args, workflow))
+                used = pipe.embeddings_used([fields["prompt"], fields["negative_prompt"]])
+                r = recipe.Recipe(**fields | _recorded(args, workflow), embeddings=[str(e.path.resolve()) for e in used],
+                                  ti_hashes={e.name: e.short_hash() for e in used})
                 path = outputs.next(f"{line:04d}-{image_seed}" if args.prompts else str(image_seed))
                 recipe.write_png(image, path, recipe.infotext(r, sampler_fields))
                 made += 1

@@ -392,6 +392,25 @@ class Pipeline:
         """Writes a loaded adapter as a .safetensors LoRA file: format "diffusers" or "kohya"."""
         return self.loras.save(path, adapter_name, format)
 
+    # ---- textual inversion (gen/embeddings.py does the work) ----------------------------------
+    def load_textual_inversion(self, path: str | Path, token: str | None = None, allow_pickle: bool = False) -> list[str]:
+        """Adds an embedding file (A1111's, diffusers' or SDXL's; named `token`, else by the file) that prompts
+        then use by name, or a folder of them (A1111's embeddings folder: each file used by its name, or as
+        embedding:NAME). Returns the names. An embedding for other text encoders raises GenError."""
+        from gen.embeddings import Embeddings
+
+        return Embeddings.of(self).load(path, self.texts, token, allow_pickle)
+
+    def unload_textual_inversion(self) -> None:
+        """Forgets every embedding loaded."""
+        self.__dict__.pop("_embeddings", None)
+
+    def embeddings_used(self, prompts: list[str]) -> list:
+        """The gen.embeddings.Embedding objects these prompts use (for a recipe's `TI hashes`)."""
+        if "_embeddings" not in self.__dict__:
+            return []
+        return list({id(e): e for e in self._embeddings.used(prompts, self.texts).values()}.values())
+
     # ---- sampling ---------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str], height: int | None = None, width: int | None = None,
                        texts: list[TextEncoder] | None = None) -> dict:
@@ -510,6 +529,8 @@ class Pipeline:
             slg.check(self.denoiser.config.num_layers)
         scale, embedded = self.family.guidance(self.denoiser, scale, true_cfg_scale, negative_prompt is not None, n)
         texts = self._texts(max_sequence_length)
+        if "_embeddings" in self.__dict__:  # the call's copies read its textual-inversion embeddings
+            texts = self._embeddings.for_call(texts, prompts + negs)
         chunks = pw.chunk_counts(texts, prompts, negs if uses_cfg(scale) else None, prompt_weighting)
         if len(set(chunks)) > 1:  # no prompt is padded to another's length
             return pw.by_chunks(self, call, prompts, negs, chunks, seeds, generator)
