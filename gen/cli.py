@@ -333,7 +333,8 @@ def cmd_sample(args) -> int:
                                     attention=args.attention, allow_pickle=args.allow_pickle,
                                     compile=args.compile, channels_last=args.channels_last,
                                     tokenizer=args.tokenizer, prediction_type=args.prediction_type,
-                                    base=args.base, offload=args.offload, weights=args.weights)
+                                    base=args.base, offload=args.offload, weights=args.weights,
+                                    **_component_args(args))
     model_path = Path(args.model) if args.model else DEFAULT_MODEL
     model_hash = recipe.HashInBackground(model_path)  # hashed while sampling
     loras = [(str(Path(p).resolve()), s) for p, s in args.lora or []]
@@ -406,7 +407,17 @@ def _single_file_flags(p) -> None:
                         "folder of the same family whose text encoders, tokenizers, VAE and scheduler to use")
     p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
                    help="for a single file: what its denoiser predicts, which weights cannot tell (SD-2.x 768 "
-                        "models: v_prediction); default: what gen recorded in the file, else epsilon")
+                        "models: v_prediction); default: what the file records, else a guess (gen info FILE)")
+    p.add_argument("--vae", default=None, metavar="FILE", help="a VAE file (ae.safetensors, sdxl_vae.safetensors) "
+                   "used instead of the file's own, or where it has none")
+    p.add_argument("--text-encoder", action="append", default=None, metavar="FILE", dest="text_encoders",
+                   help="a text encoder file (clip_l / clip_g / t5xxl.safetensors), recognised by its keys; "
+                        "repeatable")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights of a checkpoint holding both")
+
+
+def _component_args(args) -> dict:
+    return dict(vae=args.vae, text_encoders=args.text_encoders or (), ema=args.ema)
 
 
 def _add_convert(sub) -> None:
@@ -427,7 +438,8 @@ def cmd_convert(args) -> int:
     if src.resolve() == dst.resolve():
         raise GenError("gen convert: SRC and DST are the same path")
     pipe = Pipeline.from_pretrained(src, device="cpu", dtype=args.dtype, allow_pickle=args.allow_pickle,
-                                    tokenizer=args.tokenizer, prediction_type=args.prediction_type, base=args.base)
+                                    tokenizer=args.tokenizer, prediction_type=args.prediction_type, base=args.base,
+                                    weights="full", **_component_args(args))  # fp8/GGUF weights written upcast
     pipe.save_pretrained(dst, single_file=dst.suffix == ".safetensors")
     print(f"wrote {dst} ({'single file' if dst.suffix == '.safetensors' else 'diffusers folder'}, "
           f"{pipe.family.title})")

@@ -247,16 +247,19 @@ class Pipeline:
                         attention: str | None = None, allow_pickle: bool = False, compile: bool | dict = False,
                         channels_last: bool = False, tokenizer: str | Path | None = None,
                         prediction_type: str | None = None, base: str | Path | None = None,
-                        offload: bool = False, weights: str | None = None) -> "Pipeline":
+                        offload: bool = False, weights: str | None = None, vae: str | Path | None = None,
+                        text_encoders=(), ema: bool = False) -> "Pipeline":
         """Loads a diffusers-layout folder of any family gen knows (gen/families), or a single .safetensors file in
         the original layout (SD-1.x, SD-2.x, SDXL: LDM/A1111; SD3/3.5, Flux: SAI's/BFL's; gen/single_file.py); None =
         the bundled default. attention, compile and channels_last are as in Pipeline; `offload`: enable_offload(device).
         For a single file only: `tokenizer`, a diffusers folder (or tokenizer folder) when the file carries none;
         `prediction_type` ("epsilon" or "v_prediction"), which weights cannot tell (SD-2.x 768 models are
         v_prediction); `base`, a diffusers folder of the same family supplying the parts an SD3/Flux file lacks (a
-        transformer-only file takes its text encoders, tokenizers, VAE and scheduler from it). `weights`: "auto",
-        "fp8" or "full", how fp8/GGUF weights are stored (gen/quant: kept stored and upcast per layer, or upcast on
-        load); a .gguf file is a GGUF transformer/UNet (with `base`)."""
+        transformer-only file takes its text encoders, tokenizers, VAE and scheduler from it); `vae` and
+        `text_encoders`, component files (ae.safetensors, clip_l / clip_g / t5xxl.safetensors, ...) that fill what the
+        file lacks or replace its own (gen/components.py); `ema`, the EMA weights of a file that holds both.
+        `weights`: "auto", "fp8" or "full", how fp8/GGUF weights are stored (gen/quant: kept stored and upcast per
+        layer, or upcast on load); a .gguf file is a GGUF transformer (with `base`)."""
         from diffusers import AutoencoderKL
 
         from gen import quant
@@ -275,11 +278,14 @@ class Pipeline:
         if path.is_file():  # a pickle is opened only if allowed, and then by gen.io's weights-only loader
             from gen import single_file
 
-            parts = single_file.load(path, tokenizer, prediction_type, allow_pickle, base)
+            parts = single_file.load(path, tokenizer, prediction_type, allow_pickle, base, vae, text_encoders, ema)
             pipe = cls(**parts, attention=attention, compile=compile, channels_last=channels_last)
             return pipe._place(device, dtype, offload, weights)
         if not (path / "model_index.json").is_file():
             raise GenError(f"{path} is not a model folder (no model_index.json); expected the diffusers layout")
+        if vae or text_encoders or ema:
+            raise GenError("--vae, --text-encoder and --ema are for a single-file model; a folder's parts are its "
+                           "subfolders")
         index = read_json(path / "model_index.json")
         family = families.detect_folder(path, index)
         texts = [p for pair in family.text_parts for p in pair]

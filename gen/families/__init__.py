@@ -102,6 +102,21 @@ class Family:
         """Why a single file that looks like this family cannot be used, or None."""
         return None
 
+    # text encoder folder -> the tower a component file must be there ("CLIP-L", "CLIP-G", "OpenCLIP-H", "T5"),
+    # as files name them (gen/components.py)
+    file_roles: dict = {}
+
+    @staticmethod
+    def file_text_widths(config) -> dict:
+        """Text encoder folder -> the width (hidden size, T5's d_model) the denoiser `config` takes from it, where
+        it fixes one; a component file of another width is refused."""
+        return {}
+
+    @classmethod
+    def file_prediction(cls, src) -> tuple[str, str] | None:
+        """(prediction type, why) a DDPM file's weights suggest (`src`: its tensors), or None: epsilon."""
+        return None
+
     @classmethod
     def file_convention(cls, prediction_type: str) -> dict:
         """Config values a single file's shapes cannot tell, as the family's released checkpoints have them:

@@ -81,6 +81,12 @@ class Flux(OriginalLayout, Family):
     file_texts = (("text_encoder", "tokenizer", "text_encoders.clip_l.transformer.", "hf"),
                   ("text_encoder_2", "tokenizer_2", "text_encoders.t5xxl.transformer.", "t5"))
     file_layout, file_blocks = "BFL Flux", "double_blocks."
+    file_roles = {"text_encoder": "CLIP-L", "text_encoder_2": "T5"}
+
+    @staticmethod
+    def file_text_widths(config) -> dict:
+        """CLIP-L's pooled output is the pooled projection's input; T5's states the token stream's."""
+        return {"text_encoder": config.pooled_projection_dim, "text_encoder_2": config.joint_attention_dim}
 
     @classmethod
     def recognises_file(cls, keys: set, shapes: dict) -> bool:

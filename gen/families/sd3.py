@@ -87,6 +87,11 @@ class SD3(OriginalLayout, Family):
                   ("text_encoder_3", "tokenizer_3", "text_encoders.t5xxl.transformer.", "t5"))
     file_pad_zero = ("tokenizer_2",)  # CLIP-G
     file_layout, file_blocks = "SD3 MMDiT", "joint_blocks."
+    file_roles = {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "text_encoder_3": "T5"}
+
+    @staticmethod
+    def file_text_widths(config) -> dict:
+        return {"text_encoder_3": config.joint_attention_dim}  # T5's states are the joint attention's input
     file_optional = ("text_encoder_3",)  # sd3_medium_incl_clips.safetensors: no T5, as a folder without one
 
     @classmethod

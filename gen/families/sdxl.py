@@ -49,6 +49,7 @@ class SDXL(Family):
     file_texts = (("text_encoder", "tokenizer", "conditioner.embedders.0.transformer.", "hf"),
                   ("text_encoder_2", "tokenizer_2", "conditioner.embedders.1.model.", "openclip"))
     file_pad_zero = ("tokenizer_2",)
+    file_roles = {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G"}
 
     def lora_from_file(self, factors: dict, kohya: bool, denoiser) -> dict:
         return ldm.lora_from_ldm(factors, kohya, denoiser)  # sd-scripts' original-block names
