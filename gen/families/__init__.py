@@ -43,6 +43,8 @@ class Family:
     text_parts = (("text_encoder", "tokenizer"),)  # (encoder folder, tokenizer folder), in conditioning order
     kohya_text = {"text_encoder": "lora_te_"}  # text encoder folder -> kohya LoRA key prefix
     kohya_base = ""  # kohya's ss_base_model_version for this family ("": none, gen names it gen_unet)
+    # the layout `gen lora` writes unless lora.format says: the one every peer of the family reads
+    lora_format = "diffusers"
     # the denoiser's LoRA targets (peft regexes over module names): attention projections, feed-forward layers
     lora_targets = {"attn": r"attn[12]\.(to_q|to_k|to_v|to_out\.0)", "ff": r"ff\.net\.(0\.proj|2)"}
     # how the denoiser's layer names in LoRA files begin (diffusers' and the original layout's): tells families
