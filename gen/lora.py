@@ -21,7 +21,7 @@ from torch import nn
 
 from gen.errors import GenError
 from gen import families, lycoris
-from gen.lora_formats import (DENOISER, FORMATS, KOHYA_UNET, PEFT_WRAPPER, TEXT, Factor, LoraFile, base_of,
+from gen.lora_formats import (DENOISER, FORMATS, KOHYA_T5, KOHYA_UNET, PEFT_WRAPPER, TEXT, Factor, LoraFile, base_of,
                               config_fields, describe, flat, is_lora, is_text, neutral, read, write)
 
 __all__ = ["FORMATS", "TEXT_TARGETS", "Adapters", "describe", "extract", "is_lora", "lora_config", "read",
@@ -110,7 +110,7 @@ def _family_mismatch(lora: LoraFile, family: families.Family, source: str) -> st
     if not theirs or type(family) in theirs:
         return None
     mine = file_prefixes(family, lora.layout)
-    why = [f"{lora.prefixes[c]} ({c})" for c in texts if lora.prefixes[c] != mine.get(c)]
+    why = [f"{lora.prefixes[c]} ({c})" for c in texts if lora.prefixes[c] not in mine.values()]
     return (f"{source} is a LoRA for {' or '.join(f.title for f in theirs)}, not for this {family.title} model"
             + (f" (its {', '.join(why)} layers have no counterpart here)" if why else "")
             + f"; load it with a {theirs[0].title} model (recorded base: {base_of(lora.metadata)})")
@@ -123,27 +123,33 @@ def match(lora: LoraFile, models: dict[str, nn.Module], family: families.Family,
     models: component -> model; family: the model's family (its LoRA key prefixes).
     Returns component -> {model layer name (as peft sees it) -> Factor}."""
     prefixes = file_prefixes(family, lora.layout)
+    by_prefix = {p: c for c, p in prefixes.items()} if lora.layout == "kohya" else {}
     matched: dict[str, dict[str, Factor]] = {}
     unmatched, bad = [], []
-    for comp, factors in lora.factors.items():
+    for file_comp, factors in lora.factors.items():
+        prefix = lora.prefixes.get(file_comp, "")
+        comp = by_prefix.get(prefix, file_comp)  # kohya's lora_te3_ (T5) is SD3's text_encoder_3, Flux's _2
         model = models.get(comp)
+        if model is None and prefix == KOHYA_T5:
+            raise GenError(f"{source} adapts {len(factors)} layers of a T5 encoder ({KOHYA_T5}), which this "
+                           f"{family.title} model has none of; load the model with its T5 encoder")
         layers = adaptable_layers(model, comp) if model is not None else {}
         if comp == DENOISER and model is not None:  # SD3/Flux files may name the original layout's layers
             factors = family.lora_from_file(factors, lora.layout == "kohya", model)
-        names = {(flat(comp, n) if lora.layout == "kohya" else n): n for n in layers}
-        if lora.prefixes.get(comp, "") not in ("", prefixes.get(comp)):
+        names = {(flat(comp, n, prefix) if lora.layout == "kohya" else n): n for n in layers}
+        if prefix not in ("", prefixes.get(comp)):
             names = {}  # a transformer LoRA on a UNet, an SD lora_te_ on SDXL's lora_te1_: nothing can match
         real = "text_model." if is_text(comp) and hasattr(model, "text_model") else ""  # the name peft sees
         for name, f in factors.items():
             layer_name = names.get(name)
             if layer_name is None:
-                unmatched.append(_display(lora, comp, name))
+                unmatched.append(_display(lora, file_comp, name))
                 continue
             layer = layers[layer_name]
             problem = (lycoris.shape_problem(f, layer) if isinstance(f, lycoris.LycorisFactor)
                        else _shape_problem(f, layer))
             if problem:
-                bad.append(f"{_display(lora, comp, name)}: {problem}")
+                bad.append(f"{_display(lora, file_comp, name)}: {problem}")
             matched.setdefault(comp, {})[real + layer_name] = f
     total = lora.count()
     if unmatched or bad:

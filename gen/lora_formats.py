@@ -63,7 +63,12 @@ ATTN_PROCESSOR = re.compile(r"\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$
 ATTN_PROCESSOR_LAYERS = {False: {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
                          True: {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
 TEXT_FOLDER = re.compile(r"text_encoder(_\d+)?")  # text_encoder, text_encoder_2, ...
-KOHYA_T5 = "lora_te3_"  # sd-scripts' T5-XXL layers (networks/lora_sd3.py, lora_flux.py with --train_t5xxl)
+# XLabs' Flux LoRAs (x-flux): `[diffusion_model.]double_blocks.0.processor.qkv_lora1.down.weight`, qkv_lora2,
+# proj_lora1/2, single blocks' qkv_lora / proj_lora; no alpha (scale 1); the Flux family maps the layers
+XLABS = re.compile(r"^((?:diffusion_model\.)?(?:double|single)_blocks\.\d+)\.(?:processor\.)?((?:qkv|proj)_lora[12]?)"
+                   r"\.(down|up)\.weight$")
+KOHYA_T5 = "lora_te3_"  # sd-scripts' T5-XXL layers (networks/lora_sd3.py, lora_flux.py with --train_t5xxl): SD3's
+# text_encoder_3, Flux's text_encoder_2, each family's kohya_text
 
 
 def is_text(component: str) -> bool:
@@ -90,7 +95,7 @@ class Factor:
 @dataclass
 class LoraFile:
     factors: dict[str, dict[str, Factor]]  # component ("denoiser" | a text encoder folder) -> layer -> Factor
-    layout: str  # "diffusers", "peft" or "kohya"; kohya layer names are flat (dots as underscores)
+    layout: str  # "diffusers", "peft", "xlabs" or "kohya"; kohya layer names are flat (dots as underscores)
     metadata: dict[str, str] = field(default_factory=dict)
     prefixes: dict[str, str] = field(default_factory=dict)  # component -> the prefix the file used
 
@@ -102,9 +107,10 @@ def neutral(name: str) -> str:
     return name.removeprefix("text_model.")
 
 
-def flat(component: str, name: str) -> str:
-    """The kohya/A1111 layer name without its lora_unet_/lora_te_ prefix: dots become underscores."""
-    return ("text_model_" if is_text(component) else "") + name.replace(".", "_")
+def flat(component: str, name: str, prefix: str = "") -> str:
+    """The kohya/A1111 layer name without its `prefix` (lora_unet_, lora_te_, ...): dots become underscores, CLIP
+    layers under `text_model_`; T5's (lora_te3_) as T5EncoderModel names them (`encoder_block_0_layer_0_...`)."""
+    return ("text_model_" if is_text(component) and prefix != KOHYA_T5 else "") + name.replace(".", "_")
 
 
 def num(x: float) -> int | float:
@@ -142,6 +148,9 @@ def _split(key: str, kohya: dict[str, str] | None) -> tuple[str, str, str, str, 
         name = key[: -len(suffix)]
         prefix = next(p for p in kohya if name.startswith(p))
         return kohya[prefix], prefix, name[len(prefix):], KOHYA_PARTS[suffix], "kohya"
+    xlabs = XLABS.match(key)
+    if xlabs:
+        return DENOISER, "", f"{xlabs.group(1)}.{xlabs.group(2)}", xlabs.group(3), "xlabs"
     key = key.replace(".processor.", ".")
     old = ATTN_PROCESSOR.search(key)
     if old:
@@ -203,7 +212,7 @@ def parse(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None =
             if cfg.get("use_rslora"):  # rsLoRA scales by alpha / sqrt(r): the same as alpha' = alpha * sqrt(r)
                 alpha *= math.sqrt(down.shape[0])
         factors.setdefault(comp, {})[name] = Factor(down, up, alpha, t.get("magnitude"))
-    layout = "kohya" if kohya is not None else "peft" if "peft" in layouts else "diffusers"
+    layout = "kohya" if kohya is not None else next((x for x in ("peft", "xlabs") if x in layouts), "diffusers")
     return LoraFile(factors, layout, metadata, prefixes)
 
 
@@ -272,13 +281,7 @@ def read(path: str | Path, allow_pickle: bool = False) -> LoraFile:
 
 
 def refuse_other(path: Path, shapes: dict[str, list[int]]) -> None:
-    """A one-line GenError saying what a file given as a LoRA is where gen cannot load it as one: a LoRA with T5
-    layers (kohya's lora_te3_), or a whole model checkpoint."""
-    t5 = {k.split(".")[0] for k in shapes if k.startswith(KOHYA_T5)}
-    if t5:
-        raise GenError(f"{path} is a LoRA with {len(t5)} T5 text-encoder layers ({KOHYA_T5} keys), which gen does "
-                       "not load: it reads a LoRA's denoiser and CLIP layers; use a LoRA trained without T5 "
-                       "(sd-scripts without --train_t5xxl)")
+    """A one-line GenError saying what a file given as a LoRA is where it is a whole model checkpoint."""
     if is_lora(shapes):
         return
     from gen import single_file
@@ -306,14 +309,14 @@ def config_fields(factors: dict[str, Factor], anchor: str = "") -> dict:
                 alpha_pattern={anchor + n: num(v) for n, v in alphas.items() if v != a})
 
 
-def _diffusers_layout(factors: dict[str, dict[str, Factor]], prefix: str):
+def _diffusers_layout(factors: dict[str, dict[str, Factor]], prefix: str, text_prefixes: dict[str, str]):
     if _algo(factors) != "lora":
         raise GenError("LoHa/LoKr adapters are written in the LyCORIS/kohya layout (what ComfyUI and A1111 read); "
                        "use format kohya")
     tensors, config = {}, {}
     for comp, layers in factors.items():
         p = comp if is_text(comp) else prefix
-        keys = f"{p}.text_model." if is_text(comp) else f"{p}."
+        keys = f"{p}.text_model." if is_text(comp) and text_prefixes.get(comp) != KOHYA_T5 else f"{p}."
         for name, f in layers.items():
             tensors[f"{keys}{name}.lora_A.weight"], tensors[f"{keys}{name}.lora_B.weight"] = f.down, f.up
             if f.magnitude is not None:
@@ -329,7 +332,7 @@ def _kohya_layout(factors: dict[str, dict[str, Factor]], base_version: str, text
     for comp, layers in factors.items():
         prefix = text_prefixes[comp] if is_text(comp) else KOHYA_UNET
         for name, f in layers.items():
-            key = prefix + flat(comp, name)
+            key = prefix + flat(comp, name, prefix)
             if algo != "lora":
                 tensors |= {f"{key}.{part}": t for part, t in f.weights.items()}
                 if f.alpha is not None:
@@ -382,7 +385,7 @@ def write(path: str | Path, factors: dict[str, dict[str, Factor]], format: str =
     if format not in FORMATS:
         raise GenError(f"unknown LoRA format {format!r}; choose from {', '.join(FORMATS)}")
     if format == "diffusers":
-        tensors, meta = _diffusers_layout(factors, denoiser_prefix)
+        tensors, meta = _diffusers_layout(factors, denoiser_prefix, text_prefixes or {})
     else:
         tensors, meta = _kohya_layout(factors, base_version, text_prefixes or {TEXT: "lora_te_"})
         meta |= _kohya_recipe(recipe or {})
@@ -416,7 +419,7 @@ def write(path: str | Path, factors: dict[str, dict[str, Factor]], format: str =
 def is_lora(keys) -> bool:
     """Whether these are a LoRA file's keys: some key is a LoRA matrix in a spelling `parse` reads."""
     ends = tuple(s for s, part in {**DIFFUSERS_PARTS, **KOHYA_PARTS}.items() if part not in ("alpha", "magnitude"))
-    return any(k.endswith(ends) or ATTN_PROCESSOR.search(k) for k in keys)
+    return any(k.endswith(ends) or ATTN_PROCESSOR.search(k) or XLABS.match(k) for k in keys)
 
 
 def base_of(metadata: dict) -> str:

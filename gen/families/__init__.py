@@ -308,7 +308,7 @@ def lora_families(texts: dict[str, str | None], metadata: dict, layers=()) -> li
     every = families()
     named = [f for f in every if f.name == metadata.get("gen.family")] or \
         [f for f in every if f.owns_kohya_version(metadata.get("ss_base_model_version", ""))]
-    fit = named or [f for f in every if all(c in f.kohya_text and p in (None, f.kohya_text[c])
+    fit = named or [f for f in every if all(p in f.kohya_text.values() if p else c in f.kohya_text
                                             for c, p in texts.items())]
     return [f for f in fit if any(n.startswith(f.denoiser_blocks) for n in layers)] or fit
 

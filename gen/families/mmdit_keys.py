@@ -99,6 +99,25 @@ def flux_links(config) -> list[Link]:
     return links
 
 
+def xlabs_links(config) -> list[Link]:
+    """XLabs' Flux LoRA layers (x-flux's attention processors; `.processor.` is dropped on reading) -> diffusers'
+    modules, as diffusers' _convert_xlabs_flux_lora_to_diffusers maps them: a double block's qkv_lora1 / proj_lora1
+    on the image stream's q, k, v / output, qkv_lora2 / proj_lora2 on the text stream's; a single block's qkv_lora
+    on its q, k, v and proj_lora on proj_out (x-flux applies it to linear2's input)."""
+    h = config["num_attention_heads"] * config["attention_head_dim"]
+    links = []
+    for i in range(config["num_layers"]):
+        o, d = f"double_blocks.{i}", f"transformer_blocks.{i}.attn"
+        links += [split(f"{o}.qkv_lora1", [f"{d}.to_{x}" for x in "qkv"], [h] * 3),
+                  split(f"{o}.qkv_lora2", [f"{d}.add_{x}_proj" for x in "qkv"], [h] * 3),
+                  whole(f"{o}.proj_lora1", f"{d}.to_out.0"), whole(f"{o}.proj_lora2", f"{d}.to_add_out")]
+    for i in range(config["num_single_layers"]):
+        o, d = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        links += [split(f"{o}.qkv_lora", [f"{d}.attn.to_{x}" for x in "qkv"], [h] * 3),
+                  whole(f"{o}.proj_lora", f"{d}.proj_out")]
+    return links
+
+
 def sd3_links(config) -> list[Link]:
     """SD3Transformer2DModel <-> SAI's MMDiT (joint_blocks; SD3.5's qk norms and dual attention) for this config."""
     h = config["num_attention_heads"] * config["attention_head_dim"]
