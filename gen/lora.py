@@ -22,7 +22,7 @@ from torch import nn
 from gen.errors import GenError
 from gen import families, lycoris
 from gen.lora_formats import (DENOISER, FORMATS, KOHYA_T5, KOHYA_UNET, PEFT_WRAPPER, TEXT, Factor, LoraFile, base_of,
-                              config_fields, describe, flat, is_lora, is_text, neutral, read, write)
+                              check_kohya, config_fields, describe, flat, is_lora, is_text, neutral, read, write)
 
 __all__ = ["FORMATS", "TEXT_TARGETS", "Adapters", "describe", "extract", "is_lora", "lora_config", "read",
            "remove_adapters", "save_lora", "target_modules"]
@@ -90,9 +90,11 @@ def _shape_problem(f: Factor, layer: nn.Module) -> str | None:
     want_down = (f.rank, cin, *layer.kernel_size) if conv else (f.rank, cin)
     want_up = (cout, f.rank, 1, 1) if conv else (cout, f.rank)
     fits = tuple(f.down.shape) == want_down and tuple(f.up.shape) == want_up and not (conv and layer.groups != 1)
-    if not fits or (f.magnitude is not None and f.magnitude.numel() != cout):
+    if not fits:
         return (f"down {tuple(f.down.shape)} / up {tuple(f.up.shape)} but the layer is "
                 f"{type(layer).__name__}({cin} -> {cout})")
+    if f.magnitude is not None and f.magnitude.numel() != cout:
+        return f"DoRA magnitude of {f.magnitude.numel()} values but the layer has {cout} output channels"
     return None
 
 
@@ -420,6 +422,7 @@ def save_lora(path: str | Path, denoiser: nn.Module, text_encoder: nn.Module | d
         raise GenError(f"these models have no LoRA adapter named {adapter_name!r}")
     family = family or families.detect_models(denoiser, list(texts.values()))
     if format == "kohya" and DENOISER in factors:  # SD3/Flux: kohya files name the original layout's layers
+        check_kohya(factors)
         factors[DENOISER] = family.lora_to_file(factors[DENOISER], denoiser)
     return write(path, factors, format, denoiser_prefix=family.denoiser_part,
                  base_version=family.kohya_version(denoiser, formulation), recipe=recipe, base_model=base_model,

@@ -46,7 +46,10 @@ KOHYA_UNET = "lora_unet_"
 PEFT_WRAPPER = "base_model.model."  # what PeftModel puts in front of every key
 FORMATS = ("diffusers", "kohya")
 MAGNITUDE = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")  # DoRA, peft >= 0.12 and before
-KOHYA_PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha", **lycoris.KOHYA_PARTS}
+# kohya DoRA (LyCORIS' weight_decompose): `.dora_scale`, the magnitude, (out, 1[, 1, 1]) on the output axis (LyCORIS'
+# wd_on_out, its default, and peft's), (1, in[, 1, 1]) on the input axis (wd_on_out false; refused: peft has none)
+KOHYA_PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha", ".dora_scale": "magnitude",
+               **lycoris.KOHYA_PARTS}
 # Every spelling of a LoRA matrix that diffusers' SD loader reads (diffusers 0.42, utils/state_dict_utils.py:
 # UNET_TO_DIFFUSERS for the UNet, DIFFUSERS_TO_PEFT for CLIP, both after KEYS_TO_ALWAYS_REPLACE drops
 # `.processor.`): peft's lora_A/B (what gen writes); `.lora.down/up` (convert_state_dict_to_diffusers on a
@@ -81,7 +84,7 @@ class Factor:
     down: torch.Tensor
     up: torch.Tensor
     alpha: float | None = None  # None: alpha = rank (the diffusers/peft convention when nothing is stored)
-    magnitude: torch.Tensor | None = None  # DoRA: one magnitude per output channel, as peft shapes it
+    magnitude: torch.Tensor | None = None  # DoRA: one magnitude per output channel (a kohya file's dora_scale)
 
     @property
     def rank(self) -> int:
@@ -197,6 +200,9 @@ def parse(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None =
     factors: dict[str, dict[str, Factor]] = {}
     for (comp, name), t in parts.items():
         if set(t) & set(lycoris.KOHYA_PARTS.values()):  # a LoHa/LoKr layer
+            if "magnitude" in t:
+                raise GenError(f"{source}: layer {name!r} is a LoHa/LoKr with DoRA (dora_scale), which gen does not "
+                               "load; DoRA loads on LoRA layers")
             f = lycoris.LycorisFactor({k: v for k, v in t.items() if k != "alpha"},
                                       t["alpha"].item() if "alpha" in t else None)
             f.check(source, name)
@@ -211,14 +217,24 @@ def parse(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None =
             alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, name, cfg["lora_alpha"]))
             if cfg.get("use_rslora"):  # rsLoRA scales by alpha / sqrt(r): the same as alpha' = alpha * sqrt(r)
                 alpha *= math.sqrt(down.shape[0])
-        factors.setdefault(comp, {})[name] = Factor(down, up, alpha, t.get("magnitude"))
+        factors.setdefault(comp, {})[name] = Factor(down, up, alpha, _magnitude(t.get("magnitude"), up, source, name))
     layout = "kohya" if kohya is not None else next((x for x in ("peft", "xlabs") if x in layouts), "diffusers")
     return LoraFile(factors, layout, metadata, prefixes)
 
 
+def _magnitude(m: torch.Tensor | None, up: torch.Tensor, source: str, name: str) -> torch.Tensor | None:
+    """A DoRA magnitude as one value per output channel: a kohya dora_scale (out, 1[, 1, 1]) flattened; one on the
+    input axis, (1, in[, 1, 1]), is refused (peft's DoRA has none)."""
+    if m is None or m.ndim == 1:
+        return m
+    if m.shape[0] != up.shape[0] and m.shape[0] == 1:
+        raise GenError(f"{source}: layer {name!r} is DoRA on the input axis (dora_scale {tuple(m.shape)}, LyCORIS' "
+                       "wd_on_out=false), which gen does not load: it loads DoRA per output channel, as peft and "
+                       "LyCORIS' default (wd_on_out=true) make it")
+    return m.flatten()
+
+
 def _hint(unknown: list[str]) -> str:
-    if any("dora_scale" in k for k in unknown):
-        return "kohya/LyCORIS DoRA files (dora_scale) are not supported; DoRA loads from the diffusers layout"
     if any(k.endswith(".lora_B.bias") for k in unknown):
         return "LoRAs with a bias on lora_B (peft's lora_bias=True) are not supported"
     return ("LyCORIS variants other than LoHa and LoKr (IA3, GLoRA, full diff, ...) are not supported; expected "
@@ -325,9 +341,15 @@ def _diffusers_layout(factors: dict[str, dict[str, Factor]], prefix: str, text_p
     return tensors, {"format": "pt", DIFFUSERS_META: json.dumps(config, indent=2, sort_keys=True)}
 
 
-def _kohya_layout(factors: dict[str, dict[str, Factor]], base_version: str, text_prefixes: dict[str, str]):
+def check_kohya(factors: dict[str, dict[str, Factor]]) -> None:
+    """Refuses DoRA in the kohya layout: ComfyUI reads a dora_scale on the output axis against the norm of the base
+    weight, not of W + delta W as LyCORIS and peft do (comfy/weight_adapter/base.py weight_decompose)."""
     if any(f.magnitude is not None for layers in factors.values() for f in layers.values()):
         raise GenError("a DoRA adapter cannot be written in the kohya layout; use format diffusers")
+
+
+def _kohya_layout(factors: dict[str, dict[str, Factor]], base_version: str, text_prefixes: dict[str, str]):
+    check_kohya(factors)
     tensors, algo = {}, _algo(factors)
     for comp, layers in factors.items():
         prefix = text_prefixes[comp] if is_text(comp) else KOHYA_UNET

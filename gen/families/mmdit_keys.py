@@ -214,21 +214,25 @@ def lora_to_diffusers(links: list[Link], factors: dict[str, Factor], kohya: bool
 
 
 def _split_factor(link: Link, f: Factor) -> dict[str, Factor]:
-    ups: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    """The up rows (and a DoRA magnitude's, one per output row, so the split is exact) of each diffusers module."""
+    ups: dict[str, list[tuple[int, torch.Tensor, torch.Tensor | None]]] = {}
     row = 0
     for module, start, rows in link.pieces:
         rows = f.up.shape[0] if rows is None else rows
-        ups.setdefault(module, []).append((start, f.up[row:row + rows]))
+        m = None if f.magnitude is None else f.magnitude[row:row + rows]
+        ups.setdefault(module, []).append((start, f.up[row:row + rows], m))
         row += rows
     if row != f.up.shape[0]:
         raise GenError(f"LoRA layer {link.original} has {f.up.shape[0]} output rows; this model's has {row}")
     out = {}
     for module, parts in ups.items():
-        up, down = torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])]), f.down
+        parts = sorted(parts, key=lambda p: p[0])
+        up, down = torch.cat([t for _, t, _ in parts]), f.down
+        magnitude = None if f.magnitude is None else torch.cat([m for _, _, m in parts])
         used = up.flatten(2).abs().sum(dim=(0, 2)) != 0 if up.ndim > 2 else up.abs().sum(0) != 0
         if len(ups) > 1 and bool(used.any()) and not bool(used.all()):  # this part's own rank columns only
             up, down = up[:, used], down[used]
-        out[module] = Factor(down, up, f.scale * down.shape[0])
+        out[module] = Factor(down, up, f.scale * down.shape[0], magnitude)
     return out
 
 
