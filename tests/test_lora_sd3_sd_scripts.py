@@ -1,9 +1,10 @@
 """sd-scripts' own SD3 LoRA code against gen: its networks/lora_sd3.py LoRANetwork names every layer of its own
 MMDiT (library/sd3_models.py, a tiny SD3.5-M-shaped one: qk norms, dual attention in block 0, a last context block
-without output; with emb_dims, the embedders and final layer too), a random LoRA on all of them is saved, and
-sd-scripts merges it into its MMDiT (create_network_from_weights + merge_to). gen reads the same file onto the
-diffusers SD3Transformer2DModel holding the same base weights: every layer matches, and the fused weights are
-sd-scripts' merged weights in diffusers' names.
+without output; with emb_dims, the embedders and final layer too) and of CLIP-L, CLIP-G and T5 (train_t5xxl;
+transformers' models, T5 with T5-XXL's gated MLP), a random LoRA on all of them is saved, and
+sd-scripts merges it into its models (create_network_from_weights + merge_to). gen reads the same file onto the
+diffusers SD3Transformer2DModel holding the same base weights and the same text encoders: every layer matches,
+and the fused weights are sd-scripts' merged weights (the transformer's in diffusers' names).
 
 sd-scripts runs in a subprocess from the mirror of its repository (skipped where the mirror is absent), with stub
 modules for what it imports but never calls here (einops, cv2, torchvision)."""
@@ -48,19 +49,30 @@ mmdit = sd3_models.create_sd3_mmdit(params)
 with torch.no_grad():
     for p in (*mmdit.parameters(), *mmdit.buffers()):  # pos_embed is torch.empty until a checkpoint fills it
         p.normal_(0, 0.1)
-save = lambda sd, name: save_file({k: v.detach().contiguous() for k, v in sd.items()}, f"{out}/{name}")
+save = lambda sd, name: save_file({k: v.detach().clone().contiguous() for k, v in sd.items()}, f"{out}/{name}")
 save(mmdit.state_dict(), "base.safetensors")
-network = lora_sd3.LoRANetwork([], mmdit, lora_dim=2, alpha=3, emb_dims=[2] * 6)
-network.apply_to([], mmdit, apply_text_encoder=False, apply_unet=True)  # registers the LoRA modules
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+clip = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
+            vocab_size=99)
+texts = [CLIPTextModelWithProjection(CLIPTextConfig(**clip)) for _ in range(2)]
+texts.append(T5EncoderModel(T5Config(d_model=80, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=99,
+                                     feed_forward_proj="gated-gelu")))  # T5-XXL v1.1's gated MLP
+for i, t in enumerate(texts):
+    t.save_pretrained(f"{out}/te{i + 1}")
+network = lora_sd3.LoRANetwork(texts, mmdit, lora_dim=2, alpha=3, emb_dims=[2] * 6, train_t5xxl=True)
+network.apply_to(texts, mmdit, apply_text_encoder=True, apply_unet=True)  # registers the LoRA modules
 with torch.no_grad():
     for n, p in network.named_parameters():
         p.normal_(0, 0.3)
 save(network.state_dict(), "lora.safetensors")  # what save_weights writes, less its hash fields
-merging, weights = lora_sd3.create_network_from_weights(1.0, f"{out}/lora.safetensors", None, [], mmdit,
+texts = [type(t).from_pretrained(f"{out}/te{i + 1}") for i, t in enumerate(texts)]  # fresh, unpatched copies
+merging, weights = lora_sd3.create_network_from_weights(1.0, f"{out}/lora.safetensors", None, texts, mmdit,
                                                         for_inference=True)
-merging.merge_to([], mmdit, weights)
+merging.merge_to(texts, mmdit, weights)
 save(mmdit.state_dict(), "merged.safetensors")
-print(len(network.unet_loras))
+for i, t in enumerate(texts):
+    save(t.state_dict(), f"merged_te{i + 1}.safetensors")
+print(len(network.unet_loras), len(network.text_encoder_loras))
 '''
 
 
@@ -77,30 +89,47 @@ def sd_scripts_run(tmp_path_factory):
     subprocess.run(["tar", "x", "-C", str(src)], input=archive, check=True)
     run = subprocess.run([sys.executable, "-c", SD_SCRIPTS, str(src), str(out)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
-    return out, int(run.stdout.strip().splitlines()[-1])
+    return out, [int(n) for n in run.stdout.strip().splitlines()[-1].split()]
 
 
-def test_an_sd_scripts_sd3_lora_fuses_to_sd_scripts_merged_weights(sd_scripts_run):
-    from diffusers import SD3Transformer2DModel
-
-    out, made = sd_scripts_run
-    base, merged = load_file(out / "base.safetensors"), load_file(out / "merged.safetensors")
-    family = families.get("sd3")
-    config = family.transformer_config({k: list(v.shape) for k, v in base.items()}, {})
-    links = sd3_links(config)
-    model = SD3Transformer2DModel(**config)
-    model.load_state_dict(to_diffusers(links, base), strict=True)
-    lora = read(out / "lora.safetensors")
-    assert made == lora.count() == 27  # 19 block layers (qkv, proj, mlp, adaLN; attn2) + 8 embedder/final ones
-    matched = match(lora, {"denoiser": model}, family)  # raises unless every layer lands on a module
-    assert len(matched["denoiser"]) == 27 + 2 * 5  # each of the 5 fused qkv layers is 3 diffusers modules
-    inject(model, matched["denoiser"], "sd_scripts")
+def fuse(model, factors) -> None:
+    """gen's adapter on `model`, merged into its weights, the adapter layers removed."""
+    inject(model, factors, "sd_scripts")
     for m in model.modules():
         if hasattr(m, "merge") and hasattr(m, "lora_A"):
             m.merge(adapter_names=["sd_scripts"])
     remove_adapters(model)
-    want, got, before = to_diffusers(links, merged), model.state_dict(), to_diffusers(links, base)
-    changed = {k for k in want if not torch.equal(want[k], before[k])}  # what sd-scripts' merge moved
-    assert changed == {f"{name}.weight" for name in matched["denoiser"]}
-    worst = max((got[k] - want[k]).abs().max().item() for k in want)
+
+
+def test_an_sd_scripts_sd3_lora_fuses_to_sd_scripts_merged_weights(sd_scripts_run):
+    """The MMDiT (27 layers, 37 diffusers modules), both CLIPs and T5 (lora_te3_, --train_t5xxl): every layer."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    out, (unet_layers, text_layers) = sd_scripts_run
+    base, merged = load_file(out / "base.safetensors"), load_file(out / "merged.safetensors")
+    family = families.get("sd3")
+    config = family.transformer_config({k: list(v.shape) for k, v in base.items()}, {})
+    links = sd3_links(config)
+    models = {"denoiser": SD3Transformer2DModel(**config),
+              **{f"text_encoder{s}": cls.from_pretrained(out / f"te{i}") for i, s, cls in (
+                  (1, "", CLIPTextModelWithProjection), (2, "_2", CLIPTextModelWithProjection),
+                  (3, "_3", T5EncoderModel))}}
+    models["denoiser"].load_state_dict(to_diffusers(links, base), strict=True)
+    lora = read(out / "lora.safetensors")
+    assert lora.count() == unet_layers + text_layers and unet_layers == 27
+    assert {p: len(lora.factors[c]) for c, p in lora.prefixes.items()} == {
+        "lora_unet_": 27, "lora_te1_": 12, "lora_te2_": 12, "lora_te3_": 14}  # 2 layers: 6 each; T5: q k v o wi_0 wi_1 wo
+    matched = match(lora, models, family)  # raises unless every layer lands on a module
+    assert len(matched["denoiser"]) == 27 + 2 * 5  # each of the 5 fused qkv layers is 3 diffusers modules
+    wants = {"denoiser": to_diffusers(links, merged),
+             **{f"text_encoder{s}": load_file(out / f"merged_te{i}.safetensors") for i, s in ((1, ""), (2, "_2"), (3, "_3"))}}
+    worst = 0.0
+    for comp, model in models.items():
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        fuse(model, matched[comp])
+        want, got = wants[comp], model.state_dict()
+        changed = {k for k in want if not torch.equal(want[k], before[k])}  # what sd-scripts' merge moved
+        assert changed == {f"{name}.weight" for name in matched[comp]}, comp
+        worst = max(worst, max((got[k] - want[k]).abs().max().item() for k in want))
     assert worst < 1e-5, worst
