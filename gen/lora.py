@@ -139,6 +139,8 @@ def match(lora: LoraFile, models: dict[str, nn.Module], family: families.Family,
         if comp == DENOISER and model is not None:  # SD3/Flux files may name the original layout's layers
             factors = family.lora_from_file(factors, lora.layout == "kohya", model)
         names = {(flat(comp, n, prefix) if lora.layout == "kohya" else n): n for n in layers}
+        if lora.layout == "kohya" and is_text(comp):  # also CLIP names without text_model_: what sd-scripts writes
+            names = {n.replace(".", "_"): n for n in layers} | names  # under transformers 5's CLIPTextModel
         if prefix not in ("", prefixes.get(comp)):
             names = {}  # a transformer LoRA on a UNet, an SD lora_te_ on SDXL's lora_te1_: nothing can match
         real = "text_model." if is_text(comp) and hasattr(model, "text_model") else ""  # the name peft sees
