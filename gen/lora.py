@@ -127,14 +127,13 @@ def match(lora: LoraFile, models: dict[str, nn.Module], family: families.Family,
     prefixes = file_prefixes(family, lora.layout)
     by_prefix = {p: c for c, p in prefixes.items()} if lora.layout == "kohya" else {}
     matched: dict[str, dict[str, Factor]] = {}
-    unmatched, bad = [], []
+    unmatched, bad, no_t5 = [], [], 0
     for file_comp, factors in lora.factors.items():
         prefix = lora.prefixes.get(file_comp, "")
         comp = by_prefix.get(prefix, file_comp)  # kohya's lora_te3_ (T5) is SD3's text_encoder_3, Flux's _2
         model = models.get(comp)
         if model is None and prefix == KOHYA_T5:
-            raise GenError(f"{source} adapts {len(factors)} layers of a T5 encoder ({KOHYA_T5}), which this "
-                           f"{family.title} model has none of; load the model with its T5 encoder")
+            no_t5 = len(factors)
         layers = adaptable_layers(model, comp) if model is not None else {}
         if comp == DENOISER and model is not None:  # SD3/Flux files may name the original layout's layers
             factors = family.lora_from_file(factors, lora.layout == "kohya", model)
@@ -160,6 +159,9 @@ def match(lora: LoraFile, models: dict[str, nn.Module], family: families.Family,
         other = _family_mismatch(lora, family, source)
         if other:
             raise GenError(other)
+    if no_t5:
+        raise GenError(f"{source} adapts {no_t5} layers of a T5 encoder ({KOHYA_T5}), which this {family.title} "
+                       "model has none of; load the model with its T5 encoder")
     if unmatched:
         n = total - len(unmatched)
         what = "none" if n == 0 else f"only {n}"

@@ -17,7 +17,11 @@ A LoRA on layer W adds `weight * (alpha / rank) * B @ A`; the files differ only 
                (text encoders: the family's kohya_text prefix, lora_te_text_model_... for SD, lora_te1_/lora_te2_
                for SDXL as sd-scripts' networks/lora.py names them), `ss_*` header fields; A1111, ComfyUI and
                diffusers read it. LyCORIS' LoHa and LoKr use the same names with their own tensors
-               (.hada_w1_a ... / .lokr_w1 ...; gen/lycoris.py), read as LycorisFactor layers.
+               (.hada_w1_a ... / .lokr_w1 ...; gen/lycoris.py), read as LycorisFactor layers; its DoRA adds
+               .dora_scale (read as the DoRA magnitude). T5 layers (lora_te3_, SD3/Flux) keep T5EncoderModel's
+               names (no text_model_); SD3/Flux denoiser layers may name the original layout (the family maps them).
+    xlabs      Flux only: [diffusion_model.]double_blocks.N.processor.qkv_lora1.down.weight / .up.weight, ...
+               (read; the Flux family maps the layers, gen/families/mmdit_keys.py xlabs_links).
 
 Components are "denoiser" (the UNet or DiT) and the family's text encoder folders ("text_encoder",
 "text_encoder_2"). Text-encoder layer names are kept without transformers' optional `text_model.` level and

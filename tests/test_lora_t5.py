@@ -94,3 +94,12 @@ def test_an_sd3_t5_lora_loads_on_text_encoder_3_or_is_refused_without_t5(sd3_fol
             "--out", str(tmp_path / "x.png"), "--no-progress"]
     run = subprocess.run(args, capture_output=True, text=True)
     assert run.returncode == 2 and "T5 encoder" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_t5_lora_on_a_model_of_a_family_without_t5_names_the_families(sdxl_folder, tmp_path):
+    from transformers import T5Config, T5EncoderModel
+
+    t5 = T5EncoderModel(T5Config(vocab_size=32, d_model=80, d_ff=37, d_kv=8, num_layers=1, num_heads=4))
+    t5_lora(t5, tmp_path / "t5.safetensors")
+    with pytest.raises(GenError, match=r"is a LoRA for Flux or SD3, not for this SDXL model \(its lora_te3_ "):
+        quiet_pipeline(sdxl_folder).load_lora(tmp_path / "t5.safetensors")
