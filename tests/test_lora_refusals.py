@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import quiet_pipeline
+from tests.conftest import quiet_pipeline
 from gen.errors import GenError
 
 
