@@ -21,8 +21,9 @@ from torch import nn
 
 from gen.errors import GenError
 from gen import families, lycoris
-from gen.lora_formats import (DENOISER, FORMATS, KOHYA_T5, KOHYA_UNET, PEFT_WRAPPER, TEXT, Factor, LoraFile, base_of,
-                              check_kohya, config_fields, describe, flat, is_lora, is_text, neutral, read, write)
+from gen.lora_formats import (DENOISER, FORMATS, KOHYA_T5, KOHYA_UNET, PEFT_WRAPPER, TEXT, Factor, LoraFile,
+                              check_kohya, config_fields, flat, is_lora, is_text, neutral, read, write)
+from gen.lora_info import base_of, describe
 
 __all__ = ["FORMATS", "TEXT_TARGETS", "Adapters", "describe", "extract", "is_lora", "lora_config", "read",
            "remove_adapters", "save_lora", "target_modules"]
