@@ -28,6 +28,9 @@ class SD1(Family):
     # "sd" + "_v1" or "_v2" + "_v" with v-prediction; the real architectures cross-attend to 768 (CLIP ViT-L)
     # and 1024 (OpenCLIP ViT-H) channels
     kohya_base = "sd_v1"
+    # ComfyUI and A1111 read kohya names for every layer but skip the attention layers of a diffusers-layout
+    # SD-1.x file; diffusers reads both
+    lora_format = "kohya"
     kohya_width = 768
 
     def kohya_version(self, denoiser, formulation=None) -> str:

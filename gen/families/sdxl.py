@@ -22,6 +22,7 @@ class SDXL(Family):
     kohya_text = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
     # sd-scripts sdxl_train_network.py: model_version = sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0
     kohya_base = "sdxl_base_v1-0"
+    lora_format = "kohya"  # as SD-1.x's: what A1111, ComfyUI and diffusers all read
     time_embed_dim = 256  # SDXL base's addition_time_embed_dim, for UNets built from scratch
 
     def __init__(self, index: dict | None = None, configs: dict | None = None):
