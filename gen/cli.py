@@ -596,9 +596,9 @@ def cmd_data_pack(args) -> int:
 
 
 def cmd_data_cache(args) -> int:
-    from train.data.cache import main as cache_main
+    from train.loop import build_cache
 
-    return cache_main(args.config, args.overrides)
+    return build_cache(args.config, args.overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ import inspect
 import torch
 
 from gen.errors import GenError
+from gen.output import PipelineOutput
 
 UPSCALERS = ("latent", "image")
 
@@ -65,8 +66,6 @@ def run(pipe, call: dict):
 
 def _second(pipe, call: dict, image, prompts: list[str], generator):
     """The img2img pass, image by image where each has its own source (gen.img2img takes one source a call)."""
-    from gen.pipeline import PipelineOutput
-
     if isinstance(image, torch.Tensor) and image.shape[0] == 1:
         return pipe(**dict(call, image=image))
     negs = call["negative_prompt"]

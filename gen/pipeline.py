@@ -9,10 +9,8 @@ import logging
 import random
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
@@ -25,6 +23,7 @@ from gen.guidance import SkipLayers, check_guidance, guide, in_interval, uses_cf
 from gen.io import load_model, read_json
 from gen.models import vae as vae_lib
 from gen.models.text import TextEncoder
+from gen.output import PipelineOutput
 from gen.samplers import check_sampler, default_sampler, make_scheduler, sampler_name
 
 log = logging.getLogger("gen")
@@ -35,20 +34,6 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_SEED = 2 ** 64 - 1
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class PipelineOutput:
-    images: list | np.ndarray | torch.Tensor
-    seeds: list[int] = field(default_factory=list)
-
-    @staticmethod
-    def concat(outputs: list["PipelineOutput"], seeds: list[int]) -> "PipelineOutput":
-        """The images of several calls, in order, as one output of their type."""
-        images = [o.images for o in outputs]
-        if isinstance(images[0], list):
-            return PipelineOutput([im for part in images for im in part], seeds)
-        return PipelineOutput((torch.cat if isinstance(images[0], torch.Tensor) else np.concatenate)(images), seeds)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

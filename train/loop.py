@@ -414,6 +414,27 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
     return out
 
 
+def build_cache(config: str, overrides: list[str]) -> int:
+    """`gen data cache CONFIG [key=value ...]`: build a training config's cache ahead of training
+    (under `accelerate launch` to split it across processes)."""
+    from accelerate import Accelerator
+
+    from train.config import load_config
+    from train.data.cache import build
+    from train.task import DenoiserTask
+
+    cfg = load_config(config, list(overrides) + ["data.cache=true"])
+    auto_precision(cfg)
+    acc = Accelerator()
+    dtype = weight_dtype(cfg.train.mixed_precision, acc.device)
+    data = TrainData(cfg.data, cfg.train.seed)
+    task = DenoiserTask(cfg, acc.device, dtype)
+    with Guard(None, None, 0.0, acc.device, acc.num_processes, acc.is_main_process) as guard:  # Ctrl-C, SIGTERM
+        build(cfg, data, task, acc.process_index, acc.num_processes, acc.wait_for_everyone,
+              progress=cfg.log.progress, stop=lambda: guard.signal)
+    return 0
+
+
 def _set_aside(folder: Path, main: bool, barrier) -> None:
     """train.resume=none where an earlier run left checkpoints: they move to a folder of their own, so that this run's
     are the only ones pruned, resumed (train.resume=auto) and named by `latest`."""

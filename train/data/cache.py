@@ -337,25 +337,3 @@ def cached(cfg, data: TrainData, models, acc, stop=lambda: None) -> CachedData:
     folder, _ = build(cfg, data, models, acc.process_index, acc.num_processes, acc.wait_for_everyone,
                       progress=cfg.log.progress, stop=stop)
     return CachedData(folder, data)
-
-
-def main(config: str, overrides: list[str]) -> int:
-    """`gen data cache CONFIG [key=value ...]`: build a training config's cache ahead of training
-    (under `accelerate launch` to split it across processes)."""
-    from accelerate import Accelerator
-
-    from train.config import load_config
-    from train.loop import auto_precision, weight_dtype
-    from train.signals import Guard
-    from train.task import DenoiserTask
-
-    cfg = load_config(config, list(overrides) + ["data.cache=true"])
-    auto_precision(cfg)
-    acc = Accelerator()
-    dtype = weight_dtype(cfg.train.mixed_precision, acc.device)
-    data = TrainData(cfg.data, cfg.train.seed)
-    task = DenoiserTask(cfg, acc.device, dtype)
-    with Guard(None, None, 0.0, acc.device, acc.num_processes, acc.is_main_process) as guard:  # Ctrl-C, SIGTERM
-        build(cfg, data, task, acc.process_index, acc.num_processes, acc.wait_for_everyone,
-              progress=cfg.log.progress, stop=lambda: guard.signal)
-    return 0
