@@ -1,4 +1,5 @@
-"""GGUF denoiser files (gen/quant/gguf.py): gen's dequantization equals the gguf package's own for each quant type;
+"""GGUF denoiser files (gen/quant/gguf.py; the block maths in gen/quant/store.py): gen's dequantization equals
+the gguf package's own for each quant type;
 a Flux GGUF written by gguf's GGUFWriter (BFL's key layout, as ComfyUI-GGUF's converter writes it) loads with
 --base, stays quantized in memory and samples the image of the same weights dequantized by gguf; one-line errors
 for a quant type or an architecture gen does not read."""
@@ -19,7 +20,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from gen.errors import GenError  # noqa: E402
 from gen.quant import gguf as gen_gguf  # noqa: E402
-from gen.quant.store import parameter_bytes, stored  # noqa: E402
+from gen.quant.store import dequantize, parameter_bytes, stored  # noqa: E402
 from tests.conftest import psnr, quiet_pipeline, tiny_flux_components  # noqa: E402
 
 KW = dict(num_inference_steps=2, seed=3, output_type="np", height=16, width=16)
@@ -31,7 +32,7 @@ K_LAYOUT = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.
 
 def _compare(qtype: Q, raw: np.ndarray, rows: int, cols: int):
     theirs = quants.dequantize(raw, qtype)
-    ours = gen_gguf.dequantize(torch.from_numpy(raw), qtype.name, (rows, cols))
+    ours = dequantize(torch.from_numpy(raw), qtype.name, (rows, cols))
     assert ours.shape == theirs.shape == (rows, cols)
     np.testing.assert_allclose(ours.numpy(), theirs, rtol=1e-6, atol=1e-6)
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from gen.errors import GenError
+from train.resolution import fit_resolution
 
 
 @dataclass
@@ -392,7 +393,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), extra
     if cfg.model.base == "default" and not Path("default").exists():
         from gen.pipeline import DEFAULT_MODEL
         cfg.model.base = str(DEFAULT_MODEL)
-    from train.recipes import fit_resolution
     fit_resolution(cfg, "resolution" in (tree.get("data") or {}))  # unset: the base's native size
     return validate(cfg) if check_paths else cfg
 

@@ -17,21 +17,12 @@ import numpy as np
 import torch
 
 from gen.errors import GenError
-from gen.quant.store import Packed, Storage
+from gen.quant.store import Packed, Storage, gguf_module
 
 ARCHITECTURES = ("flux", "sd3", "sdxl", "sd1")  # general.architecture values gen reads
 LDM = ("sdxl", "sd1")  # UNet files: keys get the single-file UNet prefix
 PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 ORIG_SHAPE = "comfy.gguf.orig_shape."
-
-
-def _module():
-    try:
-        import gguf
-    except ImportError:
-        raise GenError("reading a .gguf file needs the gguf package: pip install 'gen[gguf]' "
-                       "(or pip install gguf)") from None
-    return gguf
 
 
 def supported() -> list[str]:
@@ -41,16 +32,6 @@ def supported() -> list[str]:
     return sorted({q.name for q in dequantize_functions} - set(PLAIN))
 
 
-def dequantize(data: torch.Tensor, kind: str, shape) -> torch.Tensor:
-    """GGUF blocks (uint8, rows of blocks) of quant type `kind` -> a float32 tensor of `shape`."""
-    from diffusers.quantizers.gguf.utils import GGML_QUANT_SIZES, dequantize_functions
-
-    qtype = _module().GGMLQuantizationType[kind]
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
-    blocks = data.reshape(-1, type_size)
-    return dequantize_functions[qtype](blocks, block_size, type_size, torch.float32).reshape(shape)
-
-
 def _field(reader, name: str):
     field = reader.fields.get(name)
     return None if field is None else field.contents()
@@ -58,7 +39,7 @@ def _field(reader, name: str):
 
 def _open(path: Path):
     """gguf's reader of `path` and its `general.architecture`, or a one-line GenError."""
-    gguf = _module()
+    gguf = gguf_module()
     try:
         reader = gguf.GGUFReader(str(path))
     except (ValueError, OSError, KeyError, IndexError) as e:
@@ -75,7 +56,7 @@ def describe(path: Path) -> str:
     from collections import Counter
 
     reader, arch = _open(path)
-    types = Counter(_module().GGMLQuantizationType(t.tensor_type).name for t in reader.tensors)
+    types = Counter(gguf_module().GGMLQuantizationType(t.tensor_type).name for t in reader.tensors)
     values = sum(int(t.n_elements) for t in reader.tensors)
     stored = sum(int(t.n_bytes) for t in reader.tensors)
     return "\n".join([f"GGUF file {path}", f"  architecture: {arch}",
@@ -88,7 +69,7 @@ def describe(path: Path) -> str:
 def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], dict[str, str]]:
     """A GGUF file -> (tensors: Packed for quantized ones, the single-file key layout), their logical shapes,
     metadata (`general.architecture` and the like, as strings). One-line GenErrors for a file gen cannot read."""
-    gguf = _module()
+    gguf = gguf_module()
     reader, arch = _open(path)
     if arch in LDM:  # the single-file loader reads UNets inside whole checkpoints only, so far
         raise GenError(f"{path}: a UNet-only {arch} GGUF needs its text encoders and VAE from component files, "

@@ -39,6 +39,26 @@ def need_fp8(what: str) -> dict[str, torch.dtype]:
     return formats
 
 
+def gguf_module():
+    """The gguf package, or a one-line GenError naming the install."""
+    try:
+        import gguf
+    except ImportError:
+        raise GenError("reading a .gguf file needs the gguf package: pip install 'gen[gguf]' "
+                       "(or pip install gguf)") from None
+    return gguf
+
+
+def dequantize(data: torch.Tensor, kind: str, shape) -> torch.Tensor:
+    """GGUF blocks (uint8, rows of blocks) of quant type `kind` -> a float32 tensor of `shape`."""
+    from diffusers.quantizers.gguf.utils import GGML_QUANT_SIZES, dequantize_functions
+
+    qtype = gguf_module().GGMLQuantizationType[kind]
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    blocks = data.reshape(-1, type_size)
+    return dequantize_functions[qtype](blocks, block_size, type_size, torch.float32).reshape(shape)
+
+
 @dataclass
 class Storage:
     """How a layer's stored weight reads: `kind` an fp8 format (F8_E4M3, F8_E5M2) or a GGUF quant type name,
@@ -55,8 +75,6 @@ class Storage:
             w = data.view(fp8[self.kind])
             w = w.to(dtype) if self.scale is None else (w.float() * self.scale).to(dtype)
         else:
-            from gen.quant.gguf import dequantize
-
             w = dequantize(data, self.kind, self.shape).to(dtype)
         return w if self.final is None else w.reshape(self.final)
 
