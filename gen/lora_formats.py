@@ -42,6 +42,7 @@ import torch
 
 from gen import lycoris
 from gen.errors import GenError
+from gen.lora_factor import Factor
 
 DIFFUSERS_META = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 TEXT = "text_encoder"  # the first text encoder's folder; every component but "denoiser" is a text encoder
@@ -80,23 +81,6 @@ KOHYA_T5 = "lora_te3_"  # sd-scripts' T5-XXL layers (networks/lora_sd3.py, lora_
 
 def is_text(component: str) -> bool:
     return component != DENOISER
-
-
-@dataclass
-class Factor:
-    """One adapted layer: down (A) is (rank, in[, kh, kw]), up (B) is (out, rank[, 1, 1])."""
-    down: torch.Tensor
-    up: torch.Tensor
-    alpha: float | None = None  # None: alpha = rank (the diffusers/peft convention when nothing is stored)
-    magnitude: torch.Tensor | None = None  # DoRA: one magnitude per output channel (a kohya file's dora_scale)
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    @property
-    def scale(self) -> float:
-        return (self.rank if self.alpha is None else self.alpha) / self.rank
 
 
 @dataclass

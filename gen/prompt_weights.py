@@ -27,6 +27,7 @@ import re
 import torch
 
 from gen.errors import GenError
+from gen.output import PipelineOutput
 
 ROUND, SQUARE = 1.1, 1 / 1.1
 LENGTH = 77  # a chunk's tokens with the start and end tokens (a tower with fewer positions takes its own)
@@ -238,8 +239,6 @@ def chunk_counts(encoders: list, prompts: list[str], negatives: list[str] | None
 def by_chunks(pipe, call: dict, prompts: list[str], negs: list[str], chunks: list[int], seeds, generator):
     """A pipeline call (its arguments `call`) as one call per run of prompts encoded in the same number of chunks,
     each image with its own generator: the images of the single call, none padded to another prompt's length."""
-    from gen.pipeline import PipelineOutput
-
     per, outs, i = call["num_images_per_prompt"], [], 0
     for _, run in itertools.groupby(chunks):
         j = i + len(list(run))

@@ -152,8 +152,10 @@ def test_an_image_depends_on_its_own_prompt_and_negative_only(sd_folder):
         assert np.abs(batch.images[2 * i + 1] - alone).max() <= 1e-6, p
     unused = pipe("a cat", negative_prompt=LONG, seed=3, **kw | dict(guidance_scale=1.0)).images
     assert np.abs(unused - pipe("a cat", seed=3, **kw | dict(guidance_scale=1.0)).images).max() <= 1e-6
+    pair = pipe(prompts[:2], negative_prompt="blurry", seed=3, **kw).images  # batched otherwise: 1e-6 apart
+    assert np.abs(pair[0] - batch.images[0]).max() <= 1e-6
     pil = pipe(prompts[:2], negative_prompt="blurry", seed=3, **kw | dict(output_type="pil")).images
-    assert len(pil) == 2 and np.array_equal(np.asarray(pil[0]), (batch.images[0] * 255).round().astype(np.uint8))
+    assert len(pil) == 2 and np.array_equal(np.asarray(pil[0]), (pair[0] * 255).round().astype(np.uint8))
 
 
 def test_a_call_leaves_no_settings_on_the_text_encoders(sd_folder):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from gen.errors import GenError
-from gen.lora_formats import Factor
+from gen.lora_factor import Factor
 
 LINEAR = (("weight", "weight"), ("bias", "bias"))  # (original parameter, diffusers parameter)
 NORM = (("scale", "weight"),)  # Flux's RMSNorm scale
