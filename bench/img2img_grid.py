@@ -1,4 +1,4 @@
-"""The README's picture of img2img, inpainting and the hires fix, made by the bundled default model.
+"""docs/sampling.md's picture of img2img, inpainting and the hires fix, made by the bundled default model.
 
     python bench/img2img_grid.py [--out bench/results/img2img_grid.png]
 

@@ -9,7 +9,7 @@ last blocks only. interval=1 is exact (every step is full).
 
 The first step is always full, and so is a step where a guidance interval switches CFG on (the cache holds
 no unconditional half); where it switches CFG off, the cache's conditional half serves. The deviation from
-exact sampling is measured by bench/sample_vs_diffusers.py and stated in the README.
+exact sampling is measured by bench/sample_vs_diffusers.py and stated in docs/memory-and-speed.md.
 """
 
 from __future__ import annotations

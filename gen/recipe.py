@@ -327,7 +327,7 @@ def model_hash(path: str | Path) -> str:
     """`Model hash:`. For a single file A1111's: the first 10 hex digits of its sha256. For a model folder, which
     A1111 has no hash for: the first 10 of the sha256 of the `sha256sum` listing of its *.safetensors files
     (`HEX  RELATIVE/PATH` lines, sorted by path), so the folder's name and place do not count; symbolic links
-    followed (a hub cache's snapshot folders are links). The README's shell command gives the same: stray
+    followed (a hub cache's snapshot folders are links). docs/sampling.md's shell command gives the same: stray
     pickle files, which gen never loads from a folder holding safetensors, do not count."""
     path = Path(path)
     if path.is_file():

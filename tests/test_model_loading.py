@@ -60,13 +60,13 @@ def test_a_half_precision_folder_loads_without_an_fp32_copy(tmp_path):
 
 
 def readme_hash_command() -> str:
-    """The shell command the README documents for a model folder's hash (MODEL standing for the folder)."""
-    text = (Path(__file__).parents[1] / "README.md").read_text()
+    """The shell command docs/sampling.md documents for a model folder's hash (MODEL standing for the folder)."""
+    text = (Path(__file__).parents[1] / "docs" / "sampling.md").read_text()
     return re.search(r"`\((cd MODEL && find [^`]*)\)`", text).group(1)
 
 
 def test_a_folder_hash_is_the_readme_commands(tmp_path, monkeypatch):
-    """`Model hash` of a folder is what the README's shell command prints: its *.safetensors files only (a stray
+    """`Model hash` of a folder is what docs/sampling.md's shell command prints: its *.safetensors files only (a stray
     pickle file gen never loads does not count), symbolic links followed."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     folder = tmp_path / "my model"

@@ -107,7 +107,7 @@ def error_line(capsys) -> str:
 
 
 def folder_hash_by_shell(folder) -> str:
-    """The README's definition of a folder's `Model hash`, run with coreutils."""
+    """docs/sampling.md's definition of a folder's `Model hash`, run with coreutils."""
     cmd = ("find . -type f -name '*.safetensors' -printf '%P\\n' | LC_ALL=C sort | xargs -d '\\n' sha256sum "
            "| sha256sum | cut -c1-10")
     return subprocess.run(["bash", "-c", cmd], cwd=folder, capture_output=True, text=True, check=True).stdout.strip()

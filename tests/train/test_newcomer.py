@@ -15,7 +15,8 @@ import yaml
 from train.loop import main_alone, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[2]
-README = (ROOT / "README.md").read_text()
+# The README, then the docs pages it links to: where the commands a newcomer runs are written.
+README = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
 BIN = Path(sys.executable).parent  # the venv's bin/, where `pip install` put the `gen` command
 # What shrinks a README command to a test's size; appended, so it overrides what the command sets.
 SMALL = ["train.max_steps=2", "train.grad_accum=1", "train.batch_size=2", "data.resolution=16", "sampling.steps=2",
@@ -23,7 +24,7 @@ SMALL = ["train.max_steps=2", "train.grad_accum=1", "train.batch_size=2", "data.
 
 
 def readme_line(start: str) -> str:
-    """The README's command line that begins with `start`, without its comment."""
+    """The first command line of README.md and docs/ that begins with `start`, without its comment."""
     lines = [line for line in README.splitlines() if line.startswith(start)]
     assert lines, f"the README has no command starting {start!r}"
     return lines[0].split("  #")[0].strip()
