@@ -518,6 +518,7 @@ def _merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the merged model: a folder, or a single .safetensors file "
                                                  "(original LDM/A1111 layout)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle-based weight files (unsafe)")
+    p.epilog = f"Docs: {DOCS['lora merge']}"
     return p
 
 
@@ -601,6 +602,22 @@ def cmd_data_cache(args) -> int:
     return build_cache(args.config, args.overrides)
 
 
+# The page of README.md / docs/ that documents each command, named at the end of its --help.
+DOCS = {"gen": "README.md, then docs/ (`gen COMMAND --help` names its page)", "sample": "docs/sampling.md",
+        "info": "docs/files.md", "convert": "docs/files.md#single-files-a1111--comfyui--model-sharing-sites",
+        "train": "docs/training.md", "lora": "docs/lora.md", "lora merge": "docs/lora.md",
+        "eval": "docs/training.md#prompt-adherence-evaluation", "data": "docs/training.md#data-at-scale"}
+
+
+def _point_to_docs(parser: argparse.ArgumentParser, page: str) -> None:
+    """`Docs: PAGE` as the last line of the parser's --help, and of its subcommands' (those of eval, data)."""
+    parser.epilog = f"Docs: {page}"
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                _point_to_docs(sub, DOCS.get(name, page))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gen", description="Train, fine-tune and sample text-to-image models.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -613,6 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lora(sub)
     _add_eval(sub)
     _add_data(sub)
+    _point_to_docs(ap, DOCS["gen"])
     return ap
 
 

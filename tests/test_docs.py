@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gen.cli import _merge_parser, build_parser
+from gen.cli import DOCS, _merge_parser, build_parser
 from gen.errors import GenError
 from train.chain import STAGES
 from train.config import load_config
@@ -71,13 +71,19 @@ def link_problems(page: Path) -> list[str]:
         for target in re.findall(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", line):
             if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:: not ours to check
                 continue
-            path, _, anchor = target.partition("#")
-            dest = (page.parent / path).resolve() if path else page
-            if not dest.exists():
-                problems.append(f"{name(page)}: link to {target}: no {path}")
-            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest.read_text()):
-                problems.append(f"{name(page)}: link to {target}: no heading #{anchor} in {dest.name}")
+            problems += [f"{name(page)}: link to {target}: {p}" for p in target_problems(page, target)]
     return problems
+
+
+def target_problems(page: Path, target: str) -> list[str]:
+    """Why `target` (PATH, PATH#ANCHOR or #ANCHOR), written in `page`, leads nowhere."""
+    path, _, anchor = target.partition("#")
+    dest = (page.parent / path).resolve() if path else page
+    if not dest.exists():
+        return [f"no {path}"]
+    if anchor and dest.suffix == ".md" and anchor not in anchors(dest.read_text()):
+        return [f"no heading #{anchor} in {dest.name}"]
+    return []
 
 
 def code_lines(text: str) -> list[str]:
@@ -241,5 +247,33 @@ def test_the_checks_catch_what_does_not_exist(tmp_path):
 def test_slugs_follow_github():
     assert slug("Training: `gen train`") == "training-gen-train"
     assert slug("Memory when sampling: `--offload`") == "memory-when-sampling---offload"
-    assert slug("Single files (A1111 / ComfyUI / model-sharing sites)") == "single-files-a1111--comfyui--model-sharing-sites"
+    assert slug("Single files (A1111 / ComfyUI)") == "single-files-a1111--comfyui"
     assert anchors("# A\n```bash\n# not a heading\n```\n## A\n") == {"a", "a-1"}
+
+
+def parsers(parser, prog: str = "gen"):
+    """(prog, parser) for gen and every subcommand below it, `gen lora merge` included."""
+    yield prog, parser
+    for sub_name, sub in subparsers(parser).items():
+        yield from parsers(sub, f"{prog} {sub_name}")
+    if prog == "gen lora":
+        yield "gen lora merge", _merge_parser()
+
+
+def test_every_help_ends_with_its_docs_page():
+    """`gen --help` and each subcommand's end with `Docs: PAGE`, a page (and heading) that exists; run for real
+    for `gen sample --help`."""
+    seen = {}
+    for prog, parser in parsers(build_parser()):
+        last = parser.format_help().rstrip().splitlines()[-1]
+        assert last.startswith("Docs: "), (prog, last)
+        seen[prog] = target = last.removeprefix("Docs: ").split()[0].rstrip(",")
+        assert target_problems(ROOT / "README.md", target) == [], (prog, target)
+    assert seen["gen sample"] == "docs/sampling.md" and seen["gen data cache"] == DOCS["data"]
+    assert {"gen", "gen info", "gen convert", "gen train", "gen lora", "gen lora merge", "gen eval adherence",
+            "gen data pack"} < set(seen)
+    gen = Path(sys.executable).parent / "gen"  # the installed command, as a user runs it
+    for argv, page in ((["sample"], "docs/sampling.md"), ([], DOCS["gen"]), (["lora", "merge"], "docs/lora.md")):
+        out = subprocess.run([str(gen), *argv, "--help"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.rstrip().splitlines()[-1] == f"Docs: {page}", out
+    assert target_problems(ROOT / "README.md", "docs/none.md") and target_problems(ROOT / "README.md", "docs/lora.md#x")
