@@ -57,6 +57,8 @@ def test_readme_lora_commands_run_by_recipe_name_outside_the_checkout(outside):
     run_dir = outside / "runs" / "lora-sd"
     assert (run_dir / "lora.safetensors").is_file()
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["mixed_precision"] in ("no", "bf16")
+    run(readme_line('gen sample "a red circle" --lora runs/lora-sd/'), outside, "--steps", "2", "--no-progress")
+    assert list((outside / "outputs").glob("*.png"))  # the README's tour samples with the LoRA it trained
     run("gen lora my.yaml", outside, "model.base=default", "data.path=my-images", "train.output_dir=runs/mine",
         *SMALL, "lora.rank=2")  # the printed recipe runs as a config of one's own
     assert (outside / "runs" / "mine" / "lora.safetensors").is_file()
