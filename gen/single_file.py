@@ -202,7 +202,7 @@ def describe(path: Path, shapes: dict, meta: dict) -> list[str]:
 
     family = detect(path, shapes)
     if family.file_layout != "LDM":
-        return mmdit_file.describe(family, shapes)
+        return mmdit_file.describe(path, family, shapes)
     prefixes = {enc: prefix for enc, _, prefix, _ in family.file_texts} | {"unet": ldm.UNET, "vae": ldm.VAE}
     lines = [f"  family: {family.title}", "  layout: single file (original LDM/A1111 layout)"]
     for part, prefix in prefixes.items():

@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from gen.errors import GenError
 from gen.models.text import bundled_tokenizer
+from gen.pipeline import Pipeline
 from tests.conftest import diffusers_pipeline, quiet_pipeline
 from tests.test_user_files import _clip, _gen, _v4_names, _vae
 from tests.vendor import diffusers_to_original_sd as sd_script
@@ -179,3 +181,22 @@ def test_sd35_from_component_files_alone_is_the_folders_image(openclip_g, tmp_pa
     png = np.asarray(Image.open(tmp_path / "out.png"), dtype=np.float32) / 255
     assert np.abs(png - theirs[0]).max() <= 1 / 255 + 1e-4
 
+
+def test_a_transformer_file_missing_parts_names_the_files_it_needs(tmp_path):
+    """Exit 2 and one line naming exactly the files still needed; `gen info` says the same of the file."""
+    _, files, name, texts = _flux(tmp_path, True, False)
+    model = files / name
+    needs_all = "--text-encoder clip_l.safetensors --text-encoder t5xxl.safetensors --vae ae.safetensors"
+    for given, want in (([], f"{name} holds only the transformer: add {needs_all}, or --base FOLDER"),
+                        (["--text-encoder", files / texts[1]], "add --text-encoder clip_l.safetensors --vae "
+                                                               "ae.safetensors, or --base FOLDER"),
+                        (["--text-encoder", files / texts[0], "--vae", files / "ae.safetensors"],
+                         "add --text-encoder t5xxl.safetensors, or --base FOLDER")):
+        run = _gen("sample", "x", "--model", model, *given, "--steps", 1, "--out", tmp_path / "x.png")
+        assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+        assert want in run.stderr and "Traceback" not in run.stderr, run.stderr
+    info = _gen("info", model)
+    assert info.returncode == 0 and f"holds only the transformer: add {needs_all}, or --base FOLDER" in info.stdout, \
+        info.stdout
+    with pytest.raises(GenError, match="holds only the transformer: add --text-encoder clip_l"):
+        Pipeline.from_pretrained(model)
