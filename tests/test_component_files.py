@@ -200,3 +200,28 @@ def test_a_transformer_file_missing_parts_names_the_files_it_needs(tmp_path):
         info.stdout
     with pytest.raises(GenError, match="holds only the transformer: add --text-encoder clip_l"):
         Pipeline.from_pretrained(model)
+
+
+def test_fp8_and_gguf_transformer_files_take_component_files_as_a_base_folder(tmp_path):
+    """flux1-dev-fp8.safetensors (e4m3fn) and a Q8_0 GGUF with clip_l / t5xxl / ae beside them, no --base: the
+    image the same file gives with --base FOLDER (the folder holding the same text encoders and VAE)."""
+    if E4M3 is None:
+        pytest.skip("this torch has no float8 dtypes")
+    from tests.test_quant_gguf import Q, write_gguf
+
+    folder, files, name, texts = _flux(tmp_path, True, False)
+    bare = load_file(files / name)
+    save_file({k: v.to(E4M3) if v.dim() >= 2 else v for k, v in bare.items()}, files / "flux1-dev-fp8.safetensors")
+    write_gguf(files / "flux1-dev-Q8_0.gguf", bare, Q.Q8_0)
+    kw = dict(seed=4, guidance_scale=3.5, output_type="np", **RUN)
+    for model in ("flux1-dev-fp8.safetensors", "flux1-dev-Q8_0.gguf"):
+        with_base = quiet_pipeline(files / model, base=folder)(PROMPT, **kw).images
+        alone = quiet_pipeline(files / model, vae=files / "ae.safetensors",
+                               text_encoders=[files / t for t in texts])(PROMPT, **kw).images
+        assert with_base.std() > 0.01 and np.abs(alone - with_base).max() == 0, (model, np.abs(alone - with_base).max())
+    run = _gen("sample", PROMPT, "--model", "flux1-dev-Q8_0.gguf", "--text-encoder", "clip_l.safetensors",
+               "--text-encoder", texts[1], "--vae", "ae.safetensors", "--seed", 4, "--steps", 3, "--guidance", 3.5,
+               "--height", 32, "--width", 32, "--out", tmp_path / "out.png", "--no-progress", cwd=files)
+    assert run.returncode == 0, run.stderr
+    png = np.asarray(Image.open(tmp_path / "out.png"), dtype=np.float32) / 255
+    assert np.abs(png - with_base[0]).max() <= 1 / 255 + 1e-4
