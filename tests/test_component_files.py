@@ -225,3 +225,33 @@ def test_fp8_and_gguf_transformer_files_take_component_files_as_a_base_folder(tm
     assert run.returncode == 0, run.stderr
     png = np.asarray(Image.open(tmp_path / "out.png"), dtype=np.float32) / 255
     assert np.abs(png - with_base[0]).max() <= 1 / 255 + 1e-4
+
+
+def test_sdxl_checkpoint_takes_clip_l_and_openclip_clip_g_files_in_place_of_its_own(tmp_path):
+    """An SDXL checkpoint with --text-encoder clip_l (transformers' layout) and --text-encoder clip_g (OpenCLIP's, as
+    under an SDXL checkpoint's conditioner.embedders.1.model.): the image of the folder holding those towers."""
+    import shutil
+
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from tests.test_user_files import _checkpoint, _folder, _ours, _theirs
+
+    folder = tmp_path / "folder"
+    _checkpoint("sdxl", folder, _folder("sdxl", folder), tmp_path / "sdxl.safetensors")
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    torch.manual_seed(9)
+    clip_l = _clip(CLIPTextModel, 64, "quick_gelu")
+    clip_g = _clip(CLIPTextModelWithProjection, 64, "gelu", projection_dim=32)
+    clip_l.save_pretrained(other / "text_encoder")
+    clip_g.save_pretrained(other / "text_encoder_2")
+    save_file(_v4_names(clip_l.state_dict()), tmp_path / "clip_l.safetensors")
+    g = sdxl_script.convert_openclip_text_enc_state_dict(_v4_names(clip_g.state_dict()))
+    g["text_projection"] = g.pop("text_projection.weight").T
+    save_file({"conditioner.embedders.1.model." + k: v.contiguous() for k, v in g.items()},
+              tmp_path / "clip_g.safetensors")
+    ours = _ours(tmp_path / "sdxl.safetensors", "sdxl",
+                 text_encoders=[tmp_path / "clip_l.safetensors", tmp_path / "clip_g.safetensors"])
+    assert np.abs(ours - _ours(other, "sdxl")).max() == 0
+    assert np.abs(ours - _ours(folder, "sdxl")).max() > 0.01  # the files' towers, not the checkpoint's
+    assert np.abs(ours - _theirs("sdxl", other)).max() <= 1e-3  # gen's sdpa vs diffusers' on SDXL (test_user_files)
