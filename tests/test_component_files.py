@@ -232,6 +232,9 @@ def test_fp8_and_gguf_transformer_files_take_component_files_as_a_base_folder(tm
     assert run.returncode == 0, run.stderr
     png = np.asarray(Image.open(tmp_path / "out.png"), dtype=np.float32) / 255
     assert np.abs(png - with_base[0]).max() <= 1 / 255 + 1e-4
+    info = _gen("info", files / "flux1-dev-Q8_0.gguf")
+    assert info.returncode == 0 and "holds only the transformer: add --text-encoder clip_l.safetensors" in info.stdout, \
+        info.stdout
 
 
 def test_sdxl_checkpoint_takes_clip_l_and_openclip_clip_g_files_in_place_of_its_own(tmp_path):
