@@ -141,8 +141,9 @@ def load(path: Path, tokenizer=None, prediction_type: str | None = None, allow_p
 
 
 def recorded_formulation(path: Path):
-    """The formulation a single file samples with: the one gen recorded in it; else, for an SD/SDXL file, its
-    schedule's with the prediction type the file says or `guess_prediction` guesses; else None."""
+    """The formulation a single file samples with: the one gen recorded in it; else its family's schedule's (an
+    SD/SDXL file: with the prediction type it states or `guess_prediction` guesses; SD3/Flux: `file_scheduler` of
+    the transformer's shapes); None where the shapes cannot tell (a GGUF, a Flux file of unusual head width)."""
     if path.suffix != ".safetensors":
         return None
     shapes, meta = header(path)
@@ -151,7 +152,11 @@ def recorded_formulation(path: Path):
         return formulations.from_dict(gm["formulation"])
     family = detect(path, shapes)
     if family.file_layout != "LDM":
-        return None
+        try:
+            config = family.transformer_config(ldm.strip(shapes, mmdit_file.transformer_prefix(shapes)), {})
+        except GenError:
+            return None
+        return formulations.from_scheduler_config(family.file_scheduler(config))
     return formulations.from_scheduler_config(scheduler_config(guess_prediction(family, _lazy(path, shapes, meta),
                                                                                 gm)[0]))
 

@@ -103,7 +103,7 @@ def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], dic
     reader, arch = _open(path)
     if arch in LDM:  # the single-file loader reads UNets inside whole checkpoints only, so far
         raise GenError(f"{path}: a UNet-only {arch} GGUF needs its text encoders and VAE from component files, "
-                       "which gen does not read yet; flux and sd3 GGUF files load with component files or --base FOLDER")
+                       "which gen does not read yet; flux and sd3 GGUF files load with component files or --base")
     quants = set(supported())
     prefix = "model.diffusion_model." if arch in LDM else ""
     state, shapes = {}, {}

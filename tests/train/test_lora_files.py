@@ -1,6 +1,7 @@
 """`gen lora` on files as users have them: model.base a whole SD checkpoint written by diffusers' own writer script
-(no gen metadata, no tokenizer: gen's shipped one), its VAE given apart as model.vae=FILE (gen sample's --vae),
-trains the LoRA the equivalent diffusers folder trains; component files with a folder base are a one-line error."""
+(no gen metadata, no tokenizer: gen's shipped one), its VAE given apart as model.vae=FILE (gen sample's --vae), or a
+Flux transformer-only file with model.text_encoders and model.vae, trains the LoRA the equivalent diffusers folder
+trains; component files with a folder base are a one-line error."""
 
 import subprocess
 import sys
@@ -54,3 +55,32 @@ def test_gen_lora_on_a_checkpoint_file_and_a_vae_file_trains_the_folders_lora(im
     errors = [line for line in bad.stderr.splitlines() if "error" in line.lower()]  # a warning on the size may precede
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(errors) == 1, bad.stderr
     assert "config key 'model.vae': component files go with a single-file model.base" in errors[0]
+
+
+def test_gen_lora_on_a_flux_transformer_file_and_component_files_trains_the_folders_lora(images,  # noqa: F811
+                                                                                        tmp_path):
+    """model.base a BFL transformer-only file (no gen record: dev's objective read from its guidance input),
+    model.text_encoders clip_l + t5xxl, model.vae ae.safetensors: the LoRA the diffusers folder trains."""
+    from tests.test_component_files import _flux
+
+    folder, files, name, texts = _flux(tmp_path, True, False)
+    run_ = ["data.resolution=32", "train.batch_size=1", "train.grad_accum=1", "train.max_steps=2",
+            "train.checkpoint_every=0", "train.mixed_precision=no", "train.gradient_checkpointing=false",
+            "optim.lr=1e-2", "lora.rank=4", "lora.alpha=4", "lora.save_dtype=fp32", "validation.every=0",
+            "validation.prompts=[a photo of a cat]", "validation.seeds=[0]", "sampling.steps=1", "log.tracker=none",
+            "log.progress=false", f"data.path={images}"]
+    run = _gen("lora", "configs/lora-sd3-flux.yaml", f"model.base={files / name}",
+               f"model.vae={files / 'ae.safetensors'}",
+               f"model.text_encoders=[{files / texts[0]}, {files / texts[1]}]", f"train.output_dir={tmp_path / 'a'}",
+               *run_)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"--text-encoder {files / texts[0]}" in run.stderr  # the "use it" line
+    ours = load_file(tmp_path / "a" / "lora.safetensors")
+    cfg = load_config("configs/lora-sd3-flux.yaml", [f"model.base={folder}", f"train.output_dir={tmp_path / 'b'}",
+                                                     *run_])
+    theirs = load_file(train(cfg, LoraTask))
+    assert ours.keys() == theirs.keys() and len(ours) > 0
+    # the file's pipeline and the folder's, same tensors, sample 1.2e-6 apart (float summation order); two Adam
+    # steps at lr 1e-2 carry that to ~4e-5, against adapter weights of ~1e-2
+    assert max(float(np.abs(v.numpy()).max()) for v in ours.values()) > 1e-3
+    assert max(float(np.abs(ours[k].numpy() - theirs[k].numpy()).max()) for k in ours) <= 1e-4
