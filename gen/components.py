@@ -176,19 +176,20 @@ def check(family, denoiser, vae, given: dict) -> None:
                            f"{widths[enc]} wide there")
 
 
-def lacking_hint(family, lacking: list[str]) -> str:
-    """What to pass for parts a transformer-only file lacks: 'a T5 encoder (--text-encoder t5xxl.safetensors)'."""
+def lacking_hint(family, lacking: list[str], flags: bool = True) -> str:
+    """The component files that supply `lacking` parts, as flags ('--text-encoder t5xxl.safetensors --vae
+    ae.safetensors') or, `flags=False`, in words ('a T5 encoder and a VAE')."""
     roles = getattr(family, "file_roles", {})
     files = {"CLIP-L": "clip_l.safetensors", "CLIP-G": "clip_g.safetensors", "T5": "t5xxl.safetensors"}
     said = []
     for part in lacking:
-        if part == "vae":
-            said.append("a VAE (--vae ae.safetensors)")
+        role = "VAE" if part == "vae" else roles.get(part, "CLIP")
+        if flags:
+            said.append(f"--vae {getattr(family, 'file_vae', 'vae.safetensors')}" if part == "vae" else
+                        f"--text-encoder {files.get(role, 'FILE')}")
         else:
-            role = roles.get(part, "CLIP")
-            said.append(f"a{'n' if role[0] in 'AEIOU' else ''} {role} encoder "
-                        f"(--text-encoder {files.get(role, 'FILE')})")
-    return ", ".join(said)
+            said.append(f"a {role}" + ("" if part == "vae" else " encoder"))
+    return " ".join(said) if flags else " and ".join(said)
 
 
 def slot_kind(src, prefix: str, kind: str) -> str:

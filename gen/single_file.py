@@ -141,9 +141,29 @@ def load(path: Path, tokenizer=None, prediction_type: str | None = None, allow_p
 
 
 def recorded_formulation(path: Path):
-    """The formulation gen recorded in a single file it wrote, else None."""
-    gm = gen_meta(header(path)[1]) if path.suffix == ".safetensors" else {}
-    return formulations.from_dict(gm["formulation"]) if "formulation" in gm else None
+    """The formulation a single file samples with: the one gen recorded in it; else its family's schedule's (an
+    SD/SDXL file: with the prediction type it states or `guess_prediction` guesses; SD3/Flux: `file_scheduler` of
+    the transformer's shapes); None where the shapes cannot tell (a GGUF, a Flux file of unusual head width)."""
+    if path.suffix != ".safetensors":
+        return None
+    shapes, meta = header(path)
+    gm = gen_meta(meta)
+    if "formulation" in gm:
+        return formulations.from_dict(gm["formulation"])
+    family = detect(path, shapes)
+    if family.file_layout != "LDM":
+        try:
+            config = family.transformer_config(ldm.strip(shapes, mmdit_file.transformer_prefix(shapes)), {})
+        except GenError:
+            return None
+        return formulations.from_scheduler_config(family.file_scheduler(config))
+    return formulations.from_scheduler_config(scheduler_config(guess_prediction(family, _lazy(path, shapes, meta),
+                                                                                gm)[0]))
+
+
+def _lazy(path: Path, shapes: dict, meta: dict):
+    """A file's header as a source for `guess_prediction` (a tensor read only when asked for)."""
+    return SimpleNamespace(shapes=shapes, meta=meta, tensor=lambda k: load_state_dict(path)[k])
 
 
 def _json(v):
@@ -202,14 +222,13 @@ def describe(path: Path, shapes: dict, meta: dict) -> list[str]:
 
     family = detect(path, shapes)
     if family.file_layout != "LDM":
-        return mmdit_file.describe(family, shapes)
+        return mmdit_file.describe(path, family, shapes)
     prefixes = {enc: prefix for enc, _, prefix, _ in family.file_texts} | {"unet": ldm.UNET, "vae": ldm.VAE}
     lines = [f"  family: {family.title}", "  layout: single file (original LDM/A1111 layout)"]
     for part, prefix in prefixes.items():
         n = sum(prod(s) for k, s in shapes.items() if k.startswith(prefix))
         lines.append(f"  {part}: {n / 1e6:.2f}M parameters ({prefix}*)")
-    src = SimpleNamespace(shapes=shapes, meta=meta, tensor=lambda k: load_state_dict(path)[k])
-    pred, why = guess_prediction(family, src, gen_meta(meta))
+    pred, why = guess_prediction(family, _lazy(path, shapes, meta), gen_meta(meta))
     lines.append(f"  prediction type: {pred} ({why})")
     if shapes.get(f"{ldm.UNET}input_blocks.0.0.weight", [0, 0])[1] == 9:
         lines.append("  inpainting (9-channel UNet input)")

@@ -225,9 +225,11 @@ def _write(path, tensors: dict) -> None:
 
 @pytest.mark.parametrize("keys, match", [
     ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4, 4)},
-     "needs a CLIP-L encoder .*--text-encoder clip_l.safetensors.*CLIP-G.*--vae ae.safetensors"),
+     "holds only the transformer: add --text-encoder clip_l.safetensors --text-encoder clip_g.safetensors --vae "
+     "vae.safetensors \\(optionally --text-encoder t5xxl.safetensors\\), or --base FOLDER"),
     ({"double_blocks.0.img_attn.qkv.weight": (4, 4)},
-     "needs a CLIP-L encoder .*a T5 encoder \\(--text-encoder t5xxl.safetensors\\)"),
+     "holds only the transformer: add --text-encoder clip_l.safetensors --text-encoder t5xxl.safetensors --vae "
+     "ae.safetensors, or --base FOLDER"),
     ({"encoder.layers.0.weight": (4, 4)}, "architecture gen does not know"),
 ])
 def test_unknown_and_unsupported_architectures(tmp_path, keys, match):

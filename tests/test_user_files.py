@@ -1,7 +1,7 @@
 """Files as users have them. Whole SD-1.x / SD-2.x / SDXL checkpoints written by the diffusers project's own writer
 of the original layout (tests/vendor, its convert_diffusers_to_original_*.py scripts), sampled with nothing beside
-them; EMA twins, schedule buffers, inpainting UNets, a swapped VAE; Flux and SD3.5 from a transformer file plus the
-clip_l / clip_g / t5xxl / ae files ComfyUI users hold; and the one-line refusals."""
+them; EMA twins, schedule buffers, inpainting UNets, a swapped VAE; and the one-line refusals. (Flux and SD3.5 from
+a transformer file plus the clip_l / clip_g / t5xxl / ae files ComfyUI users hold: tests/test_component_files.py.)"""
 
 from __future__ import annotations
 

@@ -29,7 +29,9 @@ class ModelConfig:
     options: dict = field(default_factory=dict)  # extra constructor arguments for the denoiser
     init_from_base: bool = False            # start from the base folder's denoiser instead of random weights
     text_encoder: str = ""                  # a folder with text_encoder/ + tokenizer/ (a `clip` stage's output)
-    vae: str = ""                           # a folder with vae/ (a `vae` stage's output); both override base's
+    vae: str = ""                           # a folder with vae/ (a `vae` stage's output); both override base's;
+    #                                         or, with a single-file base, a VAE file (ae.safetensors), as --vae
+    text_encoders: list[str] = field(default_factory=list)  # a single-file base's component files, as --text-encoder
     train_text_encoder: bool = False        # the text encoder trains with the denoiser (as in GLIDE) and is exported
 
 
@@ -452,6 +454,11 @@ def validate(cfg: Config) -> Config:
     if cfg.stage == "denoiser" and not cfg.model.base and not (cfg.model.text_encoder and cfg.model.vae):
         raise GenError("config key 'model.base' is empty: give a model folder holding the text encoder, "
                        "tokenizer and VAE to train with (or set model.text_encoder and model.vae)")
+    m = cfg.model
+    given = "vae" if m.vae and Path(m.vae).is_file() else "text_encoders" if m.text_encoders else None
+    if given and not (m.base and Path(m.base).is_file()):
+        raise GenError(f"config key 'model.{given}': component files go with a single-file model.base (a .safetensors "
+                       "checkpoint or transformer); for a model folder leave it out (model.vae: a folder with vae/)")
     if cfg.data.source in ("folder", "shards") and not cfg.data.path:
         what = "an image folder" if cfg.data.source == "folder" else "a folder, glob or URL of .tar shards"
         raise GenError(f"config key 'data.path' is empty: give {what} (or set data.source=shapes)")

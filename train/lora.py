@@ -35,7 +35,8 @@ SAVE_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def base_formulation(base: str | Path):
     """The objective the base folder was trained with (gen_config.json, else its scheduler config); for a single
-    file, the one gen recorded in it, else None (the config's objective.* keys stand: a file cannot tell)."""
+    file, the one it samples with (gen/single_file.py recorded_formulation), else None (the config's objective.*
+    keys stand: an SD3/Flux file without gen's record cannot tell)."""
     base = Path(base)
     if base.is_file():
         from gen.single_file import recorded_formulation
@@ -227,6 +228,9 @@ def main(config: str, overrides: list[str]) -> int:
         raise GenError("config key 'model.base' is empty: give the model folder to train a LoRA for")
     align_objective(cfg)
     out = train(cfg, task_class=LoraTask)
-    print(f"LoRA: {out}" + (f"\n  use it: gen sample PROMPT --model {cfg.model.base} --lora {out}"
+    m = cfg.model  # a single-file base's component files, as gen sample takes them
+    parts = "".join(f" --text-encoder {f}" for f in m.text_encoders)
+    parts += f" --vae {m.vae}" if Path(m.vae).is_file() else ""
+    print(f"LoRA: {out}" + (f"\n  use it: gen sample PROMPT --model {cfg.model.base}{parts} --lora {out}"
                             if Path(out).suffix == ".safetensors" else ""), file=sys.stderr)
     return 0

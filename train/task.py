@@ -51,6 +51,15 @@ def signature(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+
+def _component_files(m) -> dict:
+    """model.vae given as a file and model.text_encoders: Pipeline.from_pretrained's `vae` / `text_encoders` for a
+    single-file model.base (a folder's parts are its subfolders)."""
+    files = {"vae": m.vae} if m.vae and Path(m.vae).is_file() else {}
+    if m.text_encoders:
+        files["text_encoders"] = list(m.text_encoders)
+    return files  # train/config.py's validate checked that model.base is a file
+
 class Shared(dict):
     """Frozen text encoders a WithText runs but does not own: shared by its copies (EMA), never in its state."""
 
@@ -168,11 +177,13 @@ class DenoiserTask:
             folder = Path(m.text_encoder)
             text = (load("text_encoder", lambda f: load_model(CLIPTextModel, f), folder / "text_encoder"),
                     load("text_encoder", CLIPTokenizer.from_pretrained, folder / "tokenizer"))
-        if m.vae:
+        files = _component_files(m)  # a single-file base's VAE and text encoder files (gen sample's --vae, ...)
+        if m.vae and not files.get("vae"):
             vae = load("vae", lambda f: load_model(AutoencoderKL, f), Path(m.vae) / "vae")  # via gen.io: no pickles
         if m.base:
             # a single-file base without a tokenizer takes model.text_encoder's folder's
-            base = Pipeline.from_pretrained(m.base, device="cpu", dtype=torch.float32, tokenizer=m.text_encoder or None)
+            base = Pipeline.from_pretrained(m.base, device="cpu", dtype=torch.float32, tokenizer=m.text_encoder or None,
+                                            **files)
             if text:
                 base.text = TextEncoder(*text)
             if vae is not None:

@@ -82,6 +82,7 @@ class Flux(OriginalLayout, Family):
                   ("text_encoder_2", "tokenizer_2", "text_encoders.t5xxl.transformer.", "t5"))
     file_layout, file_blocks = "BFL Flux", "double_blocks."
     file_roles = {"text_encoder": "CLIP-L", "text_encoder_2": "T5"}
+    file_vae = "ae.safetensors"  # BFL's VAE file, as shared beside flux1-dev.safetensors
 
     @staticmethod
     def file_text_widths(config) -> dict:

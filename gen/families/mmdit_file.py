@@ -53,6 +53,26 @@ def _base_config(base: Path | None, part: str) -> dict:
     return read_json(base / part / "config.json")
 
 
+def missing_parts(family, keys: set, base: Path | None) -> tuple[list[str], list[str]]:
+    """(the parts a file lacks that the model needs: text encoder folders, "vae"; the optional towers it lacks --
+    SD3's T5 -- that neither it nor the base folder has, which the model goes without)."""
+    lacking = [enc for enc, _, prefix, _ in family.file_texts if not any(k.startswith(prefix) for k in keys)]
+    if not any(k.startswith(ldm.VAE) for k in keys):
+        lacking.append("vae")
+    skip = [enc for enc in lacking if enc in family.file_optional and (base is None or not (base / enc).is_dir())]
+    return [enc for enc in lacking if enc not in skip], skip
+
+
+def missing_message(path: Path, family, lacking: list[str], skip: list[str]) -> str:
+    """One line naming the component files that complete a file: '... holds only the transformer: add
+    --text-encoder clip_l.safetensors --text-encoder t5xxl.safetensors --vae ae.safetensors, or --base FOLDER'."""
+    whole = len(lacking) + len(skip) == len(family.file_texts) + 1
+    what = "holds only the transformer" if whole else f"lacks {lacking_hint(family, lacking, flags=False)}"
+    optional = f" (optionally {lacking_hint(family, skip)})" if skip else ""
+    return (f"{path} {what}: add {lacking_hint(family, lacking)}{optional}, or --base FOLDER (a diffusers "
+            f"{family.title} folder whose other parts gen uses)")
+
+
 def load(path: Path, src, family, tokenizer, base, gm: dict) -> dict:
     """A single file of an original-layout family (its `_Source`, gen's metadata `gm`) -> Pipeline kwargs."""
     from diffusers import AutoencoderKL
@@ -66,15 +86,9 @@ def load(path: Path, src, family, tokenizer, base, gm: dict) -> dict:
         raise GenError(f"--base {base} is not a diffusers model folder (no model_index.json)")
     hints, convention = gm.get("hints", {}), family.file_convention()
     keys = set(src.shapes)
-    lacking = [enc for enc, _, prefix, _ in family.file_texts if not any(k.startswith(prefix) for k in keys)]
-    if not any(k.startswith(ldm.VAE) for k in keys):
-        lacking.append("vae")
-    # an optional tower (SD3's T5) that neither the file nor the base folder has: the model goes without it
-    skip = [enc for enc in lacking if enc in family.file_optional and (base is None or not (base / enc).is_dir())]
-    lacking = [enc for enc in lacking if enc not in skip]
+    lacking, skip = missing_parts(family, keys, base)
     if lacking and base is None:
-        raise GenError(f"{path}: this {family.title} transformer needs {lacking_hint(family, lacking)}, or --base "
-                       f"FOLDER (a diffusers {family.title} folder whose other parts gen uses)")
+        raise GenError(missing_message(path, family, lacking, skip))
     texts = [t for t in family.file_texts if t[0] not in skip]
     parts = tokenizers(path, texts, family, tokenizer or base, src.meta, src.shapes)
     for enc, tok, prefix, kind in texts:
@@ -140,7 +154,7 @@ def _plain(config) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(config).items() if not k.startswith("_")}
 
 
-def describe(family, shapes: dict) -> list[str]:
+def describe(path: Path, family, shapes: dict) -> list[str]:
     from math import prod
 
     prefix = transformer_prefix(shapes)
@@ -151,4 +165,7 @@ def describe(family, shapes: dict) -> list[str]:
     for part, p in prefixes.items():
         n = sum(prod(s) for k, s in shapes.items() if k.startswith(p))
         lines.append(f"  {part}: {n / 1e6:.2f}M parameters ({p}*)" if n else f"  {part}: not in the file (--base FOLDER)")
+    lacking, skip = missing_parts(family, set(shapes), None)
+    if lacking:
+        lines.append(f"  missing: {missing_message(path, family, lacking, skip)}")
     return lines

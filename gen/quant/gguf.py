@@ -62,8 +62,19 @@ def describe(path: Path) -> str:
     return "\n".join([f"GGUF file {path}", f"  architecture: {arch}",
                       f"  tensors: {len(reader.tensors)} ({', '.join(f'{n} {k}' for k, n in types.most_common())})",
                       f"  parameters: {values / 1e6:.2f}M in {stored / 2 ** 20:.1f} MiB "
-                      f"({8 * stored / max(values, 1):.2f} bits a value)",
-                      "  holds the denoiser only: sample with --base FOLDER (text encoders, tokenizers, VAE)"])
+                      f"({8 * stored / max(values, 1):.2f} bits a value)", _missing(path, arch, reader)])
+
+
+def _missing(path: Path, arch: str, reader) -> str:
+    """What a denoiser-only GGUF needs beside it, as `gen info` says it of a transformer-only .safetensors file."""
+    if arch in LDM:
+        return "  holds the UNet only: gen does not read its text encoders and VAE from component files yet"
+    from gen.families.mmdit_file import missing_message, missing_parts
+    from gen.single_file import detect
+
+    names = {t.name: [] for t in reader.tensors}
+    family = detect(path, names)
+    return f"  missing: {missing_message(path, family, *missing_parts(family, set(names), None))}"
 
 
 def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], dict[str, str]]:
@@ -73,7 +84,7 @@ def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], dic
     reader, arch = _open(path)
     if arch in LDM:  # the single-file loader reads UNets inside whole checkpoints only, so far
         raise GenError(f"{path}: a UNet-only {arch} GGUF needs its text encoders and VAE from component files, "
-                       "which gen does not read yet; flux and sd3 GGUF files load with --base FOLDER")
+                       "which gen does not read yet; flux and sd3 GGUF files load with component files or --base")
     quants = set(supported())
     prefix = "model.diffusion_model." if arch in LDM else ""
     state, shapes = {}, {}
