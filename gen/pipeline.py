@@ -119,6 +119,7 @@ class Pipeline:
         self.recipe = dict(recipe or {})
         self.name = name
         self.weights = "auto"  # how fp8/GGUF weights are stored (gen/quant; set by from_pretrained)
+        self.vae_tiling: int | None = None  # the VAE's tile size in pixels under enable_vae_tiling
         self._progress_bar_config: dict = {}
         self.defaults = self._default_settings() | dict(defaults or {})
         self._warn_unknown_scheduler(defaults or {})
@@ -225,6 +226,23 @@ class Pipeline:
         self._offload = device if device.type != "cpu" else None
         return self
 
+    def enable_vae_tiling(self, tile_size: int | None = None) -> "Pipeline":
+        """Decodes and encodes (img2img, inpainting, hires fix) in overlapping tiles of `tile_size` pixels (default
+        512) blended at the seams, a batch one image at a time, so a large image needs the memory of one tile
+        (gen.memory.vae_tiling; diffusers' enable_tiling + enable_slicing). The image differs from the untiled one
+        only near the seams, by little; it is not recorded in a PNG's recipe."""
+        from gen import memory
+
+        self.vae_tiling = memory.vae_tiling(self.vae, tile_size)
+        return self
+
+    def disable_vae_tiling(self) -> "Pipeline":
+        from gen import memory
+
+        memory.no_vae_tiling(self.vae)
+        self.vae_tiling = None
+        return self
+
     @contextlib.contextmanager
     def _on_device(self, *modules: torch.nn.Module):
         """Runs the block with `modules` on the offload device, and puts them back on the CPU after it."""
@@ -248,7 +266,7 @@ class Pipeline:
                         channels_last: bool = False, tokenizer: str | Path | None = None,
                         prediction_type: str | None = None, base: str | Path | None = None,
                         offload: bool = False, weights: str | None = None, vae: str | Path | None = None,
-                        text_encoders=(), ema: bool = False) -> "Pipeline":
+                        text_encoders=(), ema: bool = False, vae_tiling: bool | int = False) -> "Pipeline":
         """Loads a diffusers-layout folder of any family gen knows (gen/families), or a single .safetensors file in
         the original layout (SD-1.x, SD-2.x, SDXL: LDM/A1111; SD3/3.5, Flux: SAI's/BFL's; gen/single_file.py); None =
         the bundled default. attention, compile and channels_last are as in Pipeline; `offload`: enable_offload(device).
@@ -259,7 +277,8 @@ class Pipeline:
         `text_encoders`, component files (ae.safetensors, clip_l / clip_g / t5xxl.safetensors, ...) that fill what the
         file lacks or replace its own (gen/components.py); `ema`, the EMA weights of a file that holds both.
         `weights`: "auto", "fp8" or "full", how fp8/GGUF weights are stored (gen/quant: kept stored and upcast per
-        layer, or upcast on load); a .gguf file is a GGUF transformer (with `base`)."""
+        layer, or upcast on load); a .gguf file is a GGUF transformer (with `base`). `vae_tiling`: True, or a tile
+        size in pixels, is enable_vae_tiling(...)."""
         from diffusers import AutoencoderKL
 
         from gen import quant
@@ -280,7 +299,7 @@ class Pipeline:
 
             parts = single_file.load(path, tokenizer, prediction_type, allow_pickle, base, vae, text_encoders, ema)
             pipe = cls(**parts, attention=attention, compile=compile, channels_last=channels_last)
-            return pipe._place(device, dtype, offload, weights)
+            return pipe._place(device, dtype, offload, weights, vae_tiling)
         if not (path / "model_index.json").is_file():
             raise GenError(f"{path} is not a model folder (no model_index.json); expected the diffusers layout")
         if vae or text_encoders or ema:
@@ -308,13 +327,16 @@ class Pipeline:
         pipe = cls(vae=vae, denoiser=denoiser, scheduler_config=scheduler_config, formulation=formulation,
                    defaults=extra.get("sampling"), recipe=extra.get("recipe"), name=path.name, attention=attention,
                    compile=compile, channels_last=channels_last, family=family, **parts)
-        return pipe._place(device, dtype, offload, weights)
+        return pipe._place(device, dtype, offload, weights, vae_tiling)
 
-    def _place(self, device: torch.device, dtype: torch.dtype, offload: bool, weights: str = "auto") -> "Pipeline":
+    def _place(self, device: torch.device, dtype: torch.dtype, offload: bool, weights: str = "auto",
+               vae_tiling: bool | int = False) -> "Pipeline":
         """A loaded pipeline onto its device in its dtype (its weights stored as `weights` says, gen/quant), or
         kept on the CPU and offloaded to the device."""
         from gen import quant
 
+        if vae_tiling is not False:
+            self.enable_vae_tiling(None if vae_tiling is True else vae_tiling)
         quant.apply(self, weights, dtype)
         self.to("cpu" if offload else device, dtype)
         return self.enable_offload(device) if offload else self
