@@ -56,8 +56,12 @@ def _add_sample(sub) -> None:
                    help="weight storage: fp8 keeps the denoiser's and text encoders' Linear/Conv weights in "
                         "float8_e4m3fn, upcast per layer (auto: a file's fp8/GGUF weights stay so; full: upcast "
                         "them on load)")
-    p.add_argument("--offload", action="store_true", help="keep the components on the CPU, each moved to the device "
-                   "only while it runs (less device memory)")
+    p.add_argument("--offload", nargs="?", const="model", default=None, metavar="MODE",
+                   help="keep the weights on the CPU, moved to the device only while they run (less device memory): "
+                        "model (the default) each component whole; group the denoiser's and text encoders' blocks, "
+                        "--offload-blocks at a time, the next prefetched on a CUDA stream; sequential one layer at a "
+                        "time (least memory, slowest)")
+    p.add_argument("--offload-blocks", type=int, default=1, metavar="N", help="blocks per group under --offload group")
     p.add_argument("--vae-tiling", nargs="?", type=int, const=True, default=None, metavar="PX",
                    help="decode and encode in overlapping tiles of PX pixels (default 512), one image at a time: "
                         "large images in bounded memory (seams blended; the tile is in the PNG recipe)")
@@ -336,7 +340,8 @@ def cmd_sample(args) -> int:
                                     attention=args.attention, allow_pickle=args.allow_pickle,
                                     compile=args.compile, channels_last=args.channels_last,
                                     tokenizer=args.tokenizer, prediction_type=args.prediction_type,
-                                    base=args.base, offload=args.offload, weights=args.weights,
+                                    base=args.base, offload=args.offload or False,
+                                    offload_blocks=args.offload_blocks, weights=args.weights,
                                     vae_tiling=_first(args.vae_tiling, False),
                                     **_component_args(args))
     model_path = Path(args.model) if args.model else DEFAULT_MODEL

@@ -37,3 +37,68 @@ def no_vae_tiling(vae) -> None:
     """Ends vae_tiling: whole-image decode and encode."""
     vae.disable_tiling()
     vae.disable_slicing()
+
+
+OFFLOAD_MODES = ("model", "group", "sequential")  # per component; blocks of the denoiser / text encoders; leaves
+
+
+def check_offload(mode: str, blocks: int = 1) -> None:
+    if mode not in OFFLOAD_MODES:
+        raise GenError(f"unknown offload mode {mode!r}; choose {', '.join(OFFLOAD_MODES)}")
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise GenError(f"the offload block count must be an integer >= 1, not {blocks!r}")
+
+
+def block_path(module: torch.nn.Module) -> list[str]:
+    """The names that lead from `module` to its largest ModuleList of blocks (CLIP: encoder.layers ->
+    ["encoder"]; a UNet's or transformer's own blocks: []), which diffusers' block-level offload takes
+    as `block_modules` to reach nested blocks instead of moving a text encoder as one group."""
+    lists = [(sum(p.numel() for p in m.parameters()), -name.count("."), name) for name, m in module.named_modules()
+             if isinstance(m, torch.nn.ModuleList) and name]  # the outermost of equals (T5: block, not block.0.layer)
+    return max(lists)[2].split(".")[:-1] if lists else []
+
+
+class Streamed:
+    """Streamed offload of the denoiser and the text encoders with diffusers' group-offloading hooks
+    (diffusers.hooks.apply_group_offloading): their weights stay on the CPU and each group of `blocks` blocks
+    ("group") or each layer ("sequential") visits `device` only while it runs. On CUDA the next group is
+    prefetched on a side stream from pinned host memory (diffusers' streams take groups of one block: with
+    blocks > 1 the groups move synchronously). The hooks are (re)installed at a call's start whenever a module's
+    weights changed since (LoRAs loaded, fused or unloaded), as diffusers' own LoRA loaders re-apply them."""
+
+    def __init__(self, mode: str, device: torch.device, blocks: int = 1):
+        check_offload(mode, blocks)
+        self.mode, self.device, self.blocks = mode, device, blocks
+        self._installed: dict[int, tuple] = {}  # id(module) -> the weights it was hooked with
+
+    @staticmethod
+    def _weights(module: torch.nn.Module) -> tuple:
+        return tuple((id(t), t.data_ptr()) for t in (*module.parameters(), *module.buffers()))
+
+    def install(self, *modules: torch.nn.Module) -> None:
+        from diffusers.hooks import apply_group_offloading
+
+        stream = self.device.type == "cuda" and (self.mode == "sequential" or self.blocks == 1)
+        for m in modules:
+            if self._installed.get(id(m)) == self._weights(m):
+                continue
+            self.remove(m)
+            kind = "leaf_level" if self.mode == "sequential" else "block_level"
+            apply_group_offloading(m, onload_device=self.device, offload_device=torch.device("cpu"),
+                                   offload_type=kind, num_blocks_per_group=self.blocks if kind == "block_level" else None,
+                                   use_stream=stream, block_modules=block_path(m) or None)
+            self._installed[id(m)] = self._weights(m)
+
+    def holds(self, module: torch.nn.Module) -> bool:
+        return id(module) in self._installed
+
+    def remove(self, module: torch.nn.Module) -> None:
+        """Ends the streaming of `module` (its weights stay where the hooks left them: the CPU)."""
+        from diffusers.hooks import HookRegistry
+        from diffusers.hooks import group_offloading as go
+
+        if self._installed.pop(id(module), None) is None:
+            return
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        for name in (go._GROUP_OFFLOADING, go._LAYER_EXECUTION_TRACKER, go._LAZY_PREFETCH_GROUP_OFFLOADING):
+            registry.remove_hook(name, recurse=True)

@@ -1,0 +1,112 @@
+"""Streamed offload (gen.memory.Streamed: Pipeline.enable_offload(mode="group" | "sequential"), from_pretrained(
+offload=..., offload_blocks=...), gen sample --offload group --offload-blocks N): diffusers' group-offloading hooks
+on the denoiser's blocks (or layers) and the text encoders' layers. On this CPU-only machine the execution device is
+the CPU, so the hooks run (each group "onloaded" to the CPU) and the images must be those without offload, bit for
+bit; the GPU timing and parity are bench/offload.py's (bench/gpu.py's offload step)."""
+
+import numpy as np
+import pytest
+from diffusers.hooks import HookRegistry
+
+from gen import memory
+from gen.errors import GenError
+from tests.conftest import quiet_pipeline
+from tests.test_cli import gen
+from tests.test_lora import peft_lora_saved_by_diffusers
+
+KW = dict(negative_prompt="blurry", num_inference_steps=2, guidance_scale=4.0, num_images_per_prompt=2, seed=5,
+          height=32, width=32, output_type="np")
+
+
+def hooked(module) -> list[str]:
+    """The names of `module`'s submodules that carry a group-offloading hook (the leaders of each group)."""
+    return [name for name, m in module.named_modules()
+            if isinstance(getattr(m, "_diffusers_hook", None), HookRegistry)
+            and m._diffusers_hook.get_hook("group_offloading") is not None]
+
+
+def test_block_path_finds_each_models_blocks(sd_folder, flux_folder):
+    sd, flux = quiet_pipeline(sd_folder), quiet_pipeline(flux_folder)
+    assert memory.block_path(sd.denoiser) == [] and memory.block_path(flux.denoiser) == []
+    assert memory.block_path(sd.text.model) == ["encoder"]  # CLIP: encoder.layers (transformers 5's layout)
+    assert memory.block_path(flux.texts[1].model) == ["encoder"]  # T5: encoder.block
+
+
+@pytest.mark.parametrize("mode,blocks", [("group", 1), ("group", 2), ("sequential", 1)])
+def test_sd_streamed_offload_changes_no_pixel(sd_folder, mode, blocks):
+    whole = quiet_pipeline(sd_folder)("a red circle", **KW).images
+    pipe = quiet_pipeline(sd_folder, offload=mode, offload_blocks=blocks)
+    assert not hooked(pipe.denoiser)  # hooked at the first call
+    images = pipe("a red circle", **KW).images
+    assert np.abs(images - whole).max() == 0.0
+    names = hooked(pipe.denoiser)
+    if mode == "group":  # each group's first and last block lead it; the rest (conv_in, mid block, ...) one group
+        ups, downs = len(pipe.denoiser.up_blocks), len(pipe.denoiser.down_blocks)
+        leaders = {f"{part}.{i}" for part, n in (("down_blocks", downs), ("up_blocks", ups))
+                   for g in range(0, n, blocks) for i in (g, min(g + blocks, n) - 1)}
+        assert set(names) == leaders | {""}
+        layers = {n for n in hooked(pipe.text.model) if n.startswith("encoder.layers.")}
+        assert len(layers) == len(pipe.text.model.encoder.layers)  # the CLIP layers, groups of one
+    else:  # every Linear / Conv / Embedding is its own group
+        import torch
+
+        leaves = [n for n, m in pipe.denoiser.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        assert set(leaves) <= set(names)
+    assert pipe.to("cpu")._streamed is None and not hooked(pipe.denoiser) and not hooked(pipe.text.model)
+    assert np.array_equal(pipe("a red circle", **KW).images, whole)
+
+
+@pytest.mark.parametrize("flux_folder", [True], indirect=True, ids=["dev"])
+@pytest.mark.parametrize("mode", ["group", "sequential"])
+def test_flux_streamed_offload_changes_no_pixel(flux_folder, mode):
+    kw = KW | dict(negative_prompt=None, guidance_scale=3.5)
+    whole = quiet_pipeline(flux_folder)("a red circle", **kw).images
+    pipe = quiet_pipeline(flux_folder).enable_offload("cpu", mode)
+    images = pipe("a red circle", **kw).images
+    assert np.abs(images - whole).max() == 0.0
+    assert hooked(pipe.denoiser) and hooked(pipe.texts[1].model)  # the transformer and T5
+    if mode == "group":
+        t = pipe.denoiser
+        assert {f"transformer_blocks.{i}" for i in range(len(t.transformer_blocks))} <= set(hooked(t))
+        assert {f"single_transformer_blocks.{i}" for i in range(len(t.single_transformer_blocks))} <= set(hooked(t))
+
+
+def test_a_lora_loaded_after_the_hooks_is_in_the_groups(sd_folder, tmp_path):
+    """LoRA layers added (and fused) after a call re-hook the modules before the next one, as diffusers does."""
+    lora = peft_lora_saved_by_diffusers(tmp_path / "a.safetensors", 1, r=4, unet_alpha=8, text_alpha=2)
+    plain = quiet_pipeline(sd_folder)
+    plain.load_lora(lora)
+    want = plain("a red circle", **KW).images
+    pipe = quiet_pipeline(sd_folder, offload="sequential")
+    before = pipe("a red circle", **KW).images
+    pipe.load_lora(lora)
+    got = pipe("a red circle", **KW).images
+    assert not np.array_equal(got, before) and np.abs(got - want).max() == 0.0
+    lora_leaves = [n for n in hooked(pipe.denoiser) if "lora_A" in n]
+    assert lora_leaves  # the LoRA's own Linear layers are groups too
+    plain.fuse_lora(), pipe.fuse_lora()
+    assert np.array_equal(pipe("a red circle", **KW).images, plain("a red circle", **KW).images)
+
+
+def test_bad_modes_are_one_line_errors(sd_folder, tmp_path):
+    for kw, match in ((dict(offload="blocks"), "unknown offload mode 'blocks'; choose model, group, sequential"),
+                      (dict(offload="group", offload_blocks=0), "block count must be an integer >= 1")):
+        with pytest.raises(GenError, match=match):
+            quiet_pipeline(sd_folder, **kw)
+    pipe = quiet_pipeline(sd_folder, offload="group")
+    with pytest.raises(GenError, match="fast mode .* does not combine with offload 'group'"):
+        pipe("a red circle", cache_interval=2, **KW)
+    r = gen("sample", "a red circle", "--model", sd_folder, "--offload", "stream", "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown offload mode 'stream'" in r.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_gen_sample_offload_group(sd_folder, tmp_path):
+    out = tmp_path / "a.png"
+    r = gen("sample", "a red circle", "--model", sd_folder, "--steps", 2, "--seed", 3, "--height", 32, "--width", 32,
+            "--offload", "group", "--offload-blocks", 2, "--out", out, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+
+    image = quiet_pipeline(sd_folder)("a red circle", num_inference_steps=2, seed=3, height=32, width=32).images[0]
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(image))
