@@ -101,10 +101,11 @@ def test_bad_modes_are_one_line_errors(sd_folder, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_gen_sample_offload_group(sd_folder, tmp_path):
+@pytest.mark.parametrize("flags", [("--offload", "group", "--offload-blocks", "2"), ("--offload", "sequential")])
+def test_gen_sample_streamed_offload(sd_folder, tmp_path, flags):
     out = tmp_path / "a.png"
     r = gen("sample", "a red circle", "--model", sd_folder, "--steps", 2, "--seed", 3, "--height", 32, "--width", 32,
-            "--offload", "group", "--offload-blocks", 2, "--out", out, "--no-progress")
+            *flags, "--out", out, "--no-progress")
     assert r.returncode == 0, r.stderr
     from PIL import Image
 
