@@ -71,6 +71,17 @@ def test_flux_streamed_offload_changes_no_pixel(flux_folder, mode):
         assert {f"single_transformer_blocks.{i}" for i in range(len(t.single_transformer_blocks))} <= set(hooked(t))
 
 
+@pytest.mark.parametrize("flux_folder", [True], indirect=True, ids=["dev"])
+def test_fp8_weights_stream_as_stored(flux_folder):
+    """--weights fp8 with --offload group: the stored bytes move, the upcast hooks run on the device as before."""
+    from gen import quant
+
+    kw = KW | dict(negative_prompt=None, guidance_scale=3.5)
+    alone = quiet_pipeline(flux_folder, weights="fp8")("a red circle", **kw).images
+    pipe = quiet_pipeline(flux_folder, weights="fp8", offload="group")
+    assert np.array_equal(pipe("a red circle", **kw).images, alone) and quant.layers([pipe.denoiser]) > 0
+
+
 def test_a_lora_loaded_after_the_hooks_is_in_the_groups(sd_folder, tmp_path):
     """LoRA layers added (and fused) after a call re-hook the modules before the next one, as diffusers does."""
     lora = peft_lora_saved_by_diffusers(tmp_path / "a.safetensors", 1, r=4, unet_alpha=8, text_alpha=2)

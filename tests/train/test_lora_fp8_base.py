@@ -71,3 +71,21 @@ def test_dora_on_an_fp8_base_is_refused(sd_folder, images, tmp_path):
     cfg = load_config("configs/lora-subject.yaml", extra=extra)
     with pytest.raises(GenError, match="DoRA needs the full-precision base"):
         LoraTask(cfg, torch.device("cpu"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("flux_folder", [True], indirect=True, ids=["dev"])
+def test_a_flux_lora_on_an_fp8_base_resumes_bitwise_and_loads_on_the_full_base(flux_folder, images, tmp_path):
+    """Transformer + CLIP adapters, gradient checkpointing (the stored layers' hooks run again in the recompute)."""
+    from tests.train.test_sdxl_train import assert_same_checkpoints, straight_and_resumed
+
+    more = {"lora.rank": 4, "lora.alpha": 8, "lora.text_encoder": True, "lora.save_dtype": "fp32",
+            "lora.base_weights": "fp8", "lora.instance_prompt": PROMPT, "train.gradient_checkpointing": True,
+            "train.mixed_precision": "bf16"}
+    a, b = straight_and_resumed("configs/lora-sd3-flux.yaml", flux_folder, images, tmp_path, more, LoraTask, steps=2)
+    assert_same_checkpoints(a, b, 2)
+    pipe = Pipeline.from_pretrained(flux_folder)
+    pipe.progress = False
+    run = RUN | dict(guidance_scale=3.5)
+    before = pipe(PROMPT, **run).images
+    pipe.load_lora(a / "lora.safetensors")
+    assert quant.layers(pipe.models) == 0 and np.abs(pipe(PROMPT, **run).images - before).max() > 1e-3
