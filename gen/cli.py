@@ -190,7 +190,8 @@ def _apply_recipe(r, args) -> None:
             setattr(args, key, getattr(r, key))
     hires = r.hires_scale is not None
     for key, value in (("vae_tiling", r.vae_tile), ("init_image", r.init_image), ("mask", r.mask),
-                       ("clip_skip", r.clip_skip), ("no_weighting", not r.weighting), ("mask_blur", r.mask_blur if r.mask else None),
+                       ("clip_skip", r.clip_skip), ("no_weighting", not r.weighting),
+                       ("mask_blur", r.mask_blur if r.mask else None),
                        ("hires", r.hires_scale), ("hires_steps", r.hires_steps),
                        ("hires_upscaler", r.hires_upscaler if hires else None),
                        ("hires_strength", r.strength if hires else None),

@@ -59,7 +59,7 @@ def block_path(module: torch.nn.Module) -> list[str]:
 
 
 class Streamed:
-    """Streamed offload of the denoiser and the text encoders with diffusers' group-offloading hooks
+    """Streamed offload of the denoiser and the T5 text encoder (Pipeline) with diffusers' group-offloading hooks
     (diffusers.hooks.apply_group_offloading): their weights stay on the CPU and each group of `blocks` blocks
     ("group") or each layer ("sequential") visits `device` only while it runs. On CUDA the next group is
     prefetched on a side stream from pinned host memory (diffusers' streams take groups of one block: with
@@ -84,9 +84,9 @@ class Streamed:
                 continue
             self.remove(m)
             kind = "leaf_level" if self.mode == "sequential" else "block_level"
-            apply_group_offloading(m, onload_device=self.device, offload_device=torch.device("cpu"),
-                                   offload_type=kind, num_blocks_per_group=self.blocks if kind == "block_level" else None,
-                                   use_stream=stream, block_modules=block_path(m) or None)
+            blocks = self.blocks if kind == "block_level" else None
+            apply_group_offloading(m, onload_device=self.device, offload_device=torch.device("cpu"), offload_type=kind,
+                                   num_blocks_per_group=blocks, use_stream=stream, block_modules=block_path(m) or None)
             self._installed[id(m)] = self._weights(m)
 
     def holds(self, module: torch.nn.Module) -> bool:

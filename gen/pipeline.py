@@ -224,7 +224,8 @@ class Pipeline:
         enable_model_cpu_offload. The device then holds the largest of them rather than their sum
         (bench/memory.py). "group": the denoiser and text encoders `blocks` blocks at a time, the next prefetched
         on a side CUDA stream from pinned memory; "sequential": one layer at a time (gen.memory.Streamed,
-        diffusers' group offloading); the VAE visits whole as in "model". On a CPU-only machine nothing moves."""
+        diffusers' group offloading); the VAE and the CLIP towers visit whole as in "model". On a CPU-only machine
+        nothing moves."""
         from gen import memory
 
         memory.check_offload(mode, blocks)
@@ -571,7 +572,9 @@ class Pipeline:
         if self._streamed is not None:  # hooked now: LoRAs loaded or fused since the last call are in the groups
             if cache_interval != 1:  # its forward calls the blocks itself, past the hooks that move them
                 raise GenError(f"the fast mode (cache_interval) does not combine with offload {self._streamed.mode!r}")
-            self._streamed.install(*self.text_parts.values(), self.denoiser)
+            # the CLIP towers (at most 0.7B) visit whole: a call's textual-inversion copies of them (gen.embeddings)
+            # would run the original's hooked forward; the T5 (4.7B in SD3/Flux) streams
+            self._streamed.install(*(m for m in self.text_parts.values() if not pw.is_clip(m)), self.denoiser)
         if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
             raise GenError(f"clip_skip must be an integer >= 1 (1: the last layer), not {clip_skip!r}")
         n = len(prompts) * num_images_per_prompt
