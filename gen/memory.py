@@ -47,6 +47,8 @@ def check_offload(mode: str, blocks: int = 1) -> None:
         raise GenError(f"unknown offload mode {mode!r}; choose {', '.join(OFFLOAD_MODES)}")
     if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
         raise GenError(f"the offload block count must be an integer >= 1, not {blocks!r}")
+    if blocks != 1 and mode != "group":
+        raise GenError(f"the offload block count (--offload-blocks) applies to offload 'group', not {mode!r}")
 
 
 def block_path(module: torch.nn.Module) -> list[str]:

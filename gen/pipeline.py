@@ -305,8 +305,8 @@ class Pipeline:
 
         from gen import memory, quant
 
-        if offload:
-            memory.check_offload("model" if offload is True else offload, offload_blocks)
+        if offload or offload_blocks != 1:
+            memory.check_offload("model" if offload in (True, False) else offload, offload_blocks)
         if path is None:
             path = DEFAULT_MODEL
             if not (path / "model_index.json").is_file():

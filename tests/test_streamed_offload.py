@@ -116,7 +116,9 @@ def test_textual_inversion_under_streamed_offload(sd_folder, tmp_path):
 
 def test_bad_modes_are_one_line_errors(sd_folder, tmp_path):
     for kw, match in ((dict(offload="blocks"), "unknown offload mode 'blocks'; choose model, group, sequential"),
-                      (dict(offload="group", offload_blocks=0), "block count must be an integer >= 1")):
+                      (dict(offload="group", offload_blocks=0), "block count must be an integer >= 1"),
+                      (dict(offload="sequential", offload_blocks=2), "applies to offload 'group', not 'sequential'"),
+                      (dict(offload_blocks=2), "applies to offload 'group', not 'model'")):
         with pytest.raises(GenError, match=match):
             quiet_pipeline(sd_folder, **kw)
     pipe = quiet_pipeline(sd_folder, offload="group")
