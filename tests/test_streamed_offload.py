@@ -71,6 +71,16 @@ def test_flux_streamed_offload_changes_no_pixel(flux_folder, mode):
         assert {f"single_transformer_blocks.{i}" for i in range(len(t.single_transformer_blocks))} <= set(hooked(t))
 
 
+@pytest.mark.parametrize("mode", ["group", "sequential"])
+def test_gens_dit_streamed_offload_changes_no_pixel(dit_folder, mode):
+    whole = quiet_pipeline(dit_folder)("a red circle", **KW).images
+    pipe = quiet_pipeline(dit_folder, offload=mode)
+    assert np.array_equal(pipe("a red circle", **KW).images, whole)
+    names = hooked(pipe.denoiser)
+    for i in range(len(pipe.denoiser.blocks)):  # each block a group, or each of its layers
+        assert f"blocks.{i}" in names if mode == "group" else any(n.startswith(f"blocks.{i}.") for n in names)
+
+
 @pytest.mark.parametrize("flux_folder", [True], indirect=True, ids=["dev"])
 def test_fp8_weights_stream_as_stored(flux_folder):
     """--weights fp8 with --offload group: the stored bytes move, the upcast hooks run on the device as before."""
