@@ -71,6 +71,15 @@ def test_flux_streamed_offload_changes_no_pixel(flux_folder, mode):
         assert {f"single_transformer_blocks.{i}" for i in range(len(t.single_transformer_blocks))} <= set(hooked(t))
 
 
+@pytest.mark.parametrize("sd3_folder", ["with-t5"], indirect=True)
+def test_sd3_skip_layer_guidance_under_group_offload(sd3_folder):
+    """SLG's pass without some blocks: those blocks' groups are not called, the others load as usual."""
+    kw = KW | dict(skip_guidance_layers=[0], skip_layer_guidance_scale=3.0, skip_layer_guidance_stop=0.9)
+    whole = quiet_pipeline(sd3_folder)("a red circle", **kw).images
+    pipe = quiet_pipeline(sd3_folder, offload="group")
+    assert np.array_equal(pipe("a red circle", **kw).images, whole) and hooked(pipe.texts[2].model)
+
+
 @pytest.mark.parametrize("mode", ["group", "sequential"])
 def test_gens_dit_streamed_offload_changes_no_pixel(dit_folder, mode):
     whole = quiet_pipeline(dit_folder)("a red circle", **KW).images
