@@ -20,6 +20,8 @@ status is 1 when any step failed or timed out, so nothing fails quietly. Steps, 
     tests      the kernel, attention and fast-path tests on this machine
     fsdp       train.distributed=fsdp over NCCL in bf16, one process per GPU: bitwise exact resume (2 CPU
                processes over gloo in a dry run, as tests/train/test_fsdp.py)
+    offload    SD-1.5-architecture at 512 px and a small Flux, fp16: --offload model / group / group4 / sequential vs
+               all-resident: s/img, ratio, allocator peak, max abs diff to resident (bench/offload.py)
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ STEPS = [
     Step("tests", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TESTS],
          [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *GPU_TESTS], 300),
     Step("fsdp", [PY, "bench/fsdp_resume.py"], [PY, "bench/fsdp_resume.py", "--device", "cpu"], 180),
+    Step("offload", [PY, "bench/offload.py", "--device", "cuda", "--preset", "sd15", "flux-small", "--repeats", "2"],
+         [PY, "bench/offload.py", "--preset", "tiny"], 240),
 ]
 
 

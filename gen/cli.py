@@ -56,8 +56,15 @@ def _add_sample(sub) -> None:
                    help="weight storage: fp8 keeps the denoiser's and text encoders' Linear/Conv weights in "
                         "float8_e4m3fn, upcast per layer (auto: a file's fp8/GGUF weights stay so; full: upcast "
                         "them on load)")
-    p.add_argument("--offload", action="store_true", help="keep the components on the CPU, each moved to the device "
-                   "only while it runs (less device memory)")
+    p.add_argument("--offload", nargs="?", const="model", default=None, metavar="MODE",
+                   help="keep the weights on the CPU, moved to the device only while they run (less device memory): "
+                        "model (the default) each component whole; group the denoiser's and text encoders' blocks, "
+                        "--offload-blocks at a time, the next prefetched on a CUDA stream; sequential one layer at a "
+                        "time (least memory, slowest)")
+    p.add_argument("--offload-blocks", type=int, default=1, metavar="N", help="blocks per group under --offload group")
+    p.add_argument("--vae-tiling", nargs="?", type=int, const=True, default=None, metavar="PX",
+                   help="decode and encode in overlapping tiles of PX pixels (default 512), one image at a time: "
+                        "large images in bounded memory (seams blended; the tile is in the PNG recipe)")
     p.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
                    help="the T5 encoder's token length (SD3: 256, Flux: 512 by default)")
     p.add_argument("--slg-layers", type=_layers_arg, default=None, metavar="I,J,...",
@@ -182,8 +189,9 @@ def _apply_recipe(r, args) -> None:
         if getattr(args, key) is None:
             setattr(args, key, getattr(r, key))
     hires = r.hires_scale is not None
-    for key, value in (("init_image", r.init_image), ("mask", r.mask), ("clip_skip", r.clip_skip),
-                       ("no_weighting", not r.weighting), ("mask_blur", r.mask_blur if r.mask else None),
+    for key, value in (("vae_tiling", r.vae_tile), ("init_image", r.init_image), ("mask", r.mask),
+                       ("clip_skip", r.clip_skip), ("no_weighting", not r.weighting),
+                       ("mask_blur", r.mask_blur if r.mask else None),
                        ("hires", r.hires_scale), ("hires_steps", r.hires_steps),
                        ("hires_upscaler", r.hires_upscaler if hires else None),
                        ("hires_strength", r.strength if hires else None),
@@ -333,7 +341,9 @@ def cmd_sample(args) -> int:
                                     attention=args.attention, allow_pickle=args.allow_pickle,
                                     compile=args.compile, channels_last=args.channels_last,
                                     tokenizer=args.tokenizer, prediction_type=args.prediction_type,
-                                    base=args.base, offload=args.offload, weights=args.weights,
+                                    base=args.base, offload=args.offload or False,
+                                    offload_blocks=args.offload_blocks, weights=args.weights,
+                                    vae_tiling=_first(args.vae_tiling, False),
                                     **_component_args(args))
     model_path = Path(args.model) if args.model else DEFAULT_MODEL
     model_hash = recipe.HashInBackground(model_path)  # hashed while sampling
@@ -353,7 +363,7 @@ def cmd_sample(args) -> int:
     sampler_fields = a1111_fields(sampler, pipe.formulation, pipe.scheduler_config)
     written = dict(sampler=sampler, model=str(model_path.resolve()) if args.model else None,
                    model_name=model_path.name if args.model else "gen-default", loras=loras, lora_hashes=lora_hashes,
-                   weights=pipe.weights)
+                   weights=pipe.weights, vae_tile=pipe.vae_tiling)
     seed = _first(args.seed, random.randrange(2 ** 32))  # lines without a seed take the next ones
     total = sum(run["num_images_per_prompt"] for _, run in runs)
     outputs = _Outputs(args.out, total)

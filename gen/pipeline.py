@@ -99,11 +99,13 @@ class Pipeline:
         self.denoiser = denoiser
         self._offload: torch.device | None = None  # the device components visit while they run (enable_offload)
         self.resident: tuple[torch.nn.Module, ...] = ()  # the components there now, under offload
+        self._streamed = None  # gen.memory.Streamed: the group / sequential offload hooks (enable_offload)
         self.formulation = formulation or formulations.from_scheduler_config(scheduler_config or {})
         self.scheduler_config = dict(scheduler_config) if scheduler_config else None
         self.recipe = dict(recipe or {})
         self.name = name
         self.weights = "auto"  # how fp8/GGUF weights are stored (gen/quant; set by from_pretrained)
+        self.vae_tiling: int | None = None  # the VAE's tile size in pixels under enable_vae_tiling
         self._progress_bar_config: dict = {}
         self.defaults = self._default_settings() | dict(defaults or {})
         self._warn_unknown_scheduler(defaults or {})
@@ -193,27 +195,63 @@ class Pipeline:
         """Moves every component (a device ends enable_offload) and casts its weights to dtype."""
         if device is not None:
             self._offload = None
+            self._end_streaming()
         for m in self.models:
             m.to(device=device)
             if dtype is not None and m.dtype != dtype:
                 m.to(dtype=dtype)
         return self
 
-    def enable_offload(self, device=None) -> "Pipeline":
-        """Keeps the components on the CPU and moves each group to `device` (default: CUDA where there is one) only
-        while it runs: the text encoders while the prompts are encoded (once per call), the denoiser for the
-        sampling loop, the VAE for decoding; as diffusers' enable_model_cpu_offload. The device then holds the
-        largest of them rather than their sum (bench/memory.py). On a CPU-only machine nothing moves."""
+    def enable_offload(self, device=None, mode: str = "model", blocks: int = 1) -> "Pipeline":
+        """Keeps the components on the CPU and moves them to `device` (default: CUDA where there is one) only
+        while they run. `mode` "model": each component group whole, the text encoders while the prompts are
+        encoded (once per call), the denoiser for the sampling loop, the VAE for decoding; as diffusers'
+        enable_model_cpu_offload. The device then holds the largest of them rather than their sum
+        (bench/memory.py). "group": the denoiser and text encoders `blocks` blocks at a time, the next prefetched
+        on a side CUDA stream from pinned memory; "sequential": one layer at a time (gen.memory.Streamed,
+        diffusers' group offloading); the VAE and the CLIP towers visit whole as in "model". On a CPU-only machine
+        nothing moves."""
+        from gen import memory
+
+        memory.check_offload(mode, blocks)
         device = resolve_device(device)
+        self._end_streaming()
         for m in self.models:
             m.to("cpu")
         self._offload = device if device.type != "cpu" else None
+        if mode != "model":  # hooked at each call's start (gen.memory.Streamed.install)
+            self._streamed = memory.Streamed(mode, device, blocks)
+        return self
+
+    def _end_streaming(self) -> None:
+        if self._streamed is not None:
+            for m in self.models:
+                self._streamed.remove(m)
+        self._streamed = None
+
+    def enable_vae_tiling(self, tile_size: int | None = None) -> "Pipeline":
+        """Decodes and encodes (img2img, inpainting, hires fix) in overlapping tiles of `tile_size` pixels (default
+        512) blended at the seams, a batch one image at a time, so a large image needs the memory of one tile
+        (gen.memory.vae_tiling; diffusers' enable_tiling + enable_slicing). The image differs from the untiled one
+        only near the seams, by little; gen sample records the tile in the PNG recipe."""
+        from gen import memory
+
+        self.vae_tiling = memory.vae_tiling(self.vae, tile_size)
+        return self
+
+    def disable_vae_tiling(self) -> "Pipeline":
+        from gen import memory
+
+        memory.no_vae_tiling(self.vae)
+        self.vae_tiling = None
         return self
 
     @contextlib.contextmanager
     def _on_device(self, *modules: torch.nn.Module):
         """Runs the block with `modules` on the offload device, and puts them back on the CPU after it."""
-        if self._offload is None:
+        if self._streamed is not None:  # these move block by block under their hooks
+            modules = tuple(m for m in modules if not self._streamed.holds(m))
+        if self._offload is None or not modules:
             yield
             return
         for m in modules:
@@ -232,11 +270,13 @@ class Pipeline:
                         attention: str | None = None, allow_pickle: bool = False, compile: bool | dict = False,
                         channels_last: bool = False, tokenizer: str | Path | None = None,
                         prediction_type: str | None = None, base: str | Path | None = None,
-                        offload: bool = False, weights: str | None = None, vae: str | Path | None = None,
-                        text_encoders=(), ema: bool = False) -> "Pipeline":
+                        offload: bool | str = False, weights: str | None = None, vae: str | Path | None = None,
+                        text_encoders=(), ema: bool = False, vae_tiling: bool | int = False,
+                        offload_blocks: int = 1) -> "Pipeline":
         """Loads a diffusers-layout folder of any family gen knows (gen/families), or a single .safetensors file in
         the original layout (SD-1.x, SD-2.x, SDXL: LDM/A1111; SD3/3.5, Flux: SAI's/BFL's; gen/single_file.py); None =
-        the bundled default. attention, compile and channels_last are as in Pipeline; `offload`: enable_offload(device).
+        the bundled default. attention, compile and channels_last are as in Pipeline; `offload`: True ("model"),
+        "group" or "sequential" is enable_offload(device, offload, offload_blocks).
         For a single file only: `tokenizer`, a diffusers folder (or tokenizer folder) when the file carries none;
         `prediction_type` ("epsilon" or "v_prediction"), which weights cannot tell (SD-2.x 768 models are
         v_prediction); `base`, a diffusers folder of the same family supplying the parts an SD3/Flux file lacks (a
@@ -244,11 +284,14 @@ class Pipeline:
         `text_encoders`, component files (ae.safetensors, clip_l / clip_g / t5xxl.safetensors, ...) that fill what the
         file lacks or replace its own (gen/components.py); `ema`, the EMA weights of a file that holds both.
         `weights`: "auto", "fp8" or "full", how fp8/GGUF weights are stored (gen/quant: kept stored and upcast per
-        layer, or upcast on load); a .gguf file is a GGUF transformer (with `base`)."""
+        layer, or upcast on load); a .gguf file is a GGUF transformer (with `base`). `vae_tiling`: True, or a tile
+        size in pixels, is enable_vae_tiling(...)."""
         from diffusers import AutoencoderKL
 
-        from gen import quant
+        from gen import memory, quant
 
+        if offload or offload_blocks != 1:
+            memory.check_offload("model" if offload in (True, False) else offload, offload_blocks)
         if path is None:
             path = DEFAULT_MODEL
             if not (path / "model_index.json").is_file():
@@ -265,7 +308,7 @@ class Pipeline:
 
             parts = single_file.load(path, tokenizer, prediction_type, allow_pickle, base, vae, text_encoders, ema)
             pipe = cls(**parts, attention=attention, compile=compile, channels_last=channels_last)
-            return pipe._place(device, dtype, offload, weights)
+            return pipe._place(device, dtype, offload, weights, vae_tiling, offload_blocks)
         if not (path / "model_index.json").is_file():
             raise GenError(f"{path} is not a model folder (no model_index.json); expected the diffusers layout")
         if vae or text_encoders or ema:
@@ -293,16 +336,20 @@ class Pipeline:
         pipe = cls(vae=vae, denoiser=denoiser, scheduler_config=scheduler_config, formulation=formulation,
                    defaults=extra.get("sampling"), recipe=extra.get("recipe"), name=path.name, attention=attention,
                    compile=compile, channels_last=channels_last, family=family, **parts)
-        return pipe._place(device, dtype, offload, weights)
+        return pipe._place(device, dtype, offload, weights, vae_tiling, offload_blocks)
 
-    def _place(self, device: torch.device, dtype: torch.dtype, offload: bool, weights: str = "auto") -> "Pipeline":
+    def _place(self, device: torch.device, dtype: torch.dtype, offload: bool | str, weights: str = "auto",
+               vae_tiling: bool | int = False, offload_blocks: int = 1) -> "Pipeline":
         """A loaded pipeline onto its device in its dtype (its weights stored as `weights` says, gen/quant), or
         kept on the CPU and offloaded to the device."""
         from gen import quant
 
+        if vae_tiling is not False:
+            self.enable_vae_tiling(None if vae_tiling is True else vae_tiling)
         quant.apply(self, weights, dtype)
         self.to("cpu" if offload else device, dtype)
-        return self.enable_offload(device) if offload else self
+        mode = "model" if offload is True else offload
+        return self.enable_offload(device, mode, offload_blocks) if offload else self
 
     def save_pretrained(self, path: str | Path, single_file: bool = False) -> None:
         """Writes the diffusers layout (safetensors), with sampling defaults and recipe in gen_config.json; or, with
@@ -507,6 +554,12 @@ class Pipeline:
                     num_images_per_prompt, sampler, output_type)
         if cache_interval != 1 and not self.family.fast_mode:
             raise GenError(f"the fast mode (cache_interval) does not support {self.family.title} models")
+        if self._streamed is not None:  # hooked now: LoRAs loaded or fused since the last call are in the groups
+            if cache_interval != 1:  # its forward calls the blocks itself, past the hooks that move them
+                raise GenError(f"the fast mode (cache_interval) does not combine with offload {self._streamed.mode!r}")
+            # the CLIP towers (at most 0.7B) visit whole: a call's textual-inversion copies of them (gen.embeddings)
+            # would run the original's hooked forward; the T5 (4.7B in SD3/Flux) streams
+            self._streamed.install(*(m for m in self.text_parts.values() if not pw.is_clip(m)), self.denoiser)
         if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
             raise GenError(f"clip_skip must be an integer >= 1 (1: the last layer), not {clip_skip!r}")
         n = len(prompts) * num_images_per_prompt

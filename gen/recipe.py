@@ -35,7 +35,7 @@ READ = {"Steps", "Sampler", "Schedule type", "Eta DDIM", "CFG scale", "Seed", "S
         "Lora hashes", "Version", "gen sampler", "gen guidance rescale", "gen guidance interval",
         "gen cache interval", "gen model", "Denoising strength", "Clip skip", "Emphasis", "Mask blur",
         "Inpaint area", "Masked area padding", "Hires upscale", "Hires steps", "Hires upscaler", "gen init image",
-        "gen mask", "gen weights", "TI hashes"}
+        "gen mask", "gen weights", "gen VAE tile", "TI hashes"}
 HIRES_UPSCALERS = {"latent": "Latent", "image": "Lanczos"}  # gen's name -> A1111's
 
 
@@ -75,6 +75,7 @@ class Recipe:
     hires_steps: int | None = None
     hires_upscaler: str = "latent"
     weights: str | None = None  # gen/quant's storage option (fp8, full); None: as the files store them
+    vae_tile: int | None = None  # the VAE's tile in pixels under --vae-tiling (it moves pixels near the seams)
 
 
 def number(value) -> str:
@@ -148,7 +149,8 @@ def infotext(r: Recipe, sampler_fields: dict) -> str:
               "gen guidance interval": (", ".join(number(float(x)) for x in r.guidance_interval)
                                         if tuple(r.guidance_interval) != (0.0, 1.0) else None),
               "gen cache interval": r.cache_interval if r.cache_interval != 1 else None,
-              "gen model": r.model, "gen weights": r.weights if r.weights != "auto" else None, **_workflow_fields(r),
+              "gen model": r.model, "gen weights": r.weights if r.weights != "auto" else None,
+              "gen VAE tile": r.vae_tile, **_workflow_fields(r),
               **{f"gen LoRA {i}": f"{p}:{number(float(s))}" for i, (p, s) in enumerate(r.loras, 1)},
               "TI hashes": ", ".join(f"{k}: {v}" for k, v in r.ti_hashes.items()) or None,
               **{f"gen embedding {i}": p for i, p in enumerate(r.embeddings, 1)}}
@@ -193,7 +195,8 @@ def from_text(text: str, source: str = "the recipe") -> Recipe:
                weighting=f.get("Emphasis", "Original") != "None", init_image=f.get("gen init image"),
                mask=f.get("gen mask"), strength=get("Denoising strength", float),
                mask_blur=get("Mask blur", float, 0.0), hires_scale=get("Hires upscale", float),
-               hires_steps=get("Hires steps", int) or None, weights=f.get("gen weights"))
+               hires_steps=get("Hires steps", int) or None, weights=f.get("gen weights"),
+               vae_tile=get("gen VAE tile", int))
     if f.get("Inpaint area") == "Only masked":
         r.inpaint_padding = get("Masked area padding", int, 32)  # A1111's default padding
     if "Hires upscaler" in f:  # A1111's Latent (...) modes upscale the latents, its other upscalers the image

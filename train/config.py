@@ -184,6 +184,9 @@ class LoraOptions:
     # and for LoHa/LoKr, diffusers for DoRA and for the SD3/Flux/DiT families
     format: Literal["auto", "diffusers", "kohya"] = "auto"
     save_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    # the frozen base's Linear/Conv weights: full (train.mixed_precision's dtype), or fp8 (float8_e4m3fn, upcast per
+    # layer as `gen sample --weights fp8` does: gen/quant); the adapters train in fp32 either way
+    base_weights: Literal["full", "fp8"] = "full"
     instance_prompt: str = ""               # if set, every image's caption (e.g. "a photo of sks dog")
     class_prompt: str = ""                  # DreamBooth prior preservation: class images of this prompt (train/prior.py)
     num_class_images: int = 100             # sampled by the base model before training, cached in the run folder
