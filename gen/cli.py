@@ -52,6 +52,10 @@ def _add_sample(sub) -> None:
                         "features between (DeepCache); 1 = exact (default)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on CUDA)")
+    p.add_argument("--weights", default=None, choices=("auto", "fp8", "full"),
+                   help="weight storage: fp8 keeps the denoiser's and text encoders' Linear/Conv weights in "
+                        "float8_e4m3fn, upcast per layer (auto: a file's fp8/GGUF weights stay so; full: upcast "
+                        "them on load)")
     p.add_argument("--offload", action="store_true", help="keep the components on the CPU, each moved to the device "
                    "only while it runs (less device memory)")
     p.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
@@ -65,6 +69,11 @@ def _add_sample(sub) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle-based weight files (unsafe)")
     p.add_argument("--lora", action="append", default=None, type=_lora_arg, metavar="PATH[:SCALE]",
                    help="apply a LoRA file at SCALE (default 1); repeat to stack several")
+    p.add_argument("--embedding", action="append", default=None, metavar="FILE",
+                   help="a textual-inversion embedding (A1111, diffusers or SDXL file) the prompts use by its name; "
+                        "repeatable")
+    p.add_argument("--embeddings", action="append", default=None, metavar="FOLDER",
+                   help="a folder of embeddings, each used by its file name in a prompt (or as embedding:NAME)")
     p.add_argument("--no-progress", action="store_true")
     _workflow_flags(p)
     p.set_defaults(func=cmd_sample)
@@ -169,7 +178,7 @@ def _apply_recipe(r, args) -> None:
     if args.negative_prompt is None and r.negative_prompt:  # none recorded is none given: SDXL's zero negative
         args.negative_prompt = r.negative_prompt
     for key in ("steps", "guidance", "seed", "width", "height", "sampler", "guidance_rescale",
-                "guidance_interval", "cache_interval"):
+                "guidance_interval", "cache_interval", "weights"):
         if getattr(args, key) is None:
             setattr(args, key, getattr(r, key))
     hires = r.hires_scale is not None
@@ -205,10 +214,18 @@ def _apply_recipe(r, args) -> None:
             raise GenError(f"{args.recipe} was made with the LoRA {missing[0]}, which is not there; pass "
                            "--lora PATH[:SCALE] for each of its LoRAs")
         args.lora = r.loras
+    if args.embedding is None and args.embeddings is None and r.ti_hashes:
+        missing = [p for p in r.embeddings if not Path(p).is_file()]
+        if not r.embeddings or missing:
+            raise GenError(f"{args.recipe} uses the embeddings {', '.join(r.ti_hashes)}, and "
+                           f"{missing[0] + ' is not there' if missing else 'gen cannot find them by name'}; pass "
+                           "--embeddings FOLDER (or --embedding FILE for each)")
+        args.embedding = list(zip(r.embeddings, r.ti_hashes))  # each file under the name it was used by
 
 
 def _check_against_recipe(r, args, pipe, model_hash: str | None, lora_hashes: dict[str, str]) -> None:
-    """Warns where the model or a LoRA differs from the one the recipe recorded; takes an A1111 recipe's sampler."""
+    """Warns where the model, a LoRA or an embedding differs from the one the recipe recorded; takes an A1111
+    recipe's sampler."""
     from gen.samplers import from_a1111
 
     if r.model_hash and model_hash and r.model_hash != model_hash:
@@ -218,6 +235,10 @@ def _check_against_recipe(r, args, pipe, model_hash: str | None, lora_hashes: di
         if r.lora_hashes.get(name, now) != now:
             log.warning("%s was made with LoRA hash %s for %s; this file's is %s", args.recipe, r.lora_hashes[name],
                         name, now)
+    for e in pipe.embeddings_used([r.prompt, r.negative_prompt]):
+        if r.ti_hashes.get(e.name, e.short_hash()) != e.short_hash():
+            log.warning("%s was made with the embedding %s of hash %s; %s's is %s", args.recipe, e.name,
+                        r.ti_hashes[e.name], e.path, e.short_hash())
     if args.sampler is None and r.a1111_sampler:
         args.sampler = from_a1111(*r.a1111_sampler, pipe.formulation.kind)
 
@@ -312,20 +333,27 @@ def cmd_sample(args) -> int:
                                     attention=args.attention, allow_pickle=args.allow_pickle,
                                     compile=args.compile, channels_last=args.channels_last,
                                     tokenizer=args.tokenizer, prediction_type=args.prediction_type,
-                                    base=args.base, offload=args.offload)
+                                    base=args.base, offload=args.offload, weights=args.weights,
+                                    **_component_args(args))
     model_path = Path(args.model) if args.model else DEFAULT_MODEL
     model_hash = recipe.HashInBackground(model_path)  # hashed while sampling
     loras = [(str(Path(p).resolve()), s) for p, s in args.lora or []]
     for path, scale in loras:
         pipe.load_lora(path, scale=scale, allow_pickle=args.allow_pickle)
     lora_hashes = {recipe.lora_alias(p): recipe.lora_hash(p) for p, _ in loras}
+    for path in args.embeddings or []:
+        pipe.load_textual_inversion(path, allow_pickle=args.allow_pickle)
+    for item in args.embedding or []:  # a path, or (path, name) from a --from recipe
+        path, token = item if isinstance(item, tuple) else (item, None)
+        pipe.load_textual_inversion(path, token, allow_pickle=args.allow_pickle)
     if base is not None:
         _check_against_recipe(base, args, pipe, model_hash.result(), lora_hashes)
     runs = _runs(args, jobs, pipe)
     sampler = runs[0][1]["sampler"]
     sampler_fields = a1111_fields(sampler, pipe.formulation, pipe.scheduler_config)
     written = dict(sampler=sampler, model=str(model_path.resolve()) if args.model else None,
-                   model_name=model_path.name if args.model else "gen-default", loras=loras, lora_hashes=lora_hashes)
+                   model_name=model_path.name if args.model else "gen-default", loras=loras, lora_hashes=lora_hashes,
+                   weights=pipe.weights)
     seed = _first(args.seed, random.randrange(2 ** 32))  # lines without a seed take the next ones
     total = sum(run["num_images_per_prompt"] for _, run in runs)
     outputs = _Outputs(args.out, total)
@@ -348,7 +376,9 @@ def cmd_sample(args) -> int:
                               width=_first(run["width"], image.width), height=_first(run["height"], image.height),
                               guidance_rescale=run["guidance_rescale"], guidance_interval=run["guidance_interval"],
                               cache_interval=run["cache_interval"], model_hash=model_hash.result(), **written)
-                r = recipe.Recipe(**fields | _recorded(args, workflow))
+                used = pipe.embeddings_used([fields["prompt"], fields["negative_prompt"]])
+                r = recipe.Recipe(**fields | _recorded(args, workflow), embeddings=[str(e.path.resolve()) for e in used],
+                                  ti_hashes={e.name: e.short_hash() for e in used})
                 path = outputs.next(f"{line:04d}-{image_seed}" if args.prompts else str(image_seed))
                 recipe.write_png(image, path, recipe.infotext(r, sampler_fields))
                 made += 1
@@ -377,7 +407,17 @@ def _single_file_flags(p) -> None:
                         "folder of the same family whose text encoders, tokenizers, VAE and scheduler to use")
     p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
                    help="for a single file: what its denoiser predicts, which weights cannot tell (SD-2.x 768 "
-                        "models: v_prediction); default: what gen recorded in the file, else epsilon")
+                        "models: v_prediction); default: what the file records, else a guess (gen info FILE)")
+    p.add_argument("--vae", default=None, metavar="FILE", help="a VAE file (ae.safetensors, sdxl_vae.safetensors) "
+                   "used instead of the file's own, or where it has none")
+    p.add_argument("--text-encoder", action="append", default=None, metavar="FILE", dest="text_encoders",
+                   help="a text encoder file (clip_l / clip_g / t5xxl.safetensors), recognised by its keys; "
+                        "repeatable")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights of a checkpoint holding both")
+
+
+def _component_args(args) -> dict:
+    return dict(vae=args.vae, text_encoders=args.text_encoders or (), ema=args.ema)
 
 
 def _add_convert(sub) -> None:
@@ -398,7 +438,8 @@ def cmd_convert(args) -> int:
     if src.resolve() == dst.resolve():
         raise GenError("gen convert: SRC and DST are the same path")
     pipe = Pipeline.from_pretrained(src, device="cpu", dtype=args.dtype, allow_pickle=args.allow_pickle,
-                                    tokenizer=args.tokenizer, prediction_type=args.prediction_type, base=args.base)
+                                    tokenizer=args.tokenizer, prediction_type=args.prediction_type, base=args.base,
+                                    weights="full", **_component_args(args))  # fp8/GGUF weights written upcast
     pipe.save_pretrained(dst, single_file=dst.suffix == ".safetensors")
     print(f"wrote {dst} ({'single file' if dst.suffix == '.safetensors' else 'diffusers folder'}, "
           f"{pipe.family.title})")

@@ -106,6 +106,10 @@ def describe(path: str | Path) -> str:
         return describe_folder(path)
     if path.is_file() and path.suffix == ".safetensors":
         return describe_file(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from gen.quant.gguf import describe as describe_gguf
+
+        return describe_gguf(path)
     if not path.exists():
         raise GenError(f"not found: {path}")
-    raise GenError(f"{path} is neither a model folder (with model_index.json) nor a .safetensors file")
+    raise GenError(f"{path} is neither a model folder (with model_index.json) nor a .safetensors or .gguf file")

@@ -65,15 +65,18 @@ def check_safetensors(path: str | Path) -> dict:
     return header
 
 
-def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+def _load_pickle(path: Path, flat: bool = True) -> dict[str, torch.Tensor]:
     """The one audited place a pickle-based file is opened (tests/test_lint.py checks it is the only one).
     torch's weights_only unpickler builds tensors and plain containers only: a pickle that names any other
-    callable (os.system, a __reduce__ payload) is refused before that callable runs, even when allowed."""
+    callable (os.system, a __reduce__ payload) is refused before that callable runs, even when allowed.
+    flat=False: the object as stored (nested dicts, strings, numbers: an A1111 embedding's .pt)."""
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for a refused global; others for a broken file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GenError(f"refused to load {path}: it is not a plain tensor file ({first[:200]})") from None
+    if not flat:
+        return obj
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # Lightning / original SD .ckpt
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -97,6 +100,17 @@ def load_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
             raise _refuse_pickle(path)
         return _load_pickle(path)
     raise GenError(f"unsupported weights format {path.suffix!r} for {path}: expected .safetensors")
+
+
+def load_object(path: str | Path, allow_pickle: bool = False):
+    """A weights file's contents as stored: a .safetensors file's flat dict of tensors, or, only if allowed, a
+    pickle's plain object (tensors in nested dicts, strings, numbers), read by `_load_pickle`."""
+    path = Path(path)
+    if path.suffix in PICKLE_SUFFIXES and path.is_file():
+        if not allow_pickle:
+            raise _refuse_pickle(path)
+        return _load_pickle(path, flat=False)
+    return load_state_dict(path, allow_pickle)
 
 
 def load_model(klass, folder: str | Path, allow_pickle: bool = False, dtype: torch.dtype | None = None):

@@ -21,8 +21,9 @@ from torch import nn
 
 from gen.errors import GenError
 from gen import families, lycoris
-from gen.lora_formats import (DENOISER, FORMATS, KOHYA_UNET, PEFT_WRAPPER, TEXT, Factor, LoraFile, base_of,
-                              config_fields, describe, flat, is_lora, is_text, neutral, read, write)
+from gen.lora_formats import (DENOISER, FORMATS, KOHYA_T5, KOHYA_UNET, PEFT_WRAPPER, TEXT, Factor, LoraFile,
+                              check_kohya, config_fields, flat, is_lora, is_text, neutral, read, write)
+from gen.lora_info import base_of, describe
 
 __all__ = ["FORMATS", "TEXT_TARGETS", "Adapters", "describe", "extract", "is_lora", "lora_config", "read",
            "remove_adapters", "save_lora", "target_modules"]
@@ -90,9 +91,11 @@ def _shape_problem(f: Factor, layer: nn.Module) -> str | None:
     want_down = (f.rank, cin, *layer.kernel_size) if conv else (f.rank, cin)
     want_up = (cout, f.rank, 1, 1) if conv else (cout, f.rank)
     fits = tuple(f.down.shape) == want_down and tuple(f.up.shape) == want_up and not (conv and layer.groups != 1)
-    if not fits or (f.magnitude is not None and f.magnitude.numel() != cout):
+    if not fits:
         return (f"down {tuple(f.down.shape)} / up {tuple(f.up.shape)} but the layer is "
                 f"{type(layer).__name__}({cin} -> {cout})")
+    if f.magnitude is not None and f.magnitude.numel() != cout:
+        return f"DoRA magnitude of {f.magnitude.numel()} values but the layer has {cout} output channels"
     return None
 
 
@@ -110,7 +113,7 @@ def _family_mismatch(lora: LoraFile, family: families.Family, source: str) -> st
     if not theirs or type(family) in theirs:
         return None
     mine = file_prefixes(family, lora.layout)
-    why = [f"{lora.prefixes[c]} ({c})" for c in texts if lora.prefixes[c] != mine.get(c)]
+    why = [f"{lora.prefixes[c]} ({c})" for c in texts if lora.prefixes[c] not in mine.values()]
     return (f"{source} is a LoRA for {' or '.join(f.title for f in theirs)}, not for this {family.title} model"
             + (f" (its {', '.join(why)} layers have no counterpart here)" if why else "")
             + f"; load it with a {theirs[0].title} model (recorded base: {base_of(lora.metadata)})")
@@ -123,33 +126,43 @@ def match(lora: LoraFile, models: dict[str, nn.Module], family: families.Family,
     models: component -> model; family: the model's family (its LoRA key prefixes).
     Returns component -> {model layer name (as peft sees it) -> Factor}."""
     prefixes = file_prefixes(family, lora.layout)
+    by_prefix = {p: c for c, p in prefixes.items()} if lora.layout == "kohya" else {}
     matched: dict[str, dict[str, Factor]] = {}
-    unmatched, bad = [], []
-    for comp, factors in lora.factors.items():
+    unmatched, bad, no_t5 = [], [], 0
+    for file_comp, factors in lora.factors.items():
+        prefix = lora.prefixes.get(file_comp, "")
+        comp = by_prefix.get(prefix, file_comp)  # kohya's lora_te3_ (T5) is SD3's text_encoder_3, Flux's _2
         model = models.get(comp)
+        if model is None and prefix == KOHYA_T5:
+            no_t5 = len(factors)
         layers = adaptable_layers(model, comp) if model is not None else {}
         if comp == DENOISER and model is not None:  # SD3/Flux files may name the original layout's layers
             factors = family.lora_from_file(factors, lora.layout == "kohya", model)
-        names = {(flat(comp, n) if lora.layout == "kohya" else n): n for n in layers}
-        if lora.prefixes.get(comp, "") not in ("", prefixes.get(comp)):
+        names = {(flat(comp, n, prefix) if lora.layout == "kohya" else n): n for n in layers}
+        if lora.layout == "kohya" and is_text(comp):  # also CLIP names without text_model_: what sd-scripts writes
+            names = {n.replace(".", "_"): n for n in layers} | names  # under transformers 5's CLIPTextModel
+        if prefix not in ("", prefixes.get(comp)):
             names = {}  # a transformer LoRA on a UNet, an SD lora_te_ on SDXL's lora_te1_: nothing can match
         real = "text_model." if is_text(comp) and hasattr(model, "text_model") else ""  # the name peft sees
         for name, f in factors.items():
             layer_name = names.get(name)
             if layer_name is None:
-                unmatched.append(_display(lora, comp, name))
+                unmatched.append(_display(lora, file_comp, name))
                 continue
             layer = layers[layer_name]
             problem = (lycoris.shape_problem(f, layer) if isinstance(f, lycoris.LycorisFactor)
                        else _shape_problem(f, layer))
             if problem:
-                bad.append(f"{_display(lora, comp, name)}: {problem}")
+                bad.append(f"{_display(lora, file_comp, name)}: {problem}")
             matched.setdefault(comp, {})[real + layer_name] = f
     total = lora.count()
     if unmatched or bad:
         other = _family_mismatch(lora, family, source)
         if other:
             raise GenError(other)
+    if no_t5:
+        raise GenError(f"{source} adapts {no_t5} layers of a T5 encoder ({KOHYA_T5}), which this {family.title} "
+                       "model has none of; load the model with its T5 encoder")
     if unmatched:
         n = total - len(unmatched)
         what = "none" if n == 0 else f"only {n}"
@@ -322,6 +335,9 @@ class Adapters:
         self._unfused("fuse_lora")
         if not self.active:
             raise GenError("no active LoRA to fuse; load_lora() first")
+        from gen import quant
+
+        quant.refuse(self.models.values(), "fuse_lora")
         backup = {}
         for model in self.models.values():
             for _, m in _tuner_layers(model):
@@ -414,6 +430,7 @@ def save_lora(path: str | Path, denoiser: nn.Module, text_encoder: nn.Module | d
         raise GenError(f"these models have no LoRA adapter named {adapter_name!r}")
     family = family or families.detect_models(denoiser, list(texts.values()))
     if format == "kohya" and DENOISER in factors:  # SD3/Flux: kohya files name the original layout's layers
+        check_kohya(factors)
         factors[DENOISER] = family.lora_to_file(factors[DENOISER], denoiser)
     return write(path, factors, format, denoiser_prefix=family.denoiser_part,
                  base_version=family.kohya_version(denoiser, formulation), recipe=recipe, base_model=base_model,

@@ -17,7 +17,11 @@ A LoRA on layer W adds `weight * (alpha / rank) * B @ A`; the files differ only 
                (text encoders: the family's kohya_text prefix, lora_te_text_model_... for SD, lora_te1_/lora_te2_
                for SDXL as sd-scripts' networks/lora.py names them), `ss_*` header fields; A1111, ComfyUI and
                diffusers read it. LyCORIS' LoHa and LoKr use the same names with their own tensors
-               (.hada_w1_a ... / .lokr_w1 ...; gen/lycoris.py), read as LycorisFactor layers.
+               (.hada_w1_a ... / .lokr_w1 ...; gen/lycoris.py), read as LycorisFactor layers; its DoRA adds
+               .dora_scale (read as the DoRA magnitude). T5 layers (lora_te3_, SD3/Flux) keep T5EncoderModel's
+               names (no text_model_); SD3/Flux denoiser layers may name the original layout (the family maps them).
+    xlabs      Flux only: [diffusion_model.]double_blocks.N.processor.qkv_lora1.down.weight / .up.weight, ...
+               (read; the Flux family maps the layers, gen/families/mmdit_keys.py xlabs_links).
 
 Components are "denoiser" (the UNet or DiT) and the family's text encoder folders ("text_encoder",
 "text_encoder_2"). Text-encoder layer names are kept without transformers' optional `text_model.` level and
@@ -46,7 +50,10 @@ KOHYA_UNET = "lora_unet_"
 PEFT_WRAPPER = "base_model.model."  # what PeftModel puts in front of every key
 FORMATS = ("diffusers", "kohya")
 MAGNITUDE = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")  # DoRA, peft >= 0.12 and before
-KOHYA_PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha", **lycoris.KOHYA_PARTS}
+# kohya DoRA (LyCORIS' weight_decompose): `.dora_scale`, the magnitude, (out, 1[, 1, 1]) on the output axis (LyCORIS'
+# wd_on_out, its default, and peft's), (1, in[, 1, 1]) on the input axis (wd_on_out false; refused: peft has none)
+KOHYA_PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha", ".dora_scale": "magnitude",
+               **lycoris.KOHYA_PARTS}
 # Every spelling of a LoRA matrix that diffusers' SD loader reads (diffusers 0.42, utils/state_dict_utils.py:
 # UNET_TO_DIFFUSERS for the UNet, DIFFUSERS_TO_PEFT for CLIP, both after KEYS_TO_ALWAYS_REPLACE drops
 # `.processor.`): peft's lora_A/B (what gen writes); `.lora.down/up` (convert_state_dict_to_diffusers on a
@@ -63,7 +70,12 @@ ATTN_PROCESSOR = re.compile(r"\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$
 ATTN_PROCESSOR_LAYERS = {False: {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
                          True: {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
 TEXT_FOLDER = re.compile(r"text_encoder(_\d+)?")  # text_encoder, text_encoder_2, ...
-KOHYA_T5 = "lora_te3_"  # sd-scripts' T5-XXL layers (networks/lora_sd3.py, lora_flux.py with --train_t5xxl)
+# XLabs' Flux LoRAs (x-flux): `[diffusion_model.]double_blocks.0.processor.qkv_lora1.down.weight`, qkv_lora2,
+# proj_lora1/2, single blocks' qkv_lora / proj_lora; no alpha (scale 1); the Flux family maps the layers
+XLABS = re.compile(r"^((?:diffusion_model\.)?(?:double|single)_blocks\.\d+)\.(?:processor\.)?((?:qkv|proj)_lora[12]?)"
+                   r"\.(down|up)\.weight$")
+KOHYA_T5 = "lora_te3_"  # sd-scripts' T5-XXL layers (networks/lora_sd3.py, lora_flux.py with --train_t5xxl): SD3's
+# text_encoder_3, Flux's text_encoder_2, each family's kohya_text
 
 
 def is_text(component: str) -> bool:
@@ -76,7 +88,7 @@ class Factor:
     down: torch.Tensor
     up: torch.Tensor
     alpha: float | None = None  # None: alpha = rank (the diffusers/peft convention when nothing is stored)
-    magnitude: torch.Tensor | None = None  # DoRA: one magnitude per output channel, as peft shapes it
+    magnitude: torch.Tensor | None = None  # DoRA: one magnitude per output channel (a kohya file's dora_scale)
 
     @property
     def rank(self) -> int:
@@ -90,7 +102,7 @@ class Factor:
 @dataclass
 class LoraFile:
     factors: dict[str, dict[str, Factor]]  # component ("denoiser" | a text encoder folder) -> layer -> Factor
-    layout: str  # "diffusers", "peft" or "kohya"; kohya layer names are flat (dots as underscores)
+    layout: str  # "diffusers", "peft", "xlabs" or "kohya"; kohya layer names are flat (dots as underscores)
     metadata: dict[str, str] = field(default_factory=dict)
     prefixes: dict[str, str] = field(default_factory=dict)  # component -> the prefix the file used
 
@@ -102,9 +114,10 @@ def neutral(name: str) -> str:
     return name.removeprefix("text_model.")
 
 
-def flat(component: str, name: str) -> str:
-    """The kohya/A1111 layer name without its lora_unet_/lora_te_ prefix: dots become underscores."""
-    return ("text_model_" if is_text(component) else "") + name.replace(".", "_")
+def flat(component: str, name: str, prefix: str = "") -> str:
+    """The kohya/A1111 layer name without its `prefix` (lora_unet_, lora_te_, ...): dots become underscores, CLIP
+    layers under `text_model_`; T5's (lora_te3_) as T5EncoderModel names them (`encoder_block_0_layer_0_...`)."""
+    return ("text_model_" if is_text(component) and prefix != KOHYA_T5 else "") + name.replace(".", "_")
 
 
 def num(x: float) -> int | float:
@@ -142,6 +155,9 @@ def _split(key: str, kohya: dict[str, str] | None) -> tuple[str, str, str, str, 
         name = key[: -len(suffix)]
         prefix = next(p for p in kohya if name.startswith(p))
         return kohya[prefix], prefix, name[len(prefix):], KOHYA_PARTS[suffix], "kohya"
+    xlabs = XLABS.match(key)
+    if xlabs:
+        return DENOISER, "", f"{xlabs.group(1)}.{xlabs.group(2)}", xlabs.group(3), "xlabs"
     key = key.replace(".processor.", ".")
     old = ATTN_PROCESSOR.search(key)
     if old:
@@ -188,6 +204,9 @@ def parse(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None =
     factors: dict[str, dict[str, Factor]] = {}
     for (comp, name), t in parts.items():
         if set(t) & set(lycoris.KOHYA_PARTS.values()):  # a LoHa/LoKr layer
+            if "magnitude" in t:
+                raise GenError(f"{source}: layer {name!r} is a LoHa/LoKr with DoRA (dora_scale), which gen does not "
+                               "load; DoRA loads on LoRA layers")
             f = lycoris.LycorisFactor({k: v for k, v in t.items() if k != "alpha"},
                                       t["alpha"].item() if "alpha" in t else None)
             f.check(source, name)
@@ -202,14 +221,24 @@ def parse(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None =
             alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, name, cfg["lora_alpha"]))
             if cfg.get("use_rslora"):  # rsLoRA scales by alpha / sqrt(r): the same as alpha' = alpha * sqrt(r)
                 alpha *= math.sqrt(down.shape[0])
-        factors.setdefault(comp, {})[name] = Factor(down, up, alpha, t.get("magnitude"))
-    layout = "kohya" if kohya is not None else "peft" if "peft" in layouts else "diffusers"
+        factors.setdefault(comp, {})[name] = Factor(down, up, alpha, _magnitude(t.get("magnitude"), up, source, name))
+    layout = "kohya" if kohya is not None else next((x for x in ("peft", "xlabs") if x in layouts), "diffusers")
     return LoraFile(factors, layout, metadata, prefixes)
 
 
+def _magnitude(m: torch.Tensor | None, up: torch.Tensor, source: str, name: str) -> torch.Tensor | None:
+    """A DoRA magnitude as one value per output channel: a kohya dora_scale (out, 1[, 1, 1]) flattened; one on the
+    input axis, (1, in[, 1, 1]), is refused (peft's DoRA has none)."""
+    if m is None or m.ndim == 1:
+        return m
+    if m.shape[0] != up.shape[0] and m.shape[0] == 1:
+        raise GenError(f"{source}: layer {name!r} is DoRA on the input axis (dora_scale {tuple(m.shape)}, LyCORIS' "
+                       "wd_on_out=false), which gen does not load: it loads DoRA per output channel, as peft and "
+                       "LyCORIS' default (wd_on_out=true) make it")
+    return m.flatten()
+
+
 def _hint(unknown: list[str]) -> str:
-    if any("dora_scale" in k for k in unknown):
-        return "kohya/LyCORIS DoRA files (dora_scale) are not supported; DoRA loads from the diffusers layout"
     if any(k.endswith(".lora_B.bias") for k in unknown):
         return "LoRAs with a bias on lora_B (peft's lora_bias=True) are not supported"
     return ("LyCORIS variants other than LoHa and LoKr (IA3, GLoRA, full diff, ...) are not supported; expected "
@@ -272,13 +301,7 @@ def read(path: str | Path, allow_pickle: bool = False) -> LoraFile:
 
 
 def refuse_other(path: Path, shapes: dict[str, list[int]]) -> None:
-    """A one-line GenError saying what a file given as a LoRA is where gen cannot load it as one: a LoRA with T5
-    layers (kohya's lora_te3_), or a whole model checkpoint."""
-    t5 = {k.split(".")[0] for k in shapes if k.startswith(KOHYA_T5)}
-    if t5:
-        raise GenError(f"{path} is a LoRA with {len(t5)} T5 text-encoder layers ({KOHYA_T5} keys), which gen does "
-                       "not load: it reads a LoRA's denoiser and CLIP layers; use a LoRA trained without T5 "
-                       "(sd-scripts without --train_t5xxl)")
+    """A one-line GenError saying what a file given as a LoRA is where it is a whole model checkpoint."""
     if is_lora(shapes):
         return
     from gen import single_file
@@ -306,14 +329,14 @@ def config_fields(factors: dict[str, Factor], anchor: str = "") -> dict:
                 alpha_pattern={anchor + n: num(v) for n, v in alphas.items() if v != a})
 
 
-def _diffusers_layout(factors: dict[str, dict[str, Factor]], prefix: str):
+def _diffusers_layout(factors: dict[str, dict[str, Factor]], prefix: str, text_prefixes: dict[str, str]):
     if _algo(factors) != "lora":
         raise GenError("LoHa/LoKr adapters are written in the LyCORIS/kohya layout (what ComfyUI and A1111 read); "
                        "use format kohya")
     tensors, config = {}, {}
     for comp, layers in factors.items():
         p = comp if is_text(comp) else prefix
-        keys = f"{p}.text_model." if is_text(comp) else f"{p}."
+        keys = f"{p}.text_model." if is_text(comp) and text_prefixes.get(comp) != KOHYA_T5 else f"{p}."
         for name, f in layers.items():
             tensors[f"{keys}{name}.lora_A.weight"], tensors[f"{keys}{name}.lora_B.weight"] = f.down, f.up
             if f.magnitude is not None:
@@ -322,14 +345,20 @@ def _diffusers_layout(factors: dict[str, dict[str, Factor]], prefix: str):
     return tensors, {"format": "pt", DIFFUSERS_META: json.dumps(config, indent=2, sort_keys=True)}
 
 
-def _kohya_layout(factors: dict[str, dict[str, Factor]], base_version: str, text_prefixes: dict[str, str]):
+def check_kohya(factors: dict[str, dict[str, Factor]]) -> None:
+    """Refuses DoRA in the kohya layout: ComfyUI reads a dora_scale on the output axis against the norm of the base
+    weight, not of W + delta W as LyCORIS and peft do (comfy/weight_adapter/base.py weight_decompose)."""
     if any(f.magnitude is not None for layers in factors.values() for f in layers.values()):
         raise GenError("a DoRA adapter cannot be written in the kohya layout; use format diffusers")
+
+
+def _kohya_layout(factors: dict[str, dict[str, Factor]], base_version: str, text_prefixes: dict[str, str]):
+    check_kohya(factors)
     tensors, algo = {}, _algo(factors)
     for comp, layers in factors.items():
         prefix = text_prefixes[comp] if is_text(comp) else KOHYA_UNET
         for name, f in layers.items():
-            key = prefix + flat(comp, name)
+            key = prefix + flat(comp, name, prefix)
             if algo != "lora":
                 tensors |= {f"{key}.{part}": t for part, t in f.weights.items()}
                 if f.alpha is not None:
@@ -382,7 +411,7 @@ def write(path: str | Path, factors: dict[str, dict[str, Factor]], format: str =
     if format not in FORMATS:
         raise GenError(f"unknown LoRA format {format!r}; choose from {', '.join(FORMATS)}")
     if format == "diffusers":
-        tensors, meta = _diffusers_layout(factors, denoiser_prefix)
+        tensors, meta = _diffusers_layout(factors, denoiser_prefix, text_prefixes or {})
     else:
         tensors, meta = _kohya_layout(factors, base_version, text_prefixes or {TEXT: "lora_te_"})
         meta |= _kohya_recipe(recipe or {})
@@ -412,49 +441,8 @@ def write(path: str | Path, factors: dict[str, dict[str, Factor]], format: str =
     return path
 
 
-# ---- gen info -----------------------------------------------------------------------------------------
+# ---- recognising LoRA files ------------------------------------------------------------------------------
 def is_lora(keys) -> bool:
     """Whether these are a LoRA file's keys: some key is a LoRA matrix in a spelling `parse` reads."""
     ends = tuple(s for s, part in {**DIFFUSERS_PARTS, **KOHYA_PARTS}.items() if part not in ("alpha", "magnitude"))
-    return any(k.endswith(ends) or ATTN_PROCESSOR.search(k) for k in keys)
-
-
-def base_of(metadata: dict) -> str:
-    for key in ("gen.base_model", "ss_sd_model_name", "ss_base_model_version", "modelspec.architecture"):
-        if metadata.get(key):
-            return metadata[key]
-    return "not recorded"
-
-
-def _spread(values: list[float]) -> str:
-    lo, hi = min(values), max(values)
-    return f"{num(lo)}" if lo == hi else f"{num(lo)}..{num(hi)} (varies by layer)"
-
-
-def _targets(lora: LoraFile) -> str:
-    """Which kinds of layer are adapted: the distinct last parts of the layer names."""
-    kinds = set()
-    for layers in lora.factors.values():
-        for name in layers:
-            m = re.search(r"(?:^|[._])((?:self_|cross_)?attn\d?|ff|mlp|proj_in|proj_out)(?:[._]|$)", name)
-            kinds.add(name[m.start(1):] if m else name)
-    return ", ".join(sorted(kinds)[:12]) + (", ..." if len(kinds) > 12 else "")
-
-
-def describe(path: str | Path) -> str:
-    """`gen info` for a LoRA file: layout, targets, rank, alpha, base model and recipe from its header."""
-    lora = read(path)
-    every = [f for layers in lora.factors.values() for f in layers.values()]
-    comps = sorted(lora.factors, key=lambda c: (is_text(c), c))  # the denoiser first
-    parts = ", ".join(f"{(lora.prefixes.get(c) or c).rstrip('_')} {len(lora.factors[c])}" for c in comps)
-    kind = " (DoRA)" if every[0].magnitude is not None else f" ({every[0].algo})" if hasattr(every[0], "algo") else ""
-    lines = [f"LoRA file {path}", f"  layout: {lora.layout}{kind}",
-             f"  targets: {len(every)} layers ({parts})", f"  layer kinds: {_targets(lora)}",
-             f"  rank: {_spread([f.rank for f in every])}",
-             f"  alpha: {_spread([f.rank if f.alpha is None else f.alpha for f in every])}"
-             + ("" if any(f.alpha is not None for f in every) else " (not stored: alpha = rank)"),
-             f"  scale alpha/rank: {_spread([round(f.scale, 6) for f in every])}",
-             f"  base model: {base_of(lora.metadata)}"]
-    if lora.metadata.get("gen.recipe"):
-        lines.append(f"  recipe: {lora.metadata['gen.recipe'][:500]}")
-    return "\n".join(lines)
+    return any(k.endswith(ends) or ATTN_PROCESSOR.search(k) or XLABS.match(k) for k in keys)

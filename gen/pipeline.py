@@ -119,6 +119,7 @@ class Pipeline:
         self.scheduler_config = dict(scheduler_config) if scheduler_config else None
         self.recipe = dict(recipe or {})
         self.name = name
+        self.weights = "auto"  # how fp8/GGUF weights are stored (gen/quant; set by from_pretrained)
         self._progress_bar_config: dict = {}
         self.defaults = self._default_settings() | dict(defaults or {})
         self._warn_unknown_scheduler(defaults or {})
@@ -247,15 +248,22 @@ class Pipeline:
                         attention: str | None = None, allow_pickle: bool = False, compile: bool | dict = False,
                         channels_last: bool = False, tokenizer: str | Path | None = None,
                         prediction_type: str | None = None, base: str | Path | None = None,
-                        offload: bool = False) -> "Pipeline":
+                        offload: bool = False, weights: str | None = None, vae: str | Path | None = None,
+                        text_encoders=(), ema: bool = False) -> "Pipeline":
         """Loads a diffusers-layout folder of any family gen knows (gen/families), or a single .safetensors file in
         the original layout (SD-1.x, SD-2.x, SDXL: LDM/A1111; SD3/3.5, Flux: SAI's/BFL's; gen/single_file.py); None =
         the bundled default. attention, compile and channels_last are as in Pipeline; `offload`: enable_offload(device).
         For a single file only: `tokenizer`, a diffusers folder (or tokenizer folder) when the file carries none;
         `prediction_type` ("epsilon" or "v_prediction"), which weights cannot tell (SD-2.x 768 models are
         v_prediction); `base`, a diffusers folder of the same family supplying the parts an SD3/Flux file lacks (a
-        transformer-only file takes its text encoders, tokenizers, VAE and scheduler from it)."""
+        transformer-only file takes its text encoders, tokenizers, VAE and scheduler from it); `vae` and
+        `text_encoders`, component files (ae.safetensors, clip_l / clip_g / t5xxl.safetensors, ...) that fill what the
+        file lacks or replace its own (gen/components.py); `ema`, the EMA weights of a file that holds both.
+        `weights`: "auto", "fp8" or "full", how fp8/GGUF weights are stored (gen/quant: kept stored and upcast per
+        layer, or upcast on load); a .gguf file is a GGUF transformer (with `base`)."""
         from diffusers import AutoencoderKL
+
+        from gen import quant
 
         if path is None:
             path = DEFAULT_MODEL
@@ -267,14 +275,18 @@ class Pipeline:
             raise GenError(f"model folder not found: {path}")
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        weights = quant.check(weights)
         if path.is_file():  # a pickle is opened only if allowed, and then by gen.io's weights-only loader
             from gen import single_file
 
-            parts = single_file.load(path, tokenizer, prediction_type, allow_pickle, base)
+            parts = single_file.load(path, tokenizer, prediction_type, allow_pickle, base, vae, text_encoders, ema)
             pipe = cls(**parts, attention=attention, compile=compile, channels_last=channels_last)
-            return pipe._place(device, dtype, offload)
+            return pipe._place(device, dtype, offload, weights)
         if not (path / "model_index.json").is_file():
             raise GenError(f"{path} is not a model folder (no model_index.json); expected the diffusers layout")
+        if vae or text_encoders or ema:
+            raise GenError("--vae, --text-encoder and --ema are for a single-file model; a folder's parts are its "
+                           "subfolders")
         index = read_json(path / "model_index.json")
         family = families.detect_folder(path, index)
         texts = [p for pair in family.text_parts for p in pair]
@@ -297,10 +309,14 @@ class Pipeline:
         pipe = cls(vae=vae, denoiser=denoiser, scheduler_config=scheduler_config, formulation=formulation,
                    defaults=extra.get("sampling"), recipe=extra.get("recipe"), name=path.name, attention=attention,
                    compile=compile, channels_last=channels_last, family=family, **parts)
-        return pipe._place(device, dtype, offload)
+        return pipe._place(device, dtype, offload, weights)
 
-    def _place(self, device: torch.device, dtype: torch.dtype, offload: bool) -> "Pipeline":
-        """A loaded pipeline onto its device in its dtype, or kept on the CPU and offloaded to the device."""
+    def _place(self, device: torch.device, dtype: torch.dtype, offload: bool, weights: str = "auto") -> "Pipeline":
+        """A loaded pipeline onto its device in its dtype (its weights stored as `weights` says, gen/quant), or
+        kept on the CPU and offloaded to the device."""
+        from gen import quant
+
+        quant.apply(self, weights, dtype)
         self.to("cpu" if offload else device, dtype)
         return self.enable_offload(device) if offload else self
 
@@ -311,6 +327,9 @@ class Pipeline:
         loses nothing."""
         if "_loras" in self.__dict__ and self._loras.weights:
             raise GenError("unload_lora() before save_pretrained (after fuse_lora() to bake the LoRA in)")
+        from gen import quant
+
+        quant.refuse(self.models, "save_pretrained")
         path = Path(path)
         if single_file:
             from gen import single_file as sf
@@ -379,6 +398,25 @@ class Pipeline:
     def save_lora(self, path: str | Path, adapter_name: str | None = None, format: str = "diffusers") -> Path:
         """Writes a loaded adapter as a .safetensors LoRA file: format "diffusers" or "kohya"."""
         return self.loras.save(path, adapter_name, format)
+
+    # ---- textual inversion (gen/embeddings.py does the work) ----------------------------------
+    def load_textual_inversion(self, path: str | Path, token: str | None = None, allow_pickle: bool = False) -> list[str]:
+        """Adds an embedding file (A1111's, diffusers' or SDXL's; named `token`, else by the file) that prompts
+        then use by name, or a folder of them (A1111's embeddings folder: each file used by its name, or as
+        embedding:NAME). Returns the names. An embedding for other text encoders raises GenError."""
+        from gen.embeddings import Embeddings
+
+        return Embeddings.of(self).load(path, self.texts, token, allow_pickle)
+
+    def unload_textual_inversion(self) -> None:
+        """Forgets every embedding loaded."""
+        self.__dict__.pop("_embeddings", None)
+
+    def embeddings_used(self, prompts: list[str]) -> list:
+        """The gen.embeddings.Embedding objects these prompts use (for a recipe's `TI hashes`)."""
+        if "_embeddings" not in self.__dict__:
+            return []
+        return list({id(e): e for e in self._embeddings.used(prompts, self.texts).values()}.values())
 
     # ---- sampling ---------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str], height: int | None = None, width: int | None = None,
@@ -500,6 +538,8 @@ class Pipeline:
             slg.check(self.denoiser.config.num_layers)
         scale, embedded = self.family.guidance(self.denoiser, scale, true_cfg_scale, negative_prompt is not None, n)
         texts = self._texts(max_sequence_length)
+        if "_embeddings" in self.__dict__:  # the call's copies read its textual-inversion embeddings
+            texts = self._embeddings.for_call(texts, prompts + negs)
         chunks = pw.chunk_counts(texts, prompts, negs if uses_cfg(scale) else None, prompt_weighting)
         if len(set(chunks)) > 1:  # no prompt is padded to another's length
             return pw.by_chunks(self, call, prompts, negs, chunks, seeds, generator)

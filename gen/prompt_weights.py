@@ -100,15 +100,19 @@ def plain_text(text: str) -> str:
     return "".join(" " if w == -1 else t for t, w in parse(text))
 
 
-def chunks(tokenizer, text: str, weighting: bool = True, length: int = LENGTH) -> list[tuple[list[int], list[float]]]:
+def chunks(tokenizer, text: str, weighting: bool = True, length: int = LENGTH,
+           vocab=None) -> list[tuple[list[int], list[float]]]:
     """(token ids, weights) of each `length`-token chunk of a prompt, A1111's tokenize_line; weighting=False reads
-    the prompt as plain text (A1111's emphasis "None"), still in chunks."""
+    the prompt as plain text (A1111's emphasis "None"), still in chunks. `vocab`: a call's textual-inversion
+    embeddings (gen.embeddings.Vocab), each kept whole in one chunk as A1111 keeps it."""
     chunk = length - 2
     runs = parse(text) if weighting else [(text, 1.0)]
     start, end = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
     comma = tokenizer.get_vocab().get(",</w>")
-    ids = tokenizer([t for t, _ in runs], add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    texts = [t for t, _ in runs]
+    ids = vocab.tokenize(tokenizer, texts) if vocab is not None else \
+        tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
     out: list[tuple[list[int], list[float]]] = []
     tokens: list[int] = []
     weights: list[float] = []
@@ -125,6 +129,15 @@ def chunks(tokenizer, text: str, weighting: bool = True, length: int = LENGTH) -
             close()
             continue
         for token in run_ids:
+            if isinstance(token, list):  # an embedding's vectors: moved whole to the next chunk where they overflow
+                if len(token) > chunk:
+                    raise GenError(f"an embedding in the prompt has {len(token)} vectors, more than the {chunk} "
+                                   "tokens of a chunk")
+                if len(tokens) + len(token) > chunk:
+                    close()
+                tokens += token
+                weights += [weight] * len(token)
+                continue
             if token == comma:
                 last_comma = len(tokens)
             elif len(tokens) == chunk and last_comma != -1 and len(tokens) - last_comma <= COMMA_BACKTRACK:
@@ -141,13 +154,13 @@ def chunks(tokenizer, text: str, weighting: bool = True, length: int = LENGTH) -
     return out
 
 
-def count(tokenizer, prompts: list[str], weighting: bool = True, length: int = LENGTH) -> int:
+def count(tokenizer, prompts: list[str], weighting: bool = True, length: int = LENGTH, vocab=None) -> int:
     """The most chunks any of these prompts needs."""
-    return max(len(chunks(tokenizer, p, weighting, length)) for p in prompts)
+    return max(len(chunks(tokenizer, p, weighting, length, vocab)) for p in prompts)
 
 
 def encode(model, tokenizer, prompts: list[str], weighting: bool = True, min_chunks: int = 1, clip_skip: int = 1,
-           hidden_states: bool = True, length: int = LENGTH):
+           hidden_states: bool = True, length: int = LENGTH, vocab=None):
     """A CLIP tower's output for long, weighted prompts, in the class the tower returns: hidden states (and
     every layer's, for families that read an earlier one) of the chunks concatenated, each weighted and
     mean-rescaled; the pooled (and projected) embedding of the first chunk. At least `min_chunks` chunks.
@@ -155,7 +168,7 @@ def encode(model, tokenizer, prompts: list[str], weighting: bool = True, min_chu
     clip_skip: A1111's "Clip skip": N > 1 ends the tower N - 1 layers early (the last layer's output becomes
     final_layer_norm(hidden_states[-N]), as A1111 and diffusers' clip_skip = N - 1 do; families that read the
     penultimate layer, SDXL and SD3, read the one before that, as diffusers does)."""
-    per_prompt = [chunks(tokenizer, p, weighting, length) for p in prompts]
+    per_prompt = [chunks(tokenizer, p, weighting, length, vocab) for p in prompts]
     n = max(min_chunks, *(len(c) for c in per_prompt))
     empty = chunks(tokenizer, "", False, length)[0]
     per_prompt = [c + [empty] * (n - len(c)) for c in per_prompt]
@@ -218,7 +231,8 @@ def chunk_counts(encoders: list, prompts: list[str], negatives: list[str] | None
     in any CLIP tower, so that the two line up for classifier-free guidance and nothing else pads them."""
     clips = [e for e in encoders if is_clip(e.model)]
     pairs = [[p] if negatives is None else [p, n] for p, n in zip(prompts, negatives or prompts)]
-    return [max((count(e.tokenizer, pair, weighting, e.max_length) for e in clips), default=1) for pair in pairs]
+    return [max((count(e.tokenizer, pair, weighting, e.max_length, e.vocab) for e in clips), default=1)
+            for pair in pairs]
 
 
 def by_chunks(pipe, call: dict, prompts: list[str], negs: list[str], chunks: list[int], seeds, generator):

@@ -29,12 +29,13 @@ log = logging.getLogger("gen")
 FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's re_extra_net: <lora:NAME:SCALE> in a prompt
 GEN_LORA = re.compile(r"gen LoRA (\d+)")
+GEN_EMBEDDING = re.compile(r"gen embedding (\d+)")
 # Fields a recipe is read from; the others (A1111's VAE, ...) are named in a warning.
 READ = {"Steps", "Sampler", "Schedule type", "Eta DDIM", "CFG scale", "Seed", "Size", "Model hash", "Model",
         "Lora hashes", "Version", "gen sampler", "gen guidance rescale", "gen guidance interval",
         "gen cache interval", "gen model", "Denoising strength", "Clip skip", "Emphasis", "Mask blur",
         "Inpaint area", "Masked area padding", "Hires upscale", "Hires steps", "Hires upscaler", "gen init image",
-        "gen mask"}
+        "gen mask", "gen weights", "TI hashes"}
 HIRES_UPSCALERS = {"latent": "Latent", "image": "Lanczos"}  # gen's name -> A1111's
 
 
@@ -59,6 +60,8 @@ class Recipe:
     loras: list[tuple[str, float]] = field(default_factory=list)  # (file, scale): gen's own recipes
     lora_tags: list[tuple[str, float]] = field(default_factory=list)  # (name, scale) of <lora:...> in the prompt
     lora_hashes: dict[str, str] = field(default_factory=dict)
+    embeddings: list[str] = field(default_factory=list)  # the embedding files the prompts used (gen's own)
+    ti_hashes: dict[str, str] = field(default_factory=dict)  # A1111's `TI hashes`: name -> short hash, same order
     a1111_sampler: tuple[str, str | None, float] | None = None  # Sampler, Schedule type, Eta DDIM
     by_gen: bool = True
     clip_skip: int = 1
@@ -71,6 +74,7 @@ class Recipe:
     hires_scale: float | None = None
     hires_steps: int | None = None
     hires_upscaler: str = "latent"
+    weights: str | None = None  # gen/quant's storage option (fp8, full); None: as the files store them
 
 
 def number(value) -> str:
@@ -144,8 +148,10 @@ def infotext(r: Recipe, sampler_fields: dict) -> str:
               "gen guidance interval": (", ".join(number(float(x)) for x in r.guidance_interval)
                                         if tuple(r.guidance_interval) != (0.0, 1.0) else None),
               "gen cache interval": r.cache_interval if r.cache_interval != 1 else None,
-              "gen model": r.model, **_workflow_fields(r),
-              **{f"gen LoRA {i}": f"{p}:{number(float(s))}" for i, (p, s) in enumerate(r.loras, 1)}}
+              "gen model": r.model, "gen weights": r.weights if r.weights != "auto" else None, **_workflow_fields(r),
+              **{f"gen LoRA {i}": f"{p}:{number(float(s))}" for i, (p, s) in enumerate(r.loras, 1)},
+              "TI hashes": ", ".join(f"{k}: {v}" for k, v in r.ti_hashes.items()) or None,
+              **{f"gen embedding {i}": p for i, p in enumerate(r.embeddings, 1)}}
     line = ", ".join(f"{k}: {quote(v)}" for k, v in fields.items() if v is not None)
     negative = f"\nNegative prompt: {r.negative_prompt}" if r.negative_prompt else ""
     return f"{prompt}{negative}\n{line}".strip()
@@ -187,7 +193,7 @@ def from_text(text: str, source: str = "the recipe") -> Recipe:
                weighting=f.get("Emphasis", "Original") != "None", init_image=f.get("gen init image"),
                mask=f.get("gen mask"), strength=get("Denoising strength", float),
                mask_blur=get("Mask blur", float, 0.0), hires_scale=get("Hires upscale", float),
-               hires_steps=get("Hires steps", int) or None)
+               hires_steps=get("Hires steps", int) or None, weights=f.get("gen weights"))
     if f.get("Inpaint area") == "Only masked":
         r.inpaint_padding = get("Masked area padding", int, 32)  # A1111's default padding
     if "Hires upscaler" in f:  # A1111's Latent (...) modes upscale the latents, its other upscalers the image
@@ -207,14 +213,22 @@ def from_text(text: str, source: str = "the recipe") -> Recipe:
                            "not START, END")
     if "Sampler" in f and r.sampler is None:
         r.a1111_sampler = (f["Sampler"], f.get("Schedule type"), get("Eta DDIM", float, 0.0))
-    r.lora_hashes = dict(x.strip().rsplit(": ", 1) for x in f.get("Lora hashes", "").split(",") if ": " in x)
+    r.lora_hashes = _hashes(f.get("Lora hashes", ""))
     numbered = sorted((int(m[1]), v) for k, v in f.items() if (m := GEN_LORA.fullmatch(k)))
     r.loras = [lora_arg(v) for _, v in numbered]
+    r.ti_hashes = _hashes(f.get("TI hashes", ""))
+    numbered = sorted((int(m[1]), v) for k, v in f.items() if (m := GEN_EMBEDDING.fullmatch(k)))
+    r.embeddings = [v for _, v in numbered]
     r.prompt = _prompt_without_tags(prompt, r, source)
-    unread = [k for k in f if k not in READ and not GEN_LORA.fullmatch(k)]
+    unread = [k for k in f if k not in READ and not GEN_LORA.fullmatch(k) and not GEN_EMBEDDING.fullmatch(k)]
     if unread:
         log.warning("%s: gen does not apply the fields %s", source, ", ".join(unread))
     return r
+
+
+def _hashes(text: str) -> dict[str, str]:
+    """`name: hash, ...` (A1111's Lora hashes and TI hashes) as a dict."""
+    return dict(x.strip().rsplit(": ", 1) for x in text.split(",") if ": " in x)
 
 
 def _prompt_without_tags(prompt: str, r: Recipe, source: str) -> str:

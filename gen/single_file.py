@@ -11,17 +11,20 @@ SD-2.x model, the tokenizer -- comes from gen's metadata when gen wrote the file
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from gen import families, formulations
+from gen import components, families, formulations
 from gen.errors import GenError
 from gen.families import ldm, mmdit_file
-from gen.io import PICKLE_SUFFIXES, check_safetensors, load_state_dict, write_safetensors
+from gen.file_source import META, Source, empty, fill, gen_meta, header, tokenizers
+from gen.io import load_state_dict, write_safetensors
 
-META = "gen"  # the header's __metadata__ key holding gen's JSON (family, prediction type, defaults, hints)
+log = logging.getLogger(__name__)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -31,13 +34,6 @@ def scheduler_config(prediction_type: str) -> dict:
     return {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
             "beta_end": 0.012, "num_train_timesteps": 1000, "steps_offset": 1, "set_alpha_to_one": False,
             "clip_sample": False, "timestep_spacing": "leading", "prediction_type": prediction_type}
-
-
-def header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
-    """(tensor name -> shape, metadata) of a safetensors file, validated, no tensor read."""
-    head = check_safetensors(path)
-    meta = head.pop("__metadata__", None) or {}
-    return {k: v["shape"] for k, v in head.items()}, meta
 
 
 def is_checkpoint(keys) -> bool:
@@ -61,133 +57,81 @@ def detect(path: Path, shapes: dict) -> type[families.Family]:
                    "gen reads SD-1.x, SD-2.x, SDXL, SD3/3.5 and Flux files in the original layout")
 
 
-class _Source:
-    """A single file's tensors, handed out one component (key prefix) at a time and then forgotten."""
-
-    def __init__(self, path: Path, allow_pickle: bool):
-        self.path, self.state, self.handle = path, None, None
-        if path.suffix in PICKLE_SUFFIXES:
-            try:  # refused unless allowed; then read by gen.io's weights-only unpickler
-                self.state = load_state_dict(path, allow_pickle)
-            except GenError as e:
-                raise GenError(f"single file {e}") from None
-            self.shapes, self.meta = {k: list(v.shape) for k, v in self.state.items()}, {}
-        elif path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            self.shapes, self.meta = header(path)
-            self.handle = safe_open(str(path), framework="pt")
-        else:
-            raise GenError(f"{path}: unsupported single-file format {path.suffix!r}; expected .safetensors")
-
-    def take(self, prefix: str) -> dict[str, torch.Tensor]:
-        if self.state is not None:
-            return {k: self.state.pop(k) for k in [k for k in self.state if k.startswith(prefix)]}
-        return {k: self.handle.get_tensor(k) for k in self.shapes if k.startswith(prefix)}
-
-
-def _gen_meta(meta: dict) -> dict:
-    try:
-        return json.loads(meta.get(META, "{}"))
-    except json.JSONDecodeError:
-        raise GenError(f"the file's '{META}' metadata is not JSON") from None
-
-
-def tokenizers(path: Path, texts, family, given: str | Path | None, meta: dict, shapes: dict) -> dict:
-    """The tokenizer of each text tower in `texts` (the family's file_texts): from `given` (a diffusers folder, or
-    a tokenizer folder), else the file's metadata (gen writes it there), else a tokenizer/ folder beside the file,
-    else the CLIP or T5 tokenizer gen ships (as ComfyUI ships them), checked against the tower's vocabulary."""
-    out = {}
-    for _, tok, prefix, kind in texts:
-        klass = family.tokenizer_class(tok)
-        where = [Path(given) / tok, Path(given)] if given else [path.parent / tok]
-        folder = next((p for p in where if (p / "tokenizer_config.json").is_file()), None)
-        if folder is None and not given and f"{META}.{tok}" in meta:
-            with tempfile.TemporaryDirectory() as tmp:
-                for name, text in json.loads(meta[f"{META}.{tok}"]).items():
-                    (Path(tmp) / Path(name).name).write_text(text)
-                out[tok] = klass.from_pretrained(tmp)
-        elif folder is not None:
-            out[tok] = klass.from_pretrained(folder)
-        elif given:
-            raise GenError(f"{given} has no {tok}/ tokenizer for {path}: pass --tokenizer FOLDER (tokenizer=FOLDER), "
-                           f"a diffusers {family.title} folder whose {tok}/ gen uses, or leave it out (gen's own)")
-        else:
-            out[tok] = _bundled(path, tok, prefix, kind, family, shapes)
-    return out
-
-
-def _bundled(path: Path, tok: str, prefix: str, kind: str, family, shapes: dict):
-    """gen's own CLIP or T5 tokenizer for a tower whose file carries none, if the tower's vocabulary fits it."""
-    from gen.models.text import bundled_tokenizer
-
-    name = "t5" if kind == "t5" else "clip"
-    tokenizer = bundled_tokenizer(name, "!" if tok in family.file_pad_zero else None)
-    rows = next((shapes[prefix + k][0] for k in ("text_model.embeddings.token_embedding.weight",
-                                                  "token_embedding.weight", "shared.weight",
-                                                  "encoder.embed_tokens.weight") if prefix + k in shapes), None)
-    if rows is not None and rows < len(tokenizer):
-        raise GenError(f"{path}: its {tok.replace('tokenizer', 'text tower')} has a vocabulary of {rows} tokens, "
-                       f"not {name.upper()}'s {len(tokenizer)}, and the file carries no tokenizer: pass --tokenizer "
-                       f"FOLDER (tokenizer=FOLDER) with the model's own {tok}/")
-    return tokenizer
-
-
-def _empty(factory):
-    """A model built on the meta device (buffers stay real): no memory for weights, no random init."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        return factory()
-
-
-def _fill(model, state: dict, what: str):
-    """`model`'s parameters become `state`'s tensors (assigned, not copied)."""
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(state))
+def _unet(path: Path, src, ema: bool) -> dict[str, torch.Tensor]:
+    """The UNet's tensors: its EMA twins (`model_ema.*`) with `ema`, else the trained weights (A1111's default)."""
+    keys = [k for k in src.shapes if k.startswith(ldm.UNET)]
+    if not ema:
+        if components.has_ema(src.shapes):
+            log.info("%s also holds EMA weights (model_ema.*); --ema (ema=True) samples with them", path.name)
+        return src.take_keys(keys)
+    twins = [components.ema_key(k) for k in keys]
+    missing = [k for k in twins if k not in src.shapes]
+    if len(missing) == len(twins):
+        raise GenError(f"{path} holds no EMA weights (model_ema.*): leave out --ema")
     if missing:
-        raise GenError(f"the file lacks {len(missing)} {what} weights gen expects for the shapes it read, "
-                       f"e.g. {missing[0]}; is it truncated or an unusual variant?")
-    model.load_state_dict({k: state[k].contiguous() for k in expected}, strict=True, assign=True)
-    return model
+        raise GenError(f"{path}: its EMA weights lack {len(missing)} of the UNet's, e.g. {missing[0]}; "
+                       "leave out --ema")
+    return dict(zip(keys, src.take_keys(twins).values()))
+
+
+def guess_prediction(family, src, gm: dict) -> tuple[str, str]:
+    """(prediction type, where it comes from) of an LDM file: gen's metadata, the modelspec.prediction_type
+    header, a `v_pred` marker key (as ComfyUI reads it), else the family's guess from the weights, else epsilon."""
+    if gm.get("prediction_type"):
+        return gm["prediction_type"], "written by gen"
+    spec = src.meta.get("modelspec.prediction_type")
+    if spec in PREDICTION_TYPES:
+        return spec, "the file's modelspec.prediction_type"
+    if "v_pred" in src.shapes:
+        return "v_prediction", "the file's v_pred key"
+    guess = family.file_prediction(src)
+    return guess or ("epsilon", "the default; --prediction-type v_prediction if the model is one")
 
 
 def load(path: Path, tokenizer=None, prediction_type: str | None = None, allow_pickle: bool = False,
-         base=None) -> dict:
+         base=None, vae=None, text_encoders=(), ema: bool = False) -> dict:
     """A single file -> Pipeline keyword arguments (models, tokenizers, scheduler config, gen's settings).
-    `base`: a diffusers folder supplying what an SD3/Flux file lacks (gen/families/mmdit_file.py)."""
+    `base`: a diffusers folder supplying what an SD3/Flux file lacks (gen/families/mmdit_file.py); `vae`,
+    `text_encoders`: component files placed over the file's own parts or filling those it lacks
+    (gen/components.py); `ema`: an LDM file's EMA UNet weights."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig
 
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise GenError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, not {prediction_type!r}")
-    src = _Source(path, allow_pickle)
+    src = Source(path, allow_pickle)
     family = detect(path, src.shapes)
-    gm = _gen_meta(src.meta)
+    gm = gen_meta(src.meta)
+    src, given = components.overlay(src, family, vae, text_encoders, allow_pickle)
     if family.file_layout != "LDM":
-        if prediction_type is not None:
-            raise GenError(f"prediction_type is for DDPM models; a {family.title} file is rectified flow")
+        if prediction_type is not None or ema:
+            raise GenError(f"{'--ema' if ema else 'prediction_type'} is for LDM (SD/SDXL) files; a {family.title} "
+                           "file is rectified flow with no EMA copy")
         try:
-            return mmdit_file.load(path, src, family, tokenizer, base, gm)
+            parts = mmdit_file.load(path, src, family, tokenizer, base, gm)
         except KeyError as e:  # a weight the shapes are read from
             raise GenError(f"{path}: an incomplete {family.title} file: it has no {e.args[0]}") from None
+        components.check(family, parts["denoiser"], parts["vae"], given)
+        return parts
     if base is not None:
         raise GenError(f"base is for SD3/Flux files; a {family.title} file holds every part (tokenizer: --tokenizer)")
     hints = gm.get("hints", {})
-    pred = prediction_type or gm.get("prediction_type") or "epsilon"
+    pred = prediction_type or guess_prediction(family, src, gm)[0]
     parts = tokenizers(path, family.file_texts, family, tokenizer, src.meta, src.shapes)
     convention = family.file_convention(pred)
     for enc, tok, prefix, kind in family.file_texts:
+        kind = components.slot_kind(src, prefix, kind)
         cfg = ldm.text_config(src.shapes, prefix, kind, hints.get(enc, {}), family.file_penultimate, parts[tok])
-        model = _empty(lambda: family.text_class(enc)(CLIPTextConfig(**cfg)))
-        parts[enc] = _fill(model, ldm.to_diffusers(enc, src.take(prefix), None, prefix, kind, model), enc)
+        model = empty(lambda: family.text_class(enc)(CLIPTextConfig(**cfg)))
+        parts[enc] = fill(model, ldm.to_diffusers(enc, src.take(prefix), None, prefix, kind, model), enc)
         convention["pooled_dim"] = cfg.get("projection_dim", cfg["hidden_size"])
     unet_cfg = ldm.unet_config(src.shapes, hints.get("unet", {}), convention)
-    unet = _fill(_empty(lambda: family.denoiser_class().from_config(unet_cfg)),
-                 ldm.to_diffusers("unet", src.take(ldm.UNET), unet_cfg), "UNet")
+    unet = fill(empty(lambda: family.denoiser_class().from_config(unet_cfg)),
+                 ldm.to_diffusers("unet", _unet(path, src, ema), unet_cfg), "UNet")
     vae_cfg = ldm.vae_config(src.shapes, hints.get("vae", {}), convention)
-    vae = _fill(_empty(lambda: AutoencoderKL.from_config(vae_cfg)), ldm.to_diffusers("vae", src.take(ldm.VAE), vae_cfg),
+    vae = fill(empty(lambda: AutoencoderKL.from_config(vae_cfg)), ldm.to_diffusers("vae", src.take(ldm.VAE), vae_cfg),
                 "VAE")
+    components.check(family, unet, vae, given)
     sched = dict(gm.get("scheduler") or scheduler_config(pred))
     formulation = formulations.from_dict(gm["formulation"]) if "formulation" in gm else None
     if prediction_type is not None:  # the caller's word wins over what the file recorded
@@ -198,7 +142,7 @@ def load(path: Path, tokenizer=None, prediction_type: str | None = None, allow_p
 
 def recorded_formulation(path: Path):
     """The formulation gen recorded in a single file it wrote, else None."""
-    gm = _gen_meta(header(path)[1]) if path.suffix == ".safetensors" else {}
+    gm = gen_meta(header(path)[1]) if path.suffix == ".safetensors" else {}
     return formulations.from_dict(gm["formulation"]) if "formulation" in gm else None
 
 
@@ -264,10 +208,13 @@ def describe(path: Path, shapes: dict, meta: dict) -> list[str]:
     for part, prefix in prefixes.items():
         n = sum(prod(s) for k, s in shapes.items() if k.startswith(prefix))
         lines.append(f"  {part}: {n / 1e6:.2f}M parameters ({prefix}*)")
-    gm = _gen_meta(meta)
-    pred = gm.get("prediction_type")
-    lines.append(f"  prediction type: {pred} (written by gen)" if pred else
-                 "  prediction type: not recorded (epsilon unless --prediction-type v_prediction)")
+    src = SimpleNamespace(shapes=shapes, meta=meta, tensor=lambda k: load_state_dict(path)[k])
+    pred, why = guess_prediction(family, src, gen_meta(meta))
+    lines.append(f"  prediction type: {pred} ({why})")
+    if shapes.get(f"{ldm.UNET}input_blocks.0.0.weight", [0, 0])[1] == 9:
+        lines.append("  inpainting (9-channel UNet input)")
+    lines.append("  EMA: model_ema.* present (non-EMA weights by default; --ema uses them)"
+                 if components.has_ema(shapes) else "  EMA: none")
     toks = [tok for _, tok, _, _ in family.file_texts if f"{META}.{tok}" not in meta]
     lines.append("  tokenizer: in the file" if not toks else
                  "  tokenizer: none in the file (gen's bundled CLIP tokenizer; --tokenizer FOLDER overrides)")

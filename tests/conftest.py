@@ -228,3 +228,27 @@ def flux_folder(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("flux")
     FluxPipeline(**tiny_flux_components(tmp, guidance_embeds=request.param)).save_pretrained(tmp / "tiny-flux")
     return tmp / "tiny-flux"
+
+
+@pytest.fixture(scope="session")
+def flux_bfl(tmp_path_factory):
+    """A tiny Flux folder (dev-style) and its transformer in BFL's original layout (bare keys, fp32), as the
+    transformer-only files people share hold it (the fp8 and GGUF tests store it in their formats)."""
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+
+    tmp = tmp_path_factory.mktemp("flux-bfl")
+    FluxPipeline(**tiny_flux_components(tmp)).save_pretrained(tmp / "folder")
+    quiet_pipeline(tmp / "folder").save_pretrained(tmp / "whole.safetensors", single_file=True)
+    prefix = "model.diffusion_model."
+    bfl = {k[len(prefix):]: v.float() for k, v in load_file(tmp / "whole.safetensors").items()
+           if k.startswith(prefix)}
+    return tmp / "folder", bfl
+
+
+def psnr(a, b) -> float:
+    """PSNR in dB of two images in [0, 1] (inf where equal)."""
+    import numpy as np
+
+    mse = float(((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * float(np.log10(1.0 / mse))

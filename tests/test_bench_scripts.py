@@ -28,6 +28,7 @@ SMALLEST = {
                         "--sample-steps", "1", "--out", "{tmp}/run", "--only", "dit"],  # unet on a DiT base: issue 34 item 11
     "train_memory.py": ["--no-check"],
     "train_throughput.py": ["--steps", "1", "--warmup", "1", "--batch", "2", "--repeats", "1"],
+    "weight_storage.py": ["--size", "tiny", "--steps", "1", "--repeats", "1", "--results", "{tmp}"],
 }
 # what bench/gpu.py --dry-run runs
 DRY_RUN = {Path(arg).name for step in gpu.STEPS for arg in step.dry if str(arg).startswith("bench/")}

@@ -1,10 +1,13 @@
 """Files given as a LoRA that gen cannot load as one are named for what they are."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import quiet_pipeline
+from tests.conftest import quiet_pipeline
 from gen.errors import GenError
 
 
@@ -16,13 +19,20 @@ def test_a_whole_checkpoint_given_as_a_lora_is_named(sdxl_folder, tmp_path):
         pipe.load_lora(checkpoint)
 
 
-def test_a_lora_with_t5_layers_says_so(dit_pipe, tmp_path):
-    """sd-scripts' SD3/Flux LoRAs trained with --train_t5xxl carry lora_te3_ layers, which gen does not load."""
-    tensors = {}
-    for name, (i, o) in {"lora_unet_blocks_0_attn_qkv": (8, 24), "lora_te3_encoder_block_0_layer_0_SelfAttention_q": (
-            8, 8), "lora_te3_encoder_block_0_layer_0_SelfAttention_k": (8, 8)}.items():
-        tensors |= {f"{name}.lora_down.weight": torch.zeros(2, i), f"{name}.lora_up.weight": torch.zeros(o, 2),
-                    f"{name}.alpha": torch.tensor(2.0)}
-    save_file(tensors, tmp_path / "t5.safetensors")
-    with pytest.raises(GenError, match=r"is a LoRA with 2 T5 text-encoder layers \(lora_te3_ keys\)"):
-        dit_pipe.load_lora(tmp_path / "t5.safetensors")
+
+@pytest.mark.parametrize("keys, message", [
+    ({"lora_unet_down_blocks_0_attentions_0_proj_in.weight": (8,)}, "LyCORIS variants other than LoHa and LoKr"),
+    ({"encoder.layer.0.dense.weight": (8, 8), "encoder.layer.0.dense.bias": (8,)}, "keys gen cannot read"),
+])
+def test_an_unknown_layout_is_a_one_line_error_exit_2(keys, message, sd_folder, tmp_path):
+    """An IA3-style kohya file (one `.weight` per layer) and a file of plain tensors: named, exit 2, no traceback."""
+    path = tmp_path / "odd.safetensors"
+    save_file({k: torch.ones(shape) for k, shape in keys.items()}, str(path))
+    with pytest.raises(GenError, match=message) as e:
+        quiet_pipeline(sd_folder).load_lora(path)
+    assert "\n" not in str(e.value)
+    args = [sys.executable, "-m", "gen", "sample", "x", "--model", str(sd_folder), "--lora", str(path), "--steps", "1",
+            "--height", "16", "--width", "16", "--out", str(tmp_path / "x.png"), "--no-progress"]
+    run = subprocess.run(args, capture_output=True, text=True)
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1

@@ -224,8 +224,10 @@ def _write(path, tensors: dict) -> None:
 
 
 @pytest.mark.parametrize("keys, match", [
-    ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4, 4)}, "holds no text_encoder, text_encoder_2, vae"),
-    ({"double_blocks.0.img_attn.qkv.weight": (4, 4)}, "holds no text_encoder, text_encoder_2, vae"),
+    ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4, 4)},
+     "needs a CLIP-L encoder .*--text-encoder clip_l.safetensors.*CLIP-G.*--vae ae.safetensors"),
+    ({"double_blocks.0.img_attn.qkv.weight": (4, 4)},
+     "needs a CLIP-L encoder .*a T5 encoder \\(--text-encoder t5xxl.safetensors\\)"),
     ({"encoder.layers.0.weight": (4, 4)}, "architecture gen does not know"),
 ])
 def test_unknown_and_unsupported_architectures(tmp_path, keys, match):

@@ -177,7 +177,9 @@ class LoraOptions:
     text_encoder: bool = False              # also adapt the CLIP text encoder (same rank, alpha and targets)
     dora: bool = False                      # weight-decomposed LoRA (Liu et al. 2024); diffusers layout only
     algo: Literal["lora", "loha", "lokr"] = "lora"  # LyCORIS LoHa / LoKr through peft (gen/lycoris.py); kohya layout
-    format: Literal["diffusers", "kohya"] = "diffusers"  # the exported file's key layout
+    # the exported file's key layout; auto: kohya for SD-1.x/2.x/SDXL (what A1111, ComfyUI and diffusers all read)
+    # and for LoHa/LoKr, diffusers for DoRA and for the SD3/Flux/DiT families
+    format: Literal["auto", "diffusers", "kohya"] = "auto"
     save_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     instance_prompt: str = ""               # if set, every image's caption (e.g. "a photo of sks dog")
     class_prompt: str = ""                  # DreamBooth prior preservation: class images of this prompt (train/prior.py)

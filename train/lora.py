@@ -101,7 +101,7 @@ class LoraTask(DenoiserTask):
         if o.dora and o.format == "kohya":
             raise GenError("config key 'lora.format': DoRA adapters are written in the diffusers layout only; "
                            "set lora.format=diffusers or lora.dora=false")
-        if o.algo != "lora" and o.format != "kohya":
+        if o.algo != "lora" and o.format == "diffusers":
             raise GenError(f"config key 'lora.format': {o.algo} adapters are written in the LyCORIS/kohya layout "
                            "(what ComfyUI and A1111 read); set lora.format=kohya")
         align_objective(cfg)
@@ -194,6 +194,15 @@ class LoraTask(DenoiserTask):
     def export_name(self) -> str:
         return "lora.safetensors"
 
+    @property
+    def file_format(self) -> str:
+        """lora.format, or for auto: kohya for LoHa/LoKr, diffusers for DoRA (the only layouts that hold them),
+        else the family's (kohya for SD-1.x/2.x and SDXL)."""
+        o = self.cfg.lora
+        if o.format != "auto":
+            return o.format
+        return "kohya" if o.algo != "lora" else "diffusers" if o.dora else self.family.lora_format
+
     def export(self, model: LoraModel, path, recipe: dict) -> None:
         """Writes the adapters as one LoRA file (lora.format layout) with the recipe in its header."""
         o = self.cfg.lora
@@ -203,7 +212,7 @@ class LoraTask(DenoiserTask):
         keep = ("objective", "data", "optim", "train", "lora", "sampling", "trained_steps")
         recipe = {"model": {"base": self.cfg.model.base}, **{k: recipe[k] for k in keep if k in recipe}}
         recipe["lora"] = {**recipe.get("lora", {}), "alpha": o.alpha if o.alpha is not None else o.rank}
-        lora_lib.save_lora(path, model.denoiser, model.text_parts, ADAPTER, format=o.format, recipe=recipe,
+        lora_lib.save_lora(path, model.denoiser, model.text_parts, ADAPTER, format=self.file_format, recipe=recipe,
                            base_model=self.cfg.model.base, dtype=SAVE_DTYPES[o.save_dtype],
                            formulation=self.formulation, family=self.family)
 

@@ -43,6 +43,8 @@ class Family:
     text_parts = (("text_encoder", "tokenizer"),)  # (encoder folder, tokenizer folder), in conditioning order
     kohya_text = {"text_encoder": "lora_te_"}  # text encoder folder -> kohya LoRA key prefix
     kohya_base = ""  # kohya's ss_base_model_version for this family ("": none, gen names it gen_unet)
+    # the layout `gen lora` writes unless lora.format says: the one every peer of the family reads
+    lora_format = "diffusers"
     # the denoiser's LoRA targets (peft regexes over module names): attention projections, feed-forward layers
     lora_targets = {"attn": r"attn[12]\.(to_q|to_k|to_v|to_out\.0)", "ff": r"ff\.net\.(0\.proj|2)"}
     # how the denoiser's layer names in LoRA files begin (diffusers' and the original layout's): tells families
@@ -100,6 +102,21 @@ class Family:
     @classmethod
     def refuses_file(cls, keys: set[str], shapes: dict[str, list[int]]) -> str | None:
         """Why a single file that looks like this family cannot be used, or None."""
+        return None
+
+    # text encoder folder -> the tower a component file must be there ("CLIP-L", "CLIP-G", "OpenCLIP-H", "T5"),
+    # as files name them (gen/components.py)
+    file_roles: dict = {}
+
+    @staticmethod
+    def file_text_widths(config) -> dict:
+        """Text encoder folder -> the width (hidden size, T5's d_model) the denoiser `config` takes from it, where
+        it fixes one; a component file of another width is refused."""
+        return {}
+
+    @classmethod
+    def file_prediction(cls, src) -> tuple[str, str] | None:
+        """(prediction type, why) a DDPM file's weights suggest (`src`: its tensors), or None: epsilon."""
         return None
 
     @classmethod
@@ -306,7 +323,7 @@ def lora_families(texts: dict[str, str | None], metadata: dict, layers=()) -> li
     every = families()
     named = [f for f in every if f.name == metadata.get("gen.family")] or \
         [f for f in every if f.owns_kohya_version(metadata.get("ss_base_model_version", ""))]
-    fit = named or [f for f in every if all(c in f.kohya_text and p in (None, f.kohya_text[c])
+    fit = named or [f for f in every if all(p in f.kohya_text.values() if p else c in f.kohya_text
                                             for c, p in texts.items())]
     return [f for f in fit if any(n.startswith(f.denoiser_blocks) for n in layers)] or fit
 

@@ -19,7 +19,7 @@ import torch
 
 from gen.errors import GenError
 from gen.families import Family, new_model, register
-from gen.families.mmdit_keys import OriginalLayout, flux_links
+from gen.families.mmdit_keys import OriginalLayout, flux_links, lora_to_diffusers, xlabs_links
 from gen.formulations.flow import scheduler_mu
 from gen.samplers import check_schedule
 
@@ -35,8 +35,8 @@ class Flux(OriginalLayout, Family):
     sequence_part = "text_encoder_2"  # max_sequence_length sets its token length
     text_parts = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
     text_max_length = {"text_encoder_2": T5_LENGTH}
-    # sd-scripts' networks/lora_flux.py: CLIP-L is lora_te1_ (T5's lora_te3_ layers gen does not read)
-    kohya_text = {"text_encoder": "lora_te1_"}
+    # sd-scripts' networks/lora_flux.py: CLIP-L is lora_te1_, T5 (with --train_t5xxl) lora_te3_
+    kohya_text = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"}
     kohya_base = "flux1"  # sd-scripts' flux_utils.MODEL_VERSION_FLUX_V1
     denoiser_blocks = ("double_blocks", "single_blocks", "transformer_blocks", "single_transformer_blocks")
     links = staticmethod(flux_links)  # BFL's layout: single files and kohya/ComfyUI LoRA files
@@ -81,6 +81,12 @@ class Flux(OriginalLayout, Family):
     file_texts = (("text_encoder", "tokenizer", "text_encoders.clip_l.transformer.", "hf"),
                   ("text_encoder_2", "tokenizer_2", "text_encoders.t5xxl.transformer.", "t5"))
     file_layout, file_blocks = "BFL Flux", "double_blocks."
+    file_roles = {"text_encoder": "CLIP-L", "text_encoder_2": "T5"}
+
+    @staticmethod
+    def file_text_widths(config) -> dict:
+        """CLIP-L's pooled output is the pooled projection's input; T5's states the token stream's."""
+        return {"text_encoder": config.pooled_projection_dim, "text_encoder_2": config.joint_attention_dim}
 
     @classmethod
     def recognises_file(cls, keys: set, shapes: dict) -> bool:
@@ -115,6 +121,12 @@ class Flux(OriginalLayout, Family):
                     attention_head_dim=head, num_attention_heads=hidden // head, joint_attention_dim=s["txt_in.weight"][1],
                     pooled_projection_dim=s["vector_in.in_layer.weight"][1], axes_dims_rope=list(axes),
                     guidance_embeds="guidance_in.in_layer.weight" in s)
+
+    def lora_from_file(self, factors: dict, kohya: bool, denoiser) -> dict:
+        """Also XLabs' layout (`double_blocks.0.processor.qkv_lora1`, ...), besides BFL's and diffusers' names."""
+        if not kohya:
+            factors = lora_to_diffusers(xlabs_links(denoiser.config), factors, kohya=False)
+        return super().lora_from_file(factors, kohya, denoiser)
 
     # ---- conditioning ------------------------------------------------------------------------------
     def encode(self, encoders: list, prompts: list[str], height: int, width: int) -> dict:

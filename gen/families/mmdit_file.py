@@ -17,9 +17,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gen.components import lacking_hint, slot_kind
 from gen.errors import GenError
 from gen.families import ldm
 from gen.families.mmdit_keys import to_diffusers, to_original
+from gen.file_source import empty, fill, tokenizers
 from gen.io import read_json
 
 TRANSFORMER = ldm.UNET  # "model.diffusion_model."
@@ -33,7 +35,7 @@ def t5_config(shapes: dict, prefix: str, hints: dict) -> dict:
     """T5Config of an encoder from its shapes: widths, depth, heads (the relative attention bias has one column
     per head), gated (v1.1: wi_0/wi_1) or plain (wi) feed-forward."""
     s = ldm.strip(shapes, prefix)
-    vocab, d_model = s["shared.weight"]
+    vocab, d_model = s["shared.weight" if "shared.weight" in s else "encoder.embed_tokens.weight"]
     buckets, heads = s["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
     gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in s
     d_ff = s[f"encoder.block.0.layer.1.DenseReluDense.wi{'_0' if gated else ''}.weight"][0]
@@ -58,7 +60,6 @@ def load(path: Path, src, family, tokenizer, base, gm: dict) -> dict:
 
     from gen import formulations
     from gen.io import load_model
-    from gen.single_file import _empty, _fill, tokenizers
 
     base = Path(base) if base else None
     if base is not None and not (base / "model_index.json").is_file():
@@ -72,8 +73,8 @@ def load(path: Path, src, family, tokenizer, base, gm: dict) -> dict:
     skip = [enc for enc in lacking if enc in family.file_optional and (base is None or not (base / enc).is_dir())]
     lacking = [enc for enc in lacking if enc not in skip]
     if lacking and base is None:
-        raise GenError(f"{path} holds no {', '.join(lacking)} (a transformer-only file?): pass --base FOLDER "
-                       f"(base=FOLDER), a diffusers {family.title} folder whose other parts gen uses")
+        raise GenError(f"{path}: this {family.title} transformer needs {lacking_hint(family, lacking)}, or --base "
+                       f"FOLDER (a diffusers {family.title} folder whose other parts gen uses)")
     texts = [t for t in family.file_texts if t[0] not in skip]
     parts = tokenizers(path, texts, family, tokenizer or base, src.meta, src.shapes)
     for enc, tok, prefix, kind in texts:
@@ -81,23 +82,25 @@ def load(path: Path, src, family, tokenizer, base, gm: dict) -> dict:
             parts[enc] = load_model(family.text_class(enc), base / enc)
             continue
         h = _base_config(base, enc) | hints.get(enc, {})
+        kind = slot_kind(src, prefix, kind)
         if kind == "t5":
-            model = _empty(lambda: family.text_class(enc)(T5Config(**t5_config(src.shapes, prefix, h))))
+            model = empty(lambda: family.text_class(enc)(T5Config(**t5_config(src.shapes, prefix, h))))
             state = {k[len(prefix):]: v for k, v in src.take(prefix).items()}
             state.setdefault("encoder.embed_tokens.weight", state.get("shared.weight"))
+            state.setdefault("shared.weight", state["encoder.embed_tokens.weight"])
         else:
             h = {"hidden_act": convention.get("text_act", {}).get(enc, "quick_gelu")} | h
-            cfg = ldm.text_config(src.shapes, prefix, "hf", h, False, parts[tok])
-            model = _empty(lambda: family.text_class(enc)(CLIPTextConfig(**cfg)))
-            state = ldm.to_diffusers(enc, src.take(prefix), None, prefix, "hf", model)
-        parts[enc] = _fill(model, state, enc)
+            cfg = ldm.text_config(src.shapes, prefix, kind, h, False, parts[tok])
+            model = empty(lambda: family.text_class(enc)(CLIPTextConfig(**cfg)))
+            state = ldm.to_diffusers(enc, src.take(prefix), None, prefix, kind, model)
+        parts[enc] = fill(model, state, enc)
     prefix = transformer_prefix(keys)
     config = family.transformer_config(ldm.strip(src.shapes, prefix), _base_config(base, "transformer") |
                                        hints.get("transformer", {}))
-    denoiser = _empty(lambda: family.denoiser_class().from_config(config))
+    denoiser = empty(lambda: family.denoiser_class().from_config(config))
     state = to_diffusers(family.links(denoiser.config), {k[len(prefix):]: v for k, v in src.take(prefix).items()
                                                          if not k.startswith(("text_encoders.", ldm.VAE))})
-    denoiser = _fill(denoiser, state, "transformer")
+    denoiser = fill(denoiser, state, "transformer")
     if "vae" in lacking:
         vae = load_model(AutoencoderKL, base / "vae")
     else:
@@ -105,7 +108,7 @@ def load(path: Path, src, family, tokenizer, base, gm: dict) -> dict:
             use_quant_conv=f"{ldm.VAE}quant_conv.weight" in keys,
             use_post_quant_conv=f"{ldm.VAE}post_quant_conv.weight" in keys)
         vae_cfg = {"shift_factor": convention["vae_shift"]} | _base_config(base, "vae") | vae_cfg | hints.get("vae", {})
-        vae = _fill(_empty(lambda: AutoencoderKL.from_config(vae_cfg)),
+        vae = fill(empty(lambda: AutoencoderKL.from_config(vae_cfg)),
                     ldm.to_diffusers("vae", src.take(ldm.VAE), vae_cfg), "VAE")
     sched = gm.get("scheduler") or (read_json(base / "scheduler" / "scheduler_config.json") if base else
                                     family.file_scheduler(denoiser.config))

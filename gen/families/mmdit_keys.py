@@ -99,6 +99,25 @@ def flux_links(config) -> list[Link]:
     return links
 
 
+def xlabs_links(config) -> list[Link]:
+    """XLabs' Flux LoRA layers (x-flux's attention processors; `.processor.` is dropped on reading) -> diffusers'
+    modules, as diffusers' _convert_xlabs_flux_lora_to_diffusers maps them: a double block's qkv_lora1 / proj_lora1
+    on the image stream's q, k, v / output, qkv_lora2 / proj_lora2 on the text stream's; a single block's qkv_lora
+    on its q, k, v and proj_lora on proj_out (x-flux applies it to linear2's input)."""
+    h = config["num_attention_heads"] * config["attention_head_dim"]
+    links = []
+    for i in range(config["num_layers"]):
+        o, d = f"double_blocks.{i}", f"transformer_blocks.{i}.attn"
+        links += [split(f"{o}.qkv_lora1", [f"{d}.to_{x}" for x in "qkv"], [h] * 3),
+                  split(f"{o}.qkv_lora2", [f"{d}.add_{x}_proj" for x in "qkv"], [h] * 3),
+                  whole(f"{o}.proj_lora1", f"{d}.to_out.0"), whole(f"{o}.proj_lora2", f"{d}.to_add_out")]
+    for i in range(config["num_single_layers"]):
+        o, d = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        links += [split(f"{o}.qkv_lora", [f"{d}.attn.to_{x}" for x in "qkv"], [h] * 3),
+                  whole(f"{o}.proj_lora", f"{d}.proj_out")]
+    return links
+
+
 def sd3_links(config) -> list[Link]:
     """SD3Transformer2DModel <-> SAI's MMDiT (joint_blocks; SD3.5's qk norms and dual attention) for this config."""
     h = config["num_attention_heads"] * config["attention_head_dim"]
@@ -195,21 +214,25 @@ def lora_to_diffusers(links: list[Link], factors: dict[str, Factor], kohya: bool
 
 
 def _split_factor(link: Link, f: Factor) -> dict[str, Factor]:
-    ups: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    """The up rows (and a DoRA magnitude's, one per output row, so the split is exact) of each diffusers module."""
+    ups: dict[str, list[tuple[int, torch.Tensor, torch.Tensor | None]]] = {}
     row = 0
     for module, start, rows in link.pieces:
         rows = f.up.shape[0] if rows is None else rows
-        ups.setdefault(module, []).append((start, f.up[row:row + rows]))
+        m = None if f.magnitude is None else f.magnitude[row:row + rows]
+        ups.setdefault(module, []).append((start, f.up[row:row + rows], m))
         row += rows
     if row != f.up.shape[0]:
         raise GenError(f"LoRA layer {link.original} has {f.up.shape[0]} output rows; this model's has {row}")
     out = {}
     for module, parts in ups.items():
-        up, down = torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])]), f.down
+        parts = sorted(parts, key=lambda p: p[0])
+        up, down = torch.cat([t for _, t, _ in parts]), f.down
+        magnitude = None if f.magnitude is None else torch.cat([m for _, _, m in parts])
         used = up.flatten(2).abs().sum(dim=(0, 2)) != 0 if up.ndim > 2 else up.abs().sum(0) != 0
         if len(ups) > 1 and bool(used.any()) and not bool(used.all()):  # this part's own rank columns only
             up, down = up[:, used], down[used]
-        out[module] = Factor(down, up, f.scale * down.shape[0])
+        out[module] = Factor(down, up, f.scale * down.shape[0], magnitude)
     return out
 
 

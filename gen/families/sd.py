@@ -28,6 +28,9 @@ class SD1(Family):
     # "sd" + "_v1" or "_v2" + "_v" with v-prediction; the real architectures cross-attend to 768 (CLIP ViT-L)
     # and 1024 (OpenCLIP ViT-H) channels
     kohya_base = "sd_v1"
+    # ComfyUI and A1111 read kohya names for every layer but skip the attention layers of a diffusers-layout
+    # SD-1.x file; diffusers reads both
+    lora_format = "kohya"
     kohya_width = 768
 
     def kohya_version(self, denoiser, formulation=None) -> str:
@@ -37,6 +40,11 @@ class SD1(Family):
         return self.kohya_base + ("_v" if v else "")
 
     file_texts = (("text_encoder", "tokenizer", "cond_stage_model.transformer.", "hf"),)
+    file_roles = {"text_encoder": "CLIP-L"}
+
+    @staticmethod
+    def file_text_widths(config) -> dict:
+        return {"text_encoder": config.cross_attention_dim}
 
     def lora_from_file(self, factors: dict, kohya: bool, denoiser) -> dict:
         return ldm.lora_from_ldm(factors, kohya, denoiser)  # sd-scripts' original-block names
@@ -70,8 +78,21 @@ class SD2(SD1):
                                                  or unet.get("cross_attention_dim") == 1024)
 
     file_texts = (("text_encoder", "tokenizer", "cond_stage_model.model.", "openclip"),)
+    file_roles = {"text_encoder": "OpenCLIP-H"}
     file_pad_zero = ("tokenizer",)
     file_penultimate = True  # FrozenOpenCLIPEmbedder(layer="penultimate"), as diffusers drops resblocks.23
+
+    @classmethod
+    def file_prediction(cls, src) -> tuple[str, str] | None:
+        """ComfyUI's test (comfy/supported_models.py SD20.model_type): a 4-channel SD-2.x UNet whose last output
+        block's first norm has a bias spread (std) over 0.09 was trained for v prediction (2.x-768); the 2.x-base
+        and inpainting models are epsilon. (diffusers assumes v for every 2.x file without a global_step.)"""
+        key = f"{UNET}output_blocks.11.1.transformer_blocks.0.norm1.bias"
+        if src.shapes.get(f"{UNET}input_blocks.0.0.weight", [0, 0])[1] != 4 or key not in src.shapes:
+            return None
+        if src.tensor(key).float().std(unbiased=False) > 0.09:
+            return "v_prediction", "guessed from the weights, as ComfyUI does (--prediction-type epsilon overrides)"
+        return None
 
     @classmethod
     def file_convention(cls, prediction_type: str) -> dict:

@@ -28,8 +28,8 @@ class SD3(OriginalLayout, Family):
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser_part = "transformer"
     sequence_part = T5[0]  # max_sequence_length sets its token length
-    # sd-scripts' networks/lora_sd3.py: CLIP-L lora_te1_, CLIP-G lora_te2_ (T5's lora_te3_ layers gen does not read)
-    kohya_text = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    # sd-scripts' networks/lora_sd3.py: CLIP-L lora_te1_, CLIP-G lora_te2_, T5 (with --train_t5xxl) lora_te3_
+    kohya_text = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"}
     kohya_base = "sd3"
     denoiser_blocks = ("joint_blocks", "transformer_blocks")  # the original layout's and diffusers' names
     links = staticmethod(sd3_links)  # SAI's MMDiT layout: single files and kohya/ComfyUI LoRA files
@@ -87,6 +87,11 @@ class SD3(OriginalLayout, Family):
                   ("text_encoder_3", "tokenizer_3", "text_encoders.t5xxl.transformer.", "t5"))
     file_pad_zero = ("tokenizer_2",)  # CLIP-G
     file_layout, file_blocks = "SD3 MMDiT", "joint_blocks."
+    file_roles = {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "text_encoder_3": "T5"}
+
+    @staticmethod
+    def file_text_widths(config) -> dict:
+        return {"text_encoder_3": config.joint_attention_dim}  # T5's states are the joint attention's input
     file_optional = ("text_encoder_3",)  # sd3_medium_incl_clips.safetensors: no T5, as a folder without one
 
     @classmethod

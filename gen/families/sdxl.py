@@ -22,6 +22,7 @@ class SDXL(Family):
     kohya_text = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
     # sd-scripts sdxl_train_network.py: model_version = sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0
     kohya_base = "sdxl_base_v1-0"
+    lora_format = "kohya"  # as SD-1.x's: what A1111, ComfyUI and diffusers all read
     time_embed_dim = 256  # SDXL base's addition_time_embed_dim, for UNets built from scratch
 
     def __init__(self, index: dict | None = None, configs: dict | None = None):
@@ -49,6 +50,7 @@ class SDXL(Family):
     file_texts = (("text_encoder", "tokenizer", "conditioner.embedders.0.transformer.", "hf"),
                   ("text_encoder_2", "tokenizer_2", "conditioner.embedders.1.model.", "openclip"))
     file_pad_zero = ("tokenizer_2",)
+    file_roles = {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G"}
 
     def lora_from_file(self, factors: dict, kohya: bool, denoiser) -> dict:
         return ldm.lora_from_ldm(factors, kohya, denoiser)  # sd-scripts' original-block names

@@ -57,7 +57,7 @@ class TimestepEmbedder(nn.Module):
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         args = t.float()[:, None] * freqs[None]
         emb = torch.cat([args.cos(), args.sin()], dim=-1)  # (N, freq_dim)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+        return self.mlp(emb.to(self.mlp[0].bias.dtype))  # the bias: a weight may be stored fp8 (gen/quant)
 
 
 class Attention(nn.Module):

@@ -72,6 +72,7 @@ class TextEncoder:
         # None: one max_length sequence, as diffusers tokenizes (training); a gen.prompt_weights.Syntax: long,
         # weighted prompts as A1111 reads them (what Pipeline calls set)
         self.syntax = None
+        self.vocab = None  # a call's textual-inversion embeddings (gen.embeddings), on the call's copy only
 
     @property
     def max_length(self) -> int:
@@ -111,7 +112,7 @@ class TextEncoder:
         with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
             if s is not None and pw.is_clip(self.model):
                 return pw.encode(self.model, self.tokenizer, prompts, s.weighting, s.min_chunks, s.clip_skip,
-                                 hidden_states, self.max_length)
+                                 hidden_states, self.max_length, self.vocab)
             if s is not None and s.weighting:  # a T5 reads the words only
                 prompts = [pw.plain_text(p) for p in prompts]
             ids = self.tokenize(prompts).to(self.model.device)

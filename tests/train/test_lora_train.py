@@ -56,12 +56,13 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(sd_folder, images, tmp_path_factory):
-    """A: `gen lora` straight to step 4 (diffusers layout). B: 2 steps, then the same run resumed from its
-    checkpoint and trained on to step 4 (kohya layout; the constant LR makes the two schedules the same)."""
+    """A: `gen lora` straight to step 4 (lora.format left at its default: kohya for an SD model). B: 2 steps, then
+    the same run resumed from its checkpoint and trained on to step 4 (diffusers layout; the constant LR makes the
+    two schedules the same)."""
     root = tmp_path_factory.mktemp("lora-runs")
     overrides = [f"{k}={json.dumps(v)}" for k, v in settings(sd_folder, images, root / "a").items()]
     assert gen_main(["lora", "configs/lora-subject.yaml", *overrides]) == 0
-    b = settings(sd_folder, images, root / "b", lora__format="kohya")
+    b = settings(sd_folder, images, root / "b", lora__format="diffusers")
     train(load_config("configs/lora-subject.yaml", extra=b | {"train.max_steps": 2}), LoraTask)
     assert train(load_config("configs/lora-subject.yaml", extra=b), LoraTask) == root / "b" / "lora.safetensors"
     return root / "a", root / "b"
@@ -95,13 +96,15 @@ def ours(sd_folder, runs):
     return {"base": base, "lora": sample()}
 
 
-def test_trained_lora_loads_in_diffusers_with_gens_images(runs, theirs, ours):
+def test_trained_lora_is_kohya_by_default_and_loads_in_diffusers_with_gens_images(runs, theirs, ours):
+    keys = load_file(runs[0] / "lora.safetensors")  # A1111 and ComfyUI read every layer of these names
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in keys) and any("_attn1_to_q." in k for k in keys)
     assert diff(ours["lora"], ours["base"]) > 1e-2  # four steps at lr 1e-2 moved the images
     assert diff(theirs_images(theirs, runs[0] / "lora.safetensors"), ours["lora"]) <= 1e-4
 
 
-def test_kohya_export_of_a_resumed_run_loads_in_diffusers_with_the_same_images(runs, theirs, ours):
-    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in load_file(runs[1] / "lora.safetensors"))
+def test_diffusers_export_of_a_resumed_run_loads_in_diffusers_with_the_same_images(runs, theirs, ours):
+    assert all(k.startswith(("unet.", "text_encoder.")) for k in load_file(runs[1] / "lora.safetensors"))
     assert diff(theirs_images(theirs, runs[1] / "lora.safetensors"), ours["lora"]) <= 1e-4
 
 
@@ -124,7 +127,7 @@ def test_exported_files_carry_rank_alpha_recipe_and_base(runs, sd_folder):
     recipe = json.loads(meta["gen.recipe"])
     assert recipe["lora"]["rank"] == 4 and recipe["trained_steps"] == 4 and recipe["lora"]["instance_prompt"] == PROMPT
     assert recipe["objective"]["type"] == "ddpm"  # read from the base folder, not the config's default
-    kohya = read_metadata(runs[1] / "lora.safetensors")
+    kohya = read_metadata(runs[0] / "lora.safetensors")
     assert kohya["ss_network_dim"] == "4" and kohya["ss_network_alpha"] == "8"
     assert kohya["ss_network_module"] == "networks.lora" and kohya["ss_max_train_steps"] == "4"
     grid = Image.open(runs[0] / "samples" / "step-00000004.png")

@@ -3,6 +3,7 @@ and its file gives diffusers' images; a full fine-tune (UNet + both text encoder
 from scratch trains; the UNet is fed each image's own original size and crop as time_ids."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -94,8 +95,8 @@ def test_an_sdxl_lora_run_on_unet_and_both_text_encoders_resumes_bitwise(lora_ru
 
 def test_the_sdxl_lora_file_gives_diffusers_images(lora_runs, sdxl_folder):
     path = lora_runs[0] / "lora.safetensors"
-    prefixes = {k.split(".")[0] for k in load_file(str(path))}
-    assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
+    prefixes = {re.match(r"lora_(unet|te\d)_", k).group(0) for k in load_file(str(path))}  # lora.format auto: kohya
+    assert prefixes == {"lora_unet_", "lora_te1_", "lora_te2_"}
     ours = Pipeline.from_pretrained(sdxl_folder)
     ours.progress = False
     base = ours(PROMPT, negative_prompt=NEG, seed=SEED, sampler="euler", output_type="np", **RUN).images
