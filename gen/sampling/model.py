@@ -10,6 +10,7 @@ Time conventions (the formulations own them; here only as k-diffusion needs them
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -22,7 +23,7 @@ class Denoiser:
     """D(x, sigma) -> the denoised estimate, from `predict(x_in, t) -> model output` (guidance included)."""
 
     def __init__(self, predict, formulation: Formulation):
-        self.predict, self.kind = predict, formulation.kind
+        self.predict, self.kind, self.formulation = predict, formulation.kind, formulation
         T = formulation.num_train_timesteps
         self.T = T
         if self.kind == "ddpm":
@@ -30,10 +31,15 @@ class Denoiser:
             # diffusers' Euler schedulers keep zero terminal SNR's last step finite the same way
             abar = formulation.alphas_cumprod.double().clamp(min=2 ** -24)
             self.sigmas = ((1 - abar) / abar).sqrt()
+            self.log_sigmas = self.sigmas.log()
         else:
             self.prediction = "flow"
-            self.shift = formulation.shift_sigma
-            self.sigmas = self.shift(torch.arange(1, T + 1, dtype=torch.float64) / T)
+            self.set_shift(formulation.shift)
+
+    def set_shift(self, shift: float) -> None:
+        """A flow model's table for timestep shift `shift` (SD3 eq. 23; Flux's exp(mu) for its image size)."""
+        self.shift = dataclasses.replace(self.formulation, shift=shift).shift_sigma
+        self.sigmas = self.shift(torch.arange(1, self.T + 1, dtype=torch.float64) / self.T)
         self.log_sigmas = self.sigmas.log()
 
     @property
@@ -94,11 +100,12 @@ class Denoiser:
         return sigma * noise + (1 - sigma) * x0 if self.kind == "flow" else x0 + sigma * noise
 
     def noise_scale(self, sigma_max: float, spacing: str | None) -> float:
-        """What the initial N(0, 1) noise is multiplied by: diffusers' init_noise_sigma (sigma_max for linspace and
-        trailing spacing, sqrt(sigma_max^2 + 1) otherwise); 1 for flow, whose x at sigma 1 is the noise."""
+        """What the initial N(0, 1) noise is multiplied by: sigma_max for the named schedules (k-diffusion's and
+        A1111's `x = noise * sigmas[0]`), diffusers' init_noise_sigma on its own spacings (sigma_max for linspace and
+        trailing, sqrt(sigma_max^2 + 1) otherwise); 1 for flow, whose x at sigma 1 is the noise."""
         if self.kind == "flow":
             return 1.0
-        return sigma_max if spacing in ("linspace", "trailing") else (sigma_max ** 2 + 1) ** 0.5
+        return sigma_max if spacing in ("named", "linspace", "trailing") else (sigma_max ** 2 + 1) ** 0.5
 
 
 class GeneratorNoise:

@@ -3,6 +3,8 @@ sigmas for a model, and the sampling run (guidance through gen.guidance, noise p
 
 from __future__ import annotations
 
+import math
+
 import torch
 from tqdm.auto import tqdm
 
@@ -37,10 +39,15 @@ def sigmas(pipe, sched: str, steps: int, latents: torch.Tensor, ms: Denoiser) ->
         scheduler.set_timesteps(**pipe.family.scheduler_kwargs(scheduler, steps, latents))
         out = scheduler.sigmas.float().cpu()
         return out, ms.noise_scale(float(out[0]), scheduler.config.get("timestep_spacing"))
+    if ms.kind == "flow":  # the resolution-dependent shift (Flux) where the model's own schedule takes it
+        scheduler = make_scheduler("flow-euler", pipe.formulation, pipe.scheduler_config)
+        mu = pipe.family.scheduler_kwargs(scheduler, steps, latents).get("mu")
+        if mu is not None and scheduler.config.get("use_dynamic_shifting"):
+            ms.set_shift(mu if scheduler.config.get("time_shift_type") == "linear" else math.exp(mu))
     fn = schedules.SCHEDULES[sched]
     out = fn(ms, steps, "sdxl" if pipe.family.name == "sdxl" else "sd1") if fn is schedules.align_your_steps \
         else fn(ms, steps)
-    return out, ms.noise_scale(float(out[0]), None)
+    return out, ms.noise_scale(float(out[0]), "named")
 
 
 def noise_for(s: names.Sampler, x: torch.Tensor, sig: torch.Tensor, generators, seeds: list[int]):

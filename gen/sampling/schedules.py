@@ -39,7 +39,8 @@ def polyexponential(ms, n: int, rho: float = 1.0) -> torch.Tensor:
 
 
 def normal(ms, n: int, sgm: bool = False) -> torch.Tensor:
-    """Evenly spaced timesteps from the model's first to last (ComfyUI's normal; A1111's Uniform); sgm: n + 1 points
+    """Evenly spaced timesteps from the model's first to last (ComfyUI's normal; A1111's Uniform, k-diffusion's
+    get_sigmas, and its Normal); sgm: n + 1 points
     with the last dropped (SGM Uniform, as Stability's generative-models spaces them)."""
     start, end = float(ms.t(torch.tensor(ms.sigma_max))), float(ms.t(torch.tensor(ms.sigma_min)))
     ts = torch.linspace(start, end, n + 1 if sgm else n, dtype=torch.float64)
@@ -110,7 +111,7 @@ def align_your_steps(ms, n: int, model: str = "sd1") -> torch.Tensor:
     return out
 
 
-SCHEDULES = {"normal": normal, "karras": karras, "exponential": exponential, "polyexponential": polyexponential,
+SCHEDULES = {"normal": normal, "uniform": normal, "karras": karras, "exponential": exponential, "polyexponential": polyexponential,
              "sgm_uniform": sgm_uniform, "simple": simple, "ddim_uniform": ddim_uniform, "beta": beta,
              "linear_quadratic": linear_quadratic, "kl_optimal": kl_optimal, "align_your_steps": align_your_steps}
 # schedules whose sigmas exceed 1 by construction, which a flow model's sigma in [0, 1] cannot take
