@@ -517,7 +517,8 @@ class Pipeline:
         rescale = d.get("guidance_rescale", 0.0) if guidance_rescale is None else guidance_rescale
         height = d["height"] if height is None else height
         width = d["width"] if width is None else width
-        by_diffusers, ksampler, schedule = ksampling.route(sampler or d["sampler"], schedule, self.formulation)
+        by_diffusers, ksampler, schedule = ksampling.route(sampler or d["sampler"], schedule or d.get("schedule"),
+                                                           self.formulation)
         sampler = by_diffusers or ksampler.name
         prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]  # _check rejects non-strings
         negs = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)

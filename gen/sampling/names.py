@@ -58,6 +58,13 @@ SAMPLERS = [
     Sampler("unipc", None, _d("unipc"), "UniPC", "uni_pc"),
     Sampler("dpm++2m-karras", None, _d("dpm++2m-karras"), None, None),
 ]
+# A1111's default schedule of its k-diffusion samplers (modules/sd_samplers_kdiffusion.py), where a PNG says
+# "Automatic"; the others take the model's own sigmas (its Uniform)
+A1111_DEFAULT = {"dpm++2m": "karras", "dpm++sde": "karras", "dpm++2m-sde": "exponential", "dpm2": "karras",
+                 "dpm++2m-sde-heun": "exponential", "dpm++2s-a": "karras", "dpm++3m-sde": "exponential",
+                 "dpm2-a": "karras"}
+# A1111's samplers that step over timesteps and ignore `Schedule type:` (sd_samplers_timesteps.py)
+A1111_TIMESTEP = ("DDIM", "PLMS", "UniPC")
 BY_NAME = {s.name: s for s in SAMPLERS}
 
 # gen's schedule name -> (A1111's label, ComfyUI's name)
@@ -146,3 +153,43 @@ def table() -> str:
              for n, (a, c) in SCHEDULES.items()]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def a1111_fields(name: str, schedule_name: str | None, formulation, base_config: dict | None = None) -> dict:
+    """`Sampler:` and, where A1111 reads one, `Schedule type:` (modules/sd_schedulers.py labels) for a run: the
+    named schedules by their labels; the model's own schedule on a diffusers scheduler as gen configures it:
+    Karras/Exponential/Beta sigmas by name, evenly spaced timesteps as Uniform (SGM Uniform where spacing is
+    trailing), a flow model's shifted linear sigmas as Simple. DDPM is A1111's DDIM at `Eta DDIM: 1`."""
+    from gen.samplers import make_scheduler
+
+    s, sched = sampler(name, schedule_name)
+    check(s, sched, formulation.kind)
+    label = "DDIM" if s.name == "ddpm" else s.a1111 or ("DPM++ 2M" if s.name == "dpm++2m-karras" else s.name)
+    fields = {"Sampler": label, **({"Eta DDIM": 1} if s.name == "ddpm" else {})}
+    if label in A1111_TIMESTEP:
+        return fields
+    if sched not in ("automatic", *SPACINGS):
+        return fields | ({"Schedule type": SCHEDULES[sched][0]} if SCHEDULES[sched][0] else {})
+    diffusers_name = (s.diffusers or {}).get(formulation.kind) or ("euler" if formulation.kind == "ddpm" else
+                                                                    "flow-euler")
+    config = make_scheduler(diffusers_name, formulation, base_config).config
+    spacing = sched if sched in SPACINGS else config.get("timestep_spacing")
+    flagged = [text for key, text in (("use_karras_sigmas", "Karras"), ("use_exponential_sigmas", "Exponential"),
+                                      ("use_beta_sigmas", "Beta")) if config.get(key)]
+    even = "Simple" if formulation.kind == "flow" else "SGM Uniform" if spacing == "trailing" else "Uniform"
+    return fields | {"Schedule type": flagged[0] if flagged else even}
+
+
+def from_a1111(label: str, schedule_label: str | None, eta_ddim: float, kind: str) -> tuple[str, str]:
+    """(gen's sampler, gen's schedule) that run what A1111 runs for a PNG's `Sampler:` / `Schedule type:` / `Eta
+    DDIM:` (old names such as "DPM++ 2M Karras" carry the schedule, as before A1111 1.9)."""
+    try:
+        s, sched = sampler(label, None if schedule_label in (None, "", "Automatic") else schedule_label)
+    except GenError as e:
+        raise GenError(f"the recipe's {e}; pass --sampler NAME and --scheduler NAME") from None
+    if s.a1111 in A1111_TIMESTEP:
+        return ("ddpm" if s.name == "ddim" and eta_ddim == 1 else s.name), "automatic"
+    if sched == "automatic":
+        sched = A1111_DEFAULT.get(s.name, "uniform")
+    check(s, sched, kind)
+    return s.name, sched
