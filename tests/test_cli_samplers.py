@@ -79,3 +79,15 @@ def test_a_sampler_the_formulation_cannot_take_is_one_line(dit_folder, tmp_path)
     one_line(gen("sample", "a cat", "--model", dit_folder, *ARGS, "--scheduler", "trailing", "--out", tmp_path),
              "schedule 'trailing' is for DDPM models")
     assert not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("sampler,schedule", [("lcm", "lcm"), ("euler", "trailing")])
+def test_the_few_step_commands_make_the_pipelines_image(sd_folder, tmp_path, sampler, schedule):
+    """README's `--sampler lcm --scheduler lcm --steps 4` and `--sampler euler --scheduler trailing --steps 4`."""
+    out = tmp_path / "a.png"
+    r = gen("sample", "a castle", "--model", sd_folder, "--sampler", sampler, "--scheduler", schedule, "--steps", 4,
+            "--seed", 1, "--height", 16, "--width", 16, "--no-progress", "--out", out)
+    assert r.returncode == 0, r.stderr
+    api = quiet_pipeline(sd_folder)("a castle", num_inference_steps=4, seed=1, height=16, width=16, sampler=sampler,
+                                    schedule=schedule).images[0]
+    assert pixels(out).std() > 3 and np.array_equal(pixels(out), np.asarray(api))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import (DPMSolverMultistepScheduler, DPMSolverSDEScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, FluxPipeline, HeunDiscreteScheduler,
-                       KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LMSDiscreteScheduler,
+                       KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
                        StableDiffusionPipeline)
 
 from gen.sampling import k, schedules
@@ -134,4 +134,20 @@ def test_flux_euler_on_the_simple_schedule_equals_diffusers(flux_folder):
                sampler=sampler, schedule="simple", output_type="np").images[0]
     diff = float(np.abs(ref - got).max())
     print(f"parity flux {flux_folder.parent.name} {sampler} simple: max abs diff {diff:.2e}")
+    assert ref.std() > 0.01 and diff <= TOL
+
+
+@pytest.mark.parametrize("sampler,schedule,cls,settings", [
+    ("lcm", "lcm", LCMScheduler, {}),
+    ("euler", "trailing", EulerDiscreteScheduler, dict(timestep_spacing="trailing")),
+    ("euler-a", "trailing", EulerAncestralDiscreteScheduler, dict(timestep_spacing="trailing")),
+], ids=["lcm", "euler-trailing", "euler-a-trailing"])
+def test_four_step_samplers_equal_diffusers_pipeline(theirs, ours, sampler, schedule, cls, settings):
+    """Few-step sampling (LCM, SDXL-Lightning/Hyper-SD's trailing Euler) from the seed alone, as diffusers runs it."""
+    theirs.scheduler = cls.from_config(theirs.folder_scheduler_config, **settings)
+    kw = dict(num_inference_steps=4, guidance_scale=GUIDANCE, height=SIZE, width=SIZE, output_type="np")
+    ref = theirs(PROMPT, generator=torch.Generator("cpu").manual_seed(SEED), **kw).images[0]
+    got = ours(PROMPT, seed=SEED, sampler=sampler, schedule=schedule, **kw).images[0]
+    diff = float(np.abs(ref - got).max())
+    print(f"parity sd 4-step {sampler} {schedule} vs {cls.__name__}: max abs diff {diff:.2e}")
     assert ref.std() > 0.01 and diff <= TOL

@@ -74,7 +74,7 @@ SCHEDULES = {
     "polyexponential": ("Polyexponential", None), "sgm_uniform": ("SGM Uniform", "sgm_uniform"),
     "kl_optimal": ("KL Optimal", "kl_optimal"), "align_your_steps": ("Align Your Steps", None),
     "simple": ("Simple", "simple"), "ddim_uniform": ("DDIM", "ddim_uniform"), "beta": ("Beta", "beta"),
-    "linear_quadratic": (None, "linear_quadratic"),
+    "linear_quadratic": (None, "linear_quadratic"), "lcm": (None, None),
     "leading": (None, None), "trailing": (None, None), "linspace": (None, None),
 }
 SPACINGS = ("leading", "trailing", "linspace")  # diffusers' timestep_spacing, on the model's own scheduler

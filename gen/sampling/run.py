@@ -47,7 +47,8 @@ def sigmas(pipe, sched: str, steps: int, latents: torch.Tensor, ms: Denoiser) ->
     fn = schedules.SCHEDULES[sched]
     out = fn(ms, steps, "sdxl" if pipe.family.name == "sdxl" else "sd1") if fn is schedules.align_your_steps \
         else fn(ms, steps)
-    return out, ms.noise_scale(float(out[0]), "named")
+    # the lcm schedule is LCMScheduler's, whose x_T is the N(0, 1) noise itself: sqrt(sigma^2 + 1) noise here
+    return out, ms.noise_scale(float(out[0]), None if sched == "lcm" else "named")
 
 
 def noise_for(s: names.Sampler, x: torch.Tensor, sig: torch.Tensor, generators, seeds: list[int]):

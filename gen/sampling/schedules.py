@@ -95,6 +95,17 @@ def kl_optimal(ms, n: int) -> torch.Tensor:
     return _done((w * math.atan(ms.sigma_min) + (1 - w) * math.atan(ms.sigma_max)).tan())
 
 
+def lcm(ms, n: int, original_steps: int = 50) -> torch.Tensor:
+    """LCM's timesteps (Luo et al. 2023, as diffusers' LCMScheduler): n evenly spaced indices into the distillation's
+    `original_steps` DDIM timesteps (T / original_steps apart, from the top)."""
+    if n > original_steps:
+        raise GenError(f"the lcm schedule takes at most {original_steps} steps (its distillation's), not {n}")
+    k = len(ms.sigmas) // original_steps
+    origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
+    picked = origin[np.floor(np.linspace(0, original_steps, n, endpoint=False)).astype(np.int64)]
+    return _done(ms.sigmas[torch.as_tensor(picked.copy())])
+
+
 # Align Your Steps (Sabour et al. 2024): NVIDIA's published 10-step sigmas, per model
 AYS = {"sd1": [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029],
        "sdxl": [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029]}
@@ -113,6 +124,7 @@ def align_your_steps(ms, n: int, model: str = "sd1") -> torch.Tensor:
 
 SCHEDULES = {"normal": normal, "uniform": normal, "karras": karras, "exponential": exponential, "polyexponential": polyexponential,
              "sgm_uniform": sgm_uniform, "simple": simple, "ddim_uniform": ddim_uniform, "beta": beta,
-             "linear_quadratic": linear_quadratic, "kl_optimal": kl_optimal, "align_your_steps": align_your_steps}
+             "linear_quadratic": linear_quadratic, "kl_optimal": kl_optimal, "align_your_steps": align_your_steps,
+             "lcm": lcm}
 # schedules whose sigmas exceed 1 by construction, which a flow model's sigma in [0, 1] cannot take
-VP_ONLY = {"align_your_steps"}
+VP_ONLY = {"align_your_steps", "lcm"}
