@@ -139,7 +139,7 @@ def _tags(loras: list[tuple[str, float]]) -> str:
 
 def infotext(r: Recipe, sampler_fields: dict) -> str:
     """The `parameters` text of an image: `sampler_fields` are A1111's Sampler / Schedule type / Eta DDIM
-    (gen.samplers.a1111_fields); the LoRAs go into the prompt as A1111's tags and into `Lora hashes`."""
+    (gen.sampling.names.a1111_fields); the LoRAs go into the prompt as A1111's tags and into `Lora hashes`."""
     prompt = " ".join(x for x in (r.prompt, _tags(r.loras)) if x)
     fields = {"Steps": r.steps, **sampler_fields, "CFG scale": float(r.guidance), "Seed": r.seed,
               "Size": f"{r.width}x{r.height}", "Model hash": r.model_hash, "Model": r.model_name,

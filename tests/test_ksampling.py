@@ -1,6 +1,6 @@
-"""gen.sampling's samplers and schedules against diffusers' schedulers with the same settings, on tiny random SD-1.x
-and Flux models: max abs difference <= 1e-4 on [0, 1] images. (k-diffusion's package is not the reference here: its
-import pulls clean-fid, kornia, wandb, torchvision and more.)
+"""gen.sampling's samplers and schedules against diffusers' schedulers with the same settings, on tiny random
+SD-1.x, SDXL and Flux models: max abs difference <= 1e-4 on [0, 1] images. (k-diffusion's package is not the
+reference here: its import pulls clean-fid, kornia, wandb, torchvision and more.)
 
 Starting noise: gen's named schedules start at noise * sigma_max (k-diffusion's and A1111's convention), which is
 diffusers' init_noise_sigma for "linspace" spacing; diffusers' DPM-Solver schedulers work on x_t = sqrt(abar) x, where
@@ -12,7 +12,7 @@ import torch
 from diffusers import (DPMSolverMultistepScheduler, DPMSolverSDEScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, FluxPipeline, HeunDiscreteScheduler,
                        KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
-                       StableDiffusionPipeline)
+                       StableDiffusionPipeline, StableDiffusionXLPipeline)
 
 from gen.sampling import k, schedules
 from gen.sampling.model import Denoiser, GeneratorNoise
@@ -134,6 +134,26 @@ def test_flux_euler_on_the_simple_schedule_equals_diffusers(flux_folder):
                sampler=sampler, schedule="simple", output_type="np").images[0]
     diff = float(np.abs(ref - got).max())
     print(f"parity flux {flux_folder.parent.name} {sampler} simple: max abs diff {diff:.2e}")
+    assert ref.std() > 0.01 and diff <= TOL
+
+
+SDXL_CASES = [("euler", "karras", EulerDiscreteScheduler, dict(use_karras_sigmas=True)),
+              ("dpm++2m", "karras", DPMSolverMultistepScheduler, dict(use_karras_sigmas=True)),
+              ("dpm2-a", "karras", KDPM2AncestralDiscreteScheduler, dict(use_karras_sigmas=True))]
+
+
+@pytest.mark.parametrize("sampler,schedule,cls,settings", SDXL_CASES, ids=[a for a, _, _, _ in SDXL_CASES])
+def test_sdxl_sampler_and_schedule_equal_diffusers(sdxl_folder, sampler, schedule, cls, settings):
+    theirs = diffusers_pipeline(StableDiffusionXLPipeline, sdxl_folder)
+    theirs.scheduler = cls.from_config(theirs.folder_scheduler_config, timestep_spacing="linspace", **settings)
+    g, latents = diffusers_start(theirs, cls is DPMSolverMultistepScheduler)
+    ref = theirs(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE, width=SIZE, generator=g,
+                 latents=latents, output_type="np").images[0]
+    got = quiet_pipeline(sdxl_folder)(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE,
+                                      width=SIZE, seed=SEED, sampler=sampler, schedule=schedule,
+                                      output_type="np").images[0]
+    diff = float(np.abs(ref - got).max())
+    print(f"parity sdxl {sampler} {schedule} vs {cls.__name__}: max abs diff {diff:.2e}")
     assert ref.std() > 0.01 and diff <= TOL
 
 

@@ -213,8 +213,8 @@ def test_from_reads_an_a1111_png(sd_folder, lora_file, tmp_path, capsys, caplog)
     pipe.progress = False
     pipe.load_lora(lora_file, scale=0.5)
     expected = pipe("a red circle ", negative_prompt="blurry", num_inference_steps=3, guidance_scale=6.0, seed=7,
-                    height=16, width=16, sampler="dpm++2m", schedule="karras", clip_skip=2).images[0]  # A1111 takes the tag out,
-    # not the space
+                    height=16, width=16, sampler="dpm++2m", schedule="karras",  # A1111's DPM++ 2M, Karras
+                    clip_skip=2).images[0]  # A1111 takes the tag out, not the space
     assert np.array_equal(pixels(out), np.asarray(expected))
     assert a1111_sampler(a1111_parse(Image.open(out).text["parameters"])) == ("DPM++ 2M", "Karras")
 

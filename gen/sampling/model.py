@@ -130,7 +130,8 @@ class BrownianNoise:
         try:
             import torchsde
         except ImportError:
-            raise GenError("the SDE samplers (dpm++sde, dpm++2m-sde, dpm++3m-sde) need torchsde: pip install gen[sde]") from None
+            raise GenError("the SDE samplers (dpm++sde, dpm++2m-sde, dpm++3m-sde) need torchsde: "
+                           "pip install gen[sde]") from None
         self.t0, self.t1 = float(sigma_min), float(sigma_max)
         w0 = torch.zeros_like(x[0])
         self.trees = [torchsde.BrownianTree(torch.as_tensor(self.t0), w0, torch.as_tensor(self.t1), entropy=s)

@@ -94,7 +94,8 @@ def _index(pairs) -> dict[str, str]:
 
 
 _SAMPLER_INDEX = _index((s.name, (s.a1111, s.comfy, *s.aliases)) for s in SAMPLERS)
-_SCHEDULE_INDEX = _index((n, labels) for n, labels in SCHEDULES.items()) | {"sgm": "sgm_uniform", "ays": "align_your_steps"}
+_SCHEDULE_INDEX = _index((n, labels) for n, labels in SCHEDULES.items()) | {"sgm": "sgm_uniform",
+                                                                            "ays": "align_your_steps"}
 
 
 def _unknown(what: str, name: str, names) -> GenError:

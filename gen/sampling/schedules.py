@@ -122,7 +122,8 @@ def align_your_steps(ms, n: int, model: str = "sd1") -> torch.Tensor:
     return out
 
 
-SCHEDULES = {"normal": normal, "uniform": normal, "karras": karras, "exponential": exponential, "polyexponential": polyexponential,
+SCHEDULES = {"normal": normal, "uniform": normal, "karras": karras, "exponential": exponential,
+             "polyexponential": polyexponential,
              "sgm_uniform": sgm_uniform, "simple": simple, "ddim_uniform": ddim_uniform, "beta": beta,
              "linear_quadratic": linear_quadratic, "kl_optimal": kl_optimal, "align_your_steps": align_your_steps,
              "lcm": lcm}
