@@ -27,12 +27,15 @@ def one_line(r, *parts):
 def test_list_samplers_prints_every_name_and_formulation():
     r = gen("sample", "--list-samplers")
     assert r.returncode == 0, r.stderr
-    rows = {line.split()[0]: line for line in r.stdout.splitlines() if line.strip()}
+    sampler_part, schedule_part = r.stdout.split("\n\n")
+    rows = {line.split()[0]: line for line in sampler_part.splitlines()}
     for s in names.SAMPLERS:
         assert all(label in rows[s.name] for label in (s.a1111, s.comfy, *s.aliases) if label), s.name
     assert rows["dpm++2m-sde"].endswith("  ddpm") and rows["euler"].endswith("ddpm, flow")
     assert "DPM++ 2M SDE" in rows["dpm++2m-sde"] and "dpmpp_2m_sde" in rows["dpm++2m-sde"]
-    assert all(n in rows for n in ("karras", "exponential", "sgm_uniform", "kl_optimal", "beta", "trailing"))
+    schedules = {line.split()[0]: line for line in schedule_part.splitlines()}
+    assert all(n in schedules for n in ("karras", "exponential", "sgm_uniform", "kl_optimal", "beta", "trailing"))
+    assert schedules["lcm"].endswith("  ddpm") and "SGM Uniform" in schedules["sgm_uniform"]
 
 
 def test_a1111_comfyui_and_gen_names_make_the_same_image_and_from_remakes_it(sd_folder, tmp_path):
