@@ -35,7 +35,13 @@ def _add_sample(sub) -> None:
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("START", "END"),
                    help="apply guidance only over this fraction of the steps (default 0 1: all); the steps "
                         "outside skip the unconditional pass (Kynkaanniemi et al. 2024)")
-    p.add_argument("--sampler", default=None)
+    p.add_argument("--sampler", default=None, help="gen's, A1111's or ComfyUI's name (euler, \"DPM++ 2M SDE\", "
+                   "dpmpp_2m_sde, ...; --list-samplers lists them)")
+    p.add_argument("--scheduler", dest="schedule", default=None, metavar="NAME",
+                   help="the sigma schedule: karras, exponential, normal, simple, beta, trailing, ... (A1111's or "
+                        "ComfyUI's names too; default: the model's own)")
+    p.add_argument("--list-samplers", action="store_true", help="print the samplers and schedules, with their "
+                   "A1111 and ComfyUI names and the formulations (ddpm: epsilon/v, flow) each serves, and exit")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-images", type=int, default=None, help="images per prompt (default 1)")
     p.add_argument("--batch-size", type=int, default=1,
@@ -184,7 +190,7 @@ def _apply_recipe(r, args) -> None:
     """Fills what the command line left unset from a --from recipe; a model or LoRA file it names must exist."""
     if args.negative_prompt is None and r.negative_prompt:  # none recorded is none given: SDXL's zero negative
         args.negative_prompt = r.negative_prompt
-    for key in ("steps", "guidance", "seed", "width", "height", "sampler", "guidance_rescale",
+    for key in ("steps", "guidance", "seed", "width", "height", "sampler", "schedule", "guidance_rescale",
                 "guidance_interval", "cache_interval", "weights"):
         if getattr(args, key) is None:
             setattr(args, key, getattr(r, key))
@@ -233,8 +239,8 @@ def _apply_recipe(r, args) -> None:
 
 def _check_against_recipe(r, args, pipe, model_hash: str | None, lora_hashes: dict[str, str]) -> None:
     """Warns where the model, a LoRA or an embedding differs from the one the recipe recorded; takes an A1111
-    recipe's sampler."""
-    from gen.samplers import from_a1111
+    recipe's sampler and schedule."""
+    from gen.sampling.names import from_a1111
 
     if r.model_hash and model_hash and r.model_hash != model_hash:
         log.warning("%s was made with model hash %s; this model's is %s, so the image will differ",
@@ -248,7 +254,8 @@ def _check_against_recipe(r, args, pipe, model_hash: str | None, lora_hashes: di
             log.warning("%s was made with the embedding %s of hash %s; %s's is %s", args.recipe, e.name,
                         r.ti_hashes[e.name], e.path, e.short_hash())
     if args.sampler is None and r.a1111_sampler:
-        args.sampler = from_a1111(*r.a1111_sampler, pipe.formulation.kind)
+        args.sampler, schedule = from_a1111(*r.a1111_sampler, pipe.formulation.kind)
+        args.schedule = args.schedule or schedule
 
 
 def _jobs(args) -> list[tuple[int, dict]]:
@@ -273,7 +280,7 @@ def _runs(args, jobs, pipe) -> list[tuple[int, dict]]:
     """The pipeline call of each job: its line's settings, else the flags (and recipe), else the model's
     defaults; every --prompts line is checked against the model before the first image."""
     d = pipe.defaults
-    shared = dict(sampler=_first(args.sampler, d["sampler"]),
+    shared = dict(sampler=_first(args.sampler, d["sampler"]), schedule=_first(args.schedule, d.get("schedule")),
                   guidance_rescale=_first(args.guidance_rescale, d.get("guidance_rescale", 0.0)),
                   guidance_interval=tuple(_first(args.guidance_interval, (0.0, 1.0))),
                   cache_interval=_first(args.cache_interval, 1), num_images_per_prompt=_first(args.num_images, 1),
@@ -325,12 +332,18 @@ def cmd_sample(args) -> int:
 
     from gen import recipe
     from gen.pipeline import DEFAULT_MODEL, Pipeline
-    from gen.samplers import a1111_fields
+    from gen.sampling import names
 
+    if args.list_samplers:
+        print(names.table())
+        return 0
     base = recipe.read_png(args.recipe) if args.recipe else None
     if base is not None:
         _apply_recipe(base, args)
     jobs = _jobs(args)
+    if args.sampler is not None:  # unknown names fail before the model loads
+        names.sampler(args.sampler, args.schedule)
+    names.schedule(args.schedule)
     workflow = _workflow(args)
     if workflow["prompt_weighting"]:  # a malformed (word:weight) fails before the model loads
         from gen.prompt_weights import parse
@@ -359,9 +372,12 @@ def cmd_sample(args) -> int:
     if base is not None:
         _check_against_recipe(base, args, pipe, model_hash.result(), lora_hashes)
     runs = _runs(args, jobs, pipe)
-    sampler = runs[0][1]["sampler"]
-    sampler_fields = a1111_fields(sampler, pipe.formulation, pipe.scheduler_config)
-    written = dict(sampler=sampler, model=str(model_path.resolve()) if args.model else None,
+    sampler, schedule = runs[0][1]["sampler"], runs[0][1]["schedule"]
+    s, sched = names.sampler(sampler, schedule)
+    if sampler not in (s.name, *s.aliases, *(s.diffusers or {}).values()):  # A1111's or ComfyUI's name: gen's
+        sampler, schedule = s.name, None if sched == "automatic" else sched
+    sampler_fields = names.a1111_fields(sampler, schedule, pipe.formulation, pipe.scheduler_config)
+    written = dict(sampler=sampler, schedule=schedule, model=str(model_path.resolve()) if args.model else None,
                    model_name=model_path.name if args.model else "gen-default", loras=loras, lora_hashes=lora_hashes,
                    weights=pipe.weights, vae_tile=pipe.vae_tiling)
     seed = _first(args.seed, random.randrange(2 ** 32))  # lines without a seed take the next ones

@@ -19,12 +19,13 @@ from gen import attention as attn
 from gen import families, formulations, img2img
 from gen import prompt_weights as pw
 from gen.errors import GenError
-from gen.guidance import SkipLayers, check_guidance, guide, in_interval, uses_cfg
+from gen.guidance import SkipLayers, check_guidance, guided_prediction, uses_cfg
 from gen.io import load_model, read_json
 from gen.models import vae as vae_lib
 from gen.models.text import TextEncoder
 from gen.output import PipelineOutput
-from gen.samplers import check_sampler, default_sampler, make_scheduler, sampler_name
+from gen.samplers import default_sampler, make_scheduler, sampler_name
+from gen.sampling import run as ksampling
 
 log = logging.getLogger("gen")
 
@@ -495,7 +496,7 @@ class Pipeline:
                  hires_steps: int | None = None, hires_upscaler: str = "latent",
                  skip_guidance_layers: list[int] | None = None, skip_layer_guidance_scale: float = 2.8,
                  skip_layer_guidance_start: float = 0.01, skip_layer_guidance_stop: float = 0.2,
-                 max_sequence_length: int | None = None) -> PipelineOutput:
+                 max_sequence_length: int | None = None, schedule: str | None = None) -> PipelineOutput:
         """Generates images.
 
         Args:
@@ -529,6 +530,7 @@ class Pipeline:
                 skip_layer_guidance_scale on the steps between the start and stop fractions; as diffusers'
                 StableDiffusion3Pipeline (7, 8, 9 with scale 2.8 for SD3.5-medium), and only with guidance > 1.
             max_sequence_length: the T5 encoder's token length (SD3: 256 by default, Flux: 512), as diffusers'.
+            sampler, schedule: gen's, A1111's or ComfyUI's names (gen.sampling.names); schedule None: the model's own.
 
         Returns:
             PipelineOutput with `.images` and the `.seeds` used.
@@ -547,7 +549,9 @@ class Pipeline:
         rescale = d.get("guidance_rescale", 0.0) if guidance_rescale is None else guidance_rescale
         height = d["height"] if height is None else height
         width = d["width"] if width is None else width
-        sampler = sampler or d["sampler"]
+        by_diffusers, ksampler, schedule = ksampling.route(sampler or d["sampler"], schedule or d.get("schedule"),
+                                                           self.formulation)
+        sampler = by_diffusers or ksampler.name
         prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]  # _check rejects non-strings
         negs = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
         self._check(prompts, negs, steps, scale, rescale, guidance_interval, height, width,
@@ -586,8 +590,11 @@ class Pipeline:
             x0 = img2img.encode(self, source, generator, n) if source is not None else None
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         latents, extra = self.family.pack(latents)  # extra: conditioning the packing adds (position ids)
-        scheduler = make_scheduler(sampler, self.formulation, self.scheduler_config)  # before encoding: it may refuse
-        scheduler.set_timesteps(device=self.device, **self.family.scheduler_kwargs(scheduler, steps, latents))
+        if by_diffusers is None:  # before encoding: it may refuse
+            plan = ksampling.prepare(self, schedule, steps, latents, source is not None)
+        else:
+            scheduler = make_scheduler(sampler, self.formulation, self.scheduler_config)
+            scheduler.set_timesteps(device=self.device, **self.family.scheduler_kwargs(scheduler, steps, latents))
         extra = {k: v.to(self.device) for k, v in (extra | embedded).items()}
         with self._on_device(*(t.model for t in texts)):  # each tower runs once per prompt batch, not per image
             cond = families.repeat(self.encode_prompts(prompts, height, width, texts), num_images_per_prompt) | extra
@@ -599,8 +606,12 @@ class Pipeline:
         if both is None and slg is not None:
             log.info("skip-layer guidance needs classifier-free guidance (guidance > 1); it is off for this call")
             slg = None
-        run = img2img.Start(latents * getattr(scheduler, "init_noise_sigma", 1.0), 0) if source is None else \
-            img2img.start(self, source, scheduler, steps, latents, x0, generator, n)  # FlowMatch sigma: 1
+        if by_diffusers is None:  # the k-diffusion-style samplers scale the noise to their first sigma themselves
+            run = img2img.Start(latents, 0)
+        elif source is None:
+            run = img2img.Start(latents * getattr(scheduler, "init_noise_sigma", 1.0), 0)
+        else:
+            run = img2img.start(self, source, scheduler, steps, latents, x0, generator, n)  # FlowMatch sigma: 1
         predict = self._predict
         if cache_interval != 1:
             from gen.fastmode import FeatureCache, forward_fn, kind
@@ -610,9 +621,12 @@ class Pipeline:
             predict = lambda x, t, c: cache(x, t, **self.family.denoiser_kwargs(c))  # noqa: E731
         predict = run.wrap(predict) if run.wrap else predict
         with attn.use_backend(self.attention), self._on_device(self.denoiser):
-            latents = denoise(predict, scheduler, run.latents, cond, both, scale, rescale,
-                              guidance_interval, generator, self._progress_bar_config, run.first, run.after_step,
-                              slg)
+            if by_diffusers is None:
+                latents = ksampling.run(ksampler, plan, predict, run.latents, cond, both, scale, rescale,
+                                        guidance_interval, slg, generator, seeds, self._progress_bar_config)
+            else:
+                latents = denoise(predict, scheduler, run.latents, cond, both, scale, rescale, guidance_interval,
+                                  generator, self._progress_bar_config, run.first, run.after_step, slg)
         latents = self.family.unpack(latents, height // f, width // f)
 
         if output_type == "latent":
@@ -652,7 +666,6 @@ class Pipeline:
             img2img.check_side(side, v, m)
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise GenError(f"num_images_per_prompt must be an integer >= 1, not {num_images!r}")
-        check_sampler(sampler, self.formulation)
         if output_type not in OUTPUT_TYPES:
             raise GenError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, not {output_type!r}")
 
@@ -671,16 +684,8 @@ def denoise(predict, scheduler, latents: torch.Tensor, cond: dict, uncond_cond: 
     timesteps = scheduler.timesteps[first:]
     bar = {"desc": "sampling", "leave": False, **progress_bar} if progress_bar is not None else {"disable": True}
     for i, t in enumerate(tqdm(timesteps, **bar)):
-        guided = uncond_cond is not None and in_interval(i, len(timesteps), interval)
-        x = torch.cat([latents] * 2) if guided else latents
-        if scale_input is not None:
-            x = scale_input(x, t)
-        pred = predict(x, t, uncond_cond if guided else cond)
-        if guided:
-            uncond, c = pred.chunk(2)
-            pred = guide(uncond, c, scale, rescale)
-            if skip_layers is not None and skip_layers.applies(i):
-                pred = skip_layers.guide(pred, c, predict(latents, t, cond, skip_layers=skip_layers.layers))
+        pred = guided_prediction(predict, latents, t, i, len(timesteps), cond, uncond_cond, scale, rescale, interval,
+                                 skip_layers, scale_input)
         latents = scheduler.step(pred, t, latents, return_dict=False, **step_kwargs)[0]
         if after_step is not None:
             latents = after_step(first + i, latents)

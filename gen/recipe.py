@@ -32,7 +32,7 @@ GEN_LORA = re.compile(r"gen LoRA (\d+)")
 GEN_EMBEDDING = re.compile(r"gen embedding (\d+)")
 # Fields a recipe is read from; the others (A1111's VAE, ...) are named in a warning.
 READ = {"Steps", "Sampler", "Schedule type", "Eta DDIM", "CFG scale", "Seed", "Size", "Model hash", "Model",
-        "Lora hashes", "Version", "gen sampler", "gen guidance rescale", "gen guidance interval",
+        "Lora hashes", "Version", "gen sampler", "gen schedule", "gen guidance rescale", "gen guidance interval",
         "gen cache interval", "gen model", "Denoising strength", "Clip skip", "Emphasis", "Mask blur",
         "Inpaint area", "Masked area padding", "Hires upscale", "Hires steps", "Hires upscaler", "gen init image",
         "gen mask", "gen weights", "gen VAE tile", "TI hashes"}
@@ -51,6 +51,7 @@ class Recipe:
     width: int | None = None
     height: int | None = None
     sampler: str | None = None  # gen's name; A1111's recipes leave it to `a1111_sampler`
+    schedule: str | None = None  # gen's name of a named schedule (gen.sampling.names); None: the model's own
     guidance_rescale: float = 0.0
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     cache_interval: int = 1
@@ -139,12 +140,12 @@ def _tags(loras: list[tuple[str, float]]) -> str:
 
 def infotext(r: Recipe, sampler_fields: dict) -> str:
     """The `parameters` text of an image: `sampler_fields` are A1111's Sampler / Schedule type / Eta DDIM
-    (gen.samplers.a1111_fields); the LoRAs go into the prompt as A1111's tags and into `Lora hashes`."""
+    (gen.sampling.names.a1111_fields); the LoRAs go into the prompt as A1111's tags and into `Lora hashes`."""
     prompt = " ".join(x for x in (r.prompt, _tags(r.loras)) if x)
     fields = {"Steps": r.steps, **sampler_fields, "CFG scale": float(r.guidance), "Seed": r.seed,
               "Size": f"{r.width}x{r.height}", "Model hash": r.model_hash, "Model": r.model_name,
               "Lora hashes": ", ".join(f"{k}: {v}" for k, v in r.lora_hashes.items()) or None,
-              "gen sampler": r.sampler,
+              "gen sampler": r.sampler, "gen schedule": r.schedule if r.schedule != "automatic" else None,
               "gen guidance rescale": float(r.guidance_rescale) if r.guidance_rescale else None,
               "gen guidance interval": (", ".join(number(float(x)) for x in r.guidance_interval)
                                         if tuple(r.guidance_interval) != (0.0, 1.0) else None),
@@ -188,7 +189,8 @@ def from_text(text: str, source: str = "the recipe") -> Recipe:
             raise GenError(f"{source}: the field {key!r} is {f[key]!r}, not {what}") from None
 
     r = Recipe(negative_prompt=negative, steps=get("Steps", int), guidance=get("CFG scale", float),
-               seed=get("Seed", int), sampler=f.get("gen sampler"), model=f.get("gen model"),
+               seed=get("Seed", int), sampler=f.get("gen sampler"), schedule=f.get("gen schedule"),
+               model=f.get("gen model"),
                model_name=f.get("Model"), model_hash=f.get("Model hash"), by_gen="gen sampler" in f,
                guidance_rescale=get("gen guidance rescale", float, 0.0),
                cache_interval=get("gen cache interval", int, 1), clip_skip=get("Clip skip", int, 1),

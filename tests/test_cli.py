@@ -46,7 +46,7 @@ def test_sample_never_overwrites(dit_folder, tmp_path):
     (["--height", "30"], "height must be a positive multiple of 4"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--guidance", "-2"], "--guidance must be >= 0"),
-    (["--sampler", "bogus"], "unknown sampler 'bogus'; valid for this flow model: flow-euler, flow-heun"),
+    (["--sampler", "bogus"], "unknown sampler 'bogus' (`gen sample --list-samplers` lists them all)"),
     (["--device", "cuda"], "no CUDA GPU"),
     (["--dtype", "fp8"], "unknown dtype"),
     (["--seed", "-5"], "seed must be an integer"),

@@ -111,7 +111,7 @@ def test_empty_unicode_and_long_prompts(dit_pipe, caplog):
     ({"width": 0}, "width must be a positive multiple"),
     ({"num_inference_steps": 0}, "steps must be an integer >= 1"),
     ({"guidance_scale": -1.0}, "guidance scale must be >= 0"),
-    ({"sampler": "ddim"}, "is for ddpm models"),
+    ({"sampler": "ddim"}, "cannot sample flow models"),
     ({"sampler": "nope"}, "unknown sampler"),
     ({"seed": -1}, "seed must be an integer"),
     ({"seed": 2 ** 64}, "seed must be an integer"),

@@ -16,7 +16,9 @@ from tests.test_lora import peft_lora_saved_by_diffusers
 from gen import recipe
 from gen.cli import main
 from gen.pipeline import Pipeline
-from gen.samplers import SAMPLERS, a1111_fields, from_a1111
+from gen.samplers import SAMPLERS
+from gen.sampling import names
+from gen.sampling.names import a1111_fields, from_a1111
 
 # ---- AUTOMATIC1111's reading, re-implemented from its source (AUTOMATIC1111/stable-diffusion-webui, master) --
 # modules/infotext_utils.py: re_param, re_imagesize, unquote() and parse_generation_parameters() (without the
@@ -211,8 +213,8 @@ def test_from_reads_an_a1111_png(sd_folder, lora_file, tmp_path, capsys, caplog)
     pipe.progress = False
     pipe.load_lora(lora_file, scale=0.5)
     expected = pipe("a red circle ", negative_prompt="blurry", num_inference_steps=3, guidance_scale=6.0, seed=7,
-                    height=16, width=16, sampler="dpm++2m-karras", clip_skip=2).images[0]  # A1111 takes the tag out,
-    # not the space
+                    height=16, width=16, sampler="dpm++2m", schedule="karras",  # A1111's DPM++ 2M, Karras
+                    clip_skip=2).images[0]  # A1111 takes the tag out, not the space
     assert np.array_equal(pixels(out), np.asarray(expected))
     assert a1111_sampler(a1111_parse(Image.open(out).text["parameters"])) == ("DPM++ 2M", "Karras")
 
@@ -224,15 +226,34 @@ def pipes(sd_folder, dit_folder):
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_every_sampler_has_its_a1111_name(name, pipes):
+    """gen's diffusers-scheduler samplers on the model's own schedule, as A1111 reads them; and what gen runs for
+    those fields again writes the same fields."""
     pipe = pipes[SAMPLERS[name][0]]
-    fields = a1111_fields(name, pipe.formulation, pipe.scheduler_config)
+    fields = a1111_fields(name, None, pipe.formulation, pipe.scheduler_config)
     r = recipe.Recipe(prompt="x", steps=2, guidance=3.0, seed=1, width=16, height=16, sampler=name)
     res = a1111_parse(recipe.infotext(r, fields))
     assert a1111_sampler(res) == EXPECTED[name]
     assert res.get("Eta DDIM") == ("1" if name == "ddpm" else None)  # DDIM at eta 1 is DDPM
-    # and gen reads A1111's fields back as the same sampler when its own field is not there
     eta = float(res.get("Eta DDIM", 0))
-    assert from_a1111(res["Sampler"], res["Schedule type"], eta, pipe.formulation.kind) == name
+    again = a1111_fields(*from_a1111(res["Sampler"], res["Schedule type"], eta, pipe.formulation.kind),
+                         pipe.formulation, pipe.scheduler_config)
+    assert a1111_sampler(a1111_parse(recipe.infotext(r, again))) == EXPECTED[name]
+
+
+A1111_LABELED = [(s.name, n) for s in names.SAMPLERS if s.a1111 and s.a1111 not in A1111_TIMESTEPS and s.fn
+                 for n, (label, _) in names.SCHEDULES.items() if label and label != "Automatic"]
+
+
+@pytest.mark.parametrize("name,schedule", A1111_LABELED)
+def test_every_a1111_sampler_and_schedule_round_trips(name, schedule, pipes):
+    """Each of gen's samplers A1111 has, on each schedule A1111 has, is written as A1111's labels, which A1111's
+    parser reads as that sampler and schedule, and gen's --from reading reads back as the same pair."""
+    pipe = pipes["ddpm"]
+    fields = a1111_fields(name, schedule, pipe.formulation, pipe.scheduler_config)
+    res = a1111_parse(recipe.infotext(recipe.Recipe(prompt="x", steps=2, guidance=3.0, seed=1, width=16,
+                                                    height=16, sampler=name), fields))
+    assert a1111_sampler(res) == (names.BY_NAME[name].a1111, names.SCHEDULES[schedule][0])
+    assert from_a1111(res["Sampler"], res["Schedule type"], 0.0, "ddpm") == (name, schedule)
 
 
 def test_values_with_commas_colons_newlines_and_quotes_survive():
