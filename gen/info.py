@@ -78,6 +78,21 @@ def describe_file(path: Path) -> str:
     return "\n".join(lines)
 
 
+def describe_gguf(path: Path) -> str:
+    """A GGUF denoiser file, and what it needs beside it, as `gen info` says it of a transformer-only .safetensors."""
+    from gen import single_file
+    from gen.families.mmdit_file import missing_message, missing_parts
+    from gen.quant import gguf
+
+    lines, arch, names = gguf.describe(path)
+    if arch in gguf.LDM:
+        missing = "holds the UNet only: gen does not read its text encoders and VAE from component files yet"
+    else:
+        family = single_file.detect(path, dict.fromkeys(names, []))
+        missing = f"missing: {missing_message(path, family, *missing_parts(family, names, None))}"
+    return "\n".join(lines + [f"  {missing}"])
+
+
 # What bug reports in this field ask for (diffusers' and transformers' `env` commands list the same).
 KEY_PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "huggingface_hub",
                 "tokenizers", "numpy", "pillow", "triton", "xformers")
@@ -107,8 +122,6 @@ def describe(path: str | Path) -> str:
     if path.is_file() and path.suffix == ".safetensors":
         return describe_file(path)
     if path.is_file() and path.suffix == ".gguf":
-        from gen.quant.gguf import describe as describe_gguf
-
         return describe_gguf(path)
     if not path.exists():
         raise GenError(f"not found: {path}")

@@ -51,30 +51,20 @@ def _open(path: Path):
     return reader, arch
 
 
-def describe(path: Path) -> str:
-    """`gen info` for a GGUF file: architecture, tensors per storage type, parameters and bytes."""
+def describe(path: Path) -> tuple[list[str], str, set[str]]:
+    """`gen info`'s lines for a GGUF file (architecture, tensors per storage type, parameters and bytes), its
+    architecture and its tensor names."""
     from collections import Counter
 
     reader, arch = _open(path)
     types = Counter(gguf_module().GGMLQuantizationType(t.tensor_type).name for t in reader.tensors)
     values = sum(int(t.n_elements) for t in reader.tensors)
     stored = sum(int(t.n_bytes) for t in reader.tensors)
-    return "\n".join([f"GGUF file {path}", f"  architecture: {arch}",
-                      f"  tensors: {len(reader.tensors)} ({', '.join(f'{n} {k}' for k, n in types.most_common())})",
-                      f"  parameters: {values / 1e6:.2f}M in {stored / 2 ** 20:.1f} MiB "
-                      f"({8 * stored / max(values, 1):.2f} bits a value)", _missing(path, arch, reader)])
-
-
-def _missing(path: Path, arch: str, reader) -> str:
-    """What a denoiser-only GGUF needs beside it, as `gen info` says it of a transformer-only .safetensors file."""
-    if arch in LDM:
-        return "  holds the UNet only: gen does not read its text encoders and VAE from component files yet"
-    from gen.families.mmdit_file import missing_message, missing_parts
-    from gen.single_file import detect
-
-    names = {t.name: [] for t in reader.tensors}
-    family = detect(path, names)
-    return f"  missing: {missing_message(path, family, *missing_parts(family, set(names), None))}"
+    lines = [f"GGUF file {path}", f"  architecture: {arch}",
+             f"  tensors: {len(reader.tensors)} ({', '.join(f'{n} {k}' for k, n in types.most_common())})",
+             f"  parameters: {values / 1e6:.2f}M in {stored / 2 ** 20:.1f} MiB "
+             f"({8 * stored / max(values, 1):.2f} bits a value)"]
+    return lines, arch, {t.name for t in reader.tensors}
 
 
 def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], dict[str, str]]:
