@@ -6,6 +6,9 @@ Starting noise: gen's named schedules start at noise * sigma_max (k-diffusion's 
 diffusers' init_noise_sigma for "linspace" spacing; diffusers' DPM-Solver schedulers work on x_t = sqrt(abar) x, where
 that start is noise * sigma_max / sqrt(sigma_max^2 + 1): given as their latents, drawn from the same generator."""
 
+import json
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -196,3 +199,28 @@ def test_four_step_samplers_equal_diffusers_pipeline(theirs, ours, sampler, sche
     diff = float(np.abs(ref - got).max())
     print(f"parity sd 4-step {sampler} {schedule} vs {cls.__name__}: max abs diff {diff:.2e}")
     assert ref.std() > 0.01 and diff <= TOL
+
+
+def test_an_lcm_scheduler_folder_samples_as_diffusers_pipeline_with_it(sd_folder, tmp_path, caplog):
+    """A folder saved with an LCMScheduler (an LCM-LoRA fused in) defaults to gen's lcm sampler on the lcm schedule
+    (the folder's original_inference_steps) at 4 steps, guidance 1, without a warning: diffusers' image with that
+    scheduler; gen's save keeps the scheduler."""
+    pipe = diffusers_pipeline(StableDiffusionPipeline, sd_folder)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=25)
+    pipe.save_pretrained(tmp_path / "lcm")
+    with caplog.at_level(logging.WARNING, logger="gen"):
+        ours = quiet_pipeline(tmp_path / "lcm")
+    assert not caplog.records, caplog.text
+    d = ours.defaults
+    assert (d["sampler"], d["schedule"], d["steps"], d["guidance"]) == ("lcm", "lcm", 4, 1.0)
+    ref = pipe(PROMPT, num_inference_steps=4, guidance_scale=1.0, height=SIZE, width=SIZE, output_type="np",
+               generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
+    got = ours(PROMPT, height=SIZE, width=SIZE, seed=SEED, output_type="np").images[0]
+    other = ours(PROMPT, height=SIZE, width=SIZE, seed=SEED, output_type="np", schedule="normal").images[0]
+    diff = float(np.abs(ref - got).max())
+    print(f"parity sd LCMScheduler folder (lcm, 4 steps, guidance 1): max abs diff {diff:.2e}, "
+          f"on the normal schedule {float(np.abs(ref - other).max()):.2e}")
+    assert ref.std() > 0.01 and diff <= TOL < float(np.abs(ref - other).max())
+    ours.save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == "LCMScheduler" and saved["original_inference_steps"] == 25
