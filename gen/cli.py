@@ -279,8 +279,10 @@ def _jobs(args) -> list[tuple[int, dict]]:
 def _runs(args, jobs, pipe) -> list[tuple[int, dict]]:
     """The pipeline call of each job: its line's settings, else the flags (and recipe), else the model's
     defaults; every --prompts line is checked against the model before the first image."""
+    from gen.samplers import own_schedule
+
     d = pipe.defaults
-    shared = dict(sampler=_first(args.sampler, d["sampler"]), schedule=_first(args.schedule, d.get("schedule")),
+    shared = dict(sampler=_first(args.sampler, d["sampler"]), schedule=_first(args.schedule, own_schedule(d, args.sampler)),
                   guidance_rescale=_first(args.guidance_rescale, d.get("guidance_rescale", 0.0)),
                   guidance_interval=tuple(_first(args.guidance_interval, (0.0, 1.0))),
                   cache_interval=_first(args.cache_interval, 1), num_images_per_prompt=_first(args.num_images, 1),

@@ -24,7 +24,7 @@ from gen.io import load_model, read_json
 from gen.models import vae as vae_lib
 from gen.models.text import TextEncoder
 from gen.output import PipelineOutput
-from gen.samplers import default_sampler, make_scheduler, sampler_name
+from gen.samplers import default_sampler, folder_defaults, make_scheduler, own_schedule, saved_scheduler
 from gen.sampling import run as ksampling
 
 log = logging.getLogger("gen")
@@ -163,14 +163,14 @@ class Pipeline:
 
     def _default_settings(self) -> dict:
         flow = self.formulation.kind == "flow"
-        sampler = sampler_name(self.scheduler_config, self.formulation) if self.scheduler_config else None
+        folder = folder_defaults(self.scheduler_config, self.formulation) if self.scheduler_config else {}
         return self.family.default_settings(self.denoiser, self.vae_scale_factor, flow) | dict(
-            sampler=sampler or default_sampler(self.formulation), guidance_rescale=0.0)
+            sampler=default_sampler(self.formulation), guidance_rescale=0.0) | folder
 
     def _warn_unknown_scheduler(self, given: dict) -> None:
-        """A folder whose scheduler gen has no sampler for (a distilled model's LCMScheduler or TCDScheduler) is
-        sampled with gen's default sampler and steps unless told otherwise: said in one warning at load."""
-        if "sampler" in given or not self.scheduler_config or sampler_name(self.scheduler_config, self.formulation):
+        """A folder whose scheduler gen has no sampler for (a distilled model's TCDScheduler) is sampled with gen's
+        default sampler and steps unless told otherwise: said in one warning at load."""
+        if "sampler" in given or not self.scheduler_config or folder_defaults(self.scheduler_config, self.formulation):
             return
         d = self.defaults
         log.warning("%s: gen has no sampler for its scheduler %s (scheduler/scheduler_config.json); it samples with "
@@ -388,7 +388,7 @@ class Pipeline:
             text.tokenizer.save_pretrained(path / tok)
         self.vae.save_pretrained(path / "vae")
         self.denoiser.save_pretrained(path / self.family.denoiser_part)
-        scheduler = make_scheduler(self.defaults["sampler"], self.formulation, self.scheduler_config)
+        scheduler = saved_scheduler(self.defaults["sampler"], self.formulation, self.scheduler_config)
         scheduler.save_pretrained(path / "scheduler")
         index = self.family.index(type(scheduler).__name__)
         (path / "model_index.json").write_text(json.dumps(index, indent=2))
@@ -549,7 +549,7 @@ class Pipeline:
         rescale = d.get("guidance_rescale", 0.0) if guidance_rescale is None else guidance_rescale
         height = d["height"] if height is None else height
         width = d["width"] if width is None else width
-        by_diffusers, ksampler, schedule = ksampling.route(sampler or d["sampler"], schedule or d.get("schedule"),
+        by_diffusers, ksampler, schedule = ksampling.route(sampler or d["sampler"], schedule or own_schedule(d, sampler),
                                                            self.formulation)
         sampler = by_diffusers or ksampler.name
         prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]  # _check rejects non-strings

@@ -77,6 +77,31 @@ def default_sampler(formulation: Formulation) -> str:
     return "flow-euler" if formulation.kind == "flow" else "dpm++2m"
 
 
+def folder_defaults(scheduler_config: dict, formulation: Formulation) -> dict:
+    """The sampling defaults a folder's scheduler sets: its sampler's name; for an LCMScheduler folder (an LCM-LoRA
+    fused into the model), gen's lcm sampler on the lcm schedule at 4 steps and guidance 1 (no CFG), so its image is
+    diffusers' StableDiffusionPipeline's with that scheduler at guidance <= 1; {} where gen has no sampler for it."""
+    if scheduler_config.get("_class_name") == "LCMScheduler" and formulation.kind == "ddpm":
+        return dict(sampler="lcm", schedule="lcm", steps=4, guidance=1.0)
+    name = sampler_name(scheduler_config, formulation)
+    return {"sampler": name} if name else {}
+
+
+def own_schedule(defaults: dict, sampler: str | None) -> str | None:
+    """The folder's default schedule, which goes with its default sampler only (None: a sampler given)."""
+    return defaults.get("schedule") if sampler is None else None
+
+
+def saved_scheduler(name: str, formulation: Formulation, base_config: dict | None):
+    """The scheduler a saved folder records for its default sampler; where that is one of gen.sampling's without a
+    diffusers scheduler (an LCMScheduler folder's lcm), the folder's own scheduler."""
+    if name not in SAMPLERS and base_config and base_config.get("_class_name"):
+        import diffusers
+
+        return getattr(diffusers, base_config["_class_name"]).from_config(base_config)
+    return make_scheduler(name, formulation, base_config)
+
+
 def sampler_name(scheduler_config: dict, formulation: Formulation) -> str | None:
     """The table name of a folder's scheduler; None where gen has no sampler for it (LCMScheduler, TCDScheduler,
     ...: the caller says which it uses instead)."""

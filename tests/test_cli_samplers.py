@@ -2,6 +2,9 @@
 same sampler, the PNG carries A1111's names and `--from` (gen's PNG, or the same PNG as A1111 writes it) runs it
 again; unknown names and samplers a model cannot take are one-line errors."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -94,3 +97,26 @@ def test_the_few_step_commands_make_the_pipelines_image(sd_folder, tmp_path, sam
     api = quiet_pipeline(sd_folder)("a castle", num_inference_steps=4, seed=1, height=16, width=16, sampler=sampler,
                                     schedule=schedule).images[0]
     assert pixels(out).std() > 3 and np.array_equal(pixels(out), np.asarray(api))
+
+
+def test_an_lcm_scheduler_folder_samples_with_lcm_at_4_steps_by_default(sd_folder, tmp_path):
+    """README's `gen sample PROMPT --model LCM-FOLDER`: lcm on the lcm schedule, 4 steps, guidance 1, no warning; a
+    --sampler given runs on the model's own schedule, not the lcm one."""
+    folder = tmp_path / "lcm"
+    shutil.copytree(sd_folder, folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"_class_name": "LCMScheduler"}))
+    size = ["--seed", 1, "--height", 16, "--width", 16, "--no-progress"]
+    r = gen("sample", "a castle", "--model", folder, *size, "--out", tmp_path / "a.png")
+    assert r.returncode == 0 and "LCMScheduler" not in r.stderr, r.stderr
+    params = Image.open(tmp_path / "a.png").text["parameters"]
+    assert "Steps: 4" in params and "Sampler: LCM" in params and "CFG scale: 1" in params, params
+    assert gen("sample", "a castle", "--model", folder, *size, "--sampler", "euler", "--out",
+               tmp_path / "b.png").returncode == 0
+    pipe = quiet_pipeline(folder)
+    for name, sampler in (("a", None), ("b", "euler")):
+        api = pipe("a castle", seed=1, height=16, width=16, sampler=sampler).images[0]
+        assert pixels(tmp_path / f"{name}.png").std() > 3 and np.array_equal(pixels(tmp_path / f"{name}.png"),
+                                                                             np.asarray(api))
+    on_lcm = pipe("a castle", seed=1, height=16, width=16, sampler="euler", schedule="lcm").images[0]
+    assert not any(np.array_equal(pixels(tmp_path / "b.png"), x) for x in (pixels(tmp_path / "a.png"), on_lcm))

@@ -28,9 +28,11 @@ class Denoiser:
         self.T = T
         if self.kind == "ddpm":
             self.prediction = formulation.prediction_type
-            # diffusers' Euler schedulers keep zero terminal SNR's last step finite the same way
-            abar = formulation.alphas_cumprod.double().clamp(min=2 ** -24)
-            self.sigmas = ((1 - abar) / abar).sqrt()
+            # diffusers' Euler schedulers keep zero terminal SNR's last step finite the same way. Sigmas in float32
+            # from the float32 alphas_cumprod, as k-diffusion's DiscreteSchedule (A1111) computes them: a Brownian tree
+            # sampled at sigma moves by ~sqrt(the sigma's change), so a few ulps show in the SDE samplers' images
+            abar = formulation.alphas_cumprod.float().clamp(min=2 ** -24)
+            self.sigmas = ((1 - abar) / abar).sqrt().double()
             self.log_sigmas = self.sigmas.log()
         else:
             self.prediction = "flow"

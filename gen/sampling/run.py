@@ -45,8 +45,11 @@ def sigmas(pipe, sched: str, steps: int, latents: torch.Tensor, ms: Denoiser) ->
         if mu is not None and scheduler.config.get("use_dynamic_shifting"):
             ms.set_shift(mu if scheduler.config.get("time_shift_type") == "linear" else math.exp(mu))
     fn = schedules.SCHEDULES[sched]
-    out = fn(ms, steps, "sdxl" if pipe.family.name == "sdxl" else "sd1") if fn is schedules.align_your_steps \
-        else fn(ms, steps)
+    if fn is schedules.align_your_steps:
+        out = fn(ms, steps, "sdxl" if pipe.family.name == "sdxl" else "sd1")
+    else:  # an LCMScheduler folder's distillation steps
+        extra = (pipe.scheduler_config or {}).get("original_inference_steps") if fn is schedules.lcm else None
+        out = fn(ms, steps) if extra is None else fn(ms, steps, extra)
     # the lcm schedule is LCMScheduler's, whose x_T is the N(0, 1) noise itself: sqrt(sigma^2 + 1) noise here
     return out, ms.noise_scale(float(out[0]), None if sched == "lcm" else "named")
 
