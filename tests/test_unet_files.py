@@ -10,10 +10,11 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from gen.errors import GenError
-from tests.test_user_files import PROMPT, _checkpoint, _folder, _gen, _ours, _theirs, _v4_names
+from tests.test_user_files import NEGATIVE, PROMPT, _checkpoint, _folder, _gen, _ours, _theirs, _v4_names
 from tests.vendor import diffusers_to_original_sd as sd_script
 from tests.vendor import diffusers_to_original_sdxl as sdxl_script
 
@@ -109,6 +110,12 @@ def test_a_unet_file_lacking_parts_names_the_files_in_one_line(tmp_path):
     run = _gen("sample", PROMPT, "--model", unet, *flags[:4], "--out", tmp_path / "o.png")  # VAE and clip_l
     assert run.returncode == 2 and "lacks a CLIP-G encoder: add --text-encoder clip_g.safetensors" in run.stderr
     assert not (tmp_path / "o.png").exists()
+    run = _gen("sample", PROMPT, "--model", unet, *flags, "--negative-prompt", NEGATIVE, "--seed", 4, "--steps", 3,
+               "--guidance", 5.0, "--height", 32, "--width", 32, "--sampler", "euler", "--out", tmp_path / "o.png",
+               "--no-progress")  # docs/files.md's command
+    assert run.returncode == 0, run.stderr
+    png = np.asarray(Image.open(tmp_path / "o.png"), dtype=np.float32) / 255
+    assert np.abs(png - _ours(unet, "sdxl", **_kw(flags))[0]).max() <= 1 / 255 + 1e-6
     info = _gen("info", unet)
     assert info.returncode == 0 and "family: SDXL" in info.stdout and f"missing: {want}" in info.stdout
     with pytest.raises(GenError, match="not a diffusers model folder"):
