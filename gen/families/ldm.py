@@ -47,7 +47,7 @@ def unet_names(shapes) -> dict[str, str]:
     the writer's table (`_unet_key`), which reads back through diffusers' converter. {} for any other file."""
     if "input_blocks.0.0.weight" in shapes:
         return {UNET + k: k for k in shapes}
-    if "conv_in.weight" in shapes and "time_embedding.linear_1.weight" in shapes:
+    if {"conv_in.weight", "conv_out.weight", "time_embedding.linear_1.weight"} <= set(shapes):  # not a ControlNet
         ups = range(_count(shapes, "up_blocks.{}."))
         cfg = {"layers_per_block": _count(shapes, "down_blocks.0.resnets.{}."),
                "up_block_types": ["CrossAttnUpBlock2D" if any(k.startswith(f"up_blocks.{i}.attentions.")
