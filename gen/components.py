@@ -180,7 +180,8 @@ def lacking_hint(family, lacking: list[str], flags: bool = True) -> str:
     """The component files that supply `lacking` parts, as flags ('--text-encoder t5xxl.safetensors --vae
     ae.safetensors') or, `flags=False`, in words ('a T5 encoder and a VAE')."""
     roles = getattr(family, "file_roles", {})
-    files = {"CLIP-L": "clip_l.safetensors", "CLIP-G": "clip_g.safetensors", "T5": "t5xxl.safetensors"}
+    files = {"CLIP-L": "clip_l.safetensors", "CLIP-G": "clip_g.safetensors", "OpenCLIP-H": "clip_h.safetensors",
+             "T5": "t5xxl.safetensors"}
     said = []
     for part in lacking:
         role = "VAE" if part == "vae" else roles.get(part, "CLIP")

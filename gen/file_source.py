@@ -48,20 +48,30 @@ class Source:
             self.handle = safe_open(str(path), framework="pt")
         else:
             raise GenError(f"{path}: unsupported single-file format {path.suffix!r}; expected .safetensors or .gguf")
+        from gen.families import ldm
+
+        self.names = ldm.unet_names(self.shapes)  # a UNet-only file's keys, under the single-file names
+        self.old = {old: new for new, old in self.names.items()}
+        if self.names:
+            self.shapes = {new: self.shapes[old] for new, old in self.names.items()}
 
     def take(self, prefix: str) -> dict[str, torch.Tensor]:
         return self.take_keys([k for k in self.shapes if k.startswith(prefix)])
 
     def tensor(self, key: str) -> torch.Tensor:
         """One tensor, read and kept (a later take still has it)."""
+        key = self.names.get(key, key)
         return self.state[key] if self.state is not None else self.handle.get_tensor(key)
 
     def take_keys(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """`keys`' tensors, fp8/GGUF ones kept stored (gen/quant), a scaled fp8 weight's scale folded in."""
+        keys = [self.names.get(k, k) for k in keys]
         if self.state is not None:
-            return quant.fp8.wrap({k: self.state.pop(k) for k in keys})
-        scales = [s for k in keys if (s := k.rpartition(".")[0] + ".scale_weight") in self.scales]
-        return quant.fp8.wrap({k: self.handle.get_tensor(k) for k in keys + scales})
+            out = quant.fp8.wrap({k: self.state.pop(k) for k in keys})
+        else:
+            scales = [s for k in keys if (s := k.rpartition(".")[0] + ".scale_weight") in self.scales]
+            out = quant.fp8.wrap({k: self.handle.get_tensor(k) for k in keys + scales})
+        return {self.old.get(k, k): v for k, v in out.items()} if self.old else out
 
 
 def gen_meta(meta: dict) -> dict:

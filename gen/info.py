@@ -84,13 +84,10 @@ def describe_gguf(path: Path) -> str:
     from gen.families.mmdit_file import missing_message, missing_parts
     from gen.quant import gguf
 
-    lines, arch, names = gguf.describe(path)
-    if arch in gguf.LDM:
-        missing = "holds the UNet only: gen does not read its text encoders and VAE from component files yet"
-    else:
-        family = single_file.detect(path, dict.fromkeys(names, []))
-        missing = f"missing: {missing_message(path, family, *missing_parts(family, names, None))}"
-    return "\n".join(lines + [f"  {missing}"])
+    lines, shapes = gguf.describe(path)
+    family = single_file.detect(path, shapes)
+    return "\n".join(lines + [f"  family: {family.title}",
+                              f"  missing: {missing_message(path, family, *missing_parts(family, set(shapes), None))}"])
 
 
 # What bug reports in this field ask for (diffusers' and transformers' `env` commands list the same).

@@ -22,7 +22,7 @@ from gen import components, families, formulations
 from gen.errors import GenError
 from gen.families import ldm, mmdit_file
 from gen.file_source import META, Source, empty, fill, gen_meta, header, tokenizers
-from gen.io import load_state_dict, write_safetensors
+from gen.io import load_model, read_json, write_safetensors
 
 log = logging.getLogger(__name__)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -39,7 +39,7 @@ def scheduler_config(prediction_type: str) -> dict:
 def is_checkpoint(keys) -> bool:
     """Whether a file's keys are a model's single-file checkpoint: a UNet's or an original-layout transformer's
     (SD3/Flux; possibly the transformer alone, with bare keys)."""
-    keys = set(keys)
+    keys = set(ldm.as_ldm(dict.fromkeys(keys)))
     return any(k.startswith(ldm.UNET) for k in keys) or any(f.recognises_file(keys, {}) for f in families.families())
 
 
@@ -113,24 +113,37 @@ def load(path: Path, tokenizer=None, prediction_type: str | None = None, allow_p
             raise GenError(f"{path}: an incomplete {family.title} file: it has no {e.args[0]}") from None
         components.check(family, parts["denoiser"], parts["vae"], given)
         return parts
-    if base is not None:
-        raise GenError(f"base is for SD3/Flux files; a {family.title} file holds every part (tokenizer: --tokenizer)")
+    base = mmdit_file.base_folder(base)
+    lacking, _ = mmdit_file.missing_parts(family, set(src.shapes), base)
+    if lacking and base is None:
+        raise GenError(mmdit_file.missing_message(path, family, lacking, []))
+    if base is not None and not lacking:
+        raise GenError(f"base is for a file that lacks parts; {path} holds every part (tokenizer: --tokenizer)")
     hints = gm.get("hints", {})
-    pred = prediction_type or guess_prediction(family, src, gm)[0]
-    parts = tokenizers(path, family.file_texts, family, tokenizer, src.meta, src.shapes)
+    pred = prediction_type or _base_prediction(base, gm) or guess_prediction(family, src, gm)[0]
+    parts = tokenizers(path, family.file_texts, family, tokenizer or base, src.meta, src.shapes)
     convention = family.file_convention(pred)
     for enc, tok, prefix, kind in family.file_texts:
-        kind = components.slot_kind(src, prefix, kind)
-        cfg = ldm.text_config(src.shapes, prefix, kind, hints.get(enc, {}), family.file_penultimate, parts[tok])
-        model = empty(lambda: family.text_class(enc)(CLIPTextConfig(**cfg)))
-        parts[enc] = fill(model, ldm.to_diffusers(enc, src.take(prefix), None, prefix, kind, model), enc)
+        if enc in lacking:  # from the base folder
+            parts[enc] = load_model(family.text_class(enc), base / enc)
+            cfg = {"hidden_size": parts[enc].config.hidden_size} | (
+                {"projection_dim": parts[enc].config.projection_dim} if hasattr(parts[enc], "text_projection") else {})
+        else:
+            placed = components.slot_kind(src, prefix, kind)  # an OpenCLIP tower in transformers' names: gelu
+            h = ({"hidden_act": "gelu"} if (kind, placed) == ("openclip", "hf") else {}) | hints.get(enc, {})
+            cfg = ldm.text_config(src.shapes, prefix, placed, h, family.file_penultimate, parts[tok])
+            model = empty(lambda: family.text_class(enc)(CLIPTextConfig(**cfg)))
+            parts[enc] = fill(model, ldm.to_diffusers(enc, src.take(prefix), None, prefix, placed, model), enc)
         convention["pooled_dim"] = cfg.get("projection_dim", cfg["hidden_size"])
-    unet_cfg = ldm.unet_config(src.shapes, hints.get("unet", {}), convention)
+    unet_cfg = ldm.unet_config(src.shapes, mmdit_file.base_config(base, "unet") | hints.get("unet", {}), convention)
     unet = fill(empty(lambda: family.denoiser_class().from_config(unet_cfg)),
                  ldm.to_diffusers("unet", _unet(path, src, ema), unet_cfg), "UNet")
-    vae_cfg = ldm.vae_config(src.shapes, hints.get("vae", {}), convention)
-    vae = fill(empty(lambda: AutoencoderKL.from_config(vae_cfg)), ldm.to_diffusers("vae", src.take(ldm.VAE), vae_cfg),
-                "VAE")
+    if "vae" in lacking:
+        vae = load_model(AutoencoderKL, base / "vae")
+    else:
+        vae_cfg = ldm.vae_config(src.shapes, hints.get("vae", {}), convention)
+        vae = fill(empty(lambda: AutoencoderKL.from_config(vae_cfg)),
+                   ldm.to_diffusers("vae", src.take(ldm.VAE), vae_cfg), "VAE")
     components.check(family, unet, vae, given)
     sched = dict(gm.get("scheduler") or scheduler_config(pred))
     formulation = formulations.from_dict(gm["formulation"]) if "formulation" in gm else None
@@ -140,6 +153,13 @@ def load(path: Path, tokenizer=None, prediction_type: str | None = None, allow_p
                 defaults=gm.get("sampling"), recipe=gm.get("recipe"), family=family(), name=path.stem)
 
 
+def _base_prediction(base: Path | None, gm: dict) -> str | None:
+    """The prediction type of the base folder's scheduler, for a UNet-only file that records none."""
+    if base is None or gm.get("prediction_type") or not (base / "scheduler" / "scheduler_config.json").is_file():
+        return None
+    return read_json(base / "scheduler" / "scheduler_config.json").get("prediction_type")
+
+
 def recorded_formulation(path: Path):
     """The formulation a single file samples with: the one gen recorded in it; else its family's schedule's (an
     SD/SDXL file: with the prediction type it states or `guess_prediction` guesses; SD3/Flux: `file_scheduler` of
@@ -147,7 +167,7 @@ def recorded_formulation(path: Path):
     if path.suffix != ".safetensors":
         return None
     shapes, meta = header(path)
-    gm = gen_meta(meta)
+    shapes, gm = ldm.as_ldm(shapes), gen_meta(meta)
     if "formulation" in gm:
         return formulations.from_dict(gm["formulation"])
     family = detect(path, shapes)
@@ -163,7 +183,7 @@ def recorded_formulation(path: Path):
 
 def _lazy(path: Path, shapes: dict, meta: dict):
     """A file's header as a source for `guess_prediction` (a tensor read only when asked for)."""
-    return SimpleNamespace(shapes=shapes, meta=meta, tensor=lambda k: load_state_dict(path)[k])
+    return SimpleNamespace(shapes=shapes, meta=meta, tensor=lambda k: Source(path, False).tensor(k))
 
 
 def _json(v):
@@ -220,14 +240,21 @@ def describe(path: Path, shapes: dict, meta: dict) -> list[str]:
     """`gen info` lines for a single file: family, layout, parameters per component, gen's settings."""
     from math import prod
 
+    layout = "original LDM/A1111 layout"
+    if ldm.unet_names(shapes):  # a UNet-only file without the prefix
+        layout = "bare LDM UNet keys" if "input_blocks.0.0.weight" in shapes else "diffusers' UNet layout"
+    shapes = ldm.as_ldm(shapes)
     family = detect(path, shapes)
     if family.file_layout != "LDM":
         return mmdit_file.describe(path, family, shapes)
     prefixes = {enc: prefix for enc, _, prefix, _ in family.file_texts} | {"unet": ldm.UNET, "vae": ldm.VAE}
-    lines = [f"  family: {family.title}", "  layout: single file (original LDM/A1111 layout)"]
+    lines = [f"  family: {family.title}", f"  layout: single file ({layout})"]
     for part, prefix in prefixes.items():
         n = sum(prod(s) for k, s in shapes.items() if k.startswith(prefix))
-        lines.append(f"  {part}: {n / 1e6:.2f}M parameters ({prefix}*)")
+        lines.append(f"  {part}: {n / 1e6:.2f}M parameters ({prefix}*)" if n else f"  {part}: not in the file")
+    lacking, _ = mmdit_file.missing_parts(family, set(shapes), None)
+    if lacking:
+        lines.append(f"  missing: {mmdit_file.missing_message(path, family, lacking, [])}")
     pred, why = guess_prediction(family, _lazy(path, shapes, meta), gen_meta(meta))
     lines.append(f"  prediction type: {pred} ({why})")
     if shapes.get(f"{ldm.UNET}input_blocks.0.0.weight", [0, 0])[1] == 9:

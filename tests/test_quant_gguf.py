@@ -176,7 +176,7 @@ def test_gguf_load_errors(flux_bfl, tmp_path):
     with pytest.raises(GenError, match=r"img_in.weight is TQ1_0, a GGUF quant type gen does not read; it reads .*Q4_K"):
         quiet_pipeline(tmp_path / "tq.gguf", base=folder)
     write_gguf(tmp_path / "sdxl.gguf", {"input_blocks.0.0.weight": torch.zeros(2, 4, 3, 3)}, None, arch="sdxl")
-    with pytest.raises(GenError, match="a UNet-only sdxl GGUF needs its text encoders and VAE"):
+    with pytest.raises(GenError, match="sdxl.gguf holds only the UNet: add --text-encoder clip_l.safetensors"):
         quiet_pipeline(tmp_path / "sdxl.gguf")
     r = subprocess.run([sys.executable, "-m", "gen", "sample", "x", "--model", str(tmp_path / "tq.gguf"), "--base",
                         str(folder), "--out", str(tmp_path / "o.png")], capture_output=True, text=True)

@@ -41,6 +41,27 @@ def _count(shapes: dict, pattern: str) -> int:
     return len({m.group(1) for k in shapes if (m := rx.match(k))})
 
 
+def unet_names(shapes) -> dict[str, str]:
+    """A UNet-only file's keys -> their `model.diffusion_model.` names (new -> old): bare LDM keys (ComfyUI's
+    models/unet files) gain the prefix; a diffusers-layout UNet (UNet2DConditionModel's saved weights) is renamed by
+    the writer's table (`_unet_key`), which reads back through diffusers' converter. {} for any other file."""
+    if "input_blocks.0.0.weight" in shapes:
+        return {UNET + k: k for k in shapes}
+    if {"conv_in.weight", "conv_out.weight", "time_embedding.linear_1.weight"} <= set(shapes):  # not a ControlNet
+        ups = range(_count(shapes, "up_blocks.{}."))
+        cfg = {"layers_per_block": _count(shapes, "down_blocks.0.resnets.{}."),
+               "up_block_types": ["CrossAttnUpBlock2D" if any(k.startswith(f"up_blocks.{i}.attentions.")
+                                                              for k in shapes) else "UpBlock2D" for i in ups]}
+        return {UNET + _unet_key(k, cfg): k for k in shapes}
+    return {}
+
+
+def as_ldm(shapes: dict) -> dict:
+    """A file's shapes under the single-file names (`unet_names`)."""
+    names = unet_names(shapes)
+    return {new: shapes[old] for new, old in names.items()} if names else shapes
+
+
 # ---- configs from shapes ----------------------------------------------------------------------------------
 def unet_config(shapes: dict, hints: dict, convention: dict) -> dict:
     """UNet2DConditionModel config from the `model.diffusion_model.*` shapes (ComfyUI's model_detection.py

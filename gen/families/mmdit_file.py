@@ -47,10 +47,18 @@ def t5_config(shapes: dict, prefix: str, hints: dict) -> dict:
                                                           "dense_act_fn", "pad_token_id", "eos_token_id")}
 
 
-def _base_config(base: Path | None, part: str) -> dict:
+def base_config(base: Path | None, part: str) -> dict:
     if base is None or not (base / part / "config.json").is_file():
         return {}
     return read_json(base / part / "config.json")
+
+
+def base_folder(base) -> Path | None:
+    """The --base folder a file takes its missing parts from, checked to be a diffusers model folder."""
+    base = Path(base) if base else None
+    if base is not None and not (base / "model_index.json").is_file():
+        raise GenError(f"--base {base} is not a diffusers model folder (no model_index.json)")
+    return base
 
 
 def missing_parts(family, keys: set, base: Path | None) -> tuple[list[str], list[str]]:
@@ -64,10 +72,11 @@ def missing_parts(family, keys: set, base: Path | None) -> tuple[list[str], list
 
 
 def missing_message(path: Path, family, lacking: list[str], skip: list[str]) -> str:
-    """One line naming the component files that complete a file: '... holds only the transformer: add
+    """One line naming the component files that complete a file: '... holds only the transformer (UNet): add
     --text-encoder clip_l.safetensors --text-encoder t5xxl.safetensors --vae ae.safetensors, or --base FOLDER'."""
     whole = len(lacking) + len(skip) == len(family.file_texts) + 1
-    what = "holds only the transformer" if whole else f"lacks {lacking_hint(family, lacking, flags=False)}"
+    denoiser = "UNet" if family.file_layout == "LDM" else "transformer"
+    what = f"holds only the {denoiser}" if whole else f"lacks {lacking_hint(family, lacking, flags=False)}"
     optional = f" (optionally {lacking_hint(family, skip)})" if skip else ""
     return (f"{path} {what}: add {lacking_hint(family, lacking)}{optional}, or --base FOLDER (a diffusers "
             f"{family.title} folder whose other parts gen uses)")
@@ -81,9 +90,7 @@ def load(path: Path, src, family, tokenizer, base, gm: dict) -> dict:
     from gen import formulations
     from gen.io import load_model
 
-    base = Path(base) if base else None
-    if base is not None and not (base / "model_index.json").is_file():
-        raise GenError(f"--base {base} is not a diffusers model folder (no model_index.json)")
+    base = base_folder(base)
     hints, convention = gm.get("hints", {}), family.file_convention()
     keys = set(src.shapes)
     lacking, skip = missing_parts(family, keys, base)
@@ -95,7 +102,7 @@ def load(path: Path, src, family, tokenizer, base, gm: dict) -> dict:
         if enc in lacking:
             parts[enc] = load_model(family.text_class(enc), base / enc)
             continue
-        h = _base_config(base, enc) | hints.get(enc, {})
+        h = base_config(base, enc) | hints.get(enc, {})
         kind = slot_kind(src, prefix, kind)
         if kind == "t5":
             model = empty(lambda: family.text_class(enc)(T5Config(**t5_config(src.shapes, prefix, h))))
@@ -109,7 +116,7 @@ def load(path: Path, src, family, tokenizer, base, gm: dict) -> dict:
             state = ldm.to_diffusers(enc, src.take(prefix), None, prefix, kind, model)
         parts[enc] = fill(model, state, enc)
     prefix = transformer_prefix(keys)
-    config = family.transformer_config(ldm.strip(src.shapes, prefix), _base_config(base, "transformer") |
+    config = family.transformer_config(ldm.strip(src.shapes, prefix), base_config(base, "transformer") |
                                        hints.get("transformer", {}))
     denoiser = empty(lambda: family.denoiser_class().from_config(config))
     state = to_diffusers(family.links(denoiser.config), {k[len(prefix):]: v for k, v in src.take(prefix).items()
@@ -121,7 +128,7 @@ def load(path: Path, src, family, tokenizer, base, gm: dict) -> dict:
         vae_cfg = ldm.vae_config(src.shapes, hints.get("vae", {}), convention) | dict(
             use_quant_conv=f"{ldm.VAE}quant_conv.weight" in keys,
             use_post_quant_conv=f"{ldm.VAE}post_quant_conv.weight" in keys)
-        vae_cfg = {"shift_factor": convention["vae_shift"]} | _base_config(base, "vae") | vae_cfg | hints.get("vae", {})
+        vae_cfg = {"shift_factor": convention["vae_shift"]} | base_config(base, "vae") | vae_cfg | hints.get("vae", {})
         vae = fill(empty(lambda: AutoencoderKL.from_config(vae_cfg)),
                     ldm.to_diffusers("vae", src.take(ldm.VAE), vae_cfg), "VAE")
     sched = gm.get("scheduler") or (read_json(base / "scheduler" / "scheduler_config.json") if base else

@@ -53,10 +53,18 @@ class SD1(Family):
     def recognises(cls, index: dict, configs: dict) -> bool:
         return _plain_unet(index, configs)
 
+    file_vae = "vae-ft-mse-840000-ema-pruned.safetensors"  # the VAE file shared beside SD-1.x/2.x UNets
+    file_linear = False  # a UNet-only file is SD-2.x's where its transformers project linearly (1024-wide context)
+
     @classmethod
     def recognises_file(cls, keys: set, shapes: dict) -> bool:
-        return ldm_unet(keys) and f"{UNET}label_emb.0.0.weight" not in keys and \
-            any(k.startswith(cls.file_texts[0][2]) for k in keys)
+        if f"{UNET}label_emb.0.0.weight" in keys:
+            return False
+        if unet_only(keys):  # no text tower to tell: SD-2.x's UNet has linear projections and a 1024-wide context
+            ctx = [v[1] for k, v in shapes.items() if k.endswith("attn2.to_k.weight")]
+            linear = any(len(v) == 2 for k, v in shapes.items() if k.endswith(".proj_in.weight"))
+            return (linear or ctx[:1] == [1024]) == cls.file_linear
+        return ldm_unet(keys) and any(k.startswith(cls.file_texts[0][2]) for k in keys)
 
     @classmethod
     def file_convention(cls, prediction_type: str) -> dict:
@@ -80,6 +88,7 @@ class SD2(SD1):
     file_texts = (("text_encoder", "tokenizer", "cond_stage_model.model.", "openclip"),)
     file_roles = {"text_encoder": "OpenCLIP-H"}
     file_pad_zero = ("tokenizer",)
+    file_linear = True
     file_penultimate = True  # FrozenOpenCLIPEmbedder(layer="penultimate"), as diffusers drops resblocks.23
 
     @classmethod
@@ -103,3 +112,10 @@ class SD2(SD1):
 def ldm_unet(keys: set) -> bool:
     """An LDM UNet with its VAE (the original layout's model.diffusion_model.* and first_stage_model.*)."""
     return f"{UNET}input_blocks.0.0.weight" in keys and f"{VAE}decoder.conv_in.weight" in keys
+
+
+def unet_only(keys: set) -> bool:
+    """An LDM UNet with no VAE and no text tower beside it (ComfyUI's models/unet files, a UNet GGUF): the other
+    parts come as component files or from --base (gen/single_file.py)."""
+    return f"{UNET}input_blocks.0.0.weight" in keys and not any(
+        k.startswith((VAE, "cond_stage_model.", "conditioner.")) for k in keys)

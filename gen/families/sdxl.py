@@ -9,7 +9,7 @@ import torch
 
 from gen.families import Family, ldm, register
 from gen.families.ldm import UNET
-from gen.families.sd import ldm_unet
+from gen.families.sd import ldm_unet, unet_only
 
 
 @register
@@ -51,14 +51,15 @@ class SDXL(Family):
                   ("text_encoder_2", "tokenizer_2", "conditioner.embedders.1.model.", "openclip"))
     file_pad_zero = ("tokenizer_2",)
     file_roles = {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G"}
+    file_vae = "sdxl_vae.safetensors"
 
     def lora_from_file(self, factors: dict, kohya: bool, denoiser) -> dict:
         return ldm.lora_from_ldm(factors, kohya, denoiser)  # sd-scripts' original-block names
 
     @classmethod
     def recognises_file(cls, keys: set, shapes: dict) -> bool:
-        return ldm_unet(keys) and f"{UNET}label_emb.0.0.weight" in keys and all(
-            any(k.startswith(prefix) for k in keys) for _, _, prefix, _ in cls.file_texts)
+        return f"{UNET}label_emb.0.0.weight" in keys and (unet_only(keys) or ldm_unet(keys) and all(
+            any(k.startswith(prefix) for k in keys) for _, _, prefix, _ in cls.file_texts))
 
     @classmethod
     def refuses_file(cls, keys: set, shapes: dict) -> str | None:

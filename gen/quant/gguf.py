@@ -21,6 +21,7 @@ from gen.quant.store import Packed, Storage, gguf_module
 
 ARCHITECTURES = ("flux", "sd3", "sdxl", "sd1")  # general.architecture values gen reads
 LDM = ("sdxl", "sd1")  # UNet files: keys get the single-file UNet prefix
+UNET = "model.diffusion_model."
 PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 ORIG_SHAPE = "comfy.gguf.orig_shape."
 
@@ -51,9 +52,9 @@ def _open(path: Path):
     return reader, arch
 
 
-def describe(path: Path) -> tuple[list[str], str, set[str]]:
-    """`gen info`'s lines for a GGUF file (architecture, tensors per storage type, parameters and bytes), its
-    architecture and its tensor names."""
+def describe(path: Path) -> tuple[list[str], dict[str, list[int]]]:
+    """`gen info`'s lines for a GGUF file (architecture, tensors per storage type, parameters and bytes) and its
+    tensors' shapes under the single-file names (a UNet's under `model.diffusion_model.`)."""
     from collections import Counter
 
     reader, arch = _open(path)
@@ -64,7 +65,18 @@ def describe(path: Path) -> tuple[list[str], str, set[str]]:
              f"  tensors: {len(reader.tensors)} ({', '.join(f'{n} {k}' for k, n in types.most_common())})",
              f"  parameters: {values / 1e6:.2f}M in {stored / 2 ** 20:.1f} MiB "
              f"({8 * stored / max(values, 1):.2f} bits a value)"]
-    return lines, arch, {t.name for t in reader.tensors}
+    return lines, {_name(t.name, arch): _shape(reader, t)[1] for t in reader.tensors}
+
+
+def _name(name: str, arch: str) -> str:
+    return UNET + name if arch in LDM and not name.startswith(UNET) else name
+
+
+def _shape(reader, t) -> tuple[tuple[int, ...], list[int]]:
+    """(a tensor's stored torch shape, its logical shape: `comfy.gguf.orig_shape.` where the converter flattened it)."""
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    final = _field(reader, ORIG_SHAPE + t.name)
+    return shape, [int(d) for d in final] if final else list(shape)
 
 
 def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], dict[str, str]]:
@@ -72,17 +84,12 @@ def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], dic
     metadata (`general.architecture` and the like, as strings). One-line GenErrors for a file gen cannot read."""
     gguf = gguf_module()
     reader, arch = _open(path)
-    if arch in LDM:  # the single-file loader reads UNets inside whole checkpoints only, so far
-        raise GenError(f"{path}: a UNet-only {arch} GGUF needs its text encoders and VAE from component files, "
-                       "which gen does not read yet; flux and sd3 GGUF files load with component files or --base")
     quants = set(supported())
-    prefix = "model.diffusion_model." if arch in LDM else ""
     state, shapes = {}, {}
     for t in reader.tensors:
         kind = gguf.GGMLQuantizationType(t.tensor_type).name
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        final = _field(reader, ORIG_SHAPE + t.name)
-        final = tuple(int(d) for d in final) if final else None
+        shape, logical = _shape(reader, t)
+        final = tuple(logical) if list(shape) != logical else None
         data = torch.from_numpy(np.array(t.data))  # a copy: the memory map is not writable
         if kind in PLAIN:
             tensor = data.view(PLAIN[kind]).reshape(final or shape)
@@ -91,7 +98,7 @@ def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], dic
         else:
             raise GenError(f"{path}: tensor {t.name} is {kind}, a GGUF quant type gen does not read; it reads "
                            f"{', '.join(sorted(quants))} and F32/F16/BF16")
-        name = t.name if t.name.startswith(prefix) else prefix + t.name
-        state[name], shapes[name] = tensor, list(final or shape)
+        name = _name(t.name, arch)
+        state[name], shapes[name] = tensor, logical
     meta = {k: str(_field(reader, k)) for k in reader.fields if k.startswith("general.")}
     return state, shapes, meta
