@@ -18,9 +18,12 @@ META = "gen"  # the header's __metadata__ key holding gen's JSON (family, predic
 
 
 def header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
-    """(tensor name -> shape, metadata) of a safetensors file, validated, no tensor read."""
+    """(tensor name -> shape, metadata) of a safetensors file, validated, no tensor read; a one-line GenError
+    where it holds fp8 tensors and this torch has no float8 dtypes."""
     head = check_safetensors(path)
     meta = head.pop("__metadata__", None) or {}
+    if any(str(v.get("dtype", "")).startswith("F8_") for v in head.values()):
+        quant.store.need_fp8(f"{path} holds fp8 weights, which")
     return {k: v["shape"] for k, v in head.items()}, meta
 
 
@@ -43,7 +46,7 @@ class Source:
             from safetensors import safe_open
 
             self.shapes, self.meta = header(path)
-            self.scales = set(self.shapes) - set(shapes := quant.fp8.visible(path, self.shapes))
+            self.scales = set(self.shapes) - set(shapes := quant.fp8.visible(self.shapes))
             self.shapes = shapes  # scaled fp8's scales travel with their weights (take_keys)
             self.handle = safe_open(str(path), framework="pt")
         else:

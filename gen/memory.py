@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from gen.errors import GenError
+from gen.models import vae as vae_lib
 
 VAE_TILE = 512  # pixels: the tile a 2048 px SDXL or 2 MP Flux image is decoded in, memory as a 512 px decode
 
@@ -17,7 +18,7 @@ def vae_tiling(vae, tile_size: int | None = None) -> int:
     where that is smaller) in overlapping tiles blended at the seams, and a batch one image at a time: diffusers'
     AutoencoderKL.enable_tiling() + enable_slicing(), with the tile set for every family alike (diffusers reads it
     from config.sample_size: 1024 for SDXL, SD3 and Flux, which bounds little). Returns the tile size in pixels."""
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    f = vae_lib.scale_factor(vae)
     own = vae.config.sample_size
     own = own[0] if isinstance(own, (list, tuple)) else own
     tile = min(VAE_TILE, own) if tile_size is None else tile_size

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from gen.errors import GenError
-from gen.quant.store import Packed, Storage, fp8_dtypes, need_fp8
+from gen.quant.store import Packed, Storage, fp8_dtypes
 
 MARKER = "scaled_fp8"
 SCALES = (".scale_weight", ".scale_input")
@@ -24,14 +24,8 @@ def extra(key: str) -> bool:
     return key.rpartition(".")[2] == MARKER or key.endswith(SCALES)
 
 
-def visible(path, shapes: dict) -> dict:
-    """A safetensors file's tensor shapes without scaled fp8's bookkeeping keys; a one-line GenError where the
-    file holds fp8 tensors and this torch has no float8 dtypes."""
-    from gen.io import check_safetensors
-
-    if any(str(v.get("dtype", "")).startswith("F8_") for k, v in check_safetensors(path).items()
-           if k != "__metadata__"):
-        need_fp8(f"{path} holds fp8 weights, which")
+def visible(shapes: dict) -> dict:
+    """A safetensors file's tensor shapes without scaled fp8's bookkeeping keys."""
     return {k: v for k, v in shapes.items() if not extra(k)}
 
 

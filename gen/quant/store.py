@@ -49,14 +49,20 @@ def gguf_module():
     return gguf
 
 
-def dequantize(data: torch.Tensor, kind: str, shape) -> torch.Tensor:
-    """GGUF blocks (uint8, rows of blocks) of quant type `kind` -> a float32 tensor of `shape`."""
+@functools.cache
+def _gguf_kernel(kind: str):
+    """(diffusers' torch dequantization function, block size, bytes a block) for GGUF quant type `kind`: looked up
+    once per type, not at every layer's call."""
     from diffusers.quantizers.gguf.utils import GGML_QUANT_SIZES, dequantize_functions
 
     qtype = gguf_module().GGMLQuantizationType[kind]
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
-    blocks = data.reshape(-1, type_size)
-    return dequantize_functions[qtype](blocks, block_size, type_size, torch.float32).reshape(shape)
+    return (dequantize_functions[qtype], *GGML_QUANT_SIZES[qtype])
+
+
+def dequantize(data: torch.Tensor, kind: str, shape) -> torch.Tensor:
+    """GGUF blocks (uint8, rows of blocks) of quant type `kind` -> a float32 tensor of `shape`."""
+    fn, block_size, type_size = _gguf_kernel(kind)
+    return fn(data.reshape(-1, type_size), block_size, type_size, torch.float32).reshape(shape)
 
 
 @dataclass
