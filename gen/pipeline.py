@@ -273,7 +273,8 @@ class Pipeline:
                         prediction_type: str | None = None, base: str | Path | None = None,
                         offload: bool | str = False, weights: str | None = None, vae: str | Path | None = None,
                         text_encoders=(), ema: bool = False, vae_tiling: bool | int = False,
-                        offload_blocks: int = 1) -> "Pipeline":
+                        offload_blocks: int = 1, ip_adapter: str | Path | None = None,
+                        image_encoder: str | Path | None = None) -> "Pipeline":
         """Loads a diffusers-layout folder of any family gen knows (gen/families), or a single .safetensors file in
         the original layout (SD-1.x, SD-2.x, SDXL: LDM/A1111; SD3/3.5, Flux: SAI's/BFL's; gen/single_file.py); None =
         the bundled default. attention, compile and channels_last are as in Pipeline; `offload`: True ("model"),
@@ -286,7 +287,7 @@ class Pipeline:
         file lacks or replace its own (gen/components.py); `ema`, the EMA weights of a file that holds both.
         `weights`: "auto", "fp8" or "full", how fp8/GGUF weights are stored (gen/quant: kept stored and upcast per
         layer, or upcast on load); a .gguf file is a GGUF transformer (with `base`). `vae_tiling`: True, or a tile
-        size in pixels, is enable_vae_tiling(...)."""
+        size in pixels, is enable_vae_tiling(...). `ip_adapter` (with `image_encoder`) is load_ip_adapter(...)."""
         from diffusers import AutoencoderKL
 
         from gen import memory, quant
@@ -309,7 +310,8 @@ class Pipeline:
 
             parts = single_file.load(path, tokenizer, prediction_type, allow_pickle, base, vae, text_encoders, ema)
             pipe = cls(**parts, attention=attention, compile=compile, channels_last=channels_last)
-            return pipe._place(device, dtype, offload, weights, vae_tiling, offload_blocks)
+            pipe = pipe._place(device, dtype, offload, weights, vae_tiling, offload_blocks)
+            return pipe._with_ip_adapter(ip_adapter, image_encoder, allow_pickle)
         if not (path / "model_index.json").is_file():
             raise GenError(f"{path} is not a model folder (no model_index.json); expected the diffusers layout")
         if vae or text_encoders or ema:
@@ -337,7 +339,8 @@ class Pipeline:
         pipe = cls(vae=vae, denoiser=denoiser, scheduler_config=scheduler_config, formulation=formulation,
                    defaults=extra.get("sampling"), recipe=extra.get("recipe"), name=path.name, attention=attention,
                    compile=compile, channels_last=channels_last, family=family, **parts)
-        return pipe._place(device, dtype, offload, weights, vae_tiling, offload_blocks)
+        pipe = pipe._place(device, dtype, offload, weights, vae_tiling, offload_blocks)
+        return pipe._with_ip_adapter(ip_adapter, image_encoder, allow_pickle)
 
     def _place(self, device: torch.device, dtype: torch.dtype, offload: bool | str, weights: str = "auto",
                vae_tiling: bool | int = False, offload_blocks: int = 1) -> "Pipeline":
@@ -352,6 +355,13 @@ class Pipeline:
         mode = "model" if offload is True else offload
         return self.enable_offload(device, mode, offload_blocks) if offload else self
 
+    def _with_ip_adapter(self, path, image_encoder, allow_pickle: bool) -> "Pipeline":
+        if path is not None:
+            self.load_ip_adapter(path, image_encoder, allow_pickle)
+        elif image_encoder is not None:
+            raise GenError("image_encoder (--image-encoder) is for an IP-Adapter; pass ip_adapter (--ip-adapter FILE)")
+        return self
+
     def save_pretrained(self, path: str | Path, single_file: bool = False) -> None:
         """Writes the diffusers layout (safetensors), with sampling defaults and recipe in gen_config.json; or, with
         `single_file`, one .safetensors file in the original LDM/A1111 layout with those settings and the
@@ -359,6 +369,8 @@ class Pipeline:
         loses nothing."""
         if "_loras" in self.__dict__ and self._loras.weights:
             raise GenError("unload_lora() before save_pretrained (after fuse_lora() to bake the LoRA in)")
+        if "_ip_adapter" in self.__dict__:
+            raise GenError("unload_ip_adapter() before save_pretrained: an IP-Adapter stays in its own file")
         from gen import quant
 
         quant.refuse(self.models, "save_pretrained")
@@ -431,6 +443,28 @@ class Pipeline:
         """Writes a loaded adapter as a .safetensors LoRA file: format "diffusers" or "kohya"."""
         return self.loras.save(path, adapter_name, format)
 
+    # ---- IP-Adapter (gen/ip_adapter.py does the work) ----------------------------------------
+    def load_ip_adapter(self, path: str | Path, image_encoder: str | Path | None = None,
+                        allow_pickle: bool = False) -> None:
+        """Adds an IP-Adapter file in h94's layout (ip-adapter_sd15.safetensors, ip-adapter_sdxl.safetensors, ...)
+        to the UNet; `image_encoder`: its CLIP vision encoder folder (default: image_encoder/ beside the file).
+        Calls then take ip_adapter_image= and ip_adapter_scale=. A file for another model raises GenError."""
+        from gen import ip_adapter
+
+        self._ip_adapter = ip_adapter.load(self, path, image_encoder, allow_pickle)
+
+    def unload_ip_adapter(self) -> None:
+        """Removes the IP-Adapter and its image encoder."""
+        if self.__dict__.pop("_ip_adapter", None) is not None:
+            from gen import ip_adapter
+
+            ip_adapter.unload(self.denoiser)
+
+    @property
+    def ip_adapter(self):
+        """The loaded gen.ip_adapter.IPAdapter (`.path`, `.encoder_folder`), or None."""
+        return self.__dict__.get("_ip_adapter")
+
     # ---- textual inversion (gen/embeddings.py does the work) ----------------------------------
     def load_textual_inversion(self, path: str | Path, token: str | None = None, allow_pickle: bool = False) -> list[str]:
         """Adds an embedding file (A1111's, diffusers' or SDXL's; named `token`, else by the file) that prompts
@@ -496,7 +530,8 @@ class Pipeline:
                  hires_steps: int | None = None, hires_upscaler: str = "latent",
                  skip_guidance_layers: list[int] | None = None, skip_layer_guidance_scale: float = 2.8,
                  skip_layer_guidance_start: float = 0.01, skip_layer_guidance_stop: float = 0.2,
-                 max_sequence_length: int | None = None, schedule: str | None = None) -> PipelineOutput:
+                 max_sequence_length: int | None = None, schedule: str | None = None, ip_adapter_image=None,
+                 ip_adapter_scale: float = 1.0) -> PipelineOutput:
         """Generates images.
 
         Args:
@@ -531,6 +566,8 @@ class Pipeline:
                 StableDiffusion3Pipeline (7, 8, 9 with scale 2.8 for SD3.5-medium), and only with guidance > 1.
             max_sequence_length: the T5 encoder's token length (SD3: 256 by default, Flux: 512), as diffusers'.
             sampler, schedule: gen's, A1111's or ComfyUI's names (gen.sampling.names); schedule None: the model's own.
+            ip_adapter_image: the image prompt of the loaded IP-Adapter (load_ip_adapter; a path or PIL image), its
+                tokens weighted by ip_adapter_scale (0: as without the adapter).
 
         Returns:
             PipelineOutput with `.images` and the `.seeds` used.
@@ -558,6 +595,11 @@ class Pipeline:
                     num_images_per_prompt, sampler, output_type)
         if cache_interval != 1 and not self.family.fast_mode:
             raise GenError(f"the fast mode (cache_interval) does not support {self.family.title} models")
+        ip = "_ip_adapter" in self.__dict__
+        if ip and ip_adapter_image is None:
+            raise GenError("an IP-Adapter is loaded: pass ip_adapter_image (--ip-image IMAGE), or unload_ip_adapter()")
+        if ip and cache_interval != 1:  # its cached UNet forward knows no image tokens
+            raise GenError("the fast mode (cache_interval) does not combine with an IP-Adapter")
         if self._streamed is not None:  # hooked now: LoRAs loaded or fused since the last call are in the groups
             if cache_interval != 1:  # its forward calls the blocks itself, past the hooks that move them
                 raise GenError(f"the fast mode (cache_interval) does not combine with offload {self._streamed.mode!r}")
@@ -598,11 +640,15 @@ class Pipeline:
         extra = {k: v.to(self.device) for k, v in (extra | embedded).items()}
         with self._on_device(*(t.model for t in texts)):  # each tower runs once per prompt batch, not per image
             cond = families.repeat(self.encode_prompts(prompts, height, width, texts), num_images_per_prompt) | extra
-            both = None
+            neg = None
             if uses_cfg(scale):
                 neg = self.family.encode_negative(texts, negs, negative_prompt is not None, height, width)
                 neg = families.repeat(families.to(neg, self.dtype), num_images_per_prompt) | extra
-                both = families.cat(neg, cond)
+        if ip_adapter_image is not None:
+            from gen import ip_adapter
+
+            ip_adapter.condition(self, ip_adapter_image, ip_adapter_scale, n, cond, neg)
+        both = families.cat(neg, cond) if neg is not None else None
         if both is None and slg is not None:
             log.info("skip-layer guidance needs classifier-free guidance (guidance > 1); it is off for this call")
             slg = None

@@ -183,7 +183,10 @@ class Family:
 
     def predict(self, denoiser, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """One denoiser call: model(x_t, t, **denoiser_kwargs(cond)) -> prediction."""
-        return denoiser(x, t, return_dict=False, **self.denoiser_kwargs(cond))[0]
+        kwargs = self.denoiser_kwargs(cond)
+        if "ip_embeds" in cond:  # an IP-Adapter's image embeddings (gen.ip_adapter), one adapter, as diffusers passes them
+            kwargs["added_cond_kwargs"] = {**kwargs.get("added_cond_kwargs", {}), "image_embeds": [cond["ip_embeds"]]}
+        return denoiser(x, t, return_dict=False, **kwargs)[0]
 
     def guidance(self, denoiser, scale: float, true_cfg: float | None, negative_given: bool,
                  n: int) -> tuple[float, dict]:

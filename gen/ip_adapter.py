@@ -1,0 +1,160 @@
+"""IP-Adapter (Ye et al. 2023): an image as a prompt for SD-1.x/2.x and SDXL UNets.
+
+A CLIP vision encoder (transformers' CLIPVisionModelWithProjection) embeds the image; the adapter's image projection
+turns that into a few extra tokens, which decoupled cross-attention layers (their own to_k_ip / to_v_ip) attend to
+beside the text, added at `scale`. Files are loaded in h94's layout (`ip-adapter_sd15.safetensors`: image_proj.*
+and ip_adapter.* keys; the encoder an `image_encoder/` folder beside it) with diffusers' own loading code
+(UNet2DConditionModel._load_ip_adapter_weights, IPAdapterAttnProcessor2_0), whose attention gen.attention then
+routes through gen's backend. The negative of classifier-free guidance sees zero image embeddings (the plus
+models: the encoder's states for a zero image), as diffusers' encode_image gives it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from gen import attention as attn
+from gen.errors import GenError
+from gen.io import load_image, load_model, load_object
+
+KEY = "ip_embeds"  # the conditioning entry (gen.families) that carries the image embeddings to the UNet
+WIDTHS = {768: "SD-1.x", 1024: "SD-2.x", 2048: "SDXL"}  # cross-attention width -> the family it belongs to
+
+
+def split(state: dict, path: Path) -> dict:
+    """h94's flat `image_proj.* / ip_adapter.*` keys (or a pickle's nested dicts) -> diffusers' two dicts."""
+    if isinstance(state.get("image_proj"), dict):
+        parts = {k: state.get(k) or {} for k in ("image_proj", "ip_adapter")}
+    else:
+        parts = {p: {k[len(p) + 1:]: v for k, v in state.items() if k.startswith(p + ".")}
+                 for p in ("image_proj", "ip_adapter")}
+    if not all(parts.values()):
+        raise GenError(f"{path} is not an IP-Adapter file: it has no image_proj.* and ip_adapter.* weights "
+                       "(h94's layout, e.g. ip-adapter_sd15.safetensors)")
+    return parts
+
+
+def projection_input(proj: dict, path: Path) -> tuple[bool, int]:
+    """(whether the projection reads the encoder's penultimate hidden states, the width it reads) by its keys, as
+    diffusers' _convert_ip_adapter_image_proj_to_diffusers tells the kinds apart."""
+    if "perceiver_resampler.proj_in.weight" in proj or ("norm.weight" in proj and "proj.weight" not in proj):
+        raise GenError(f"{path} is a FaceID IP-Adapter, which needs face embeddings (insightface) gen does not "
+                       "compute; use an image IP-Adapter (ip-adapter_sd15, ip-adapter-plus_sd15, ip-adapter_sdxl, ...)")
+    if "proj.weight" in proj:  # IP-Adapter: the projected image embedding -> 4 tokens
+        return False, proj["proj.weight"].shape[1]
+    if "proj.3.weight" in proj:  # IP-Adapter Full (face): an MLP over the hidden states
+        return True, proj["proj.0.weight"].shape[1]
+    if "proj_in.weight" in proj:  # IP-Adapter Plus: a perceiver resampler over the hidden states
+        return True, proj["proj_in.weight"].shape[1]
+    raise GenError(f"{path}: unknown IP-Adapter image projection (keys {', '.join(sorted(proj)[:3])}, ...)")
+
+
+class IPAdapter:
+    """A loaded adapter: its file, the vision encoder and its CLIPImageProcessor, and what the projection reads."""
+
+    def __init__(self, path: Path, encoder_folder: Path, encoder, processor, hidden_states: bool):
+        self.path, self.encoder_folder = path, encoder_folder
+        self.encoder, self.processor, self.hidden_states = encoder, processor, hidden_states
+
+    @torch.no_grad()
+    def embeds(self, image, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image embeddings, negative embeddings), each (n, 1, ...) for n images: one image per adapter, as
+        diffusers' prepare_ip_adapter_image_embeds lays them out."""
+        if isinstance(image, (str, Path)):
+            image = load_image(image, "the IP-Adapter image")
+        pixels = self.processor(image, return_tensors="pt").pixel_values.to(device, self.encoder.dtype)
+        if self.hidden_states:  # the plus models: penultimate states of the image and of a zero image
+            pos, neg = (self.encoder(p, output_hidden_states=True).hidden_states[-2]
+                        for p in (pixels, torch.zeros_like(pixels)))
+        else:
+            pos = self.encoder(pixels).image_embeds
+            neg = torch.zeros_like(pos)
+        return pos[:, None].repeat_interleave(n, 0), neg[:, None].repeat_interleave(n, 0)
+
+
+def _cross_attention_layers(unet) -> int:
+    return sum(1 for name in unet.attn_processors if not name.endswith("attn1.processor"))
+
+
+def load(pipe, path: str | Path, image_encoder: str | Path | None = None, allow_pickle: bool = False) -> IPAdapter:
+    """Adds the adapter file `path` to `pipe`'s UNet (checked against it first: a refused file changes nothing);
+    `image_encoder`: the CLIP vision encoder folder (default: image_encoder/ beside the file, as h94 ships it)."""
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    unet = pipe.denoiser
+    if pipe.family.denoiser_part != "unet" or type(unet).__name__ != "UNet2DConditionModel":
+        raise GenError(f"IP-Adapter is for SD-1.x/2.x and SDXL UNets; this is a {pipe.family.title} model")
+    if "_ip_adapter" in pipe.__dict__:
+        raise GenError("an IP-Adapter is loaded already; unload_ip_adapter() first")
+    path = Path(path)
+    parts = split(load_object(path, allow_pickle), path)
+    hidden_states, width = projection_input(parts["image_proj"], path)
+    k = parts["ip_adapter"].get("1.to_k_ip.weight")
+    ctx = unet.config.cross_attention_dim
+    layers = len({key.split(".")[0] for key in parts["ip_adapter"]})
+    if k is None or k.shape[1] != ctx or layers != _cross_attention_layers(unet):
+        made = WIDTHS.get(k.shape[1], f"cross-attention width {k.shape[1]}") if k is not None else "another model"
+        raise GenError(f"{path.name} is an IP-Adapter for {made} ({layers} cross-attention layers), but this "
+                       f"{pipe.family.title} UNet has width {ctx} and {_cross_attention_layers(unet)} layers")
+    folder = Path(image_encoder) if image_encoder is not None else path.parent / "image_encoder"
+    if not (folder / "config.json").is_file():
+        raise GenError(f"no CLIP image encoder at {folder}: pass --image-encoder FOLDER (image_encoder=), the "
+                       "CLIPVisionModelWithProjection folder that comes with the adapter (h94's image_encoder/)")
+    encoder = load_model(CLIPVisionModelWithProjection, folder, allow_pickle, pipe.dtype).eval().requires_grad_(False)
+    got = encoder.config.hidden_size if hidden_states else encoder.config.projection_dim
+    if got != width:
+        raise GenError(f"the image encoder {folder} gives {got}-wide embeddings, but {path.name} takes {width}; "
+                       "pass the encoder the adapter was trained with (--image-encoder)")
+    if (folder / "preprocessor_config.json").is_file():
+        processor = CLIPImageProcessor.from_pretrained(folder)
+    else:  # what diffusers' load_ip_adapter builds when the pipeline has no feature extractor
+        size = encoder.config.image_size
+        processor = CLIPImageProcessor(size=size, crop_size=size)
+    unet._load_ip_adapter_weights([parts], low_cpu_mem_usage=False)
+    attn.install_processor(unet)  # the IP-Adapter processors' attention through gen's backend too
+    unet.requires_grad_(False)
+    return IPAdapter(path, folder, encoder, processor, hidden_states)
+
+
+def set_scale(unet, scale: float) -> None:
+    """The weight of the image tokens in every IP-Adapter attention layer (diffusers' set_ip_adapter_scale)."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
+
+    for p in unet.attn_processors.values():
+        if isinstance(p, (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)):
+            p.scale = [scale] * len(p.scale)
+
+
+def unload(unet) -> None:
+    """Takes the adapter out of the UNet: its projection, and plain attention processors where its were."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.encoder_hid_proj = None
+    unet.config.encoder_hid_dim_type = None
+    unet.set_attn_processor({name: AttnProcessor2_0() if hasattr(p, "to_k_ip") else p
+                             for name, p in unet.attn_processors.items()})
+    attn.install_processor(unet)
+
+
+def check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise GenError(f"the IP-Adapter scale must be a finite number, not {scale!r}")
+    return float(scale)
+
+
+def condition(pipe, image, scale: float, n: int, cond: dict, neg: dict | None) -> None:
+    """Adds the image embeddings for n images to the conditioning (zero ones to the negative's)."""
+    ip = pipe.__dict__.get("_ip_adapter")
+    if ip is None:
+        raise GenError("ip_adapter_image (--ip-image) needs an IP-Adapter: load_ip_adapter(FILE) (--ip-adapter FILE)")
+    set_scale(pipe.denoiser, check_scale(scale))
+    if pipe._offload is None:
+        ip.encoder.to(pipe.device)
+    with pipe._on_device(ip.encoder):
+        pos, zero = ip.embeds(image, n, pipe.device)
+    cond[KEY] = pos.to(pipe.dtype)
+    if neg is not None:
+        neg[KEY] = zero.to(pipe.dtype)

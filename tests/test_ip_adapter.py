@@ -1,0 +1,117 @@
+"""IP-Adapter (gen.ip_adapter): a tiny random CLIP vision encoder and adapter saved in h94's layout give diffusers'
+images (load_ip_adapter + ip_adapter_image) for SD-1.x and SDXL; scale 0 is the model without it; `gen sample
+--ip-adapter` records it and `--from` replays it; wrong files and images are one-line errors."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from gen.cli import main
+from gen.errors import GenError
+from gen.recipe import read_png
+from gen.samplers import SAMPLERS
+from tests.conftest import diffusers_pipeline, quiet_pipeline
+from tests.test_cli import gen
+
+RUN = dict(prompt="a red circle", num_inference_steps=2, guidance_scale=5.0, height=32, width=32)
+SEED = 3
+
+
+def h94_adapter(folder, unet, name: str, seed: int = 0):
+    """An IP-Adapter file in h94's layout for `unet` (image_proj.* and ip_adapter.{1,3,5,...}.to_k_ip / to_v_ip,
+    numbered over all attention layers as the original repo's AttnProcessor list), and its image_encoder/."""
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    ctx = unet.config.cross_attention_dim
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32,
+        patch_size=8, projection_dim=16))
+    encoder.save_pretrained(folder / "image_encoder")
+    state = {"image_proj.proj.weight": torch.randn(4 * ctx, 16) * 0.3, "image_proj.proj.bias": torch.randn(4 * ctx),
+             "image_proj.norm.weight": 1 + torch.randn(ctx) * 0.1, "image_proj.norm.bias": torch.randn(ctx) * 0.1}
+    cross = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
+    for j, name_ in enumerate(cross):
+        width = unet.get_submodule(name_[:-len(".processor")]).to_k.out_features
+        for k in ("to_k_ip", "to_v_ip"):
+            state[f"ip_adapter.{2 * j + 1}.{k}.weight"] = torch.randn(width, ctx) * 0.3
+    save_file(state, str(folder / name))
+    return folder / name
+
+
+@pytest.fixture(scope="module")
+def ip_image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ip") / "face.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def diffusers_images(cls, folder, adapter, image, scale: float):
+    theirs = diffusers_pipeline(cls, folder)
+    theirs.scheduler = SAMPLERS["euler"][1].from_config(theirs.scheduler.config, **SAMPLERS["euler"][2])
+    theirs.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name)
+    theirs.set_ip_adapter_scale(scale)
+    return theirs(**RUN, ip_adapter_image=Image.open(image), output_type="np",
+                  generator=torch.Generator("cpu").manual_seed(SEED)).images
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_parity_with_diffusers_and_scale_zero_is_no_adapter(kind, sd_folder, sdxl_folder, ip_image, tmp_path):
+    folder, cls = (sd_folder, StableDiffusionPipeline) if kind == "sd" else (sdxl_folder, StableDiffusionXLPipeline)
+    pipe = quiet_pipeline(folder)
+    adapter = h94_adapter(tmp_path / "models", pipe.denoiser, f"ip-adapter_{kind}.safetensors")
+    plain = pipe(**RUN, seed=SEED, sampler="euler", output_type="np").images
+    pipe.load_ip_adapter(adapter)
+    ours = pipe(**RUN, seed=SEED, sampler="euler", output_type="np", ip_adapter_image=ip_image,
+                ip_adapter_scale=0.7).images
+    ref = diffusers_images(cls, folder, adapter, ip_image, 0.7)
+    diff = np.abs(ours - ref).max()
+    print(f"{kind}: max abs diff vs diffusers {diff:.2e}, adapter effect {np.abs(ours - plain).max():.3f}")
+    assert diff <= 1e-4 and np.abs(ours - plain).max() > 0.01
+    zero = pipe(**RUN, seed=SEED, sampler="euler", output_type="np", ip_adapter_image=ip_image,
+                ip_adapter_scale=0.0).images
+    assert np.abs(zero - plain).max() <= 1e-6
+    with pytest.raises(GenError, match="fast mode"):
+        pipe(**RUN, seed=SEED, ip_adapter_image=ip_image, cache_interval=2)
+    pipe.unload_ip_adapter()
+    assert np.abs(pipe(**RUN, seed=SEED, sampler="euler", output_type="np").images - plain).max() <= 1e-6
+
+
+def test_refusals_are_one_line(sd_folder, sdxl_folder, ip_image, tmp_path, capsys):
+    sdxl = quiet_pipeline(sdxl_folder)
+    sd_adapter = h94_adapter(tmp_path / "sd", quiet_pipeline(sd_folder).denoiser, "ip-adapter_sd15.safetensors")
+    with pytest.raises(GenError, match="IP-Adapter for cross-attention width 32"):
+        sdxl.load_ip_adapter(sd_adapter)
+    with pytest.raises(GenError, match="no CLIP image encoder"):
+        sdxl.load_ip_adapter(sd_adapter, image_encoder=tmp_path / "nowhere")
+    pickle = tmp_path / "sd" / "ip-adapter_sd15.bin"
+    pickle.write_bytes(b"not read")
+    with pytest.raises(GenError, match="pickle"):
+        sdxl.load_ip_adapter(pickle)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    assert main(["sample", "x", "--model", str(sd_folder), "--steps", "1", "--height", "32", "--width", "32",
+                 "--ip-adapter", str(sd_adapter), "--ip-image", str(bad), "--out", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a readable image" in err and len(err.splitlines()) == 1
+
+
+def test_cli_records_the_adapter_and_from_replays_it(sd_folder, ip_image, tmp_path):
+    adapter = h94_adapter(tmp_path / "models", quiet_pipeline(sd_folder).denoiser, "ip-adapter_sd15.safetensors")
+    out = tmp_path / "a.png"
+    r = gen("sample", RUN["prompt"], "--model", sd_folder, "--steps", 2, "--height", 32, "--width", 32, "--seed", SEED,
+            "--sampler", "euler", "--guidance", 5, "--ip-adapter", adapter, "--ip-image", ip_image, "--ip-scale", 0.7,
+            "--out", out, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    recipe = read_png(out)
+    assert (recipe.ip_adapter, recipe.ip_image, recipe.ip_scale) == (str(adapter), str(ip_image), 0.7)
+    api = quiet_pipeline(sd_folder, ip_adapter=adapter)(**RUN, seed=SEED, sampler="euler", ip_adapter_image=ip_image,
+                                                        ip_adapter_scale=0.7).images[0]
+    cli = np.asarray(Image.open(out).convert("RGB"))
+    assert np.array_equal(cli, np.asarray(api))
+    again = tmp_path / "b.png"
+    assert main(["sample", "--from", str(out), "--out", str(again), "--no-progress"]) == 0
+    assert np.array_equal(np.asarray(Image.open(again).convert("RGB")), cli)
