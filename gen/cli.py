@@ -125,6 +125,13 @@ def _workflow_flags(p) -> None:
                    "--steps)")
     p.add_argument("--hires-upscaler", default=None, choices=("latent", "image"),
                    help="upscale the latents (default) or the decoded image")
+    p.add_argument("--ip-adapter", default=None, metavar="FILE", help="an IP-Adapter file in h94's layout "
+                   "(ip-adapter_sd15.safetensors; SD-1.x/2.x, SDXL): --ip-image becomes a prompt")
+    p.add_argument("--ip-image", default=None, metavar="IMAGE", help="the IP-Adapter's image prompt")
+    p.add_argument("--ip-scale", type=float, default=None, metavar="S", help="the weight of the image prompt "
+                   "(default 1.0; 0: none)")
+    p.add_argument("--image-encoder", default=None, metavar="FOLDER", help="the IP-Adapter's CLIP vision encoder "
+                   "folder (default: image_encoder/ beside the --ip-adapter file)")
 
 
 def _workflow(args) -> dict:
@@ -152,6 +159,11 @@ def _workflow(args) -> dict:
         if args.init_image is not None:
             raise GenError("--hires is for text-to-image (A1111's hires fix); not with --init-image")
         hires.check(args.hires, _first(args.hires_strength, 0.7), args.hires_steps, args.hires_upscaler or "latent")
+    given = {"--ip-adapter": args.ip_adapter, "--ip-image": args.ip_image}
+    for flag, value in (("--ip-scale", args.ip_scale), ("--image-encoder", args.image_encoder), *given.items()):
+        if value is not None and None in given.values():
+            raise GenError(f"{flag} needs " + " and ".join(f for f, v in given.items() if v is None))
+    ip_image = load_image(args.ip_image, "--ip-image") if args.ip_image else None
     image = load_image(args.init_image, "--init-image") if args.init_image else None
     mask = load_image(args.mask, "--mask") if args.mask else None
     if mask is not None and mask.size != image.size:
@@ -161,7 +173,8 @@ def _workflow(args) -> dict:
                 padding_mask_crop=_first(args.inpaint_padding, 32) if args.inpaint_full_res else None,
                 clip_skip=_first(args.clip_skip, 1), prompt_weighting=not args.no_weighting,
                 hires_scale=args.hires, hires_strength=_first(args.hires_strength, 0.7), hires_steps=args.hires_steps,
-                hires_upscaler=args.hires_upscaler or "latent")
+                hires_upscaler=args.hires_upscaler or "latent", ip_adapter_image=ip_image,
+                ip_adapter_scale=_first(args.ip_scale, 1.0))
 
 
 class _Outputs:
@@ -201,7 +214,9 @@ def _apply_recipe(r, args) -> None:
                        ("hires", r.hires_scale), ("hires_steps", r.hires_steps),
                        ("hires_upscaler", r.hires_upscaler if hires else None),
                        ("hires_strength", r.strength if hires else None),
-                       ("strength", r.strength if args.init_image or r.init_image else None)):
+                       ("strength", r.strength if args.init_image or r.init_image else None),
+                       ("ip_adapter", r.ip_adapter), ("ip_image", r.ip_image), ("ip_scale", r.ip_scale),
+                       ("image_encoder", r.image_encoder)):
         if getattr(args, key) is None:
             setattr(args, key, value)
     if r.inpaint_padding is not None and not args.inpaint_full_res:
@@ -315,6 +330,10 @@ def _recorded(args, workflow: dict) -> dict:
                mask=str(Path(args.mask).resolve()) if args.mask else None, mask_blur=workflow["mask_blur"],
                inpaint_padding=workflow["padding_mask_crop"], hires_scale=workflow["hires_scale"],
                hires_steps=workflow["hires_steps"], hires_upscaler=workflow["hires_upscaler"])
+    if args.ip_adapter is not None:
+        out |= dict(ip_adapter=str(Path(args.ip_adapter).resolve()), ip_image=str(Path(args.ip_image).resolve()),
+                    ip_scale=workflow["ip_adapter_scale"],
+                    image_encoder=str(Path(args.image_encoder).resolve()) if args.image_encoder else None)
     if source:
         default = 1.0 if args.mask else 0.8
         out["strength"] = _first(workflow["strength"], default)
@@ -358,7 +377,8 @@ def cmd_sample(args) -> int:
                                     tokenizer=args.tokenizer, prediction_type=args.prediction_type,
                                     base=args.base, offload=args.offload or False,
                                     offload_blocks=args.offload_blocks, weights=args.weights,
-                                    vae_tiling=_first(args.vae_tiling, False),
+                                    vae_tiling=_first(args.vae_tiling, False), ip_adapter=args.ip_adapter,
+                                    image_encoder=args.image_encoder,
                                     **_component_args(args))
     model_path = Path(args.model) if args.model else DEFAULT_MODEL
     model_hash = recipe.HashInBackground(model_path)  # hashed while sampling

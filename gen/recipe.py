@@ -35,7 +35,8 @@ READ = {"Steps", "Sampler", "Schedule type", "Eta DDIM", "CFG scale", "Seed", "S
         "Lora hashes", "Version", "gen sampler", "gen schedule", "gen guidance rescale", "gen guidance interval",
         "gen cache interval", "gen model", "Denoising strength", "Clip skip", "Emphasis", "Mask blur",
         "Inpaint area", "Masked area padding", "Hires upscale", "Hires steps", "Hires upscaler", "gen init image",
-        "gen mask", "gen weights", "gen VAE tile", "TI hashes"}
+        "gen mask", "gen weights", "gen VAE tile", "TI hashes", "gen IP-Adapter", "gen IP image", "gen IP scale",
+        "gen image encoder"}
 HIRES_UPSCALERS = {"latent": "Latent", "image": "Lanczos"}  # gen's name -> A1111's
 
 
@@ -77,6 +78,10 @@ class Recipe:
     hires_upscaler: str = "latent"
     weights: str | None = None  # gen/quant's storage option (fp8, full); None: as the files store them
     vae_tile: int | None = None  # the VAE's tile in pixels under --vae-tiling (it moves pixels near the seams)
+    ip_adapter: str | None = None  # the IP-Adapter file, its image prompt, weight and encoder folder (gen.ip_adapter)
+    ip_image: str | None = None
+    ip_scale: float | None = None
+    image_encoder: str | None = None
 
 
 def number(value) -> str:
@@ -169,7 +174,8 @@ def _workflow_fields(r: Recipe) -> dict:
             "Masked area padding": r.inpaint_padding,
             "Hires upscale": r.hires_scale, "Hires steps": r.hires_steps,
             "Hires upscaler": HIRES_UPSCALERS[r.hires_upscaler] if r.hires_scale is not None else None,
-            "gen init image": r.init_image, "gen mask": r.mask}
+            "gen init image": r.init_image, "gen mask": r.mask, "gen IP-Adapter": r.ip_adapter,
+            "gen IP image": r.ip_image, "gen IP scale": r.ip_scale, "gen image encoder": r.image_encoder}
 
 
 def from_text(text: str, source: str = "the recipe") -> Recipe:
@@ -198,7 +204,8 @@ def from_text(text: str, source: str = "the recipe") -> Recipe:
                mask=f.get("gen mask"), strength=get("Denoising strength", float),
                mask_blur=get("Mask blur", float, 0.0), hires_scale=get("Hires upscale", float),
                hires_steps=get("Hires steps", int) or None, weights=f.get("gen weights"),
-               vae_tile=get("gen VAE tile", int))
+               vae_tile=get("gen VAE tile", int), ip_adapter=f.get("gen IP-Adapter"), ip_image=f.get("gen IP image"),
+               ip_scale=get("gen IP scale", float), image_encoder=f.get("gen image encoder"))
     if f.get("Inpaint area") == "Only masked":
         r.inpaint_padding = get("Masked area padding", int, 32)  # A1111's default padding
     if "Hires upscaler" in f:  # A1111's Latent (...) modes upscale the latents, its other upscalers the image

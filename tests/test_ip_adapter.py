@@ -81,18 +81,21 @@ def test_parity_with_diffusers_and_scale_zero_is_no_adapter(kind, sd_folder, sdx
 
 
 def test_refusals_are_one_line(sd_folder, sdxl_folder, ip_image, tmp_path, capsys):
-    sdxl = quiet_pipeline(sdxl_folder)
-    sd_adapter = h94_adapter(tmp_path / "sd", quiet_pipeline(sd_folder).denoiser, "ip-adapter_sd15.safetensors")
+    sd = quiet_pipeline(sd_folder)
+    sd_adapter = h94_adapter(tmp_path / "sd", sd.denoiser, "ip-adapter_sd15.safetensors")
     with pytest.raises(GenError, match="IP-Adapter for cross-attention width 32"):
-        sdxl.load_ip_adapter(sd_adapter)
+        quiet_pipeline(sdxl_folder).load_ip_adapter(sd_adapter)
     with pytest.raises(GenError, match="no CLIP image encoder"):
-        sdxl.load_ip_adapter(sd_adapter, image_encoder=tmp_path / "nowhere")
+        sd.load_ip_adapter(sd_adapter, image_encoder=tmp_path / "nowhere")
     pickle = tmp_path / "sd" / "ip-adapter_sd15.bin"
     pickle.write_bytes(b"not read")
     with pytest.raises(GenError, match="pickle"):
-        sdxl.load_ip_adapter(pickle)
+        sd.load_ip_adapter(pickle)
+    with pytest.raises(GenError, match="needs an IP-Adapter"):
+        sd(**RUN, ip_adapter_image=ip_image)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
+    capsys.readouterr()
     assert main(["sample", "x", "--model", str(sd_folder), "--steps", "1", "--height", "32", "--width", "32",
                  "--ip-adapter", str(sd_adapter), "--ip-image", str(bad), "--out", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err.strip()
