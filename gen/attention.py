@@ -252,7 +252,7 @@ def _sdpa_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
 
 class _Functional(types.ModuleType):
     """torch.nn.functional with scaled_dot_product_attention through gen's backend: the `F` that SD3's
-    JointAttnProcessor2_0 sees."""
+    JointAttnProcessor2_0 and IPAdapterAttnProcessor2_0 see."""
     scaled_dot_product_attention = staticmethod(_sdpa_call)
 
     def __getattr__(self, name):
@@ -273,7 +273,8 @@ def _dispatch_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
 
 
 # diffusers processor -> (the global name its __call__ reaches attention through, gen's stand-in for it)
-_DISPATCH_POINTS = {"JointAttnProcessor2_0": ("F", _Functional("gen_functional")),
+_F = _Functional("gen_functional")
+_DISPATCH_POINTS = {"JointAttnProcessor2_0": ("F", _F), "IPAdapterAttnProcessor2_0": ("F", _F),
                     "FluxAttnProcessor": ("dispatch_attention_fn", _dispatch_call)}
 _rebound: dict[type, type] = {}
 
@@ -309,6 +310,7 @@ def _routed(p):
 
 
 def install_processor(denoiser) -> None:
-    """Routes a diffusers UNet's standard attention layers, SD3's joint attention and Flux's attention through
-    `attention` (other processors, e.g. IP-Adapter or fused ones, are left as they are)."""
+    """Routes a diffusers UNet's standard attention layers, IP-Adapter's decoupled cross-attention (gen.ip_adapter),
+    SD3's joint attention and Flux's attention through `attention` (other processors, e.g. fused ones, are left as
+    they are)."""
     denoiser.set_attn_processor({name: _routed(p) for name, p in denoiser.attn_processors.items()})

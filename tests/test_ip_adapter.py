@@ -65,6 +65,8 @@ def test_parity_with_diffusers_and_scale_zero_is_no_adapter(kind, sd_folder, sdx
     adapter = h94_adapter(tmp_path / "models", pipe.denoiser, f"ip-adapter_{kind}.safetensors")
     plain = pipe(**RUN, seed=SEED, sampler="euler", output_type="np").images
     pipe.load_ip_adapter(adapter)
+    kinds = {type(p).__name__ for n, p in pipe.denoiser.attn_processors.items() if n.endswith("attn2.processor")}
+    assert kinds == {"GenIPAdapterAttnProcessor2_0"}  # diffusers' code, its attention through gen's backend
     ours = pipe(**RUN, seed=SEED, sampler="euler", output_type="np", ip_adapter_image=ip_image,
                 ip_adapter_scale=0.7).images
     ref = diffusers_images(cls, folder, adapter, ip_image, 0.7)
