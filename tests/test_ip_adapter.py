@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from gen.cli import main
@@ -89,10 +89,16 @@ def test_refusals_are_one_line(sd_folder, sdxl_folder, ip_image, tmp_path, capsy
         quiet_pipeline(sdxl_folder).load_ip_adapter(sd_adapter)
     with pytest.raises(GenError, match="no CLIP image encoder"):
         sd.load_ip_adapter(sd_adapter, image_encoder=tmp_path / "nowhere")
-    pickle = tmp_path / "sd" / "ip-adapter_sd15.bin"
-    pickle.write_bytes(b"not read")
+    pickle = tmp_path / "sd" / "ip-adapter_sd15.bin"  # h94's .bin: {"image_proj": {...}, "ip_adapter": {...}}
+    state = load_file(sd_adapter)
+    torch.save({p: {k[len(p) + 1:]: v for k, v in state.items() if k.startswith(p)} for p in ("image_proj", "ip_adapter")},
+               pickle)
     with pytest.raises(GenError, match="pickle"):
         sd.load_ip_adapter(pickle)
+    sd.load_ip_adapter(pickle, allow_pickle=True)  # read by gen.io's weights-only loader, as every pickle in gen
+    assert torch.equal(sd.denoiser.encoder_hid_proj.image_projection_layers[0].image_embeds.weight,
+                       state["image_proj.proj.weight"])
+    sd.unload_ip_adapter()
     with pytest.raises(GenError, match="needs an IP-Adapter"):
         sd(**RUN, ip_adapter_image=ip_image)
     bad = tmp_path / "bad.png"
