@@ -113,7 +113,11 @@ def load(pipe, path: str | Path, image_encoder: str | Path | None = None, allow_
     else:  # what diffusers' load_ip_adapter builds when the pipeline has no feature extractor
         size = encoder.config.image_size
         processor = CLIPImageProcessor(size=size, crop_size=size)
-    unet._load_ip_adapter_weights([parts], low_cpu_mem_usage=False)
+    try:
+        unet._load_ip_adapter_weights([parts], low_cpu_mem_usage=False)
+    except (RuntimeError, KeyError, ValueError, IndexError) as e:  # shapes or keys diffusers' converter rejects
+        unload(unet)
+        raise GenError(f"{path.name}: not a loadable IP-Adapter ({str(e).strip().splitlines()[0]})") from None
     attn.install_processor(unet)  # the IP-Adapter processors' attention through gen's backend too
     unet.requires_grad_(False)
     return IPAdapter(path, folder, encoder, processor, hidden_states)

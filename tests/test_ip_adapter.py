@@ -21,7 +21,23 @@ RUN = dict(prompt="a red circle", num_inference_steps=2, guidance_scale=5.0, hei
 SEED = 3
 
 
-def h94_adapter(folder, unet, name: str, seed: int = 0):
+def plus_projection(ctx: int, width: int = 32, dim: int = 64, tokens: int = 4, depth: int = 4) -> dict:
+    """IP-Adapter Plus's image_proj (h94's Resampler: a perceiver over the encoder's states, one 64-wide head)."""
+    r = {"latents": torch.randn(1, tokens, dim) * dim ** -0.5, "proj_in.weight": torch.randn(dim, width) * 0.2,
+         "proj_in.bias": torch.zeros(dim), "proj_out.weight": torch.randn(ctx, dim) * 0.2,
+         "proj_out.bias": torch.zeros(ctx), "norm_out.weight": torch.ones(ctx), "norm_out.bias": torch.zeros(ctx)}
+    for i in range(depth):
+        r |= {f"layers.{i}.0.{k}": v for k, v in {
+            "norm1.weight": torch.ones(dim), "norm1.bias": torch.zeros(dim), "norm2.weight": torch.ones(dim),
+            "norm2.bias": torch.zeros(dim), "to_q.weight": torch.randn(dim, dim) * 0.1,
+            "to_kv.weight": torch.randn(2 * dim, dim) * 0.1, "to_out.weight": torch.randn(dim, dim) * 0.1}.items()}
+        r |= {f"layers.{i}.1.0.weight": torch.ones(dim), f"layers.{i}.1.0.bias": torch.zeros(dim),
+              f"layers.{i}.1.1.weight": torch.randn(4 * dim, dim) * 0.1,
+              f"layers.{i}.1.3.weight": torch.randn(dim, 4 * dim) * 0.1}
+    return r
+
+
+def h94_adapter(folder, unet, name: str, seed: int = 0, plus: bool = False):
     """An IP-Adapter file in h94's layout for `unet` (image_proj.* and ip_adapter.{1,3,5,...}.to_k_ip / to_v_ip,
     numbered over all attention layers as the original repo's AttnProcessor list), and its image_encoder/."""
     torch.manual_seed(seed)
@@ -31,8 +47,10 @@ def h94_adapter(folder, unet, name: str, seed: int = 0):
         hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32,
         patch_size=8, projection_dim=16))
     encoder.save_pretrained(folder / "image_encoder")
-    state = {"image_proj.proj.weight": torch.randn(4 * ctx, 16) * 0.3, "image_proj.proj.bias": torch.randn(4 * ctx),
-             "image_proj.norm.weight": 1 + torch.randn(ctx) * 0.1, "image_proj.norm.bias": torch.randn(ctx) * 0.1}
+    proj = plus_projection(ctx) if plus else {
+        "proj.weight": torch.randn(4 * ctx, 16) * 0.3, "proj.bias": torch.randn(4 * ctx),
+        "norm.weight": 1 + torch.randn(ctx) * 0.1, "norm.bias": torch.randn(ctx) * 0.1}
+    state = {f"image_proj.{k}": v for k, v in proj.items()}
     cross = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
     for j, name_ in enumerate(cross):
         width = unet.get_submodule(name_[:-len(".processor")]).to_k.out_features
@@ -58,11 +76,13 @@ def diffusers_images(cls, folder, adapter, image, scale: float):
                   generator=torch.Generator("cpu").manual_seed(SEED)).images
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+@pytest.mark.parametrize("kind", ["sd", "sd-plus", "sdxl"])
 def test_parity_with_diffusers_and_scale_zero_is_no_adapter(kind, sd_folder, sdxl_folder, ip_image, tmp_path):
-    folder, cls = (sd_folder, StableDiffusionPipeline) if kind == "sd" else (sdxl_folder, StableDiffusionXLPipeline)
+    """The plus model reads the encoder's penultimate states, its negative those of a zero image."""
+    sd = kind.startswith("sd-") or kind == "sd"
+    folder, cls = (sd_folder, StableDiffusionPipeline) if sd else (sdxl_folder, StableDiffusionXLPipeline)
     pipe = quiet_pipeline(folder)
-    adapter = h94_adapter(tmp_path / "models", pipe.denoiser, f"ip-adapter_{kind}.safetensors")
+    adapter = h94_adapter(tmp_path / "models", pipe.denoiser, f"ip-adapter_{kind}.safetensors", plus="plus" in kind)
     plain = pipe(**RUN, seed=SEED, sampler="euler", output_type="np").images
     pipe.load_ip_adapter(adapter)
     kinds = {type(p).__name__ for n, p in pipe.denoiser.attn_processors.items() if n.endswith("attn2.processor")}
@@ -99,6 +119,11 @@ def test_refusals_are_one_line(sd_folder, sdxl_folder, ip_image, tmp_path, capsy
     assert torch.equal(sd.denoiser.encoder_hid_proj.image_projection_layers[0].image_embeds.weight,
                        state["image_proj.proj.weight"])
     sd.unload_ip_adapter()
+    broken = tmp_path / "sd" / "broken.safetensors"
+    save_file({k: v for k, v in state.items() if k != "image_proj.norm.bias"}, str(broken))
+    with pytest.raises(GenError, match="not a loadable IP-Adapter"):
+        sd.load_ip_adapter(broken)
+    assert sd.denoiser.encoder_hid_proj is None and sd.ip_adapter is None  # a refused file changes nothing
     with pytest.raises(GenError, match="needs an IP-Adapter"):
         sd(**RUN, ip_adapter_image=ip_image)
     bad = tmp_path / "bad.png"
