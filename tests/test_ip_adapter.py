@@ -111,8 +111,8 @@ def test_refusals_are_one_line(sd_folder, sdxl_folder, ip_image, tmp_path, capsy
         sd.load_ip_adapter(sd_adapter, image_encoder=tmp_path / "nowhere")
     pickle = tmp_path / "sd" / "ip-adapter_sd15.bin"  # h94's .bin: {"image_proj": {...}, "ip_adapter": {...}}
     state = load_file(sd_adapter)
-    torch.save({p: {k[len(p) + 1:]: v for k, v in state.items() if k.startswith(p)} for p in ("image_proj", "ip_adapter")},
-               pickle)
+    torch.save({p: {k[len(p) + 1:]: v for k, v in state.items() if k.startswith(p)}
+                for p in ("image_proj", "ip_adapter")}, pickle)
     with pytest.raises(GenError, match="pickle"):
         sd.load_ip_adapter(pickle)
     sd.load_ip_adapter(pickle, allow_pickle=True)  # read by gen.io's weights-only loader, as every pickle in gen
@@ -133,6 +133,8 @@ def test_refusals_are_one_line(sd_folder, sdxl_folder, ip_image, tmp_path, capsy
                  "--ip-adapter", str(sd_adapter), "--ip-image", str(bad), "--out", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert "not a readable image" in err and len(err.splitlines()) == 1
+    assert main(["sample", "x", "--model", str(sd_folder), "--ip-image", str(ip_image)]) == 2  # before any load
+    assert capsys.readouterr().err.strip() == "gen: error: --ip-image needs --ip-adapter"
 
 
 def test_cli_records_the_adapter_and_from_replays_it(sd_folder, ip_image, tmp_path):

@@ -184,7 +184,7 @@ class Family:
     def predict(self, denoiser, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """One denoiser call: model(x_t, t, **denoiser_kwargs(cond)) -> prediction."""
         kwargs = self.denoiser_kwargs(cond)
-        if "ip_embeds" in cond:  # an IP-Adapter's image embeddings (gen.ip_adapter), one adapter, as diffusers passes them
+        if "ip_embeds" in cond:  # an IP-Adapter's image embeddings (gen.ip_adapter), as diffusers passes one adapter's
             kwargs["added_cond_kwargs"] = {**kwargs.get("added_cond_kwargs", {}), "image_embeds": [cond["ip_embeds"]]}
         return denoiser(x, t, return_dict=False, **kwargs)[0]
 
