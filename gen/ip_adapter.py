@@ -143,18 +143,22 @@ def unload(unet) -> None:
     attn.install_processor(unet)
 
 
-def check_scale(scale) -> float:
+def check_call(ip: IPAdapter | None, image, scale, cache_interval: int) -> None:
+    """A pipeline call's IP-Adapter arguments, before anything runs."""
+    if ip is None and image is not None:
+        raise GenError("ip_adapter_image (--ip-image) needs an IP-Adapter: load_ip_adapter(FILE) (--ip-adapter FILE)")
+    if ip is not None and image is None:
+        raise GenError("an IP-Adapter is loaded: pass ip_adapter_image (--ip-image IMAGE), or unload_ip_adapter()")
+    if ip is not None and cache_interval != 1:  # gen.fastmode's cached UNet forward knows no image tokens
+        raise GenError("the fast mode (cache_interval) does not combine with an IP-Adapter")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise GenError(f"the IP-Adapter scale must be a finite number, not {scale!r}")
-    return float(scale)
 
 
 def condition(pipe, image, scale: float, n: int, cond: dict, neg: dict | None) -> None:
     """Adds the image embeddings for n images to the conditioning (zero ones to the negative's)."""
-    ip = pipe.__dict__.get("_ip_adapter")
-    if ip is None:
-        raise GenError("ip_adapter_image (--ip-image) needs an IP-Adapter: load_ip_adapter(FILE) (--ip-adapter FILE)")
-    set_scale(pipe.denoiser, check_scale(scale))
+    ip = pipe.ip_adapter
+    set_scale(pipe.denoiser, float(scale))
     if pipe._offload is None:
         ip.encoder.to(pipe.device)
     with pipe._on_device(ip.encoder):

@@ -16,7 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from gen import attention as attn
-from gen import families, formulations, img2img
+from gen import families, formulations, img2img, ip_adapter
 from gen import prompt_weights as pw
 from gen.errors import GenError
 from gen.guidance import SkipLayers, check_guidance, guided_prediction, uses_cfg
@@ -449,15 +449,11 @@ class Pipeline:
         """Adds an IP-Adapter file in h94's layout (ip-adapter_sd15.safetensors, ip-adapter_sdxl.safetensors, ...)
         to the UNet; `image_encoder`: its CLIP vision encoder folder (default: image_encoder/ beside the file).
         Calls then take ip_adapter_image= and ip_adapter_scale=. A file for another model raises GenError."""
-        from gen import ip_adapter
-
         self._ip_adapter = ip_adapter.load(self, path, image_encoder, allow_pickle)
 
     def unload_ip_adapter(self) -> None:
         """Removes the IP-Adapter and its image encoder."""
         if self.__dict__.pop("_ip_adapter", None) is not None:
-            from gen import ip_adapter
-
             ip_adapter.unload(self.denoiser)
 
     @property
@@ -595,11 +591,7 @@ class Pipeline:
                     num_images_per_prompt, sampler, output_type)
         if cache_interval != 1 and not self.family.fast_mode:
             raise GenError(f"the fast mode (cache_interval) does not support {self.family.title} models")
-        ip = "_ip_adapter" in self.__dict__
-        if ip and ip_adapter_image is None:
-            raise GenError("an IP-Adapter is loaded: pass ip_adapter_image (--ip-image IMAGE), or unload_ip_adapter()")
-        if ip and cache_interval != 1:  # its cached UNet forward knows no image tokens
-            raise GenError("the fast mode (cache_interval) does not combine with an IP-Adapter")
+        ip_adapter.check_call(self.ip_adapter, ip_adapter_image, ip_adapter_scale, cache_interval)
         if self._streamed is not None:  # hooked now: LoRAs loaded or fused since the last call are in the groups
             if cache_interval != 1:  # its forward calls the blocks itself, past the hooks that move them
                 raise GenError(f"the fast mode (cache_interval) does not combine with offload {self._streamed.mode!r}")
@@ -645,8 +637,6 @@ class Pipeline:
                 neg = self.family.encode_negative(texts, negs, negative_prompt is not None, height, width)
                 neg = families.repeat(families.to(neg, self.dtype), num_images_per_prompt) | extra
         if ip_adapter_image is not None:
-            from gen import ip_adapter
-
             ip_adapter.condition(self, ip_adapter_image, ip_adapter_scale, n, cond, neg)
         both = families.cat(neg, cond) if neg is not None else None
         if both is None and slg is not None:
