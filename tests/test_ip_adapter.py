@@ -102,11 +102,13 @@ def test_parity_with_diffusers_and_scale_zero_is_no_adapter(kind, sd_folder, sdx
     assert np.abs(pipe(**RUN, seed=SEED, sampler="euler", output_type="np").images - plain).max() <= 1e-6
 
 
-def test_refusals_are_one_line(sd_folder, sdxl_folder, ip_image, tmp_path, capsys):
+def test_refusals_are_one_line(sd_folder, sdxl_folder, dit_folder, ip_image, tmp_path, capsys):
     sd = quiet_pipeline(sd_folder)
     sd_adapter = h94_adapter(tmp_path / "sd", sd.denoiser, "ip-adapter_sd15.safetensors")
     with pytest.raises(GenError, match="IP-Adapter for cross-attention width 32"):
         quiet_pipeline(sdxl_folder).load_ip_adapter(sd_adapter)
+    with pytest.raises(GenError, match="IP-Adapter is for SD-1.x/2.x and SDXL UNets; this is a"):
+        quiet_pipeline(dit_folder).load_ip_adapter(sd_adapter)
     with pytest.raises(GenError, match="no CLIP image encoder"):
         sd.load_ip_adapter(sd_adapter, image_encoder=tmp_path / "nowhere")
     pickle = tmp_path / "sd" / "ip-adapter_sd15.bin"  # h94's .bin: {"image_proj": {...}, "ip_adapter": {...}}
