@@ -126,6 +126,10 @@ def test_refusals_are_one_line(sd_folder, sdxl_folder, dit_folder, ip_image, tmp
     with pytest.raises(GenError, match="not a loadable IP-Adapter"):
         sd.load_ip_adapter(broken)
     assert sd.denoiser.encoder_hid_proj is None and sd.ip_adapter is None  # a refused file changes nothing
+    save_file(state | {"image_proj.proj.weight": torch.zeros(state["image_proj.proj.weight"].shape[0], 24)},
+              str(broken))
+    with pytest.raises(GenError, match="gives 16-wide embeddings, but broken.safetensors takes 24"):
+        sd.load_ip_adapter(broken)
     with pytest.raises(GenError, match="needs an IP-Adapter"):
         sd(**RUN, ip_adapter_image=ip_image)
     bad = tmp_path / "bad.png"
