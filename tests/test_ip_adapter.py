@@ -96,6 +96,10 @@ def test_parity_with_diffusers_and_scale_zero_is_no_adapter(kind, sd_folder, sdx
     zero = pipe(**RUN, seed=SEED, sampler="euler", output_type="np", ip_adapter_image=ip_image,
                 ip_adapter_scale=0.0).images
     assert np.abs(zero - plain).max() <= 1e-6
+    if kind == "sd":  # image k of a batch is that image made alone (DESIGN.md's seeds contract)
+        two = pipe(**RUN, seed=SEED - 1, sampler="euler", output_type="np", ip_adapter_image=ip_image,
+                   ip_adapter_scale=0.7, num_images_per_prompt=2).images
+        assert np.abs(two[1] - ours[0]).max() <= 1e-5
     with pytest.raises(GenError, match="fast mode"):
         pipe(**RUN, seed=SEED, ip_adapter_image=ip_image, cache_interval=2)
     pipe.unload_ip_adapter()
