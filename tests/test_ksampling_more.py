@@ -12,6 +12,7 @@ from diffusers import DEISMultistepScheduler, TCDScheduler, UniPCMultistepSchedu
 
 from gen.formulations import DDPM, Flow
 from gen.sampling import k, names, schedules
+from gen.samplers import folder_defaults
 from gen.sampling.model import Denoiser, GeneratorNoise
 from tests.conftest import quiet_pipeline
 from tests.test_ksampling import GUIDANCE, PROMPT, SEED, SIZE, STEPS, TOL, decoded, diffusers_start, guided
@@ -190,4 +191,6 @@ def test_names_and_table():
     table = names.table()
     assert all(n in table for n in ("uni_pc_bh2", "res_multistep", "er_sde", "Restart", "dpmpp_2m_cfg_pp"))
     assert names.from_a1111("Restart", "Automatic", 0.0, "ddpm") == ("restart", "karras")
+    tcd_folder = folder_defaults({"_class_name": "TCDScheduler"}, DDPM())
+    assert tcd_folder == dict(sampler="tcd", schedule="lcm", steps=4, guidance=1.0)
     assert math.isclose(float(schedules.karras_sigmas(3, 0.1, 10.0)[0]), 10.0, rel_tol=1e-6)
