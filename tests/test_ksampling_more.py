@@ -158,7 +158,8 @@ def test_euler_cfg_pp_without_an_unconditional_pass_is_euler(gaussian_run):
 
 @pytest.mark.parametrize("sampler,steps", [("er_sde", 6), ("Restart", 20)])
 def test_stochastic_samplers_give_image_k_of_a_batch_as_seed_plus_k_alone(ours, sampler, steps):  # noqa: F811
-    run = dict(num_inference_steps=steps, schedule="karras", sampler=sampler, output_type="np", **KW)
+    run = dict(num_inference_steps=steps, schedule="karras", sampler=sampler, output_type="np", height=16, width=16,
+               guidance_scale=GUIDANCE)
     batch = ours(PROMPT, seed=SEED, num_images_per_prompt=2, **run).images
     alone = ours(PROMPT, seed=SEED + 1, **run).images[0]
     assert np.abs(batch[1] - alone).max() <= 1e-5 < np.abs(batch[0] - batch[1]).max()
