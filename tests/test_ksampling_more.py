@@ -151,6 +151,18 @@ def test_stochastic_samplers_draw_the_gaussian(gaussian_run, fn):
     assert abs(float(got.std()) - S) < 0.04 * S and float((got - exact).abs().max()) > 0.1
 
 
+@pytest.mark.parametrize("fn", [k.unipc, k.deis, k.er_sde, k.tcd, k.restart], ids=lambda f: f.__name__)
+def test_samplers_run_on_bfloat16_latents(fn):
+    """fp16/bf16 models sample in their dtype: the coefficients stay float64 (linalg.solve takes no half floats)."""
+    ms = gaussian(DDPM())
+    sigmas = schedules.karras(ms, 8)
+    x = torch.randn(256, 4, 2, 2, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+    ref = fn(ms, x, sigmas, GeneratorNoise(x, torch.Generator().manual_seed(1)))
+    xb = x.bfloat16()
+    got = fn(ms, xb, sigmas.bfloat16(), GeneratorNoise(xb, torch.Generator().manual_seed(1)))
+    assert got.dtype == torch.bfloat16 and float((got.float() - ref).abs().max()) < 0.1
+
+
 def test_euler_cfg_pp_without_an_unconditional_pass_is_euler(gaussian_run):
     ms, sigmas, x, _, _ = gaussian_run
     assert torch.allclose(k.euler_cfg_pp(ms, x, sigmas, None), k.euler(ms, x, sigmas, None), atol=1e-6)

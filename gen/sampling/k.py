@@ -334,9 +334,9 @@ def er_sde(model, x, sigmas, noise, callback=None, max_stage=3):
 
     if model.kind == "flow":  # lambda is infinite at sigma 1: start a hair below it, as ComfyUI does
         sigmas = torch.cat([sigmas[:1].clamp(max=1 - 1e-4), sigmas[1:]])
-    alphas = model.alpha(sigmas)
-    lams = sigmas / alphas
-    points = torch.arange(200, dtype=sigmas.dtype, device=sigmas.device)
+    alphas = model.alpha(sigmas.double())  # the coefficients in float64, whatever the latents' dtype
+    lams = sigmas.double() / alphas
+    points = torch.arange(200, dtype=torch.float64, device=sigmas.device)
     old = old_d = None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
@@ -393,13 +393,14 @@ def unipc(model, x, sigmas, noise, callback=None, order=3, variant="bh2"):
     """UniPC multistep, order 3 (Zhao et al. 2023): each model call corrects the last step (UniC) and predicts the
     next (UniP); lower orders at the end; B(h) = e^h - 1 ("bh2") or h ("bh1")."""
     history, n, x_last, used = [], len(sigmas) - 1, None, 0
+    s64 = sigmas.double()  # the coefficients in float64 (fp16 latents' sigmas: linalg.solve takes no half floats)
     for i in range(n):
         denoised = model(x, sigmas[i])
         if x_last is not None:
-            x = _unipc_step(x_last, sigmas[i - 1], sigmas[i], history, used, variant, denoised)
-        history = (history + [(denoised, _t(sigmas[i]))])[-order:]
+            x = _unipc_step(x_last, s64[i - 1], s64[i], history, used, variant, denoised)
+        history = (history + [(denoised, _t(s64[i]))])[-order:]
         used, x_last = min(order, n - i, len(history)), x
-        x = denoised if sigmas[i + 1] == 0 else _unipc_step(x, sigmas[i], sigmas[i + 1], history, used, variant)
+        x = denoised if sigmas[i + 1] == 0 else _unipc_step(x, s64[i], s64[i + 1], history, used, variant)
         callback and callback(i, x)
     return x
 
