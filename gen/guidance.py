@@ -44,11 +44,12 @@ def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float, rescale: float
 
 def guided_prediction(predict, x: torch.Tensor, t, i: int, n: int, cond: dict, uncond_cond: dict | None,
                       scale: float, rescale: float, interval: tuple[float, float], skip_layers=None,
-                      scale_input=None) -> torch.Tensor:
+                      scale_input=None, keep_uncond=None) -> torch.Tensor:
     """Step i of n's prediction for x at t: `predict(x, t, cond)` with CFG in one batched forward where `uncond_cond`
     (the negative and positive conditioning, concatenated) is given and the step is in the guidance interval, and
     skip-layer guidance on the steps it covers (a third, conditional pass with `predict(..., skip_layers=...)`).
-    `scale_input(x, t)`: a diffusers scheduler's input scaling, where it has one."""
+    `scale_input(x, t)`: a diffusers scheduler's input scaling, where it has one; `keep_uncond(uncond)` receives the
+    unconditional prediction where one was made (the CFG++ samplers step along it)."""
     guided = uncond_cond is not None and in_interval(i, n, interval)
     x_in = torch.cat([x] * 2) if guided else x
     if scale_input is not None:
@@ -56,6 +57,7 @@ def guided_prediction(predict, x: torch.Tensor, t, i: int, n: int, cond: dict, u
     pred = predict(x_in, t, uncond_cond if guided else cond)
     if guided:
         uncond, c = pred.chunk(2)
+        keep_uncond and keep_uncond(uncond)
         pred = guide(uncond, c, scale, rescale)
         if skip_layers is not None and skip_layers.applies(i):
             pred = skip_layers.guide(pred, c, predict(x, t, cond, skip_layers=skip_layers.layers))

@@ -168,7 +168,7 @@ class Pipeline:
             sampler=default_sampler(self.formulation), guidance_rescale=0.0) | folder
 
     def _warn_unknown_scheduler(self, given: dict) -> None:
-        """A folder whose scheduler gen has no sampler for (a distilled model's TCDScheduler) is sampled with gen's
+        """A folder whose scheduler gen has no sampler for (an EDMEulerScheduler) is sampled with gen's
         default sampler and steps unless told otherwise: said in one warning at load."""
         if "sampler" in given or not self.scheduler_config or folder_defaults(self.scheduler_config, self.formulation):
             return

@@ -80,9 +80,11 @@ def default_sampler(formulation: Formulation) -> str:
 def folder_defaults(scheduler_config: dict, formulation: Formulation) -> dict:
     """The sampling defaults a folder's scheduler sets: its sampler's name; for an LCMScheduler folder (an LCM-LoRA
     fused into the model), gen's lcm sampler on the lcm schedule at 4 steps and guidance 1 (no CFG), so its image is
-    diffusers' StableDiffusionPipeline's with that scheduler at guidance <= 1; {} where gen has no sampler for it."""
-    if scheduler_config.get("_class_name") == "LCMScheduler" and formulation.kind == "ddpm":
-        return dict(sampler="lcm", schedule="lcm", steps=4, guidance=1.0)
+    diffusers' StableDiffusionPipeline's with that scheduler at guidance <= 1; a TCDScheduler folder the same with
+    gen's tcd (diffusers' TCD at eta 0.3); {} where gen has no sampler for it."""
+    distilled = {"LCMScheduler": "lcm", "TCDScheduler": "tcd"}.get(scheduler_config.get("_class_name"))
+    if distilled and formulation.kind == "ddpm":
+        return dict(sampler=distilled, schedule="lcm", steps=4, guidance=1.0)
     name = sampler_name(scheduler_config, formulation)
     return {"sampler": name} if name else {}
 

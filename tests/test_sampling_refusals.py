@@ -52,7 +52,8 @@ def test_the_cli_refuses_an_init_image_of_such_a_size_in_one_line(dit_folder, tm
     assert not (tmp_path / "out.png").exists()
 
 
-@pytest.mark.parametrize("scheduler", ["TCDScheduler"])  # an LCMScheduler folder samples with lcm: test_ksampling
+# LCMScheduler and TCDScheduler folders sample with lcm and tcd: test_ksampling, test_ksampling_more
+@pytest.mark.parametrize("scheduler", ["EDMEulerScheduler"])
 def test_a_folder_scheduler_gen_has_no_sampler_for_is_named_in_a_warning(sd_folder, tmp_path, caplog, scheduler):
     folder = tmp_path / "distilled"
     shutil.copytree(sd_folder, folder)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from gen.sampling import schedules
+
 
 def to_d(x, sigma, denoised):
     """The Karras ODE derivative dx/dsigma = (x - D(x, sigma)) / sigma."""
@@ -41,16 +43,19 @@ def euler_ancestral(model, x, sigmas, noise, callback=None, eta=1.0):
     return x
 
 
+def _heun_step(model, x, sigma, sigma_next):
+    d = to_d(x, sigma, model(x, sigma))
+    dt = sigma_next - sigma
+    if sigma_next == 0:
+        return x + d * dt
+    x_2 = x + d * dt
+    return x + (d + to_d(x_2, sigma_next, model(x_2, sigma_next))) / 2 * dt
+
+
 def heun(model, x, sigmas, noise, callback=None):
     """Heun's second-order steps (Karras et al. 2022, Algorithm 1); Euler on the last step to sigma 0."""
     for i in range(len(sigmas) - 1):
-        d = to_d(x, sigmas[i], model(x, sigmas[i]))
-        dt = sigmas[i + 1] - sigmas[i]
-        if sigmas[i + 1] == 0:
-            x = x + d * dt
-        else:
-            x_2 = x + d * dt
-            x = x + (d + to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1]))) / 2 * dt
+        x = _heun_step(model, x, sigmas[i], sigmas[i + 1])
         callback and callback(i, x)
     return x
 
@@ -108,24 +113,50 @@ def dpm_2_ancestral(model, x, sigmas, noise, callback=None, eta=1.0):
     return x
 
 
+def _lagrange(nodes, j: int) -> np.polynomial.Polynomial:
+    """The Lagrange basis polynomial of nodes[j] over `nodes`."""
+    others = [o for k, o in enumerate(nodes) if k != j]
+    poly = np.polynomial.Polynomial.fromroots(others) if others else np.polynomial.Polynomial([1.0])
+    return poly / np.prod([nodes[j] - o for o in others])
+
+
 def lms_coefficient(order: int, t: np.ndarray, i: int, j: int) -> float:
     """The integral over [t_i, t_i+1] of the Lagrange basis polynomial of point i - j (exact, by numpy)."""
-    others = [t[i - k] for k in range(order) if k != j]
-    poly = np.polynomial.Polynomial.fromroots(others) if others else np.polynomial.Polynomial([1.0])
-    poly = poly / np.prod([t[i - j] - o for o in others])
-    antiderivative = poly.integ()
+    antiderivative = _lagrange([t[i - k] for k in range(order)], j).integ()
     return float(antiderivative(t[i + 1]) - antiderivative(t[i]))
+
+
+def deis_coefficient(order: int, t: np.ndarray, i: int, j: int) -> float:
+    """The integral over sigma in [t_i, t_i+1] of the Lagrange basis polynomial of point i - j in log sigma
+    (DEIS's "log-rho" multistep, Zhang & Chen 2023, as diffusers' DEISMultistepScheduler): with u = log sigma,
+    the integral of p(u) e^u, whose antiderivative is e^u (p - p' + p'' - ...), exactly."""
+    if order == 1:
+        return float(t[i + 1] - t[i])
+    poly = _lagrange([np.log(t[i - k]) for k in range(order)], j)
+    q = sum((-1) ** m * poly.deriv(m) for m in range(order))
+    return float(t[i + 1] * q(np.log(t[i + 1])) - t[i] * q(np.log(t[i])))
+
+
+def _adams(model, x, sigmas, callback, order, coefficient, lower_final=False):
+    """Adams-Bashforth steps on d = dx/dsigma with `coefficient(order, sigmas, i, j)`; `lower_final`: the last
+    steps at lower orders (one at the last, two before it), as diffusers' and ComfyUI's multistep solvers."""
+    ts, ds, n = sigmas.double().cpu().numpy(), [], len(sigmas) - 1
+    for i in range(n):
+        ds = (ds + [to_d(x, sigmas[i], model(x, sigmas[i]))])[-order:]
+        cur = min(i + 1, order, n - i) if lower_final else min(i + 1, order)
+        x = x + sum(coefficient(cur, ts, i, j) * d for j, d in enumerate(ds[::-1][:cur]))
+        callback and callback(i, x)
+    return x
 
 
 def lms(model, x, sigmas, noise, callback=None, order=4):
     """Linear multistep (Adams-Bashforth over sigma, order 4; k-diffusion's sample_lms)."""
-    ts, ds = sigmas.double().cpu().numpy(), []
-    for i in range(len(sigmas) - 1):
-        ds = (ds + [to_d(x, sigmas[i], model(x, sigmas[i]))])[-order:]
-        cur = min(i + 1, order)
-        x = x + sum(lms_coefficient(cur, ts, i, j) * d for j, d in enumerate(reversed(ds)))
-        callback and callback(i, x)
-    return x
+    return _adams(model, x, sigmas, callback, order, lms_coefficient)
+
+
+def deis(model, x, sigmas, noise, callback=None, order=3):
+    """DEIS multistep, order 3 (Zhang & Chen 2023; diffusers' DEISMultistepScheduler, lower orders at the end)."""
+    return _adams(model, x, sigmas, callback, order, deis_coefficient, lower_final=True)
 
 
 def dpmpp_2s_ancestral(model, x, sigmas, noise, callback=None, eta=1.0):
@@ -245,6 +276,195 @@ def dpmpp_3m_sde(model, x, sigmas, noise, callback=None, eta=1.0):
     return x
 
 
+def euler_cfg_pp(model, x, sigmas, noise, callback=None):
+    """Euler CFG++ (Chung et al. 2024, as ComfyUI's euler_cfg_pp): the guided estimate, renoised along the
+    unconditional prediction's noise (the guidance scale is CFG++'s, about 0.5 to 2)."""
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        x = denoised + to_d(x, sigmas[i], model.uncond_denoised) * sigmas[i + 1]
+        callback and callback(i, x)
+    return x
+
+
+def dpmpp_2m_cfg_pp(model, x, sigmas, noise, callback=None):
+    """DPM-Solver++(2M) CFG++ (as ComfyUI's dpmpp_2m_cfg_pp); with no unconditional pass it is dpm++2m."""
+    old = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        uncond = model.uncond_denoised
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            h = _t(sigmas[i + 1]) - _t(sigmas[i])
+            mix = -(-h).exp() * uncond
+            if old is not None:
+                r = (_t(sigmas[i]) - _t(sigmas[i - 1])) / h
+                mix = mix - (-h).expm1() / (2 * r) * (denoised - old)
+            x = denoised + mix + (-h).exp() * x
+        old = uncond
+        callback and callback(i, x)
+    return x
+
+
+def res_multistep(model, x, sigmas, noise, callback=None):
+    """RES second-order multistep (Zhang et al. 2023, arXiv 2308.02157; ComfyUI's res_multistep): exponential
+    integrator weights phi_1, phi_2 on this and the last denoised estimate; Euler first and last."""
+    old = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if old is None or sigmas[i + 1] == 0:
+            x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+        else:
+            t = _t(sigmas[i])
+            h = _t(sigmas[i + 1]) - t
+            c2 = (_t(sigmas[i - 1]) - t) / h
+            phi1 = (-h).expm1() / -h
+            b2 = (phi1 - 1) / -h / c2
+            x = (-h).exp() * x + h * ((phi1 - b2) * denoised + b2 * old)
+        old = denoised
+        callback and callback(i, x)
+    return x
+
+
+def er_sde(model, x, sigmas, noise, callback=None, max_stage=3):
+    """Extended reverse-time SDE solver, VE ER-SDE-Solver-3 (Cui et al. 2023, arXiv 2309.06169; ComfyUI's er_sde)
+    in lambda = sigma / alpha, with its noise scaler lambda (e^(lambda^0.3) + 10) and 200-point integrals."""
+    def scaler(lam):
+        return lam * ((lam ** 0.3).exp() + 10.0)
+
+    if model.kind == "flow":  # lambda is infinite at sigma 1: start a hair below it, as ComfyUI does
+        sigmas = torch.cat([sigmas[:1].clamp(max=1 - 1e-4), sigmas[1:]])
+    alphas = model.alpha(sigmas.double())  # the coefficients in float64, whatever the latents' dtype
+    lams = sigmas.double() / alphas
+    points = torch.arange(200, dtype=torch.float64, device=sigmas.device)
+    old = old_d = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            ls, lt, alpha_t = lams[i], lams[i + 1], alphas[i + 1]
+            r = scaler(lt) / scaler(ls)
+            x = alpha_t / alphas[i] * r * x + alpha_t * (1 - r) * denoised
+            if i >= 1 and max_stage >= 2:
+                dt = lt - ls
+                step = -dt / len(points)
+                pos = lt + points * step
+                d = (denoised - old) / (ls - lams[i - 1])
+                x = x + alpha_t * (dt + (1 / scaler(pos)).sum() * step * scaler(lt)) * d
+                if i >= 2 and max_stage >= 3:
+                    s_u = ((pos - ls) / scaler(pos)).sum() * step
+                    x = x + alpha_t * (dt ** 2 / 2 + s_u * scaler(lt)) * (d - old_d) / ((ls - lams[i - 2]) / 2)
+                old_d = d
+            x = x + alpha_t * noise(sigmas[i], sigmas[i + 1]) * (lt ** 2 - ls ** 2 * r ** 2).sqrt().nan_to_num(0.0)
+        old = denoised
+        callback and callback(i, x)
+    return x
+
+
+def _unipc_step(x, sigma, sigma_next, history, order, variant, denoised_next=None):
+    """UniPC's predictor (UniP) from sigma to sigma_next, or with `denoised_next`, D at the predicted x, its
+    corrector (UniC) of that prediction (Zhao et al. 2023, data prediction; diffusers' UniPCMultistepScheduler's
+    multistep_uni_p/c_bh_update in VE variables). `history`: [(D, lambda)] up to sigma, newest last."""
+    m0, l0 = history[-1]
+    h = _t(sigma_next) - l0
+    older = history[-order:-1][::-1]
+    rks = [(lam - l0) / h for _, lam in older] + [torch.ones_like(h)]
+    d1s = [(m - m0) / r for (m, _), r in zip(older, rks)]
+    hh = -h
+    h_phi_1 = hh.expm1()
+    h_phi_k, b_h, factorial = h_phi_1 / hh - 1, hh if variant == "bh1" else hh.expm1(), 1
+    rks, R, b = torch.stack(rks), [], []
+    for k in range(1, order + 1):
+        R.append(rks ** (k - 1))
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    R, b = torch.stack(R), torch.stack(b)
+    x = sigma_next / sigma * x - h_phi_1 * m0
+    if denoised_next is None:
+        rhos = torch.linalg.solve(R[:-1, :-1], b[:-1]) if order > 2 else b.new_full((1,), 0.5)
+        return x - b_h * sum(r * d for r, d in zip(rhos, d1s))
+    rhos = torch.linalg.solve(R, b) if order > 1 else b.new_full((1,), 0.5)
+    return x - b_h * (sum(r * d for r, d in zip(rhos[:-1], d1s)) + rhos[-1] * (denoised_next - m0))
+
+
+def unipc(model, x, sigmas, noise, callback=None, order=3, variant="bh2"):
+    """UniPC multistep, order 3 (Zhao et al. 2023): each model call corrects the last step (UniC) and predicts the
+    next (UniP); lower orders at the end; B(h) = e^h - 1 ("bh2") or h ("bh1")."""
+    history, n, x_last, used = [], len(sigmas) - 1, None, 0
+    s64 = sigmas.double()  # the coefficients in float64 (fp16 latents' sigmas: linalg.solve takes no half floats)
+    for i in range(n):
+        denoised = model(x, sigmas[i])
+        if x_last is not None:
+            x = _unipc_step(x_last, s64[i - 1], s64[i], history, used, variant, denoised)
+        history = (history + [(denoised, _t(s64[i]))])[-order:]
+        used, x_last = min(order, n - i, len(history)), x
+        x = denoised if sigmas[i + 1] == 0 else _unipc_step(x, s64[i], s64[i + 1], history, used, variant)
+        callback and callback(i, x)
+    return x
+
+
+def unipc_bh1(model, x, sigmas, noise, callback=None):
+    """UniPC with B(h) = h (ComfyUI's uni_pc, A1111's default UniPC variant)."""
+    return unipc(model, x, sigmas, noise, callback, variant="bh1")
+
+
+def tcd(model, x, sigmas, noise, callback=None, eta=0.3):
+    """Trajectory consistency distillation's sampler (Zheng et al. 2024; diffusers' TCDScheduler, ComfyUI's
+    SamplerTCD): D(x), back along the estimated noise to sigma_s, the sigma of timestep floor((1 - eta) t_next),
+    then fresh noise up to sigma_next (eta 0: deterministic). A DDPM model's last step ends at timestep 0's x, as
+    both references end."""
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if model.kind == "flow":
+            s = sigmas[i + 1] * (1 - eta)
+        else:
+            s = model.sigma(((1 - eta) * model.t(sigmas[i + 1]).round()).floor()).to(x)
+        x = model.renoise(denoised, model.noise_of(x, denoised, sigmas[i]), s)
+        if sigmas[i + 1] > 0 and eta:
+            x = model.renoise_up(x, noise(sigmas[i], sigmas[i + 1]), s, sigmas[i + 1])
+        elif sigmas[i + 1] == 0 and model.kind != "flow":
+            x = x / (1 + s ** 2).sqrt()
+        callback and callback(i, x)
+    return x
+
+
+def restart(model, x, sigmas, noise, callback=None, restart_list=None):
+    """Restart sampling (Xu et al. 2023) as A1111's "Restart": Heun steps; from 20 steps on, fewer Karras sigmas
+    and, once the run reaches sigma 0.1, a jump back up to sigma 2 with fresh noise and Heun steps down again (9
+    steps once; from 36 steps on, steps // 4 steps twice). `restart_list`: {sigma: (steps, times, sigma_max)}.
+    Sigmas compare as sigma / alpha, so flow models restart at the same noise levels."""
+    n = len(sigmas) - 1
+    if restart_list is None:
+        restart_list = {}
+        if n >= 20:
+            steps, times = (n // 4, 2) if n >= 36 else (9, 1)
+            sigmas = schedules.karras_sigmas(n - steps * times, float(sigmas[-2]), float(sigmas[0])).to(sigmas)
+            restart_list = {0.1: (steps + 1, times, 2.0)}
+    levels = sigmas / model.alpha(sigmas)
+
+    def nearest(level):
+        return int((levels - level).abs().argmin())
+
+    at, pairs = {nearest(key): value for key, value in restart_list.items()}, []
+    for i in range(len(sigmas) - 1):
+        pairs.append((sigmas[i], sigmas[i + 1]))
+        if i + 1 in at:
+            steps, times, top = at[i + 1]
+            if nearest(top) < i + 1:
+                again = schedules.karras_sigmas(steps, float(sigmas[i + 1]), float(sigmas[nearest(top)]))[:-1]
+                pairs += list(zip(again[:-1].to(sigmas), again[1:].to(sigmas))) * times
+    last = None
+    for j, (sigma, sigma_next) in enumerate(pairs):
+        if last is not None and last < sigma:
+            x = model.renoise_up(x, noise(last, sigma), last, sigma)
+        x = _heun_step(model, x, sigma, sigma_next)
+        last = sigma_next
+        callback and callback(j, x)
+    return x
+
+
 def ipndm(model, x, sigmas, noise, callback=None, max_order=4):
     """Improved pseudo numerical (Adams-Bashforth on d, fixed coefficients; Zhang & Chen 2023, as ComfyUI)."""
     coefs = {1: [1], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
@@ -289,7 +509,8 @@ def ddpm(model, x, sigmas, noise, callback=None):
 
 # which samplers need which noise: "sde" a Brownian tree, "ancestral" per-image generators, None none
 NOISE = {euler_ancestral: "ancestral", dpm_2_ancestral: "ancestral", dpmpp_2s_ancestral: "ancestral",
-         lcm: "ancestral", ddpm: "ancestral", dpmpp_sde: "sde", dpmpp_2m_sde: "sde", dpmpp_2m_sde_heun: "sde",
+         lcm: "ancestral", ddpm: "ancestral", tcd: "ancestral", restart: "ancestral", er_sde: "ancestral",
+         dpmpp_sde: "sde", dpmpp_2m_sde: "sde", dpmpp_2m_sde_heun: "sde",
          dpmpp_3m_sde: "sde"}
 # the VP-only samplers: their steps assume x = x_0 + sigma noise with unbounded sigma (no flow counterpart here)
 VP_ONLY = {dpmpp_sde, dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_3m_sde, ddpm}

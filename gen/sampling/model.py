@@ -76,13 +76,36 @@ class Denoiser:
         sigma = torch.as_tensor(sigma, device=x.device)
         t = self.t(sigma.reshape(-1)[:1]).reshape(())  # one timestep for the batch, as diffusers passes it
         s = sigma.to(x.dtype)
-        if self.kind == "flow":
-            return x - s * self.predict(x, t)
-        scale = (s ** 2 + 1).rsqrt()
-        out = self.predict(x * scale, t)
-        if self.prediction == "epsilon":
+        scale = 1.0 if self.kind == "flow" else (s ** 2 + 1).rsqrt()
+        self.uncond = None
+        denoised = self.denoised(x, s, scale, self.predict(x * scale, t))
+        # the unconditional half of CFG's batch, where guidance kept it (gen.guidance's keep_uncond): the CFG++
+        # samplers step along it; the guided estimate where none was run
+        self.uncond_denoised = denoised if self.uncond is None else self.denoised(x, s, scale, self.uncond)
+        return denoised
+
+    def keep_uncond(self, uncond: torch.Tensor) -> None:
+        self.uncond = uncond
+
+    def denoised(self, x, s, scale, out):
+        """D from the model's output `out` for x at sigma s (the model saw x * scale)."""
+        if self.kind == "flow" or self.prediction == "epsilon":
             return x - s * out
         return x * scale ** 2 - out * s * scale  # v: c_skip x + c_out v (Salimans & Ho 2022)
+
+    def alpha(self, sigma):
+        """The data's factor in the sampler's x = alpha x_0 + sigma noise: 1 - sigma for flow, 1 for DDPM (VE x)."""
+        return 1 - sigma if self.kind == "flow" else sigma * 0 + 1
+
+    def noise_of(self, x, denoised, sigma):
+        """The noise estimate (x - alpha D) / sigma."""
+        return (x - self.alpha(sigma) * denoised) / sigma
+
+    def renoise_up(self, x, noise, sigma, sigma_to):
+        """x at sigma moved up to sigma_to >= sigma with fresh noise: the data part rescaled to alpha(sigma_to), the
+        noise topped up to sigma_to (VE: x + sqrt(sigma_to^2 - sigma^2) noise)."""
+        scale = self.alpha(sigma_to) / self.alpha(sigma)
+        return scale * x + (sigma_to ** 2 - (scale * sigma) ** 2).clamp(min=0).sqrt() * noise
 
     def ancestral(self, sigma, sigma_next, eta: float = 1.0):
         """(sigma_down, sigma_up, scale) for an ancestral step: go to sigma_down deterministically, then
@@ -99,7 +122,7 @@ class Denoiser:
 
     def renoise(self, x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
         """The sampler's x at sigma for data x0 and this noise (ComfyUI's noise_scaling)."""
-        return sigma * noise + (1 - sigma) * x0 if self.kind == "flow" else x0 + sigma * noise
+        return sigma * noise + self.alpha(sigma) * x0
 
     def noise_scale(self, sigma_max: float, spacing: str | None) -> float:
         """What the initial N(0, 1) noise is multiplied by: sigma_max for the named schedules (k-diffusion's and

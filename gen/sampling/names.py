@@ -51,18 +51,26 @@ SAMPLERS = [
     Sampler("dpm++2m-sde-heun", k.dpmpp_2m_sde_heun, None, "DPM++ 2M SDE Heun", None),
     Sampler("dpm++3m-sde", k.dpmpp_3m_sde, None, "DPM++ 3M SDE", "dpmpp_3m_sde"),
     Sampler("ipndm", k.ipndm, None, None, "ipndm"),
+    Sampler("deis", k.deis, None, None, "deis"),
+    Sampler("unipc-bh1", k.unipc_bh1, None, None, "uni_pc"),
+    Sampler("res-multistep", k.res_multistep, None, None, "res_multistep"),
+    Sampler("er-sde", k.er_sde, None, None, "er_sde"),
+    Sampler("euler-cfg++", k.euler_cfg_pp, None, None, "euler_cfg_pp"),
+    Sampler("dpm++2m-cfg++", k.dpmpp_2m_cfg_pp, None, None, "dpmpp_2m_cfg_pp"),
+    Sampler("restart", k.restart, None, "Restart", None),
+    Sampler("tcd", k.tcd, None, None, None, ("TCD",)),
     Sampler("lcm", k.lcm, None, "LCM", "lcm"),
     Sampler("ddpm", k.ddpm, _d("ddpm"), None, "ddpm"),
     Sampler("ddim", None, _d("ddim"), "DDIM", "ddim"),
     Sampler("pndm", None, _d("pndm"), "PLMS", None),
-    Sampler("unipc", None, _d("unipc"), "UniPC", "uni_pc"),
+    Sampler("unipc", k.unipc, _d("unipc"), "UniPC", "uni_pc_bh2"),
     Sampler("dpm++2m-karras", None, _d("dpm++2m-karras"), None, None),
 ]
 # A1111's default schedule of its k-diffusion samplers (modules/sd_samplers_kdiffusion.py), where a PNG says
 # "Automatic"; the others take the model's own sigmas (its Uniform)
 A1111_DEFAULT = {"dpm++2m": "karras", "dpm++sde": "karras", "dpm++2m-sde": "exponential", "dpm2": "karras",
                  "dpm++2m-sde-heun": "exponential", "dpm++2s-a": "karras", "dpm++3m-sde": "exponential",
-                 "dpm2-a": "karras"}
+                 "dpm2-a": "karras", "restart": "karras"}
 # A1111's samplers that step over timesteps and ignore `Schedule type:` (sd_samplers_timesteps.py)
 A1111_TIMESTEP = ("DDIM", "PLMS", "UniPC")
 BY_NAME = {s.name: s for s in SAMPLERS}

@@ -87,7 +87,7 @@ def run(s: names.Sampler, plan, predict, latents, cond, both, scale, rescale, in
     ms, sig, noise_scale = plan
     n = len(sig) - 1
     ms.predict = lambda x, t: guided_prediction(predict, x, t, ms.step, n, cond, both, scale, rescale, interval,
-                                                skip_layers)
+                                                skip_layers, keep_uncond=ms.keep_uncond)
     return sample(s, ms, latents, sig, noise_scale, generators, seeds, progress_bar)
 
 

@@ -21,8 +21,13 @@ def _done(sigmas) -> torch.Tensor:
 
 def karras(ms, n: int, rho: float = 7.0) -> torch.Tensor:
     """Karras et al. 2022, eq. 5: sigma_max^(1/rho) to sigma_min^(1/rho), linearly, to the power rho."""
+    return karras_sigmas(n, ms.sigma_min, ms.sigma_max, rho)
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras' n sigmas from sigma_max to sigma_min, then 0 (k-diffusion's get_sigmas_karras)."""
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-    lo, hi = ms.sigma_min ** (1 / rho), ms.sigma_max ** (1 / rho)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return _done((hi + ramp * (lo - hi)) ** rho)
 
 
