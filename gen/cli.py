@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from gen import control
 from gen.errors import GenError, Stopped
 from gen.recipe import lora_arg as _lora_arg
 
@@ -125,6 +126,7 @@ def _workflow_flags(p) -> None:
                    "--steps)")
     p.add_argument("--hires-upscaler", default=None, choices=("latent", "image"),
                    help="upscale the latents (default) or the decoded image")
+    control.add_flags(p)
 
 
 def _workflow(args) -> dict:
@@ -161,7 +163,7 @@ def _workflow(args) -> dict:
                 padding_mask_crop=_first(args.inpaint_padding, 32) if args.inpaint_full_res else None,
                 clip_skip=_first(args.clip_skip, 1), prompt_weighting=not args.no_weighting,
                 hires_scale=args.hires, hires_strength=_first(args.hires_strength, 0.7), hires_steps=args.hires_steps,
-                hires_upscaler=args.hires_upscaler or "latent")
+                hires_upscaler=args.hires_upscaler or "latent", **control.from_args(args))
 
 
 class _Outputs:
@@ -228,6 +230,7 @@ def _apply_recipe(r, args) -> None:
             raise GenError(f"{args.recipe} was made with the LoRA {missing[0]}, which is not there; pass "
                            "--lora PATH[:SCALE] for each of its LoRAs")
         args.lora = r.loras
+    control.apply_recipe(r, args)
     if args.embedding is None and args.embeddings is None and r.ti_hashes:
         missing = [p for p in r.embeddings if not Path(p).is_file()]
         if not r.embeddings or missing:
@@ -314,7 +317,8 @@ def _recorded(args, workflow: dict) -> dict:
                init_image=str(Path(args.init_image).resolve()) if source else None,
                mask=str(Path(args.mask).resolve()) if args.mask else None, mask_blur=workflow["mask_blur"],
                inpaint_padding=workflow["padding_mask_crop"], hires_scale=workflow["hires_scale"],
-               hires_steps=workflow["hires_steps"], hires_upscaler=workflow["hires_upscaler"])
+               hires_steps=workflow["hires_steps"], hires_upscaler=workflow["hires_upscaler"],
+               **control.recorded(workflow))
     if source:
         default = 1.0 if args.mask else 0.8
         out["strength"] = _first(workflow["strength"], default)

@@ -42,6 +42,7 @@ class SD3(OriginalLayout, Family):
     denoiser_kwargs = GenDiT.denoiser_kwargs  # encoder_hidden_states, pooled_projections
     size_multiple = GenDiT.size_multiple  # the VAE factor times the patch size
     skip_layers = True  # SD3Transformer2DModel runs without chosen layers (skip-layer guidance)
+    control_classes = ()  # SD3ControlNetModel: not wired yet (gen/control)
     # LoRA targets: "attn" is diffusers' train_dreambooth_lora_sd3.py default (attn.to_q/k/v, to_out.0 and the
     # context stream's add_q/k/v_proj, to_add_out; SD3.5's attn2 is not in it), "ff" adds both streams' MLPs
     lora_targets = {"attn": r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj"
