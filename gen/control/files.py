@@ -52,7 +52,14 @@ def _from_original(path: Path, allow_pickle: bool):
                        "(Flux and SDXL ControlNets load from diffusers folders)")
     hints = json.loads(read_metadata(path).get(META, "{}")) if path.suffix == ".safetensors" else {}
     config = _config({k: list(v.shape) for k, v in state.items()}, hints)
-    weights = convert_controlnet_checkpoint({PREFIX + k: v for k, v in state.items()}, config)
+    # the hint encoder by gen's table: diffusers' converter assumes its 4 levels (input_hint_block.14 = conv_out)
+    hint = {ldm_name: name for name, ldm_name in _hint_names(len(config["conditioning_embedding_out_channels"])).items()}
+    weights = {k: v for k, v in convert_controlnet_checkpoint({PREFIX + k: v for k, v in state.items()}, config).items()
+               if not k.startswith("controlnet_cond_embedding.")}
+    for k, v in state.items():
+        stem, _, leaf = k.rpartition(".")
+        if stem in hint:
+            weights[f"{hint[stem]}.{leaf}"] = v
     net = ControlNetModel(**config)
     missing, unexpected = net.load_state_dict(weights, strict=False)
     if missing or unexpected:
@@ -80,17 +87,21 @@ def _config(shapes: dict, hints: dict) -> dict:
                                                      for i in convs[:-1] if i % 4 == 0]) | hints
 
 
+def _hint_names(n: int) -> dict:
+    """The hint encoder's convolutions for n levels, diffusers' name -> the original layout's (the Sequential's
+    index: a SiLU between each two)."""
+    return {"controlnet_cond_embedding.conv_in": "input_hint_block.0",
+            "controlnet_cond_embedding.conv_out": f"input_hint_block.{4 * n - 2}",
+            **{f"controlnet_cond_embedding.blocks.{j}": f"input_hint_block.{2 * (j + 1)}" for j in range(2 * n - 2)}}
+
+
 def to_original(net, path: str | Path) -> None:
     """Writes a ControlNetModel as a single file in the original layout (`control_model.*`), the config values the
     shapes cannot tell in its header; read back through _from_original and compared before it is kept."""
     from gen.io import write_safetensors
 
     cfg = net.config
-    n = len(cfg.conditioning_embedding_out_channels)
-    hint = {"controlnet_cond_embedding.conv_in": "input_hint_block.0",
-            "controlnet_cond_embedding.conv_out": f"input_hint_block.{4 * n - 2}",
-            **{f"controlnet_cond_embedding.blocks.{j}": f"input_hint_block.{2 * (j + 1)}" for j in range(2 * n - 2)},
-            "controlnet_mid_block": "middle_block_out.0"}
+    hint = _hint_names(len(cfg.conditioning_embedding_out_channels)) | {"controlnet_mid_block": "middle_block_out.0"}
     out = {}
     for k, v in net.state_dict().items():
         m = re.match(r"controlnet_down_blocks\.(\d+)\.(.*)", k)
