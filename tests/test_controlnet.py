@@ -25,7 +25,7 @@ from tests.conftest import (quiet_pipeline, tiny_flux_components, tiny_sd_compon
 PROMPTS = ["a red circle", "a blue square"]
 SIZE = 32
 NONZERO = ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out",
-           "controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder")
+           "controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder", "pos_embed_input")
 
 
 def randomized(net, seed: int):
@@ -221,3 +221,48 @@ def test_gen_sample_control_writes_the_recipe_and_from_replays_it(sd, hint_image
                           np.asarray(Image.open(out).convert("RGB")))
     assert main(["sample", "x", "--model", str(folder), "--control", f"{tmp_path / 'none.safetensors'}:"
                  f"{tmp_path / 'hint.png'}", "--out", str(tmp_path / "c.png")]) == 2
+
+
+# ---- SD3 --------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    """Diffusers encodes an SD3 hint with an unseeded posterior sample, gen with the posterior's mean: the tiny VAE's
+    log-variance is pinned to its floor (-30, a standard deviation of 3e-7) so that the two agree."""
+    from diffusers import (SD3ControlNetModel, SD3Transformer2DModel, StableDiffusion3ControlNetPipeline,
+                           StableDiffusion3Pipeline)
+
+    from tests.conftest import tiny_sd3_components
+
+    comp = tiny_sd3_components(t5=False)
+    torch.manual_seed(0)  # two blocks: the last one (context_pre_only) takes no ControlNet residual
+    comp["transformer"] = SD3Transformer2DModel.from_config({**comp["transformer"].config, "num_layers": 2})
+    with torch.no_grad():
+        comp["vae"].encoder.conv_out.bias[4:] = -100.0
+    folder = tmp_path_factory.mktemp("cn-sd3") / "sd3"
+    StableDiffusion3Pipeline(**comp).save_pretrained(folder)
+    # random blocks: the base's last block has no context output, a ControlNet block has
+    nets = [randomized(SD3ControlNetModel.from_transformer(comp["transformer"], num_layers=1,
+                                                           num_extra_conditioning_channels=0,
+                                                           load_weights_from_transformer=False), s) for s in (7, 8)]
+    theirs = {k: StableDiffusion3ControlNetPipeline.from_pretrained(folder, controlnet=pick(nets, k),
+                                                                    text_encoder_3=None, tokenizer_3=None)
+              for k in CASES}
+    for p in theirs.values():
+        p.set_progress_bar_config(disable=True)
+    return quiet_pipeline(folder), nets, theirs
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sd3_controlnet_matches_diffusers(sd3, hint_images, case):
+    ours, nets, theirs = sd3
+    n = len(CASES[case][0])
+    args = (nets[:n], hint_images[:n], *CASES[case])
+    kwargs = _diffusers_args(*args, size=16)
+    expected = theirs[case](control_image=kwargs.pop("image"), **kwargs).images
+    got = _ours(ours, *args, size=16)
+    plain = ours(PROMPTS, num_inference_steps=3, guidance_scale=6.0, seed=7, output_type="np", height=16,
+                 width=16).images
+    print(f"sd3 {case}: max abs diff {np.abs(got - expected).max():.2e}, from no ControlNet "
+          f"{np.abs(got - plain).max():.2e}")
+    assert np.abs(got - expected).max() <= 1e-4
+    assert np.abs(got - plain).max() > 0.01

@@ -85,6 +85,8 @@ def from_args(args) -> dict:
 
     controls = [c if isinstance(c, Control) else parse(c) for c in args.control or []]
     for c in controls:
+        if isinstance(c.model, (str, Path)) and not Path(c.model).exists():
+            raise GenError(f"the ControlNet {c.model}: no such file or folder")
         hint_image(c.image)
     return dict(control=controls or None, control_resize=args.control_resize or "just-resize")
 

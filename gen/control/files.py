@@ -1,4 +1,5 @@
-"""ControlNet files: diffusers folders (ControlNetModel for SD-1.x/2.x and SDXL, FluxControlNetModel) and SD-1.x/2.x
+"""ControlNet files: diffusers folders (ControlNetModel for SD-1.x/2.x and SDXL, SD3ControlNetModel,
+FluxControlNetModel) and SD-1.x/2.x
 single files in the original layout (lllyasviel's control_v11p_sd15_canny.safetensors: `control_model.*` keys, or
 bare), the config read from the tensor shapes and the weights renamed by diffusers' converter, offline.
 `to_original` writes that layout (the inverse renaming, checked by reading it back)."""
@@ -15,7 +16,7 @@ from gen.errors import GenError
 from gen.families import ldm
 
 PREFIX = "control_model."  # diffusers' LDM_CONTROLNET_KEY
-CLASSES = ("ControlNetModel", "FluxControlNetModel")
+CLASSES = ("ControlNetModel", "FluxControlNetModel", "SD3ControlNetModel")
 META = "gen_controlnet"  # header metadata: config values the shapes cannot tell (attention heads, ...)
 
 

@@ -69,12 +69,11 @@ def _add(a, b):
 
 def prepare(pipe, controls: list[Control], height: int, width: int, n: int, generator, resize: str,
             allow_pickle: bool = False) -> tuple[list, list[torch.Tensor]]:
-    """(the ControlNets, their hints): pixels in [0, 1] (1, 3, H, W), or for latent-hint families (Flux) a VAE
-    posterior sample per image from its generator, packed, (n, L, C); drawn before the noise as diffusers draws it."""
+    """(the ControlNets, their hints, as the family's control_hint makes them: pixels in [0, 1] (1, 3, H, W), or VAE
+    latents (Flux: a posterior sample per image from its generator, drawn before the noise as diffusers draws it))."""
     from diffusers.image_processor import VaeImageProcessor
 
     from gen.control.hints import hint_image
-    from gen.img2img import _sample
 
     if resize not in RESIZE_MODES:
         raise GenError(f"unknown ControlNet resize mode {resize!r}; choose from {', '.join(RESIZE_MODES)}")
@@ -89,8 +88,5 @@ def prepare(pipe, controls: list[Control], height: int, width: int, n: int, gene
         nets.append(load(pipe, c.model, allow_pickle))
         image = processor.preprocess(hint_image(c.image, c.module), height=height, width=width,
                                      resize_mode=RESIZE_MODES[resize]).float()
-        if fam.control_latent_hint:
-            with pipe._on_device(pipe.vae):
-                image = fam.pack(_sample(pipe, image, generator, n))[0]
-        hints.append(image.to(pipe.device, pipe.dtype))
+        hints.append(fam.control_hint(pipe, nets[-1], image, generator, n).to(pipe.device, pipe.dtype))
     return nets, hints

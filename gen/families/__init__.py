@@ -197,6 +197,11 @@ class Family:
                 return f"its {key} is {net.config.get(key)}, this model's {denoiser.config.get(key)}"
         return None
 
+    def control_hint(self, pipe, net, image: torch.Tensor, generator, n: int) -> torch.Tensor:
+        """The hint as the ControlNet takes it, from the image at the sampling size (1, 3, H, W): here the pixels
+        in [0, 1]; latent-hint families encode it (in [-1, 1], control_latent_hint)."""
+        return image
+
     def control_call(self, net, x: torch.Tensor, t: torch.Tensor, cond: dict, hint: torch.Tensor,
                      scale: float) -> dict:
         """One ControlNet's residuals for this step, as predict's keywords (StableDiffusionControlNetPipeline)."""

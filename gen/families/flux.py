@@ -182,6 +182,13 @@ class Flux(OriginalLayout, Family):
                 return f"its {key} is {net.config.get(key)}, this model's {denoiser.config.get(key)}"
         return None
 
+    def control_hint(self, pipe, net, image, generator, n: int):
+        """FluxControlNetPipeline's: a VAE posterior sample per image from its generator, before the noise, packed."""
+        from gen.img2img import _sample
+
+        with pipe._on_device(pipe.vae):
+            return self.pack(_sample(pipe, image, generator, n))[0]
+
     def control_call(self, net, x, t, cond, hint, scale) -> dict:
         """FluxControlNetPipeline's call: the embedded guidance only where the ControlNet embeds it."""
         kwargs = self.denoiser_kwargs(cond) | {"guidance": cond.get("guidance") if net.config.guidance_embeds
