@@ -104,6 +104,19 @@ def test_sd_controlnet_matches_diffusers(sd, hint_images, case):
     assert np.abs(got - plain).max() > 0.05  # the ControlNet changed the image
 
 
+def test_sd_controlnet_with_img2img_matches_diffusers(sd, hint_images):
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+    _, ours, nets, theirs = sd
+    theirs = StableDiffusionControlNetImg2ImgPipeline.from_pipe(theirs["one"])
+    source = hint_images[1].rotate(90)
+    kwargs = _diffusers_args(nets[:1], hint_images[:1], [0.8], [0.0], [0.6], steps=4)
+    expected = theirs(control_image=kwargs.pop("image"), image=source, strength=0.7, **kwargs).images
+    got = _ours(ours, nets[:1], hint_images[:1], [0.8], [0.0], [0.6], steps=4, image=source, strength=0.7)
+    print(f"sd img2img: max abs diff {np.abs(got - expected).max():.2e}")
+    assert np.abs(got - expected).max() <= 1e-4
+
+
 def test_a_window_that_misses_every_step_leaves_the_image_alone(sd, hint_images):
     _, ours, nets, _ = sd
     plain = ours(PROMPTS, num_inference_steps=2, seed=3, output_type="np", height=SIZE, width=SIZE).images

@@ -46,10 +46,6 @@ class Control:
         if self.module not in MODULES:
             raise GenError(f"unknown ControlNet preprocessor {self.module!r}; known: {', '.join(MODULES)}")
 
-    @property
-    def name(self) -> str:
-        return Path(self.model).stem if isinstance(self.model, (str, Path)) else type(self.model).__name__
-
 
 def parse(text: str) -> Control:
     """`[MODULE:]MODEL:IMAGE[:WEIGHT[:START:END]]` (gen sample --control)."""
