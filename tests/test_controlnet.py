@@ -279,3 +279,19 @@ def test_sd3_controlnet_matches_diffusers(sd3, hint_images, case):
           f"{np.abs(got - plain).max():.2e}")
     assert np.abs(got - expected).max() <= 1e-4
     assert np.abs(got - plain).max() > 0.01
+
+
+def test_resize_modes_stretch_crop_or_fit_the_hint(sd):
+    from gen.control.run import prepare
+
+    ours, net = sd[1], sd[2][0]
+    wide = Image.new("RGB", (64, 32))
+    wide.paste((255, 255, 255), (0, 0, 8, 32))  # a white stripe at the left edge
+    hint = {mode: prepare(ours, [Control(net, wide)], SIZE, SIZE, 1, None, mode)[1][0][0].mean(0)
+            for mode in ("just-resize", "crop-and-resize", "resize-and-fill")}
+    assert all(h.shape == (SIZE, SIZE) for h in hint.values())
+    assert hint["just-resize"][:, :3].min() > 0.9  # squeezed to 4 px
+    assert hint["crop-and-resize"][:, :8].max() < 0.1  # the centre crop leaves it out
+    assert hint["resize-and-fill"][16, :3].min() > 0.9 and hint["resize-and-fill"][0, 8:].max() < 0.1  # fit, filled
+    with pytest.raises(GenError, match="unknown ControlNet resize mode"):
+        prepare(ours, [Control(net, wide)], SIZE, SIZE, 1, None, "stretch")
