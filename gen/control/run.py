@@ -29,7 +29,7 @@ def load(pipe, model, allow_pickle: bool = False):
                        f"model takes {takes}")
     why = fam.control_fits(net, pipe.denoiser)
     if why:
-        raise GenError(f"the ControlNet {name} is for another model family: {why}")
+        raise GenError(f"the ControlNet {name} does not fit this {fam.title} model: {why}")
     if net.dtype != pipe.dtype:  # diffusers warns on any cast, even to the dtype it has
         net.to(dtype=pipe.dtype)
     return net.to(pipe.device).eval().requires_grad_(False)
@@ -59,8 +59,8 @@ class Controlled:
 
 
 def _add(a, b):
-    """Residuals summed as MultiControlNetModel sums them (tensors, tuples of tensors; flags kept)."""
-    if a is None or isinstance(b, bool):
+    """Residuals summed as MultiControlNetModel sums them (tensors, or tuples of tensors; None: none)."""
+    if a is None:
         return b
     if isinstance(b, torch.Tensor):
         return a + b

@@ -177,6 +177,8 @@ class Flux(OriginalLayout, Family):
     control_latent_hint = True  # InstantX's layout (no input_hint_block): packed VAE latents
 
     def control_fits(self, net, denoiser) -> str | None:
+        if net.input_hint_block is not None:
+            return "it is an XLabs-style ControlNet (pixel hints, input_hint_block), which gen does not run yet"
         for key in ("in_channels", "joint_attention_dim", "pooled_projection_dim"):
             if net.config.get(key) != denoiser.config.get(key):
                 return f"its {key} is {net.config.get(key)}, this model's {denoiser.config.get(key)}"
@@ -195,8 +197,7 @@ class Flux(OriginalLayout, Family):
                                                else None}
         block, single = net(hidden_states=x, controlnet_cond=hint, conditioning_scale=scale, return_dict=False,
                             timestep=t.expand(x.shape[0]).to(x.dtype) / 1000, **kwargs)
-        return {"controlnet_block_samples": block, "controlnet_single_block_samples": single,
-                "controlnet_blocks_repeat": net.input_hint_block is not None}
+        return {"controlnet_block_samples": block, "controlnet_single_block_samples": single}
 
     # ---- latents and timesteps ---------------------------------------------------------------------
     def size_multiple(self, denoiser, vae_factor: int) -> int:
