@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from gen import control
 from gen.errors import GenError, Stopped
 from gen.recipe import lora_arg as _lora_arg
 
@@ -132,6 +133,7 @@ def _workflow_flags(p) -> None:
                    "(default 1.0; 0: none)")
     p.add_argument("--image-encoder", default=None, metavar="FOLDER", help="the IP-Adapter's CLIP vision encoder "
                    "folder (default: image_encoder/ beside the --ip-adapter file)")
+    control.add_flags(p)
 
 
 def _workflow(args) -> dict:
@@ -174,7 +176,7 @@ def _workflow(args) -> dict:
                 clip_skip=_first(args.clip_skip, 1), prompt_weighting=not args.no_weighting,
                 hires_scale=args.hires, hires_strength=_first(args.hires_strength, 0.7), hires_steps=args.hires_steps,
                 hires_upscaler=args.hires_upscaler or "latent", ip_adapter_image=ip_image,
-                ip_adapter_scale=_first(args.ip_scale, 1.0))
+                ip_adapter_scale=_first(args.ip_scale, 1.0), **control.from_args(args))
 
 
 class _Outputs:
@@ -243,6 +245,7 @@ def _apply_recipe(r, args) -> None:
             raise GenError(f"{args.recipe} was made with the LoRA {missing[0]}, which is not there; pass "
                            "--lora PATH[:SCALE] for each of its LoRAs")
         args.lora = r.loras
+    control.apply_recipe(r, args)
     if args.embedding is None and args.embeddings is None and r.ti_hashes:
         missing = [p for p in r.embeddings if not Path(p).is_file()]
         if not r.embeddings or missing:
@@ -329,7 +332,8 @@ def _recorded(args, workflow: dict) -> dict:
                init_image=str(Path(args.init_image).resolve()) if source else None,
                mask=str(Path(args.mask).resolve()) if args.mask else None, mask_blur=workflow["mask_blur"],
                inpaint_padding=workflow["padding_mask_crop"], hires_scale=workflow["hires_scale"],
-               hires_steps=workflow["hires_steps"], hires_upscaler=workflow["hires_upscaler"])
+               hires_steps=workflow["hires_steps"], hires_upscaler=workflow["hires_upscaler"],
+               **control.recorded(workflow))
     if args.ip_adapter is not None:
         out |= dict(ip_adapter=str(Path(args.ip_adapter).resolve()), ip_image=str(Path(args.ip_image).resolve()),
                     ip_scale=workflow["ip_adapter_scale"],

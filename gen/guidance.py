@@ -50,6 +50,8 @@ def guided_prediction(predict, x: torch.Tensor, t, i: int, n: int, cond: dict, u
     skip-layer guidance on the steps it covers (a third, conditional pass with `predict(..., skip_layers=...)`).
     `scale_input(x, t)`: a diffusers scheduler's input scaling, where it has one; `keep_uncond(uncond)` receives the
     unconditional prediction where one was made (the CFG++ samplers step along it)."""
+    if hasattr(predict, "at_step"):  # gen.control.Controlled: which ControlNets act at this step
+        predict.at_step(i, n)
     guided = uncond_cond is not None and in_interval(i, n, interval)
     x_in = torch.cat([x] * 2) if guided else x
     if scale_input is not None:

@@ -267,9 +267,9 @@ def start(pipe, source: Source, scheduler, steps: int, noise: torch.Tensor, x0: 
 
 def _with_inputs(predict, mask: torch.Tensor, masked: torch.Tensor):
     """A 9-channel denoiser's call: its input with the mask and the masked image's latents (doubled under CFG)."""
-    def call(x, t, cond):
+    def call(x, t, cond, **kwargs):
         k = x.shape[0] // mask.shape[0]
-        return predict(torch.cat([x, mask.repeat(k, 1, 1, 1), masked.repeat(k, 1, 1, 1)], dim=1), t, cond)
+        return predict(torch.cat([x, mask.repeat(k, 1, 1, 1), masked.repeat(k, 1, 1, 1)], dim=1), t, cond, **kwargs)
     return call
 
 

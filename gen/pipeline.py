@@ -527,7 +527,8 @@ class Pipeline:
                  skip_guidance_layers: list[int] | None = None, skip_layer_guidance_scale: float = 2.8,
                  skip_layer_guidance_start: float = 0.01, skip_layer_guidance_stop: float = 0.2,
                  max_sequence_length: int | None = None, schedule: str | None = None, ip_adapter_image=None,
-                 ip_adapter_scale: float = 1.0) -> PipelineOutput:
+                 ip_adapter_scale: float = 1.0, control: list | None = None,
+                 control_resize: str = "just-resize") -> PipelineOutput:
         """Generates images.
 
         Args:
@@ -564,6 +565,8 @@ class Pipeline:
             sampler, schedule: gen's, A1111's or ComfyUI's names (gen.sampling.names); schedule None: the model's own.
             ip_adapter_image: the image prompt of the loaded IP-Adapter (load_ip_adapter; a path or PIL image), its
                 tokens weighted by ip_adapter_scale (0: as without the adapter).
+            control: gen.control.Control items (a ControlNet, its hint image, weight, start and end), summed;
+                control_resize: how hints meet the size, "just-resize", "crop-and-resize" or "resize-and-fill".
 
         Returns:
             PipelineOutput with `.images` and the `.seeds` used.
@@ -589,6 +592,8 @@ class Pipeline:
         negs = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
         self._check(prompts, negs, steps, scale, rescale, guidance_interval, height, width,
                     num_images_per_prompt, sampler, output_type)
+        if control and cache_interval != 1:  # the cached forward takes no residuals
+            raise GenError("the fast mode (cache_interval) does not combine with ControlNet; leave one out")
         if cache_interval != 1 and not self.family.fast_mode:
             raise GenError(f"the fast mode (cache_interval) does not support {self.family.title} models")
         ip_adapter.check_call(self.ip_adapter, ip_adapter_image, ip_adapter_scale, cache_interval)
@@ -622,6 +627,9 @@ class Pipeline:
         shape = self.family.latent_shape(self.denoiser, n, height // f, width // f)
         with self._on_device(self.vae):  # img2img's image to latents, drawn before the noise
             x0 = img2img.encode(self, source, generator, n) if source is not None else None
+        if control:  # the hints' latents (Flux) are drawn before the noise, as diffusers draws them
+            from gen.control import run as ctl
+            nets, hints = ctl.prepare(self, list(control), height, width, n, generator, control_resize)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         latents, extra = self.family.pack(latents)  # extra: conditioning the packing adds (position ids)
         if by_diffusers is None:  # before encoding: it may refuse
@@ -656,6 +664,8 @@ class Pipeline:
             cache = FeatureCache(self.denoiser, cache_interval, self._fast_forward)
             predict = lambda x, t, c: cache(x, t, **self.family.denoiser_kwargs(c))  # noqa: E731
         predict = run.wrap(predict) if run.wrap else predict
+        if control:
+            predict = ctl.Controlled(self, predict, list(control), nets, hints)
         with attn.use_backend(self.attention), self._on_device(self.denoiser):
             if by_diffusers is None:
                 latents = ksampling.run(ksampler, plan, predict, run.latents, cond, both, scale, rescale,

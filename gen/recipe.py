@@ -21,6 +21,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gen.control import fields as control_fields
 from gen.errors import GenError
 
 log = logging.getLogger("gen")
@@ -82,6 +83,9 @@ class Recipe:
     ip_image: str | None = None
     ip_scale: float | None = None
     image_encoder: str | None = None
+    controls: list[dict] = field(default_factory=list)  # ControlNets: module, model, image, weight, start, end
+    control_resize: str = "just-resize"
+    controls_unnamed: list[str] = field(default_factory=list)  # ControlNets a recipe names without their files
 
 
 def number(value) -> str:
@@ -156,7 +160,7 @@ def infotext(r: Recipe, sampler_fields: dict) -> str:
                                         if tuple(r.guidance_interval) != (0.0, 1.0) else None),
               "gen cache interval": r.cache_interval if r.cache_interval != 1 else None,
               "gen model": r.model, "gen weights": r.weights if r.weights != "auto" else None,
-              "gen VAE tile": r.vae_tile, **_workflow_fields(r),
+              "gen VAE tile": r.vae_tile, **_workflow_fields(r), **control_fields.write(r.controls, r.control_resize),
               **{f"gen LoRA {i}": f"{p}:{number(float(s))}" for i, (p, s) in enumerate(r.loras, 1)},
               "TI hashes": ", ".join(f"{k}: {v}" for k, v in r.ti_hashes.items()) or None,
               **{f"gen embedding {i}": p for i, p in enumerate(r.embeddings, 1)}}
@@ -231,8 +235,10 @@ def from_text(text: str, source: str = "the recipe") -> Recipe:
     r.ti_hashes = _hashes(f.get("TI hashes", ""))
     numbered = sorted((int(m[1]), v) for k, v in f.items() if (m := GEN_EMBEDDING.fullmatch(k)))
     r.embeddings = [v for _, v in numbered]
+    r.controls, r.control_resize, r.controls_unnamed = control_fields.read(f, source)
     r.prompt = _prompt_without_tags(prompt, r, source)
-    unread = [k for k in f if k not in READ and not GEN_LORA.fullmatch(k) and not GEN_EMBEDDING.fullmatch(k)]
+    unread = [k for k in f if k not in READ and not GEN_LORA.fullmatch(k) and not GEN_EMBEDDING.fullmatch(k)
+              and not control_fields.known(k)]
     if unread:
         log.warning("%s: gen does not apply the fields %s", source, ", ".join(unread))
     return r

@@ -181,12 +181,36 @@ class Family:
         """The denoiser contract's extra inputs: model(x_t, t, **denoiser_kwargs(cond))."""
         return {"encoder_hidden_states": cond["hidden"]}
 
-    def predict(self, denoiser, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        """One denoiser call: model(x_t, t, **denoiser_kwargs(cond)) -> prediction."""
+    def predict(self, denoiser, x: torch.Tensor, t: torch.Tensor, cond: dict, **control) -> torch.Tensor:
+        """One denoiser call: model(x_t, t, **denoiser_kwargs(cond)) -> prediction; `control`: the ControlNets'
+        residuals (control_call's keywords, summed)."""
         kwargs = self.denoiser_kwargs(cond)
         if "ip_embeds" in cond:  # an IP-Adapter's image embeddings (gen.ip_adapter), as diffusers passes one adapter's
             kwargs["added_cond_kwargs"] = {**kwargs.get("added_cond_kwargs", {}), "image_embeds": [cond["ip_embeds"]]}
-        return denoiser(x, t, return_dict=False, **kwargs)[0]
+        return denoiser(x, t, return_dict=False, **kwargs, **control)[0]
+
+    # ---- ControlNet (gen/control) ------------------------------------------------------------------------------
+    control_classes = ("ControlNetModel",)  # the diffusers ControlNet classes this family's denoiser takes
+    control_latent_hint = False  # the hint goes in as VAE latents (SD3, Flux) rather than pixels in [0, 1]
+
+    def control_fits(self, net, denoiser) -> str | None:
+        """Why ControlNet `net` cannot steer this denoiser (it was made for another family), or None."""
+        for key in ("cross_attention_dim", "addition_embed_type"):
+            if net.config.get(key) != denoiser.config.get(key):
+                return f"its {key} is {net.config.get(key)}, this model's {denoiser.config.get(key)}"
+        return None
+
+    def control_hint(self, pipe, net, image: torch.Tensor, generator, n: int) -> torch.Tensor:
+        """The hint as the ControlNet takes it, from the image at the sampling size (1, 3, H, W): here the pixels
+        in [0, 1]; latent-hint families encode it (in [-1, 1], control_latent_hint)."""
+        return image
+
+    def control_call(self, net, x: torch.Tensor, t: torch.Tensor, cond: dict, hint: torch.Tensor,
+                     scale: float) -> dict:
+        """One ControlNet's residuals for this step, as predict's keywords (StableDiffusionControlNetPipeline)."""
+        down, mid = net(x, t, controlnet_cond=hint, conditioning_scale=scale, return_dict=False,
+                        **self.denoiser_kwargs(cond))
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
     def guidance(self, denoiser, scale: float, true_cfg: float | None, negative_given: bool,
                  n: int) -> tuple[float, dict]:

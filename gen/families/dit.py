@@ -15,6 +15,7 @@ class GenDiT(Family):
     lora_targets = {"attn": r"(attn|cross_attn)\.(to_q|to_k|to_v|to_out)", "ff": r"blocks\.\d+\.mlp\.(0|2)"}
     objective = "rectified flow or DDPM"
     kohya_base = "gen_dit"  # no kohya tool trains it: gen's own name
+    control_classes = ()  # no ControlNet for gen's DiT
 
     @staticmethod
     def denoiser_class():

@@ -168,10 +168,36 @@ class Flux(OriginalLayout, Family):
         return {"encoder_hidden_states": cond["hidden"], "pooled_projections": cond["pooled"],
                 "txt_ids": cond["txt_ids"][0], "img_ids": cond["img_ids"][0], "guidance": cond.get("guidance")}
 
-    def predict(self, denoiser, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    def predict(self, denoiser, x: torch.Tensor, t: torch.Tensor, cond: dict, **control) -> torch.Tensor:
         timestep = t.expand(x.shape[0]).to(x.dtype)  # FluxPipeline: t / 1000, a sigma in [0, 1]
         return denoiser(hidden_states=x, timestep=timestep / 1000, return_dict=False,
-                        **self.denoiser_kwargs(cond))[0]
+                        **self.denoiser_kwargs(cond), **control)[0]
+
+    control_classes = ("FluxControlNetModel",)
+    control_latent_hint = True  # InstantX's layout (no input_hint_block): packed VAE latents
+
+    def control_fits(self, net, denoiser) -> str | None:
+        if net.input_hint_block is not None:
+            return "it is an XLabs-style ControlNet (pixel hints, input_hint_block), which gen does not run yet"
+        for key in ("in_channels", "joint_attention_dim", "pooled_projection_dim"):
+            if net.config.get(key) != denoiser.config.get(key):
+                return f"its {key} is {net.config.get(key)}, this model's {denoiser.config.get(key)}"
+        return None
+
+    def control_hint(self, pipe, net, image, generator, n: int):
+        """FluxControlNetPipeline's: a VAE posterior sample per image from its generator, before the noise, packed."""
+        from gen.img2img import _sample
+
+        with pipe._on_device(pipe.vae):
+            return self.pack(_sample(pipe, image, generator, n))[0]
+
+    def control_call(self, net, x, t, cond, hint, scale) -> dict:
+        """FluxControlNetPipeline's call: the embedded guidance only where the ControlNet embeds it."""
+        kwargs = self.denoiser_kwargs(cond) | {"guidance": cond.get("guidance") if net.config.guidance_embeds
+                                               else None}
+        block, single = net(hidden_states=x, controlnet_cond=hint, conditioning_scale=scale, return_dict=False,
+                            timestep=t.expand(x.shape[0]).to(x.dtype) / 1000, **kwargs)
+        return {"controlnet_block_samples": block, "controlnet_single_block_samples": single}
 
     # ---- latents and timesteps ---------------------------------------------------------------------
     def size_multiple(self, denoiser, vae_factor: int) -> int:

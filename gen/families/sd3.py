@@ -42,6 +42,8 @@ class SD3(OriginalLayout, Family):
     denoiser_kwargs = GenDiT.denoiser_kwargs  # encoder_hidden_states, pooled_projections
     size_multiple = GenDiT.size_multiple  # the VAE factor times the patch size
     skip_layers = True  # SD3Transformer2DModel runs without chosen layers (skip-layer guidance)
+    control_classes = ("SD3ControlNetModel",)
+    control_latent_hint = True
     # LoRA targets: "attn" is diffusers' train_dreambooth_lora_sd3.py default (attn.to_q/k/v, to_out.0 and the
     # context stream's add_q/k/v_proj, to_add_out; SD3.5's attn2 is not in it), "ff" adds both streams' MLPs
     lora_targets = {"attn": r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj"
@@ -142,11 +144,35 @@ class SD3(OriginalLayout, Family):
         return {"hidden": torch.cat([clip, t5.to(clip.dtype)], dim=-2), "pooled": torch.cat(pooled, dim=-1)}
 
     def predict(self, denoiser, x: torch.Tensor, t: torch.Tensor, cond: dict,
-                skip_layers: list[int] | None = None) -> torch.Tensor:
+                skip_layers: list[int] | None = None, **control) -> torch.Tensor:
         """SD3Transformer2DModel takes keywords (its second positional argument is the text) and a timestep per
         sample, t.expand(batch), as StableDiffusion3Pipeline passes it; `skip_layers`: blocks to leave out."""
         return denoiser(hidden_states=x, timestep=t.expand(x.shape[0]), return_dict=False, skip_layers=skip_layers,
-                        **self.denoiser_kwargs(cond))[0]
+                        **self.denoiser_kwargs(cond), **control)[0]
+
+    # ---- ControlNet (gen/control): StableDiffusion3ControlNetPipeline's --------------------------------------------
+    def control_fits(self, net, denoiser) -> str | None:
+        for key in ("in_channels", "patch_size", "pooled_projection_dim"):
+            if net.config.get(key) != denoiser.config.get(key):
+                return f"its {key} is {net.config.get(key)}, this model's {denoiser.config.get(key)}"
+        return None
+
+    def control_hint(self, pipe, net, image, generator, n: int):
+        """The VAE posterior's mean (diffusers draws an unseeded sample here), scaled; InstantX's nets
+        (force_zeros_for_pooled_projection) take no shift."""
+        from gen.models import vae as vae_lib
+
+        with pipe._on_device(pipe.vae):
+            z = pipe.vae.encode(image.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mode()
+        plain = net.config.force_zeros_for_pooled_projection
+        return (z * pipe.vae.config.scaling_factor if plain else vae_lib.to_latents(pipe.vae, z)).repeat(n, 1, 1, 1)
+
+    def control_call(self, net, x, t, cond, hint, scale) -> dict:
+        pooled = torch.zeros_like(cond["pooled"]) if net.config.force_zeros_for_pooled_projection else cond["pooled"]
+        hidden = cond["hidden"] if net.config.joint_attention_dim is not None else None  # SD3.5's 8B nets: none
+        out = net(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=hidden,
+                  pooled_projections=pooled, controlnet_cond=hint, conditioning_scale=scale, return_dict=False)[0]
+        return {"block_controlnet_hidden_states": out}
 
     def scheduler_kwargs(self, scheduler, steps: int, latents: torch.Tensor) -> dict:
         """The folder's fixed shift; with use_dynamic_shifting (SD3.5's option) StableDiffusion3Pipeline's mu for

@@ -1,0 +1,92 @@
+"""The sampling side of ControlNets: loading them for a pipeline, their hints, and the denoiser call that adds their
+summed residuals at the steps each covers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gen.control import RESIZE_MODES, Control
+from gen.errors import GenError
+
+
+def load(pipe, model, allow_pickle: bool = False):
+    """The ControlNet module of `model` (a path or a loaded ControlNet), checked against the pipeline's family, on
+    its device and dtype; loaded paths are kept on the pipeline for its next calls."""
+    from gen.control.files import load_file
+
+    cache = pipe.__dict__.setdefault("_controlnets", {})
+    key = str(Path(model).resolve()) if isinstance(model, (str, Path)) else id(model)
+    net = cache.get(key) if isinstance(model, (str, Path)) else model
+    if net is None:
+        net = cache[key] = load_file(model, allow_pickle)
+    fam = pipe.family
+    name = model if isinstance(model, (str, Path)) else type(net).__name__
+    if type(net).__name__ not in fam.control_classes:
+        takes = " or ".join(fam.control_classes) or "none"
+        raise GenError(f"the ControlNet {name} is a {type(net).__name__}, for another model family; a {fam.title} "
+                       f"model takes {takes}")
+    why = fam.control_fits(net, pipe.denoiser)
+    if why:
+        raise GenError(f"the ControlNet {name} does not fit this {fam.title} model: {why}")
+    if net.dtype != pipe.dtype:  # diffusers warns on any cast, even to the dtype it has
+        net.to(dtype=pipe.dtype)
+    return net.to(pipe.device).eval().requires_grad_(False)
+
+
+class Controlled:
+    """The denoiser with its ControlNets: `predict(x, t, cond, **kw)` adds their summed residuals to the call;
+    `at_step(i, n)` (called by gen.guidance.guided_prediction) sets which of them act at step i of n."""
+
+    def __init__(self, pipe, predict, controls: list[Control], nets: list, hints: list[torch.Tensor]):
+        self.family, self.predict = pipe.family, predict
+        self.items = list(zip(controls, nets, hints))
+        self.keep = [True] * len(self.items)
+
+    def at_step(self, i: int, n: int) -> None:
+        self.keep = [not (i / n < c.start or (i + 1) / n > c.end) for c, _, _ in self.items]
+
+    def __call__(self, x, t, cond, **kwargs):
+        total = {}
+        for (c, net, hint), keep in zip(self.items, self.keep):
+            if not keep or not c.weight:  # diffusers runs it at scale 0: its residuals are zeros
+                continue
+            hint = hint.repeat(x.shape[0] // hint.shape[0], *[1] * (hint.ndim - 1))
+            out = self.family.control_call(net, x, t, cond, hint, float(c.weight))
+            total = {k: _add(total.get(k), v) for k, v in out.items()}
+        return self.predict(x, t, cond, **kwargs, **total)
+
+
+def _add(a, b):
+    """Residuals summed as MultiControlNetModel sums them (tensors, or tuples of tensors; None: none)."""
+    if a is None:
+        return b
+    if isinstance(b, torch.Tensor):
+        return a + b
+    return None if b is None else [x + y for x, y in zip(a, b)]
+
+
+def prepare(pipe, controls: list[Control], height: int, width: int, n: int, generator, resize: str,
+            allow_pickle: bool = False) -> tuple[list, list[torch.Tensor]]:
+    """(the ControlNets, their hints, as the family's control_hint makes them: pixels in [0, 1] (1, 3, H, W), or VAE
+    latents (Flux: a posterior sample per image from its generator, drawn before the noise as diffusers draws it))."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from gen.control.hints import hint_image
+
+    if resize not in RESIZE_MODES:
+        raise GenError(f"unknown ControlNet resize mode {resize!r}; choose from {', '.join(RESIZE_MODES)}")
+    fam = pipe.family
+    if not fam.control_classes:
+        raise GenError(f"gen has no ControlNet support for {fam.title} models")
+    processor = VaeImageProcessor(vae_scale_factor=pipe.size_multiple, do_convert_rgb=True,
+                                  do_normalize=fam.control_latent_hint)
+    nets, hints = [], []
+    for c in controls:
+        c.check()
+        nets.append(load(pipe, c.model, allow_pickle))
+        image = processor.preprocess(hint_image(c.image, c.module), height=height, width=width,
+                                     resize_mode=RESIZE_MODES[resize]).float()
+        hints.append(fam.control_hint(pipe, nets[-1], image, generator, n).to(pipe.device, pipe.dtype))
+    return nets, hints
