@@ -493,8 +493,8 @@ def _fit_memory(args) -> None:
                                options=memory_plan.CHOICES)
     row = memory_plan.choose(planned, budget)
     args.weights, args.offload = row.weights or args.weights, row.offload
-    print(f"gen: --max-memory {budget / memory_plan.GIB:.2f} GiB: {row.option} (--weights {row.weights or 'auto'}"
-          f" --offload {row.offload or 'none'}), predicted peak {row.peak / memory_plan.GIB:.2f} GiB at "
+    print(f"gen: --max-memory {memory_plan.human(budget)}: {row.option} (--weights {row.weights or 'auto'} "
+          f"--offload {row.offload or 'none'}), predicted peak {memory_plan.human(row.peak)} at "
           f"{planned.width}x{planned.height}", file=sys.stderr)
 
 

@@ -175,6 +175,7 @@ def folder_parts(path: Path) -> dict:
     from gen import families
     from gen.io import read_json
 
+    path = Path(path)
     index = read_json(path / "model_index.json")
     family = families.detect_folder(path, index)
     configs = families.folder_configs(path, index)
@@ -246,7 +247,8 @@ class Part:
             units = [(name, leaf) for name, leaf in m.named_modules()
                      if not list(leaf.children()) and any(True for _ in leaf.parameters(recurse=False))]
         sizes = [self.nbytes(u, name, stored_bytes, b) for name, u in units]
-        return self.nbytes(m, "", stored_bytes, b) - sum(sizes) + 2 * max(sizes, default=0)
+        whole = self.nbytes(m, "", stored_bytes, b)
+        return min(whole, whole - sum(sizes) + 2 * max(sizes, default=0))  # a model of two blocks: all of it
 
     def upcast(self, stored_bytes: float | None, b: int) -> float:
         """The transient of a stored weight upcast while its layer runs: the largest one (GGUF: via fp32)."""
@@ -379,10 +381,13 @@ def choose(planned: Planned, budget: int) -> Row:
         row = planned.row(label)
         if row.peak <= budget:
             return row
-    least = min(planned.rows, key=lambda r: r.peak if r.option in dict((c[0], 1) for c in CHOICES) else 1e30)
-    raise GenError(f"no setting fits --max-memory {budget / GIB:.2f} GiB at {planned.width}x{planned.height}: the "
-                   f"least, --offload {least.offload}, needs {least.peak / GIB:.2f} GiB (predicted); raise the budget "
-                   "or sample smaller")
+    least = min((planned.row(label) for label, _, _ in CHOICES), key=lambda r: r.peak)
+    raise GenError(f"no setting fits --max-memory {human(budget)} at {planned.width}x{planned.height}: the least, "
+                   f"{least.option}, needs {human(least.peak)} (predicted); raise the budget or sample smaller")
+
+
+def human(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2 ** 20:.1f} MiB"
 
 
 def table(planned: Planned) -> str:
