@@ -1,9 +1,12 @@
 """Peak sampling memory per model family at its real size, from parameter counts, with and without offload.
 
-    .venv/bin/python bench/memory.py            # the table (bench/results/memory.txt) and the check on a model here
+    .venv/bin/python bench/memory.py [--no-check]   # the tables (bench/results/memory.txt), the check on a model here
+
+The second table is gen.memory_plan's (gen info --memory): the predicted peak per memory option, with the running
+phase's transient tensors, and LoRA training, each family at its native size in bf16.
 
 Each family's components are built on the `meta` device (no weights allocated) from the configs of the released
-models (written out below, from their diffusers config.json files), and their parameters counted. Sampling holds
+models (gen/memory_plan.py's FAMILIES, from their diffusers config.json files), and their parameters counted. Sampling holds
   without offload:  every component's weights at once;
   with offload:     the largest of (all text encoders, the denoiser, the VAE), which are on the device one group at a
                     time (Pipeline.enable_offload, gen sample --offload);
@@ -50,6 +53,21 @@ def table() -> str:
         counts = ", ".join(f"{name} {n / 1e6:,.1f}" for name, n in params.items())
         rows.append(f"| {family} | {counts} (total {sum(params.values()) / 1e9:.2f} B) | {whole / gb:.1f} GiB | "
                     f"{offloaded / gb:.1f} GiB |")
+    return "\n".join(rows)
+
+
+def plan_table() -> str:
+    """gen.memory_plan's predicted peaks (GiB, bf16, each family at its native size) per option, and LoRA training."""
+    from gen.memory_plan import OPTIONS, PRESETS, plan
+
+    labels = [label for label, _, _ in OPTIONS]
+    rows = ["| family, size | " + " | ".join(labels) + " | LoRA train (ckpt off / on / on + fp8 base) |",
+            "| --- " * (len(labels) + 2) + "|"]
+    for preset in PRESETS:
+        p = plan(preset, dtype=torch.bfloat16)
+        peaks = " | ".join(f"{r.peak / 2 ** 30:.2f}" for r in p.rows)
+        train = " / ".join(f"{m.peak / 2 ** 30:.2f}" for _, m in p.training)
+        rows.append(f"| {PRESETS[preset]}, {p.width} px | {peaks} | {train} |")
     return "\n".join(rows)
 
 
@@ -106,7 +124,10 @@ def check() -> str:
 def main() -> None:
     print(table())
     print()
-    print(check())
+    print(plan_table())
+    if "--no-check" not in sys.argv:
+        print()
+        print(check())
 
 
 if __name__ == "__main__":
