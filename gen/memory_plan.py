@@ -194,7 +194,9 @@ def file_parts(path: Path) -> tuple[dict, str]:
 
     shapes, _ = header(path)
     family = single_file.detect(path, shapes)
-    name = {"sd1": "sd15", "sdxl": "sdxl", "flux": "flux-dev", "sd3": "sd3.5-large"}.get(family.name)
+    blocks = {m[1] for k in shapes for m in [re.search(r"(?:^|\.)(?:joint|transformer)_blocks\.(\d+)\.", k)] if m}
+    sd3 = "sd3.5-medium" if len(blocks) <= 24 else "sd3.5-large"  # 24 or 38 MMDiT blocks
+    name = {"sd1": "sd15", "sdxl": "sdxl", "flux": "flux-dev", "sd3": sd3}.get(family.name)
     if name is None:
         raise GenError(f"{path}: gen plans {family.title} files by a folder of the model (no preset for it here)")
     return FAMILIES[PRESETS[name]], name

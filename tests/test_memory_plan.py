@@ -128,3 +128,13 @@ def test_max_memory_refuses_a_budget_nothing_fits_and_info_prints_the_table(sd_f
     rows = [line.split()[0] for line in out.splitlines()[2:5]]
     assert rows == ["offload", "fp8+offload", "gguf-q4+offload"], out
     assert "LoRA, checkpointing on" in out and "64x64" in out
+
+
+def test_a_single_file_is_planned_as_its_familys_released_model(sd_folder, tmp_path):
+    path = tmp_path / "tiny-sd.safetensors"
+    quiet_pipeline(sd_folder).save_pretrained(path, single_file=True)
+    parts, title = mp.model_parts(str(path))
+    assert parts is mp.FAMILIES["SD-1.5"] and "sd15 preset" in title
+    assert mp.model_parts("FLUX-dev")[0] is mp.FAMILIES["Flux-dev"]
+    with pytest.raises(GenError, match="neither a preset"):
+        mp.model_parts(str(tmp_path / "missing"))
