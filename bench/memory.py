@@ -6,7 +6,8 @@ The second table is gen.memory_plan's (gen info --memory): the predicted peak pe
 phase's transient tensors, and LoRA training, each family at its native size in bf16.
 
 Each family's components are built on the `meta` device (no weights allocated) from the configs of the released
-models (gen/memory_plan.py's FAMILIES, from their diffusers config.json files), and their parameters counted. Sampling holds
+models (gen/memory_plan.py's FAMILIES, from their diffusers config.json files), and their parameters counted.
+Sampling holds
   without offload:  every component's weights at once;
   with offload:     the largest of (all text encoders, the denoiser, the VAE), which are on the device one group at a
                     time (Pipeline.enable_offload, gen sample --offload);

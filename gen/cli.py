@@ -486,16 +486,11 @@ def _fit_memory(args) -> None:
 
     if args.weights not in (None, "auto") or args.offload is not None:
         raise GenError("--max-memory picks --weights and --offload itself; leave those out")
-    budget = memory_plan.parse_memory(args.max_memory)
     dtype = resolve_dtype(args.dtype, resolve_device(args.device))
     size = f"{args.width}x{args.height}" if args.width and args.height else None
-    planned = memory_plan.plan(str(args.model or DEFAULT_MODEL), size, dtype, training=False,
-                               options=memory_plan.CHOICES)
-    row = memory_plan.choose(planned, budget)
+    row, line = memory_plan.fit(str(args.model or DEFAULT_MODEL), args.max_memory, size, dtype)
     args.weights, args.offload = row.weights or args.weights, row.offload
-    print(f"gen: --max-memory {memory_plan.human(budget)}: {row.option} (--weights {row.weights or 'auto'} "
-          f"--offload {row.offload or 'none'}), predicted peak {memory_plan.human(row.peak)} at "
-          f"{planned.width}x{planned.height}", file=sys.stderr)
+    print(line, file=sys.stderr)
 
 
 def _add_info(sub) -> None:
@@ -533,14 +528,7 @@ def _info_memory(args) -> int:
     from gen import memory_plan
     from gen.pipeline import DEFAULT_MODEL, DTYPES
 
-    weights = {"full": None}.get(args.weights, args.weights)
-    offload = {"none": None}.get(args.offload, args.offload)
-    options = [o for o in memory_plan.OPTIONS if (args.weights is None or o[1] == weights)
-               and (args.offload is None or o[2] == offload)]
-    if not options:
-        raise GenError(f"no planned setting has --weights {args.weights} with --offload {args.offload}")
-    planned = memory_plan.plan(str(args.path or DEFAULT_MODEL), args.size, DTYPES[args.dtype], options=options)
-    print(memory_plan.table(planned))
+    print(memory_plan.info(str(args.path or DEFAULT_MODEL), args.size, DTYPES[args.dtype], args.weights, args.offload))
     return 0
 
 

@@ -406,3 +406,22 @@ def table(planned: Planned) -> str:
         lines.append("  training (batch 1, AdamW; LoRA rank 16 on attention; text towers and VAE resident):")
         lines += [f"  {label:<41}{m.peak / scale:7.2f}" for label, m in planned.training]
     return "\n".join(lines)
+
+
+def fit(model: str, budget_text: str, size: str | None, dtype: torch.dtype) -> tuple[Row, str]:
+    """gen sample --max-memory: (the fastest setting predicted to fit, the line that says so)."""
+    budget = parse_memory(budget_text)
+    planned = plan(model, size, dtype, training=False, options=CHOICES)
+    row = choose(planned, budget)
+    return row, (f"gen: --max-memory {human(budget)}: {row.option} (--weights {row.weights or 'auto'} --offload "
+                 f"{row.offload or 'none'}), predicted peak {human(row.peak)} at {planned.width}x{planned.height}")
+
+
+def info(model: str, size: str | None, dtype: torch.dtype, weights: str | None, offload: str | None) -> str:
+    """gen info --memory: the table, its rows limited to --weights (full, fp8, gguf-q4) and --offload (none, model,
+    group, sequential) where given."""
+    want_w, want_o = {"full": None}.get(weights, weights), {"none": None}.get(offload, offload)
+    options = [o for o in OPTIONS if (weights is None or o[1] == want_w) and (offload is None or o[2] == want_o)]
+    if not options:
+        raise GenError(f"no planned setting has --weights {weights} with --offload {offload}")
+    return table(plan(model, size, dtype, options=options))
