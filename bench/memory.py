@@ -1,6 +1,6 @@
 """Peak sampling memory per model family at its real size, from parameter counts, with and without offload.
 
-    .venv/bin/python bench/memory.py [--no-check]   # the tables (bench/results/memory.txt), the check on a model here
+    .venv/bin/python bench/memory.py [--no-check] [--presets sd15 ...]   # the tables, the check on a model here
 
 The second table is gen.memory_plan's (gen info --memory): the predicted peak per memory option, with the running
 phase's transient tensors, and LoRA training, each family at its native size in bf16.
@@ -57,14 +57,14 @@ def table() -> str:
     return "\n".join(rows)
 
 
-def plan_table() -> str:
+def plan_table(presets=None) -> str:
     """gen.memory_plan's predicted peaks (GiB, bf16, each family at its native size) per option, and LoRA training."""
     from gen.memory_plan import OPTIONS, PRESETS, plan
 
     labels = [label for label, _, _ in OPTIONS]
     rows = ["| family, size | " + " | ".join(labels) + " | LoRA train (ckpt off / on / on + fp8 base) |",
             "| --- " * (len(labels) + 2) + "|"]
-    for preset in PRESETS:
+    for preset in presets or PRESETS:
         p = plan(preset, dtype=torch.bfloat16)
         peaks = " | ".join(f"{r.peak / 2 ** 30:.2f}" for r in p.rows)
         train = " / ".join(f"{m.peak / 2 ** 30:.2f}" for _, m in p.training)
@@ -123,10 +123,16 @@ def check() -> str:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-check", action="store_true", help="the tables only")
+    ap.add_argument("--presets", nargs="+", default=None, help="the planner's rows for these presets only")
+    a = ap.parse_args()
     print(table())
     print()
-    print(plan_table())
-    if "--no-check" not in sys.argv:
+    print(plan_table(a.presets))
+    if not a.no_check:
         print()
         print(check())
 
