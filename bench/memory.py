@@ -1,9 +1,13 @@
 """Peak sampling memory per model family at its real size, from parameter counts, with and without offload.
 
-    .venv/bin/python bench/memory.py            # the table (bench/results/memory.txt) and the check on a model here
+    .venv/bin/python bench/memory.py [--no-check] [--presets sd15 ...]   # the tables, the check on a model here
+
+The second table is gen.memory_plan's (gen info --memory): the predicted peak per memory option, with the running
+phase's transient tensors, and LoRA training, each family at its native size in bf16.
 
 Each family's components are built on the `meta` device (no weights allocated) from the configs of the released
-models (written out below, from their diffusers config.json files), and their parameters counted. Sampling holds
+models (gen/memory_plan.py's FAMILIES, from their diffusers config.json files), and their parameters counted.
+Sampling holds
   without offload:  every component's weights at once;
   with offload:     the largest of (all text encoders, the denoiser, the VAE), which are on the device one group at a
                     time (Pipeline.enable_offload, gen sample --offload);
@@ -27,68 +31,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from diffusers import (AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel,  # noqa: E402
-                       UNet2DConditionModel)
-from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config,  # noqa: E402
-                          T5EncoderModel)
+from diffusers import AutoencoderKL, SD3Transformer2DModel  # noqa: E402
+from transformers import CLIPTextModelWithProjection, T5EncoderModel  # noqa: E402
 
-# ---- the released models' configs (diffusers / transformers config.json of each folder) ---------------------------
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-              max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
-T5_XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
-              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
-VAE_SD = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2)
-VAE_16 = VAE_SD | dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
-SDXL_UNET = dict(sample_size=128, block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-                 addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816)
-SD35_LARGE = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
-                  num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
-                  pooled_projection_dim=2048, pos_embed_max_size=192, qk_norm="rms_norm")
-SD35_MEDIUM = SD35_LARGE | dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
-                                pos_embed_max_size=384, dual_attention_layers=tuple(range(13)))
-FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))
-
-# family -> {component: (builder, config)}, text encoders first
-FAMILIES = {
-    "SD-1.5": {"CLIP-L": (CLIPTextModel, CLIP_L), "UNet": (UNet2DConditionModel, dict(cross_attention_dim=768)),
-               "VAE": (AutoencoderKL, VAE_SD)},
-    "SDXL": {"CLIP-L": (CLIPTextModel, CLIP_L), "CLIP-G": (CLIPTextModelWithProjection, CLIP_G),
-             "UNet": (UNet2DConditionModel, SDXL_UNET), "VAE": (AutoencoderKL, VAE_SD)},
-    "SD3.5-medium": {"CLIP-L": (CLIPTextModelWithProjection, CLIP_L), "CLIP-G": (CLIPTextModelWithProjection, CLIP_G),
-                     "T5-XXL": (T5EncoderModel, T5_XXL), "MMDiT": (SD3Transformer2DModel, SD35_MEDIUM),
-                     "VAE": (AutoencoderKL, VAE_16)},
-    "SD3.5-large": {"CLIP-L": (CLIPTextModelWithProjection, CLIP_L), "CLIP-G": (CLIPTextModelWithProjection, CLIP_G),
-                    "T5-XXL": (T5EncoderModel, T5_XXL), "MMDiT": (SD3Transformer2DModel, SD35_LARGE),
-                    "VAE": (AutoencoderKL, VAE_16)},
-    "Flux-dev": {"CLIP-L": (CLIPTextModel, CLIP_L), "T5-XXL": (T5EncoderModel, T5_XXL),
-                 "MMDiT": (FluxTransformer2DModel, FLUX_DEV), "VAE": (AutoencoderKL, VAE_16)},
-}
-TEXT = ("CLIP-L", "CLIP-G", "T5-XXL")
-
-
-def build(cls, config: dict) -> torch.nn.Module:
-    if cls in (CLIPTextModel, CLIPTextModelWithProjection):
-        return cls(CLIPTextConfig(**config))
-    if cls is T5EncoderModel:
-        return cls(T5Config(**config))
-    return cls(**config)
-
-
-def count(cls, config: dict) -> int:
-    """Weights of a component, built on the meta device (shapes only): its parameters and buffers (SD3's
-    positional embedding is a buffer: 226M values in SD3.5-medium)."""
-    with torch.device("meta"):
-        model = build(cls, config)
-    return sum(t.numel() for t in [*model.parameters(), *model.buffers()])
+from gen.memory_plan import CLIP_L, FAMILIES, SD35_MEDIUM, T5_XXL, TEXT, VAE_16, build, count  # noqa: E402
 
 
 def peaks(params: dict[str, int], bytes_per_param: int) -> tuple[float, float]:
@@ -108,6 +54,21 @@ def table() -> str:
         counts = ", ".join(f"{name} {n / 1e6:,.1f}" for name, n in params.items())
         rows.append(f"| {family} | {counts} (total {sum(params.values()) / 1e9:.2f} B) | {whole / gb:.1f} GiB | "
                     f"{offloaded / gb:.1f} GiB |")
+    return "\n".join(rows)
+
+
+def plan_table(presets=None) -> str:
+    """gen.memory_plan's predicted peaks (GiB, bf16, each family at its native size) per option, and LoRA training."""
+    from gen.memory_plan import OPTIONS, PRESETS, plan
+
+    labels = [label for label, _, _ in OPTIONS]
+    rows = ["| family, size | " + " | ".join(labels) + " | LoRA train (ckpt off / on / on + fp8 base) |",
+            "| --- " * (len(labels) + 2) + "|"]
+    for preset in presets or PRESETS:
+        p = plan(preset, dtype=torch.bfloat16)
+        peaks = " | ".join(f"{r.peak / 2 ** 30:.2f}" for r in p.rows)
+        train = " / ".join(f"{m.peak / 2 ** 30:.2f}" for _, m in p.training)
+        rows.append(f"| {PRESETS[preset]}, {p.width} px | {peaks} | {train} |")
     return "\n".join(rows)
 
 
@@ -162,9 +123,18 @@ def check() -> str:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-check", action="store_true", help="the tables only")
+    ap.add_argument("--presets", nargs="+", default=None, help="the planner's rows for these presets only")
+    a = ap.parse_args()
     print(table())
     print()
-    print(check())
+    print(plan_table(a.presets))
+    if not a.no_check:
+        print()
+        print(check())
 
 
 if __name__ == "__main__":

@@ -28,170 +28,25 @@ the step's inputs built by the family (gen/families/sd3.py, flux.py) and the LoR
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from the repo root without installing
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
-from gen.models.text import TextEncoder  # noqa: E402
+from gen.memory_train import denoiser_inputs, estimate, family_setup  # noqa: E402  (the formula: gen/memory_train.py)
 
 diffusers_logging.set_verbosity_error()  # .to(bf16) on meta models warns about fp32 modules that these have none of
 
 ROOT = Path(__file__).resolve().parents[1]
 SD15 = "an SD-1.5 folder"
-DTYPE_BYTES = {"no": 4, "bf16": 2, "fp16": 2}
 SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                  num_attention_heads=12, max_position_embeddings=77, projection_dim=768)
 SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2)
-
-
-@dataclasses.dataclass
-class Memory:
-    """One training step's memory, bytes."""
-
-    weights: int
-    gradients: int
-    optimizer: int
-    ema: int
-    activations: int
-    adam_temp: int
-    recompute: int = 0  # with checkpointing: the largest unit's activations, rebuilt while gradients fill up
-
-    @property
-    def peak(self) -> int:
-        return self.weights + self.optimizer + self.ema + max(self.activations,
-                                                              self.gradients + max(self.adam_temp, self.recompute))
-
-
-class _FlashAttentionSaves(torch.autograd.Function):
-    """What a fused attention kernel (flash / memory-efficient on CUDA, flash on CPU) keeps for backward:
-    q, k, v, the output and the row log-sum-exp, never the N x M score matrix. On the meta device torch
-    takes the math path, which would count that matrix."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):
-        out = q.new_empty(q.shape[:-1] + v.shape[-1:])
-        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
-        return out
-
-
-@contextlib.contextmanager
-def fused_attention_on_meta():
-    sdpa = F.scaled_dot_product_attention
-
-    def patched(*args, **kwargs):  # diffusers' dispatcher (Flux, SD3) passes query=, key=, value=
-        q, k, v, *rest = (*args, *(kwargs.pop(n) for n in ("query", "key", "value") if n in kwargs))
-        return _FlashAttentionSaves.apply(q, k, v) if q.device.type == "meta" else sdpa(q, k, v, *rest, **kwargs)
-
-    F.scaled_dot_product_attention = patched
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = sdpa
-
-
-def saved_activation_bytes(model: torch.nn.Module, run, checkpointing: bool) -> tuple[int, int]:
-    """(bytes autograd keeps after `run()` (a forward of `model`), parameters excluded, each storage once;
-    the largest checkpointable unit's share). With `checkpointing`, what stays alive under checkpointing: the
-    saves outside the checkpointed units, the units' inputs, and the largest unit's activations (its
-    recompute, during backward)."""
-    params = {p.untyped_storage()._cdata for p in model.parameters()}
-    outside, inputs, units = {}, {}, []
-
-    def counter(into: dict):
-        def pack(t: torch.Tensor):
-            st = t.untyped_storage()
-            if st._cdata not in params:
-                into[st._cdata] = st.nbytes()
-            return t
-        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-
-    def unit(fn, *args):  # diffusers calls this for each checkpointed block when checkpointing is on
-        for a in args:
-            if isinstance(a, torch.Tensor) and a.untyped_storage()._cdata not in params:
-                inputs[a.untyped_storage()._cdata] = a.untyped_storage().nbytes()
-        units.append({})
-        with counter(units[-1]):
-            return fn(*args)
-
-    model.enable_gradient_checkpointing(gradient_checkpointing_func=unit)
-    try:
-        with counter(outside), fused_attention_on_meta():
-            run()
-    finally:
-        model.disable_gradient_checkpointing()
-    biggest = max((sum(u.values()) for u in units), default=0)
-    if not checkpointing:
-        return sum({**outside, **{k: v for u in units for k, v in u.items()}}.values()), biggest
-    return sum({**outside, **inputs}.values()) + biggest, biggest
-
-
-def denoiser_inputs(model, batch: int, latent: int, device, dtype, text_tokens: int = 77) -> dict:
-    c = model.config
-    d = c.cross_attention_dim
-    kw = dict(sample=torch.randn(batch, c.in_channels, latent, latent, device=device, dtype=dtype),
-              timestep=torch.rand(batch, device=device), return_dict=False,
-              encoder_hidden_states=torch.randn(batch, text_tokens, d, device=device, dtype=dtype))
-    if getattr(c, "pooled_projection_dim", None):
-        kw["pooled_projections"] = torch.randn(batch, c.pooled_projection_dim, device=device, dtype=dtype)
-    return kw
-
-
-def family_forward(family, texts: list):
-    """inputs(model, batch, latent, dtype) -> the forward of train/task.py's step for a family with its own
-    input layout (SD3, Flux), asked of the family: its encode on `texts` (ZeroTokens: the towers' real forward,
-    no grad), its latent_shape, pack and train_inputs, its predict; on the model's device (meta: shapes only)."""
-    def inputs(model, batch: int, latent: int, dtype):
-        device = next(model.parameters()).device
-        with torch.device(device):
-            with torch.no_grad():
-                cond = family.encode(texts, [""] * batch, latent, latent)
-            x, extra = family.pack(torch.randn(family.latent_shape(model, batch, latent, latent), dtype=dtype))
-            extra |= family.train_inputs(model, None, batch)
-            t = torch.rand(batch) * 1000  # the flow formulation's model_timestep: sigma x 1000
-        return lambda: family.predict(model, x, t, cond | {k: v.to(device) for k, v in extra.items()})
-    return inputs
-
-
-def estimate(build, batch: int, latent: int, compute: str, checkpointing: bool, ema: bool,
-             frozen_params: int = 0, lora: dict | None = None, device_type: str = "cuda", inputs=None) -> Memory:
-    """The formula for the denoiser `build()` makes (on the meta device), trained at `batch` x `latent`^2.
-    `lora`: lora_config arguments (presets: the family's lora_targets, rank, parts, ...): the denoiser is frozen
-    and only the adapter trains. `inputs`: a family_forward (default: denoiser_inputs, gen's DiT and UNets)."""
-    with torch.device("meta"):
-        model = build()
-        if lora:
-            from peft import inject_adapter_in_model
-
-            from gen.lora import lora_config
-
-            model.requires_grad_(False)
-            inject_adapter_in_model(lora_config(**lora), model)
-    dtype = torch.float32 if compute == "no" else torch.bfloat16
-    model.to(dtype)
-    trainable = sum(p.numel() for n, p in model.named_parameters() if not lora or ".lora_" in n)
-    frozen = sum(p.numel() for p in model.parameters()) - trainable + frozen_params
-    # buffers (SD3's positional embedding: 226M values in SD3.5-medium) live with the denoiser's weights
-    buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point())
-    if inputs is None:
-        kw = denoiser_inputs(model, batch, latent, "meta", dtype)
-        run = lambda: model(**kw)  # noqa: E731
-    else:
-        run = inputs(model, batch, latent, dtype)
-    act, unit = saved_activation_bytes(model, run, checkpointing)
-    act += trainable * DTYPE_BYTES[compute] if compute != "no" else 0  # autocast's copies of fp32 weights
-    held = DTYPE_BYTES[compute] if lora else 4  # a LoRA's base in the weight dtype, a trained denoiser in fp32
-    return Memory(weights=4 * trainable + DTYPE_BYTES[compute] * frozen + held * buffers, gradients=4 * trainable,
-                  optimizer=8 * trainable, ema=4 * trainable if ema else 0, activations=act,
-                  adam_temp=4 * trainable if device_type == "cuda" else 0, recompute=unit if checkpointing else 0)
 
 
 def dit_step_estimate(preset: str, latent: int, batch: int, dtype: torch.dtype, checkpointing: bool,
@@ -229,36 +84,6 @@ def _frozen_folder(folder: Path) -> tuple[int, int, int]:
     return n, text_cfg.hidden_size, 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-class ZeroTokens(TextEncoder):
-    """gen's TextEncoder fed max_length zero token ids instead of a tokenizer's (the released models' tokenizers
-    are not here; memory depends on the length only): a family's encode runs the tower's real forward."""
-
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return torch.zeros(len(prompts), self.max_length, dtype=torch.long, device=self.model.device)
-
-
-def mmdit_setup(parts: dict, dtype: torch.dtype, device: str = "meta") -> tuple:
-    """(denoiser builder, family_forward, frozen parameters, VAE factor, family) of an SD3 / Flux model given as
-    bench/memory.py's FAMILIES entries ({component: (class, config)}: the released models): its text towers
-    (CLIPs + T5-XXL, on `device`) and VAE (counted on meta) frozen, the family detected from the live models as
-    gen.Pipeline does, the text token lengths the family's (text_max_length, else CLIP's 77)."""
-    from bench.memory import TEXT
-    from bench.memory import build as build_part
-    from gen.families import detect_models
-
-    with torch.device(device):
-        towers = [build_part(*parts[name]).to(dtype) for name in parts if name in TEXT]
-    with torch.device("meta"):
-        vae = build_part(*parts["VAE"])
-        family = detect_models(build_part(*parts["MMDiT"]), towers)
-    names = [f"text_encoder{'_' + str(i + 1) if i else ''}" for i in range(len(towers))]
-    texts = [ZeroTokens(t, None, max_length=family.text_max_length.get(n) or t.config.max_position_embeddings)
-             for n, t in zip(names, towers)]
-    frozen = sum(p.numel() for m in (*towers, vae) for p in m.parameters())
-    return (lambda: build_part(*parts["MMDiT"]), family_forward(family, texts), frozen,
-            2 ** (len(vae.config.block_out_channels) - 1), family)
-
-
 # the SD3/Flux recipes leave model.base to the user: rows for these released models (bench/memory.py's configs)
 MMDIT_RECIPES = ("lora-sd3-flux.yaml", "finetune-sd3-flux.yaml")
 MMDIT_MODELS = ("Flux-dev", "SD3.5-large", "SD3.5-medium")
@@ -267,7 +92,7 @@ MMDIT_MODELS = ("Flux-dev", "SD3.5-large", "SD3.5-medium")
 def recipe_rows(checkpointing_both: bool = True, mmdit_models: tuple[str, ...] = MMDIT_MODELS) -> list[tuple]:
     """(recipe, model, batch x size, precision, checkpointing, chosen, Memory) for each configs/*.yaml denoiser
     run; the SD3/Flux recipes once per `mmdit_models` entry."""
-    from bench.memory import FAMILIES
+    from gen.memory_plan import FAMILIES
     from gen.families import get
     from gen.models.dit import build_dit
     from gen.models.unet import build_unet
@@ -294,7 +119,7 @@ def recipe_rows(checkpointing_both: bool = True, mmdit_models: tuple[str, ...] =
         runs = []  # (name, builder, inputs, frozen, VAE factor, LoRA presets)
         if path.name in MMDIT_RECIPES:  # frozen: CLIPs + T5-XXL + VAE, resident (data.cache false)
             for model in mmdit_models:
-                build, inputs, frozen, factor, family = mmdit_setup(
+                build, inputs, frozen, factor, family = family_setup(
                     FAMILIES[model], torch.float32 if t.mixed_precision == "no" else torch.bfloat16)
                 runs.append((f"{model} transformer" + (" + LoRA" if lora_opts else ""), build, inputs, frozen,
                              factor, family.lora_targets))
@@ -366,7 +191,7 @@ def check_builds() -> dict:
 def tiny_flux(device: str) -> tuple:
     """(builder, family_forward) of a small Flux-dev architecture (FLUX_DEV's layout, d128, 2 + 2 blocks) with
     small CLIP-L / T5 towers on `device`: the SD3/Flux rows' path (the family's inputs) on a real step."""
-    from bench.memory import CLIP_L, FAMILIES, FLUX_DEV, T5_XXL
+    from gen.memory_plan import CLIP_L, FAMILIES, FLUX_DEV, T5_XXL
 
     parts = FAMILIES["Flux-dev"] | {
         "CLIP-L": (FAMILIES["Flux-dev"]["CLIP-L"][0], CLIP_L | dict(hidden_size=32, intermediate_size=64,
@@ -376,7 +201,7 @@ def tiny_flux(device: str) -> tuple:
         "MMDiT": (FAMILIES["Flux-dev"]["MMDiT"][0], FLUX_DEV | dict(
             in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=4,
             axes_dims_rope=(8, 12, 12), joint_attention_dim=32, pooled_projection_dim=32))}
-    build, inputs, *_ = mmdit_setup(parts, torch.float32, device)
+    build, inputs, *_ = family_setup(parts, torch.float32, device)
     return build, inputs
 
 

@@ -69,6 +69,9 @@ def _add_sample(sub) -> None:
                         "--offload-blocks at a time, the next prefetched on a CUDA stream; sequential one layer at a "
                         "time (least memory, slowest)")
     p.add_argument("--offload-blocks", type=int, default=1, metavar="N", help="blocks per group under --offload group")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="device memory budget (e.g. 12GiB): pick the fastest --weights/--offload setting whose "
+                        "predicted peak fits (gen info --memory), or refuse when none does")
     p.add_argument("--vae-tiling", nargs="?", type=int, const=True, default=None, metavar="PX",
                    help="decode and encode in overlapping tiles of PX pixels (default 512), one image at a time: "
                         "large images in bounded memory (seams blended; the tile is in the PNG recipe)")
@@ -375,6 +378,8 @@ def cmd_sample(args) -> int:
 
         for _, job in jobs:
             parse(job["prompt"]), parse(_first(job.get("negative_prompt"), args.negative_prompt, ""))
+    if args.max_memory is not None:
+        _fit_memory(args)
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                     attention=args.attention, allow_pickle=args.allow_pickle,
                                     compile=args.compile, channels_last=args.channels_last,
@@ -498,11 +503,34 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _fit_memory(args) -> None:
+    """--max-memory: sets args.weights / args.offload to the fastest setting predicted to fit (gen.memory_plan)."""
+    from gen import memory_plan
+    from gen.pipeline import DEFAULT_MODEL, resolve_device, resolve_dtype
+
+    if args.weights not in (None, "auto") or args.offload is not None:
+        raise GenError("--max-memory picks --weights and --offload itself; leave those out")
+    dtype = resolve_dtype(args.dtype, resolve_device(args.device))
+    size = f"{args.width}x{args.height}" if args.width and args.height else None
+    row, line = memory_plan.fit(str(args.model or DEFAULT_MODEL), args.max_memory, size, dtype)
+    args.weights, args.offload = row.weights or args.weights, row.offload
+    print(line, file=sys.stderr)
+
+
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="describe a model folder or a .safetensors file (default: the bundled "
                        "model); --versions for bug reports")
     p.add_argument("path", nargs="?")
     p.add_argument("--versions", action="store_true", help="print gen's and its key dependencies' versions")
+    p.add_argument("--memory", action="store_true",
+                   help="the predicted peak device memory of sampling with each memory option and of LoRA training; "
+                        "PATH may also be a preset: " + ", ".join(("sd15", "sdxl", "sd3.5-medium", "sd3.5-large",
+                                                                  "flux-dev")))
+    p.add_argument("--size", default=None, metavar="WxH", help="with --memory: the image size (default: native)")
+    p.add_argument("--dtype", default="bf16", choices=("fp32", "fp16", "bf16"), help="with --memory: compute dtype")
+    p.add_argument("--weights", default=None, choices=("full", "fp8", "gguf-q4"), help="with --memory: only these rows")
+    p.add_argument("--offload", default=None, choices=("none", "model", "group", "sequential"),
+                   help="with --memory: only these rows")
     p.set_defaults(func=cmd_info)
 
 
@@ -511,10 +539,20 @@ def cmd_info(args) -> int:
 
     if args.versions:
         print(versions())
+    if args.memory:
+        return _info_memory(args)
     if args.path is not None or not args.versions:  # no path: the bundled model, as `gen sample` uses
         from gen.pipeline import DEFAULT_MODEL
 
         print(describe(args.path or DEFAULT_MODEL))
+    return 0
+
+
+def _info_memory(args) -> int:
+    from gen import memory_plan
+    from gen.pipeline import DEFAULT_MODEL, DTYPES
+
+    print(memory_plan.info(str(args.path or DEFAULT_MODEL), args.size, DTYPES[args.dtype], args.weights, args.offload))
     return 0
 
 

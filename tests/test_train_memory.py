@@ -10,13 +10,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench/ scripts import each other as bench.*
 from bench import train_memory as tm  # noqa: E402
+from gen.memory_train import saved_activation_bytes  # noqa: E402
 
 
 def count(build, batch, latent, device, checkpointing):
     with torch.device(device):
         model = build()
     kw = tm.denoiser_inputs(model, batch, latent, device, torch.float32)
-    return tm.saved_activation_bytes(model, lambda: model(**kw), checkpointing)[0]
+    return saved_activation_bytes(model, lambda: model(**kw), checkpointing)[0]
 
 
 @pytest.mark.parametrize("name", ["DiT d128 x 2 blocks", "UNet tiny"])
@@ -68,7 +69,7 @@ def test_every_recipe_has_a_row():
 def test_sd3_flux_rows_hold_the_released_models_parts(model):
     """The SD3/Flux recipes' rows: the released transformer (bench/memory.py's count, parameters and buffers)
     trains in fp32 or is a LoRA's bf16 base; the CLIPs, T5-XXL and the VAE are frozen and resident in bf16."""
-    from bench import memory
+    from gen import memory_plan as memory
 
     rows = {(r[0], r[4]): r[6] for r in tm.recipe_rows(mmdit_models=(model,)) if r[1].startswith(model)}
     parts = {name: memory.count(*part) for name, part in memory.FAMILIES[model].items()}

@@ -43,15 +43,22 @@ def skip_patterns(model: nn.Module) -> tuple[str, ...]:
     return tuple(DEFAULT_SKIP_MODULES_PATTERN) + tuple(own)
 
 
-def store_fp8(model: nn.Module) -> int:
-    """Stores `model`'s Linear/Conv weights (those no skip pattern names) as float8_e4m3fn; returns how many."""
-    patterns, n = skip_patterns(model), 0
+def fp8_layers(model: nn.Module):
+    """(name, layer) of `model`'s Linear/Conv layers that --weights fp8 stores: not yet stored, and no skip pattern
+    names them (gen.memory_plan counts their bytes)."""
+    patterns = skip_patterns(model)
     for name, m in model.named_modules():
         if isinstance(m, LAYERS) and stored(m) is None and m.weight.is_floating_point() \
                 and not any(re.search(p, name) for p in patterns):
-            store_as(m, "F8_E4M3")
-            n += 1
-    return n
+            yield name, m
+
+
+def store_fp8(model: nn.Module) -> int:
+    """Stores `model`'s Linear/Conv weights (those no skip pattern names) as float8_e4m3fn; returns how many."""
+    layers = list(fp8_layers(model))
+    for _, m in layers:
+        store_as(m, "F8_E4M3")
+    return len(layers)
 
 
 def apply(pipe, weights: str | None, dtype: torch.dtype) -> None:
