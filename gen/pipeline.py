@@ -213,8 +213,12 @@ class Pipeline:
         diffusers' group offloading); the VAE and the CLIP towers visit whole as in "model". On a CPU-only machine
         nothing moves."""
         from gen import memory
+        from gen.quant import bnb
 
         memory.check_offload(mode, blocks)
+        if mode != "model" and self.weights in bnb.KINDS:  # diffusers' hooks move .data, not quant state
+            raise GenError(f"--offload {mode} streams plain tensors and cannot move bitsandbytes' {self.weights} "
+                           "layers; use --offload (model) with them, or --weights fp8")
         device = resolve_device(device)
         self._end_streaming()
         for m in self.models:
