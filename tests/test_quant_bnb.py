@@ -14,6 +14,7 @@ from gen.quant import bnb, eligible, layers
 from gen.quant.store import parameter_bytes
 from tests.conftest import psnr, quiet_pipeline, tiny_flux_components
 from tests.test_quant_fp8 import _gen, _lora
+from tests.train.test_lora_train import images  # noqa: F401 (a fixture)
 
 KW = dict(num_inference_steps=2, seed=3, output_type="np", height=16, width=16)
 PROMPT = "a red circle"
@@ -112,3 +113,42 @@ def test_without_bitsandbytes_is_a_one_line_error(flux, tmp_path):
              code="import sys\nsys.modules['bitsandbytes'] = None")
     assert r.returncode == 2 and "pip install 'gen[quant]'" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ---- QLoRA: lora.base_weights=nf4|int8 --------------------------------------------------------------------------
+QLORA = {"lora.rank": 4, "lora.alpha": 8, "lora.text_encoder": True, "lora.save_dtype": "fp32",
+         "lora.instance_prompt": "a photo of sks dog", "train.mixed_precision": "bf16"}
+
+
+def test_qlora_int8_base_and_dora_refusal(sd_folder, images, tmp_path):
+    from tests.train.test_sdxl_train import settings
+    from train.config import load_config
+    from train.lora import LoraTask
+
+    extra = settings(sd_folder, images, tmp_path, **{k.replace(".", "__"): v for k, v in QLORA.items()})
+    task = LoraTask(load_config("configs/lora-subject.yaml", extra=extra | {"lora.base_weights": "int8"}),
+                    torch.device("cpu"), torch.bfloat16)
+    assert layers([task.model.denoiser]) > 0 and layers([task.text_parts["text_encoder"].model]) > 0
+    trainable = [p for p in task.model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    cfg = load_config("configs/lora-subject.yaml", extra=extra | {"lora.base_weights": "nf4", "lora.dora": True,
+                                                                 "lora.format": "diffusers"})
+    with pytest.raises(GenError, match="DoRA needs the full-precision base"):
+        LoraTask(cfg, torch.device("cpu"), torch.bfloat16)
+
+
+def test_qlora_nf4_adapters_move_and_resume_bitwise(sd_folder, images, tmp_path):
+    """2 steps straight vs 1 + resumed 1 on an nf4 base (bf16 compute): the same adapters and optimizer state, bit
+    for bit; the LoRA file moves the full-precision base's images."""
+    from tests.train.test_sdxl_train import assert_same_checkpoints, straight_and_resumed
+    from train.lora import LoraTask
+
+    a, b = straight_and_resumed("configs/lora-subject.yaml", sd_folder, images, tmp_path,
+                                QLORA | {"lora.base_weights": "nf4"}, LoraTask, steps=2)
+    assert_same_checkpoints(a, b, 2)
+    pipe = quiet_pipeline(sd_folder)
+    before = pipe(QLORA["lora.instance_prompt"], **KW).images
+    pipe.load_lora(a / "lora.safetensors")
+    moved = np.abs(pipe(QLORA["lora.instance_prompt"], **KW).images - before).max()
+    print(f"nf4-base LoRA moves the full base's image by {moved:.4f} max abs")
+    assert moved > 1e-3

@@ -44,7 +44,17 @@ def layer(linear: nn.Linear, kind: str, dtype: torch.dtype) -> nn.Linear:
         q.weight = bnb.nn.Params4bit(w.to(dtype), requires_grad=False, quant_type=kind)
     if bias:
         q.bias = nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
+    q.register_forward_pre_hook(_autocast)
     return q.to(device)  # bitsandbytes quantizes on the move to a (non-meta) device
+
+
+def _autocast(module, args):
+    """Under autocast (training's mixed precision) the input in autocast's dtype, as autocast gives a Linear: the
+    bitsandbytes layer returns its input's dtype, and a norm after it expects the frozen base's."""
+    x = args[0]
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return (x.to(torch.get_autocast_dtype(x.device.type)), *args[1:])
+    return None
 
 
 def quantize(model: nn.Module, kind: str, dtype: torch.dtype) -> int:
