@@ -82,3 +82,19 @@ def dequantized(module: nn.Module) -> torch.Tensor:
         return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
     scb = w.SCB if w.SCB is not None else module.state.SCB  # Linear8bitLt moves it to its state on first use
     return bnb.functional.int8_vectorwise_dequant(w.data, scb).float()
+
+
+def statistics_bytes(model: nn.Module) -> int:
+    """Bytes of the quantization statistics `model`'s bitsandbytes layers hold beside their weights (4-bit: the
+    blocks' absmax, itself quantized, and the code tables; int8: the rows' scales)."""
+    n = 0
+    for m in model.modules():
+        if not is_quantized(m):
+            continue
+        w = m.weight
+        if type(w).__name__ == "Params4bit":
+            tensors = [t for t in w.quant_state.as_dict(packed=True).values() if isinstance(t, torch.Tensor)]
+        else:
+            tensors = [w.SCB if w.SCB is not None else m.state.SCB]
+        n += sum(t.numel() * t.element_size() for t in tensors)
+    return n
