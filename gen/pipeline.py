@@ -289,7 +289,8 @@ class Pipeline:
         `text_encoders`, component files (ae.safetensors, clip_l / clip_g / t5xxl.safetensors, ...) that fill what the
         file lacks or replace its own (gen/components.py); `ema`, the EMA weights of a file that holds both.
         `weights`: "auto", "fp8" or "full", how fp8/GGUF weights are stored (gen/quant: kept stored and upcast per
-        layer, or upcast on load); a .gguf file is a GGUF transformer (with `base`). `vae_tiling`: True, or a tile
+        layer, or upcast on load), or "nf4", "fp4", "int8": the Linear layers quantized by bitsandbytes
+        (gen/quant/bnb.py); a .gguf file is a GGUF transformer (with `base`). `vae_tiling`: True, or a tile
         size in pixels, is enable_vae_tiling(...)."""
         from diffusers import AutoencoderKL
 
