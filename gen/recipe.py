@@ -75,7 +75,7 @@ class Recipe:
     hires_scale: float | None = None
     hires_steps: int | None = None
     hires_upscaler: str = "latent"
-    weights: str | None = None  # gen/quant's storage option (fp8, full); None: as the files store them
+    weights: str | None = None  # gen/quant's storage option (fp8, nf4, fp4, int8, full); None: as the files store them
     vae_tile: int | None = None  # the VAE's tile in pixels under --vae-tiling (it moves pixels near the seams)
 
 

@@ -139,16 +139,29 @@ def test_qlora_int8_base_and_dora_refusal(sd_folder, images, tmp_path):
 
 def test_qlora_nf4_adapters_move_and_resume_bitwise(sd_folder, images, tmp_path):
     """2 steps straight vs 1 + resumed 1 on an nf4 base (bf16 compute): the same adapters and optimizer state, bit
-    for bit; the LoRA file moves the full-precision base's images."""
-    from tests.train.test_sdxl_train import assert_same_checkpoints, straight_and_resumed
+    for bit; the LoRA file, on the full-precision base, moves its images as the same LoRA trained on a bf16 base."""
+    from gen.cli import main as gen_main
+    from tests.train.test_sdxl_train import args, assert_same_checkpoints, settings, straight_and_resumed
     from train.lora import LoraTask
 
     a, b = straight_and_resumed("configs/lora-subject.yaml", sd_folder, images, tmp_path,
                                 QLORA | {"lora.base_weights": "nf4"}, LoraTask, steps=2)
     assert_same_checkpoints(a, b, 2)
-    pipe = quiet_pipeline(sd_folder)
-    before = pipe(QLORA["lora.instance_prompt"], **KW).images
-    pipe.load_lora(a / "lora.safetensors")
-    moved = np.abs(pipe(QLORA["lora.instance_prompt"], **KW).images - before).max()
-    print(f"nf4-base LoRA moves the full base's image by {moved:.4f} max abs")
-    assert moved > 1e-3
+    bf16 = settings(sd_folder, images, tmp_path / "bf16", **{k.replace(".", "__"): v for k, v in QLORA.items()})
+    assert gen_main(["lora", "configs/lora-subject.yaml", *args(bf16 | {"train.max_steps": 2})]) == 0
+
+    def sample(lora=None):
+        pipe = quiet_pipeline(sd_folder)
+        if lora:
+            pipe.load_lora(lora)
+        return pipe(QLORA["lora.instance_prompt"], **KW).images
+
+    base, nf4, full = sample(), sample(a / "lora.safetensors"), sample(tmp_path / "bf16" / "lora.safetensors")
+    moved_nf4, moved_full, apart = (np.abs(x - y).mean() for x, y in ((nf4, base), (full, base), (nf4, full)))
+    d_nf4, d_full = (nf4 - base).ravel(), (full - base).ravel()
+    cosine = float(d_nf4 @ d_full / np.linalg.norm(d_nf4) / np.linalg.norm(d_full))
+    print(f"mean abs: nf4-base LoRA moves {moved_nf4:.4f}, bf16-base LoRA {moved_full:.4f}, apart {apart:.4f}; "
+          f"cosine of the two moves {cosine:.3f}")
+    # measured: moves 0.0340 (nf4 base) and 0.0320 (bf16 base), 0.0252 apart, cosine 0.719: the same direction, but
+    # nf4 rounds this tiny random UNet coarsely (30.5 dB image PSNR), so the two trainings see different bases
+    assert moved_nf4 > 1e-3 and 0.7 < moved_nf4 / moved_full < 1.4 and cosine > 0.5
