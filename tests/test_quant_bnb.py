@@ -13,7 +13,7 @@ from gen.errors import GenError
 from gen.quant import bnb, eligible, layers
 from gen.quant.store import parameter_bytes
 from tests.conftest import psnr, quiet_pipeline, tiny_flux_components
-from tests.test_quant_fp8 import _gen, _lora
+from tests.test_quant_fp8 import _gen, _lora, recorded_and_replayed
 from tests.train.test_lora_train import images  # noqa: F401 (a fixture)
 
 KW = dict(num_inference_steps=2, seed=3, output_type="np", height=16, width=16)
@@ -94,17 +94,7 @@ def test_nf4_computes_in_bf16(flux):
 
 
 def test_cli_weights_nf4_is_recorded_and_replayed(flux, tmp_path):
-    from PIL import Image
-
-    from gen.recipe import read_png
-
-    r = _gen("sample", PROMPT, "--model", flux, "--weights", "nf4", "--steps", 2, "--height", 16, "--width", 16,
-             "--seed", 5, "--out", tmp_path / "a.png", "--no-progress")
-    assert r.returncode == 0, r.stderr
-    assert read_png(tmp_path / "a.png").weights == "nf4"
-    r = _gen("sample", "--from", tmp_path / "a.png", "--out", tmp_path / "b.png", "--no-progress")
-    assert r.returncode == 0, r.stderr
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+    recorded_and_replayed(flux, "nf4", tmp_path)
 
 
 def test_without_bitsandbytes_is_a_one_line_error(flux, tmp_path):
@@ -120,17 +110,20 @@ QLORA = {"lora.rank": 4, "lora.alpha": 8, "lora.text_encoder": True, "lora.save_
          "lora.instance_prompt": "a photo of sks dog", "train.mixed_precision": "bf16"}
 
 
-def test_qlora_int8_base_and_dora_refusal(sd_folder, images, tmp_path):
-    from tests.train.test_sdxl_train import settings
+def test_qlora_int8_base_trains_and_dora_is_refused(sd_folder, images, tmp_path):
+    from gen.cli import main as gen_main
+    from tests.train.test_sdxl_train import args, settings
     from train.config import load_config
     from train.lora import LoraTask
 
     extra = settings(sd_folder, images, tmp_path, **{k.replace(".", "__"): v for k, v in QLORA.items()})
-    task = LoraTask(load_config("configs/lora-subject.yaml", extra=extra | {"lora.base_weights": "int8"}),
-                    torch.device("cpu"), torch.bfloat16)
+    int8 = extra | {"lora.base_weights": "int8", "train.max_steps": 1, "train.checkpoint_every": 0}
+    task = LoraTask(load_config("configs/lora-subject.yaml", extra=int8), torch.device("cpu"), torch.bfloat16)
     assert layers([task.model.denoiser]) > 0 and layers([task.text_parts["text_encoder"].model]) > 0
     trainable = [p for p in task.model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert gen_main(["lora", "configs/lora-subject.yaml", *args(int8)]) == 0  # a step backward through Linear8bitLt
+    assert (tmp_path / "lora.safetensors").is_file()
     cfg = load_config("configs/lora-subject.yaml", extra=extra | {"lora.base_weights": "nf4", "lora.dora": True,
                                                                  "lora.format": "diffusers"})
     with pytest.raises(GenError, match="DoRA needs the full-precision base"):
