@@ -212,13 +212,10 @@ class Pipeline:
         on a side CUDA stream from pinned memory; "sequential": one layer at a time (gen.memory.Streamed,
         diffusers' group offloading); the VAE and the CLIP towers visit whole as in "model". On a CPU-only machine
         nothing moves."""
-        from gen import memory
-        from gen.quant import bnb
+        from gen import memory, quant
 
         memory.check_offload(mode, blocks)
-        if mode != "model" and self.weights in bnb.KINDS:  # diffusers' hooks move .data, not quant state
-            raise GenError(f"--offload {mode} streams plain tensors and cannot move bitsandbytes' {self.weights} "
-                           "layers; use --offload (model) with them, or --weights fp8")
+        quant.check_offload(self.weights, mode)
         device = resolve_device(device)
         self._end_streaming()
         for m in self.models:
@@ -309,6 +306,7 @@ class Pipeline:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         weights = quant.check(weights)
+        quant.check_offload(weights, offload)  # before loading: a refusal need not wait for the weights
         if path.is_file():  # a pickle is opened only if allowed, and then by gen.io's weights-only loader
             from gen import single_file
 

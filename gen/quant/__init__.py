@@ -37,6 +37,14 @@ def check(weights: str | None) -> str:
     return weights
 
 
+def check_offload(weights: str, offload) -> None:
+    """Streamed offload (`offload` "group" / "sequential") moves plain tensors with diffusers' hooks, which would
+    leave bitsandbytes' quantization state behind: refused with nf4/fp4/int8 (whole-component offload works)."""
+    if weights in bnb.KINDS and offload not in (None, False, True, "model"):
+        raise GenError(f"--offload {offload} streams plain tensors and cannot move bitsandbytes' {weights} layers; "
+                       "use --offload (model) with them, or --weights fp8")
+
+
 def skip_patterns(model: nn.Module) -> tuple[str, ...]:
     """The module-name patterns kept high precision under fp8 storage, as diffusers' enable_layerwise_casting
     picks them: its DEFAULT_SKIP_MODULES_PATTERN plus the model's own lists."""
