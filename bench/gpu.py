@@ -22,6 +22,8 @@ status is 1 when any step failed or timed out, so nothing fails quietly. Steps, 
                processes over gloo in a dry run, as tests/train/test_fsdp.py)
     offload    SD-1.5-architecture at 512 px and a small Flux, fp16: --offload model / group / group4 / sequential vs
                all-resident: s/img, ratio, allocator peak, max abs diff to resident (bench/offload.py)
+    weights    a small Flux, bf16: full vs --weights fp8 / nf4 / fp4 / int8 and fp8 / GGUF files: transformer bytes,
+               s/img, PSNR vs full (bench/weight_storage.py)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,6 +77,9 @@ STEPS = [
     Step("fsdp", [PY, "bench/fsdp_resume.py"], [PY, "bench/fsdp_resume.py", "--device", "cpu"], 180),
     Step("offload", [PY, "bench/offload.py", "--device", "cuda", "--preset", "sd15", "flux-small", "--repeats", "2"],
          [PY, "bench/offload.py", "--preset", "tiny"], 240),
+    Step("weights", [PY, "bench/weight_storage.py", "--device", "cuda", "--repeats", "3"],
+         [PY, "bench/weight_storage.py", "--size", "tiny", "--steps", "1", "--repeats", "1", "--results",
+          tempfile.gettempdir()], 180),  # the dry run's CPU figures are not the recorded ones
 ]
 
 

@@ -9,7 +9,8 @@ people share, in BFL's layout: bf16; fp8 e4m3fn and e5m2 (every tensor but the R
 ComfyUI's scaled fp8 (per-tensor scale_weight); GGUF Q8_0, Q5_1, Q5_0, Q4_1 and Q4_0, quantized by gguf's own
 quantizer (gguf-py has none for K-quants, so those are tested for dequantization only, tests/test_quant_gguf.py).
 Each loads with --base (the folder's text encoders and VAE) and samples the same prompt and seed; `--weights fp8`
-stores the folder's transformer and text encoders as e4m3fn. Reported per variant: the transformer's parameter
+stores the folder's transformer and text encoders as e4m3fn, `--weights nf4|fp4|int8` quantizes their Linear layers
+with bitsandbytes (gen/quant/bnb.py; bytes with its quantization statistics). Reported per variant: the transformer's parameter
 bytes (stored weights at their stored size), the fastest sampling time of --repeats, taken round robin over the
 variants (the least disturbed by other work on a shared machine), and the PSNR of the image against the
 full-precision folder's image (same dtype).
@@ -56,7 +57,8 @@ def variants(folder: Path, tmp: Path) -> dict[str, dict]:
 
     Pipeline.from_pretrained(folder).save_pretrained(tmp / "whole.safetensors", single_file=True)
     bfl = {k: v for k, v in load_file(tmp / "whole.safetensors").items() if k.startswith(PREFIX)}
-    out = {"full precision (folder)": dict(path=folder), "--weights fp8 (folder)": dict(path=folder, weights="fp8")}
+    out = {"full precision (folder)": dict(path=folder), "--weights fp8 (folder)": dict(path=folder, weights="fp8"),
+           **{f"--weights {k} (folder)": dict(path=folder, weights=k) for k in ("nf4", "fp4", "int8")}}
     save_file({k: v.to(torch.bfloat16) for k, v in bfl.items()}, tmp / "bf16.safetensors")
     out["bf16 file"] = dict(path=tmp / "bf16.safetensors", base=folder)
     for name, dtype, scaled in (("fp8 e4m3fn", torch.float8_e4m3fn, False), ("fp8 e5m2", torch.float8_e5m2, False),

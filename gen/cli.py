@@ -59,10 +59,10 @@ def _add_sample(sub) -> None:
                         "features between (DeepCache); 1 = exact (default)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on CUDA)")
-    p.add_argument("--weights", default=None, choices=("auto", "fp8", "full"),
+    p.add_argument("--weights", default=None, choices=("auto", "fp8", "nf4", "fp4", "int8", "full"),
                    help="weight storage: fp8 keeps the denoiser's and text encoders' Linear/Conv weights in "
-                        "float8_e4m3fn, upcast per layer (auto: a file's fp8/GGUF weights stay so; full: upcast "
-                        "them on load)")
+                        "float8_e4m3fn, upcast per layer; nf4/fp4/int8 quantize their Linear layers with "
+                        "bitsandbytes (auto: a file's fp8/GGUF weights stay so; full: upcast them on load)")
     p.add_argument("--offload", nargs="?", const="model", default=None, metavar="MODE",
                    help="keep the weights on the CPU, moved to the device only while they run (less device memory): "
                         "model (the default) each component whole; group the denoiser's and text encoders' blocks, "

@@ -297,7 +297,7 @@ class MetaModel:
     def __init__(self, parts: dict, dtype: torch.dtype):
         from gen.memory_train import family_models
         from gen.prompt_weights import is_clip
-        from gen.quant import fp8_layers
+        from gen.quant import eligible
 
         from diffusers.utils import logging as diffusers_logging
 
@@ -306,9 +306,9 @@ class MetaModel:
         towers, self.texts, vae, denoiser, self.family = family_models(parts, dtype)
         self.vae, self.denoiser = vae.to(dtype), denoiser.to(dtype)
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.components = [Part("text", t, not is_clip(t), {f"{n}.weight" for n, _ in fp8_layers(t)}) for t in towers]
+        self.components = [Part("text", t, not is_clip(t), {f"{n}.weight" for n, _ in eligible(t)}) for t in towers]
         self.components += [Part("denoiser", self.denoiser, True,
-                                 {f"{n}.weight" for n, _ in fp8_layers(self.denoiser)}),
+                                 {f"{n}.weight" for n, _ in eligible(self.denoiser)}),
                             Part("vae", self.vae, False, set())]
 
     def native_size(self) -> tuple[int, int]:

@@ -212,9 +212,10 @@ class Pipeline:
         on a side CUDA stream from pinned memory; "sequential": one layer at a time (gen.memory.Streamed,
         diffusers' group offloading); the VAE and the CLIP towers visit whole as in "model". On a CPU-only machine
         nothing moves."""
-        from gen import memory
+        from gen import memory, quant
 
         memory.check_offload(mode, blocks)
+        quant.check_offload(self.weights, mode)
         device = resolve_device(device)
         self._end_streaming()
         for m in self.models:
@@ -286,7 +287,8 @@ class Pipeline:
         `text_encoders`, component files (ae.safetensors, clip_l / clip_g / t5xxl.safetensors, ...) that fill what the
         file lacks or replace its own (gen/components.py); `ema`, the EMA weights of a file that holds both.
         `weights`: "auto", "fp8" or "full", how fp8/GGUF weights are stored (gen/quant: kept stored and upcast per
-        layer, or upcast on load); a .gguf file is a GGUF transformer (with `base`). `vae_tiling`: True, or a tile
+        layer, or upcast on load), or "nf4", "fp4", "int8": the Linear layers quantized by bitsandbytes
+        (gen/quant/bnb.py); a .gguf file is a GGUF transformer (with `base`). `vae_tiling`: True, or a tile
         size in pixels, is enable_vae_tiling(...). `ip_adapter` (with `image_encoder`) is load_ip_adapter(...)."""
         from diffusers import AutoencoderKL
 
@@ -305,6 +307,7 @@ class Pipeline:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         weights = quant.check(weights)
+        quant.check_offload(weights, offload)  # before loading: a refusal need not wait for the weights
         if path.is_file():  # a pickle is opened only if allowed, and then by gen.io's weights-only loader
             from gen import single_file
 

@@ -77,7 +77,7 @@ class Recipe:
     hires_scale: float | None = None
     hires_steps: int | None = None
     hires_upscaler: str = "latent"
-    weights: str | None = None  # gen/quant's storage option (fp8, full); None: as the files store them
+    weights: str | None = None  # gen/quant's storage option (fp8, nf4, fp4, int8, full); None: as the files store them
     vae_tile: int | None = None  # the VAE's tile in pixels under --vae-tiling (it moves pixels near the seams)
     ip_adapter: str | None = None  # the IP-Adapter file, its image prompt, weight and encoder folder (gen.ip_adapter)
     ip_image: str | None = None

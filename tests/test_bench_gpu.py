@@ -25,6 +25,7 @@ def test_dry_run_runs_every_step(tmp_path):
     assert "tests collected" in outputs["tests"]
     assert "bitwise identical" in outputs["fsdp"]
     assert outputs["offload"].count("max|diff| vs resident 0.0e+00") == 5  # resident, model, group, group4, sequential
+    assert "--weights nf4 (folder)" in outputs["weights"] and "GGUF Q4_0" in outputs["weights"]
 
 
 def test_a_hung_step_is_killed_and_reported(tmp_path):

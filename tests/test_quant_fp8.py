@@ -187,19 +187,23 @@ def _gen(*args, code: str = ""):
                            *map(str, args)], capture_output=True, text=True)
 
 
-def test_cli_weights_fp8_is_recorded_and_replayed(flux_bfl, tmp_path):
-    from gen.recipe import read_png
-
-    folder = flux_bfl[0]
-    r = _gen("sample", "a red circle", "--model", folder, "--weights", "fp8", "--steps", 2, "--height", 16,
-             "--width", 16, "--seed", 5, "--out", tmp_path / "a.png", "--no-progress")
-    assert r.returncode == 0, r.stderr
-    assert read_png(tmp_path / "a.png").weights == "fp8"
-    r = _gen("sample", "--from", tmp_path / "a.png", "--out", tmp_path / "b.png", "--no-progress")
-    assert r.returncode == 0, r.stderr
+def recorded_and_replayed(folder, weights: str, tmp_path) -> None:
+    """`gen sample --weights W` writes W in the PNG recipe, and `--from` that PNG makes the same image."""
     from PIL import Image
 
+    from gen.recipe import read_png
+
+    r = _gen("sample", "a red circle", "--model", folder, "--weights", weights, "--steps", 2, "--height", 16,
+             "--width", 16, "--seed", 5, "--out", tmp_path / "a.png", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert read_png(tmp_path / "a.png").weights == weights
+    r = _gen("sample", "--from", tmp_path / "a.png", "--out", tmp_path / "b.png", "--no-progress")
+    assert r.returncode == 0, r.stderr
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+
+
+def test_cli_weights_fp8_is_recorded_and_replayed(flux_bfl, tmp_path):
+    recorded_and_replayed(flux_bfl[0], "fp8", tmp_path)
 
 
 def test_fp8_without_float8_dtypes_is_a_one_line_error(flux_bfl, tmp_path):

@@ -185,8 +185,9 @@ class LoraOptions:
     format: Literal["auto", "diffusers", "kohya"] = "auto"
     save_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     # the frozen base's Linear/Conv weights: full (train.mixed_precision's dtype), or fp8 (float8_e4m3fn, upcast per
-    # layer as `gen sample --weights fp8` does: gen/quant); the adapters train in fp32 either way
-    base_weights: Literal["full", "fp8"] = "full"
+    # layer as `gen sample --weights fp8` does: gen/quant), or nf4/int8 (QLoRA: its Linear layers quantized by
+    # bitsandbytes as `gen sample --weights nf4|int8` does, gen/quant/bnb.py); the adapters train in fp32 either way
+    base_weights: Literal["full", "fp8", "nf4", "int8"] = "full"
     instance_prompt: str = ""               # if set, every image's caption (e.g. "a photo of sks dog")
     class_prompt: str = ""                  # DreamBooth prior preservation: class images of this prompt (train/prior.py)
     num_class_images: int = 100             # sampled by the base model before training, cached in the run folder

@@ -102,8 +102,11 @@ class LoraTask(DenoiserTask):
         if o.dora and o.format == "kohya":
             raise GenError("config key 'lora.format': DoRA adapters are written in the diffusers layout only; "
                            "set lora.format=diffusers or lora.dora=false")
-        if o.base_weights == "fp8":
-            quant.need_fp8("lora.base_weights=fp8")
+        if o.base_weights != "full":
+            if o.base_weights == "fp8":
+                quant.need_fp8("lora.base_weights=fp8")
+            else:
+                quant.bnb.package(f"lora.base_weights={o.base_weights}")
             if o.dora:  # DoRA reads the base weight's norm itself, past the hooks that upcast it
                 raise GenError("config key 'lora.base_weights': DoRA needs the full-precision base; set "
                                "lora.base_weights=full or lora.dora=false")
@@ -116,9 +119,11 @@ class LoraTask(DenoiserTask):
         self.frozen["denoiser"] = signature(denoiser)  # the base the adapters are trained on
         if weight_dtype != torch.float32:  # the frozen base in the autocast dtype; the adapters stay fp32
             denoiser.to(dtype=weight_dtype)
-        if o.base_weights == "fp8":  # before the adapters: peft wraps the stored layers, whose hooks upcast them
-            for m in (denoiser, *(t.model for t in self.text_parts.values())):
+        for m in (denoiser, *(t.model for t in self.text_parts.values())) if o.base_weights != "full" else ():
+            if o.base_weights == "fp8":  # before the adapters: peft wraps the stored layers, whose hooks upcast them
                 quant.store_fp8(m)
+            else:  # QLoRA: peft wraps bitsandbytes' layers with its own bnb LoRA layers
+                quant.bnb.quantize(m, o.base_weights, weight_dtype)
         kind = self.family.denoiser_part
         options = dict(rank=o.rank, alpha=o.alpha, parts=o.targets, dropout=o.dropout, use_dora=o.dora, algo=o.algo)
         self._add(denoiser, kind, self.family.lora_targets, options)

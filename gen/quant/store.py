@@ -220,5 +220,9 @@ def attach_all(model: nn.Module, keep: dict[str, "Packed"]) -> None:
 
 
 def parameter_bytes(model: nn.Module) -> int:
-    """Bytes the model's parameters and buffers hold (stored weights at their stored size)."""
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    """Bytes the model's parameters and buffers hold (stored weights at their stored size, bitsandbytes' weights
+    with their quantization statistics)."""
+    from gen.quant.bnb import statistics_bytes
+
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) + statistics_bytes(model)
