@@ -528,7 +528,7 @@ def _add_info(sub) -> None:
                                                                   "flux-dev")))
     p.add_argument("--size", default=None, metavar="WxH", help="with --memory: the image size (default: native)")
     p.add_argument("--dtype", default="bf16", choices=("fp32", "fp16", "bf16"), help="with --memory: compute dtype")
-    p.add_argument("--weights", default=None, choices=("full", "fp8", "gguf-q4"), help="with --memory: only these rows")
+    p.add_argument("--weights", default=None, choices=("full", "fp8", "nf4", "int8", "gguf-q4"), help="with --memory: only these rows")
     p.add_argument("--offload", default=None, choices=("none", "model", "group", "sequential"),
                    help="with --memory: only these rows")
     p.set_defaults(func=cmd_info)

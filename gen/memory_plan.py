@@ -20,6 +20,9 @@ never the N x M score matrix), in the compute dtype. An option sets which weight
                norms, embeddings, skip patterns) at 1 byte, plus the largest such layer upcast while it runs
   gguf-q4      a GGUF Q4_0 denoiser file: those weights of the denoiser at 18 bytes per 32 (a block of 4-bit
                values and an fp16 scale), plus the largest layer dequantized (fp32, then the dtype)
+  nf4, int8    (--weights nf4 / int8, bitsandbytes) the Linear layers among fp8's (bitsandbytes has no Conv) at
+               4.5 bits (nf4: 4-bit values, an 8-bit absmax per 64 and its fp32 scale per 256 blocks) or 1 byte plus
+               an fp32 scale per row (counted as 1), plus the largest layer dequantized while it runs
 Peak = max over phases of (weights held + transient). Not counted: the CUDA context and the allocator's cache
 (fragmentation), which add a few hundred MiB on a GPU. LoRA training: gen.memory_train's formula.
 """
@@ -107,11 +110,12 @@ def count(cls, config: dict) -> int:
 
 GIB = 2 ** 30
 Q4_0 = 18 / 32  # GGUF Q4_0: blocks of 32 values in 16 bytes + an fp16 scale
+NF4 = 0.5 + 1 / 64 + 4 / (64 * 256)  # bitsandbytes nf4 with double quantization (its default in gen/quant/bnb.py)
 # --max-memory tries these in order, the fastest first: (label, --weights, --offload)
 CHOICES = (("resident", None, None), ("fp8", "fp8", None), ("offload", None, "model"), ("fp8+offload", "fp8", "model"),
            ("group", None, "group"), ("sequential", None, "sequential"))
-OPTIONS = CHOICES[:2] + (("gguf-q4", "gguf-q4", None),) + CHOICES[2:4] + (("gguf-q4+offload", "gguf-q4", "model"),
-                                                                          *CHOICES[4:])
+OPTIONS = CHOICES[:2] + (("nf4", "nf4", None), ("int8", "int8", None), ("gguf-q4", "gguf-q4", None)) + CHOICES[2:4] \
+    + (("nf4+offload", "nf4", "model"), ("gguf-q4+offload", "gguf-q4", "model"), *CHOICES[4:])
 
 
 class LiveBytes(TorchDispatchMode):
@@ -218,28 +222,35 @@ def model_parts(model: str) -> tuple[dict, str]:
 @dataclass(eq=False)
 class Part:
     """One component on the meta device: its kind (text, denoiser, vae), whether it streams under group /
-    sequential offload (the denoiser and a T5, as Pipeline), and which weights gen.quant stores under fp8."""
+    sequential offload (the denoiser and a T5, as Pipeline), which weights gen.quant stores under fp8, and which of
+    those are Linear (bitsandbytes quantizes only these)."""
     kind: str
     module: torch.nn.Module
     streams: bool
     stored: set
+    linear: set
 
-    def nbytes(self, module: torch.nn.Module, prefix: str, stored_bytes: float | None, b: int) -> float:
-        """Bytes of `module` (this part's submodule at `prefix`) with its stored weights at `stored_bytes`."""
+    def storage(self, weights: str | None) -> tuple[float | None, set]:
+        """(bytes per stored weight, the weights so stored) of this part under --weights `weights`."""
+        per = stored_bytes(weights, self.kind)
+        return per, (self.linear if weights in ("nf4", "int8") else self.stored) if per is not None else set()
+
+    def nbytes(self, module: torch.nn.Module, prefix: str, weights: str | None, b: int) -> float:
+        """Bytes of `module` (this part's submodule at `prefix`) with its weights stored as `weights` stores them."""
+        per, stored = self.storage(weights)
         n = 0.0
         for name, t in [*module.named_parameters(prefix), *module.named_buffers(prefix)]:
-            each = (stored_bytes if stored_bytes is not None and name in self.stored
-                    else b if t.is_floating_point() else t.element_size())
+            each = (per if name in stored else b if t.is_floating_point() else t.element_size())
             n += t.numel() * each
         return n
 
-    def held(self, mode: str | None, stored_bytes: float | None, b: int) -> float:
+    def held(self, mode: str | None, weights: str | None, b: int) -> float:
         """Bytes on the device while it runs: whole, or streamed (outside the blocks/layers + two of them)."""
         from gen.memory import block_path
 
         m = self.module
         if not self.streams or mode not in ("group", "sequential"):
-            return self.nbytes(m, "", stored_bytes, b)
+            return self.nbytes(m, "", weights, b)
         if mode == "group":
             path = ".".join(block_path(m))
             container = m.get_submodule(path) if path else m
@@ -248,22 +259,34 @@ class Part:
         else:
             units = [(name, leaf) for name, leaf in m.named_modules()
                      if not list(leaf.children()) and any(True for _ in leaf.parameters(recurse=False))]
-        sizes = [self.nbytes(u, name, stored_bytes, b) for name, u in units]
-        whole = self.nbytes(m, "", stored_bytes, b)
+        sizes = [self.nbytes(u, name, weights, b) for name, u in units]
+        whole = self.nbytes(m, "", weights, b)
         return min(whole, whole - sum(sizes) + 2 * max(sizes, default=0))  # a model of two blocks: all of it
 
-    def upcast(self, stored_bytes: float | None, b: int) -> float:
+    def upcast(self, weights: str | None, b: int) -> float:
         """The transient of a stored weight upcast while its layer runs: the largest one (GGUF: via fp32)."""
-        if stored_bytes is None or not self.stored:
+        per, stored = self.storage(weights)
+        if not stored:
             return 0
-        largest = max(t.numel() for name, t in self.module.named_parameters() if name in self.stored)
-        return largest * (b if stored_bytes == 1 else 4 + b)
+        largest = max(t.numel() for name, t in self.module.named_parameters() if name in stored)
+        return largest * (4 + b if weights == "gguf-q4" else b)
+
+
+def quantized(model: torch.nn.Module) -> tuple[set, set]:
+    """The weights of `model` gen.quant stores (fp8: Linear and Conv) and those bitsandbytes quantizes (Linear)."""
+    from gen.quant import eligible
+
+    layers = eligible(model)
+    return ({f"{n}.weight" for n, _ in layers},
+            {f"{n}.weight" for n, m in layers if type(m) is torch.nn.Linear})
 
 
 def stored_bytes(weights: str | None, kind: str) -> float | None:
     """Bytes per stored weight of a part of `kind` under --weights `weights` (None: not stored)."""
-    if weights == "fp8" and kind in ("text", "denoiser"):
+    if weights in ("fp8", "int8") and kind in ("text", "denoiser"):
         return 1
+    if weights == "nf4" and kind in ("text", "denoiser"):
+        return NF4
     if weights == "gguf-q4" and kind == "denoiser":
         return Q4_0
     return None
@@ -297,7 +320,6 @@ class MetaModel:
     def __init__(self, parts: dict, dtype: torch.dtype):
         from gen.memory_train import family_models
         from gen.prompt_weights import is_clip
-        from gen.quant import eligible
 
         from diffusers.utils import logging as diffusers_logging
 
@@ -306,10 +328,9 @@ class MetaModel:
         towers, self.texts, vae, denoiser, self.family = family_models(parts, dtype)
         self.vae, self.denoiser = vae.to(dtype), denoiser.to(dtype)
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.components = [Part("text", t, not is_clip(t), {f"{n}.weight" for n, _ in eligible(t)}) for t in towers]
-        self.components += [Part("denoiser", self.denoiser, True,
-                                 {f"{n}.weight" for n, _ in eligible(self.denoiser)}),
-                            Part("vae", self.vae, False, set())]
+        self.components = [Part("text", t, not is_clip(t), *quantized(t)) for t in towers]
+        self.components += [Part("denoiser", self.denoiser, True, *quantized(self.denoiser)),
+                            Part("vae", self.vae, False, set(), set())]
 
     def native_size(self) -> tuple[int, int]:
         if getattr(self.denoiser.config, "sample_size", None) is None:
@@ -334,12 +355,12 @@ class MetaModel:
         """(peak bytes, the phase at it) of sampling with --weights `weights` --offload `offload`."""
         b = self.dtype.itemsize
         phases = {"text": "text", "denoise": "denoiser", "decode": "vae"}
-        held = {c: c.held(offload, stored_bytes(weights, c.kind), b) for c in self.components}
+        held = {c: c.held(offload, weights, b) for c in self.components}
         out = []
         for phase, kind in phases.items():
             running = [c for c in self.components if c.kind == kind]
             on = running if offload else self.components
-            extra = max((c.upcast(stored_bytes(weights, c.kind), b) for c in running), default=0)
+            extra = max((c.upcast(weights, b) for c in running), default=0)
             out.append((sum(held[c] for c in on) + act[phase] + extra, phase))
         return max(out)
 
@@ -400,7 +421,7 @@ def table(planned: Planned) -> str:
              f"{unit}: weights held + the running phase's tensors)",
              f"  {'option':<18}{'--weights':<11}{'--offload':<12}{'peak':>7}  at"]
     for r in planned.rows:
-        w = "gguf Q4_0" if r.weights == "gguf-q4" else (r.weights or "-")
+        w = {"gguf-q4": "gguf Q4_0", None: "-"}.get(r.weights, r.weights)
         lines.append(f"  {r.option:<18}{w:<11}{r.offload or '-':<12}{r.peak / scale:7.2f}  {r.phase}")
     if planned.training:
         lines.append("  training (batch 1, AdamW; LoRA rank 16 on attention; text towers and VAE resident):")
@@ -418,7 +439,7 @@ def fit(model: str, budget_text: str, size: str | None, dtype: torch.dtype) -> t
 
 
 def info(model: str, size: str | None, dtype: torch.dtype, weights: str | None, offload: str | None) -> str:
-    """gen info --memory: the table, its rows limited to --weights (full, fp8, gguf-q4) and --offload (none, model,
+    """gen info --memory: the table, its rows limited to --weights (full, fp8, nf4, int8, gguf-q4) and --offload (none, model,
     group, sequential) where given."""
     want_w, want_o = {"full": None}.get(weights, weights), {"none": None}.get(offload, offload)
     options = [o for o in OPTIONS if (weights is None or o[1] == want_w) and (offload is None or o[2] == want_o)]

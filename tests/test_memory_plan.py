@@ -53,7 +53,7 @@ def test_predicted_weight_bytes_equal_the_real_models(folder):
     real = {"text": list(pipe.text_parts.values()), "denoiser": [pipe.denoiser], "vae": [pipe.vae]}
 
     def planned(weights):
-        return {kind: sum(c.nbytes(c.module, "", mp.stored_bytes(weights, c.kind), 4)
+        return {kind: sum(c.nbytes(c.module, "", weights, 4)
                           for c in meta.components if c.kind == kind) for kind in real}
 
     assert planned(None) == {kind: nbytes(ms) for kind, ms in real.items()}
@@ -62,6 +62,27 @@ def test_predicted_weight_bytes_equal_the_real_models(folder):
     fp8 = planned("fp8")
     assert fp8 == {kind: nbytes(ms) for kind, ms in real.items()}
     assert fp8["denoiser"] < planned(None)["denoiser"]
+
+
+@pytest.mark.parametrize("weights", ["nf4", "int8"])
+def test_predicted_bitsandbytes_bytes_are_the_real_models(flux_dev, weights):
+    """--weights nf4 / int8: the planner's bytes per kind against bitsandbytes' layers (gen.quant.parameter_bytes,
+    statistics included), up to its per-layer constants (code tables, a row scale) the formula leaves out."""
+    from gen import quant
+    from gen.quant.store import parameter_bytes
+
+    meta = mp.MetaModel(mp.folder_parts(flux_dev), torch.float32)
+    pipe = quiet_pipeline(flux_dev)
+    quant.apply(pipe, weights, torch.float32)
+    real = {"text": list(pipe.text_parts.values()), "denoiser": [pipe.denoiser]}
+    for kind, models in real.items():
+        layers = quant.layers(models)
+        got = sum(parameter_bytes(m) for m in models)
+        predicted = sum(c.nbytes(c.module, "", weights, 4) for c in meta.components if c.kind == kind)
+        slack = layers * (1400 if weights == "nf4" else 4 * 64)  # nf4: code tables (1 KiB), its packed state
+        print(f"{weights} {kind}: {layers} layers, real {got}, predicted {predicted:.0f}")
+        assert layers > 0 and abs(predicted - got) <= 0.02 * got + slack, (kind, predicted, got)
+        assert predicted < sum(c.nbytes(c.module, "", None, 4) for c in meta.components if c.kind == kind)
 
 
 def measured(run, model) -> int:
