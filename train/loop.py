@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gen.errors import GenError, Stopped
+from train import swap
 from train.checkpoint import Checkpointer, rng_state, set_rng_state
 from train.config import Config
 from train.data import TrainData, loader
@@ -228,6 +229,7 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
     from train.stages import TASKS
 
     task_class = task_class or TASKS.get(cfg.stage, DenoiserTask)
+    swap.check(cfg, task_class, acc.num_processes)  # train.blocks_to_swap / activation_offload (train/swap.py)
     task = task_class(cfg, acc.device, dtype)
     if cfg.data.cache and hasattr(task, "family") and hasattr(task, "vae"):  # latents + conditioning from disk
         from train.data.cache import cached
@@ -244,7 +246,11 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
     o = cfg.optim
     optimizer = build_optimizer(o, param_groups(model, o.weight_decay))  # optim.name (train/optim.py)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))  # stepped by us, once per step
-    model, optimizer = (model, acc.prepare(optimizer)) if sharded else acc.prepare(model, optimizer)
+    if sharded or cfg.train.blocks_to_swap:  # a swapped block's weights stay in host memory: no device placement
+        model = model if sharded else acc.prepare_model(model, device_placement=False)
+        optimizer = acc.prepare(optimizer)
+    else:
+        model, optimizer = acc.prepare(model, optimizer)
     fingerprint = json.loads(json.dumps({**task.fingerprint(), "data": data.fingerprint()}))
 
     if cfg.train.resume == "none":
@@ -338,7 +344,8 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
             batch = next(batches)
             waited += time.perf_counter() - asked
             with acc.accumulate(model):
-                loss = task.loss(model, batch, step_generator(cfg.train.seed, rank, step * accum + micro))
+                with swap.offload_context(cfg, acc.device):  # train.activation_offload
+                    loss = task.loss(model, batch, step_generator(cfg.train.seed, rank, step * accum + micro))
                 bad |= ~torch.isfinite(loss.detach())
                 acc.backward(loss)
                 if acc.sync_gradients:
