@@ -195,6 +195,7 @@ def train(cfg: Config, task_class=None) -> Path:
     auto_precision(cfg)
     acc = accelerator(cfg)
     dtype = weight_dtype(cfg.train.mixed_precision, acc.device)  # before anything is written or loaded
+    swap.check(cfg, task_class, acc.num_processes)  # train.blocks_to_swap / activation_offload (train/swap.py)
     if main_alone() and acc.is_main_process:
         log.warning("accelerate launch --num_processes N without --multi_gpu started this one process only; for "
                     "N processes: accelerate launch --multi_gpu --num_processes N -m gen ...")
@@ -229,7 +230,6 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
     from train.stages import TASKS
 
     task_class = task_class or TASKS.get(cfg.stage, DenoiserTask)
-    swap.check(cfg, task_class, acc.num_processes)  # train.blocks_to_swap / activation_offload (train/swap.py)
     task = task_class(cfg, acc.device, dtype)
     if cfg.data.cache and hasattr(task, "family") and hasattr(task, "vae"):  # latents + conditioning from disk
         from train.data.cache import cached

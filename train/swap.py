@@ -134,7 +134,7 @@ def check(cfg, task, num_processes: int) -> None:
                        "train.gradient_checkpointing=true too")
     if not t.blocks_to_swap:
         return
-    if not getattr(task, "frozen_base", False):  # a task or its class
+    if not getattr(task, "frozen_base", False):  # a task class (None: a whole denoiser)
         raise GenError("config key 'train.blocks_to_swap' swaps the frozen base's blocks: it applies to LoRA "
                        "training (gen lora), not to a full fine-tune, whose blocks train; set train.blocks_to_swap=0")
     if t.distributed == "fsdp" or num_processes > 1:
