@@ -102,3 +102,23 @@ def test_where_they_cannot_apply_they_are_refused_in_one_line(bases, images, tmp
             train(load_config(CONFIGS["dit"], extra=lora | more), LoraTask)
     with pytest.raises(GenError, match="has 2 blocks; give 0 .off. to 2, not 3"):
         LoraTask(load_config(CONFIGS["dit"], extra=lora | {"train.blocks_to_swap": 3}), torch.device("cpu"))
+
+
+def test_the_training_memory_table_counts_fp8_swapped_blocks_and_offload():
+    """bench/train_memory.py's low-memory rows (Flux-dev LoRA at 512 px): each option lowers the predicted peak, to
+    the 24 / 12 / 8 GB cards the issue names (kohya's steps), the swapped blocks' weights leaving all but one."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench import train_memory as tm
+
+    rows = dict(tm.low_memory_rows())
+    peaks = [m.peak for m in rows.values()]
+    assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == len(peaks)
+    gb = 1e9
+    assert rows["bf16 base, data.cache"].peak > 24 * gb > rows["fp8 base"].peak
+    assert rows["fp8 base + blocks_to_swap 28 + activation_offload"].peak < 12 * gb
+    assert rows["fp8 base + blocks_to_swap 42 + activation_offload"].peak < 8 * gb
+    fp8, swapped = rows["fp8 base"], rows["fp8 base + blocks_to_swap 28"]
+    assert swapped.activations == fp8.activations and swapped.optimizer == fp8.optimizer
