@@ -32,13 +32,13 @@ def bases(tmp_path_factory, sd_folder, dit_folder):
     return {"flux": root / "flux", "sd3": root / "sd3", "unet": sd_folder, "dit": dit_folder}
 
 
-def step(family, base, images, tmp, swap=0, ckpt=False, offload=False):
+def step(family, base, images, tmp, swap=0, ckpt=False, offload=False, **more):
     """One micro-batch's loss and backward of a fresh LoRA task (the same adapters every time; zero weights, LoRA's
     B and the DiT's adaLN-Zero gates, made random so that every weight moves the gradients): (adapter gradients,
     the task)."""
     cfg = load_config(CONFIGS[family], extra=settings(base, images, tmp, **{
         **{k.replace(".", "__"): v for k, v in LORA.items()}, "train__blocks_to_swap": swap,
-        "train__gradient_checkpointing": ckpt, "train__activation_offload": offload}))
+        "train__gradient_checkpointing": ckpt, "train__activation_offload": offload, **more}))
     torch.manual_seed(0)
     task = LoraTask(cfg, torch.device("cpu"))
     model = task.model.train()
@@ -76,6 +76,14 @@ def test_gradients_equal_without_swap_and_offload(family, bases, images, tmp_pat
             assert s.fetches > task.forward_fetches >= len(host)
             trainable = [p for b in s.blocks for p in b.parameters() if p.requires_grad]
             assert trainable and all(p.grad is not None for p in trainable)
+
+
+def test_an_fp8_base_swaps_too(bases, images, tmp_path):
+    """lora.base_weights=fp8: the swapped blocks' stored bytes visit the device, the layers upcast them there."""
+    want, _ = step("flux", bases["flux"], images, tmp_path, ckpt=True, lora__base_weights="fp8")
+    got, task = step("flux", bases["flux"], images, tmp_path, 2, True, True, lora__base_weights="fp8")
+    assert any(p.dtype == torch.uint8 for ps in task.swap.host for p in ps)
+    assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_a_swapped_flux_lora_resumes_bitwise_with_the_adapters_of_an_unswapped_run(bases, images, tmp_path):
