@@ -11,8 +11,8 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from gen.cli import main as gen_main
 from gen.errors import GenError
 from tests.conftest import tiny_flux_components, tiny_sd3_components
-from tests.train.test_sdxl_train import (args, assert_same_checkpoints, images, settings,  # noqa: F401
-                                         step_tensors, straight_and_resumed)
+from tests.train import test_sdxl_train
+from tests.train.test_sdxl_train import args, assert_same_checkpoints, settings, straight_and_resumed
 from train.config import load_config
 from train.data import TrainData, loader
 from train.loop import train
@@ -21,6 +21,7 @@ from train.swap import blocks, offload_context
 
 CONFIGS = {"flux": "configs/lora-sd3-flux.yaml", "sd3": "configs/lora-sd3-flux.yaml", "unet": "configs/lora-sd.yaml",
            "dit": "configs/lora-sd.yaml"}
+images = test_sdxl_train.images  # a fixture: captioned pictures of several sizes
 LORA = {"lora.rank": 4, "lora.alpha": 8, "lora.targets": "attn+ff", "lora.save_dtype": "fp32"}
 
 
