@@ -22,6 +22,9 @@ status is 1 when any step failed or timed out, so nothing fails quietly. Steps, 
                processes over gloo in a dry run, as tests/train/test_fsdp.py)
     offload    SD-1.5-architecture at 512 px and a small Flux, fp16: --offload model / group / group4 / sequential vs
                all-resident: s/img, ratio, allocator peak, max abs diff to resident (bench/offload.py)
+    swap       a Flux-architecture LoRA training step, bf16: train.blocks_to_swap N / + activation offload vs
+               all-resident: s/step, ratio, allocator peak vs the formula's resident weights, gradient diff
+               (bench/block_swap.py)
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ STEPS = [
     Step("fsdp", [PY, "bench/fsdp_resume.py"], [PY, "bench/fsdp_resume.py", "--device", "cpu"], 180),
     Step("offload", [PY, "bench/offload.py", "--device", "cuda", "--preset", "sd15", "flux-small", "--repeats", "2"],
          [PY, "bench/offload.py", "--preset", "tiny"], 240),
+    Step("swap", [PY, "bench/block_swap.py", "--device", "cuda", "--size", "small", "--repeats", "3"],
+         [PY, "bench/block_swap.py"], 150),
 ]
 
 

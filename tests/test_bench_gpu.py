@@ -25,6 +25,7 @@ def test_dry_run_runs_every_step(tmp_path):
     assert "tests collected" in outputs["tests"]
     assert "bitwise identical" in outputs["fsdp"]
     assert outputs["offload"].count("max|diff| vs resident 0.0e+00") == 5  # resident, model, group, group4, sequential
+    assert outputs["swap"].count("grad max abs diff 0.00e+00") == 4  # resident, swap N/2, N - 1, + offload
 
 
 def test_a_hung_step_is_killed_and_reported(tmp_path):

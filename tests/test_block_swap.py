@@ -50,7 +50,7 @@ def step(family, base, images, tmp, swap=0, ckpt=False, offload=False, **more):
     if ckpt:
         model.enable_gradient_checkpointing()
     batch = next(iter(loader(TrainData(cfg.data, cfg.train.seed), 2, 0, 1, 0)))
-    with offload_context(cfg, torch.device("cpu")):
+    with offload_context(offload, torch.device("cpu")):
         loss = task.loss(model, batch, torch.Generator().manual_seed(2))
     task.forward_fetches = task.swap.fetches if task.swap else 0
     loss.backward()

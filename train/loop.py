@@ -344,7 +344,7 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
             batch = next(batches)
             waited += time.perf_counter() - asked
             with acc.accumulate(model):
-                with swap.offload_context(cfg, acc.device):  # train.activation_offload
+                with swap.offload_context(cfg.train.activation_offload, acc.device):  # train.activation_offload
                     loss = task.loss(model, batch, step_generator(cfg.train.seed, rank, step * accum + micro))
                 bad |= ~torch.isfinite(loss.detach())
                 acc.backward(loss)

@@ -142,8 +142,8 @@ def check(cfg, task, num_processes: int) -> None:
                        "sharded or replicated); set train.blocks_to_swap=0 or run one process")
 
 
-def offload_context(cfg, device: torch.device):
-    """The context the loss's forward runs in: save_on_cpu with train.activation_offload, else nothing."""
-    if not cfg.train.activation_offload:
+def offload_context(on: bool, device: torch.device):
+    """The context the loss's forward runs in: save_on_cpu with train.activation_offload (`on`), else nothing."""
+    if not on:
         return contextlib.nullcontext()
     return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
