@@ -46,7 +46,7 @@ class _Hooks(torch.autograd.graph.saved_tensors_hooks):
         owners = swap.copies[block]  # device copy storage -> host weight
 
         def pack(t: torch.Tensor):
-            host = owners.get(t.untyped_storage().data_ptr()) if t.device == swap.device else None
+            host = owners.get(t.untyped_storage().data_ptr()) if t.device.type == swap.device.type else None
             if host is not None and t.dtype == host.dtype:
                 return (True, host, t.shape, t.stride(), t.storage_offset())
             return (False, outer[0](t) if outer else t)
@@ -70,6 +70,8 @@ class BlockSwap:
             raise GenError(f"config key 'train.blocks_to_swap': the {type(model).__name__} has {len(found)} blocks; "
                            f"give 0 (off) to {len(found)}, not {n!r}")
         self.device, self.blocks = torch.device(device), found[len(found) - n:]
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda": the current one, as .to() reads it
+            self.device = torch.device("cuda", torch.cuda.current_device())
         pin = self.device.type == "cuda"
         self.host: list[list[nn.Parameter]] = []  # per block: its frozen parameters, whose .data is the host copy
         for b in self.blocks:
