@@ -88,10 +88,9 @@ class BlockSwap:
         self.copies: list[dict[int, torch.Tensor]] = [{} for _ in self.blocks]
         self.fetches = 0  # host -> device copies so far (forward and backward): what a test can count
         self._contexts: dict[int, _Hooks] = {}
-        self._handles = []
         for i, b in enumerate(self.blocks):
-            self._handles += [b.register_forward_pre_hook(lambda m, a, i=i: self._load(i)),
-                              b.register_forward_hook(lambda m, a, o, i=i: self._drop(i), always_call=True)]
+            b.register_forward_pre_hook(lambda m, a, i=i: self._load(i))
+            b.register_forward_hook(lambda m, a, o, i=i: self._drop(i), always_call=True)
         log.info("train.blocks_to_swap=%d: the frozen weights of %d of %d blocks (%.2fM values) live in host memory",
                  n, n, len(found), sum(p.numel() for ps in self.host for p in ps) / 1e6)
 
@@ -121,11 +120,6 @@ class BlockSwap:
     def resident(self) -> int:
         """Swapped blocks whose weights are on the device now (0 between steps)."""
         return sum(bool(c) for c in self.copies)
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
 
 def check(cfg, task, num_processes: int) -> None:
