@@ -327,7 +327,7 @@ def recipe_rows(checkpointing_both: bool = True, mmdit_models: tuple[str, ...] =
 
 
 # ---- low-memory LoRA training (train/swap.py, lora.base_weights) ----------------------------------------------------
-LOW_MEMORY_SWAPS = (28, 42)  # kohya's 8 GB train.blocks_to_swap; gen's count that fits 8 GB (blocks as they run)
+LOW_MEMORY_SWAPS = (28, 42)  # the number kohya's 8 GB setting names; gen's count that fits 8 GB (blocks as they run)
 
 
 def low_memory_rows(model: str = "Flux-dev", swaps: tuple[int, ...] = LOW_MEMORY_SWAPS) -> list[tuple[str, Memory]]:
