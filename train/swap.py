@@ -75,7 +75,7 @@ class BlockSwap:
         pin = self.device.type == "cuda"
         self.host: list[list[nn.Parameter]] = []  # per block: its frozen parameters, whose .data is the host copy
         for b in self.blocks:
-            frozen = [p for p in b.parameters() if not p.requires_grad]
+            frozen = [p for p in b.parameters() if not p.requires_grad and p.numel()]  # (an empty one has no storage)
             for p in frozen:
                 p.data = p.data.to("cpu").pin_memory() if pin else p.data.to("cpu")
             self.host.append(frozen)
