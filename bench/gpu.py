@@ -24,6 +24,9 @@ status is 1 when any step failed or timed out, so nothing fails quietly. Steps, 
                all-resident: s/img, ratio, allocator peak, max abs diff to resident (bench/offload.py)
     weights    a small Flux, bf16: full vs --weights fp8 / nf4 / fp4 / int8 and fp8 / GGUF files: transformer bytes,
                s/img, PSNR vs full (bench/weight_storage.py)
+    swap       a Flux-architecture LoRA training step, bf16: train.blocks_to_swap N / + activation offload vs
+               all-resident: s/step, ratio, allocator peak vs the formula's resident weights, gradient diff
+               (bench/block_swap.py)
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ STEPS = [
     Step("weights", [PY, "bench/weight_storage.py", "--device", "cuda", "--repeats", "3"],
          [PY, "bench/weight_storage.py", "--size", "tiny", "--steps", "1", "--repeats", "1", "--results",
           tempfile.gettempdir()], 180),  # the dry run's CPU figures are not the recorded ones
+    Step("swap", [PY, "bench/block_swap.py", "--device", "cuda", "--size", "small", "--repeats", "3"],
+         [PY, "bench/block_swap.py"], 150),
 ]
 
 

@@ -151,6 +151,47 @@ def recipe_rows(checkpointing_both: bool = True, mmdit_models: tuple[str, ...] =
     return rows
 
 
+# ---- low-memory LoRA training (train/swap.py, lora.base_weights) ----------------------------------------------------
+LOW_MEMORY_SWAPS = (28, 42)  # the number kohya's 8 GB setting names; gen's count that fits 8 GB (blocks as they run)
+
+
+def low_memory_rows(model: str = "Flux-dev", swaps: tuple[int, ...] = LOW_MEMORY_SWAPS) -> list[tuple[str, Memory]]:
+    """(setting, Memory) for configs/lora-sd3-flux.yaml on `model` at its 512 px, checkpointed, with data.cache (the
+    text encoders and VAE off the GPU), each row adding one option: the fp8 base (lora.base_weights=fp8: the
+    Linear weights gen.quant.store_fp8 stores take 1 byte), train.blocks_to_swap=N (the last N blocks' frozen
+    weights, train.swap.blocks, leave the GPU; the largest of them visits it), train.activation_offload (what
+    checkpointing keeps waits in host memory; the GPU holds one block's recompute)."""
+    from bench.memory import FAMILIES
+    from gen import quant
+    from train.config import load_config
+    from train.swap import blocks
+
+    cfg = load_config(ROOT / "configs" / MMDIT_RECIPES[0], extra={"data.path": ".", "model.base": SD15})
+    t, o = cfg.train, cfg.lora
+    build, inputs, _, factor, family = mmdit_setup(FAMILIES[model], torch.bfloat16)
+    lora = dict(presets=family.lora_targets, rank=o.rank, alpha=o.alpha, parts=o.targets)
+    base = estimate(build, t.batch_size, cfg.data.resolution // factor, t.mixed_precision, True, t.ema_decay > 0,
+                    lora=lora, inputs=inputs)
+    with torch.device("meta"):
+        m = build().to(torch.bfloat16)
+
+    def nbytes(module):
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+
+    full = nbytes(m)
+    quant.store_fp8(m)
+    fp8 = dataclasses.replace(base, weights=base.weights - full + nbytes(m))
+    rows = [("bf16 base, data.cache", base), ("fp8 base", fp8)]
+    for i, n in enumerate(swaps):
+        per_block = [nbytes(b) for b in blocks(m)[-n:]]
+        swapped = dataclasses.replace(fp8, weights=fp8.weights - sum(per_block) + max(per_block))
+        if not i:
+            rows.append((f"fp8 base + blocks_to_swap {n}", swapped))
+        rows.append((f"fp8 base + blocks_to_swap {n} + activation_offload",
+                     dataclasses.replace(swapped, activations=swapped.recompute)))
+    return rows
+
+
 # ---- the check: the formula against measured peaks ---------------------------------------------------------------
 def measured_peak(build, batch: int, latent: int, checkpointing: bool, inputs=None) -> int:
     """Peak bytes of a real fp32 training step on CPU (the second: the optimizer state exists), MemTracker;
@@ -235,6 +276,9 @@ def main(argv=None) -> int:
         print(f"{recipe:<34}{name[:35]:<36}{batch:>14}{prec:>6}{mark:>6}"
               f"{gib(m.weights):>9}{gib(m.gradients):>7}{gib(m.optimizer):>7}{gib(m.ema):>6}{gib(m.activations):>8}"
               f"{gib(m.peak):>8}")
+    print(f"\nLow-memory LoRA training (configs/{MMDIT_RECIPES[0]}, Flux-dev at 512 px, checkpointed, data.cache):")
+    for setting, m in low_memory_rows():
+        print(f"  {setting:<52} weights {gib(m.weights):>6}  activ. {gib(m.activations):>5}  peak {gib(m.peak):>6}")
     if a.no_check:
         return 0
     print("\nThe formula against measured peaks (real fp32 steps on CPU, torch MemTracker):")

@@ -26,6 +26,7 @@ def test_dry_run_runs_every_step(tmp_path):
     assert "bitwise identical" in outputs["fsdp"]
     assert outputs["offload"].count("max|diff| vs resident 0.0e+00") == 5  # resident, model, group, group4, sequential
     assert "--weights nf4 (folder)" in outputs["weights"] and "GGUF Q4_0" in outputs["weights"]
+    assert outputs["swap"].count("grad max abs diff 0.00e+00") == 4  # resident, swap N/2, N - 1, + offload
 
 
 def test_a_hung_step_is_killed_and_reported(tmp_path):

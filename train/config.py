@@ -106,6 +106,8 @@ class TrainOptions:
     grad_accum: int = 1
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "no"  # auto: what the device runs fast (loop.py)
     gradient_checkpointing: bool = False
+    blocks_to_swap: int = 0                 # LoRA: the frozen base's last N blocks live in host memory (train/swap.py)
+    activation_offload: bool = False        # with gradient_checkpointing: saved activations wait in host memory
     distributed: Literal["ddp", "fsdp"] = "ddp"  # fsdp: shard the model by block over the processes
     ema_decay: float = 0.999                # 0 disables EMA
     ema_warmup: bool = True                 # decay ramps as (1 + n) / (10 + n)
@@ -425,6 +427,7 @@ def validate(cfg: Config) -> Config:
               ("train.checkpoint_every", cfg.train.checkpoint_every >= 0),
               ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1),
               ("train.max_bad_steps", cfg.train.max_bad_steps >= 1),
+              ("train.blocks_to_swap", cfg.train.blocks_to_swap >= 0),
               ("train.stop_at_step", cfg.train.stop_at_step is None or cfg.train.stop_at_step >= 1),
               ("train.checkpoint_minutes", cfg.train.checkpoint_minutes is None or cfg.train.checkpoint_minutes > 0),
               ("train.time_limit", cfg.train.time_limit is None or cfg.train.time_limit > 0),

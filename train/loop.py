@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gen.errors import GenError, Stopped
+from train import swap
 from train.checkpoint import Checkpointer, rng_state, set_rng_state
 from train.config import Config
 from train.data import TrainData, loader
@@ -194,6 +195,7 @@ def train(cfg: Config, task_class=None) -> Path:
     auto_precision(cfg)
     acc = accelerator(cfg)
     dtype = weight_dtype(cfg.train.mixed_precision, acc.device)  # before anything is written or loaded
+    swap.check(cfg, task_class, acc.num_processes)  # train.blocks_to_swap / activation_offload (train/swap.py)
     if main_alone() and acc.is_main_process:
         log.warning("accelerate launch --num_processes N without --multi_gpu started this one process only; for "
                     "N processes: accelerate launch --multi_gpu --num_processes N -m gen ...")
@@ -244,7 +246,11 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
     o = cfg.optim
     optimizer = build_optimizer(o, param_groups(model, o.weight_decay))  # optim.name (train/optim.py)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))  # stepped by us, once per step
-    model, optimizer = (model, acc.prepare(optimizer)) if sharded else acc.prepare(model, optimizer)
+    if sharded or cfg.train.blocks_to_swap:  # a swapped block's weights stay in host memory: no device placement
+        model = model if sharded else acc.prepare_model(model, device_placement=False)
+        optimizer = acc.prepare(optimizer)
+    else:
+        model, optimizer = acc.prepare(model, optimizer)
     fingerprint = json.loads(json.dumps({**task.fingerprint(), "data": data.fingerprint()}))
 
     if cfg.train.resume == "none":
@@ -338,7 +344,8 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
             batch = next(batches)
             waited += time.perf_counter() - asked
             with acc.accumulate(model):
-                loss = task.loss(model, batch, step_generator(cfg.train.seed, rank, step * accum + micro))
+                with swap.offload_context(cfg.train.activation_offload, acc.device):  # train.activation_offload
+                    loss = task.loss(model, batch, step_generator(cfg.train.seed, rank, step * accum + micro))
                 bad |= ~torch.isfinite(loss.detach())
                 acc.backward(loss)
                 if acc.sync_gradients:

@@ -24,6 +24,7 @@ from gen.errors import GenError
 from gen.io import read_json
 from gen.pipeline import GEN_CONFIG
 from train.config import Config
+from train.swap import BlockSwap
 from train.task import DenoiserTask, WithText, signature
 
 log = logging.getLogger("gen")
@@ -88,6 +89,8 @@ def _tuner_layers(model: nn.Module):
 class LoraTask(DenoiserTask):
     """LoRA adapters on a base folder's frozen denoiser (and text encoder): see the module docstring."""
 
+    frozen_base = True
+
     def __init__(self, cfg: Config, device: torch.device, weight_dtype: torch.dtype = torch.float32):
         if not cfg.model.base:
             raise GenError("config key 'model.base' is empty: give the model folder to train a LoRA for")
@@ -132,6 +135,8 @@ class LoraTask(DenoiserTask):
             self._add(self.text_parts[name].model, name, lora_lib.TEXT_TARGETS, options)
             self.text_parts[name].model.train()
         self.model = LoraModel(denoiser, self.text_parts, self.family, texts)
+        # train.blocks_to_swap: the base's last blocks to host memory, the rest (adapters too) onto the device
+        self.swap = BlockSwap(denoiser, cfg.train.blocks_to_swap, device) if cfg.train.blocks_to_swap else None
         if o.instance_prompt:
             log.info("lora.instance_prompt: every image trains with the caption %r (caption files are not used)",
                      o.instance_prompt)

@@ -120,6 +120,8 @@ class DenoiserTask:
     """A text-conditioned UNet or DiT denoiser, trained with DDPM or rectified flow in a frozen VAE's
     latent space, conditioned by a frozen CLIP text encoder (both from `model.base`)."""
 
+    frozen_base = False  # whether the denoiser's own weights stay frozen (train.blocks_to_swap needs that)
+
     def __init__(self, cfg: Config, device: torch.device, weight_dtype: torch.dtype = torch.float32):
         self.cfg = cfg
         self.formulation = build_formulation(cfg)
@@ -133,7 +135,9 @@ class DenoiserTask:
         self.vae.to(device, weight_dtype).requires_grad_(False)
         # The task decides what trains, whatever froze the module before: a base folder's denoiser (init_from_base)
         # comes out of Pipeline, which freezes what it samples with.
-        self.model = self._denoiser(base).to(device).requires_grad_(True)
+        self.model = self._denoiser(base).requires_grad_(True)
+        if not (cfg.train.blocks_to_swap and self.frozen_base):  # else LoraTask places it (train/swap.py)
+            self.model.to(device)
         self.family.train_inputs(self.model, cfg.train.guidance, 1)  # train.guidance fits the model
         if cfg.data.cache:  # cached batches are dropped to this, so that the text encoder never runs again
             with torch.no_grad():
