@@ -28,6 +28,7 @@ the step's inputs built by the family (gen/families/sd3.py, flux.py) and the LoR
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -37,7 +38,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
-from gen.memory_train import denoiser_inputs, estimate, family_setup  # noqa: E402  (the formula: gen/memory_train.py)
+from gen.memory_train import Memory, denoiser_inputs, estimate, family_setup  # noqa: E402  (the formula: gen/memory_train.py)
 
 diffusers_logging.set_verbosity_error()  # .to(bf16) on meta models warns about fp32 modules that these have none of
 
@@ -161,14 +162,14 @@ def low_memory_rows(model: str = "Flux-dev", swaps: tuple[int, ...] = LOW_MEMORY
     Linear weights gen.quant.store_fp8 stores take 1 byte), train.blocks_to_swap=N (the last N blocks' frozen
     weights, train.swap.blocks, leave the GPU; the largest of them visits it), train.activation_offload (what
     checkpointing keeps waits in host memory; the GPU holds one block's recompute)."""
-    from bench.memory import FAMILIES
     from gen import quant
+    from gen.memory_plan import FAMILIES
     from train.config import load_config
     from train.swap import blocks
 
     cfg = load_config(ROOT / "configs" / MMDIT_RECIPES[0], extra={"data.path": ".", "model.base": SD15})
     t, o = cfg.train, cfg.lora
-    build, inputs, _, factor, family = mmdit_setup(FAMILIES[model], torch.bfloat16)
+    build, inputs, _, factor, family = family_setup(FAMILIES[model], torch.bfloat16)
     lora = dict(presets=family.lora_targets, rank=o.rank, alpha=o.alpha, parts=o.targets)
     base = estimate(build, t.batch_size, cfg.data.resolution // factor, t.mixed_precision, True, t.ema_decay > 0,
                     lora=lora, inputs=inputs)
