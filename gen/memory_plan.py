@@ -113,7 +113,7 @@ Q4_0 = 18 / 32  # GGUF Q4_0: blocks of 32 values in 16 bytes + an fp16 scale
 NF4 = 0.5 + 1 / 64 + 4 / (64 * 256)  # bitsandbytes nf4 with double quantization (its default in gen/quant/bnb.py)
 # --max-memory tries these in order, the fastest first: (label, --weights, --offload)
 CHOICES = (("resident", None, None), ("fp8", "fp8", None), ("offload", None, "model"), ("fp8+offload", "fp8", "model"),
-           ("group", None, "group"), ("sequential", None, "sequential"))
+           ("group", None, "group"), ("fp8+group", "fp8", "group"), ("sequential", None, "sequential"))
 OPTIONS = CHOICES[:2] + (("nf4", "nf4", None), ("int8", "int8", None), ("gguf-q4", "gguf-q4", None)) + CHOICES[2:4] \
     + (("nf4+offload", "nf4", "model"), ("gguf-q4+offload", "gguf-q4", "model"), *CHOICES[4:])
 

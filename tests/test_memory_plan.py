@@ -117,6 +117,7 @@ def test_options_order_and_choice(sd_folder):
     peak = {r.option: r.peak for r in planned.rows}
     assert peak["fp8"] < peak["resident"] and peak["offload"] < peak["resident"]
     assert peak["sequential"] <= peak["group"] <= peak["offload"] and peak["fp8+offload"] <= peak["offload"]
+    assert peak["fp8+group"] <= peak["group"]
     assert mp.choose(planned, int(peak["resident"])).option == "resident"
     assert mp.choose(planned, int(peak["resident"]) - 1).option == "fp8"
     with pytest.raises(GenError, match="no setting fits"):
@@ -155,8 +156,8 @@ def test_max_memory_refuses_a_budget_nothing_fits_and_info_prints_the_table(sd_f
     assert "leave those out" in capsys.readouterr().err
     assert main(["info", "--memory", str(sd_folder), "--size", "64x64", "--dtype", "fp32", "--offload", "model"]) == 0
     out = capsys.readouterr().out
-    rows = [line.split()[0] for line in out.splitlines()[2:5]]
-    assert rows == ["offload", "fp8+offload", "gguf-q4+offload"], out
+    rows = [line.split()[0] for line in out.splitlines()[2:6]]
+    assert rows == ["offload", "fp8+offload", "nf4+offload", "gguf-q4+offload"], out
     assert "LoRA, checkpointing on" in out and "64x64" in out
 
 
