@@ -46,5 +46,5 @@ def cmd_serve(args) -> int:
     engine = Engine(args.model, models_dir=args.models_dir, loras_dir=args.loras_dir, limits=limits,
                     device=args.device, dtype=args.dtype, attention=args.attention)
     app = create_app(engine, api_key=args.api_key or os.environ.get("GEN_API_KEY"))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     return 0
