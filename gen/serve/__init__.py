@@ -33,11 +33,12 @@ def cmd_serve(args) -> int:
 
     from gen.errors import GenError
 
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ImportError:
-        raise GenError("gen serve needs FastAPI and uvicorn: pip install 'gen[serve]'") from None
+    from importlib.util import find_spec
+
+    if not all(find_spec(m) for m in ("fastapi", "uvicorn", "multipart")):
+        raise GenError("gen serve needs FastAPI, uvicorn and python-multipart: pip install 'gen[serve]'")
+    import uvicorn
+
     from gen.serve.app import create_app
     from gen.serve.engine import Engine, Limits
 
