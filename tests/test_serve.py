@@ -206,3 +206,49 @@ def test_refusals_are_one_json_error_each_and_the_server_goes_on(server, a1111, 
         client.images.generate(prompt="x", size="1024x1024")
     assert len(a1111.txt2img(prompt="a red circle", **RUN).images) == 1
     assert server[2].poll() is None
+
+
+def test_the_page_in_a_headless_browser(server, a1111):
+    """Debian's chromium driven by Selenium: type a prompt, generate, see the image and its recipe; drop a PNG
+    made by gen and the form holds its recipe."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        pytest.skip("needs Debian's browser: apt-get install chromium chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    try:
+        browser.execute_cdp_cmd("Network.enable", {})  # the API key on every request the page makes
+        browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Bearer {KEY}"}})
+        browser.get(server[0] + "/")
+        wait = WebDriverWait(browser, 120)
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#model option"))
+        for field, value in (("prompt", "a red circle"), ("steps", "2"), ("width", "32"), ("height", "32"),
+                             ("seed", "11")):
+            box = browser.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(value)
+        browser.find_element(By.ID, "generate").click()
+        recipe = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "figcaption.recipe"))[0].text
+        assert recipe.startswith("a red circle") and "Seed: 11" in recipe and "Size: 32x32" in recipe
+        assert browser.find_element(By.CSS_SELECTOR, "img.result").get_attribute("naturalWidth") == "32"
+
+        made = a1111.txt2img(prompt="a blue square", negative_prompt="blurry", steps=3, seed=5, width=32, height=32)
+        browser.execute_script("""
+            const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+            const data = new DataTransfer();
+            data.items.add(new File([bytes], "made.png", {type: "image/png"}));
+            document.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true}));
+        """, made.json["images"][0])
+        wait.until(lambda b: b.find_element(By.ID, "prompt").get_attribute("value") == "a blue square")
+        values = {f: browser.find_element(By.ID, f).get_attribute("value") for f in ("negative", "steps", "seed", "width")}
+        assert values == {"negative": "blurry", "steps": "3", "seed": "5", "width": "32"}
+        assert browser.find_element(By.ID, "error").text == ""
+    finally:
+        browser.quit()
