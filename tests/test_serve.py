@@ -162,7 +162,7 @@ def test_model_listing_and_switch(a1111):
     a1111.util_set_model("gen-default")
 
 
-def test_interrupt_frees_the_slot_and_progress_reports_steps(a1111):
+def test_interrupt_or_a_client_leaving_frees_the_slot_and_progress_reports_steps(a1111):
     result = {}
     worker = threading.Thread(target=lambda: result.update(r=a1111.txt2img(
         prompt="a red circle", steps=50, seed=1, width=256, height=256, batch_size=4)))
@@ -178,6 +178,13 @@ def test_interrupt_frees_the_slot_and_progress_reports_steps(a1111):
     worker.join(120)
     assert result["r"].images == []  # stopped inside its one pipeline call
     assert a1111.get_progress()["state"]["job"] == ""
+    with pytest.raises(requests.exceptions.ReadTimeout):  # a client that leaves: its request stops too
+        a1111.session.post(a1111.baseurl + "/txt2img", timeout=2, json=dict(
+            prompt="a red circle", steps=50, seed=1, width=256, height=256, batch_size=4))
+    deadline = time.time() + 60
+    while time.time() < deadline and a1111.get_progress()["state"]["job"]:
+        time.sleep(0.05)
+    assert a1111.get_progress()["state"]["sampling_step"] < 50
     assert len(a1111.txt2img(prompt="a red circle", **RUN).images) == 1
 
 

@@ -53,8 +53,15 @@ def _job(engine: Engine, r: Txt2Img, **workflow) -> Job:
                model=r.override_settings.get("sd_model_checkpoint"), **workflow)
 
 
-def _response(engine: Engine, job: Job, r: Txt2Img) -> dict:
-    made, info = engine.generate(job)
+def disconnected(request: Request):
+    """A check, callable from the request's worker thread, of whether its client has gone."""
+    import anyio
+
+    return lambda: anyio.from_thread.run(request.is_disconnected)
+
+
+def _response(engine: Engine, job: Job, r: Txt2Img, request: Request) -> dict:
+    made, info = engine.generate(job, disconnected(request))
     images = [base64.b64encode(m.png).decode() for m in made] if r.send_images else []
     return {"images": images, "parameters": r.model_dump(exclude={"init_images", "mask"}), "info": json.dumps(info)}
 
@@ -63,11 +70,11 @@ def router(engine: Engine) -> APIRouter:
     api = APIRouter(prefix="/sdapi/v1")
 
     @api.post("/txt2img")
-    def txt2img(r: Txt2Img):
-        return _response(engine, _job(engine, r), r)
+    def txt2img(r: Txt2Img, request: Request):
+        return _response(engine, _job(engine, r), r, request)
 
     @api.post("/img2img")
-    def img2img(r: Img2Img):
+    def img2img(r: Img2Img, request: Request):
         from PIL import ImageOps
 
         if not r.init_images:
@@ -79,7 +86,7 @@ def router(engine: Engine) -> APIRouter:
         job = _job(engine, r, image=image, mask=mask, strength=r.denoising_strength,
                    mask_blur=r.mask_blur if mask is not None else 0,
                    padding=r.inpaint_full_res_padding if mask is not None and r.inpaint_full_res else None)
-        return _response(engine, job, r)
+        return _response(engine, job, r, request)
 
     @api.get("/sd-models")
     def sd_models():

@@ -43,21 +43,33 @@ def _authorized(header: str | None, key: str) -> bool:
     return hmac.compare_digest(value.encode(), key.encode())
 
 
-def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
-    app = FastAPI(title="gen serve", docs_url=None, redoc_url=None, openapi_url=None)
+class Guard:
+    """The API key and the body size, checked on every request before any route (a plain ASGI middleware:
+    Starlette's BaseHTTPMiddleware would hide a client's disconnect from the routes)."""
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if api_key and not _authorized(request.headers.get("authorization"), api_key):
+    def __init__(self, app, engine: Engine, api_key: str | None):
+        self.app, self.engine, self.api_key = app, engine, api_key
+
+    def refusal(self, request: Request) -> JSONResponse | None:
+        if self.api_key and not _authorized(request.headers.get("authorization"), self.api_key):
             return error(request, 401, "this server needs its API key: Authorization: Bearer KEY", "unauthorized")
         if request.method in ("POST", "PUT", "PATCH"):
-            length = request.headers.get("content-length")
+            length, limit = request.headers.get("content-length"), self.engine.limits.body
             if length is None or not length.isdigit():
                 return error(request, 411, "a request body needs a Content-Length", "length_required")
-            if int(length) > engine.limits.body:
+            if int(length) > limit:
                 return error(request, 413, f"the request body is {int(length)} bytes, over this server's "
-                             f"--max-body-mb ({engine.limits.body} bytes)", "too_large")
-        return await call_next(request)
+                             f"--max-body-mb ({limit} bytes)", "too_large")
+        return None
+
+    async def __call__(self, scope, receive, send):
+        refusal = self.refusal(Request(scope)) if scope["type"] == "http" else None
+        await (refusal or self.app)(scope, receive, send)
+
+
+def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="gen serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, engine=engine, api_key=api_key)
 
     @app.exception_handler(GenError)
     async def bad_input(request: Request, e: GenError):

@@ -103,7 +103,7 @@ class Engine:
             if d is not None and not d.is_dir():
                 raise GenError(f"{flag} {d}: no such folder")
         self.limits, self.load_kwargs = limits or Limits(), load_kwargs
-        self.queue, self.pipe, self.name, self.active = Queue(), None, None, None
+        self.queue, self.pipe, self.name, self.active, self._gone = Queue(), None, None, None, _never
         self.state = dict(job="", step=0, steps=0, started=0.0, interrupted=False)
         self.extra = {}  # a --model path outside --models-dir, trusted as the command line's
         if model is not None and model not in self.models():
@@ -142,8 +142,8 @@ class Engine:
         log.info("serving %s", self.name)
 
     def _step(self, module, args) -> None:
-        """Before each denoiser call: stop if interrupted, else count a step."""
-        if self.state["interrupted"]:
+        """Before each denoiser call: stop if interrupted or the client has gone, else count a step."""
+        if self.state["interrupted"] or self._gone():
             raise Interrupted
         self.state["step"] += 1
 
@@ -186,12 +186,17 @@ class Engine:
             self.pipe.load_lora(path, scale=scale)
         self.active = loras
 
-    def generate(self, job: Job) -> tuple[list[Made], dict]:
-        """The images of a job (fewer if interrupted) and what A1111 returns as `info`."""
+    def generate(self, job: Job, gone=lambda: False) -> tuple[list[Made], dict]:
+        """The images of a job (fewer if interrupted) and what A1111 returns as `info`; `gone()` says whether the
+        client has disconnected: then the job is dropped when its turn comes, or stopped at its next step."""
         self.check(job)
         prompt, loras = self._lora_files(job.prompt)
         with self.queue:
+            if gone():
+                log.info("a client left before its turn; its request is dropped")
+                return [], {}
             self.state.update(job=f"job {time.time():.0f}", step=0, started=time.time(), interrupted=False)
+            self._gone = gone
             try:
                 if job.model is not None and job.model.split(" [")[0] != self.name:
                     self.load(job.model)
@@ -199,6 +204,7 @@ class Engine:
                 return self._run(job, prompt, loras)
             finally:
                 self.state.update(job="", interrupted=False)
+                self._gone = _never
 
     def _run(self, job: Job, prompt: str, loras) -> tuple[list[Made], dict]:
         from gen.samplers import own_schedule
@@ -273,6 +279,10 @@ def decode_image(data: str | bytes, what: str, limits: Limits, mode: str = "RGB"
 
         return ImageOps.invert(image.getchannel("A"))
     return image.convert("L" if mode in ("L", "alpha") else mode)
+
+
+def _never() -> bool:
+    return False
 
 
 def _first(*values):

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.datastructures import UploadFile
 
 from gen.errors import GenError
+from gen.serve.a1111 import disconnected
 from gen.serve.engine import Engine, Job, decode_image
 
 KEPT = 64  # images served by URL (response_format "url"), the newest kept in memory
@@ -55,7 +56,7 @@ def router(engine: Engine) -> APIRouter:
         job = Job(prompt=g.prompt, negative_prompt=g.negative_prompt, steps=g.steps, guidance=g.guidance, seed=g.seed,
                   width=width, height=height, sampler=g.sampler, schedule=g.scheduler, batch_size=g.n, model=model,
                   strength=g.strength, **workflow)
-        made, _ = engine.generate(job)
+        made, _ = engine.generate(job, disconnected(request))
         data = []
         for m in made:
             if g.response_format == "b64_json":
