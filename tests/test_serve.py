@@ -259,3 +259,9 @@ def test_the_page_in_a_headless_browser(server, a1111):
         assert browser.find_element(By.ID, "error").text == ""
     finally:
         browser.quit()
+
+
+def test_a_bad_flag_is_one_line_and_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "gen", "serve", "--models-dir", tmp_path / "none"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == f"gen: error: --models-dir {tmp_path / 'none'}: no such folder"
