@@ -57,6 +57,7 @@ def folders(pipe, tmp_path_factory):
     lora.save_lora(root / "loras" / "style.safetensors", pipe.denoiser)
     lora.remove_adapters(pipe.denoiser)
     (root / "secret.safetensors").write_bytes(b"not for clients")
+    (root / "models" / "broken.safetensors").write_bytes(b"not a model")
     return root
 
 
@@ -151,7 +152,7 @@ def test_img2img_and_openai_generate_and_edit_are_the_pipelines_images(a1111, cl
 
 
 def test_model_listing_and_switch(a1111):
-    assert a1111.util_get_model_names() == ["copy", "gen-default"]
+    assert a1111.util_get_model_names() == ["broken.safetensors", "copy", "gen-default"]
     assert [x["name"] for x in a1111.get_loras()] == ["style"]
     assert "Euler" in a1111.util_get_sampler_names()
     before = a1111.txt2img(prompt="a red circle", **RUN).image
@@ -207,6 +208,9 @@ def test_refusals_are_one_json_error_each_and_the_server_goes_on(server, a1111, 
     for name in ("../copy", "../secret.safetensors", "/etc/passwd"):
         r = post("/sdapi/v1/options", {"sd_model_checkpoint": name})
         assert r.status_code == 400 and "unknown model" in r.json()["detail"]
+    r = post("/sdapi/v1/options", {"sd_model_checkpoint": "broken.safetensors"})  # fails to load: the old one stays
+    assert r.status_code == 400 and "broken.safetensors" in r.json()["detail"], r.text
+    assert a1111.get_options()["sd_model_checkpoint"] == "gen-default"
     r = post("/sdapi/v1/txt2img", {"prompt": "x" * 2 ** 21})
     assert r.status_code == 413 and "--max-body-mb" in r.json()["detail"]
     with pytest.raises(openai.BadRequestError, match="--max-size"):

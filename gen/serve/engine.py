@@ -132,9 +132,14 @@ class Engine:
         """Makes `name` the resident model (the caller holds the queue, or nothing runs yet)."""
         from gen.pipeline import DEFAULT_MODEL, Pipeline
 
-        path = self.model_path(name)
+        path, previous = self.model_path(name), self.name
         self.pipe, self.name, self.active = None, None, None  # the old one freed before the new one loads
-        pipe = Pipeline.from_pretrained(path, **self.load_kwargs)
+        try:
+            pipe = Pipeline.from_pretrained(path, **self.load_kwargs)
+        except Exception:
+            if previous is not None:  # back to the model that worked, then the request fails
+                self.load(previous)
+            raise
         pipe.progress = False
         pipe.denoiser.register_forward_pre_hook(self._step)
         self.pipe, self.name, self.path = pipe, name.split(" [")[0], path
