@@ -219,10 +219,11 @@ def test_refusals_are_one_json_error_each_and_the_server_goes_on(server, a1111, 
     assert server[2].poll() is None
 
 
-def test_the_page_in_a_headless_browser(server, a1111):
+def test_the_page_in_a_headless_browser(server, a1111, tmp_path):
     """Debian's chromium driven by Selenium: type a prompt, generate, see the image and its recipe; drop a PNG
-    made by gen and the form holds its recipe."""
+    made by gen and the form holds its recipe; pick it as img2img source, paint a mask, generate from it."""
     webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -260,6 +261,18 @@ def test_the_page_in_a_headless_browser(server, a1111):
         wait.until(lambda b: b.find_element(By.ID, "prompt").get_attribute("value") == "a blue square")
         values = {f: browser.find_element(By.ID, f).get_attribute("value") for f in ("negative", "steps", "seed", "width")}
         assert values == {"negative": "blurry", "steps": "3", "seed": "5", "width": "32"}
+        assert browser.find_element(By.ID, "error").text == ""
+
+        made.image.save(tmp_path / "source.png")  # img2img from a file, inpainting where the brush paints
+        browser.find_element(By.ID, "init").send_keys(str(tmp_path / "source.png"))
+        canvas = wait.until(lambda b: b.find_element(By.ID, "mask") if b.find_element(By.ID, "source").is_displayed()
+                            else None)
+        ActionChains(browser).move_to_element(canvas).click_and_hold().move_by_offset(5, 5).release().perform()
+        assert browser.execute_script("return painted && source.startsWith('data:image/png')")
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "figcaption.recipe")) == 2)
+        recipe = browser.find_elements(By.CSS_SELECTOR, "figcaption.recipe")[0].text  # the newest comes first
+        assert recipe.startswith("a blue square") and "Denoising strength: 0.75" in recipe
         assert browser.find_element(By.ID, "error").text == ""
     finally:
         browser.quit()
