@@ -161,6 +161,10 @@ def test_model_listing_and_switch(a1111):
     after = a1111.txt2img(prompt="a red circle", **RUN).image
     assert np.array_equal(pixels(before), pixels(after)) and "Model: copy" in after.text["parameters"]
     a1111.util_set_model("gen-default")
+    r = a1111.txt2img(prompt="a red circle", override_settings={"sd_model_checkpoint": "copy"}, **RUN)
+    assert "Model: copy" in r.image.text["parameters"] and a1111.util_get_current_model() == "copy"
+    a1111.util_set_model("gen-default")
+    assert a1111.util_get_current_model() == "gen-default"
 
 
 def test_interrupt_or_a_client_leaving_frees_the_slot_and_progress_reports_steps(a1111):
