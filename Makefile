@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(EXTRAS)
 PIP_LOCK := $(if $(LOCK),-c $(LOCK))
 
-.PHONY: setup demo test lock default-model bench clean
+.PHONY: setup demo test browser lock default-model bench clean
 
 setup: $(STAMP)
 
@@ -50,8 +50,13 @@ demo: setup
 	fi
 	@echo "gen is installed in $(VENV)/bin: run 'source $(VENV)/bin/activate' to call gen directly (or $(VENV)/bin/gen)"
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q --durations=15 tests
+
+# Debian's chromium for the web page's test (tests/test_serve.py), where apt can install it; else that test skips.
+browser:
+	@command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && { apt-get install -y -q chromium chromium-driver \
+	  >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; }; } || echo "no chromium: the page's browser test skips (apt-get install chromium chromium-driver)"
 
 # Trains the bundled default model from scratch (CLIP, VAE, DiT-flow on the shapes world; see
 # configs/default-model.yaml) and installs it into gen/assets/default/ with its training log.

@@ -404,10 +404,7 @@ def cmd_sample(args) -> int:
         _check_against_recipe(base, args, pipe, model_hash.result(), lora_hashes)
     runs = _runs(args, jobs, pipe)
     sampler, schedule = runs[0][1]["sampler"], runs[0][1]["schedule"]
-    s, sched = names.sampler(sampler, schedule)
-    if sampler not in (s.name, *s.aliases, *(s.diffusers or {}).values()):  # A1111's or ComfyUI's name: gen's
-        sampler, schedule = s.name, None if sched == "automatic" else sched
-    sampler_fields = names.a1111_fields(sampler, schedule, pipe.formulation, pipe.scheduler_config)
+    sampler, schedule, sampler_fields = names.recorded(sampler, schedule, pipe.formulation, pipe.scheduler_config)
     written = dict(sampler=sampler, schedule=schedule, model=str(model_path.resolve()) if args.model else None,
                    model_name=model_path.name if args.model else "gen-default", loras=loras, lora_hashes=lora_hashes,
                    weights=pipe.weights, vae_tile=pipe.vae_tiling)
@@ -696,7 +693,8 @@ def cmd_data_cache(args) -> int:
 DOCS = {"gen": "README.md, then docs/ (`gen COMMAND --help` names its page)", "sample": "docs/sampling.md",
         "info": "docs/files.md", "convert": "docs/files.md#single-files-a1111--comfyui--model-sharing-sites",
         "train": "docs/training.md", "lora": "docs/lora.md", "lora merge": "docs/lora.md",
-        "eval": "docs/training.md#prompt-adherence-evaluation", "data": "docs/training.md#data-at-scale"}
+        "eval": "docs/training.md#prompt-adherence-evaluation", "data": "docs/training.md#data-at-scale",
+        "serve": "docs/serve.md"}
 
 
 def _point_to_docs(parser: argparse.ArgumentParser, page: str) -> None:
@@ -720,6 +718,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lora(sub)
     _add_eval(sub)
     _add_data(sub)
+    from gen.serve import add_parser as _add_serve  # the server's modules import only when it runs
+
+    _add_serve(sub)
     _point_to_docs(ap, DOCS["gen"])
     return ap
 

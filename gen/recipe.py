@@ -255,16 +255,25 @@ def _prompt_without_tags(prompt: str, r: Recipe, source: str) -> str:
     if r.by_gen:
         tags = _tags(r.loras)
         return "" if prompt == tags else prompt[:-len(tags) - 1] if tags and prompt.endswith(" " + tags) else prompt
+    prompt, tags = extra_networks(prompt, source)
+    r.lora_tags += tags
+    return prompt
+
+
+def extra_networks(prompt: str, source: str) -> tuple[str, list[tuple[str, float]]]:
+    """A1111's extra-network tags taken out of a prompt, as A1111 does before encoding: (the prompt left, the
+    (name, scale) of each <lora:NAME:SCALE>); other kinds of tag are named in a warning."""
+    tags = []
     for kind, args in EXTRA_NETWORK.findall(prompt):
         if kind == "lora":
             name, _, rest = args.partition(":")
             try:
-                r.lora_tags.append((name, float(rest.split(":")[0]) if rest else 1.0))
+                tags.append((name, float(rest.split(":")[0]) if rest else 1.0))
             except ValueError:
                 raise GenError(f"{source}: the LoRA tag <lora:{args}> has no number for its scale") from None
         else:
             log.warning("%s: gen does not apply <%s:%s> in the prompt", source, kind, args)
-    return EXTRA_NETWORK.sub("", prompt)
+    return EXTRA_NETWORK.sub("", prompt), tags
 
 
 def read_png(path: str | Path) -> Recipe:
@@ -285,16 +294,29 @@ def read_png(path: str | Path) -> Recipe:
     return from_text(text, str(path))
 
 
-def write_png(image, path: str | Path, text: str) -> None:
-    """Saves a PIL image with `text` as its `parameters` chunk."""
+def _png_info(text: str):
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text("parameters", text)
+    return info
+
+
+def write_png(image, path: str | Path, text: str) -> None:
+    """Saves a PIL image with `text` as its `parameters` chunk."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")  # renamed into place: an interrupted write leaves no broken PNG
-    image.save(str(tmp), format="PNG", pnginfo=info)
+    image.save(str(tmp), format="PNG", pnginfo=_png_info(text))
     os.replace(tmp, path)
+
+
+def png_bytes(image, text: str) -> bytes:
+    """The PNG file `write_png` writes, as bytes (what `gen serve` sends)."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=_png_info(text))
+    return buffer.getvalue()
 
 
 # ---- hashes --------------------------------------------------------------------------------------------

@@ -189,6 +189,15 @@ def a1111_fields(name: str, schedule_name: str | None, formulation, base_config:
     return fields | {"Schedule type": flagged[0] if flagged else even}
 
 
+def recorded(name: str, schedule_name: str | None, formulation, base_config: dict | None = None):
+    """(sampler, schedule, A1111 fields) a recipe records for a run given `name` and `schedule_name`: A1111's or
+    ComfyUI's names become gen's (their "automatic" schedule: the model's own, None)."""
+    s, sched = sampler(name, schedule_name)
+    if name not in (s.name, *s.aliases, *(s.diffusers or {}).values()):
+        name, schedule_name = s.name, None if sched == "automatic" else sched
+    return name, schedule_name, a1111_fields(name, schedule_name, formulation, base_config)
+
+
 def from_a1111(label: str, schedule_label: str | None, eta_ddim: float, kind: str) -> tuple[str, str]:
     """(gen's sampler, gen's schedule) that run what A1111 runs for a PNG's `Sampler:` / `Schedule type:` / `Eta
     DDIM:` (old names such as "DPM++ 2M Karras" carry the schedule, as before A1111 1.9)."""
