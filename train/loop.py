@@ -417,15 +417,13 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
 def build_cache(config: str, overrides: list[str]) -> int:
     """`gen data cache CONFIG [key=value ...]`: build a training config's cache ahead of training
     (under `accelerate launch` to split it across processes)."""
-    from accelerate import Accelerator
-
     from train.config import load_config
     from train.data.cache import build
     from train.task import DenoiserTask
 
     cfg = load_config(config, list(overrides) + ["data.cache=true"])
     auto_precision(cfg)
-    acc = Accelerator()
+    acc = accelerator(cfg)  # as training's: without cpu=True on a CPU, each process of a launch thought it was alone
     dtype = weight_dtype(cfg.train.mixed_precision, acc.device)
     data = TrainData(cfg.data, cfg.train.seed)
     task = DenoiserTask(cfg, acc.device, dtype)
