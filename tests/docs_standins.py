@@ -20,10 +20,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ["--steps", "2", "--no-progress"]  # appended to every `gen sample`
 SIZE = ["--height", "32", "--width", "32"]  # where the command names a size (Flux packs 32 px; img2img keeps src's)
-TRAIN = ["train.max_steps=1", "train.batch_size=1", "train.grad_accum=1", "train.checkpoint_every=1",
+TRAIN = ["train.resume=none", "train.max_steps=1", "train.batch_size=1", "train.grad_accum=1", "train.checkpoint_every=1",
          "data.resolution=16", "data.num_images=4", "validation.prompts=[]", "sampling.steps=1",
          "log.progress=false", "log.tracker=none", "lora.rank=2", "lora.alpha=2", "lora.num_class_images=1"]
 PLACEHOLDER = ["model.base=sd15", "data.path=my-images"]  # what `gen lora CONFIG ... key=value` leaves out
+SMALLER = {"unet-folder": ["model.preset=tiny"], "dit-shapes": ["model.preset=DiT-T/2"]}  # recipe -> a smaller model
 
 
 def shrink(argv: list[str]) -> list[str]:
@@ -41,9 +42,8 @@ def shrink(argv: list[str]) -> list[str]:
             words += ["data.source=shapes"]
         elif dotted:
             words += PLACEHOLDER
-        stages = "configs/default" in " ".join(words)  # a chain: its stages take the same keys
         keys = [k for k in TRAIN if sub == "lora" or not k.startswith("lora.")]
-        return words + keys + (["clip:data.num_images=4", "vae:data.num_images=4"] if stages else [])
+        return words + keys + [k for recipe, more in SMALLER.items() if recipe in words[1] for k in more]
     if words[:2] == ["data", "cache"]:
         return words + [k for k in TRAIN if k.startswith(("data.", "log.", "train.batch"))]
     if words[:2] == ["eval", "adherence"]:
@@ -124,7 +124,7 @@ def client(argv: list[str]) -> int:
 NAMES = {
     "sd-folder": "sd", "sd15": "sd", "PATH": "sd", "BASE": "sd", "FOLDER": "sd", "PATH/TO/sd-1.5": "sd",
     "lcm-folder": "lcm", "sdxl-folder": "sdxl", "sdxl-base": "sdxl", "PATH/TO/sdxl-base": "sdxl",
-    "sd3-folder": "sd3", "sd35-folder": "sd3", "sd3.5-folder": "sd3",
+    "sd3-folder": "sd3", "sd35-folder": "sd35", "sd3.5-folder": "sd35",
     "flux-dev-folder": "flux-dev", "FLUX.1-dev": "flux-dev", "flux-folder": "flux-dev",
     "flux-schnell-folder": "flux-schnell",
     "sd_xl_base_1.0.safetensors": "sdxl.safetensors", "model.safetensors": "sd.safetensors",
@@ -170,6 +170,7 @@ def build(root: Path, gen) -> dict[str, Path]:
                    beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)}, **none),
                "sdxl": lambda: StableDiffusionXLPipeline(**tiny_sdxl_components()),
                "sd3": lambda: StableDiffusion3Pipeline(**tiny_sd3_components()),
+               "sd35": lambda: StableDiffusion3Pipeline(**sd35_components()),
                "flux-dev": lambda: FluxPipeline(**tiny_flux_components(root / "t5-dev")),
                "flux-schnell": lambda: FluxPipeline(**tiny_flux_components(root / "t5-schnell", False))}
     for name, make in folders.items():
@@ -203,7 +204,7 @@ def build(root: Path, gen) -> dict[str, Path]:
     (root / "prompts.jsonl").write_text('{"prompt": "a red circle", "seed": 3}\n{"prompt": "a blue square", '
                                         '"negative_prompt": "blurry", "width": 32, "height": 32, "steps": 2}\n')
     (root / "my.yaml").write_text("# dit-shapes on a folder of images, a tiny DiT\nmodel: {base: default, denoiser: "
-                                  "dit, preset: tiny}\ndata: {source: folder, path: my-images, resolution: 16}\n"
+                                  "dit, preset: DiT-T/2}\ndata: {source: folder, path: my-images, resolution: 16}\n"
                                   "train: {output_dir: runs/my}\n")
     for key, (base, extra) in {"lora-sd": ("sd", []),
                                "lora-sdxl": ("sdxl", ["lora.text_encoder=true"]),
@@ -215,6 +216,16 @@ def build(root: Path, gen) -> dict[str, Path]:
     gen("sample", "a red circle", "--model", str(root / "sd"), "--seed", "42", "--out", str(root / "42.png"))
     return out | {p.name: p for p in root.iterdir() if p.is_file()} | {"images": root / "images",
                                                                        "embeddings": root / "embeddings"}
+
+
+def sd35_components() -> dict:
+    """The tiny SD3 with 10 blocks: the docs' skip-layer guidance skips 7, 8 and 9."""
+    from diffusers import SD3Transformer2DModel
+
+    from tests.conftest import tiny_sd3_components
+
+    parts = tiny_sd3_components()
+    return parts | {"transformer": SD3Transformer2DModel.from_config({**parts["transformer"].config, "num_layers": 10})}
 
 
 def world(folder: Path, standins: dict[str, Path], zygote: str) -> dict[str, str]:
