@@ -63,6 +63,7 @@ def serve(path: str) -> None:
     from gen import cli
     import train.loop  # noqa: F401
 
+    _warm(cli)
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(path)
     listener.listen(8)
@@ -92,6 +93,21 @@ def serve(path: str) -> None:
         for fd in fds:
             os.close(fd)
         threading.Thread(target=_answer, args=(conn, pid), daemon=True).start()
+
+
+def _warm(cli) -> None:
+    """Samples a tiny UNet and DiT model once, so the modules a first call imports lazily (2,000 of them: peft,
+    diffusers' pipelines and schedulers, scipy; 5 s) are imported before the forks. Single-threaded (OMP_NUM_THREADS=1)
+    and done before any fork, so no thread pool is copied half-alive."""
+    import contextlib
+    import tempfile
+
+    from gen.models.tiny import tiny_pipeline
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
+        for kind in ("unet", "dit"):
+            tiny_pipeline(kind).save_pretrained(f"{tmp}/{kind}")
+            cli.main(["sample", "warm", "--model", f"{tmp}/{kind}", "--out", f"{tmp}/{kind}.png", *SAMPLE])
 
 
 def _answer(conn, pid: int) -> None:

@@ -121,13 +121,17 @@ def run_page(page: str, lines: list[str], folder: Path, env: dict) -> list[tuple
     results = []
     for line in lines:
         start = time.monotonic()
+        shell = subprocess.Popen(["bash", "-c", runnable(line)], cwd=folder, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
-            done = subprocess.run(["bash", "-c", runnable(line)], cwd=folder, env=env, capture_output=True,
-                                  text=True, timeout=TIMEOUT, start_new_session=True)
-            code, err = done.returncode, (done.stdout + done.stderr)[-3000:]
-        except subprocess.TimeoutExpired as e:
-            code, err = -1, f"timed out after {TIMEOUT} s: {(e.stderr or b'')[-2000:]}"
+            out, code = shell.communicate(timeout=TIMEOUT)[0], shell.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(shell.pid, signal.SIGKILL)  # the launchers' workers too
+            out, code = f"timed out after {TIMEOUT} s: " + shell.communicate()[0], -1
+        err = out[-3000:]
         results.append((page, line, time.monotonic() - start, code, err))
+        with open(folder.parent / "log.txt", "a") as log:  # to follow a run: each command as it ends
+            log.write(f"{results[-1][2]:6.1f} s  exit {code}  {page}: {line}\n")
     return results
 
 
