@@ -437,7 +437,11 @@ def _set_aside(folder: Path, main: bool, barrier) -> None:
     """train.resume=none where an earlier run left checkpoints: they move to a folder of their own, so that this run's
     are the only ones pruned, resumed (train.resume=auto) and named by `latest`."""
     if main and folder.is_dir() and any(folder.iterdir()):
-        aside = folder.with_name(f"{folder.name}-before-{time.strftime('%Y%m%d-%H%M%S')}")
+        stamp, n = f"{folder.name}-before-{time.strftime('%Y%m%d-%H%M%S')}", 1
+        aside = folder.with_name(stamp)
+        while aside.exists():  # an earlier run set aside in the same second
+            n += 1
+            aside = folder.with_name(f"{stamp}-{n}")
         folder.rename(aside)
         log.warning("train.resume=none: the earlier run's checkpoints in %s moved to %s; this run starts afresh",
                     folder, aside)
