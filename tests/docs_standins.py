@@ -55,14 +55,13 @@ def shrink(argv: list[str]) -> list[str]:
 
 def serve(path: str) -> None:
     """Answers shims on the unix socket `path` until killed: fork, run gen's main in the child, send its code."""
+    import importlib
     import threading
 
-    import diffusers  # noqa: F401  (the imports every command pays for, paid once)
-    import transformers  # noqa: F401
-
     from gen import cli
-    import train.loop  # noqa: F401
 
+    for module in ("diffusers", "transformers", "train.loop", "train.lora"):  # what every command imports, once
+        importlib.import_module(module)
     _warm(cli)
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(path)
