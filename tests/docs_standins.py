@@ -20,9 +20,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ["--steps", "2", "--no-progress"]  # appended to every `gen sample`
 SIZE = ["--height", "32", "--width", "32"]  # where the command names a size (Flux packs 32 px; img2img keeps src's)
-TRAIN = ["train.resume=none", "train.max_steps=1", "train.batch_size=1", "train.grad_accum=1", "train.checkpoint_every=1",
-         "data.resolution=16", "data.num_images=4", "validation.prompts=[]", "sampling.steps=1",
-         "log.progress=false", "log.tracker=none", "lora.rank=2", "lora.alpha=2", "lora.num_class_images=1"]
+# appended to every `gen train` / `gen lora` (train.resume=none: the docs' lines are alternatives on one run folder)
+TRAIN = ["train.resume=none", "train.max_steps=1", "train.batch_size=1", "train.grad_accum=1",
+         "train.checkpoint_every=1", "data.resolution=16", "data.num_images=4", "validation.prompts=[]",
+         "sampling.steps=1", "log.progress=false", "log.tracker=none", "lora.rank=2", "lora.alpha=2",
+         "lora.num_class_images=1"]
 PLACEHOLDER = ["model.base=sd15", "data.path=my-images"]  # what `gen lora CONFIG ... key=value` leaves out
 SMALLER = {"unet-folder": ["model.preset=tiny"], "dit-shapes": ["model.preset=DiT-T/2"]}  # recipe -> a smaller model
 

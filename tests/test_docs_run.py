@@ -151,7 +151,7 @@ def test_every_documented_command_runs(zygote, standins, tmp_path, capsys, recor
     jobs.sort(key=lambda job: -len(job[1]))  # the longest page first, the other worker takes the rest
     with ThreadPoolExecutor(2) as pool:
         results = [r for rs in pool.map(lambda job: run_page(*job), jobs) for r in rs]
-    ran = {page: len(lines) for page, lines in pages.items()}
+    ran = {page: len(pages.get(page, [])) for page in dict.fromkeys(page for page, _, _ in commands())}
     with capsys.disabled():
         print(f"\nran {sum(ran.values())} documented commands ("
               + ", ".join(f"{p.removeprefix('docs/')} {n}" for p, n in ran.items()) + f"), excused {len(excused)}")
@@ -160,7 +160,8 @@ def test_every_documented_command_runs(zygote, standins, tmp_path, capsys, recor
     record_property("documented_commands_run", sum(ran.values()))
     failed = [f"{page}: {line}\n  exit {code}: {err}" for page, line, _, code, err in results if code != 0]
     assert not failed, f"{len(failed)} documented commands failed:\n" + "\n".join(failed)
-    assert ran.keys() == {page for page, _, _ in commands()} and "README.md" in ran  # no page all excused
+    # development.md's are all excused: benchmarks (tests/test_bench_scripts.py), GPU-only, the lock
+    assert all(ran[page] for page in ran if page != "docs/development.md") and "README.md" in ran, ran
 
 
 def test_excuses_are_used_and_checked():
