@@ -391,7 +391,7 @@ class Pipeline:
                 shutil.rmtree(old, ignore_errors=True)
                 path.rename(old)
                 tmp.rename(path)
-                shutil.rmtree(old)
+                old.unlink() if old.is_symlink() else shutil.rmtree(old)  # a link to a folder: the link goes
             else:
                 tmp.rename(path)
         finally:

@@ -157,6 +157,10 @@ def test_save_pretrained_round_trip_keeps_defaults_and_recipe(dit_pipe, tmp_path
     assert again.defaults["steps"] == 7 and again.recipe == {"lr": 1e-4}
     assert again.formulation == dit_pipe.formulation
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folders left behind
+    (tmp_path / "link").symlink_to(tmp_path / "m")  # a link to a model folder (gen convert FILE LINK): the link is
+    dit_pipe.save_pretrained(tmp_path / "link")  # replaced by the folder written, what it pointed to is kept
+    assert not (tmp_path / "link").is_symlink() and (tmp_path / "m" / "model_index.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "m"]
     a = call(dit_pipe)
     again.progress = False
     assert np.abs(a - call(again)).max() == 0

@@ -424,15 +424,13 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
 def build_cache(config: str, overrides: list[str]) -> int:
     """`gen data cache CONFIG [key=value ...]`: build a training config's cache ahead of training
     (under `accelerate launch` to split it across processes)."""
-    from accelerate import Accelerator
-
     from train.config import load_config
     from train.data.cache import build
     from train.task import DenoiserTask
 
     cfg = load_config(config, list(overrides) + ["data.cache=true"])
     auto_precision(cfg)
-    acc = Accelerator()
+    acc = accelerator(cfg)  # as training's: without cpu=True on a CPU, each process of a launch thought it was alone
     dtype = weight_dtype(cfg.train.mixed_precision, acc.device)
     data = TrainData(cfg.data, cfg.train.seed)
     task = DenoiserTask(cfg, acc.device, dtype)
@@ -446,7 +444,11 @@ def _set_aside(folder: Path, main: bool, barrier) -> None:
     """train.resume=none where an earlier run left checkpoints: they move to a folder of their own, so that this run's
     are the only ones pruned, resumed (train.resume=auto) and named by `latest`."""
     if main and folder.is_dir() and any(folder.iterdir()):
-        aside = folder.with_name(f"{folder.name}-before-{time.strftime('%Y%m%d-%H%M%S')}")
+        stamp, n = f"{folder.name}-before-{time.strftime('%Y%m%d-%H%M%S')}", 1
+        aside = folder.with_name(stamp)
+        while aside.exists():  # an earlier run set aside in the same second
+            n += 1
+            aside = folder.with_name(f"{stamp}-{n}")
         folder.rename(aside)
         log.warning("train.resume=none: the earlier run's checkpoints in %s moved to %s; this run starts afresh",
                     folder, aside)

@@ -58,11 +58,15 @@ def test_two_processes_build_what_one_builds(shapes, base_dit, tmp_path):
     one, built = build(cfg, TrainData(cfg.data, 0), pipe, progress=False)
     assert built
     (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
-    # accelerate's multi-CPU mode under torchrun; the same thread count as here (CPU kernels may split sums by it)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(free_port()), "-m", "gen", "data", "cache", str(tmp_path / "cfg.yaml"),
-                        f"data.cache_dir={tmp_path / 'cache2'}", "log.progress=false"],
+    # docs/training.md's `accelerate launch --multi_gpu --num_processes 2 -m gen data cache`, on a machine without a
+    # GPU: both processes of the launch build one cache (process 0 holds its lock; the other must not take it too).
+    # (`ACCELERATE_USE_CPU=1 torchrun ...`, the page's other form, runs in tests/test_docs_run.py.) The same thread
+    # count as here: CPU kernels may split sums by it.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        "--main_process_port", str(free_port()), "-m", "gen", "data", "cache",
+                        str(tmp_path / "cfg.yaml"), f"data.cache_dir={tmp_path / 'cache2'}", "log.progress=false"],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     two = tmp_path / "cache2" / one.name  # the same key: same weights, data and settings

@@ -97,6 +97,25 @@ def test_a_fresh_run_in_an_earlier_runs_folder_resumes_its_own_checkpoints(base_
     assert losses(tmp_path / "straight") == losses(tmp_path / "run")
 
 
+def test_checkpoints_set_aside_twice_in_one_second_keep_both(tmp_path):
+    """Two train.resume=none runs in one second (tiny runs do that): the second set-aside gets its own name
+    (before: rename onto the first's folder, 'Directory not empty', exit 1)."""
+    import time
+
+    from train.loop import _set_aside
+
+    now = time.time()
+    taken = {tmp_path / f"checkpoints-before-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now + s))}"
+             for s in range(3)}  # whichever second the call falls in
+    for folder in taken:
+        (folder / "step-00000001").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-00000002").mkdir(parents=True)
+    _set_aside(tmp_path / "checkpoints", True, lambda: None)
+    moved = set(tmp_path.glob("checkpoints-before-*")) - taken
+    assert len(moved) == 1 and (moved.pop() / "step-00000002").is_dir() and not (tmp_path / "checkpoints").exists()
+    assert all((folder / "step-00000001").is_dir() for folder in taken)
+
+
 def test_resume_refuses_other_frozen_parts_but_not_a_moved_copy(base_dit, tmp_path):
     """The VAE and text encoder are not in checkpoints: another VAE (model.vae) is refused; the same base folder
     copied elsewhere resumes."""
