@@ -45,6 +45,8 @@ def shrink(argv: list[str]) -> list[str]:
         elif dotted:
             words += PLACEHOLDER
         keys = [k for k in TRAIN if sub == "lora" or not k.startswith("lora.")]
+        if any(w.startswith("train.blocks_to_swap=") for w in words):  # the tiny Flux has 2 blocks
+            keys.append("train.blocks_to_swap=1")
         return words + keys + [k for recipe, more in SMALLER.items() if recipe in words[1] for k in more]
     if words[:2] == ["data", "cache"]:
         return words + [k for k in TRAIN if k.startswith(("data.", "log.", "train.batch"))]
@@ -158,6 +160,11 @@ NAMES = {
     "src.png": "src.png", "photo.png": "src.png", "mask.png": "mask.png", "a1111.png": "a1111.png",
     "outputs/42.png": "42.png", "prompts.txt": "prompts.txt", "prompts.jsonl": "prompts.jsonl",
     "configs/my.yaml": "my.yaml", "bench": "bench", ".venv": "venv",
+    "sdxl": "sdxl", "flux-dev": "flux-dev", "my-sdxl-folder": "sdxl", "PATH/TO/FLUX.1-dev": "flux-dev",
+    "control_sd15_canny.safetensors": "control-sd15.safetensors",
+    "control_v11p_sd15_canny.safetensors": "control-sd15.safetensors", "canny-sdxl": "control-sdxl",
+    "depth-sdxl": "control-sdxl", "flux-canny": "control-flux", "house.png": "house.png", "edges.png": "src.png",
+    "depth.png": "src.png", "face.png": "src.png", "models": "ip-sd15", "sdxl_models": "ip-sdxl",
 }
 
 
@@ -231,8 +238,32 @@ def build(root: Path, gen) -> dict[str, Path]:
             f"train.output_dir={root / 'runs' / key}", "lora.format=kohya", *extra)
         out[f"{key}.safetensors"] = root / "runs" / key / "lora.safetensors"
     gen("sample", "a red circle", "--model", str(root / "sd"), "--seed", "42", "--out", str(root / "42.png"))
+    out |= controls_and_adapters(root)
+    gen("sample", "a house", "--model", str(root / "sd"), "--control",
+        f"canny:{root / 'control-sd15.safetensors'}:{root / 'src.png'}", *SAMPLE, "--out", str(root / "house.png"))
     return out | {p.name: p for p in root.iterdir() if p.is_file()} | {"images": root / "images",
                                                                        "embeddings": root / "embeddings"}
+
+
+def controls_and_adapters(root: Path) -> dict[str, Path]:
+    """ControlNets (an original-layout SD-1 file, an SDXL and a Flux folder) and h94-layout IP-Adapters (SD-1 and
+    SDXL, sharing one image encoder as h94's models/image_encoder) for the stand-in bases."""
+    from diffusers import ControlNetModel, FluxControlNetModel
+
+    from gen.control.files import to_original
+    from tests.conftest import quiet_pipeline
+    from tests.test_ip_adapter import h94_adapter
+
+    sd, sdxl = quiet_pipeline(root / "sd").denoiser, quiet_pipeline(root / "sdxl").denoiser
+    to_original(ControlNetModel.from_unet(sd, conditioning_embedding_out_channels=(8, 16)),
+                root / "control-sd15.safetensors")
+    ControlNetModel.from_unet(sdxl, conditioning_embedding_out_channels=(8, 16)).save_pretrained(root / "control-sdxl")
+    FluxControlNetModel.from_transformer(quiet_pipeline(root / "flux-dev").denoiser, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2).save_pretrained(
+        root / "control-flux")
+    h94_adapter(root / "ip-sd15", sd, "ip-adapter_sd15.safetensors")
+    h94_adapter(root / "ip-sdxl", sdxl, "ip-adapter_sdxl_vit-h.safetensors")
+    return {name: root / name for name in ("control-sdxl", "control-flux", "ip-sd15", "ip-sdxl")}
 
 
 def sd35_components() -> dict:
