@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from th
 import torch  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
-from train.swap import BlockSwap, blocks, offload_context  # noqa: E402
+from gen.memory import blocks  # noqa: E402
+from train.swap import BlockSwap, offload_context  # noqa: E402
 
 diffusers_logging.set_verbosity_error()  # .to(bf16) warns about fp32 modules that Flux has none of
 SIZES = {  # FluxTransformer2DModel configs; tokens: (image, text) at 512 px / 512 T5 tokens for small
@@ -100,7 +101,7 @@ def resident_weights(size: str, swap: int, dtype: torch.dtype) -> int:
 
         model = FluxTransformer2DModel(**SIZES[size][0]).to(dtype)
     found = blocks(model)
-    nbytes = [sum(p.numel() * p.element_size() for p in b.parameters()) for b in found[len(found) - swap:]]
+    nbytes = [sum(p.numel() * p.element_size() for p in b.parameters()) for _, b in found[len(found) - swap:]]
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     return total - sum(nbytes) + max(nbytes, default=0)
 

@@ -34,7 +34,8 @@ import torch  # noqa: E402
 from diffusers import AutoencoderKL, SD3Transformer2DModel  # noqa: E402
 from transformers import CLIPTextModelWithProjection, T5EncoderModel  # noqa: E402
 
-from gen.memory_plan import CLIP_L, FAMILIES, SD35_MEDIUM, T5_XXL, TEXT, VAE_16, build, count  # noqa: E402
+from gen.memory_plan import CLIP_L, FAMILIES, SD35_MEDIUM, T5_XXL, VAE_16, count  # noqa: E402
+from gen.memory_train import TEXT, build  # noqa: E402
 
 
 def peaks(params: dict[str, int], bytes_per_param: int) -> tuple[float, float]:

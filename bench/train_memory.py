@@ -3,25 +3,13 @@ formula against peaks measured on small sizes.
 
     .venv/bin/python bench/train_memory.py            # the recipes' table, then the check (CPU, ~2 min)
 
-Formula (bytes), for one optimizer step of the training loop (AdamW, train.mixed_precision by autocast):
-    weights      trainable parameters in fp32 (accelerate keeps fp32 masters) + frozen parts (VAE, text
-                 encoder(s), a LoRA's base) in the weight dtype (bf16/fp16 under mixed precision) + the
-                 denoiser's buffers (SD3's positional embedding) with its weights
-    gradients    trainable x 4
-    optimizer    trainable x 8 (AdamW's two moments)
-    EMA          trainable x 4 when train.ema_decay > 0
-    activations  what autograd keeps from the denoiser's forward for its backward, counted exactly by
-                 torch.autograd.graph.saved_tensors_hooks on a model built on the meta device (no memory,
-                 no compute, any size), tensors in the autocast dtype; plus the autocast copies of the
-                 trainable weights. With gradient checkpointing: what is saved outside the checkpointed
-                 units, their inputs, and the largest unit's activations (recomputed one unit at a time).
-    peak         = weights + optimizer + EMA + max(activations, gradients + the larger of AdamW's
-                 temporaries and (checkpointing) one unit's recomputed activations)
+The formula (bytes, one optimizer step: weights, gradients, optimizer, EMA, activations, peak) is
+gen/memory_train.py's; its docstring says what each term counts.
 AdamW's temporaries (its foreach implementation on CUDA) are one more fp32 copy of the trainable weights.
 The check runs real fp32 steps on CPU at small sizes under torch's MemTracker (every live tensor, by kind).
 The frozen VAE and text encoder run under no_grad: their transient activations are not counted.
 The SD3/Flux recipes leave model.base to the user: their rows are the released Flux-dev, SD3.5-large and
-SD3.5-medium (bench/memory.py's configs), with CLIP(s) + T5-XXL + VAE resident (data.cache off, as shipped),
+SD3.5-medium (gen.memory_plan's FAMILIES), with CLIP(s) + T5-XXL + VAE resident (data.cache off, as shipped),
 the step's inputs built by the family (gen/families/sd3.py, flux.py) and the LoRA targets the family's.
 """
 
@@ -160,12 +148,12 @@ def low_memory_rows(model: str = "Flux-dev", swaps: tuple[int, ...] = LOW_MEMORY
     """(setting, Memory) for configs/lora-sd3-flux.yaml on `model` at its 512 px, checkpointed, with data.cache (the
     text encoders and VAE off the GPU), each row adding one option: the fp8 base (lora.base_weights=fp8: the
     Linear weights gen.quant.store_fp8 stores take 1 byte), train.blocks_to_swap=N (the last N blocks' frozen
-    weights, train.swap.blocks, leave the GPU; the largest of them visits it), train.activation_offload (what
+    weights, gen.memory.blocks, leave the GPU; the largest of them visits it), train.activation_offload (what
     checkpointing keeps waits in host memory; the GPU holds one block's recompute)."""
     from gen import quant
     from gen.memory_plan import FAMILIES
     from train.config import load_config
-    from train.swap import blocks
+    from gen.memory import blocks
 
     cfg = load_config(ROOT / "configs" / MMDIT_RECIPES[0], extra={"data.path": ".", "model.base": SD15})
     t, o = cfg.train, cfg.lora
@@ -184,7 +172,7 @@ def low_memory_rows(model: str = "Flux-dev", swaps: tuple[int, ...] = LOW_MEMORY
     fp8 = dataclasses.replace(base, weights=base.weights - full + nbytes(m))
     rows = [("bf16 base, data.cache", base), ("fp8 base", fp8)]
     for i, n in enumerate(swaps):
-        per_block = [nbytes(b) for b in blocks(m)[-n:]]
+        per_block = [nbytes(b) for _, b in blocks(m)[-n:]]
         swapped = dataclasses.replace(fp8, weights=fp8.weights - sum(per_block) + max(per_block))
         if not i:
             rows.append((f"fp8 base + blocks_to_swap {n}", swapped))

@@ -61,6 +61,16 @@ def block_path(module: torch.nn.Module) -> list[str]:
     return max(lists)[2].split(".")[:-1] if lists else []
 
 
+def blocks(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, block) for `module`'s blocks in the order they run: the items of the ModuleLists (and Sequentials)
+    directly under the module block_path leads to, the groups diffusers' block-level offload makes (Flux:
+    transformer_blocks then single_transformer_blocks; a UNet: down_blocks then up_blocks)."""
+    path = ".".join(block_path(module))
+    owner, prefix = module.get_submodule(path), path + "." if path else ""
+    return [(f"{prefix}{name}.{i}", b) for name, c in owner.named_children()
+            if isinstance(c, (torch.nn.ModuleList, torch.nn.Sequential)) for i, b in enumerate(c)]
+
+
 class Streamed:
     """Streamed offload of the denoiser and the T5 text encoder (Pipeline) with diffusers' group-offloading hooks
     (diffusers.hooks.apply_group_offloading): their weights stay on the CPU and each group of `blocks` blocks

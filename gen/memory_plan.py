@@ -40,6 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
 from gen.errors import GenError
+from gen.memory_train import build, denoiser_key, estimate, family_forward, family_models, fused_attention_on_meta
 
 # ---- the released models' configs (diffusers / transformers config.json of each folder) ---------------------------
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -82,22 +83,8 @@ FAMILIES = {
     "Flux-dev": {"CLIP-L": (CLIPTextModel, CLIP_L), "T5-XXL": (T5EncoderModel, T5_XXL),
                  "MMDiT": (FluxTransformer2DModel, FLUX_DEV), "VAE": (AutoencoderKL, VAE_16)},
 }
-TEXT = ("CLIP-L", "CLIP-G", "T5-XXL")  # a folder's parts: text_encoder, text_encoder_2, ...
 PRESETS = {"sd15": "SD-1.5", "sdxl": "SDXL", "sd3.5-medium": "SD3.5-medium", "sd3.5-large": "SD3.5-large",
            "flux-dev": "Flux-dev"}  # gen info --memory NAME
-
-
-def is_text(name: str) -> bool:
-    return name in TEXT or name.startswith("text_encoder")
-
-
-def build(cls, config: dict) -> torch.nn.Module:
-    """A component from its class and config.json (a transformers tower or a diffusers model)."""
-    from transformers import PreTrainedModel
-
-    if issubclass(cls, PreTrainedModel):
-        return cls(cls.config_class(**config))
-    return cls.from_config(config)
 
 
 def count(cls, config: dict) -> int:
@@ -145,7 +132,6 @@ class LiveBytes(TorchDispatchMode):
 
 def transient(run) -> int:
     """Peak bytes of the live tensors `run()` allocates, no grad, attention counted as a fused kernel's."""
-    from gen.memory_train import fused_attention_on_meta
 
     with torch.no_grad(), fused_attention_on_meta(), LiveBytes() as live:
         run()
@@ -246,16 +232,13 @@ class Part:
 
     def held(self, mode: str | None, weights: str | None, b: int) -> float:
         """Bytes on the device while it runs: whole, or streamed (outside the blocks/layers + two of them)."""
-        from gen.memory import block_path
+        from gen.memory import blocks
 
         m = self.module
         if not self.streams or mode not in ("group", "sequential"):
             return self.nbytes(m, "", weights, b)
         if mode == "group":
-            path = ".".join(block_path(m))
-            container = m.get_submodule(path) if path else m
-            units = [(f"{path + '.' if path else ''}{name}.{i}", blk) for name, c in container.named_children()
-                     if isinstance(c, (torch.nn.ModuleList, torch.nn.Sequential)) for i, blk in enumerate(c)]
+            units = blocks(m)
         else:
             units = [(name, leaf) for name, leaf in m.named_modules()
                      if not list(leaf.children()) and any(True for _ in leaf.parameters(recurse=False))]
@@ -318,7 +301,6 @@ class MetaModel:
     """A model's components on the meta device in the compute dtype, and its phases' transient bytes at a size."""
 
     def __init__(self, parts: dict, dtype: torch.dtype):
-        from gen.memory_train import family_models
         from gen.prompt_weights import is_clip
 
         from diffusers.utils import logging as diffusers_logging
@@ -343,7 +325,6 @@ class MetaModel:
         return 1 if getattr(self.denoiser.config, "guidance_embeds", False) else 2
 
     def transients(self, height: int, width: int) -> dict[str, int]:
-        from gen.memory_train import family_forward
 
         n, lh, lw = self.cfg_batch(), height // self.factor, width // self.factor
         run = family_forward(self.family, self.texts)(self.denoiser, n, (lh, lw), self.dtype)
@@ -369,7 +350,6 @@ class MetaModel:
         text towers and VAE resident): checkpointing off, on, and on with the base's weights stored fp8."""
         import dataclasses
 
-        from gen.memory_train import denoiser_key, estimate, family_forward
 
         compute = {torch.float32: "no", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
         frozen = sum(p.numel() for c in self.components if c.kind != "denoiser" for p in c.module.parameters())

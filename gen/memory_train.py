@@ -175,20 +175,34 @@ class ZeroTokens(TextEncoder):
         return torch.zeros(len(prompts), self.max_length, dtype=torch.long, device=self.model.device)
 
 
+TEXT = ("CLIP-L", "CLIP-G", "T5-XXL")  # a folder's parts: text_encoder, text_encoder_2, ...
+
+
+def is_text(name: str) -> bool:
+    return name in TEXT or name.startswith("text_encoder")
+
+
+def build(cls, config: dict) -> torch.nn.Module:
+    """A component from its class and config.json (a transformers tower or a diffusers model)."""
+    from transformers import PreTrainedModel
+
+    if issubclass(cls, PreTrainedModel):
+        return cls(cls.config_class(**config))
+    return cls.from_config(config)
+
+
 def family_models(parts: dict, dtype: torch.dtype, device: str = "meta") -> tuple:
     """(text towers, their ZeroTokens, VAE, denoiser, family) of a model given as gen.memory_plan's FAMILIES
     entries ({component: (class, config)}): the towers on `device` in `dtype`, the VAE and the denoiser on meta,
     the family detected from the live models as gen.Pipeline does, the text token lengths the family's
     (text_max_length, else the tower's max_position_embeddings)."""
     from gen.families import detect_models
-    from gen.memory_plan import build as build_part
-    from gen.memory_plan import is_text
 
     with torch.device(device):
-        towers = [build_part(*parts[name]).to(dtype) for name in parts if is_text(name)]
+        towers = [build(*parts[name]).to(dtype) for name in parts if is_text(name)]
     with torch.device("meta"):
-        vae = build_part(*parts["VAE"])
-        denoiser = build_part(*parts[denoiser_key(parts)])
+        vae = build(*parts["VAE"])
+        denoiser = build(*parts[denoiser_key(parts)])
         family = detect_models(denoiser, towers)
     names = [f"text_encoder{'_' + str(i + 1) if i else ''}" for i in range(len(towers))]
     texts = [ZeroTokens(t, None, max_length=family.text_max_length.get(n) or t.config.max_position_embeddings)
@@ -197,17 +211,13 @@ def family_models(parts: dict, dtype: torch.dtype, device: str = "meta") -> tupl
 
 
 def denoiser_key(parts: dict) -> str:
-    from gen.memory_plan import is_text
-
     return next(name for name in parts if not is_text(name) and name != "VAE")
 
 
 def family_setup(parts: dict, dtype: torch.dtype, device: str = "meta") -> tuple:
     """(denoiser builder, family_forward, frozen parameters, VAE factor, family) of a model given as
     gen.memory_plan's FAMILIES entries: its text towers (on `device`) and VAE (counted on meta) frozen."""
-    from gen.memory_plan import build as build_part
-
     towers, texts, vae, _, family = family_models(parts, dtype, device)
     frozen = sum(p.numel() for m in (*towers, vae) for p in m.parameters())
-    return (lambda: build_part(*parts[denoiser_key(parts)]), family_forward(family, texts), frozen,
+    return (lambda: build(*parts[denoiser_key(parts)]), family_forward(family, texts), frozen,
             2 ** (len(vae.config.block_out_channels) - 1), family)

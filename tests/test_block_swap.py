@@ -18,7 +18,8 @@ from train.config import load_config
 from train.data import TrainData, loader
 from train.loop import train
 from train.lora import LoraTask
-from train.swap import blocks, offload_context
+from gen.memory import blocks
+from train.swap import offload_context
 
 CONFIGS = {"flux": "configs/lora-sd3-flux.yaml", "sd3": "configs/lora-sd3-flux.yaml", "unet": "configs/lora-sd.yaml",
            "dit": "configs/lora-sd.yaml"}

@@ -74,6 +74,20 @@ def _ours(pipe, nets, images, weights, starts, ends, seed=7, steps=3, guidance=6
 CASES = {"one": ([0.7], [0.0], [1.0]), "two": ([0.7, 1.2], [0.0, 0.3], [0.7, 1.0])}
 
 
+def matches_diffusers(family, ours, nets, theirs, hint_images, case, image_key="image", theirs_kw=None, **kw):
+    """gen's images of one CASES case, checked against diffusers' ControlNet pipeline's (<= 1e-4); `image_key`: the
+    pipeline's name for the hint, `kw`: settings of both, `theirs_kw`: diffusers' only."""
+    n = len(CASES[case][0])
+    args = (nets[:n], hint_images[:n], *CASES[case])
+    kwargs = _diffusers_args(*args, **{k: v for k, v in kw.items() if k in ("guidance", "size")})
+    kwargs[image_key] = kwargs.pop("image")
+    expected = theirs[case](**kwargs, **(theirs_kw or {})).images
+    got = _ours(ours, *args, **kw)
+    print(f"{family} {case}: max abs diff {np.abs(got - expected).max():.2e}")
+    assert np.abs(got - expected).max() <= 1e-4
+    return got
+
+
 # ---- SD-1.x -----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
@@ -93,14 +107,10 @@ def sd(tmp_path_factory):
 @pytest.mark.parametrize("case", CASES)
 def test_sd_controlnet_matches_diffusers(sd, hint_images, case):
     _, ours, nets, theirs = sd
-    n = len(CASES[case][0])
-    args = (nets[:n], hint_images[:n], *CASES[case])
-    expected = theirs[case](negative_prompt=["blurry"] * 2, **_diffusers_args(*args)).images
-    got = _ours(ours, *args, negative_prompt="blurry")
+    got = matches_diffusers("sd", ours, nets, theirs, hint_images, case, theirs_kw=dict(negative_prompt=["blurry"] * 2),
+                            negative_prompt="blurry")
     plain = ours(PROMPTS, negative_prompt="blurry", num_inference_steps=3, guidance_scale=6.0, seed=7,
                  output_type="np", height=SIZE, width=SIZE).images
-    print(f"sd {case}: max abs diff {np.abs(got - expected).max():.2e}")
-    assert np.abs(got - expected).max() <= 1e-4
     assert np.abs(got - plain).max() > 0.05  # the ControlNet changed the image
 
 
@@ -147,13 +157,7 @@ def sdxl(tmp_path_factory):
 
 @pytest.mark.parametrize("case", CASES)
 def test_sdxl_controlnet_matches_diffusers(sdxl, hint_images, case):
-    ours, nets, theirs = sdxl
-    n = len(CASES[case][0])
-    args = (nets[:n], hint_images[:n], *CASES[case])
-    expected = theirs[case](**_diffusers_args(*args)).images
-    got = _ours(ours, *args)
-    print(f"sdxl {case}: max abs diff {np.abs(got - expected).max():.2e}")
-    assert np.abs(got - expected).max() <= 1e-4
+    matches_diffusers("sdxl", *sdxl, hint_images, case)
 
 
 # ---- Flux -------------------------------------------------------------------------------------------------------
@@ -174,14 +178,7 @@ def flux(tmp_path_factory):
 
 @pytest.mark.parametrize("case", CASES)
 def test_flux_controlnet_matches_diffusers(flux, hint_images, case):
-    ours, nets, theirs = flux
-    n = len(CASES[case][0])
-    args = (nets[:n], hint_images[:n], *CASES[case])
-    kwargs = _diffusers_args(*args, guidance=3.5, size=16)
-    expected = theirs[case](control_image=kwargs.pop("image"), **kwargs).images
-    got = _ours(ours, *args, guidance=3.5, size=16)
-    print(f"flux {case}: max abs diff {np.abs(got - expected).max():.2e}")
-    assert np.abs(got - expected).max() <= 1e-4
+    matches_diffusers("flux", *flux, hint_images, case, "control_image", guidance=3.5, size=16)
 
 
 # ---- refusals, preprocessors, the command line ------------------------------------------------------------------
@@ -268,16 +265,10 @@ def sd3(tmp_path_factory):
 @pytest.mark.parametrize("case", CASES)
 def test_sd3_controlnet_matches_diffusers(sd3, hint_images, case):
     ours, nets, theirs = sd3
-    n = len(CASES[case][0])
-    args = (nets[:n], hint_images[:n], *CASES[case])
-    kwargs = _diffusers_args(*args, size=16)
-    expected = theirs[case](control_image=kwargs.pop("image"), **kwargs).images
-    got = _ours(ours, *args, size=16)
+    got = matches_diffusers("sd3", ours, nets, theirs, hint_images, case, "control_image", size=16)
     plain = ours(PROMPTS, num_inference_steps=3, guidance_scale=6.0, seed=7, output_type="np", height=16,
                  width=16).images
-    print(f"sd3 {case}: max abs diff {np.abs(got - expected).max():.2e}, from no ControlNet "
-          f"{np.abs(got - plain).max():.2e}")
-    assert np.abs(got - expected).max() <= 1e-4
+    print(f"sd3 {case}: from no ControlNet {np.abs(got - plain).max():.2e}")
     assert np.abs(got - plain).max() > 0.01
 
 

@@ -11,7 +11,7 @@ import torch
 
 from gen import memory_plan as mp
 from gen.errors import GenError
-from gen.memory_train import denoiser_key, family_forward, family_models
+from gen.memory_train import build, denoiser_key, family_forward, family_models
 from tests.conftest import quiet_pipeline, tiny_flux_components, tiny_sd3_components
 
 BOUND = 0.10  # |predicted / measured - 1| of the transient peaks (measured: -5.5% .. +0.0% on these models)
@@ -103,7 +103,7 @@ def test_predicted_transient_peaks_are_within_the_bound_of_the_measured(folder):
     predicted = meta.transients(64, 64)
     _, texts, _, _, family = family_models(parts, torch.float32, "cpu")
     torch.manual_seed(0)
-    denoiser, vae = mp.build(*parts[denoiser_key(parts)]), mp.build(*parts["VAE"])
+    denoiser, vae = build(*parts[denoiser_key(parts)]), build(*parts["VAE"])
     latent = 64 // meta.factor
     run = family_forward(family, texts)(denoiser, meta.cfg_batch(), (latent, latent), torch.float32)
     z = torch.randn(1, vae.config.latent_channels, latent, latent)

@@ -2,7 +2,7 @@
 --blocks_to_swap) and activation offload (`train.activation_offload`).
 
 Block swap: the frozen weights of the denoiser's last N blocks (in the order they run: the blocks of the ModuleLists
-gen.memory.block_path finds, UNet down + up blocks, DiT/MMDiT blocks, Flux double then single blocks) live in
+gen.memory.blocks finds, UNet down + up blocks, DiT/MMDiT blocks, Flux double then single blocks) live in
 (pinned) host memory. A hook copies a block's weights to the device just before its forward and drops the copy right
 after; autograd keeps, for the backward, a reference to the host weight instead of the device copy (a saved-tensors
 hook around the block), and the backward copies it back for the one node that needs it. Everything else autograd
@@ -24,16 +24,9 @@ import torch
 from torch import nn
 
 from gen.errors import GenError
-from gen.memory import block_path
+from gen.memory import blocks
 
 log = logging.getLogger("gen")
-
-
-def blocks(model: nn.Module) -> list[nn.Module]:
-    """The denoiser's blocks in the order they run: the items of the ModuleLists directly under the module that
-    gen.memory.block_path leads to (Flux: transformer_blocks then single_transformer_blocks)."""
-    owner = model.get_submodule(".".join(block_path(model)))
-    return [b for _, child in owner.named_children() if isinstance(child, nn.ModuleList) for b in child]
 
 
 class _Hooks(torch.autograd.graph.saved_tensors_hooks):
@@ -65,7 +58,7 @@ class BlockSwap:
     forward, one saved weight at a time in the backward."""
 
     def __init__(self, model: nn.Module, n: int, device: torch.device):
-        found = blocks(model)
+        found = [b for _, b in blocks(model)]
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(found):
             raise GenError(f"config key 'train.blocks_to_swap': the {type(model).__name__} has {len(found)} blocks; "
                            f"give 0 (off) to {len(found)}, not {n!r}")

@@ -43,16 +43,19 @@ class Controlled:
         self.family, self.predict = pipe.family, predict
         self.items = list(zip(controls, nets, hints))
         self.keep = [True] * len(self.items)
+        self.tiled = {}  # (net, batch) -> its hint tiled to the batch (the CFG batch doubles it), made once
 
     def at_step(self, i: int, n: int) -> None:
         self.keep = [not (i / n < c.start or (i + 1) / n > c.end) for c, _, _ in self.items]
 
     def __call__(self, x, t, cond, **kwargs):
         total = {}
-        for (c, net, hint), keep in zip(self.items, self.keep):
+        for j, ((c, net, hint), keep) in enumerate(zip(self.items, self.keep)):
             if not keep or not c.weight:  # diffusers runs it at scale 0: its residuals are zeros
                 continue
-            hint = hint.repeat(x.shape[0] // hint.shape[0], *[1] * (hint.ndim - 1))
+            if (j, x.shape[0]) not in self.tiled:
+                self.tiled[j, x.shape[0]] = hint.repeat(x.shape[0] // hint.shape[0], *[1] * (hint.ndim - 1))
+            hint = self.tiled[j, x.shape[0]]
             out = self.family.control_call(net, x, t, cond, hint, float(c.weight))
             total = {k: _add(total.get(k), v) for k, v in out.items()}
         return self.predict(x, t, cond, **kwargs, **total)

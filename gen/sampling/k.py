@@ -202,19 +202,24 @@ def dpmpp_sde(model, x, sigmas, noise, callback=None, eta=1.0, r=0.5):
     return x
 
 
-def dpmpp_2m(model, x, sigmas, noise, callback=None):
-    """DPM-Solver++(2M) (Lu et al. 2022b; k-diffusion's sample_dpmpp_2m)."""
+def dpmpp_2m(model, x, sigmas, noise, callback=None, cfg_pp=False):
+    """DPM-Solver++(2M) (Lu et al. 2022b; k-diffusion's sample_dpmpp_2m); `cfg_pp`: its CFG++ form (ComfyUI's
+    dpmpp_2m_cfg_pp), renoised along the unconditional prediction (with none, or without cfg_pp, that is the guided
+    one and the update is DPM-Solver++(2M)'s: x' = e^-h x + (1 - e^-h) (D + (D - D_prev) / 2r))."""
     old = None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
-        t, t_next = _t(sigmas[i]), _t(sigmas[i + 1])
-        h = t_next - t
-        d = denoised
-        if old is not None and sigmas[i + 1] != 0:
-            r = (t - _t(sigmas[i - 1])) / h
-            d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
-        x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * d
-        old = denoised
+        along = model.uncond_denoised if cfg_pp else denoised
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            h = _t(sigmas[i + 1]) - _t(sigmas[i])
+            mix = -(-h).exp() * along
+            if old is not None:
+                r = (_t(sigmas[i]) - _t(sigmas[i - 1])) / h
+                mix = mix - (-h).expm1() / (2 * r) * (denoised - old)
+            x = denoised + mix + (-h).exp() * x
+        old = along
         callback and callback(i, x)
     return x
 
@@ -288,22 +293,7 @@ def euler_cfg_pp(model, x, sigmas, noise, callback=None):
 
 def dpmpp_2m_cfg_pp(model, x, sigmas, noise, callback=None):
     """DPM-Solver++(2M) CFG++ (as ComfyUI's dpmpp_2m_cfg_pp); with no unconditional pass it is dpm++2m."""
-    old = None
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i])
-        uncond = model.uncond_denoised
-        if sigmas[i + 1] == 0:
-            x = denoised
-        else:
-            h = _t(sigmas[i + 1]) - _t(sigmas[i])
-            mix = -(-h).exp() * uncond
-            if old is not None:
-                r = (_t(sigmas[i]) - _t(sigmas[i - 1])) / h
-                mix = mix - (-h).expm1() / (2 * r) * (denoised - old)
-            x = denoised + mix + (-h).exp() * x
-        old = uncond
-        callback and callback(i, x)
-    return x
+    return dpmpp_2m(model, x, sigmas, noise, callback, cfg_pp=True)
 
 
 def res_multistep(model, x, sigmas, noise, callback=None):
