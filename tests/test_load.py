@@ -1,6 +1,7 @@
 """Load: sampling many batches keeps memory flat, and so does a long loop that keeps changing the LoRA scale.
 Measured as resident memory (/proc/self/statm) and as the number of live torch tensors."""
 
+import ctypes
 import gc
 import os
 
@@ -14,6 +15,9 @@ RUN = dict(num_inference_steps=1, height=32, width=32, output_type="pil")
 
 
 def rss_mib() -> float:
+    """Resident memory after glibc has handed its freed heap back, so that what remains is what is held."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
@@ -24,8 +28,11 @@ def live_tensors() -> int:
 
 
 def flat(series: list[float], tolerance: float) -> bool:
-    """No growth from the first measured point to the last beyond `tolerance`."""
-    return max(series) - series[0] <= tolerance
+    """No growth beyond `tolerance` over the second half of the series. A leak grows at every batch; a one-off step
+    (an allocator arena or a cache reaching its size late in warm-up) is not one, and a CI run showed such a step of
+    19 MiB between the first two points, flat to 0.02 MiB after."""
+    half = series[len(series) // 2:]
+    return max(half) - half[0] <= tolerance
 
 
 def test_sampling_64_images_in_batches_keeps_memory_flat(dit_pipe):

@@ -123,12 +123,12 @@ def write_config(base, run, path, **kw):
     return path
 
 
-def same_end(a, b) -> None:
+def same_end(a, b, steps: int = STEPS) -> None:
     """Both runs' last checkpoints hold bitwise the same weights, EMA and optimizer state, after the same losses."""
-    x, y = checkpoint_tensors(a, STEPS), checkpoint_tensors(b, STEPS)
+    x, y = checkpoint_tensors(a, steps), checkpoint_tensors(b, steps)
     for part in x:
         assert x[part].keys() == y[part].keys() and all(torch.equal(x[part][k], y[part][k]) for k in x[part]), part
-    assert losses(a) == losses(b) and len(losses(a)) == STEPS
+    assert losses(a) == losses(b) and len(losses(a)) == steps
 
 
 @pytest.fixture(scope="module")
@@ -215,39 +215,45 @@ def test_the_lock_of_a_dead_run_is_taken_over(base_dit, tmp_path, caplog):
 
 
 def test_two_processes_stop_together_and_resume_bitwise(base_dit, tmp_path):
-    config = write_config(base_dit, tmp_path / "unused", tmp_path / "config.yaml")
+    # more steps than the one-process runs: two processes step fast, and the signal must land before the last one
+    # (a CI run at 8 steps saw the SIGUSR1 checkpoint fall on the final step)
+    n = 5 * STEPS
+    config = write_config(base_dit, tmp_path / "unused", tmp_path / "config.yaml", train__max_steps=n)
 
     # SIGUSR1 to process 1 alone: process 0 saves at the same step (else one would wait for the other forever)
     ref = tmp_path / "reference"
     proc = Proc(launch(config, f"train.output_dir={ref}"))
-    proc.until(lambda: rows(ref) >= 2, "logged step 2")
+    proc.until(lambda: len(workers(proc.pid)) == 2, "started two processes")
     ranks = workers(proc.pid)
     assert sorted(ranks) == [0, 1]
+    proc.until(lambda: rows(ref) >= 2, "logged step 2")
     with frozen(ranks.values()):
         os.kill(ranks[1], signal.SIGUSR1)
     assert proc.finish() == 0, proc.err[-3000:]
     extra, last = steps(ref)
-    assert 2 <= extra < STEPS and last == STEPS
+    assert 2 <= extra < n and last == n
     saved = {p.name for p in (ref / "checkpoints" / f"step-{extra:08d}").iterdir()}
     assert {"rng-0.json", "rng-1.json", "model.json"} <= saved  # both processes wrote their parts
 
     # SIGTERM to the launcher: it passes it on, both processes finish the step and save one checkpoint
     run = tmp_path / "run"
     proc = Proc(launch(config, f"train.output_dir={run}"))
+    proc.until(lambda: len(workers(proc.pid)) == 2, "started two processes")
+    pids = workers(proc.pid).values()
     proc.until(lambda: rows(run) >= 2, "logged step 2")
-    with frozen(workers(proc.pid).values()):
+    with frozen(pids):
         os.kill(proc.pid, signal.SIGTERM)
     assert proc.finish() != 0
     stopped = [line for line in proc.err.splitlines() if line.startswith("gen: stopped at step")]
     assert len(stopped) == 1 and "(SIGTERM)" in stopped[0], proc.err[-3000:]  # said once, by process 0
     k = int(stopped[0].split()[4])
-    assert 2 <= k < STEPS and steps(run) == [k]
+    assert 2 <= k < n and steps(run) == [k]
     assert {"rng-0.json", "rng-1.json"} <= {p.name for p in (run / "checkpoints" / f"step-{k:08d}").iterdir()}
     assert not list((run / "checkpoints").glob(".tmp-*")) and not (run / LOCK).exists()
 
     proc = Proc(launch(config, f"train.output_dir={run}"))  # resume=auto under 2 processes
     assert proc.finish() == 0, proc.err[-3000:]
-    same_end(ref, run)
+    same_end(ref, run, n)
 
 
 @pytest.mark.parametrize("budget", ["train.time_limit", "SLURM_JOB_END_TIME"])
