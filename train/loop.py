@@ -9,6 +9,7 @@ other piece of state (weights, EMA, optimizer, LR schedule, grad scaler, RNG sta
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -207,7 +208,14 @@ def train(cfg: Config, task_class=None) -> Path:
                   acc.is_main_process)
     with hold(Path(cfg.train.output_dir), "train.output_dir", acc), guard, Repeats(cfg.train.output_dir,
                                                                                   acc.is_main_process):
-        return _train(cfg, task_class, acc, dtype, guard)
+        out = _train(cfg, task_class, acc, dtype, guard)
+    # the process group goes last, after DDP's reducer and the optimizer that reference it are freed: torch can hang
+    # at exit when a live DDP model outlives its process group (a 2-process run's rank 1 outlived its launcher)
+    if acc.num_processes > 1:
+        acc.free_memory()
+        gc.collect()
+    acc.end_training()
+    return out
 
 
 def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Path:
@@ -417,7 +425,6 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
         print(f"wrote {out}", file=sys.stderr)
     trackers.close()
     acc.wait_for_everyone()
-    acc.end_training()
     return out
 
 
