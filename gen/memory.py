@@ -1,6 +1,7 @@
 """Memory options that change where and in what pieces the work runs, never the maths: VAE tiling/slicing and
 streamed (group) offload. Each is a switch on the modules as diffusers has it (AutoencoderKL.enable_tiling,
-diffusers.hooks.apply_group_offloading), so the models' code stays as it is. Weight storage is gen/quant.
+diffusers.hooks.apply_group_offloading), so the models' code stays as it is. Weight storage is gen/quant. Also the
+device and dtype a pipeline runs in (resolve_device, resolve_dtype).
 """
 
 from __future__ import annotations
@@ -9,6 +10,33 @@ import torch
 
 from gen.errors import GenError
 from gen.models import vae as vae_lib
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise GenError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GenError("device 'cuda' was asked for, but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """fp32 on CPU by default, fp16 on CUDA."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise GenError(f"unknown dtype {dtype!r}; choose from fp32, fp16, bf16")
+    return DTYPES[dtype]
+
 
 VAE_TILE = 512  # pixels: the tile a 2048 px SDXL or 2 MP Flux image is decoded in, memory as a 512 px decode
 

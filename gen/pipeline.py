@@ -3,61 +3,30 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
-import json
 import logging
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
-from tqdm.auto import tqdm
 
 from gen import attention as attn
-from gen import families, formulations, img2img, ip_adapter
+from gen import families, folder, formulations, img2img, ip_adapter
 from gen import prompt_weights as pw
 from gen.errors import GenError
-from gen.guidance import SkipLayers, check_guidance, guided_prediction, uses_cfg
-from gen.io import load_model, read_json
+from gen.guidance import SkipLayers, check_guidance, uses_cfg
+from gen.memory import resolve_device, resolve_dtype
 from gen.models import vae as vae_lib
 from gen.models.text import TextEncoder
 from gen.output import PipelineOutput
-from gen.samplers import default_sampler, folder_defaults, make_scheduler, own_schedule, saved_scheduler
+from gen.samplers import default_sampler, denoise, folder_defaults, make_scheduler, own_schedule
 from gen.sampling import run as ksampling
 
 log = logging.getLogger("gen")
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default"
-GEN_CONFIG = "gen_config.json"
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_SEED = 2 ** 64 - 1
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise GenError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GenError("device 'cuda' was asked for, but no CUDA GPU is available; use --device cpu")
-    return device
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """fp32 on CPU by default, fp16 on CUDA."""
-    if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise GenError(f"unknown dtype {dtype!r}; choose from fp32, fp16, bf16")
-    return DTYPES[dtype]
 
 
 class Pipeline:
@@ -290,8 +259,6 @@ class Pipeline:
         layer, or upcast on load), or "nf4", "fp4", "int8": the Linear layers quantized by bitsandbytes
         (gen/quant/bnb.py); a .gguf file is a GGUF transformer (with `base`). `vae_tiling`: True, or a tile
         size in pixels, is enable_vae_tiling(...). `ip_adapter` (with `image_encoder`) is load_ip_adapter(...)."""
-        from diffusers import AutoencoderKL
-
         from gen import memory, quant
 
         if offload or offload_blocks != 1:
@@ -315,33 +282,11 @@ class Pipeline:
             pipe = cls(**parts, attention=attention, compile=compile, channels_last=channels_last)
             pipe = pipe._place(device, dtype, offload, weights, vae_tiling, offload_blocks)
             return pipe._with_ip_adapter(ip_adapter, image_encoder, allow_pickle)
-        if not (path / "model_index.json").is_file():
-            raise GenError(f"{path} is not a model folder (no model_index.json); expected the diffusers layout")
         if vae or text_encoders or ema:
             raise GenError("--vae, --text-encoder and --ema are for a single-file model; a folder's parts are its "
                            "subfolders")
-        index = read_json(path / "model_index.json")
-        family = families.detect_folder(path, index)
-        texts = [p for pair in family.text_parts for p in pair]
-        for part in [*texts, "vae", family.denoiser_part, "scheduler"]:
-            if not (path / part).is_dir():
-                raise GenError(f"{path} is missing the {part}/ folder; a {family.title} folder needs "
-                               f"{', '.join(texts)}, vae/, {family.denoiser_part}/ and scheduler/")
-        parts = {enc: load_model(family.text_class(enc), path / enc, allow_pickle, dtype)
-                 for enc, _ in family.text_parts}
-        for _, tok in family.text_parts:
-            try:
-                parts[tok] = family.tokenizer_class(tok).from_pretrained(path / tok)
-            except (OSError, ValueError, TypeError) as e:
-                raise GenError(f"could not load {path / tok}: {str(e).splitlines()[0]}") from None
-        vae = load_model(AutoencoderKL, path / "vae", allow_pickle, dtype)
-        denoiser = load_model(family.denoiser_class(), path / family.denoiser_part, allow_pickle, dtype)
-        scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
-        extra = read_json(path / GEN_CONFIG) if (path / GEN_CONFIG).is_file() else {}
-        formulation = formulations.from_dict(extra["formulation"]) if "formulation" in extra else None
-        pipe = cls(vae=vae, denoiser=denoiser, scheduler_config=scheduler_config, formulation=formulation,
-                   defaults=extra.get("sampling"), recipe=extra.get("recipe"), name=path.name, attention=attention,
-                   compile=compile, channels_last=channels_last, family=family, **parts)
+        pipe = cls(**folder.load(path, allow_pickle, dtype), attention=attention, compile=compile,
+                   channels_last=channels_last)
         pipe = pipe._place(device, dtype, offload, weights, vae_tiling, offload_blocks)
         return pipe._with_ip_adapter(ip_adapter, image_encoder, allow_pickle)
 
@@ -382,34 +327,7 @@ class Pipeline:
             from gen import single_file as sf
 
             return sf.save(self, path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            self._write(tmp)
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                path.rename(old)
-                tmp.rename(path)
-                old.unlink() if old.is_symlink() else shutil.rmtree(old)  # a link to a folder: the link goes
-            else:
-                tmp.rename(path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    def _write(self, path: Path) -> None:
-        for (enc, tok), text in zip(self.family.text_parts, self.texts):
-            text.model.save_pretrained(path / enc)
-            text.tokenizer.save_pretrained(path / tok)
-        self.vae.save_pretrained(path / "vae")
-        self.denoiser.save_pretrained(path / self.family.denoiser_part)
-        scheduler = saved_scheduler(self.defaults["sampler"], self.formulation, self.scheduler_config)
-        scheduler.save_pretrained(path / "scheduler")
-        index = self.family.index(type(scheduler).__name__)
-        (path / "model_index.json").write_text(json.dumps(index, indent=2))
-        extra = {"formulation": formulations.to_dict(self.formulation), "sampling": self.defaults,
-                 "recipe": self.recipe}
-        (path / GEN_CONFIG).write_text(json.dumps(extra, indent=2, default=str))
+        return folder.save(self, path)
 
     # ---- LoRA (gen/lora.py does the work) ----------------------------------------------------
     @property
@@ -682,13 +600,7 @@ class Pipeline:
             return PipelineOutput(latents, seeds)
         with self._on_device(self.vae):
             images = img2img.finish(source, vae_lib.decode(self.vae, latents))  # (B, 3, H, W) in [0, 1]
-        if output_type == "pt":
-            return PipelineOutput(images, seeds)
-        array = images.cpu().permute(0, 2, 3, 1).float().numpy()
-        if output_type == "np":
-            return PipelineOutput(array, seeds)
-        from PIL import Image
-        return PipelineOutput([Image.fromarray(a) for a in (array * 255).round().astype("uint8")], seeds)
+        return PipelineOutput.of(images, output_type, seeds)
 
     def _generators(self, seed, generator, n):
         if generator is not None:
@@ -718,24 +630,3 @@ class Pipeline:
         if output_type not in OUTPUT_TYPES:
             raise GenError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, not {output_type!r}")
 
-
-def denoise(predict, scheduler, latents: torch.Tensor, cond: dict, uncond_cond: dict | None, scale: float,
-            rescale: float = 0.0, interval: tuple[float, float] = (0.0, 1.0), generator=None,
-            progress_bar: dict | None = None, first: int = 0, after_step=None,
-            skip_layers: SkipLayers | None = None) -> torch.Tensor:
-    """The sampling loop: `predict(x, t, cond)` over the scheduler's timesteps from index `first` on (img2img),
-    with CFG in one batched forward where `uncond_cond` (the negative and positive conditioning, concatenated)
-    is given; `after_step(i, latents) -> latents` after each step (inpainting's blend); skip-layer guidance on
-    the guided steps it covers (a third, conditional pass with `predict(..., skip_layers=...)`).
-    `progress_bar`: tqdm keyword arguments for a bar over the steps (None: no bar)."""
-    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    scale_input = getattr(scheduler, "scale_model_input", None)  # FlowMatch schedulers need none
-    timesteps = scheduler.timesteps[first:]
-    bar = {"desc": "sampling", "leave": False, **progress_bar} if progress_bar is not None else {"disable": True}
-    for i, t in enumerate(tqdm(timesteps, **bar)):
-        pred = guided_prediction(predict, latents, t, i, len(timesteps), cond, uncond_cond, scale, rescale, interval,
-                                 skip_layers, scale_input)
-        latents = scheduler.step(pred, t, latents, return_dict=False, **step_kwargs)[0]
-        if after_step is not None:
-            latents = after_step(first + i, latents)
-    return latents

@@ -1,15 +1,20 @@
-"""Sampler names -> diffusers schedulers configured for the model's formulation."""
+"""Sampler names -> diffusers schedulers configured for the model's formulation, and the sampling loop over them
+(`denoise`; gen/sampling runs the k-diffusion-style samplers)."""
 
 from __future__ import annotations
 
 import inspect
 
+import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
                        HeunDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
 
+from tqdm.auto import tqdm
+
 from gen.errors import GenError
 from gen.formulations import Formulation
+from gen.guidance import SkipLayers, guided_prediction
 
 # name -> (formulation kind, scheduler class, settings that define the sampler)
 SAMPLERS = {
@@ -114,3 +119,25 @@ def sampler_name(scheduler_config: dict, formulation: Formulation) -> str | None
         if cls.__name__ == cls_name and kind == formulation.kind:
             return name
     return None
+
+
+def denoise(predict, scheduler, latents: torch.Tensor, cond: dict, uncond_cond: dict | None, scale: float,
+            rescale: float = 0.0, interval: tuple[float, float] = (0.0, 1.0), generator=None,
+            progress_bar: dict | None = None, first: int = 0, after_step=None,
+            skip_layers: SkipLayers | None = None) -> torch.Tensor:
+    """The sampling loop: `predict(x, t, cond)` over the scheduler's timesteps from index `first` on (img2img),
+    with CFG in one batched forward where `uncond_cond` (the negative and positive conditioning, concatenated)
+    is given; `after_step(i, latents) -> latents` after each step (inpainting's blend); skip-layer guidance on
+    the guided steps it covers (a third, conditional pass with `predict(..., skip_layers=...)`).
+    `progress_bar`: tqdm keyword arguments for a bar over the steps (None: no bar)."""
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    scale_input = getattr(scheduler, "scale_model_input", None)  # FlowMatch schedulers need none
+    timesteps = scheduler.timesteps[first:]
+    bar = {"desc": "sampling", "leave": False, **progress_bar} if progress_bar is not None else {"disable": True}
+    for i, t in enumerate(tqdm(timesteps, **bar)):
+        pred = guided_prediction(predict, latents, t, i, len(timesteps), cond, uncond_cond, scale, rescale, interval,
+                                 skip_layers, scale_input)
+        latents = scheduler.step(pred, t, latents, return_dict=False, **step_kwargs)[0]
+        if after_step is not None:
+            latents = after_step(first + i, latents)
+    return latents

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from gen.cli import DOCS, _merge_parser, build_parser
+from gen.cli import build_parser
+from gen.commands import DOCS, _merge_parser
 from gen.errors import GenError
 from train.chain import STAGES
 from train.config import load_config

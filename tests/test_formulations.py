@@ -6,7 +6,7 @@ from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from gen.errors import GenError
 from gen.formulations import DDPM, Flow, from_dict, from_scheduler_config, to_dict
-from gen.pipeline import denoise
+from gen.samplers import denoise
 from gen.samplers import SAMPLERS, check_sampler, make_scheduler
 
 

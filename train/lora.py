@@ -21,8 +21,8 @@ from torch import nn
 from gen import formulations, quant
 from gen import lora as lora_lib
 from gen.errors import GenError
+from gen.folder import GEN_CONFIG
 from gen.io import read_json
-from gen.pipeline import GEN_CONFIG
 from train.config import Config
 from train.swap import BlockSwap
 from train.task import DenoiserTask, WithText, signature

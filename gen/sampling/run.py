@@ -82,7 +82,7 @@ def prepare(pipe, sched: str, steps: int, latents: torch.Tensor, img2img: bool) 
 
 def run(s: names.Sampler, plan, predict, latents, cond, both, scale, rescale, interval, skip_layers, generators,
         seeds, progress_bar) -> torch.Tensor:
-    """gen.pipeline.denoise's counterpart for the k-diffusion-style samplers: the same guided prediction (step i is
+    """gen.samplers.denoise's counterpart for the k-diffusion-style samplers: the same guided prediction (step i is
     the sampler's step, whatever number of model calls it takes)."""
     ms, sig, noise_scale = plan
     n = len(sig) - 1
