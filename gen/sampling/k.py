@@ -281,14 +281,47 @@ def dpmpp_3m_sde(model, x, sigmas, noise, callback=None, eta=1.0):
     return x
 
 
-def euler_cfg_pp(model, x, sigmas, noise, callback=None):
-    """Euler CFG++ (Chung et al. 2024, as ComfyUI's euler_cfg_pp): the guided estimate, renoised along the
-    unconditional prediction's noise (the guidance scale is CFG++'s, about 0.5 to 2)."""
+def ddim_cfg_pp(model, x, sigmas, noise, callback=None):
+    """DDIM (eta 0; Song et al. 2021) with CFG++'s renoising (Chung et al. 2024; A1111's "DDIM CFG++"): the guided
+    D, renoised to the next sigma along the unconditional prediction U's noise, x' = alpha' D + sigma' (x - alpha U)
+    / sigma, where DDIM's is x' = alpha' D + sigma' (x - alpha D) / sigma (the guidance scale is CFG++'s, 0 to 1:
+    A1111 divides its CFG scale by 12.5). With no unconditional pass it is DDIM, which is Euler."""
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
-        x = denoised + to_d(x, sigmas[i], model.uncond_denoised) * sigmas[i + 1]
+        x = model.renoise(denoised, model.noise_of(x, model.uncond_denoised, sigmas[i]), sigmas[i + 1])
         callback and callback(i, x)
     return x
+
+
+def euler_cfg_pp(model, x, sigmas, noise, callback=None):
+    """Euler CFG++ (ComfyUI's euler_cfg_pp, its ancestral CFG++ step at eta 0): DDIM CFG++'s step, Euler's ODE step
+    being DDIM's; for flow models the data part is kept at alpha' = 1 - sigma' (ComfyUI's CONST branch)."""
+    return ddim_cfg_pp(model, x, sigmas, noise, callback)
+
+
+def gradient_estimation(model, x, sigmas, noise, callback=None, ge_gamma=2.0, cfg_pp=False):
+    """Gradient estimation (Permenter & Yuan 2024, "Interpreting and improving diffusion models from an optimization
+    perspective"; ComfyUI's gradient_estimation): Euler steps along d + (gamma - 1)(d - d_prev), the derivative
+    extrapolated from the last step's; `cfg_pp`: d from the unconditional prediction, renoised as ddim_cfg_pp."""
+    old = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        d = to_d(x, sigmas[i], model.uncond_denoised if cfg_pp else denoised)
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            x = denoised + d * sigmas[i + 1] if cfg_pp else x + d * dt
+            if old is not None:
+                x = x + (ge_gamma - 1) * (d - old) * dt
+        old = d
+        callback and callback(i, x)
+    return x
+
+
+def gradient_estimation_cfg_pp(model, x, sigmas, noise, callback=None):
+    """Gradient estimation with CFG++ (ComfyUI's gradient_estimation_cfg_pp)."""
+    return gradient_estimation(model, x, sigmas, noise, callback, cfg_pp=True)
 
 
 def dpmpp_2m_cfg_pp(model, x, sigmas, noise, callback=None):
@@ -322,8 +355,8 @@ def er_sde(model, x, sigmas, noise, callback=None, max_stage=3):
     def scaler(lam):
         return lam * ((lam ** 0.3).exp() + 10.0)
 
-    if model.kind == "flow":  # lambda is infinite at sigma 1: start a hair below it, as ComfyUI does
-        sigmas = torch.cat([sigmas[:1].clamp(max=1 - 1e-4), sigmas[1:]])
+    if model.kind == "flow" and sigmas[0] >= 1:  # lambda is infinite at sigma 1: start at timestep 1 - 1e-4's sigma
+        sigmas = torch.cat([model.shift(torch.tensor([1 - 1e-4], dtype=torch.float64)).to(sigmas), sigmas[1:]])
     alphas = model.alpha(sigmas.double())  # the coefficients in float64, whatever the latents' dtype
     lams = sigmas.double() / alphas
     points = torch.arange(200, dtype=torch.float64, device=sigmas.device)
