@@ -10,15 +10,18 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from gen.formulations import DDPM
-from gen.sampling import k, schedules
+from gen.sampling import k, names, schedules
 from gen.sampling.model import BrownianNoise, Denoiser, GeneratorNoise
+from tests.conftest import quiet_pipeline
 from tests.vendor.k_diffusion import sampling as kd
 
 TOL = 1e-5
+PROMPT = "a red circle"
 SEEDS = [3, 4]  # one per image: image k's noise is its own generator's / Brownian tree's
 
 
@@ -99,6 +102,60 @@ def test_sampler_equals_k_diffusion(case, schedule):
     assert ref.abs().max() > 0.1 and diff <= TOL
     if ours is not k.euler:  # the comparison can fail: each sampler lands somewhere Euler does not
         assert float((got - plain).abs().max()) > 100 * TOL
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("steps", [8, 10, 12])
+def test_dpm_fast_equals_k_diffusion(steps, eta):
+    """A1111's "DPM fast": steps model calls from sigma_max to sigma_min (where both end), orders 3, ..., 2, 1."""
+    ms = model()
+    sigmas = schedules.karras(ms, steps).double()
+    x = start(ms, sigmas)
+    ends = -sigmas[0].log(), -sigmas[-2].log()  # k-diffusion's t = -log sigma, in float64 as gen's
+    calls = []
+    with torch.no_grad():
+        ref = kd.DPMSolver(lambda x, sigma: ms(x, sigma[0])).dpm_solver_fast(x, *ends, steps, eta=eta,
+                                                                           noise_sampler=ancestral_noise(x))
+        got = k.dpm_fast(ms, x, sigmas, ancestral_noise(x), callback=lambda i, _: calls.append(i), eta=eta)
+    diff = float((got - ref).abs().max())
+    print(f"k-diffusion parity dpm_fast eta {eta} {steps} calls: max abs diff {diff:.2e}")
+    assert diff <= TOL and calls == list(range(steps))
+    assert float((got - k.euler(ms, x, sigmas, None)).abs().max()) > 100 * TOL
+
+
+@pytest.mark.parametrize("eta,order", [(0.0, 3), (0.0, 2), (1.0, 3)])
+def test_dpm_adaptive_equals_k_diffusion(eta, order):
+    """A1111's "DPM adaptive": its own step sizes (PID-controlled), the same accepted and rejected steps."""
+    ms = model()
+    sigmas = schedules.karras(ms, 8).double()
+    x = start(ms, sigmas)
+    ends = -sigmas[0].log(), -sigmas[-2].log()
+    calls = []
+    with torch.no_grad():
+        ref, info = kd.DPMSolver(lambda x, sigma: ms(x, sigma[0])).dpm_solver_adaptive(
+            x, *ends, order=order, eta=eta, noise_sampler=ancestral_noise(x))
+        got = k.dpm_adaptive(ms, x, sigmas, ancestral_noise(x), callback=lambda i, _: calls.append(i), eta=eta,
+                             order=order)
+    diff = float((got - ref).abs().max())
+    print(f"k-diffusion parity dpm_adaptive eta {eta} order {order}: max abs diff {diff:.2e}, {info['nfe']} calls "
+          f"({info['n_accept']} steps accepted, {info['n_reject']} rejected)")
+    assert diff <= TOL and len(calls) == info["nfe"] > 8
+
+
+def test_dpm_fast_and_adaptive_by_their_a1111_names_sample_a_tiny_sd(sd_folder):
+    """Through the pipeline, by A1111's names on A1111's default (Uniform) schedule: an image, not noise: within
+    reach of a 40-step Euler image, as a 6-step Euler image is."""
+    pipe = quiet_pipeline(sd_folder)
+    kw = dict(height=16, width=16, seed=5, output_type="np", guidance_scale=3.0)
+    ref = pipe(PROMPT, num_inference_steps=40, sampler="euler", schedule="uniform", **kw).images[0]
+    euler_err = float(np.abs(pipe(PROMPT, num_inference_steps=6, sampler="euler", schedule="uniform",
+                                  **kw).images[0] - ref).max())
+    for name in ("DPM fast", "DPM adaptive"):
+        s, sched = names.from_a1111(name, "Automatic", 0.0, "ddpm")
+        got = pipe(PROMPT, num_inference_steps=6, sampler=s, schedule=sched, **kw).images[0]
+        err = float(np.abs(got - ref).max())
+        print(f"sd {name} ({s}, {sched}) vs euler 40 steps: max abs diff {err:.2e} (euler 6: {euler_err:.2e})")
+        assert np.isfinite(got).all() and got.std() > 0.01 and err < 2 * euler_err + 0.02
 
 
 def test_gens_brownian_noise_is_k_diffusions_brownian_tree_noise():

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from gen.sampling import schedules
+from gen.sampling.dpm_solver import dpm_adaptive, dpm_fast  # in NOISE below: each sampler function is k's
 
 
 def to_d(x, sigma, denoised):
@@ -534,6 +535,6 @@ def ddpm(model, x, sigmas, noise, callback=None):
 NOISE = {euler_ancestral: "ancestral", dpm_2_ancestral: "ancestral", dpmpp_2s_ancestral: "ancestral",
          lcm: "ancestral", ddpm: "ancestral", tcd: "ancestral", restart: "ancestral", er_sde: "ancestral",
          dpmpp_sde: "sde", dpmpp_2m_sde: "sde", dpmpp_2m_sde_heun: "sde",
-         dpmpp_3m_sde: "sde"}
+         dpmpp_3m_sde: "sde", dpm_fast: "ancestral", dpm_adaptive: "ancestral"}
 # the VP-only samplers: their steps assume x = x_0 + sigma noise with unbounded sigma (no flow counterpart here)
 VP_ONLY = {dpmpp_sde, dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_3m_sde, ddpm}

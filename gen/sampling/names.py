@@ -50,6 +50,8 @@ SAMPLERS = [
     Sampler("dpm++2m-sde", k.dpmpp_2m_sde, None, "DPM++ 2M SDE", "dpmpp_2m_sde"),
     Sampler("dpm++2m-sde-heun", k.dpmpp_2m_sde_heun, None, "DPM++ 2M SDE Heun", None),
     Sampler("dpm++3m-sde", k.dpmpp_3m_sde, None, "DPM++ 3M SDE", "dpmpp_3m_sde"),
+    Sampler("dpm-fast", k.dpm_fast, None, "DPM fast", "dpm_fast"),
+    Sampler("dpm-adaptive", k.dpm_adaptive, None, "DPM adaptive", "dpm_adaptive"),
     Sampler("ipndm", k.ipndm, None, None, "ipndm"),
     Sampler("deis", k.deis, None, None, "deis"),
     Sampler("unipc-bh1", k.unipc_bh1, None, None, "uni_pc"),
