@@ -93,15 +93,25 @@ def ref_heunpp2(ms, x, sigmas, noise):
     return x
 
 
-def ref_res_multistep(ms, x, sigmas, noise):
+def ref_res_multistep(ms, x, sigmas, noise, cfg_pp=False):
     """ComfyUI's res_multistep at eta 0 (arXiv 2308.02157's second-order multistep): in t = -log sigma, h = t' - t,
     c2 = (t_prev - t) / h, phi1 = (e^-h - 1) / -h, phi2 = (phi1 - 1) / -h, b1 = phi1 - phi2 / c2, b2 = phi2 / c2,
-    x' = e^-h x + h (b1 D + b2 D_prev); Euler on the first step and into sigma 0."""
+    x' = e^-h x + h (b1 D + b2 D_prev); Euler on the first step and into sigma 0. res_multistep_cfg_pp: the Euler
+    step D + sigma' (x - U) / sigma, and x + D - U stepped on U and U_prev."""
     old = None
     for i in range(len(sigmas) - 1):
-        denoised, _ = both(ms, x, sigmas[i])
-        if old is None or sigmas[i + 1] == 0:
+        denoised, uncond = both(ms, x, sigmas[i])
+        if cfg_pp and (old is None or sigmas[i + 1] == 0):
+            x = denoised + (x - uncond) / sigmas[i] * sigmas[i + 1]
+        elif old is None or sigmas[i + 1] == 0:
             x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+        elif cfg_pp:
+            t, t_next, t_prev = -sigmas[i].log(), -sigmas[i + 1].log(), -sigmas[i - 1].log()
+            h = t_next - t
+            phi1 = torch.expm1(-h) / -h
+            phi2 = (phi1 - 1) / -h
+            x = torch.exp(-h) * (x + denoised - uncond) + h * ((phi1 - phi2 / ((t_prev - t) / h)) * uncond
+                                                               + phi2 / ((t_prev - t) / h) * old)
         else:
             t, t_next, t_prev = -sigmas[i].log(), -sigmas[i + 1].log(), -sigmas[i - 1].log()
             h = t_next - t
@@ -109,7 +119,7 @@ def ref_res_multistep(ms, x, sigmas, noise):
             phi1 = torch.expm1(-h) / -h
             phi2 = (phi1 - 1) / -h
             x = torch.exp(-h) * x + h * ((phi1 - phi2 / c2) * denoised + phi2 / c2 * old)
-        old = denoised
+        old = uncond if cfg_pp else denoised
     return x
 
 
@@ -197,6 +207,7 @@ def ref_gradient_estimation(ms, x, sigmas, noise, cfg_pp=False):
 
 CASES = [(k.ipndm, ref_ipndm), (k.heunpp2, ref_heunpp2), (k.res_multistep, ref_res_multistep),
          (k.er_sde, ref_er_sde), (k.euler_cfg_pp, ref_euler_cfg_pp), (k.dpmpp_2m_cfg_pp, ref_dpmpp_2m_cfg_pp),
+         (k.res_multistep_cfg_pp, lambda *a: ref_res_multistep(*a, cfg_pp=True)),
          (k.gradient_estimation, ref_gradient_estimation),
          (k.gradient_estimation_cfg_pp, lambda *a: ref_gradient_estimation(*a, cfg_pp=True))]
 
@@ -252,7 +263,8 @@ def test_ddim_cfg_pp_differs_from_diffusers_ddim_by_the_renoising_term_alone():
 def test_cfg_pp_names():
     for name, fn in [("DDIM CFG++", k.ddim_cfg_pp), ("ddim-cfg++", k.ddim_cfg_pp),
                      ("gradient_estimation", k.gradient_estimation),
-                     ("gradient_estimation_cfg_pp", k.gradient_estimation_cfg_pp)]:
+                     ("gradient_estimation_cfg_pp", k.gradient_estimation_cfg_pp),
+                     ("res_multistep_cfg_pp", k.res_multistep_cfg_pp)]:
         s, _ = names.sampler(name)
         assert s.fn is fn and s.kinds == ("ddpm", "flow"), name
     # A1111's DDIM CFG++ is a timestep sampler (sd_samplers_timesteps.py): the model's own schedule

@@ -330,24 +330,31 @@ def dpmpp_2m_cfg_pp(model, x, sigmas, noise, callback=None):
     return dpmpp_2m(model, x, sigmas, noise, callback, cfg_pp=True)
 
 
-def res_multistep(model, x, sigmas, noise, callback=None):
+def res_multistep(model, x, sigmas, noise, callback=None, cfg_pp=False):
     """RES second-order multistep (Zhang et al. 2023, arXiv 2308.02157; ComfyUI's res_multistep): exponential
-    integrator weights phi_1, phi_2 on this and the last denoised estimate; Euler first and last."""
+    integrator weights phi_1, phi_2 on this and the last denoised estimate; Euler first and last. `cfg_pp`: ComfyUI's
+    res_multistep_cfg_pp, the estimates U unconditional and the guidance D - U added to x before the step."""
     old = None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
+        along = model.uncond_denoised if cfg_pp else denoised
         if old is None or sigmas[i + 1] == 0:
-            x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+            x = denoised + to_d(x, sigmas[i], along) * sigmas[i + 1]
         else:
             t = _t(sigmas[i])
             h = _t(sigmas[i + 1]) - t
             c2 = (_t(sigmas[i - 1]) - t) / h
             phi1 = (-h).expm1() / -h
             b2 = (phi1 - 1) / -h / c2
-            x = (-h).exp() * x + h * ((phi1 - b2) * denoised + b2 * old)
-        old = denoised
+            x = (-h).exp() * (x + denoised - along) + h * ((phi1 - b2) * along + b2 * old)
+        old = along
         callback and callback(i, x)
     return x
+
+
+def res_multistep_cfg_pp(model, x, sigmas, noise, callback=None):
+    """RES multistep with CFG++ (ComfyUI's res_multistep_cfg_pp)."""
+    return res_multistep(model, x, sigmas, noise, callback, cfg_pp=True)
 
 
 def er_sde(model, x, sigmas, noise, callback=None, max_stage=3):

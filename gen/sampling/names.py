@@ -56,6 +56,7 @@ SAMPLERS = [
     Sampler("deis", k.deis, None, None, "deis"),
     Sampler("unipc-bh1", k.unipc_bh1, None, None, "uni_pc"),
     Sampler("res-multistep", k.res_multistep, None, None, "res_multistep"),
+    Sampler("res-multistep-cfg++", k.res_multistep_cfg_pp, None, None, "res_multistep_cfg_pp"),
     Sampler("er-sde", k.er_sde, None, None, "er_sde"),
     Sampler("euler-cfg++", k.euler_cfg_pp, None, None, "euler_cfg_pp"),
     Sampler("dpm++2m-cfg++", k.dpmpp_2m_cfg_pp, None, None, "dpmpp_2m_cfg_pp"),
