@@ -16,6 +16,7 @@ from diffusers import DDIMScheduler
 from gen.formulations import DDPM, Flow
 from gen.sampling import k, names, schedules
 from gen.sampling.model import Denoiser, GeneratorNoise
+from tests.vendor.k_diffusion import sampling as kd
 
 TOL = 1e-5
 GUIDANCE = 2.0
@@ -159,13 +160,21 @@ def ref_er_sde(ms, x, sigmas, noise):
     return x
 
 
-def ref_euler_cfg_pp(ms, x, sigmas, noise):
-    """ComfyUI's sample_euler_cfg_pp (sample_euler_ancestral_cfg_pp at eta 0): d = (x - alpha U) / sigma, then
-    x' = alpha' D + sigma' d (sigma_down at eta 0 is sigma'); x = D on the step to sigma 0."""
+def ref_euler_cfg_pp(ms, x, sigmas, noise, eta=0.0):
+    """ComfyUI's sample_euler_ancestral_cfg_pp (sample_euler_cfg_pp: at eta 0): d = (x - alpha U) / sigma;
+    get_ancestral_step(sigma / alpha, sigma' / alpha', eta) gives (down, up); x' = alpha' D + alpha' down d
+    + alpha' up noise; x = D on the step to sigma 0."""
     for i in range(len(sigmas) - 1):
         denoised, uncond = both(ms, x, sigmas[i])
-        d = (x - alpha(ms, sigmas[i]) * uncond) / sigmas[i]
-        x = denoised if sigmas[i + 1] == 0 else alpha(ms, sigmas[i + 1]) * denoised + sigmas[i + 1] * d
+        a, a_next = alpha(ms, sigmas[i]), alpha(ms, sigmas[i + 1])
+        d = (x - a * uncond) / sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        down, up = kd.get_ancestral_step(sigmas[i] / a, sigmas[i + 1] / a_next, eta=eta)
+        x = a_next * denoised + a_next * down * d
+        if eta:
+            x = x + a_next * noise(sigmas[i], sigmas[i + 1]) * up
     return x
 
 
@@ -207,6 +216,7 @@ def ref_gradient_estimation(ms, x, sigmas, noise, cfg_pp=False):
 
 CASES = [(k.ipndm, ref_ipndm), (k.heunpp2, ref_heunpp2), (k.res_multistep, ref_res_multistep),
          (k.er_sde, ref_er_sde), (k.euler_cfg_pp, ref_euler_cfg_pp), (k.dpmpp_2m_cfg_pp, ref_dpmpp_2m_cfg_pp),
+         (k.euler_ancestral_cfg_pp, lambda *a: ref_euler_cfg_pp(*a, eta=1.0)),
          (k.res_multistep_cfg_pp, lambda *a: ref_res_multistep(*a, cfg_pp=True)),
          (k.gradient_estimation, ref_gradient_estimation),
          (k.gradient_estimation_cfg_pp, lambda *a: ref_gradient_estimation(*a, cfg_pp=True))]
@@ -264,7 +274,8 @@ def test_cfg_pp_names():
     for name, fn in [("DDIM CFG++", k.ddim_cfg_pp), ("ddim-cfg++", k.ddim_cfg_pp),
                      ("gradient_estimation", k.gradient_estimation),
                      ("gradient_estimation_cfg_pp", k.gradient_estimation_cfg_pp),
-                     ("res_multistep_cfg_pp", k.res_multistep_cfg_pp)]:
+                     ("res_multistep_cfg_pp", k.res_multistep_cfg_pp),
+                     ("euler_ancestral_cfg_pp", k.euler_ancestral_cfg_pp)]:
         s, _ = names.sampler(name)
         assert s.fn is fn and s.kinds == ("ddpm", "flow"), name
     # A1111's DDIM CFG++ is a timestep sampler (sd_samplers_timesteps.py): the model's own schedule

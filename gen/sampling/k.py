@@ -282,14 +282,22 @@ def dpmpp_3m_sde(model, x, sigmas, noise, callback=None, eta=1.0):
     return x
 
 
-def ddim_cfg_pp(model, x, sigmas, noise, callback=None):
-    """DDIM (eta 0; Song et al. 2021) with CFG++'s renoising (Chung et al. 2024; A1111's "DDIM CFG++"): the guided
-    D, renoised to the next sigma along the unconditional prediction U's noise, x' = alpha' D + sigma' (x - alpha U)
+def ddim_cfg_pp(model, x, sigmas, noise, callback=None, eta=0.0):
+    """DDIM (Song et al. 2021) with CFG++'s renoising (Chung et al. 2024; A1111's "DDIM CFG++"): the guided D,
+    renoised to the next sigma along the unconditional prediction U's noise, x' = alpha' D + sigma' (x - alpha U)
     / sigma, where DDIM's is x' = alpha' D + sigma' (x - alpha D) / sigma (the guidance scale is CFG++'s, 0 to 1:
-    A1111 divides its CFG scale by 12.5). With no unconditional pass it is DDIM, which is Euler."""
+    A1111 divides its CFG scale by 12.5). With no unconditional pass it is DDIM, which is Euler. `eta`: ComfyUI's
+    euler_ancestral_cfg_pp, the ancestral split taken on sigma / alpha and fresh noise scaled by alpha'."""
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
-        x = model.renoise(denoised, model.noise_of(x, model.uncond_denoised, sigmas[i]), sigmas[i + 1])
+        d = model.noise_of(x, model.uncond_denoised, sigmas[i])
+        if not eta or sigmas[i + 1] == 0:
+            x = model.renoise(denoised, d, sigmas[i + 1])
+        else:
+            a, a_next = model.alpha(sigmas[i]), model.alpha(sigmas[i + 1])
+            s, s_next = sigmas[i] / a, sigmas[i + 1] / a_next  # k-diffusion's get_ancestral_step, there
+            up = torch.minimum(s_next, eta * s_next * (1 - (s_next / s) ** 2) ** 0.5)  # flow's s = inf at sigma 1
+            x = a_next * (denoised + noise(sigmas[i], sigmas[i + 1]) * up) + a_next * (s_next ** 2 - up ** 2) ** 0.5 * d
         callback and callback(i, x)
     return x
 
@@ -298,6 +306,11 @@ def euler_cfg_pp(model, x, sigmas, noise, callback=None):
     """Euler CFG++ (ComfyUI's euler_cfg_pp, its ancestral CFG++ step at eta 0): DDIM CFG++'s step, Euler's ODE step
     being DDIM's; for flow models the data part is kept at alpha' = 1 - sigma' (ComfyUI's CONST branch)."""
     return ddim_cfg_pp(model, x, sigmas, noise, callback)
+
+
+def euler_ancestral_cfg_pp(model, x, sigmas, noise, callback=None, eta=1.0):
+    """Ancestral Euler CFG++ (ComfyUI's euler_ancestral_cfg_pp): DDIM CFG++ at eta 1."""
+    return ddim_cfg_pp(model, x, sigmas, noise, callback, eta)
 
 
 def gradient_estimation(model, x, sigmas, noise, callback=None, ge_gamma=2.0, cfg_pp=False):
@@ -542,6 +555,7 @@ def ddpm(model, x, sigmas, noise, callback=None):
 NOISE = {euler_ancestral: "ancestral", dpm_2_ancestral: "ancestral", dpmpp_2s_ancestral: "ancestral",
          lcm: "ancestral", ddpm: "ancestral", tcd: "ancestral", restart: "ancestral", er_sde: "ancestral",
          dpmpp_sde: "sde", dpmpp_2m_sde: "sde", dpmpp_2m_sde_heun: "sde",
-         dpmpp_3m_sde: "sde", dpm_fast: "ancestral", dpm_adaptive: "ancestral"}
+         dpmpp_3m_sde: "sde", dpm_fast: "ancestral", dpm_adaptive: "ancestral",
+         euler_ancestral_cfg_pp: "ancestral"}
 # the VP-only samplers: their steps assume x = x_0 + sigma noise with unbounded sigma (no flow counterpart here)
 VP_ONLY = {dpmpp_sde, dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_3m_sde, ddpm}

@@ -61,6 +61,7 @@ SAMPLERS = [
     Sampler("euler-cfg++", k.euler_cfg_pp, None, None, "euler_cfg_pp"),
     Sampler("dpm++2m-cfg++", k.dpmpp_2m_cfg_pp, None, None, "dpmpp_2m_cfg_pp"),
     Sampler("ddim-cfg++", k.ddim_cfg_pp, None, "DDIM CFG++", None),
+    Sampler("euler-a-cfg++", k.euler_ancestral_cfg_pp, None, None, "euler_ancestral_cfg_pp"),
     Sampler("gradient-estimation", k.gradient_estimation, None, None, "gradient_estimation"),
     Sampler("gradient-estimation-cfg++", k.gradient_estimation_cfg_pp, None, None, "gradient_estimation_cfg_pp"),
     Sampler("restart", k.restart, None, "Restart", None),
