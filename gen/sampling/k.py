@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from gen.sampling import schedules
+from gen.sampling.dpm_solver import dpm_adaptive, dpm_fast  # in NOISE below: each sampler function is k's
 
 
 def to_d(x, sigma, denoised):
@@ -281,14 +282,60 @@ def dpmpp_3m_sde(model, x, sigmas, noise, callback=None, eta=1.0):
     return x
 
 
-def euler_cfg_pp(model, x, sigmas, noise, callback=None):
-    """Euler CFG++ (Chung et al. 2024, as ComfyUI's euler_cfg_pp): the guided estimate, renoised along the
-    unconditional prediction's noise (the guidance scale is CFG++'s, about 0.5 to 2)."""
+def ddim_cfg_pp(model, x, sigmas, noise, callback=None, eta=0.0):
+    """DDIM (Song et al. 2021) with CFG++'s renoising (Chung et al. 2024; A1111's "DDIM CFG++"): the guided D,
+    renoised to the next sigma along the unconditional prediction U's noise, x' = alpha' D + sigma' (x - alpha U)
+    / sigma, where DDIM's is x' = alpha' D + sigma' (x - alpha D) / sigma (the guidance scale is CFG++'s, 0 to 1:
+    A1111 divides its CFG scale by 12.5). With no unconditional pass it is DDIM, which is Euler. `eta`: ComfyUI's
+    euler_ancestral_cfg_pp, the ancestral split taken on sigma / alpha and fresh noise scaled by alpha'."""
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
-        x = denoised + to_d(x, sigmas[i], model.uncond_denoised) * sigmas[i + 1]
+        d = model.noise_of(x, model.uncond_denoised, sigmas[i])
+        if not eta or sigmas[i + 1] == 0:
+            x = model.renoise(denoised, d, sigmas[i + 1])
+        else:
+            a, a_next = model.alpha(sigmas[i]), model.alpha(sigmas[i + 1])
+            s, s_next = sigmas[i] / a, sigmas[i + 1] / a_next  # k-diffusion's get_ancestral_step, there
+            up = torch.minimum(s_next, eta * s_next * (1 - (s_next / s) ** 2) ** 0.5)  # flow's s = inf at sigma 1
+            x = a_next * (denoised + noise(sigmas[i], sigmas[i + 1]) * up) + a_next * (s_next ** 2 - up ** 2) ** 0.5 * d
         callback and callback(i, x)
     return x
+
+
+def euler_cfg_pp(model, x, sigmas, noise, callback=None):
+    """Euler CFG++ (ComfyUI's euler_cfg_pp, its ancestral CFG++ step at eta 0): DDIM CFG++'s step, Euler's ODE step
+    being DDIM's; for flow models the data part is kept at alpha' = 1 - sigma' (ComfyUI's CONST branch)."""
+    return ddim_cfg_pp(model, x, sigmas, noise, callback)
+
+
+def euler_ancestral_cfg_pp(model, x, sigmas, noise, callback=None, eta=1.0):
+    """Ancestral Euler CFG++ (ComfyUI's euler_ancestral_cfg_pp): DDIM CFG++ at eta 1."""
+    return ddim_cfg_pp(model, x, sigmas, noise, callback, eta)
+
+
+def gradient_estimation(model, x, sigmas, noise, callback=None, ge_gamma=2.0, cfg_pp=False):
+    """Gradient estimation (Permenter & Yuan 2024, "Interpreting and improving diffusion models from an optimization
+    perspective"; ComfyUI's gradient_estimation): Euler steps along d + (gamma - 1)(d - d_prev), the derivative
+    extrapolated from the last step's; `cfg_pp`: d from the unconditional prediction, renoised as ddim_cfg_pp."""
+    old = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        d = to_d(x, sigmas[i], model.uncond_denoised if cfg_pp else denoised)
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            x = denoised + d * sigmas[i + 1] if cfg_pp else x + d * dt
+            if old is not None:
+                x = x + (ge_gamma - 1) * (d - old) * dt
+        old = d
+        callback and callback(i, x)
+    return x
+
+
+def gradient_estimation_cfg_pp(model, x, sigmas, noise, callback=None):
+    """Gradient estimation with CFG++ (ComfyUI's gradient_estimation_cfg_pp)."""
+    return gradient_estimation(model, x, sigmas, noise, callback, cfg_pp=True)
 
 
 def dpmpp_2m_cfg_pp(model, x, sigmas, noise, callback=None):
@@ -296,24 +343,31 @@ def dpmpp_2m_cfg_pp(model, x, sigmas, noise, callback=None):
     return dpmpp_2m(model, x, sigmas, noise, callback, cfg_pp=True)
 
 
-def res_multistep(model, x, sigmas, noise, callback=None):
+def res_multistep(model, x, sigmas, noise, callback=None, cfg_pp=False):
     """RES second-order multistep (Zhang et al. 2023, arXiv 2308.02157; ComfyUI's res_multistep): exponential
-    integrator weights phi_1, phi_2 on this and the last denoised estimate; Euler first and last."""
+    integrator weights phi_1, phi_2 on this and the last denoised estimate; Euler first and last. `cfg_pp`: ComfyUI's
+    res_multistep_cfg_pp, the estimates U unconditional and the guidance D - U added to x before the step."""
     old = None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
+        along = model.uncond_denoised if cfg_pp else denoised
         if old is None or sigmas[i + 1] == 0:
-            x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+            x = denoised + to_d(x, sigmas[i], along) * sigmas[i + 1]
         else:
             t = _t(sigmas[i])
             h = _t(sigmas[i + 1]) - t
             c2 = (_t(sigmas[i - 1]) - t) / h
             phi1 = (-h).expm1() / -h
             b2 = (phi1 - 1) / -h / c2
-            x = (-h).exp() * x + h * ((phi1 - b2) * denoised + b2 * old)
-        old = denoised
+            x = (-h).exp() * (x + denoised - along) + h * ((phi1 - b2) * along + b2 * old)
+        old = along
         callback and callback(i, x)
     return x
+
+
+def res_multistep_cfg_pp(model, x, sigmas, noise, callback=None):
+    """RES multistep with CFG++ (ComfyUI's res_multistep_cfg_pp)."""
+    return res_multistep(model, x, sigmas, noise, callback, cfg_pp=True)
 
 
 def er_sde(model, x, sigmas, noise, callback=None, max_stage=3):
@@ -322,8 +376,8 @@ def er_sde(model, x, sigmas, noise, callback=None, max_stage=3):
     def scaler(lam):
         return lam * ((lam ** 0.3).exp() + 10.0)
 
-    if model.kind == "flow":  # lambda is infinite at sigma 1: start a hair below it, as ComfyUI does
-        sigmas = torch.cat([sigmas[:1].clamp(max=1 - 1e-4), sigmas[1:]])
+    if model.kind == "flow" and sigmas[0] >= 1:  # lambda is infinite at sigma 1: start at timestep 1 - 1e-4's sigma
+        sigmas = torch.cat([model.shift(torch.tensor([1 - 1e-4], dtype=torch.float64)).to(sigmas), sigmas[1:]])
     alphas = model.alpha(sigmas.double())  # the coefficients in float64, whatever the latents' dtype
     lams = sigmas.double() / alphas
     points = torch.arange(200, dtype=torch.float64, device=sigmas.device)
@@ -501,6 +555,7 @@ def ddpm(model, x, sigmas, noise, callback=None):
 NOISE = {euler_ancestral: "ancestral", dpm_2_ancestral: "ancestral", dpmpp_2s_ancestral: "ancestral",
          lcm: "ancestral", ddpm: "ancestral", tcd: "ancestral", restart: "ancestral", er_sde: "ancestral",
          dpmpp_sde: "sde", dpmpp_2m_sde: "sde", dpmpp_2m_sde_heun: "sde",
-         dpmpp_3m_sde: "sde"}
+         dpmpp_3m_sde: "sde", dpm_fast: "ancestral", dpm_adaptive: "ancestral",
+         euler_ancestral_cfg_pp: "ancestral"}
 # the VP-only samplers: their steps assume x = x_0 + sigma noise with unbounded sigma (no flow counterpart here)
 VP_ONLY = {dpmpp_sde, dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_3m_sde, ddpm}

@@ -167,5 +167,6 @@ class BrownianNoise:
         sign = 1 if float(sigma) < float(sigma_next) else -1
         with warnings.catch_warnings():  # torchsde warns where float32 ends round past the tree's own ends
             warnings.filterwarnings("ignore", "Should have t", UserWarning)
-            w = torch.stack([tree(torch.as_tensor(a), torch.as_tensor(b)) for tree in self.trees]) * sign
+            # the times as Python floats: torchsde reads them so, and a float32 tensor would round float64 sigmas
+            w = torch.stack([tree(a, b) for tree in self.trees]) * sign
         return w / abs(b - a) ** 0.5

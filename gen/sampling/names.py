@@ -50,13 +50,20 @@ SAMPLERS = [
     Sampler("dpm++2m-sde", k.dpmpp_2m_sde, None, "DPM++ 2M SDE", "dpmpp_2m_sde"),
     Sampler("dpm++2m-sde-heun", k.dpmpp_2m_sde_heun, None, "DPM++ 2M SDE Heun", None),
     Sampler("dpm++3m-sde", k.dpmpp_3m_sde, None, "DPM++ 3M SDE", "dpmpp_3m_sde"),
+    Sampler("dpm-fast", k.dpm_fast, None, "DPM fast", "dpm_fast"),
+    Sampler("dpm-adaptive", k.dpm_adaptive, None, "DPM adaptive", "dpm_adaptive"),
     Sampler("ipndm", k.ipndm, None, None, "ipndm"),
     Sampler("deis", k.deis, None, None, "deis"),
     Sampler("unipc-bh1", k.unipc_bh1, None, None, "uni_pc"),
     Sampler("res-multistep", k.res_multistep, None, None, "res_multistep"),
+    Sampler("res-multistep-cfg++", k.res_multistep_cfg_pp, None, None, "res_multistep_cfg_pp"),
     Sampler("er-sde", k.er_sde, None, None, "er_sde"),
     Sampler("euler-cfg++", k.euler_cfg_pp, None, None, "euler_cfg_pp"),
     Sampler("dpm++2m-cfg++", k.dpmpp_2m_cfg_pp, None, None, "dpmpp_2m_cfg_pp"),
+    Sampler("ddim-cfg++", k.ddim_cfg_pp, None, "DDIM CFG++", None),
+    Sampler("euler-a-cfg++", k.euler_ancestral_cfg_pp, None, None, "euler_ancestral_cfg_pp"),
+    Sampler("gradient-estimation", k.gradient_estimation, None, None, "gradient_estimation"),
+    Sampler("gradient-estimation-cfg++", k.gradient_estimation_cfg_pp, None, None, "gradient_estimation_cfg_pp"),
     Sampler("restart", k.restart, None, "Restart", None),
     Sampler("tcd", k.tcd, None, None, None, ("TCD",)),
     Sampler("lcm", k.lcm, None, "LCM", "lcm"),
@@ -72,7 +79,7 @@ A1111_DEFAULT = {"dpm++2m": "karras", "dpm++sde": "karras", "dpm++2m-sde": "expo
                  "dpm++2m-sde-heun": "exponential", "dpm++2s-a": "karras", "dpm++3m-sde": "exponential",
                  "dpm2-a": "karras", "restart": "karras"}
 # A1111's samplers that step over timesteps and ignore `Schedule type:` (sd_samplers_timesteps.py)
-A1111_TIMESTEP = ("DDIM", "PLMS", "UniPC")
+A1111_TIMESTEP = ("DDIM", "DDIM CFG++", "PLMS", "UniPC")
 BY_NAME = {s.name: s for s in SAMPLERS}
 
 # gen's schedule name -> (A1111's label, ComfyUI's name)
@@ -81,6 +88,7 @@ SCHEDULES = {
     "karras": ("Karras", "karras"), "exponential": ("Exponential", "exponential"),
     "polyexponential": ("Polyexponential", None), "sgm_uniform": ("SGM Uniform", "sgm_uniform"),
     "kl_optimal": ("KL Optimal", "kl_optimal"), "align_your_steps": ("Align Your Steps", None),
+    "align_your_steps_comfyui": (None, None),  # ComfyUI's AlignYourStepsScheduler node, not a KSampler name
     "simple": ("Simple", "simple"), "ddim_uniform": ("DDIM", "ddim_uniform"), "beta": ("Beta", "beta"),
     "linear_quadratic": (None, "linear_quadratic"), "lcm": (None, None),
     "leading": (None, None), "trailing": (None, None), "linspace": (None, None),

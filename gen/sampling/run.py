@@ -45,7 +45,7 @@ def sigmas(pipe, sched: str, steps: int, latents: torch.Tensor, ms: Denoiser) ->
         if mu is not None and scheduler.config.get("use_dynamic_shifting"):
             ms.set_shift(mu if scheduler.config.get("time_shift_type") == "linear" else math.exp(mu))
     fn = schedules.SCHEDULES[sched]
-    if fn is schedules.align_your_steps:
+    if fn in (schedules.align_your_steps, schedules.align_your_steps_comfyui):
         out = fn(ms, steps, "sdxl" if pipe.family.name == "sdxl" else "sd1")
     else:  # an LCMScheduler folder's distillation steps
         extra = (pipe.scheduler_config or {}).get("original_inference_steps") if fn is schedules.lcm else None

@@ -116,21 +116,27 @@ AYS = {"sd1": [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0
        "sdxl": [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029]}
 
 
-def align_your_steps(ms, n: int, model: str = "sd1") -> torch.Tensor:
-    """The published list, log-linearly interpolated to n steps (as NVIDIA's notes and ComfyUI do), ending in 0."""
+def align_your_steps(ms, n: int, model: str = "sd1", comfyui: bool = False) -> torch.Tensor:
+    """A1111's Align Your Steps (modules/sd_schedulers.py): the published list log-linearly interpolated (over its
+    index) to n sigmas, as published where n is 11, then 0 (the last step ends at sigma 0.029, then 0). `comfyui`:
+    ComfyUI's AlignYourStepsScheduler node, n + 1 levels (the published ones at n = 10), the last one set to 0."""
     levels = np.asarray(AYS[model])
-    if n + 1 != len(levels):
-        xs, new = np.linspace(0, 1, len(levels)), np.linspace(0, 1, n + 1)
+    count = n + 1 if comfyui else n
+    if count != len(levels):
+        xs, new = np.linspace(0, 1, len(levels)), np.linspace(0, 1, count)
         levels = np.exp(np.interp(new, xs, np.log(levels[::-1])))[::-1].copy()
-    out = torch.tensor(levels, dtype=torch.float32)
-    out[-1] = 0
-    return out
+    out = torch.tensor(levels, dtype=torch.float64)
+    return out.float().index_fill(0, torch.tensor([n]), 0.0) if comfyui else _done(out)
+
+
+def align_your_steps_comfyui(ms, n: int, model: str = "sd1") -> torch.Tensor:
+    return align_your_steps(ms, n, model, comfyui=True)
 
 
 SCHEDULES = {"normal": normal, "uniform": normal, "karras": karras, "exponential": exponential,
              "polyexponential": polyexponential,
              "sgm_uniform": sgm_uniform, "simple": simple, "ddim_uniform": ddim_uniform, "beta": beta,
              "linear_quadratic": linear_quadratic, "kl_optimal": kl_optimal, "align_your_steps": align_your_steps,
-             "lcm": lcm}
+             "align_your_steps_comfyui": align_your_steps_comfyui, "lcm": lcm}
 # schedules whose sigmas exceed 1 by construction, which a flow model's sigma in [0, 1] cannot take
-VP_ONLY = {"align_your_steps", "lcm"}
+VP_ONLY = {"align_your_steps", "align_your_steps_comfyui", "lcm"}
