@@ -124,10 +124,10 @@ class ControlNetTask(DenoiserTask):
         return {"controlnet_cond": batch["control"].to(self.vae.device)}
 
     def samples(self, model: ControlledUNet) -> list:
-        """Per seed, each prompt's hint and the image the ControlNet steers with it."""
+        """Per seed, each prompt's hint and the image the ControlNet steers with it, at data.resolution."""
         from gen.control import Control
 
-        v = self.cfg.validation
+        v, size = self.cfg.validation, self.cfg.data.resolution  # the size the hints were trained at
         pipe = self.pipeline(model.base["unet"])
         net = model.controlnet
         if net.dtype != pipe.dtype:  # the pipeline would cast the trained weights in place
@@ -135,7 +135,7 @@ class ControlNetTask(DenoiserTask):
         out = []
         for seed in v.seeds:
             for prompt, hint in zip(v.prompts, self.hints):
-                image = pipe(prompt, seed=seed, control=[Control(net, hint)]).images[0]
+                image = pipe(prompt, seed=seed, control=[Control(net, hint)], height=size, width=size).images[0]
                 out += [hint.resize(image.size), image]
         return out
 
