@@ -169,3 +169,24 @@ def test_a_missing_or_unreadable_control_image_is_a_one_line_error(sd_folder, tm
 def test_a_controlnet_needs_a_unet_base(dit_folder, images, tmp_path):
     with pytest.raises(GenError, match="ControlNets for UNet models .* is a .* model"):
         train(load_config(RECIPE, extra=settings(dit_folder, images, tmp_path / "run")))
+
+
+def test_an_sdxl_controlnet_trains_and_loads_in_diffusers_with_gens_images(sdxl_folder, images, tmp_path):
+    """The same task on an SDXL base (its size conditioning through the family): a folder only, diffusers'
+    StableDiffusionXLControlNetPipeline gives gen's images."""
+    from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
+
+    out = train(load_config(RECIPE, extra=settings(sdxl_folder, images, tmp_path / "run", train__max_steps=2,
+                                                   train__checkpoint_every=0, validation__prompts=[])))
+    assert not out.with_suffix(".safetensors").exists()  # SDXL ControlNets have no original-layout file here
+    net = ControlNetModel.from_pretrained(out)
+    assert net.config.addition_embed_type == "text_time"
+    hint = Image.open(images / "000001.control.png").convert("RGB")
+    run = dict(num_inference_steps=3, guidance_scale=6.0, height=SIZE, width=SIZE, output_type="np")
+    theirs = StableDiffusionXLControlNetPipeline.from_pipe(StableDiffusionXLPipeline.from_pretrained(sdxl_folder),
+                                                           controlnet=net)
+    theirs.set_progress_bar_config(disable=True)
+    expected = theirs("a red circle", image=hint, generator=[torch.Generator().manual_seed(5)], **run).images
+    got = quiet_pipeline(sdxl_folder)("a red circle", seed=5, control=[Control(str(out), hint)], **run).images
+    print(f"gen vs diffusers, trained SDXL ControlNet: max abs diff {np.abs(got - expected).max():.2e}")
+    assert np.abs(got - expected).max() <= 1e-4
