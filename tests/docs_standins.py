@@ -165,6 +165,7 @@ NAMES = {
     "control_v11p_sd15_canny.safetensors": "control-sd15.safetensors", "canny-sdxl": "control-sdxl",
     "depth-sdxl": "control-sdxl", "flux-canny": "control-flux", "house.png": "house.png", "edges.png": "src.png",
     "depth.png": "src.png", "face.png": "src.png", "models": "ip-sd15", "sdxl_models": "ip-sdxl",
+    "pairs": "pairs",
 }
 
 
@@ -215,6 +216,7 @@ def build(root: Path, gen) -> dict[str, Path]:
     (root / "embeddings").mkdir()
     save_file({"emb_params": torch.randn(1, 128)}, root / "embeddings" / "easynegative.safetensors")  # the bundled
     write_folder(root / "images", 4, seed=1)
+    write_folder(root / "pairs", 4, seed=1, size=32, control=True)  # images + control images (stage=controlnet)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "src.png")
     mask = np.zeros((32, 32), np.uint8)
@@ -242,7 +244,8 @@ def build(root: Path, gen) -> dict[str, Path]:
     gen("sample", "a house", "--model", str(root / "sd"), "--control",
         f"canny:{root / 'control-sd15.safetensors'}:{root / 'src.png'}", *SAMPLE, "--out", str(root / "house.png"))
     return out | {p.name: p for p in root.iterdir() if p.is_file()} | {"images": root / "images",
-                                                                       "embeddings": root / "embeddings"}
+                                                                       "embeddings": root / "embeddings",
+                                                                       "pairs": root / "pairs"}
 
 
 def controls_and_adapters(root: Path) -> dict[str, Path]:

@@ -129,6 +129,8 @@ class ValidationConfig:
     use_ema: bool = True
     loss_path: str = ""                     # a held-out image folder: its loss is logged with the train loss
     loss_images: int = 16                   # how many of its images (fixed timesteps and noise; train/heldout.py)
+    # stage=controlnet: the hint of each prompt (one for all, or one a prompt); empty: the first training images'
+    control_images: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -197,6 +199,15 @@ class LoraOptions:
 
 
 @dataclass
+class ControlNetOptions:
+    """stage=controlnet: a ControlNet made from model.base's UNet (diffusers' ControlNetModel.from_unet) trains on
+    image + control image pairs, the base frozen; see train/controlnet.py."""
+    # the hint encoder's widths, one a level, each level but the first halving the hint: as many levels as make the
+    # VAE's factor (SD: 4 -> 8x); empty: diffusers' (16, 32, 96, 256), cut to that many
+    hint_channels: list[int] = field(default_factory=list)
+
+
+@dataclass
 class LogConfig:
     every: int = 10
     tracker: Literal["auto", "tensorboard", "wandb", "none"] = "auto"
@@ -205,7 +216,7 @@ class LogConfig:
 
 @dataclass
 class Config:
-    stage: Literal["denoiser", "vae", "clip"] = "denoiser"
+    stage: Literal["denoiser", "vae", "clip", "controlnet"] = "denoiser"
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -217,6 +228,7 @@ class Config:
     vae: VAEStage = field(default_factory=VAEStage)
     clip: CLIPStage = field(default_factory=CLIPStage)
     lora: LoraOptions = field(default_factory=LoraOptions)
+    controlnet: ControlNetOptions = field(default_factory=ControlNetOptions)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -458,6 +470,9 @@ def validate(cfg: Config) -> Config:
                 value = getattr(value, name)
             must = f"; it must be {rule[0]}" if rule else ""
             raise GenError(f"config key {key!r} has an invalid value {value!r}{must}")
+    if cfg.stage == "controlnet" and not cfg.model.base:
+        raise GenError("config key 'model.base' is empty: give the SD model (folder or file) whose UNet the "
+                       "ControlNet starts from and steers")
     if cfg.stage == "denoiser" and not cfg.model.base and not (cfg.model.text_encoder and cfg.model.vae):
         raise GenError("config key 'model.base' is empty: give a model folder holding the text encoder, "
                        "tokenizer and VAE to train with (or set model.text_encoder and model.vae)")

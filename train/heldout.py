@@ -29,7 +29,7 @@ class HeldOut:
             return
         data_cfg = dataclasses.replace(cfg.data, source="folder", path=v.loss_path, crop="center", flip=False,
                                        buckets=False, cache=False, caption=type(cfg.data.caption)())
-        data = TrainData(data_cfg, SEED)
+        data = TrainData(data_cfg, SEED, control=cfg.stage == "controlnet")
         n = min(v.loss_images, len(data))
         rows = [data[i, i] for i in range(n)]
         bs = cfg.train.batch_size

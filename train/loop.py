@@ -233,7 +233,8 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
     torch.manual_seed(cfg.train.seed + rank)
     np.random.seed((cfg.train.seed + rank) % 2 ** 32)
 
-    data = TrainData(cfg.data, cfg.train.seed)  # fails on a missing path or zero images before any model loads
+    # fails on a missing path, zero images or a missing control image (stage=controlnet) before any model loads
+    data = TrainData(cfg.data, cfg.train.seed, control=cfg.stage == "controlnet")
     data = with_class_images(cfg, data, acc)  # lora.class_prompt: DreamBooth class images (train/prior.py)
     from train.stages import TASKS
 

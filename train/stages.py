@@ -367,4 +367,10 @@ def _has_relation(caption: str) -> bool:
     return any(f" {r} " in caption for r in RELATIONS)
 
 
-TASKS = {"vae": VAETask, "clip": CLIPTask}
+def _controlnet_task(cfg, device, dtype):
+    from train.controlnet import ControlNetTask  # imports train.lora (peft) only when a ControlNet trains
+
+    return ControlNetTask(cfg, device, dtype)
+
+
+TASKS = {"vae": VAETask, "clip": CLIPTask, "controlnet": _controlnet_task}

@@ -286,14 +286,18 @@ class DenoiserTask:
                                          text["crop"], text["target"])
             else:
                 cond = self.family.train_conditioning(self.texts, **text)
-        return self._denoising_loss(model, x0, g, mask, cond=cond)
+        return self._denoising_loss(model, x0, g, mask, cond=cond, inputs=self.model_inputs(batch))
+
+    def model_inputs(self, batch: dict) -> dict:
+        """Keywords the trained model's call takes from the batch besides the family's (a ControlNet's hint)."""
+        return {}
 
     def _denoising_loss(self, model: nn.Module, x0: torch.Tensor, g: torch.Generator, mask: torch.Tensor | None = None,
-                        cond: dict | None = None, text: dict | None = None) -> torch.Tensor:
+                        cond: dict | None = None, text: dict | None = None, inputs: dict | None = None) -> torch.Tensor:
         """The loss of one batch of latents x0 (N, C, h, w), conditioned by `cond` or, through a WithText, by
-        encoding `text`, weighted per latent pixel by `mask` (N, 1, H, W) where given. The denoiser sees x_t in the
-        family's layout (Flux: packed 2x2 patches with their position ids) and the family's timestep convention;
-        the loss compares in the latents' layout."""
+        encoding `text`, weighted per latent pixel by `mask` (N, 1, H, W) where given; `inputs`: model_inputs. The
+        denoiser sees x_t in the family's layout (Flux: packed 2x2 patches with their position ids) and the
+        family's timestep convention; the loss compares in the latents' layout."""
         o, f, device, n = self.cfg.objective, self.formulation, x0.device, x0.shape[0]
         noise = torch.randn(x0.shape, generator=g).to(device)
         if o.type == "ddpm" and o.offset_noise:  # Guttenberg 2023: learn to shift the mean brightness
@@ -305,7 +309,7 @@ class DenoiserTask:
         if text is not None:
             pred = model(x_t, f.model_timestep(t), text=text, extra=extra)
         else:
-            pred = self.family.predict(model, x_t, f.model_timestep(t), cond | extra)
+            pred = self.family.predict(model, x_t, f.model_timestep(t), cond | extra, **(inputs or {}))
         pred = self.family.unpack(pred, *x0.shape[2:])
         err = (pred.float() - f.target(x0, noise, t)).pow(2)  # (N, C, h, w)
         if mask is not None:
@@ -338,12 +342,17 @@ class DenoiserTask:
         flags = [(p, p.requires_grad) for p in model.parameters()]
         was_training = model.training
         try:
-            pipe = self.pipeline(model)
-            return [im for seed in v.seeds for im in pipe(list(v.prompts), seed=seed).images]
+            return self.samples(model)
         finally:  # Pipeline put the model in eval mode and froze it
             for p, flag in flags:
                 p.requires_grad_(flag)
             model.train(was_training)
+
+    def samples(self, model: nn.Module) -> list:
+        """validate's images (which may freeze `model`: validate restores it)."""
+        v = self.cfg.validation
+        pipe = self.pipeline(model)
+        return [im for seed in v.seeds for im in pipe(list(v.prompts), seed=seed).images]
 
     def export(self, model: nn.Module, path, recipe: dict) -> None:
         self.pipeline(model, recipe).save_pretrained(path)

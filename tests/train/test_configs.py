@@ -10,11 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from gen.cli import main as gen_main
+from gen.control import Control
 from gen.models.dit import DIT_PRESETS
 from gen.models.unet import UNET_PRESETS
 from gen.pipeline import Pipeline
 from train.chain import STAGES
 from train.config import load_config, read_yaml
+from train.data.shapes import write_folder
 from train.loop import _has_accelerator
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -35,6 +37,7 @@ SHRINK = {
     "lora-subject.yaml": ["lora.rank=4"],
     "lora-sd3-flux.yaml": ["lora.rank=4"],
     "finetune-sd3-flux.yaml": [],
+    "controlnet-sd.yaml": [],
 }
 
 
@@ -119,23 +122,28 @@ def test_recipe_trains_and_resumes(name, sd_folder, base_dit, captioned, tmp_pat
     if name in FAMILY_BASES:
         base = FAMILY_BASES[name](tmp_path)
     args = [f"model.base={base}", f"train.output_dir={run}", *SMALL, *SHRINK[name]]
-    if tree["data"]["source"] == "folder":
+    controlnet = tree.get("stage") == "controlnet"
+    if controlnet:  # images with control images (NAME.control.png)
+        args.append(f"data.path={write_folder(tmp_path / 'pairs', 6, control=True)}")
+    elif tree["data"]["source"] == "folder":
         args.append(f"data.path={captioned}")
     if tree["train"].get("mixed_precision") == "fp16" and not _has_accelerator():
         args.append("train.mixed_precision=bf16")  # fp16 needs a GPU (tests/train/test_config.py); none ships it
     gen(command, path, *args, "train.stop_at_step=2")
-    product = run / ("lora.safetensors" if command == "lora" else "model")
+    product = run / ("lora.safetensors" if command == "lora" else "controlnet" if controlnet else "model")
     assert not product.exists()
     paused = weights(run, 2)
     with caplog.at_level(logging.INFO, logger="gen"):
         gen(command, path, *args)
     resumed(run, paused, caplog)
     assert (run / "samples" / "step-00000003.png").is_file()
-    pipe = Pipeline.from_pretrained(base if command == "lora" else product)
+    pipe = Pipeline.from_pretrained(base if command == "lora" or controlnet else product)
     if command == "lora":
         pipe.load_lora(product)
     pipe.progress = False
-    images = pipe("a red circle", seed=0, num_inference_steps=2, height=16, width=16, output_type="np").images
+    control = [Control(product, tmp_path / "pairs" / "000000.control.png")] if controlnet else None
+    images = pipe("a red circle", seed=0, num_inference_steps=2, height=16, width=16, output_type="np",
+                  control=control).images
     assert images.shape == (1, 16, 16, 3)
 
 

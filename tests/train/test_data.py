@@ -150,7 +150,7 @@ def test_exif_orientation_is_applied_to_images_masks_bucket_sizes_and_shards(tmp
     Image.fromarray(mask).save(root / "a.mask.png", exif=exif)
     (root / "a.txt").write_text("a photo")
     upright = np.rot90(stored, k=-1)  # clockwise: (32, 16)
-    img, _, m = ImageFolder(root).load(0, mask=True)
+    img, _, m, _ = ImageFolder(root).load(0, mask=True)
     assert np.array_equal(np.asarray(img), upright)
     assert np.array_equal(np.asarray(m), np.rot90(mask, k=-1))
     cfg = load_config(None, extra={"model.base": "unused", "data.path": str(root), "data.resolution": 16,

@@ -29,12 +29,16 @@ from train.signals import ignore_stop_signals
 log = logging.getLogger("gen")
 
 
-def build_source(cfg: DataConfig) -> ImageFolder | ShapesWorld | Shards:
+def build_source(cfg: DataConfig, control: bool = False) -> ImageFolder | ShapesWorld | Shards:
+    """The data.source; with `control` (stage=controlnet), an image folder whose images carry control images."""
+    if control and cfg.source != "folder":
+        raise GenError(f"stage=controlnet trains on an image folder with control images (data.source=folder), not "
+                       f"data.source={cfg.source}")
     if cfg.source == "shapes":
         return ShapesWorld(cfg.num_images, cfg.seed)
     if cfg.source == "shards":
         return Shards(cfg.path)
-    return ImageFolder(cfg.path)
+    return ImageFolder(cfg.path, control)
 
 
 def transform(img: Image.Image, size: int | tuple[int, int], crop: str, flip: bool,
@@ -45,10 +49,11 @@ def transform(img: Image.Image, size: int | tuple[int, int], crop: str, flip: bo
 
 
 def augment(img: Image.Image, size: int | tuple[int, int], crop: str, flip: bool, rng: np.random.Generator,
-            mask: Image.Image | None = None) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
+            mask: Image.Image | None = None, hint: Image.Image | None = None) -> tuple:
     """`transform`, the (top, left) of the crop in the resized image, as the flipped image sees it (SDXL's
-    crop conditioning: where the training view starts in the whole picture), and `mask` (a loss mask of the
-    image's size) given the same view, (1, H, W) in [0, 1], or None."""
+    crop conditioning: where the training view starts in the whole picture), `mask` (a loss mask of the
+    image's size) given the same view, (1, H, W) in [0, 1], or None, and `hint` (a control image of the image's
+    size) given the same view, (3, H, W) in [0, 1], or None."""
     w, h = img.size
     tw, th = (size, size) if isinstance(size, int) else size
     nw, nh = cover(w, h, tw, th)
@@ -66,8 +71,9 @@ def augment(img: Image.Image, size: int | tuple[int, int], crop: str, flip: bool
 
     a = torch.from_numpy(view(img, Image.Resampling.BICUBIC)).permute(2, 0, 1)
     m = None if mask is None else torch.from_numpy(view(mask, Image.Resampling.BILINEAR)).float()[None] / 255
+    c = None if hint is None else torch.from_numpy(view(hint, Image.Resampling.BICUBIC)).permute(2, 0, 1).float() / 255
     # the mirrored picture's crop starts nw - tw - x from its left edge
-    return a.float() / 127.5 - 1, (y, nw - tw - x if flipped else x), m
+    return a.float() / 127.5 - 1, (y, nw - tw - x if flipped else x), m, c
 
 
 def cover(w: int, h: int, tw: int, th: int) -> tuple[int, int]:
@@ -113,9 +119,9 @@ class TrainData(torch.utils.data.Dataset):
 
     collate = staticmethod(collate)
 
-    def __init__(self, cfg: DataConfig, seed: int):
-        self.cfg, self.seed = cfg, seed
-        self.source = build_source(cfg)
+    def __init__(self, cfg: DataConfig, seed: int, control: bool = False):
+        self.cfg, self.seed, self.control = cfg, seed, control
+        self.source = build_source(cfg, control)
         self.streaming = isinstance(self.source, Shards)
         self.buckets = Buckets(cfg.resolution, cfg.bucket_step, cfg.max_aspect) if cfg.buckets else None
         self.assignment = None
@@ -141,9 +147,10 @@ class TrainData(torch.utils.data.Dataset):
     def size(self, i: int) -> int | tuple[int, int]:
         return self.cfg.resolution if self.assignment is None else self.buckets.sizes[self.assignment[i]]
 
-    def example(self, i: int, pos: int, img: Image.Image, text: str, mask: Image.Image | None = None) -> dict:
+    def example(self, i: int, pos: int, img: Image.Image, text: str, mask: Image.Image | None = None,
+                hint: Image.Image | None = None) -> dict:
         rng = np.random.default_rng([self.seed, pos])
-        pixels, crop, mask = augment(img, self.size(i), self.cfg.crop, self.cfg.flip, rng, mask)
+        pixels, crop, mask, hint = augment(img, self.size(i), self.cfg.crop, self.cfg.flip, rng, mask, hint)
         if captions.active(self.cfg.caption):  # its own stream: the crop and flip stay as they were
             text = captions.augment(text, self.cfg.caption, np.random.default_rng([self.seed, pos, 1]))
         # SDXL's size micro-conditioning: the picture's (height, width) before resizing, and the crop's top-left
@@ -151,12 +158,17 @@ class TrainData(torch.utils.data.Dataset):
                "original_size": torch.tensor([img.height, img.width]), "crop_top_left": torch.tensor(crop)}
         if self.masked:  # every row of a masked dataset has one (collate stacks them); no mask weighs 1
             row["mask"] = mask if mask is not None else torch.ones((1, *pixels.shape[1:]))
+        if hint is not None:  # stage=controlnet: the control image, (3, H, W) in [0, 1]
+            row["control"] = hint
         return row
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         i, pos = key
-        img, text, mask = self.source.load(i, mask=True) if self.masked else (*self.source[i], None)
-        return self.example(i, pos, img, text, mask)
+        if self.masked or self.control:
+            img, text, mask, hint = self.source.load(i, mask=self.masked, control=self.control)
+        else:
+            (img, text), mask, hint = self.source[i], None, None
+        return self.example(i, pos, img, text, mask, hint)
 
     def fingerprint(self) -> dict:
         fp = {**self.source.fingerprint(), "resolution": self.cfg.resolution, **captions.fingerprint(self.cfg.caption)}

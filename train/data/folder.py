@@ -1,5 +1,6 @@
-"""Image folders with captions: HF imagefolder `metadata.jsonl` (`file_name` + `text`) or kohya-style
-`.txt` sidecars. Unreadable files are skipped with one warning that names them."""
+"""Image folders with captions: HF imagefolder `metadata.jsonl` (`file_name` + `text`, and `control` for
+stage=controlnet) or kohya-style `.txt` sidecars. Unreadable files are skipped with one warning that names them;
+loss masks (`NAME.mask.png`) and control images (`NAME.control.png`) are never training images themselves."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from gen.errors import GenError
-from train.data import exif, masks
+from train.data import controls, exif, masks
 
 log = logging.getLogger("gen")
 
@@ -45,8 +46,9 @@ def _caption(txt: Path, binary: list[str]) -> str | None:
         return ""
 
 
-def _from_metadata(root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
-    items, bad = [], []
+def _from_metadata(root: Path) -> tuple[list[tuple[Path, str]], list[str], dict[Path, Path]]:
+    """(items, bad rows, each image's control image where its row has a `control` column)."""
+    items, bad, given = [], [], {}
     for n, line in enumerate((root / METADATA).read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
@@ -54,15 +56,18 @@ def _from_metadata(root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
             row = json.loads(line)
             text = row.get("text", "")  # a list: the caption's variants (data.caption.variants), one a line
             items.append((root / row["file_name"], "\n".join(map(str, text)) if isinstance(text, list) else str(text)))
+            if row.get(controls.COLUMN):
+                given[items[-1][0]] = root / row[controls.COLUMN]
         except (json.JSONDecodeError, KeyError, TypeError):
             bad.append(f"{METADATA} line {n}")
-    return items, bad
+    return items, bad, given
 
 
-def _from_sidecars(root: Path) -> tuple[list[tuple[Path, str | None]], list[str]]:
+def _from_sidecars(root: Path) -> tuple[list[tuple[Path, str | None]], list[str], dict[Path, Path]]:
     items, bad, binary = [], [], []
     for p in sorted(root.rglob("*")):
-        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(root).parts) or masks.is_mask_file(p):
+        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(root).parts) or masks.is_mask_file(p) \
+                or controls.is_control_file(p):
             continue
         if p.suffix.lower() in IMAGE_SUFFIXES:
             txt = p.with_suffix(".txt")
@@ -72,17 +77,18 @@ def _from_sidecars(root: Path) -> tuple[list[tuple[Path, str | None]], list[str]
     if binary:
         log.warning("%d caption file(s) in %s are not UTF-8 text; their images train with the empty caption: %s",
                     len(binary), root, ", ".join(binary))
-    return items, bad
+    return items, bad, {}
 
 
 class ImageFolder:
-    """(PIL image, caption) items of a folder, scanned once; unreadable files are left out."""
+    """(PIL image, caption) items of a folder, scanned once; unreadable files are left out. With `control`, each
+    image's control image too (train/data/controls.py): one missing or unreadable is an error."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, control: bool = False):
         root = Path(path)
         if not root.is_dir():
             raise GenError(f"config key 'data.path': image folder not found: {root}")
-        items, bad = _from_metadata(root) if (root / METADATA).is_file() else _from_sidecars(root)
+        items, bad, given = _from_metadata(root) if (root / METADATA).is_file() else _from_sidecars(root)
         good, masked = [], 0
         for p, text in items:
             probe = _probe(p) if p.is_file() else None
@@ -102,6 +108,7 @@ class ImageFolder:
             raise GenError(f"config key 'data.path': no readable images in {root} (expected images with a "
                            f"{METADATA} of file_name/text rows, or .txt caption sidecars)")
         self.root, self.items, self.failed, self.num_masked = root, good, set(), masked
+        self.controls = controls.pair(root, good, given, _probe) if control else None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -109,16 +116,18 @@ class ImageFolder:
     def __getitem__(self, i: int) -> tuple[Image.Image, str]:
         return self.load(i)[:2]
 
-    def load(self, i: int, mask: bool = False) -> tuple[Image.Image, str, Image.Image | None]:
-        """Item i (RGB image, caption, and with `mask` its loss mask or None); one that no longer decodes (changed
-        or truncated since the scan) is replaced by the next that does, with one warning: the same files give
-        the same substitutes, so resume stays exact."""
+    def load(self, i: int, mask: bool = False, control: bool = False) -> tuple:
+        """Item i (RGB image, caption, with `mask` its loss mask or None, with `control` its control image at the
+        image's size); one that no longer decodes (changed or truncated since the scan) is replaced by the next that
+        does, with one warning: the same files give the same substitutes, so resume stays exact."""
         for k in range(len(self.items)):
-            p, text = self.items[(i + k) % len(self.items)]
+            j = (i + k) % len(self.items)
+            p, text = self.items[j]
             try:
                 with Image.open(p) as im:
                     im = exif.upright(im)  # a phone photo's Orientation tag, as viewers apply it
-                    return im.convert("RGB"), text, self._mask(p, im) if mask else None
+                    hint = controls.read(self.controls[j], im.size) if control else None
+                    return im.convert("RGB"), text, self._mask(p, im) if mask else None, hint
             except IMAGE_ERRORS as e:
                 if p not in self.failed:
                     self.failed.add(p)
@@ -144,12 +153,14 @@ class ImageFolder:
         h = hashlib.sha256()
         for p, text in self.items:
             h.update(f"{self.name(p)}\0{p.stat().st_size}\0{text}\n".encode())
+        for c in self.controls or []:
+            h.update(f"{self.name(c)}\0{c.stat().st_size}\n".encode())
         return {"source": "folder", "num_images": len(self.items), "sha256": h.hexdigest()[:16]}
 
     def stamp(self) -> str:
         """A digest of every image's (name, size, modification time): what a cache of its pixels depends on."""
         h = hashlib.sha256()
-        for p, _ in self.items:
+        for p in [p for p, _ in self.items] + (self.controls or []):
             st = p.stat()
             h.update(f"{self.name(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return h.hexdigest()[:16]

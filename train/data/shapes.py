@@ -6,6 +6,7 @@ Everything is a pure function of (seed, index), so the world is the same on ever
 The color table, drawing and caption grammar are importable for prompt-adherence scoring.
 
     python -m train.data.shapes OUT --num-images 1000 --seed 0   # writes an image folder
+    python -m train.data.shapes OUT --control                     # + each scene's mask, a ControlNet's hint
 """
 
 from __future__ import annotations
@@ -119,10 +120,10 @@ def scene(seed: int, index: int, size: int = SIZE) -> Scene:
     return sample_scene(np.random.default_rng([seed, index]), size)
 
 
-def draw(d: ImageDraw.ImageDraw, obj: Obj) -> None:
+def draw(d: ImageDraw.ImageDraw, obj: Obj, colors: dict | None = None) -> None:
     """Draws one object, aliased, in its pure color (so pixel statistics recover it exactly)."""
     x0, y0, x1, y1 = obj.box
-    fill = COLORS[obj.color]
+    fill = (colors or COLORS)[obj.color]
     if obj.shape == "circle":
         d.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
     elif obj.shape == "square":
@@ -133,12 +134,18 @@ def draw(d: ImageDraw.ImageDraw, obj: Obj) -> None:
         raise ValueError(f"unknown shape {obj.shape!r}; shapes are {SHAPES}")
 
 
-def render(s: Scene) -> Image.Image:
-    img = Image.new("RGB", (s.size, s.size), BACKGROUND)
+def render(s: Scene, colors: dict | None = None, background: tuple = BACKGROUND) -> Image.Image:
+    """The scene; with `colors` (color name -> RGB) and `background`, drawn in those instead."""
+    img = Image.new("RGB", (s.size, s.size), background)
     d = ImageDraw.Draw(img)
     for o in s.objects:
-        draw(d, o)
+        draw(d, o, colors)
     return img
+
+
+def mask(s: Scene) -> Image.Image:
+    """The scene's objects white on black: a ControlNet's hint of where they are and what shape."""
+    return render(s, dict.fromkeys(COLORS, (255, 255, 255)), (0, 0, 0))
 
 
 class ShapesWorld:
@@ -161,8 +168,10 @@ class ShapesWorld:
         return {"source": "shapes", "num_images": self.num_images, "seed": self.seed, "size": self.size}
 
 
-def write_folder(out: str | Path, num_images: int, seed: int = 0, size: int = SIZE) -> Path:
-    """Writes PNGs and a metadata.jsonl (`file_name`, `text`, and the objects with their boxes)."""
+def write_folder(out: str | Path, num_images: int, seed: int = 0, size: int = SIZE, control: bool = False) -> Path:
+    """Writes PNGs and a metadata.jsonl (`file_name`, `text`, and the objects with their boxes); with `control`,
+    each scene's mask as NAME.control.png, named in the rows' `control` column (stage=controlnet's hint,
+    train/data/controls.py)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = ShapesWorld(num_images, seed, size)
@@ -171,9 +180,12 @@ def write_folder(out: str | Path, num_images: int, seed: int = 0, size: int = SI
             s = world.scene(i)
             name = f"{i:06d}.png"
             render(s).save(out / name)
-            objects = [asdict(o) for o in s.objects]
-            f.write(json.dumps({"file_name": name, "text": s.caption, "relation": s.relation,
-                                "objects": objects}) + "\n")
+            row = {"file_name": name, "text": s.caption, "relation": s.relation,
+                   "objects": [asdict(o) for o in s.objects]}
+            if control:
+                row["control"] = name.replace(".png", ".control.png")
+                mask(s).save(out / row["control"])
+            f.write(json.dumps(row) + "\n")
     return out
 
 
@@ -183,8 +195,9 @@ def main(argv=None) -> None:
     ap.add_argument("--num-images", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=SIZE)
+    ap.add_argument("--control", action="store_true", help="also each scene's mask as NAME.control.png")
     a = ap.parse_args(argv)
-    write_folder(a.out, a.num_images, a.seed, a.size)
+    write_folder(a.out, a.num_images, a.seed, a.size, a.control)
     print(f"wrote {a.num_images} images to {a.out}")
 
 
