@@ -16,7 +16,7 @@ from gen.errors import GenError
 from gen.families import ldm
 
 PREFIX = "control_model."  # diffusers' LDM_CONTROLNET_KEY
-CLASSES = ("ControlNetModel", "FluxControlNetModel", "SD3ControlNetModel")
+CLASSES = ("ControlNetModel", "ControlNetUnionModel", "FluxControlNetModel", "SD3ControlNetModel")
 META = "gen_controlnet"  # header metadata: config values the shapes cannot tell (attention heads, ...)
 
 
