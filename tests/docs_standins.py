@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import struct
 import sys
@@ -165,7 +166,7 @@ NAMES = {
     "control_v11p_sd15_canny.safetensors": "control-sd15.safetensors", "canny-sdxl": "control-sdxl",
     "depth-sdxl": "control-sdxl", "flux-canny": "control-flux", "house.png": "house.png", "edges.png": "src.png",
     "depth.png": "src.png", "face.png": "src.png", "union-sdxl": "control-union-sdxl",
-    "flux-union": "control-union-flux", "models": "ip-sd15", "sdxl_models": "ip-sdxl",
+    "flux-union": "control-union-flux", "instantx-flux-union.safetensors": "control-union-flux.safetensors", "models": "ip-sd15", "sdxl_models": "ip-sdxl",
 }
 
 
@@ -247,7 +248,8 @@ def build(root: Path, gen) -> dict[str, Path]:
 
 
 def controls_and_adapters(root: Path) -> dict[str, Path]:
-    """ControlNets (an original-layout SD-1 file, an SDXL and a Flux folder) and h94-layout IP-Adapters (SD-1 and
+    """ControlNets (an original-layout SD-1 file, an SDXL and a Flux folder, SDXL and Flux union folders, a lone
+    InstantX-layout Flux union file) and h94-layout IP-Adapters (SD-1 and
     SDXL, sharing one image encoder as h94's models/image_encoder) for the stand-in bases."""
     from diffusers import ControlNetModel, FluxControlNetModel
 
@@ -265,6 +267,8 @@ def controls_and_adapters(root: Path) -> dict[str, Path]:
         root / "control-flux")
     tiny_sdxl_union(sdxl).save_pretrained(root / "control-union-sdxl")
     tiny_flux_union(quiet_pipeline(root / "flux-dev").denoiser).save_pretrained(root / "control-union-flux")
+    shutil.copy(root / "control-union-flux" / "diffusion_pytorch_model.safetensors",  # as InstantX shares it
+                root / "control-union-flux.safetensors")
     h94_adapter(root / "ip-sd15", sd, "ip-adapter_sd15.safetensors")
     h94_adapter(root / "ip-sdxl", sdxl, "ip-adapter_sdxl_vit-h.safetensors")
     return {name: root / name for name in ("control-sdxl", "control-flux", "control-union-sdxl", "control-union-flux",

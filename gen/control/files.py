@@ -20,8 +20,9 @@ CLASSES = ("ControlNetModel", "ControlNetUnionModel", "FluxControlNetModel", "SD
 META = "gen_controlnet"  # header metadata: config values the shapes cannot tell (attention heads, ...)
 
 
-def load_file(model, allow_pickle: bool = False):
-    """A ControlNet from a diffusers folder or a single file in the original layout."""
+def load_file(model, allow_pickle: bool = False, base=None):
+    """A ControlNet from a diffusers folder, a single file in the original layout, or a lone diffusers-keyed file
+    (gen.control.keyed; `base`: the denoiser it will steer, for the config values its shapes cannot tell)."""
     import diffusers
 
     from gen.io import load_model, read_json
@@ -36,6 +37,12 @@ def load_file(model, allow_pickle: bool = False):
         return load_model(getattr(diffusers, name), path, allow_pickle)
     if not path.is_file():
         raise GenError(f"the ControlNet {path}: no such file or folder")
+    if path.suffix == ".safetensors":
+        from gen.control import keyed
+
+        keys = keyed.header_keys(path)
+        if keyed.kind(keys):
+            return keyed.load(path, keys, base)
     return _from_original(path, allow_pickle)
 
 
@@ -50,7 +57,8 @@ def _from_original(path: Path, allow_pickle: bool):
         state = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
     if "input_hint_block.0.weight" not in state or "input_blocks.0.0.weight" not in state:
         raise GenError(f"{path} is not a ControlNet in the original (LDM) layout: it has no input_hint_block "
-                       "(Flux and SDXL ControlNets load from diffusers folders)")
+                       "(SDXL and SD3 ControlNets load from diffusers folders, Flux ones from folders or lone InstantX-layout "
+                       "files)")
     hints = json.loads(read_metadata(path).get(META, "{}")) if path.suffix == ".safetensors" else {}
     config = _config({k: list(v.shape) for k, v in state.items()}, hints)
     # the hint encoder by gen's table: diffusers' converter assumes its 4 levels (input_hint_block.14 = conv_out)

@@ -20,7 +20,7 @@ def load(pipe, model, allow_pickle: bool = False):
     key = str(Path(model).resolve()) if isinstance(model, (str, Path)) else id(model)
     net = cache.get(key) if isinstance(model, (str, Path)) else model
     if net is None:
-        net = cache[key] = load_file(model, allow_pickle)
+        net = cache[key] = load_file(model, allow_pickle, base=pipe.denoiser)
     fam = pipe.family
     name = model if isinstance(model, (str, Path)) else type(net).__name__
     if type(net).__name__ not in fam.control_classes:
