@@ -166,7 +166,8 @@ NAMES = {
     "control_v11p_sd15_canny.safetensors": "control-sd15.safetensors", "canny-sdxl": "control-sdxl",
     "depth-sdxl": "control-sdxl", "flux-canny": "control-flux", "house.png": "house.png", "edges.png": "src.png",
     "depth.png": "src.png", "face.png": "src.png", "union-sdxl": "control-union-sdxl",
-    "flux-union": "control-union-flux", "instantx-flux-union.safetensors": "control-union-flux.safetensors", "models": "ip-sd15", "sdxl_models": "ip-sdxl",
+    "flux-union": "control-union-flux", "instantx-flux-union.safetensors": "control-union-flux.safetensors",
+    "controlnet-canny-sdxl.safetensors": "control-sdxl.safetensors", "models": "ip-sd15", "sdxl_models": "ip-sdxl",
 }
 
 
@@ -267,8 +268,8 @@ def controls_and_adapters(root: Path) -> dict[str, Path]:
         root / "control-flux")
     tiny_sdxl_union(sdxl).save_pretrained(root / "control-union-sdxl")
     tiny_flux_union(quiet_pipeline(root / "flux-dev").denoiser).save_pretrained(root / "control-union-flux")
-    shutil.copy(root / "control-union-flux" / "diffusion_pytorch_model.safetensors",  # as InstantX shares it
-                root / "control-union-flux.safetensors")
+    for name in ("control-union-flux", "control-sdxl"):  # the lone files people share (InstantX, diffusers)
+        shutil.copy(root / name / "diffusion_pytorch_model.safetensors", root / f"{name}.safetensors")
     h94_adapter(root / "ip-sd15", sd, "ip-adapter_sd15.safetensors")
     h94_adapter(root / "ip-sdxl", sdxl, "ip-adapter_sdxl_vit-h.safetensors")
     return {name: root / name for name in ("control-sdxl", "control-flux", "control-union-sdxl", "control-union-flux",

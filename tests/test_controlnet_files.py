@@ -3,6 +3,7 @@ diffusion_pytorch_model.safetensors shared without its config (InstantX's and Sh
 included) loads as the folder does, config read from the shapes; XLabs' layout, files that are no ControlNet and
 a file for another family are one-line errors."""
 
+import inspect
 import shutil
 
 import numpy as np
@@ -16,9 +17,9 @@ from gen.control import Control
 from gen.control.files import load_file
 from gen.errors import GenError
 from tests import test_controlnet
-from tests.conftest import quiet_pipeline, tiny_flux_components
+from tests.conftest import quiet_pipeline, tiny_flux_components, tiny_sdxl_components
 from tests.test_controlnet import randomized
-from tests.test_controlnet_union import tiny_flux_union
+from tests.test_controlnet_union import tiny_flux_union, tiny_sdxl_union
 
 hint_images = test_controlnet.hint_images  # the fixture: two random 32 px hints
 
@@ -57,6 +58,36 @@ def test_a_lone_flux_controlnet_file_loads_as_its_folder(flux_files, hint_images
     images = [pipe("a red circle", control=[Control(m, hint_images[0], 0.8, 0.0, 0.7, mode=mode)],
                    num_inference_steps=2, seed=3, height=16, width=16, output_type="np").images for m in (net, path)]
     assert np.array_equal(*images)
+
+
+@pytest.fixture(scope="module")
+def sdxl_files(tmp_path_factory):
+    from diffusers import ControlNetModel
+
+    comp = tiny_sdxl_components()
+    torch.manual_seed(24)
+    plain = randomized(ControlNetModel.from_unet(comp["unet"], conditioning_embedding_out_channels=(8, 16)), 25)
+    return tmp_path_factory.mktemp("cn-files-xl"), comp["unet"], {"plain": plain,
+                                                                 "union": randomized(tiny_sdxl_union(comp["unet"]), 26)}
+
+
+def init_config(net) -> dict:
+    takes = inspect.signature(type(net).__init__).parameters
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in net.config.items() if k in takes}
+
+
+@pytest.mark.parametrize("which", ["plain", "union"])
+def test_a_lone_sdxl_controlnet_file_loads_as_its_folder_and_in_diffusers(sdxl_files, which):
+    tmp, unet, nets = sdxl_files
+    net = nets[which]
+    path = lone(net, tmp, which)
+    back = load_file(path, base=unet)
+    assert type(back) is type(net) and init_config(back) == init_config(net)
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in net.state_dict().items())
+    if which == "union":  # diffusers' from_single_file reads no ControlNetUnionModel
+        return
+    theirs = type(net).from_single_file(str(path), config=str(tmp / which))  # diffusers reads the file alike
+    assert all(torch.equal(theirs.state_dict()[k], v) for k, v in back.state_dict().items())
 
 
 def test_lone_files_that_gen_cannot_run_are_one_line_errors(flux_files, hint_images, tmp_path, capsys):

@@ -39,8 +39,7 @@ def tiny_sdxl_union(unet):
     the UNet's first level (the task embedding is added to the hint's channels)."""
     base = ControlNetUnionModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
     width = unet.config.block_out_channels[0]
-    net = reconfigured(ControlNetUnionModel, base, num_trans_channel=width, num_trans_head=2, num_proj_channel=width,
-                       num_control_type=8)
+    net = reconfigured(ControlNetUnionModel, base, num_trans_channel=width, num_proj_channel=width, num_control_type=8)
     mine = net.state_dict()  # the UNet's copied weights; the union layers (their widths changed) random
     net.load_state_dict({k: v for k, v in base.state_dict().items() if v.shape == mine[k].shape}, strict=False)
     return net

@@ -1,11 +1,13 @@
-"""Lone ControlNet files in diffusers' key layout: the `diffusion_pytorch_model.safetensors` of a ControlNet folder
-shared without its config.json, as InstantX and Shakker-Labs share their Flux ControlNets (union ones included).
-The class is told by the keys, the config by the tensor shapes; what shapes cannot tell (the rotary axes of a Flux
-ControlNet) is the base model's, as diffusers' from_transformer copies it. XLabs' Flux ControlNets (`double_blocks.*`
-keys, pixel hints) are recognised and refused in one line, as gen does not run them yet."""
+"""Lone ControlNet files in diffusers' key layout (ControlNetModel, ControlNetUnionModel, FluxControlNetModel): a
+ControlNet folder's `diffusion_pytorch_model.safetensors` shared without its config.json, as diffusers' SDXL
+ControlNets, xinsir's union files and InstantX's / Shakker-Labs' Flux ControlNets are shared. The class is told by
+the keys, the config by the tensor shapes; what shapes cannot tell (a UNet's attention heads, a Flux ControlNet's
+rotary axes) is the base model's, as diffusers' from_unet / from_transformer copy it. XLabs' Flux ControlNets
+(`double_blocks.*` keys, pixel hints) are recognised and refused in one line, as gen does not run them yet."""
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
@@ -13,11 +15,14 @@ from gen.errors import GenError
 
 FLUX_KEY = "controlnet_x_embedder.weight"  # InstantX's layout: the hint's packed latents embedded
 XLABS_KEY = "double_blocks.0.img_attn.qkv.weight"
+UNET_KEY = "controlnet_cond_embedding.conv_in.weight"  # a UNet ControlNet's hint encoder, diffusers-named
 
 
 def kind(keys: set) -> str | None:
     """The diffusers class of a lone ControlNet file's keys, "xlabs" for XLabs' Flux layout, or None (another
     layout: the original LDM one, or not a ControlNet)."""
+    if UNET_KEY in keys and "time_embedding.linear_1.weight" in keys:
+        return "ControlNetUnionModel" if "task_embedding" in keys else "ControlNetModel"
     if FLUX_KEY in keys and any(k.startswith("controlnet_single_blocks.") for k in keys):
         return "FluxControlNetModel"
     if XLABS_KEY in keys and any(k.startswith("controlnet_blocks.") for k in keys):
@@ -65,6 +70,38 @@ def flux_config(shapes: dict, base) -> dict:
                 conditioning_embedding_channels=shapes.get("input_hint_block.0.weight", [None])[0])
 
 
+def unet_config(shapes: dict, base) -> dict:
+    """ControlNetModel's (or ControlNetUnionModel's) config: the base UNet's, as diffusers' from_unet copies it, with
+    what the shapes tell (levels and widths, layers per level, transformer depths, text width, hint encoder, the
+    pooled-and-time-ids embedding, a union's modes and transformer); the attention heads are the base's."""
+    keys = set(shapes)
+    levels = _count(keys, "down_blocks")
+    depths = [_count(keys, f"down_blocks.{i}.attentions.0.transformer_blocks") for i in range(levels)]
+    attn2 = next(v for k, v in shapes.items() if k.endswith("attn2.to_k.weight"))
+    proj_in = next(v for k, v in shapes.items() if k.endswith("proj_in.weight"))
+    hint = [shapes[UNET_KEY][0]] + [shapes[f"controlnet_cond_embedding.blocks.{j}.weight"][0]
+                                    for j in range(1, _count(keys, "controlnet_cond_embedding.blocks"), 2)]
+    cfg = {k: v for k, v in (base.config.items() if base is not None else ()) if not k.startswith("_")}
+    cfg |= dict(in_channels=shapes["conv_in.weight"][1], conditioning_channels=shapes[UNET_KEY][1],
+                block_out_channels=[shapes[f"down_blocks.{i}.resnets.0.conv1.weight"][0] for i in range(levels)],
+                down_block_types=["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths],
+                layers_per_block=_count(keys, "down_blocks.0.resnets"),
+                transformer_layers_per_block=[max(d, 1) for d in depths], cross_attention_dim=attn2[1],
+                use_linear_projection=len(proj_in) == 2, conditioning_embedding_out_channels=hint,
+                mid_block_type="UNetMidBlock2DCrossAttn" if _count(keys, "mid_block.attentions") else
+                "UNetMidBlock2D")
+    if "add_embedding.linear_1.weight" in shapes:
+        cfg |= dict(addition_embed_type="text_time",
+                    projection_class_embeddings_input_dim=shapes["add_embedding.linear_1.weight"][1])
+    else:
+        cfg |= dict(addition_embed_type=None, projection_class_embeddings_input_dim=None)
+    if "task_embedding" in shapes:  # xinsir's union: its transformer's heads are diffusers' default (8)
+        cfg |= dict(num_control_type=shapes["task_embedding"][0], num_trans_channel=shapes["task_embedding"][1],
+                    num_trans_layer=_count(keys, "transformer_layes"),
+                    num_proj_channel=shapes["spatial_ch_projs.weight"][0])
+    return cfg
+
+
 def load(path: Path, keys: set, base=None):
     """The ControlNet of a lone diffusers-keyed file (kind(keys) names its class), its config from the shapes and
     `base` (the denoiser it will steer, or None)."""
@@ -77,13 +114,16 @@ def load(path: Path, keys: set, base=None):
         raise GenError(f"{path} is an XLabs Flux ControlNet (double_blocks, pixel hints), which gen does not run yet; "
                        "InstantX-layout Flux ControlNets (controlnet_x_embedder) load")
     state = load_state_dict(path)
+    cls = getattr(diffusers, name)
     try:
-        config = flux_config({k: list(v.shape) for k, v in state.items()}, base)
+        config = (flux_config if name == "FluxControlNetModel" else unet_config)(
+            {k: list(v.shape) for k, v in state.items()}, base)
     except (KeyError, StopIteration, IndexError) as e:
         raise GenError(f"{path} is not a {name} gen can read: it lacks {e}") from None
     except GenError as e:
         raise GenError(f"the ControlNet {path}: {e}") from None
-    net = getattr(diffusers, name).from_config(config)
+    takes = inspect.signature(cls.__init__).parameters
+    net = cls.from_config({k: v for k, v in config.items() if k in takes})
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise GenError(f"{path} is not a {name} gen can read: {len(missing)} weights missing, {len(unexpected)} "
