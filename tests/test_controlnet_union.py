@@ -173,3 +173,18 @@ def test_a_mode_for_a_single_mode_controlnet_and_bad_mode_syntax_are_errors(sdxl
     for spec in ("net:hint.png:mode=", "net:hint.png:mode=a:mode=b"):
         with pytest.raises(GenError, match="give one mode=MODE"):
             parse(spec)
+
+
+def test_bad_control_flags_are_one_line_errors_on_the_command_line(tmp_path, capsys):
+    """Issue 28's errors before any model loads: weight or start/end out of range, a hint that cannot be read."""
+    (tmp_path / "net.safetensors").write_bytes(b"")
+    (tmp_path / "bad.png").write_text("not an image")
+    net, bad = tmp_path / "net.safetensors", tmp_path / "bad.png"
+    for spec, message in ((f"{net}:{bad}:2.5", r"weight must be in [0, 2], not 2.5"),
+                          (f"{net}:{bad}:-1", r"weight must be in [0, 2], not -1"),
+                          (f"{net}:{bad}:1:0.6:0.4", "0 <= start < end <= 1, not 0.6, 0.4"),
+                          (f"{net}:{bad}:1:0:1.5", "0 <= start < end <= 1, not 0, 1.5"),
+                          (f"{net}:{bad}", "bad.png: not a readable image")):
+        assert main(["sample", "x", "--model", str(tmp_path), "--control", spec]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (spec, err)
