@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxControlNetModel, FluxPipeline
+from diffusers import FluxControlNetModel
 from safetensors.torch import save_file
 
 from gen.cli import main
@@ -17,9 +17,9 @@ from gen.control import Control
 from gen.control.files import load_file
 from gen.errors import GenError
 from tests import test_controlnet
-from tests.conftest import quiet_pipeline, tiny_flux_components, tiny_sdxl_components
+from tests.conftest import quiet_pipeline, tiny_sdxl_components
 from tests.test_controlnet import randomized
-from tests.test_controlnet_union import tiny_flux_union, tiny_sdxl_union
+from tests.test_controlnet_union import flux_base, tiny_flux_union, tiny_sdxl_union
 
 hint_images = test_controlnet.hint_images  # the fixture: two random 32 px hints
 
@@ -33,9 +33,7 @@ def lone(net, folder, name):
 
 @pytest.fixture(scope="module")
 def flux_files(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cn-files")
-    comp = tiny_flux_components(tmp)
-    FluxPipeline(**comp).save_pretrained(tmp / "flux")
+    tmp, comp = flux_base(tmp_path_factory, "cn-files")
     torch.manual_seed(21)
     plain = randomized(FluxControlNetModel.from_transformer(comp["transformer"], num_layers=1, num_single_layers=1,
                                                             attention_head_dim=16, num_attention_heads=2), 22)

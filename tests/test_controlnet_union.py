@@ -112,11 +112,17 @@ def test_sdxl_union_controlnet_matches_diffusers(sdxl_union, hint_images, case):
 
 
 # ---- Flux: FluxControlNetModel with num_mode ----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def flux_union(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("union-flux")
+def flux_base(tmp_path_factory, name: str):
+    """(a folder holding the tiny Flux model in flux/, its components)."""
+    tmp = tmp_path_factory.mktemp(name)
     comp = tiny_flux_components(tmp)
     FluxPipeline(**comp).save_pretrained(tmp / "flux")
+    return tmp, comp
+
+
+@pytest.fixture(scope="module")
+def flux_union(tmp_path_factory):
+    tmp, comp = flux_base(tmp_path_factory, "union-flux")
     torch.manual_seed(13)
     net = randomized(tiny_flux_union(comp["transformer"]), 14)
     theirs = FluxControlNetPipeline.from_pretrained(tmp / "flux", controlnet=net)
