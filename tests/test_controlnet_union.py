@@ -141,7 +141,8 @@ def test_flux_union_controlnet_matches_diffusers(flux_union, hint_images):
     assert np.abs(got - expected).max() <= 1e-4
     by_number = ours_with_modes(ours, net, hint_images[:1], [2], [0.8], [0.0], [0.7], size=16, guidance=3.5)
     assert np.array_equal(by_number, got)  # mode 2 is depth
-    with pytest.raises(GenError, match=r"has no mode 'segment'; it has canny \(0\), tile \(1\), depth \(2\).*, 9 \(9\)"):
+    listed = r"has no mode 'segment'; it has canny \(0\), tile \(1\), depth \(2\).*, 9 \(9\)"
+    with pytest.raises(GenError, match=listed):
         ours_with_modes(ours, net, hint_images[:1], ["segment"], [1.0], [0.0], [1.0], size=16, guidance=3.5)
 
 

@@ -57,7 +57,8 @@ def _from_original(path: Path, allow_pickle: bool):
         state = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
     if "input_hint_block.0.weight" not in state or "input_blocks.0.0.weight" not in state:
         raise GenError(f"{path} is not a ControlNet in the original (LDM) layout: it has no input_hint_block "
-                       "(SD3 ControlNets load from diffusers folders; SDXL and Flux ones also from lone diffusers-keyed files)")
+                       "(SD3 ControlNets load from diffusers folders; SDXL and Flux ones also from lone "
+                       "diffusers-keyed files)")
     hints = json.loads(read_metadata(path).get(META, "{}")) if path.suffix == ".safetensors" else {}
     config = _config({k: list(v.shape) for k, v in state.items()}, hints)
     # the hint encoder by gen's table: diffusers' converter assumes its 4 levels (input_hint_block.14 = conv_out)
