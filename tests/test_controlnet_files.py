@@ -88,6 +88,16 @@ def test_a_lone_sdxl_controlnet_file_loads_as_its_folder_and_in_diffusers(sdxl_f
     assert all(torch.equal(theirs.state_dict()[k], v) for k, v in back.state_dict().items())
 
 
+def test_an_sdxl_controlnet_in_the_original_layout_reads_back(sdxl_files, tmp_path):
+    from gen.control.files import to_original
+
+    net = sdxl_files[2]["plain"]
+    to_original(net, tmp_path / "control_sdxl.safetensors")  # checks the read-back itself
+    back = load_file(tmp_path / "control_sdxl.safetensors")
+    assert init_config(back) == init_config(net) and back.config.addition_embed_type == "text_time"
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in net.state_dict().items())
+
+
 def test_lone_files_that_gen_cannot_run_are_one_line_errors(flux_files, hint_images, tmp_path, capsys):
     tmp, pipe, nets = flux_files
     xlabs = {"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2), "controlnet_blocks.0.weight": torch.zeros(2, 2),
