@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import struct
 import sys
@@ -164,7 +165,9 @@ NAMES = {
     "control_sd15_canny.safetensors": "control-sd15.safetensors",
     "control_v11p_sd15_canny.safetensors": "control-sd15.safetensors", "canny-sdxl": "control-sdxl",
     "depth-sdxl": "control-sdxl", "flux-canny": "control-flux", "house.png": "house.png", "edges.png": "src.png",
-    "depth.png": "src.png", "face.png": "src.png", "models": "ip-sd15", "sdxl_models": "ip-sdxl",
+    "depth.png": "src.png", "face.png": "src.png", "union-sdxl": "control-union-sdxl",
+    "flux-union": "control-union-flux", "instantx-flux-union.safetensors": "control-union-flux.safetensors",
+    "controlnet-canny-sdxl.safetensors": "control-sdxl.safetensors", "models": "ip-sd15", "sdxl_models": "ip-sdxl",
     "pairs": "pairs",
 }
 
@@ -249,12 +252,14 @@ def build(root: Path, gen) -> dict[str, Path]:
 
 
 def controls_and_adapters(root: Path) -> dict[str, Path]:
-    """ControlNets (an original-layout SD-1 file, an SDXL and a Flux folder) and h94-layout IP-Adapters (SD-1 and
+    """ControlNets (an original-layout SD-1 file, an SDXL and a Flux folder, SDXL and Flux union folders, a lone
+    InstantX-layout Flux union file) and h94-layout IP-Adapters (SD-1 and
     SDXL, sharing one image encoder as h94's models/image_encoder) for the stand-in bases."""
     from diffusers import ControlNetModel, FluxControlNetModel
 
     from gen.control.files import to_original
     from tests.conftest import quiet_pipeline
+    from tests.test_controlnet_union import tiny_flux_union, tiny_sdxl_union
     from tests.test_ip_adapter import h94_adapter
 
     sd, sdxl = quiet_pipeline(root / "sd").denoiser, quiet_pipeline(root / "sdxl").denoiser
@@ -264,9 +269,14 @@ def controls_and_adapters(root: Path) -> dict[str, Path]:
     FluxControlNetModel.from_transformer(quiet_pipeline(root / "flux-dev").denoiser, num_layers=1, num_single_layers=1,
                                          attention_head_dim=16, num_attention_heads=2).save_pretrained(
         root / "control-flux")
+    tiny_sdxl_union(sdxl).save_pretrained(root / "control-union-sdxl")
+    tiny_flux_union(quiet_pipeline(root / "flux-dev").denoiser).save_pretrained(root / "control-union-flux")
+    for name in ("control-union-flux", "control-sdxl"):  # the lone files people share (InstantX, diffusers)
+        shutil.copy(root / name / "diffusion_pytorch_model.safetensors", root / f"{name}.safetensors")
     h94_adapter(root / "ip-sd15", sd, "ip-adapter_sd15.safetensors")
     h94_adapter(root / "ip-sdxl", sdxl, "ip-adapter_sdxl_vit-h.safetensors")
-    return {name: root / name for name in ("control-sdxl", "control-flux", "ip-sd15", "ip-sdxl")}
+    return {name: root / name for name in ("control-sdxl", "control-flux", "control-union-sdxl", "control-union-flux",
+                                           "ip-sd15", "ip-sdxl")}
 
 
 def sd35_components() -> dict:

@@ -20,12 +20,14 @@ def _number(v: float) -> str:
 
 
 def write(controls: list[dict], resize: str) -> dict:
-    """The recipe fields of `controls` (dicts: module, model, image, weight, start, end; paths resolved)."""
+    """The recipe fields of `controls` (dicts: module, model, image, weight, start, end, mode; paths resolved)."""
     out = {}
     for i, c in enumerate(controls):
         out[f"ControlNet {i}"] = (f"Module: {c['module']}, Model: {Path(c['model']).stem}, Weight: "
                                   f"{_number(c['weight'])}, Resize Mode: {A1111_RESIZE[resize]}, Guidance Start: "
                                   f"{_number(c['start'])}, Guidance End: {_number(c['end'])}")
+        if c.get("mode") is not None:  # sd-webui-controlnet's and Forge's union field
+            out[f"ControlNet {i}"] += f", Union Control Type: {c['mode']}"
         out[f"gen ControlNet {i}"] = json.dumps([c["model"], c["image"]])
     return out
 
@@ -37,7 +39,8 @@ def read(fields: dict, source: str) -> tuple[list[dict], str, list[str]]:
         values = dict(part.split(": ", 1) for part in fields[key].split(", ") if ": " in part)
         try:
             c = dict(module=values.get("Module", "none"), weight=float(values.get("Weight", 1)),
-                     start=float(values.get("Guidance Start", 0)), end=float(values.get("Guidance End", 1)))
+                     start=float(values.get("Guidance Start", 0)), end=float(values.get("Guidance End", 1)),
+                     mode=values.get("Union Control Type"))
         except ValueError:
             raise GenError(f"{source}: the field {key!r} is {fields[key]!r}, with a weight or guidance start/end "
                            "that is not a number") from None

@@ -1,6 +1,6 @@
 """ControlNet files: diffusers folders (ControlNetModel for SD-1.x/2.x and SDXL, SD3ControlNetModel,
-FluxControlNetModel) and SD-1.x/2.x
-single files in the original layout (lllyasviel's control_v11p_sd15_canny.safetensors: `control_model.*` keys, or
+FluxControlNetModel), lone diffusers-keyed files (gen.control.keyed) and SD-1.x/2.x and SDXL single files in the
+original layout (lllyasviel's control_v11p_sd15_canny.safetensors: `control_model.*` keys, or
 bare), the config read from the tensor shapes and the weights renamed by diffusers' converter, offline.
 `to_original` writes that layout (the inverse renaming, checked by reading it back)."""
 
@@ -16,12 +16,13 @@ from gen.errors import GenError
 from gen.families import ldm
 
 PREFIX = "control_model."  # diffusers' LDM_CONTROLNET_KEY
-CLASSES = ("ControlNetModel", "FluxControlNetModel", "SD3ControlNetModel")
+CLASSES = ("ControlNetModel", "ControlNetUnionModel", "FluxControlNetModel", "SD3ControlNetModel")
 META = "gen_controlnet"  # header metadata: config values the shapes cannot tell (attention heads, ...)
 
 
-def load_file(model, allow_pickle: bool = False):
-    """A ControlNet from a diffusers folder or a single file in the original layout."""
+def load_file(model, allow_pickle: bool = False, base=None):
+    """A ControlNet from a diffusers folder, a single file in the original layout, or a lone diffusers-keyed file
+    (gen.control.keyed; `base`: the denoiser it will steer, for the config values its shapes cannot tell)."""
     import diffusers
 
     from gen.io import load_model, read_json
@@ -36,12 +37,18 @@ def load_file(model, allow_pickle: bool = False):
         return load_model(getattr(diffusers, name), path, allow_pickle)
     if not path.is_file():
         raise GenError(f"the ControlNet {path}: no such file or folder")
+    if path.suffix == ".safetensors":
+        from gen.control import keyed
+
+        keys = keyed.header_keys(path)
+        if keyed.kind(keys):
+            return keyed.load(path, keys, base)
     return _from_original(path, allow_pickle)
 
 
 def _from_original(path: Path, allow_pickle: bool):
     from diffusers import ControlNetModel
-    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, convert_controlnet_checkpoint
 
     from gen.io import load_state_dict, read_metadata
 
@@ -50,17 +57,22 @@ def _from_original(path: Path, allow_pickle: bool):
         state = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
     if "input_hint_block.0.weight" not in state or "input_blocks.0.0.weight" not in state:
         raise GenError(f"{path} is not a ControlNet in the original (LDM) layout: it has no input_hint_block "
-                       "(Flux and SDXL ControlNets load from diffusers folders)")
+                       "(SD3 ControlNets load from diffusers folders; SDXL and Flux ones also from lone "
+                       "diffusers-keyed files)")
     hints = json.loads(read_metadata(path).get(META, "{}")) if path.suffix == ".safetensors" else {}
     config = _config({k: list(v.shape) for k, v in state.items()}, hints)
     # the hint encoder by gen's table: diffusers' converter assumes its 4 levels (input_hint_block.14 = conv_out)
     hint = {ldm_name: name for name, ldm_name in _hint_names(len(config["conditioning_embedding_out_channels"])).items()}
     weights = {k: v for k, v in convert_controlnet_checkpoint({PREFIX + k: v for k, v in state.items()}, config).items()
                if not k.startswith("controlnet_cond_embedding.")}
+    table = DIFFUSERS_TO_LDM_MAPPING["controlnet"]["addition_embed_type"] if config.get("addition_embed_type") else {}
+    added = {ldm_name: name for name, ldm_name in table.items()}
     for k, v in state.items():
         stem, _, leaf = k.rpartition(".")
         if stem in hint:
             weights[f"{hint[stem]}.{leaf}"] = v
+        elif k in added:  # SDXL's pooled-text-and-time-ids embedding, which diffusers' converter leaves out
+            weights[added[k]] = v
     net = ControlNetModel(**config)
     missing, unexpected = net.load_state_dict(weights, strict=False)
     if missing or unexpected:
@@ -75,6 +87,9 @@ def _config(shapes: dict, hints: dict) -> dict:
     encoder's channels from input_hint_block's convolutions (0, 4, 8, ...: each level's width)."""
     cross = next(v for k, v in shapes.items() if k.endswith("attn2.to_k.weight"))[1]
     convention = dict(heads=8) if cross == 768 else dict(head_dim=64)
+    if "label_emb.0.0.weight" in shapes:  # SDXL: 6 time ids of addition_time_embed_dim (SDXL's 256) + the pooled
+        adm = shapes["label_emb.0.0.weight"][1]
+        convention |= dict(time_ids=6, pooled_dim=adm - 6 * hints.get("addition_time_embed_dim", 256))
     unet = {ldm.UNET + k: v for k, v in shapes.items()} | {ldm.UNET + "out.2.weight": [4]}
     cfg = ldm.unet_config(unet, {}, convention | {"sample_size": 64})
     convs = sorted(int(m[1]) for k in shapes if (m := re.fullmatch(r"input_hint_block\.(\d+)\.weight", k)))
@@ -83,6 +98,8 @@ def _config(shapes: dict, hints: dict) -> dict:
                 cross_attention_dim=cfg["cross_attention_dim"], attention_head_dim=cfg["attention_head_dim"],
                 use_linear_projection=cfg["use_linear_projection"],
                 transformer_layers_per_block=cfg["transformer_layers_per_block"],
+                **{k: cfg[k] for k in ("addition_embed_type", "addition_time_embed_dim",
+                                       "projection_class_embeddings_input_dim") if k in cfg},
                 conditioning_channels=shapes["input_hint_block.0.weight"][1],
                 conditioning_embedding_out_channels=[shapes[f"input_hint_block.{i}.weight"][0]
                                                      for i in convs[:-1] if i % 4 == 0]) | hints
@@ -114,8 +131,8 @@ def to_original(net, path: str | Path) -> None:
         else:
             name = ldm._unet_key(k, {"layers_per_block": cfg.layers_per_block})
         out[PREFIX + name] = v.detach().contiguous()
-    heads = cfg.attention_head_dim
-    write_safetensors(path, out, {META: json.dumps({"attention_head_dim": heads})})
+    hidden = {k: cfg[k] for k in ("attention_head_dim", "addition_time_embed_dim") if cfg.get(k) is not None}
+    write_safetensors(path, out, {META: json.dumps(hidden)})
     back = _from_original(Path(path), False).state_dict()
     if any(not torch.equal(back[k], v) for k, v in net.state_dict().items()):
         Path(path).unlink()

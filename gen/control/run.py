@@ -20,7 +20,7 @@ def load(pipe, model, allow_pickle: bool = False):
     key = str(Path(model).resolve()) if isinstance(model, (str, Path)) else id(model)
     net = cache.get(key) if isinstance(model, (str, Path)) else model
     if net is None:
-        net = cache[key] = load_file(model, allow_pickle)
+        net = cache[key] = load_file(model, allow_pickle, base=pipe.denoiser)
     fam = pipe.family
     name = model if isinstance(model, (str, Path)) else type(net).__name__
     if type(net).__name__ not in fam.control_classes:
@@ -35,6 +35,26 @@ def load(pipe, model, allow_pickle: bool = False):
     return net.to(pipe.device).eval().requires_grad_(False)
 
 
+def mode_index(fam, net, c: Control) -> int | None:
+    """The index of `c.mode` (a name or an index) among the union ControlNet's modes (fam.control_modes); None for
+    a single-mode ControlNet given none."""
+    modes = fam.control_modes(net)
+    name = c.model if isinstance(c.model, (str, Path)) else type(net).__name__
+    if modes is None:
+        if c.mode is not None:
+            raise GenError(f"the ControlNet {name} is not a union model: it has no mode {c.mode!r}; drop mode=")
+        return None
+    listed = ", ".join(f"{m} ({i})" for i, m in enumerate(modes))
+    if c.mode is None:
+        raise GenError(f"the ControlNet {name} is a union model: pick its mode with mode=NAME; it has {listed}")
+    key = str(c.mode).lower()
+    if key in modes:
+        return modes.index(key)
+    if key.isdigit() and int(key) < len(modes):
+        return int(key)
+    raise GenError(f"the union ControlNet {name} has no mode {c.mode!r}; it has {listed}")
+
+
 class Controlled:
     """The denoiser with its ControlNets: `predict(x, t, cond, **kw)` adds their summed residuals to the call;
     `at_step(i, n)` (called by gen.guidance.guided_prediction) sets which of them act at step i of n."""
@@ -42,6 +62,7 @@ class Controlled:
     def __init__(self, pipe, predict, controls: list[Control], nets: list, hints: list[torch.Tensor]):
         self.family, self.predict = pipe.family, predict
         self.items = list(zip(controls, nets, hints))
+        self.modes = [mode_index(self.family, net, c) for c, net in zip(controls, nets)]
         self.keep = [True] * len(self.items)
         self.tiled = {}  # (net, batch) -> its hint tiled to the batch (the CFG batch doubles it), made once
 
@@ -56,7 +77,7 @@ class Controlled:
             if (j, x.shape[0]) not in self.tiled:
                 self.tiled[j, x.shape[0]] = hint.repeat(x.shape[0] // hint.shape[0], *[1] * (hint.ndim - 1))
             hint = self.tiled[j, x.shape[0]]
-            out = self.family.control_call(net, x, t, cond, hint, float(c.weight))
+            out = self.family.control_call(net, x, t, cond, hint, float(c.weight), self.modes[j])
             total = {k: _add(total.get(k), v) for k, v in out.items()}
         return self.predict(x, t, cond, **kwargs, **total)
 
@@ -89,6 +110,7 @@ def prepare(pipe, controls: list[Control], height: int, width: int, n: int, gene
     for c in controls:
         c.check()
         nets.append(load(pipe, c.model, allow_pickle))
+        mode_index(fam, nets[-1], c)  # a wrong mode fails before any hint is encoded
         image = processor.preprocess(hint_image(c.image, c.module), height=height, width=width,
                                      resize_mode=RESIZE_MODES[resize]).float()
         hints.append(fam.control_hint(pipe, nets[-1], image, generator, n).to(pipe.device, pipe.dtype))

@@ -205,9 +205,14 @@ class Family:
         in [0, 1]; latent-hint families encode it (in [-1, 1], control_latent_hint)."""
         return image
 
+    def control_modes(self, net) -> tuple[str, ...] | None:
+        """A union ControlNet's mode names by index (its `mode=`), or None for a single-mode ControlNet."""
+        return None
+
     def control_call(self, net, x: torch.Tensor, t: torch.Tensor, cond: dict, hint: torch.Tensor,
-                     scale: float) -> dict:
-        """One ControlNet's residuals for this step, as predict's keywords (StableDiffusionControlNetPipeline)."""
+                     scale: float, mode: int | None = None) -> dict:
+        """One ControlNet's residuals for this step, as predict's keywords (StableDiffusionControlNetPipeline);
+        `mode`: a union ControlNet's mode index (control_modes)."""
         down, mid = net(x, t, controlnet_cond=hint, conditioning_scale=scale, return_dict=False,
                         **self.denoiser_kwargs(cond))
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}

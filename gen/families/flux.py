@@ -191,10 +191,22 @@ class Flux(OriginalLayout, Family):
         with pipe._on_device(pipe.vae):
             return self.pack(_sample(pipe, image, generator, n))[0]
 
-    def control_call(self, net, x, t, cond, hint, scale) -> dict:
-        """FluxControlNetPipeline's call: the embedded guidance only where the ControlNet embeds it."""
+    # InstantX's FLUX.1-dev-Controlnet-Union (and Shakker-Labs' Union-Pro) model card: the modes by index
+    UNION_MODES = ("canny", "tile", "depth", "blur", "pose", "gray", "lq")
+
+    def control_modes(self, net) -> tuple[str, ...] | None:
+        """A union FluxControlNetModel (num_mode set) has num_mode modes, the unnamed ones by number."""
+        n = net.config.get("num_mode")
+        return None if n is None else tuple(self.UNION_MODES[i] if i < len(self.UNION_MODES) else str(i)
+                                            for i in range(n))
+
+    def control_call(self, net, x, t, cond, hint, scale, mode=None) -> dict:
+        """FluxControlNetPipeline's call: the embedded guidance only where the ControlNet embeds it; a union
+        model's mode index per image."""
         kwargs = self.denoiser_kwargs(cond) | {"guidance": cond.get("guidance") if net.config.guidance_embeds
                                                else None}
+        if mode is not None:
+            kwargs["controlnet_mode"] = torch.full((x.shape[0], 1), mode, dtype=torch.long, device=x.device)
         block, single = net(hidden_states=x, controlnet_cond=hint, conditioning_scale=scale, return_dict=False,
                             timestep=t.expand(x.shape[0]).to(x.dtype) / 1000, **kwargs)
         return {"controlnet_block_samples": block, "controlnet_single_block_samples": single}

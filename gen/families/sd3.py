@@ -167,7 +167,7 @@ class SD3(OriginalLayout, Family):
         plain = net.config.force_zeros_for_pooled_projection
         return (z * pipe.vae.config.scaling_factor if plain else vae_lib.to_latents(pipe.vae, z)).repeat(n, 1, 1, 1)
 
-    def control_call(self, net, x, t, cond, hint, scale) -> dict:
+    def control_call(self, net, x, t, cond, hint, scale, mode=None) -> dict:
         pooled = torch.zeros_like(cond["pooled"]) if net.config.force_zeros_for_pooled_projection else cond["pooled"]
         hidden = cond["hidden"] if net.config.joint_attention_dim is not None else None  # SD3.5's 8B nets: none
         out = net(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=hidden,

@@ -126,5 +126,29 @@ class SDXL(Family):
         return {"encoder_hidden_states": cond["hidden"],
                 "added_cond_kwargs": {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}}
 
+    # ---- ControlNet (gen/control): ControlNetModel, and the union model of StableDiffusionXLControlNetUnionPipeline
+    control_classes = ("ControlNetModel", "ControlNetUnionModel")
+    # xinsir's controlnet-union-sdxl-1.0 model card (ProMax adds tile and repaint): the modes by index
+    UNION_MODES = ("openpose", "depth", "hed", "canny", "normal", "segment", "tile", "repaint")
+
+    def control_modes(self, net) -> tuple[str, ...] | None:
+        if type(net).__name__ != "ControlNetUnionModel":
+            return None
+        n = net.config.num_control_type
+        return tuple(self.UNION_MODES[i] if i < len(self.UNION_MODES) else str(i) for i in range(n))
+
+    def control_call(self, net, x, t, cond, hint, scale, mode=None) -> dict:
+        """A union model takes its hint in a list, the one-hot of its mode (control_type) per image and the mode's
+        index, as StableDiffusionXLControlNetUnionPipeline calls it with one hint."""
+        if mode is None:
+            return super().control_call(net, x, t, cond, hint, scale)
+        kwargs = self.denoiser_kwargs(cond)
+        one_hot = torch.zeros(x.shape[0], net.config.num_control_type, dtype=kwargs["encoder_hidden_states"].dtype,
+                              device=x.device)
+        one_hot[:, mode] = 1
+        down, mid = net(x, t, controlnet_cond=[hint], control_type=one_hot, control_type_idx=[mode],
+                        conditioning_scale=scale, return_dict=False, **kwargs)
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
     def default_settings(self, denoiser, vae_factor: int, flow: bool) -> dict:
         return super().default_settings(denoiser, vae_factor, flow) | {"guidance": 5.0}

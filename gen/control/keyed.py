@@ -1,0 +1,131 @@
+"""Lone ControlNet files in diffusers' key layout (ControlNetModel, ControlNetUnionModel, FluxControlNetModel): a
+ControlNet folder's `diffusion_pytorch_model.safetensors` shared without its config.json, as diffusers' SDXL
+ControlNets, xinsir's union files and InstantX's / Shakker-Labs' Flux ControlNets are shared. The class is told by
+the keys, the config by the tensor shapes; what shapes cannot tell (a UNet's attention heads, a Flux ControlNet's
+rotary axes) is the base model's, as diffusers' from_unet / from_transformer copy it. XLabs' Flux ControlNets
+(`double_blocks.*` keys, pixel hints) are recognised and refused in one line, as gen does not run them yet."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+from gen.errors import GenError
+
+FLUX_KEY = "controlnet_x_embedder.weight"  # InstantX's layout: the hint's packed latents embedded
+XLABS_KEY = "double_blocks.0.img_attn.qkv.weight"
+UNET_KEY = "controlnet_cond_embedding.conv_in.weight"  # a UNet ControlNet's hint encoder, diffusers-named
+
+
+def kind(keys: set) -> str | None:
+    """The diffusers class of a lone ControlNet file's keys, "xlabs" for XLabs' Flux layout, or None (another
+    layout: the original LDM one, or not a ControlNet)."""
+    if UNET_KEY in keys and "time_embedding.linear_1.weight" in keys:
+        return "ControlNetUnionModel" if "task_embedding" in keys else "ControlNetModel"
+    if FLUX_KEY in keys and any(k.startswith("controlnet_single_blocks.") for k in keys):
+        return "FluxControlNetModel"
+    if XLABS_KEY in keys and any(k.startswith("controlnet_blocks.") for k in keys):
+        return "xlabs"
+    return None
+
+
+def header_keys(path: Path) -> set:
+    """The tensor names of a safetensors file, from its header (no tensor read)."""
+    from safetensors import safe_open
+
+    from gen.io import check_safetensors
+
+    check_safetensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return set(f.keys())
+    except Exception as e:  # safetensors raises several types for malformed files
+        raise GenError(f"{path} is not a valid safetensors file ({e})") from None
+
+
+def _count(keys: set, prefix: str) -> int:
+    """How many numbered blocks `prefix.N.` the keys hold."""
+    return len({m[1] for k in keys if (m := re.match(re.escape(prefix) + r"\.(\d+)\.", k))})
+
+
+def flux_config(shapes: dict, base) -> dict:
+    """FluxControlNetModel's config from its shapes: widths, depths, the union's number of modes, whether it embeds
+    guidance; the rotary axes from the base transformer (`base`; FLUX.1's (16, 56, 56) without one)."""
+    inner, in_channels = shapes["x_embedder.weight"]
+    head = next(v[0] for k, v in shapes.items() if k.endswith("attn.norm_q.weight"))
+    axes = base.config.get("axes_dims_rope") if base is not None else (16, 56, 56)
+    if axes is None:  # the base is no Flux transformer: the family check refuses the net before it runs
+        axes = (head, 0, 0)
+    if sum(axes) != head:
+        raise GenError(f"its attention heads are {head} wide, but the rotary axes {list(axes)} sum to {sum(axes)}: "
+                       "load it for the Flux model it was made for")
+    keys = set(shapes)
+    return dict(in_channels=in_channels, num_layers=_count(keys, "transformer_blocks"),
+                num_single_layers=_count(keys, "single_transformer_blocks"), attention_head_dim=head,
+                num_attention_heads=inner // head, joint_attention_dim=shapes["context_embedder.weight"][1],
+                pooled_projection_dim=shapes["time_text_embed.text_embedder.linear_1.weight"][1],
+                guidance_embeds=any(k.startswith("time_text_embed.guidance_embedder.") for k in keys),
+                axes_dims_rope=list(axes), num_mode=shapes.get("controlnet_mode_embedder.weight", [None])[0],
+                conditioning_embedding_channels=shapes.get("input_hint_block.0.weight", [None])[0])
+
+
+def unet_config(shapes: dict, base) -> dict:
+    """ControlNetModel's (or ControlNetUnionModel's) config: the base UNet's, as diffusers' from_unet copies it, with
+    what the shapes tell (levels and widths, layers per level, transformer depths, text width, hint encoder, the
+    pooled-and-time-ids embedding, a union's modes and transformer); the attention heads are the base's."""
+    keys = set(shapes)
+    levels = _count(keys, "down_blocks")
+    depths = [_count(keys, f"down_blocks.{i}.attentions.0.transformer_blocks") for i in range(levels)]
+    attn2 = next(v for k, v in shapes.items() if k.endswith("attn2.to_k.weight"))
+    proj_in = next(v for k, v in shapes.items() if k.endswith("proj_in.weight"))
+    hint = [shapes[UNET_KEY][0]] + [shapes[f"controlnet_cond_embedding.blocks.{j}.weight"][0]
+                                    for j in range(1, _count(keys, "controlnet_cond_embedding.blocks"), 2)]
+    cfg = {k: v for k, v in (base.config.items() if base is not None else ()) if not k.startswith("_")}
+    cfg |= dict(in_channels=shapes["conv_in.weight"][1], conditioning_channels=shapes[UNET_KEY][1],
+                block_out_channels=[shapes[f"down_blocks.{i}.resnets.0.conv1.weight"][0] for i in range(levels)],
+                down_block_types=["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths],
+                layers_per_block=_count(keys, "down_blocks.0.resnets"),
+                transformer_layers_per_block=[max(d, 1) for d in depths], cross_attention_dim=attn2[1],
+                use_linear_projection=len(proj_in) == 2, conditioning_embedding_out_channels=hint,
+                mid_block_type="UNetMidBlock2DCrossAttn" if _count(keys, "mid_block.attentions") else
+                "UNetMidBlock2D")
+    if "add_embedding.linear_1.weight" in shapes:
+        cfg |= dict(addition_embed_type="text_time",
+                    projection_class_embeddings_input_dim=shapes["add_embedding.linear_1.weight"][1])
+    else:
+        cfg |= dict(addition_embed_type=None, projection_class_embeddings_input_dim=None)
+    if "task_embedding" in shapes:  # xinsir's union: its transformer's heads are diffusers' default (8)
+        cfg |= dict(num_control_type=shapes["task_embedding"][0], num_trans_channel=shapes["task_embedding"][1],
+                    num_trans_layer=_count(keys, "transformer_layes"),
+                    num_proj_channel=shapes["spatial_ch_projs.weight"][0])
+    return cfg
+
+
+def load(path: Path, keys: set, base=None):
+    """The ControlNet of a lone diffusers-keyed file (kind(keys) names its class), its config from the shapes and
+    `base` (the denoiser it will steer, or None)."""
+    import diffusers
+
+    from gen.io import load_state_dict
+
+    name = kind(keys)
+    if name == "xlabs":
+        raise GenError(f"{path} is an XLabs Flux ControlNet (double_blocks, pixel hints), which gen does not run yet; "
+                       "InstantX-layout Flux ControlNets (controlnet_x_embedder) load")
+    state = load_state_dict(path)
+    cls = getattr(diffusers, name)
+    try:
+        config = (flux_config if name == "FluxControlNetModel" else unet_config)(
+            {k: list(v.shape) for k, v in state.items()}, base)
+    except (KeyError, StopIteration, IndexError) as e:
+        raise GenError(f"{path} is not a {name} gen can read: it lacks {e}") from None
+    except GenError as e:
+        raise GenError(f"the ControlNet {path}: {e}") from None
+    takes = inspect.signature(cls.__init__).parameters
+    net = cls.from_config({k: v for k, v in config.items() if k in takes})
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise GenError(f"{path} is not a {name} gen can read: {len(missing)} weights missing, {len(unexpected)} "
+                       f"unknown ({(missing or unexpected)[0]})")
+    return net
