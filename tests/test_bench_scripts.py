@@ -18,6 +18,7 @@ from bench import gpu  # noqa: E402
 SMALLEST = {
     "controlnet_learns.py": ["--base-steps", "1", "--steps", "1", "--scenes", "1", "--size", "32", "--batch", "2",
                              "--images", "2", "--sample-steps", "1", "--out", "{tmp}/run"],
+    "controlnet_cost.py": ["--size", "32", "--steps", "1", "--repeats", "1"],
     "data_throughput.py": ["--quick"],
     "default_model_speed.py": ["--images", "1", "--cold", "1", "--results", "{tmp}"],
     "img2img_grid.py": ["--out", "{tmp}/grid.png"],
