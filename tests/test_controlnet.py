@@ -207,6 +207,46 @@ def test_canny_finds_the_edges_of_a_square():
         assert hints.MODULES[name](image).size == image.size
 
 
+# ---- sd-webui-controlnet's reading of A1111's `ControlNet N` fields, restated (the extension is GPL-3.0, A1111
+# AGPL-3.0: not vendored into this Apache-2.0 project) from Mikubill/sd-webui-controlnet internal_controlnet/args.py
+# (commit 084dd0107bf331c67f27343a7b5583202af71484): displaytext_to_field(), parse_value(), ControlNetUnit.parse()
+# and infotext_fields(); the resize modes are scripts/enums.py's ResizeMode values. A1111's own parsing of the
+# parameters line is tests/test_recipe_png.py's a1111_parse (modules/infotext_utils.py).
+WEBUI_FIELDS = ("module", "model", "weight", "resize_mode", "processor_res", "threshold_a", "threshold_b",
+                "guidance_start", "guidance_end", "pixel_perfect", "control_mode",
+                "union_control_type")  # the last: Forge's and the extension's later union field
+WEBUI_RESIZE = ("Just Resize", "Crop and Resize", "Resize and Fill")
+
+
+def webui_parse_value(value: str):
+    if value in ("True", "False"):
+        return value == "True"
+    try:
+        return int(value)
+    except ValueError:
+        try:
+            return float(value)
+        except ValueError:
+            return value
+
+
+def a1111_controlnet_units(parameters: str) -> list[dict]:
+    """The ControlNet units A1111 + sd-webui-controlnet read from a PNG's `parameters` text, in order."""
+    from tests.test_recipe_png import a1111_parse
+
+    res = a1111_parse(parameters)
+    units = []
+    for i in range(len(res)):
+        if f"ControlNet {i}" not in res:
+            break
+        unit = {"_".join(w.lower() for w in key.split(" ")): webui_parse_value(value)
+                for item in res[f"ControlNet {i}"].split(",") for (key, value) in (item.strip().split(": "),)}
+        assert set(unit) <= set(WEBUI_FIELDS) and unit.get("resize_mode", WEBUI_RESIZE[0]) in WEBUI_RESIZE, unit
+        assert 0 <= unit["weight"] <= 2 and 0 <= unit["guidance_start"] <= unit["guidance_end"] <= 1, unit
+        units.append(unit)
+    return units
+
+
 def test_gen_sample_control_writes_the_recipe_and_from_replays_it(sd, hint_images, tmp_path):
     folder, ours, nets, _ = sd
     to_original(nets[0], tmp_path / "control_tiny.safetensors")
@@ -223,6 +263,8 @@ def test_gen_sample_control_writes_the_recipe_and_from_replays_it(sd, hint_image
     assert fields["ControlNet 0"] == ("Module: canny, Model: control_tiny, Weight: 0.8, Resize Mode: Crop and Resize, "
                                       "Guidance Start: 0, Guidance End: 0.9")
     assert json.loads(fields["gen ControlNet 0"])[1] == str(tmp_path / "hint.png")
+    assert a1111_controlnet_units(text) == [dict(module="canny", model="control_tiny", weight=0.8,
+                                                 resize_mode="Crop and Resize", guidance_start=0, guidance_end=0.9)]
     expected = ours("a red circle", num_inference_steps=2, seed=5, height=32, width=32, control_resize="crop-and-resize",
                     control=[Control(nets[0], tmp_path / "hint.png", 0.8, 0.0, 0.9, "canny")]).images[0]
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected))

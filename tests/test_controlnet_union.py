@@ -19,7 +19,7 @@ from gen.control import Control, parse
 from gen.errors import GenError
 from tests.conftest import quiet_pipeline, tiny_flux_components, tiny_sdxl_components
 from tests import test_controlnet
-from tests.test_controlnet import PROMPTS, SIZE, randomized
+from tests.test_controlnet import PROMPTS, SIZE, a1111_controlnet_units, randomized
 from tests.test_controlnet import NONZERO as PLAIN_NONZERO
 
 hint_images = test_controlnet.hint_images  # the fixture: two random 32 px hints
@@ -158,6 +158,9 @@ def test_gen_sample_union_mode_is_recorded_and_a_missing_mode_is_one_line(sdxl_u
     assert done.returncode == 0, done.stderr
     _, _, fields = recipe.parse(Image.open(tmp_path / "a.png").info["parameters"])
     assert fields["ControlNet 0"].endswith("Guidance End: 1, Union Control Type: canny")
+    assert a1111_controlnet_units(Image.open(tmp_path / "a.png").info["parameters"]) == [dict(
+        module="none", model="union-net", weight=0.9, resize_mode="Just Resize", guidance_start=0, guidance_end=1,
+        union_control_type="canny")]
     assert main(["sample", "--from", str(tmp_path / "a.png"), "--out", str(tmp_path / "c.png"), "--no-progress"]) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "c.png")), np.asarray(Image.open(tmp_path / "a.png")))
     for spec, message in ((f"{net}:{tmp_path / 'hint.png'}:mode=lineart",
