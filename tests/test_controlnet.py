@@ -134,6 +134,26 @@ def test_a_window_that_misses_every_step_leaves_the_image_alone(sd, hint_images)
     assert np.array_equal(late, plain)
 
 
+def test_each_hint_is_encoded_once_per_call_not_once_per_step(sd, hint_images):
+    """The ControlNets' hint encoders run once per call (diffusers runs them at every step), with diffusers' images
+    (the parity tests), and each net's own encoder is back in place after the call."""
+    _, ours, nets, theirs = sd
+    encoders = [net.controlnet_cond_embedding for net in nets]
+    calls = []
+    handles = [e.register_forward_hook(lambda m, i, o: calls.append(m)) for e in encoders]
+    try:
+        _ours(ours, nets, hint_images, *CASES["two"], steps=4)
+        ours_calls = [sum(c is e for c in calls) for e in encoders]
+        calls.clear()
+        theirs["two"](**_diffusers_args(nets, hint_images, *CASES["two"], steps=4))
+    finally:
+        for h in handles:
+            h.remove()
+    assert ours_calls == [1, 1]  # windows 0-0.7 and 0.3-1 of 4 steps: the nets run at 2 and 3 of them
+    assert [sum(c is e for c in calls) for e in encoders] == [4, 4]  # diffusers: every step (at scale 0 outside)
+    assert [net.controlnet_cond_embedding for net in nets] == encoders
+
+
 def test_an_original_layout_file_loads_as_the_folder_net(sd, tmp_path):
     net = sd[2][0]
     to_original(net, tmp_path / "control_tiny.safetensors")  # checks that it reads back

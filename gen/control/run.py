@@ -3,6 +3,7 @@ summed residuals at the steps each covers."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -65,6 +66,7 @@ class Controlled:
         self.modes = [mode_index(self.family, net, c) for c, net in zip(controls, nets)]
         self.keep = [True] * len(self.items)
         self.tiled = {}  # (net, batch) -> its hint tiled to the batch (the CFG batch doubles it), made once
+        self.encoded = {}  # id(tiled hint) -> (it, its encoding by the net's hint encoder), made once (encoded_once)
 
     def at_step(self, i: int, n: int) -> None:
         self.keep = [not (i / n < c.start or (i + 1) / n > c.end) for c, _, _ in self.items]
@@ -77,9 +79,41 @@ class Controlled:
             if (j, x.shape[0]) not in self.tiled:
                 self.tiled[j, x.shape[0]] = hint.repeat(x.shape[0] // hint.shape[0], *[1] * (hint.ndim - 1))
             hint = self.tiled[j, x.shape[0]]
-            out = self.family.control_call(net, x, t, cond, hint, float(c.weight), self.modes[j])
+            with encoded_once(net, self.encoded):
+                out = self.family.control_call(net, x, t, cond, hint, float(c.weight), self.modes[j])
             total = {k: _add(total.get(k), v) for k, v in out.items()}
         return self.predict(x, t, cond, **kwargs, **total)
+
+
+class _EncodedOnce(torch.nn.Module):
+    """A hint encoder that hands back what it made of the same hint tensor before (`cache`: id -> (hint, encoding))."""
+
+    def __init__(self, encoder: torch.nn.Module, cache: dict):
+        super().__init__()
+        object.__setattr__(self, "encoder", encoder)  # not a submodule: the net's own stays where it is
+        self.cache = cache
+
+    def forward(self, hint: torch.Tensor) -> torch.Tensor:
+        hit = self.cache.get(id(hint))
+        if hit is None or hit[0] is not hint:
+            hit = self.cache[id(hint)] = (hint, self.encoder(hint))
+        return hit[1]
+
+
+@contextmanager
+def encoded_once(net, cache: dict):
+    """While it lasts, a UNet ControlNet's hint encoder (controlnet_cond_embedding, full-resolution convolutions: in
+    ControlNetModel and ControlNetUnionModel) encodes each hint once: the hint is the same at every step, so the
+    encoding is too (diffusers encodes it again at every step; same result, bit for bit). Other nets: unchanged."""
+    encoder = getattr(net, "controlnet_cond_embedding", None)
+    if not isinstance(encoder, torch.nn.Module) or isinstance(encoder, _EncodedOnce):
+        yield
+        return
+    net.controlnet_cond_embedding = _EncodedOnce(encoder, cache)
+    try:
+        yield
+    finally:
+        net.controlnet_cond_embedding = encoder
 
 
 def _add(a, b):
