@@ -11,8 +11,9 @@ per repeat so that a change in machine load hits all alike; the minimum over --r
   - diffusers: StableDiffusionPipeline, and StableDiffusionControlNetPipeline on the same modules plus the ControlNet;
   - gen: gen.Pipeline on the same folder, without and with control=[Control(net, hint)].
 Per-step time is the call's time over --steps (the prompt encoding, once per call, included on every side). Printed:
-each side's ratio with/without the ControlNet, and gen's ratio over diffusers' (the target: <= 1.0), and the
-max abs difference of the ControlNet latents (gen vs diffusers, a check that both ran the same thing).
+each side's ratio with/without the ControlNet, and gen's ratio over diffusers' (the target: <= 1.0), in wall time and
+(on CPU) in the process's CPU time, steadier where other jobs share the CPU; and the max abs difference of the
+ControlNet latents (gen vs diffusers, a check that both ran the same thing).
 Figures: bench/results/controlnet_cost_cpu.txt.
 """
 
@@ -32,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
-from sample_vs_diffusers import DTYPES, NEGATIVE, PRESETS, PROMPT, build_folder  # noqa: E402
+from sample_vs_diffusers import DTYPES, NEGATIVE, PROMPT, build_folder  # noqa: E402
 
 from gen.cli import _quiet_libraries  # noqa: E402
 from gen.control import Control  # noqa: E402
@@ -69,20 +70,31 @@ def build(preset: str, size: int, folder: Path, device: str, dtype: str):
     return runs, sum(p.numel() for p in net.parameters()) / 1e6, sum(p.numel() for p in theirs.unet.parameters()) / 1e6
 
 
-def measure(runs: dict, steps: int, repeats: int, device: str) -> tuple[dict, dict]:
-    """(seconds per step, min over repeats; the last latents) of each run."""
+def measure(runs: dict, steps: int, repeats: int, device: str) -> tuple[dict, dict, dict]:
+    """(wall seconds per step, process CPU seconds per step, each the min over repeats; the last latents) of each
+    run. On a CPU shared with other jobs the CPU time is the steadier figure."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     outs = {name: run(steps) for name, run in runs.items()}  # warm-up
-    times = {name: [] for name in runs}
+    wall, cpu = {name: [] for name in runs}, {name: [] for name in runs}
     names = list(runs)
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
             sync()
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             outs[name] = runs[name](steps)
             sync()
-            times[name].append((time.perf_counter() - t) / steps)
-    return {name: min(ts) for name, ts in times.items()}, outs
+            wall[name].append((time.perf_counter() - t) / steps)
+            cpu[name].append((time.process_time() - c) / steps)
+    return {name: min(ts) for name, ts in wall.items()}, {name: min(ts) for name, ts in cpu.items()}, outs
+
+
+def ratios(per_step: dict, what: str) -> list[str]:
+    """The table of one measure (ms per step) and its ratios."""
+    ratio = {side: per_step[f"{side} + ControlNet"] / per_step[side] for side in ("gen", "diffusers")}
+    return [f"{what}:"] + [f"  {name:<24}{per_step[name] * 1e3:9.1f} ms/step" for name in RUNS] + [
+        f"  with/without ControlNet: gen {ratio['gen']:.2f}x, diffusers {ratio['diffusers']:.2f}x; gen's ratio over "
+        f"diffusers' {ratio['gen'] / ratio['diffusers']:.2f} (target <= 1.0); gen + ControlNet at "
+        f"{per_step['diffusers + ControlNet'] / per_step['gen + ControlNet']:.2f}x diffusers + ControlNet's speed"]
 
 
 def main(argv=None) -> None:
@@ -90,7 +102,7 @@ def main(argv=None) -> None:
     ap.add_argument("--preset", default=None, choices=SD_PRESETS, help="UNet preset (default: tiny on CPU, sd15 on CUDA)")
     ap.add_argument("--size", type=int, default=None, help="image size in pixels (default: 128 on CPU, 512 on CUDA)")
     ap.add_argument("--steps", type=int, default=10, help="sampling steps per timed call")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp32 on CPU, fp16 on CUDA")
     ap.add_argument("--out", default=None, help="also write the figures here (bench/results/controlnet_cost_cpu.txt)")
@@ -107,18 +119,14 @@ def main(argv=None) -> None:
         raise SystemExit(f"--size must be a multiple of 8 (the VAE's factor), not {size}")
     with tempfile.TemporaryDirectory() as tmp:
         runs, cn_params, unet_params = build(preset, size, Path(tmp) / preset, a.device, dtype)
-        per_step, outs = measure(runs, a.steps, a.repeats, a.device)
+        wall, cpu, outs = measure(runs, a.steps, a.repeats, a.device)
     diff = (outs["gen + ControlNet"].float().cpu() - outs["diffusers + ControlNet"].float().cpu()).abs().max().item()
     device = torch.cuda.get_device_name() if cuda else f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     lines = [f"# ControlNet cost per step: SD-1 '{preset}' UNet ({unet_params:.0f}M params) + ControlNet "
              f"({cn_params:.0f}M), {size} px, {a.steps} steps, guidance 7.5 (batch 2), {dtype}, {device}, "
              f"torch {torch.__version__}; min of {a.repeats}, load average {os.getloadavg()[0]:.1f}"]
-    lines += [f"{name:<24}{per_step[name] * 1e3:9.1f} ms/step" for name in RUNS]
-    ratio = {side: per_step[f"{side} + ControlNet"] / per_step[side] for side in ("gen", "diffusers")}
-    lines += [f"with/without ControlNet: gen {ratio['gen']:.2f}x, diffusers {ratio['diffusers']:.2f}x; "
-              f"gen's ratio over diffusers' {ratio['gen'] / ratio['diffusers']:.2f} (target <= 1.0)",
-              f"gen + ControlNet vs diffusers + ControlNet: {per_step['diffusers + ControlNet'] / per_step['gen + ControlNet']:.2f}x "
-              f"diffusers' speed; latents max abs diff {diff:.1e}"]
+    lines += ratios(wall, "wall time") + ([] if cuda else ratios(cpu, "process CPU time (steadier on a shared CPU)"))
+    lines.append(f"latents with the ControlNet, gen vs diffusers: max abs diff {diff:.1e}")
     print("\n".join(lines))
     if a.out:
         Path(a.out).write_text("\n".join(lines) + "\n")
