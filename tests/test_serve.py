@@ -3,6 +3,7 @@ API) and `openai` clients: its images are gen sample's (same pixels), and it ref
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -61,14 +62,13 @@ def folders(pipe, tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def server(folders):
+@contextlib.contextmanager
+def launch(*flags):
+    """`gen serve FLAGS` on a free port, once it answers: (url, port, process)."""
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "gen", "serve", "--port", str(port), "--api-key", KEY,
-                             "--models-dir", folders / "models", "--loras-dir", folders / "loras", "--max-steps", "50",
-                             "--max-size", "256", "--max-images", "4", "--max-body-mb", "1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             *map(str, flags)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -79,13 +79,22 @@ def server(folders):
             if proc.poll() is not None:
                 pytest.fail(f"gen serve exited: {proc.stdout.read()}")
             time.sleep(0.5)
-    yield url, port, proc
-    proc.terminate()
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
+        yield url, port, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+
+
+@pytest.fixture(scope="module")
+def server(folders):
+    with launch("--models-dir", folders / "models", "--loras-dir", folders / "loras", "--max-steps", "50",
+                "--max-size", "256", "--max-images", "4", "--max-body-mb", "1") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -122,9 +122,8 @@ def router(engine: Engine) -> APIRouter:
         name = options.get("sd_model_checkpoint")
         if name is not None:
             engine.model_path(name)  # unknown names fail before queueing
-            with engine.queue:
-                if name.split(" [")[0] != engine.name:
-                    engine.load(name)
+            with engine.queue.slot() as index:
+                engine.use(name, engine.workers[index])
         return None
 
     @api.get("/progress")
