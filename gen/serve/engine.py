@@ -11,8 +11,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from gen import recipe
 from gen.errors import GenError
+from gen.serve.preview import Previews
 
 log = logging.getLogger("gen")
 DEFAULT_NAME = "gen-default"  # the bundled model, as gen's recipes name it
@@ -110,12 +113,17 @@ class Worker:
     def __init__(self, index: int, device: str | None):
         self.index, self.device, self.pipe, self.name, self.active, self.gone = index, device, None, None, None, _never
         self.state = dict(job="", step=0, steps=0, started=0.0, interrupted=False)
+        self.previews = Previews()
 
-    def step(self, module, args) -> None:
-        """Before each denoiser call: stop if interrupted or the client has gone, else count a step."""
+    def step(self, module, args, kwargs) -> None:
+        """Before each denoiser call: stop if interrupted or the client has gone, else count a step and keep its
+        input for a preview."""
         if self.state["interrupted"] or self.gone():
             raise Interrupted
         self.state["step"] += 1
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        if isinstance(x, torch.Tensor):
+            self.previews.record(x)
 
 
 class Engine:
@@ -180,11 +188,10 @@ class Engine:
             self.hashes[name] = recipe.HashInBackground(self.model_path(name) or DEFAULT_MODEL)
         return self.hashes[name]
 
-    @property
-    def state(self) -> dict:
-        """The progress of the request running longest (an idle worker's when none runs)."""
-        running = [w.state for w in self.workers if w.state["job"]]
-        return min(running, key=lambda s: s["started"]) if running else self.workers[0].state
+    def running(self) -> Worker:
+        """The worker whose request has run longest (the first when none runs): the one /progress reports."""
+        busy = [w for w in self.workers if w.state["job"]]
+        return min(busy, key=lambda w: w.state["started"]) if busy else self.workers[0]
 
     def use(self, name: str, worker: Worker | None = None) -> None:
         """Makes `name` the model requests run on, loaded on `worker` (the caller holds its slot) unless there."""
@@ -206,7 +213,7 @@ class Engine:
                 self.load(previous, worker)
             raise
         pipe.progress = False
-        pipe.denoiser.register_forward_pre_hook(worker.step)
+        pipe.denoiser.register_forward_pre_hook(worker.step, with_kwargs=True)
         worker.pipe, worker.name, worker.path = pipe, name.split(" [")[0], path
         log.info("serving %s on %s", worker.name, pipe.device)
 
@@ -270,6 +277,7 @@ class Engine:
             finally:
                 worker.state.update(job="", interrupted=False)
                 worker.gone = _never
+                worker.previews.stop()
 
     def _run(self, worker: Worker, job: Job, prompt: str, loras) -> tuple[list[Made], dict]:
         from gen.samplers import own_schedule
@@ -289,6 +297,7 @@ class Engine:
                                                    pipe.scheduler_config)
         seed = job.seed if job.seed is not None and job.seed >= 0 else random.randrange(2 ** 32)
         worker.state["steps"] = run["num_inference_steps"] * job.n_iter
+        worker.previews.start(pipe, *(job.image.size[::-1] if run["height"] is None else (run["height"], run["width"])))
         source = dict(strength=_first(job.strength, 1.0 if job.mask else 0.8), mask_blur=job.mask_blur,
                       inpaint_padding=job.padding) if job.image is not None else {}
         base = recipe.Recipe(prompt=prompt, negative_prompt=job.negative_prompt or "", steps=run["num_inference_steps"],
