@@ -5,21 +5,18 @@ UNet) on gen's own CLIP and VAE stages, no downloaded base; the product samples 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from gen.cli import main as gen_main
 from gen.errors import GenError
 from train.chain import run_chain
 from train.config import load_config
 from train.loop import train
 from tests.train.test_stages import CLIP, COMMON
 
-ROOT = Path(__file__).resolve().parents[2]
 RES = 32
 FAMILY = {"sd3": {"model.family": "sd3", "model.preset": "tiny"},
           "sdxl": {"model.family": "sdxl", "model.denoiser": "unet", "model.preset": "tiny"}}
@@ -40,11 +37,13 @@ def stages(tmp_path_factory):
     return tmp / "run"
 
 
-def _gen(*args) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "gen", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+def _gen(capsys, *args) -> str:
+    """`gen ARGS` through the CLI's main, in this process (the imports once); its stdout."""
+    capsys.readouterr()
+    code = gen_main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    return out
 
 
 def _denoiser(stages, out, family, **extra):
@@ -55,7 +54,7 @@ def _denoiser(stages, out, family, **extra):
 
 
 @pytest.mark.parametrize("family", ["sd3", "sdxl"])
-def test_a_family_trains_on_gens_stages_samples_and_converts(stages, tmp_path, family):
+def test_a_family_trains_on_gens_stages_samples_and_converts(stages, tmp_path, family, capsys):
     from transformers import CLIPModel
 
     from gen.pipeline import Pipeline
@@ -68,12 +67,11 @@ def test_a_family_trains_on_gens_stages_samples_and_converts(stages, tmp_path, f
     clip = CLIPModel.from_pretrained(stages / "clip" / "model" / "clip")
     assert np.array_equal(pipe.texts[-1].model.text_projection.weight.detach().numpy(),
                           clip.text_projection.weight.detach().numpy())
-    _gen("sample", "a red circle", "--model", folder, "--steps", "2", "--seed", "3", "--out", tmp_path / "a.png",
-         "--no-progress")
+    sample = ["sample", "a red circle", "--steps", "2", "--seed", "3", "--no-progress", "--model"]
+    _gen(capsys, *sample, folder, "--out", tmp_path / "a.png")
     file = tmp_path / f"{family}.safetensors"
-    assert pipe.family.title in _gen("convert", folder, file).stdout
-    _gen("sample", "a red circle", "--model", file, "--steps", "2", "--seed", "3", "--out", tmp_path / "b.png",
-         "--no-progress")
+    assert pipe.family.title in _gen(capsys, "convert", folder, file)
+    _gen(capsys, *sample, file, "--out", tmp_path / "b.png")
     a, b = (np.asarray(Image.open(tmp_path / n), np.int16) for n in ("a.png", "b.png"))
     assert a.shape == (RES, RES, 3) and np.abs(a - b).max() <= 1
 
