@@ -2,11 +2,12 @@
 
 import logging
 
+from gen import lazy_imports
 from gen.errors import GenError
 
-# diffusers imports bitsandbytes where it is installed (gen's adamw8bit optimizer), whose CPU backend then warns on
-# every load that an optional 4-bit kernel package is missing; gen uses no 4-bit kernel. Set here, so that the
-# Python API and the CLI (which imports this package) both keep it off stderr.
+lazy_imports.install()  # diffusers and peft then leave bitsandbytes alone; gen imports it for --weights nf4 etc.
+# bitsandbytes' CPU backend warns on every load that an optional 4-bit kernel package is missing; gen uses no 4-bit
+# kernel. Set here, so that the Python API and the CLI (which imports this package) both keep it off stderr.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __all__ = ["GenError", "Pipeline"]

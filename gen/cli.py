@@ -188,16 +188,16 @@ class _Outputs:
     that never overwrites an existing image."""
 
     def __init__(self, out: str, total: int):
-        self.out, self.total, self.count = Path(out), total, 0
+        self.out, self.total = Path(out), total
         self.file = self.out.suffix.lower() == ".png"
         if not self.file and self.out.exists() and not self.out.is_dir():
             raise GenError(f"--out {self.out} exists and is not a folder; give a folder or a .png path")
 
-    def next(self, name: str) -> Path:
-        self.count += 1
+    def next(self, name: str, index: int) -> Path:
+        """The path of image `index` (counted over every process's images), to be named `name`."""
         if self.file:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            return self.out if self.total == 1 else self.out.with_name(f"{self.out.stem}-{self.count - 1}.png")
+            return self.out if self.total == 1 else self.out.with_name(f"{self.out.stem}-{index}.png")
         self.out.mkdir(parents=True, exist_ok=True)
         p, k = self.out / f"{name}.png", 1
         while p.exists():
@@ -370,6 +370,7 @@ def cmd_sample(args) -> int:
     if base is not None:
         _apply_recipe(base, args)
     jobs = _jobs(args)
+    rank, world = _processes(args, jobs)
     if args.sampler is not None:  # unknown names fail before the model loads
         names.sampler(args.sampler, args.schedule)
     names.schedule(args.schedule)
@@ -421,11 +422,18 @@ def cmd_sample(args) -> int:
         n, b = run["num_images_per_prompt"], args.batch_size
         calls += [(line, {**run, "seed": run["seed"] + i, "num_images_per_prompt": min(b, n - i)})
                   for i in range(0, n, b)]
+    first = [0]  # the index of each call's first image among all the calls' images
+    for _, run in calls:
+        first.append(first[-1] + run["num_images_per_prompt"])
+    calls = [(line, run, index) for (line, run), index in zip(calls, first)][rank::world]  # this process's share
+    bar.total = sum(run["num_images_per_prompt"] for _, run, _ in calls)
+    if world > 1:
+        log.info("process %d of %d: %d of the %d images", rank + 1, world, bar.total, total)
     previous, made = signal.signal(signal.SIGTERM, _terminated), 0  # SIGTERM ends it as Ctrl-C does
     try:
-        for line, run in calls:  # written as soon as they are made: an interrupted batch keeps what was done
+        for line, run, index in calls:  # written as soon as they are made: an interrupted batch keeps what was done
             out = pipe(**run, **workflow)
-            for image, image_seed in zip(out.images, out.seeds):
+            for k, (image, image_seed) in enumerate(zip(out.images, out.seeds)):
                 fields = dict(prompt=run["prompt"], negative_prompt=run["negative_prompt"] or "",
                               steps=run["num_inference_steps"], guidance=run["guidance_scale"], seed=image_seed,
                               width=_first(run["width"], image.width), height=_first(run["height"], image.height),
@@ -434,7 +442,7 @@ def cmd_sample(args) -> int:
                 used = pipe.embeddings_used([fields["prompt"], fields["negative_prompt"]])
                 r = recipe.Recipe(**fields | _recorded(args, workflow), embeddings=[str(e.path.resolve()) for e in used],
                                   ti_hashes={e.name: e.short_hash() for e in used})
-                path = outputs.next(f"{line:04d}-{image_seed}" if args.prompts else str(image_seed))
+                path = outputs.next(f"{line:04d}-{image_seed}" if args.prompts else str(image_seed), index + k)
                 recipe.write_png(image, path, recipe.infotext(r, sampler_fields))
                 made += 1
                 bar.update()
@@ -447,6 +455,22 @@ def cmd_sample(args) -> int:
         signal.signal(signal.SIGTERM, previous)
     bar.close()
     return 0
+
+
+def _processes(args, jobs) -> tuple[int, int]:
+    """(rank, number of processes) under `accelerate launch` / torchrun (their RANK and WORLD_SIZE), else (0, 1).
+    Each process makes every WORLD_SIZE-th pipeline call, so each image is made once, with the seed and file name
+    one process gives it; every process must then pick the same seeds, so a random one is refused."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and args.seed is None and any(job.get("seed") is None for _, job in jobs):
+        raise GenError(f"{world} processes (accelerate launch) need --seed (or a seed on every --prompts line), so "
+                       "that they agree on each image's seed")
+    if world > 1 and args.device in (None, "cuda"):  # each process its own GPU, as accelerate places them
+        import torch
+
+        if torch.cuda.is_available():
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    return int(os.environ.get("RANK", "0")), world
 
 
 def _terminated(signum, frame):

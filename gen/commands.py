@@ -189,6 +189,9 @@ def add_eval(sub) -> None:
     a.add_argument("--batch-size", type=int, default=16)
     a.add_argument("--reference", choices=["ground-truth", "noise"], default=None,
                    help="score the world's own images or noise instead of a model (a check of the scorer)")
+    a.add_argument("--diversity", action="store_true",
+                   help="also report diversity (mean pairwise distance per prompt / the world's) and a copying check "
+                        "(nearest-training-image distances vs held-out images'); needs --n 2 or more")
     a.add_argument("--json", default=None, help="write per-image scores and the summary here")
     a.add_argument("--save-images", default=None, help="also save the scored images in this folder")
     a.add_argument("--device", default=None)

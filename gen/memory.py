@@ -24,6 +24,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise GenError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GenError("device 'cuda' was asked for, but no CUDA GPU is available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise GenError(f"device {device} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                       f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

@@ -52,7 +52,7 @@ def shrink(argv: list[str]) -> list[str]:
     if words[:2] == ["data", "cache"]:
         return words + [k for k in TRAIN if k.startswith(("data.", "log.", "train.batch"))]
     if words[:2] == ["eval", "adherence"]:
-        return words + ["--n", "1", "--steps", "2"]
+        return words + ["--n", "2" if "--diversity" in words else "1", "--steps", "2"]
     return words
 
 

@@ -20,6 +20,8 @@ SMALLEST = {
                              "--images", "2", "--sample-steps", "1", "--out", "{tmp}/run"],
     "controlnet_cost.py": ["--size", "32", "--steps", "1", "--repeats", "1"],
     "data_throughput.py": ["--quick"],
+    "digits_chain.py": ["--data", "glyphs", "--images", "60", "--size", "tiny", "--clip-steps", "1", "--vae-steps", "1",
+                        "--steps", "1", "--batch", "4", "--n", "2", "--sample-steps", "1", "--out", "{tmp}/run"],
     "default_model_speed.py": ["--images", "1", "--cold", "1", "--results", "{tmp}"],
     "img2img_grid.py": ["--out", "{tmp}/grid.png"],
     "lora_cost.py": ["--steps", "1", "--warmup", "1", "--batch", "2", "--repeats", "1"],

@@ -3,6 +3,7 @@ API) and `openai` clients: its images are gen sample's (same pixels), and it ref
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -61,14 +62,13 @@ def folders(pipe, tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def server(folders):
+@contextlib.contextmanager
+def launch(*flags):
+    """`gen serve FLAGS` on a free port, once it answers: (url, port, process)."""
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "gen", "serve", "--port", str(port), "--api-key", KEY,
-                             "--models-dir", folders / "models", "--loras-dir", folders / "loras", "--max-steps", "50",
-                             "--max-size", "256", "--max-images", "4", "--max-body-mb", "1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             *map(str, flags)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -79,13 +79,22 @@ def server(folders):
             if proc.poll() is not None:
                 pytest.fail(f"gen serve exited: {proc.stdout.read()}")
             time.sleep(0.5)
-    yield url, port, proc
-    proc.terminate()
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
+        yield url, port, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+
+
+@pytest.fixture(scope="module")
+def server(folders):
+    with launch("--models-dir", folders / "models", "--loras-dir", folders / "loras", "--max-steps", "50",
+                "--max-size", "256", "--max-images", "4", "--max-body-mb", "1") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +200,48 @@ def test_interrupt_or_a_client_leaving_frees_the_slot_and_progress_reports_steps
         time.sleep(0.05)
     assert a1111.get_progress()["state"]["sampling_step"] < 50
     assert len(a1111.txt2img(prompt="a red circle", **RUN).images) == 1
+
+
+def test_progress_has_a_live_preview_and_an_eta(a1111, pipe):
+    import base64
+
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(r=a1111.txt2img(
+        prompt="a red circle", steps=40, seed=1, width=128, height=96)))
+    worker.start()
+    seen = []  # /progress answers with a preview, at different steps
+    deadline = time.time() + 300
+    while time.time() < deadline and worker.is_alive() and len(seen) < 2:
+        p = a1111.get_progress()
+        if p["current_image"] and (not seen or p["state"]["sampling_step"] > seen[-1]["state"]["sampling_step"] + 2):
+            seen.append(p)
+        time.sleep(0.05)
+    worker.join(300)
+    assert len(seen) == 2 and len(result["r"].images) == 1
+    for p in seen:
+        assert 0 < p["progress"] < 1 and p["eta_relative"] > 0 and p["textinfo"].startswith("step ")
+    first, last = (Image.open(io.BytesIO(base64.b64decode(p["current_image"]))) for p in seen)
+    f = pipe.vae_scale_factor
+    k = -(-64 // (96 // f))  # latent-sized, enlarged to at least 64 pixels a side
+    assert first.format == "PNG" and first.size == last.size == (128 // f * k, 96 // f * k)
+    assert not np.array_equal(pixels(first), pixels(last))  # live: the latent moved between the two
+    assert a1111.get_progress()["current_image"] is None  # nothing runs
+
+
+def test_the_preview_map_gives_a_latents_colours(pipe):
+    """The fitted latent -> RGB map, on latents of colours it was not fitted on: nearer than their mean colour."""
+    import torch
+
+    from gen.models import vae as vae_lib
+    from gen.serve import preview
+
+    rgb_map, f, g = preview.fit(pipe), pipe.vae_scale_factor, torch.Generator().manual_seed(1)
+    colours = torch.rand(1, 3, 3, 3, generator=g).repeat_interleave(4, 2).repeat_interleave(4, 3)  # (1, 3, 12, 12)
+    with torch.no_grad():
+        z = vae_lib.encode(pipe.vae, colours.repeat_interleave(f, 2).repeat_interleave(f, 3) * 2 - 1, generator=g)
+    error = (preview.to_rgb(z[0], rgb_map) - colours[0].permute(1, 2, 0)).abs().mean()
+    flat = (colours - colours.mean((2, 3), keepdim=True)).abs().mean()
+    assert error < 0.75 * flat
 
 
 def test_refusals_are_one_json_error_each_and_the_server_goes_on(server, a1111, client):

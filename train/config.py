@@ -28,6 +28,8 @@ class ModelConfig:
     preset: str = "DiT-T/2"                 # gen.models.dit.DIT_PRESETS or gen.models.unet.UNET_PRESETS
     options: dict = field(default_factory=dict)  # extra constructor arguments for the denoiser
     init_from_base: bool = False            # start from the base folder's denoiser instead of random weights
+    family: str = ""                        # without model.base: a new denoiser of this family's architecture
+    #                                         (sd3, sdxl; gen.families) on model.text_encoder + model.vae (gen's stages)
     text_encoder: str = ""                  # a folder with text_encoder/ + tokenizer/ (a `clip` stage's output)
     vae: str = ""                           # a folder with vae/ (a `vae` stage's output); both override base's;
     #                                         or, with a single-file base, a VAE file (ae.safetensors), as --vae
@@ -477,6 +479,15 @@ def validate(cfg: Config) -> Config:
         raise GenError("config key 'model.base' is empty: give a model folder holding the text encoder, "
                        "tokenizer and VAE to train with (or set model.text_encoder and model.vae)")
     m = cfg.model
+    if m.family:
+        from gen import families
+
+        if m.base:
+            raise GenError("config key 'model.family' builds a new model on model.text_encoder and model.vae; with "
+                           "model.base the family is the base's: leave one of them out")
+        if m.family not in {f.name for f in families.families()}:
+            raise GenError(f"config key 'model.family': unknown family {m.family!r}; known: "
+                           f"{', '.join(sorted(f.name for f in families.families()))}")
     given = "vae" if m.vae and Path(m.vae).is_file() else "text_encoders" if m.text_encoders else None
     if given and not (m.base and Path(m.base).is_file()):
         raise GenError(f"config key 'model.{given}': component files go with a single-file model.base (a .safetensors "

@@ -151,9 +151,14 @@ def reference_images(specs: list[PromptSpec], n: int, kind: str, seed: int = 0, 
     return images
 
 
+DIVERSITY_REFS = 16  # world renders per prompt standing in for its training images, and as many held out
+
+
 def evaluate_adherence(pipe=None, n: int = 1, seed: int = 0, reference: str | None = None,
-                       save_images: str | Path | None = None, **sample_kwargs) -> dict:
-    """Samples (or renders, for a reference) `n` images per prompt of the fixed set and scores them."""
+                       save_images: str | Path | None = None, diversity: bool = False, **sample_kwargs) -> dict:
+    """Samples (or renders, for a reference) `n` images per prompt of the fixed set and scores them; with
+    `diversity` (n >= 2) also their diversity and nearest-neighbour distances against the world's own renders of
+    each prompt (train/diversity.py)."""
     from tqdm.auto import tqdm
 
     specs = prompt_set()
@@ -171,7 +176,22 @@ def evaluate_adherence(pipe=None, n: int = 1, seed: int = 0, reference: str | No
         Path(save_images).mkdir(parents=True, exist_ok=True)
         for k, (img, row) in enumerate(zip(images, scores)):
             Image.fromarray(img).save(Path(save_images) / f"{k:04d}-{row['prompt'].replace(' ', '_')}.png")
-    return {"summary": summarize(scores), "images_per_prompt": n, "seed": seed, "scores": scores}
+    out = {"summary": summarize(scores), "images_per_prompt": n, "seed": seed, "scores": scores}
+    if diversity:
+        out |= diversity_against_world(specs, images, n, seed)
+    return out
+
+
+def diversity_against_world(specs: list[PromptSpec], images: list, n: int, seed: int) -> dict:
+    """train.diversity.report for `n` images per spec, the world's renders (other seeds) as training and held-out
+    images of each prompt."""
+    from train.diversity import report
+
+    train = reference_images(specs, DIVERSITY_REFS, "ground-truth", seed + 1_000_003)
+    heldout = reference_images(specs, DIVERSITY_REFS, "ground-truth", seed + 2_000_003)
+    k = DIVERSITY_REFS
+    return report({s.prompt: np.stack(images[i * n:(i + 1) * n]) for i, s in enumerate(specs)},
+                  {s.prompt: np.stack(train[i * k:(i + 1) * k]) for i, s in enumerate(specs)}, np.stack(heldout))
 
 
 def format_table(result: dict) -> str:
@@ -199,6 +219,8 @@ def main(args) -> int:
 
     if args.n < 1:
         raise GenError(f"--n must be >= 1, not {args.n}")
+    if args.diversity and args.n < 2:
+        raise GenError(f"--diversity compares images of one prompt: it needs --n 2 or more, not {args.n}")
     pipe = None
     kwargs = {}
     if args.reference is None:
@@ -210,9 +232,13 @@ def main(args) -> int:
                                          sampler=args.sampler).items() if v is not None}
     with torch.inference_mode():
         result = evaluate_adherence(pipe, n=args.n, seed=args.seed, reference=args.reference,
-                                    save_images=args.save_images, **kwargs)
+                                    save_images=args.save_images, diversity=args.diversity, **kwargs)
     result["model"] = args.reference or (str(args.model) if args.model else "gen-default")
     print(format_table(result))
+    if args.diversity:
+        from train.diversity import format_lines
+
+        print("\n".join(format_lines(result)))
     if args.json:
         write_json(result, args.json)
         print(f"wrote {args.json}")

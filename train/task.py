@@ -128,7 +128,9 @@ class DenoiserTask:
         base = self._base()
         self.texts, self.vae = base.texts, base.vae
         self.family = base.family if isinstance(base, Pipeline) else families.get(
-            "dit" if cfg.model.denoiser == "dit" else "sd1")
+            cfg.model.family or ("dit" if cfg.model.denoiser == "dit" else "sd1"))
+        if cfg.model.family:  # a new model of a family's architecture: its text encoders from the clip stage's
+            self.texts = self.family.stage_texts(self.texts[0], cfg.model.text_encoder)
         self.frozen = {"vae": signature(self.vae), **{part: signature(t.model) for part, t in self.text_parts.items()}}
         for t in self.texts:
             t.model.to(device, weight_dtype).requires_grad_(False)
@@ -237,10 +239,11 @@ class DenoiserTask:
         kind = "dit" if family.denoiser_part == "transformer" else "unet"
         if kind == m.denoiser:
             return
+        folder = m.base and Path(m.base).is_dir() and not m.init_from_base
         hint = (f"; to train a {m.denoiser} with its text encoder and VAE, set model.base='' "
-                f"model.text_encoder={m.base} model.vae={m.base}" if Path(m.base).is_dir() and not m.init_from_base
-                else "")
-        raise GenError(f"config key 'model.denoiser': model.base {m.base} is a {family.title} model, whose denoiser "
+                f"model.text_encoder={m.base} model.vae={m.base}" if folder else "")
+        which = f"model.base {m.base} is" if m.base else f"model.family {m.family!r} builds"
+        raise GenError(f"config key 'model.denoiser': {which} a {family.title} model, whose denoiser "
                        f"is a {family.denoiser_part}, but model.denoiser is {m.denoiser!r}: set "
                        f"model.denoiser={kind}{hint}")
 

@@ -172,6 +172,18 @@ class Family:
         """Architecture keys of a denoiser built from scratch for these text encoders."""
         return {"cross_attention_dim": encoders[0].model.config.hidden_size}
 
+    def stage_texts(self, text, folder: str | Path) -> list:
+        """The family's text encoders made from one `clip` stage's output (model.family: a new model of this family
+        on gen's own stages): `text` is the stage's TextEncoder, `folder` its output folder. Here the one encoder
+        the family has; a family that needs another kind of tower (Flux: T5) says so."""
+        if len(self.text_parts) > 1:
+            able = [n for n, f in sorted(REGISTRY.items())
+                    if f.stage_texts is not Family.stage_texts or len(f.text_parts) == 1]
+            raise GenError(f"config key 'model.family': a {self.title} model's text encoders "
+                           f"({', '.join(e for e, _ in self.text_parts)}) cannot all be made from a clip stage's "
+                           f"CLIP; families that can: {', '.join(able)}")
+        return [text]
+
     def new_denoiser(self, encoders: list, preset: str, options: dict, latent_channels: int, sample_size: int):
         """A denoiser built from scratch (model.preset, model.options) by a family with its own denoiser class, or
         None where the training task builds gen's DiT or a UNet preset (with denoiser_options)."""
@@ -366,6 +378,32 @@ def kohya_prefixes() -> dict[str, str]:
     for fam in families():
         out |= {p: folder for folder, p in fam.kohya_text.items()}
     return out
+
+
+def projected_text(text, folder: str | Path):
+    """A clip stage's text tower as a CLIPTextModelWithProjection (SDXL's second tower, SD3's two), with the text
+    projection the stage learned contrastively, from its clip/ folder (both towers); a folder without one (a model
+    folder's text_encoder/ only) gets a new projection, said in the log."""
+    import copy
+    import logging
+
+    from transformers import CLIPTextModelWithProjection
+
+    from gen.io import load_state_dict, read_json
+    from gen.models.text import TextEncoder
+
+    config = copy.deepcopy(text.model.config)
+    clip = Path(folder) / "clip"
+    weights = sorted(clip.glob("*.safetensors")) if (clip / "config.json").is_file() else []
+    config.projection_dim = read_json(clip / "config.json")["projection_dim"] if weights else config.hidden_size
+    model = CLIPTextModelWithProjection(config)
+    model.text_model.load_state_dict(text.model.state_dict())  # CLIPTextModel's keys are its text_model's
+    if weights:
+        model.text_projection.load_state_dict({"weight": load_state_dict(weights[0])["text_projection.weight"]})
+    else:
+        logging.getLogger("gen").warning("model.text_encoder %s has no clip/ folder (a clip stage's two towers): the "
+                                         "text projection starts from random weights", folder)
+    return TextEncoder(model.to(text.model.dtype), text.tokenizer)
 
 
 def new_model(family: Family, preset: str, options: dict):

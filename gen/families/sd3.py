@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from gen.families import Family, new_model, register
+from gen.families import Family, new_model, projected_text, register
 from gen.families.dit import GenDiT
 from gen.families.mmdit_keys import OriginalLayout, sd3_links
 from gen.formulations.flow import scheduler_mu
@@ -185,6 +185,12 @@ class SD3(OriginalLayout, Family):
 
     def trained_texts(self) -> tuple[str, ...]:
         return tuple(enc for enc, _ in CLIPS)  # as diffusers' SD3 LoRA script: the CLIPs, never T5
+
+    def stage_texts(self, text, folder) -> list:
+        """Both CLIP slots from one clip stage (two copies that train apart), no T5: the joint attention then takes
+        the CLIPs' concatenated width, with nothing padded."""
+        self.joint_dim = 2 * text.model.config.hidden_size
+        return [projected_text(text, folder) for _ in CLIPS]
 
     def new_denoiser(self, encoders: list, preset: str, options: dict, latent_channels: int, sample_size: int):
         """An SD3Transformer2DModel of a named size, its text widths from the encoders: T5's (or, without one,

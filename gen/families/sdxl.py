@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from gen.families import Family, ldm, register
+from gen.families import Family, ldm, projected_text, register
 from gen.families.ldm import UNET
 from gen.families.sd import ldm_unet, unet_only
 
@@ -113,6 +113,10 @@ class SDXL(Family):
         size = torch.tensor([target], dtype=hidden.dtype, device=hidden.device).expand(hidden.shape[0], 2)
         ids = torch.cat([original.to(hidden.device, hidden.dtype), crop.to(hidden.device, hidden.dtype), size], 1)
         return {**cond, "time_ids": ids}
+
+    def stage_texts(self, text, folder) -> list:
+        """CLIP-L's slot takes a clip stage's text tower as it is, OpenCLIP-bigG's a copy with its projection."""
+        return [text, projected_text(text, folder)]
 
     def denoiser_options(self, encoders: list) -> dict:
         """A text_time UNet: cross-attention over both towers' concatenated states; the time-id and pooled

@@ -22,7 +22,10 @@ def add_parser(sub) -> None:
     p.add_argument("--max-steps", type=int, default=150, help="most sampling steps a request may ask (150)")
     p.add_argument("--max-images", type=int, default=8, help="most images one request may ask (8)")
     p.add_argument("--max-body-mb", type=float, default=50, help="largest request body in MiB (50)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="the device to run on (default: cuda if there is one, else cpu)")
+    p.add_argument("--devices", default=None, metavar="DEV,DEV,...",
+                   help="a model on each of these devices (e.g. cuda:0,cuda:1) behind the one queue: each request runs "
+                        "on the first one free, in arrival order")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on CUDA)")
     p.add_argument("--attention", default=None, choices=("triton", "xformers", "sdpa", "math", "auto"))
     p.set_defaults(func=cmd_serve)
@@ -33,6 +36,11 @@ def cmd_serve(args) -> int:
 
     from gen.errors import GenError
 
+    if args.devices is not None and args.device is not None:
+        raise GenError("give --device or --devices, not both")
+    devices = [d.strip() for d in args.devices.split(",")] if args.devices is not None else [args.device]
+    if args.devices is not None and not all(devices):
+        raise GenError(f"--devices {args.devices!r}: a comma-separated list of devices, e.g. cuda:0,cuda:1")
     from importlib.util import find_spec
 
     if not all(find_spec(m) for m in ("fastapi", "uvicorn", "multipart")):
@@ -45,7 +53,7 @@ def cmd_serve(args) -> int:
     limits = Limits(size=args.max_size, steps=args.max_steps, images=args.max_images,
                     body=int(args.max_body_mb * 2 ** 20))
     engine = Engine(args.model, models_dir=args.models_dir, loras_dir=args.loras_dir, limits=limits,
-                    device=args.device, dtype=args.dtype, attention=args.attention)
+                    devices=devices, dtype=args.dtype, attention=args.attention)
     app = create_app(engine, api_key=args.api_key or os.environ.get("GEN_API_KEY"))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     return 0

@@ -122,18 +122,20 @@ def router(engine: Engine) -> APIRouter:
         name = options.get("sd_model_checkpoint")
         if name is not None:
             engine.model_path(name)  # unknown names fail before queueing
-            with engine.queue:
-                if name.split(" [")[0] != engine.name:
-                    engine.load(name)
+            with engine.queue.slot() as index:
+                engine.use(name, engine.workers[index])
         return None
 
     @api.get("/progress")
-    def progress(request: Request):
-        s = engine.state
+    def progress(request: Request, skip_current_image: bool = False):
+        worker = engine.running()
+        s = worker.state
         done = min(1.0, s["step"] / s["steps"]) if s["job"] and s["steps"] else 0.0
         elapsed = time.time() - s["started"]
         eta = elapsed / done - elapsed if done else 0.0
-        return {"progress": done, "eta_relative": eta, "current_image": None, "textinfo": None,
+        png = None if skip_current_image or not s["job"] else worker.previews.png()
+        return {"progress": done, "eta_relative": eta, "current_image": base64.b64encode(png).decode() if png else None,
+                "textinfo": f"step {s['step']} of {s['steps']}" if s["job"] else None,
                 "state": {"skipped": False, "interrupted": s["interrupted"], "job": s["job"],
                           "job_count": engine.queue.waiting, "job_timestamp": "", "job_no": 0,
                           "sampling_step": s["step"], "sampling_steps": s["steps"]}}

@@ -7,11 +7,15 @@ import logging
 import random
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from gen import recipe
 from gen.errors import GenError
+from gen.serve.preview import Previews
 
 log = logging.getLogger("gen")
 DEFAULT_NAME = "gen-default"  # the bundled model, as gen's recipes name it
@@ -60,25 +64,33 @@ class Interrupted(Exception):
 
 
 class Queue:
-    """A lock granted in arrival order (threading.Lock promises no order): requests run one at a time, first come
-    first served; `waiting` counts those queued or running."""
+    """Slots (one per device) granted in arrival order (threading.Lock promises no order): requests run first come
+    first served, each on the first device free; `waiting` counts those queued or running."""
 
-    def __init__(self):
-        self._cond, self._next, self._serving = threading.Condition(), 0, 0
+    def __init__(self, slots: int = 1):
+        self._cond, self._next, self._head, self._free = threading.Condition(), 0, 0, list(range(slots))
+        self._running = 0
 
     @property
     def waiting(self) -> int:
-        return self._next - self._serving
+        return self._next - self._head + self._running
 
-    def __enter__(self):
+    @contextmanager
+    def slot(self):
+        """The index of a free slot, held until the block ends."""
         with self._cond:
             ticket, self._next = self._next, self._next + 1
-            self._cond.wait_for(lambda: self._serving == ticket)
-
-    def __exit__(self, *exc):
-        with self._cond:
-            self._serving += 1
+            self._cond.wait_for(lambda: self._head == ticket and self._free)
+            self._head, self._running, index = self._head + 1, self._running + 1, self._free.pop(0)
             self._cond.notify_all()
+        try:
+            yield index
+        finally:
+            with self._cond:
+                self._free.append(index)
+                self._free.sort()
+                self._running -= 1
+                self._cond.notify_all()
 
 
 def _folder_entries(folder: Path | None, models: bool) -> dict[str, Path]:
@@ -95,16 +107,43 @@ def _folder_entries(folder: Path | None, models: bool) -> dict[str, Path]:
     return out
 
 
+class Worker:
+    """One device: its resident Pipeline (the model it last ran), the LoRAs applied, the progress of its request."""
+
+    def __init__(self, index: int, device: str | None):
+        self.index, self.device, self.pipe, self.name, self.active, self.gone = index, device, None, None, None, _never
+        self.state = dict(job="", step=0, steps=0, started=0.0, interrupted=False)
+        self.previews = Previews()
+
+    def step(self, module, args, kwargs) -> None:
+        """Before each denoiser call: stop if interrupted or the client has gone, else count a step and keep its
+        input for a preview."""
+        if self.state["interrupted"] or self.gone():
+            raise Interrupted
+        self.state["step"] += 1
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        if isinstance(x, torch.Tensor):
+            self.previews.record(x)
+
+
 class Engine:
+    """The models and LoRAs clients may name, the limits, one queue, and a Worker per device behind it."""
+
     def __init__(self, model: str | None = None, models_dir: str | None = None, loras_dir: str | None = None,
-                 limits: Limits | None = None, **load_kwargs):
+                 limits: Limits | None = None, devices: list[str | None] | None = None, **load_kwargs):
+        from gen.memory import resolve_device
+
         self.models_dir, self.loras_dir = (Path(d).resolve() if d else None for d in (models_dir, loras_dir))
         for flag, d in (("--models-dir", self.models_dir), ("--loras-dir", self.loras_dir)):
             if d is not None and not d.is_dir():
                 raise GenError(f"{flag} {d}: no such folder")
-        self.limits, self.load_kwargs = limits or Limits(), load_kwargs
-        self.queue, self.pipe, self.name, self.active, self._gone = Queue(), None, None, None, _never
-        self.state = dict(job="", step=0, steps=0, started=0.0, interrupted=False)
+        devices = devices or [None]
+        for device in devices:
+            if device is not None:
+                resolve_device(device)  # a device that does not exist: one error before any load
+        self.limits, self.load_kwargs, self.hashes = limits or Limits(), load_kwargs, {}
+        self.workers = [Worker(i, d) for i, d in enumerate(devices)]
+        self.queue = Queue(len(self.workers))
         self.extra = {}  # a --model path outside --models-dir, trusted as the command line's
         if model is not None and model not in self.models():
             path = Path(model).resolve()
@@ -112,7 +151,10 @@ class Engine:
                 raise GenError(f"--model {model}: no such file or folder, nor a model in --models-dir")
             self.extra[path.name] = path
             model = path.name
-        self.load(model or DEFAULT_NAME)
+        self.name = model or DEFAULT_NAME  # what a request that names no model runs on
+        for worker in self.workers:
+            self.load(self.name, worker)
+        self.hash_of(self.name)  # started now, ready by the first request
 
     # ---- names clients may use ----------------------------------------------------------------------------
     def models(self) -> dict[str, Path | None]:
@@ -128,33 +170,58 @@ class Engine:
             raise GenError(f"unknown model {name!r}; GET /sdapi/v1/sd-models lists them")
         return models[name]
 
-    def load(self, name: str) -> None:
-        """Makes `name` the resident model (the caller holds the queue, or nothing runs yet)."""
-        from gen.pipeline import DEFAULT_MODEL, Pipeline
+    @property
+    def pipe(self):
+        """A Pipeline of the model requests run on (its formulation lists the samplers)."""
+        return next((w.pipe for w in self.workers if w.name == self.name), self.workers[0].pipe)
 
-        path, previous = self.model_path(name), self.name
-        self.pipe, self.name, self.active = None, None, None  # the old one freed before the new one loads
+    @property
+    def hash(self) -> recipe.HashInBackground:
+        """The hash of the model requests run on."""
+        return self.hash_of(self.name)
+
+    def hash_of(self, name: str) -> recipe.HashInBackground:
+        """A model's hash, computed in the background once a model."""
+        from gen.pipeline import DEFAULT_MODEL
+
+        if name not in self.hashes:
+            self.hashes[name] = recipe.HashInBackground(self.model_path(name) or DEFAULT_MODEL)
+        return self.hashes[name]
+
+    def running(self) -> Worker:
+        """The worker whose request has run longest (the first when none runs): the one /progress reports."""
+        busy = [w for w in self.workers if w.state["job"]]
+        return min(busy, key=lambda w: w.state["started"]) if busy else self.workers[0]
+
+    def use(self, name: str, worker: Worker | None = None) -> None:
+        """Makes `name` the model requests run on, loaded on `worker` (the caller holds its slot) unless there."""
+        worker = worker or self.workers[0]
+        if name.split(" [")[0] != worker.name:
+            self.load(name, worker)
+        self.name = worker.name
+
+    def load(self, name: str, worker: Worker) -> None:
+        """Loads `name` on `worker` (the caller holds its slot, or nothing runs yet)."""
+        from gen.pipeline import Pipeline
+
+        path, previous = self.model_path(name), worker.name
+        worker.pipe, worker.name, worker.active = None, None, None  # the old one freed before the new one loads
         try:
-            pipe = Pipeline.from_pretrained(path, **self.load_kwargs)
+            pipe = Pipeline.from_pretrained(path, device=worker.device, **self.load_kwargs)
         except Exception:
             if previous is not None:  # back to the model that worked, then the request fails
-                self.load(previous)
+                self.load(previous, worker)
             raise
         pipe.progress = False
-        pipe.denoiser.register_forward_pre_hook(self._step)
-        self.pipe, self.name, self.path = pipe, name.split(" [")[0], path
-        self.hash = recipe.HashInBackground(path or DEFAULT_MODEL)
-        log.info("serving %s", self.name)
-
-    def _step(self, module, args) -> None:
-        """Before each denoiser call: stop if interrupted or the client has gone, else count a step."""
-        if self.state["interrupted"] or self._gone():
-            raise Interrupted
-        self.state["step"] += 1
+        pipe.denoiser.register_forward_pre_hook(worker.step, with_kwargs=True)
+        worker.pipe, worker.name, worker.path = pipe, name.split(" [")[0], path
+        log.info("serving %s on %s", worker.name, pipe.device)
 
     def interrupt(self) -> None:
-        if self.state["job"]:
-            self.state["interrupted"] = True
+        """Stops the running requests at their next step."""
+        for worker in self.workers:
+            if worker.state["job"]:
+                worker.state["interrupted"] = True
 
     # ---- requests -----------------------------------------------------------------------------------------
     def check(self, job: Job) -> None:
@@ -182,40 +249,41 @@ class Engine:
                 raise GenError(f"unknown LoRA {name!r}; GET /sdapi/v1/loras lists them")
         return " ".join(prompt.split()), [(str(known[n]), s) for n, s in tags]
 
-    def _use_loras(self, loras: list[tuple[str, float]]) -> None:
-        if loras == self.active:
+    def _use_loras(self, worker: Worker, loras: list[tuple[str, float]]) -> None:
+        if loras == worker.active:
             return
-        self.active = None  # unknown until loaded, should a load fail
-        self.pipe.unload_lora()
+        worker.active = None  # unknown until loaded, should a load fail
+        worker.pipe.unload_lora()
         for path, scale in loras:
-            self.pipe.load_lora(path, scale=scale)
-        self.active = loras
+            worker.pipe.load_lora(path, scale=scale)
+        worker.active = loras
 
     def generate(self, job: Job, gone=lambda: False) -> tuple[list[Made], dict]:
         """The images of a job (fewer if interrupted) and what A1111 returns as `info`; `gone()` says whether the
         client has disconnected: then the job is dropped when its turn comes, or stopped at its next step."""
         self.check(job)
         prompt, loras = self._lora_files(job.prompt)
-        with self.queue:
+        with self.queue.slot() as index:
             if gone():
                 log.info("a client left before its turn; its request is dropped")
                 return [], {}
-            self.state.update(job=f"job {time.time():.0f}", step=0, started=time.time(), interrupted=False)
-            self._gone = gone
+            worker = self.workers[index]
+            worker.state.update(job=f"job {time.time():.0f}", step=0, started=time.time(), interrupted=False)
+            worker.gone = gone
             try:
-                if job.model is not None and job.model.split(" [")[0] != self.name:
-                    self.load(job.model)
-                self._use_loras(loras)
-                return self._run(job, prompt, loras)
+                self.use(job.model or self.name, worker)
+                self._use_loras(worker, loras)
+                return self._run(worker, job, prompt, loras)
             finally:
-                self.state.update(job="", interrupted=False)
-                self._gone = _never
+                worker.state.update(job="", interrupted=False)
+                worker.gone = _never
+                worker.previews.stop()
 
-    def _run(self, job: Job, prompt: str, loras) -> tuple[list[Made], dict]:
+    def _run(self, worker: Worker, job: Job, prompt: str, loras) -> tuple[list[Made], dict]:
         from gen.samplers import own_schedule
         from gen.sampling import names
 
-        pipe, d = self.pipe, self.pipe.defaults
+        pipe, d, path, started = worker.pipe, worker.pipe.defaults, worker.path, time.time()
         sized = job.image is None or job.padding is not None  # else img2img keeps its source's size
         run = dict(prompt=prompt, negative_prompt=job.negative_prompt or None,
                    num_inference_steps=_first(job.steps, d["steps"]), guidance_scale=_first(job.guidance, d["guidance"]),
@@ -228,13 +296,14 @@ class Engine:
         sampler, schedule, fields = names.recorded(run["sampler"], run["schedule"], pipe.formulation,
                                                    pipe.scheduler_config)
         seed = job.seed if job.seed is not None and job.seed >= 0 else random.randrange(2 ** 32)
-        self.state["steps"] = run["num_inference_steps"] * job.n_iter
+        worker.state["steps"] = run["num_inference_steps"] * job.n_iter
+        worker.previews.start(pipe, *(job.image.size[::-1] if run["height"] is None else (run["height"], run["width"])))
         source = dict(strength=_first(job.strength, 1.0 if job.mask else 0.8), mask_blur=job.mask_blur,
                       inpaint_padding=job.padding) if job.image is not None else {}
         base = recipe.Recipe(prompt=prompt, negative_prompt=job.negative_prompt or "", steps=run["num_inference_steps"],
                              guidance=run["guidance_scale"], sampler=sampler, schedule=schedule,
-                             guidance_rescale=run["guidance_rescale"], model=str(self.path) if self.path else None,
-                             model_name=self.path.name if self.path else DEFAULT_NAME, loras=loras,
+                             guidance_rescale=run["guidance_rescale"], model=str(path) if path else None,
+                             model_name=path.name if path else DEFAULT_NAME, loras=loras,
                              lora_hashes={recipe.lora_alias(p): recipe.lora_hash(p) for p, _ in loras},
                              weights=pipe.weights, vae_tile=pipe.vae_tiling, **source)
         made = []
@@ -243,7 +312,7 @@ class Engine:
                 out = pipe(**run, seed=seed + i * job.batch_size)
                 for image, image_seed in zip(out.images, out.seeds):
                     r = replace(base, seed=image_seed, width=image.width, height=image.height,
-                                model_hash=self.hash.result())
+                                model_hash=self.hash_of(worker.name).result())
                     text = recipe.infotext(r, fields)
                     made.append(Made(recipe.png_bytes(image, text), text, image_seed))
         except Interrupted:
@@ -251,9 +320,10 @@ class Engine:
         info = dict(prompt=prompt, negative_prompt=job.negative_prompt or "", seed=seed,
                     all_seeds=[m.seed for m in made], width=run["width"], height=run["height"], sampler_name=sampler,
                     scheduler=schedule or "automatic", cfg_scale=run["guidance_scale"], steps=run["num_inference_steps"],
-                    batch_size=job.batch_size, sd_model_name=base.model_name, sd_model_hash=self.hash.result(),
+                    batch_size=job.batch_size, sd_model_name=base.model_name, sd_model_hash=self.hash_of(worker.name).result(),
                     denoising_strength=source.get("strength"), infotexts=[m.infotext for m in made], clip_skip=1,
-                    index_of_first_image=0, version="gen")
+                    index_of_first_image=0, version="gen",
+                    gen_device=f"{worker.index}: {pipe.device}", gen_started=started, gen_finished=time.time())
         return made, info
 
 
