@@ -15,6 +15,7 @@ _load_ip_adapter_weights into FluxIPAdapterAttnProcessor; the tokens enter throu
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -162,6 +163,11 @@ def load(pipe, path: str | Path, image_encoder: str | Path | None = None, allow_
     if not (folder / "config.json").is_file():
         raise GenError(f"no CLIP image encoder at {folder}: pass --image-encoder FOLDER (image_encoder=), the "
                        "CLIPVisionModelWithProjection folder that comes with the adapter (h94's image_encoder/)")
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("model_type") not in ("clip_vision_model", "clip"):  # before transformers half-loads a text tower
+        kind = config.get("model_type") or config.get("_class_name") or "unknown"
+        raise GenError(f"{folder} is not a CLIP vision encoder (its config.json is a {kind}); pass --image-encoder "
+                       "FOLDER, the CLIPVisionModelWithProjection folder the adapter was trained with")
     encoder = load_model(CLIPVisionModelWithProjection, folder, allow_pickle, pipe.dtype).eval().requires_grad_(False)
     got = encoder.config.hidden_size if hidden_states else encoder.config.projection_dim
     if got != width:

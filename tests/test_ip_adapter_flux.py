@@ -109,6 +109,8 @@ def test_refusals_are_one_line(flux_folder, sd_folder, ip_image, tmp_path, capsy
         flux.load_ip_adapter(xlabs_adapter(tmp_path / "two", flux.denoiser, blocks=2))
     with pytest.raises(GenError, match="gives 24-wide embeddings, but ip_adapter.safetensors takes 16"):
         flux.load_ip_adapter(adapter, image_encoder=image_encoder(tmp_path / "wide", projection_dim=24))
+    with pytest.raises(GenError, match="text_encoder is not a CLIP vision encoder \\(its config.json is a clip_text"):
+        flux.load_ip_adapter(adapter, image_encoder=flux_folder / "text_encoder")
     assert flux.ip_adapter is None and getattr(flux.denoiser, "encoder_hid_proj", None) is None  # a refused file changes nothing
     capsys.readouterr()
     assert main(["sample", "x", "--model", str(flux_folder), "--steps", "1", "--height", "16", "--width", "16",
