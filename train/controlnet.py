@@ -142,7 +142,7 @@ class ControlNetTask(DenoiserTask):
     def export(self, model: ControlledUNet, path, recipe: dict) -> None:
         """`path` (a diffusers ControlNet folder) and, for SD-1.x/2.x, `path`.safetensors in the original layout."""
         from gen.control.files import to_original
-        from gen.pipeline import GEN_CONFIG
+        from gen.folder import GEN_CONFIG
 
         path, net = Path(path), model.controlnet
         net.save_pretrained(path, safe_serialization=True)
