@@ -275,7 +275,8 @@ def _dispatch_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
 # diffusers processor -> (the global name its __call__ reaches attention through, gen's stand-in for it)
 _F = _Functional("gen_functional")
 _DISPATCH_POINTS = {"JointAttnProcessor2_0": ("F", _F), "IPAdapterAttnProcessor2_0": ("F", _F),
-                    "FluxAttnProcessor": ("dispatch_attention_fn", _dispatch_call)}
+                    "FluxAttnProcessor": ("dispatch_attention_fn", _dispatch_call),
+                    "FluxIPAdapterAttnProcessor": ("dispatch_attention_fn", _dispatch_call)}
 _rebound: dict[type, type] = {}
 
 
@@ -311,6 +312,6 @@ def _routed(p):
 
 def install_processor(denoiser) -> None:
     """Routes a diffusers UNet's standard attention layers, IP-Adapter's decoupled cross-attention (gen.ip_adapter),
-    SD3's joint attention and Flux's attention through `attention` (other processors, e.g. fused ones, are left as
+    SD3's joint attention and Flux's attention (with its IP-Adapter's) through `attention` (other processors, e.g. fused ones, are left as
     they are)."""
     denoiser.set_attn_processor({name: _routed(p) for name, p in denoiser.attn_processors.items()})

@@ -131,7 +131,7 @@ def _workflow_flags(p) -> None:
     p.add_argument("--hires-upscaler", default=None, choices=("latent", "image"),
                    help="upscale the latents (default) or the decoded image")
     p.add_argument("--ip-adapter", default=None, metavar="FILE", help="an IP-Adapter file in h94's layout "
-                   "(ip-adapter_sd15.safetensors; SD-1.x/2.x, SDXL): --ip-image becomes a prompt")
+                   "(ip-adapter_sd15.safetensors; SD-1.x/2.x, SDXL) or XLabs' (Flux): --ip-image becomes a prompt")
     p.add_argument("--ip-image", default=None, metavar="IMAGE", help="the IP-Adapter's image prompt")
     p.add_argument("--ip-scale", type=float, default=None, metavar="S", help="the weight of the image prompt "
                    "(default 1.0; 0: none)")

@@ -368,7 +368,7 @@ class Pipeline:
     def load_ip_adapter(self, path: str | Path, image_encoder: str | Path | None = None,
                         allow_pickle: bool = False) -> None:
         """Adds an IP-Adapter file in h94's layout (ip-adapter_sd15.safetensors, ip-adapter_sdxl.safetensors, ...)
-        to the UNet; `image_encoder`: its CLIP vision encoder folder (default: image_encoder/ beside the file).
+        to the UNet, or XLabs' Flux ip_adapter.safetensors to the Flux transformer; `image_encoder`: its CLIP vision encoder folder (default: image_encoder/ beside the file).
         Calls then take ip_adapter_image= and ip_adapter_scale=. A file for another model raises GenError."""
         self._ip_adapter = ip_adapter.load(self, path, image_encoder, allow_pickle)
 

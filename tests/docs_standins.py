@@ -168,6 +168,7 @@ NAMES = {
     "depth.png": "src.png", "face.png": "src.png", "union-sdxl": "control-union-sdxl",
     "flux-union": "control-union-flux", "instantx-flux-union.safetensors": "control-union-flux.safetensors",
     "controlnet-canny-sdxl.safetensors": "control-sdxl.safetensors", "models": "ip-sd15", "sdxl_models": "ip-sdxl",
+    "flux-ip-adapter": "ip-flux", "clip-vit-large-patch14": "ip-flux-encoder",
     "pairs": "pairs",
 }
 
@@ -254,13 +255,14 @@ def build(root: Path, gen) -> dict[str, Path]:
 def controls_and_adapters(root: Path) -> dict[str, Path]:
     """ControlNets (an original-layout SD-1 file, an SDXL and a Flux folder, SDXL and Flux union folders, a lone
     InstantX-layout Flux union file) and h94-layout IP-Adapters (SD-1 and
-    SDXL, sharing one image encoder as h94's models/image_encoder) for the stand-in bases."""
+    SDXL, sharing one image encoder as h94's models/image_encoder) and an XLabs-layout Flux one for the stand-in bases."""
     from diffusers import ControlNetModel, FluxControlNetModel
 
     from gen.control.files import to_original
     from tests.conftest import quiet_pipeline
     from tests.test_controlnet_union import tiny_flux_union, tiny_sdxl_union
     from tests.test_ip_adapter import h94_adapter
+    from tests.test_ip_adapter_flux import xlabs_adapter
 
     sd, sdxl = quiet_pipeline(root / "sd").denoiser, quiet_pipeline(root / "sdxl").denoiser
     to_original(ControlNetModel.from_unet(sd, conditioning_embedding_out_channels=(8, 16)),
@@ -275,8 +277,10 @@ def controls_and_adapters(root: Path) -> dict[str, Path]:
         shutil.copy(root / name / "diffusion_pytorch_model.safetensors", root / f"{name}.safetensors")
     h94_adapter(root / "ip-sd15", sd, "ip-adapter_sd15.safetensors")
     h94_adapter(root / "ip-sdxl", sdxl, "ip-adapter_sdxl_vit-h.safetensors")
+    xlabs_adapter(root / "ip-flux", quiet_pipeline(root / "flux-dev").denoiser)  # XLabs' file, its encoder beside
     return {name: root / name for name in ("control-sdxl", "control-flux", "control-union-sdxl", "control-union-flux",
-                                           "ip-sd15", "ip-sdxl")}
+                                           "ip-sd15", "ip-sdxl", "ip-flux")} | {"ip-flux-encoder": root / "ip-flux" /
+                                                                                  "image_encoder"}
 
 
 def sd35_components() -> dict:

@@ -111,7 +111,7 @@ def test_refusals_are_one_line(sd_folder, sdxl_folder, dit_folder, ip_image, tmp
     sd_adapter = h94_adapter(tmp_path / "sd", sd.denoiser, "ip-adapter_sd15.safetensors")
     with pytest.raises(GenError, match="IP-Adapter for cross-attention width 32"):
         quiet_pipeline(sdxl_folder).load_ip_adapter(sd_adapter)
-    with pytest.raises(GenError, match="IP-Adapter is for SD-1.x/2.x and SDXL UNets; this is a"):
+    with pytest.raises(GenError, match="IP-Adapter is for SD-1.x/2.x and SDXL UNets and Flux; this is a"):
         quiet_pipeline(dit_folder).load_ip_adapter(sd_adapter)
     with pytest.raises(GenError, match="no CLIP image encoder"):
         sd.load_ip_adapter(sd_adapter, image_encoder=tmp_path / "nowhere")

@@ -170,6 +170,8 @@ class Flux(OriginalLayout, Family):
 
     def predict(self, denoiser, x: torch.Tensor, t: torch.Tensor, cond: dict, **control) -> torch.Tensor:
         timestep = t.expand(x.shape[0]).to(x.dtype)  # FluxPipeline: t / 1000, a sigma in [0, 1]
+        if "ip_embeds" in cond:  # an IP-Adapter's image embeddings (gen.ip_adapter_flux), as FluxPipeline passes them
+            control = control | {"joint_attention_kwargs": {"ip_adapter_image_embeds": [cond["ip_embeds"]]}}
         return denoiser(hidden_states=x, timestep=timestep / 1000, return_dict=False,
                         **self.denoiser_kwargs(cond), **control)[0]
 
