@@ -32,7 +32,7 @@ EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's re_extra_net: <lora:NA
 GEN_LORA = re.compile(r"gen LoRA (\d+)")
 GEN_EMBEDDING = re.compile(r"gen embedding (\d+)")
 # Fields a recipe is read from; the others (A1111's VAE, ...) are named in a warning.
-READ = {"Steps", "Sampler", "Schedule type", "Eta DDIM", "CFG scale", "Seed", "Size", "Model hash", "Model",
+READ = {"Steps", "Sampler", "Schedule type", "Eta DDIM", "CFG scale", "gen guidance", "Seed", "Size", "Model hash", "Model",
         "Lora hashes", "Version", "gen sampler", "gen schedule", "gen guidance rescale", "gen guidance interval",
         "gen cache interval", "gen model", "Denoising strength", "Clip skip", "Emphasis", "Mask blur",
         "Inpaint area", "Masked area padding", "Hires upscale", "Hires steps", "Hires upscaler", "gen init image",
@@ -151,7 +151,11 @@ def infotext(r: Recipe, sampler_fields: dict) -> str:
     """The `parameters` text of an image: `sampler_fields` are A1111's Sampler / Schedule type / Eta DDIM
     (gen.sampling.names.a1111_fields); the LoRAs go into the prompt as A1111's tags and into `Lora hashes`."""
     prompt = " ".join(x for x in (r.prompt, _tags(r.loras)) if x)
-    fields = {"Steps": r.steps, **sampler_fields, "CFG scale": float(r.guidance), "Seed": r.seed,
+    from gen.sampling.names import A1111_CFG_DIVISOR  # (torch: not at gen's start)
+
+    scale = float(r.guidance) * A1111_CFG_DIVISOR.get(sampler_fields.get("Sampler"), 1)  # A1111's CFG scale
+    fields = {"Steps": r.steps, **sampler_fields, "CFG scale": scale, "Seed": r.seed,
+              "gen guidance": float(r.guidance) if scale != r.guidance else None,  # exact, where A1111's is scaled
               "Size": f"{r.width}x{r.height}", "Model hash": r.model_hash, "Model": r.model_name,
               "Lora hashes": ", ".join(f"{k}: {v}" for k, v in r.lora_hashes.items()) or None,
               "gen sampler": r.sampler, "gen schedule": r.schedule if r.schedule != "automatic" else None,
@@ -227,6 +231,9 @@ def from_text(text: str, source: str = "the recipe") -> Recipe:
         if len(r.guidance_interval) != 2:
             raise GenError(f"{source}: the field 'gen guidance interval' is {f['gen guidance interval']!r}, "
                            "not START, END")
+    from gen.sampling.names import a1111_guidance
+
+    r.guidance = get("gen guidance", float, a1111_guidance(f.get("Sampler"), r.guidance))
     if "Sampler" in f and r.sampler is None:
         r.a1111_sampler = (f["Sampler"], f.get("Schedule type"), get("Eta DDIM", float, 0.0))
     r.lora_hashes = _hashes(f.get("Lora hashes", ""))

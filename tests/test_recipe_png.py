@@ -273,6 +273,19 @@ def test_values_with_commas_colons_newlines_and_quotes_survive():
     assert back.lora_hashes == r.lora_hashes and (back.seed, back.guidance) == (r.seed, r.guidance)
 
 
+@pytest.mark.parametrize("guidance", [0.7, 0.6, 1.9])  # 0.7 * 12.5 / 12.5 is not 0.7 in floats
+def test_ddim_cfgpp_writes_and_reads_a1111s_cfg_scale(guidance):
+    """A1111 runs "DDIM CFG++" at its CFG scale / 12.5: a PNG's CFG scale is A1111's, gen's own scale is exact."""
+    r = recipe.Recipe(prompt="p", steps=4, guidance=guidance, seed=1, width=8, height=8, sampler="ddim-cfg++")
+    res = a1111_parse(recipe.infotext(r, {"Sampler": "DDIM CFG++"}))
+    assert float(res["CFG scale"]) == guidance * 12.5
+    assert recipe.from_text(recipe.infotext(r, {"Sampler": "DDIM CFG++"})).guidance == guidance
+    assert recipe.from_text("p\nSteps: 20, Sampler: DDIM CFG++, CFG scale: 7.5, Seed: 1").guidance == 0.6
+    euler = recipe.infotext(recipe.Recipe(prompt="p", steps=4, guidance=guidance, seed=1, width=8, height=8,
+                                          sampler="euler"), {"Sampler": "Euler"})
+    assert "gen guidance" not in euler and recipe.from_text(euler).guidance == guidance
+
+
 def test_a_single_file_model_hash_is_a1111s(tmp_path):
     f = tmp_path / "model.safetensors"
     f.write_bytes(b"not really weights")

@@ -337,3 +337,10 @@ def test_a_bad_flag_is_one_line_and_exit_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gen", "serve", "--models-dir", tmp_path / "none"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip() == f"gen: error: --models-dir {tmp_path / 'none'}: no such folder"
+
+
+def test_an_a1111_request_for_ddim_cfgpp_runs_at_its_cfg_scale_over_12_5():
+    from gen.serve.a1111 import Txt2Img, _job
+
+    assert _job(None, Txt2Img(prompt="x", sampler_name="DDIM CFG++", cfg_scale=7.5)).guidance == 0.6
+    assert _job(None, Txt2Img(prompt="x", sampler_name="Euler", cfg_scale=7.5)).guidance == 7.5

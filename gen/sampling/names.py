@@ -206,6 +206,17 @@ def recorded(name: str, schedule_name: str | None, formulation, base_config: dic
     return name, schedule_name, a1111_fields(name, schedule_name, formulation, base_config)
 
 
+# A1111 runs "DDIM CFG++" at its CFG scale / 12.5 (sd_samplers_timesteps_impl.ddim_cfgpp sets the denoiser's
+# cond_scale_miltiplier to 1 / 12.5), so that the scales its users know (about 7) become CFG++'s (about 0.5); gen's
+# guidance is CFG++'s own scale, and a PNG's or an API request's "CFG scale" is A1111's
+A1111_CFG_DIVISOR = {"DDIM CFG++": 12.5}
+
+
+def a1111_guidance(label: str | None, cfg_scale: float | None) -> float | None:
+    """gen's guidance scale for A1111's `CFG scale` under A1111's sampler `label`."""
+    return None if cfg_scale is None else cfg_scale / A1111_CFG_DIVISOR.get(label, 1)
+
+
 def from_a1111(label: str, schedule_label: str | None, eta_ddim: float, kind: str) -> tuple[str, str]:
     """(gen's sampler, gen's schedule) that run what A1111 runs for a PNG's `Sampler:` / `Schedule type:` / `Eta
     DDIM:` (old names such as "DPM++ 2M Karras" carry the schedule, as before A1111 1.9)."""

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
 from gen.errors import GenError
+from gen.sampling.names import a1111_guidance
 from gen.serve.engine import Engine, Job, decode_image
 
 AUTOMATIC = (None, "", "automatic", "Automatic")  # A1111's schedule "Automatic": the sampler's own, as gen sample's
@@ -47,7 +48,8 @@ class Img2Img(Txt2Img):
 
 def _job(engine: Engine, r: Txt2Img, **workflow) -> Job:
     sampler = r.sampler_name or r.sampler_index
-    return Job(prompt=r.prompt, negative_prompt=r.negative_prompt, steps=r.steps, guidance=r.cfg_scale, seed=r.seed,
+    return Job(prompt=r.prompt, negative_prompt=r.negative_prompt, steps=r.steps,
+               guidance=a1111_guidance(sampler, r.cfg_scale), seed=r.seed,
                width=r.width, height=r.height, sampler=sampler,
                schedule=None if r.scheduler in AUTOMATIC else r.scheduler, batch_size=r.batch_size, n_iter=r.n_iter,
                model=r.override_settings.get("sd_model_checkpoint"), **workflow)
