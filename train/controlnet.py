@@ -7,7 +7,7 @@ diffusers' train_controlnet.py computes it. SD-1.x/2.x and SDXL (whatever family
 UNet). Data: an image folder whose images carry control images (train/data/controls.py). Checkpoints hold the
 ControlNet and its optimizer state (the loop's exact resume covers them); validation grids show, per seed, each
 prompt's hint and the image it steers. The run exports `controlnet/` (a diffusers folder: ControlNetModel
-.from_pretrained, gen sample --control) and, for SD-1.x/2.x, `controlnet.safetensors` in the original layout
+.from_pretrained, gen sample --control) and `controlnet.safetensors` in the original layout
 (`control_model.*`, what A1111's extension, ComfyUI and diffusers' from_single_file read; gen/control/files.py).
 """
 
@@ -140,14 +140,11 @@ class ControlNetTask(DenoiserTask):
         return out
 
     def export(self, model: ControlledUNet, path, recipe: dict) -> None:
-        """`path` (a diffusers ControlNet folder) and, for SD-1.x/2.x, `path`.safetensors in the original layout."""
+        """`path` (a diffusers ControlNet folder) and `path`.safetensors in the original layout."""
         from gen.control.files import to_original
         from gen.folder import GEN_CONFIG
 
         path, net = Path(path), model.controlnet
         net.save_pretrained(path, safe_serialization=True)
         (path / GEN_CONFIG).write_text(json.dumps({"recipe": recipe}, indent=2, default=str))
-        if net.config.get("addition_embed_type") is None:
-            to_original(net, path.with_suffix(".safetensors"))
-        else:
-            log.info("stage=controlnet: an SDXL ControlNet is written as a diffusers folder only (%s)", path)
+        to_original(net, path.with_suffix(".safetensors"))

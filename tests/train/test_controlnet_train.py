@@ -172,15 +172,19 @@ def test_a_controlnet_needs_a_unet_base(dit_folder, images, tmp_path):
 
 
 def test_an_sdxl_controlnet_trains_and_loads_in_diffusers_with_gens_images(sdxl_folder, images, tmp_path):
-    """The same task on an SDXL base (its size conditioning through the family): a folder only, diffusers'
-    StableDiffusionXLControlNetPipeline gives gen's images."""
+    """The same task on an SDXL base (its size conditioning through the family): diffusers'
+    StableDiffusionXLControlNetPipeline gives gen's images, and the original-layout file (label_emb included) holds
+    the folder's weights."""
     from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
 
     out = train(load_config(RECIPE, extra=settings(sdxl_folder, images, tmp_path / "run", train__max_steps=2,
                                                    train__checkpoint_every=0, validation__prompts=[])))
-    assert not out.with_suffix(".safetensors").exists()  # SDXL ControlNets have no original-layout file here
     net = ControlNetModel.from_pretrained(out)
     assert net.config.addition_embed_type == "text_time"
+    from gen.control.files import load_file
+
+    lone = load_file(out.with_suffix(".safetensors")).state_dict()
+    assert lone.keys() == net.state_dict().keys() and all(torch.equal(lone[k], v) for k, v in net.state_dict().items())
     hint = Image.open(images / "000001.control.png").convert("RGB")
     run = dict(num_inference_steps=3, guidance_scale=6.0, height=SIZE, width=SIZE, output_type="np")
     theirs = StableDiffusionXLControlNetPipeline.from_pipe(StableDiffusionXLPipeline.from_pretrained(sdxl_folder),
