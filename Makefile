@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(EXTRAS)
 PIP_LOCK := $(if $(LOCK),-c $(LOCK))
 
-.PHONY: setup demo test browser lock default-model bench clean
+.PHONY: setup demo test browser references lock default-model bench clean
 
 setup: $(STAMP)
 
@@ -50,8 +50,14 @@ demo: setup
 	fi
 	@echo "gen is installed in $(VENV)/bin: run 'source $(VENV)/bin/activate' to call gen directly (or $(VENV)/bin/gen)"
 
-test: setup browser
+test: setup browser references
 	$(PY) -m pytest -q --durations=15 tests
+
+# k-diffusion's package, whose sampling.py tests/vendor/k_diffusion copies (the test compares the two); --no-deps:
+# the file needs nothing the venv lacks, the package's other modules (torchvision, wandb, ...) are never imported.
+references: setup
+	@$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('k_diffusion') is None)" \
+	  || $(PY) -m pip install -q --no-deps k-diffusion==0.1.1.post1
 
 # Debian's chromium for the web page's test (tests/test_serve.py), where apt can install it; else that test skips.
 browser:
