@@ -28,6 +28,8 @@ SMALLEST = {
     "lora_learns.py": ["--images", "2", "--prior", "2", "--steps", "1", "--batch", "2", "--rank", "2", "--seeds", "1",
                        "--n-eval", "2", "--out", "{tmp}/run", "--results", "{tmp}"],
     "memory.py": ["--presets", "sd15"],  # the planner's table for the smallest preset (all five: minutes)
+    "sampler_quality.py": ["--prompts", "singles", "--steps", "2", "--samplers", "heun", "--margin", "100",
+                           "--results", "{tmp}"],  # runs; the full check (exit 1 below the margin) in its results
     "serve_load.py": ["--clients", "2", "--requests", "2", "--steps", "1", "--cold", "0", "--results", "{tmp}"],
     "single_file_load.py": ["--repeats", "1", "--size", "tiny"],
     "train_learns.py": ["--steps", "1", "--vae-steps", "1", "--resolution", "16", "--batch", "2", "--seeds", "1",
