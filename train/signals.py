@@ -56,7 +56,7 @@ class Guard:
         self.device, self.world, self.main = device, world, main
         self.signal: int | None = None  # the stopping signal received
         self.reason = ""  # why the run stopped early: a signal's or a deadline's name
-        self.save_asked, self.old = False, {}
+        self.save_asks, self.asks_seen, self.old = 0, 0, {}  # SIGUSR1s received, and those a poll has answered
         self.last_save = self.last_poll = time.monotonic()
         self.slowest_step = self.slowest_save = 0.0
         self.polls = 0
@@ -76,7 +76,7 @@ class Guard:
 
     def _handle(self, signum: int, _frame) -> None:
         if signum == signal.SIGUSR1:
-            self.save_asked = True
+            self.save_asks += 1
             what = "SIGUSR1: a checkpoint after this step, then training goes on"
         elif signum == signal.SIGINT and self.signal == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: now; the previous checkpoint stays intact
@@ -101,12 +101,15 @@ class Guard:
         due = self.every is not None and now - self.last_save >= self.every
         late = (self.deadline is not None
                 and time.time() + 2 * (self.slowest_step + self.slowest_save) >= self.deadline)
-        flags = [int(self.save_asked or due), int(self.signal or 0), int(late)]
+        # a count, not a flag cleared after the all-reduce: a SIGUSR1 whose handler runs while the all-reduce waits
+        # (Python runs it when the call returns) is answered at the next poll instead of lost (a CI run lost one)
+        asks = self.save_asks
+        flags = [int(asks != self.asks_seen or due), int(self.signal or 0), int(late)]
+        self.asks_seen = asks
         if self.world > 1:  # one tiny all-reduce: a flag raised in any process counts in all
             t = torch.tensor(flags, device=self.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
             flags = t.tolist()
-        self.save_asked = False
         if flags[1] and not self.reason:
             self.signal = self.signal or flags[1]
             self.reason = signal.Signals(flags[1]).name

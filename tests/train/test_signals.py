@@ -215,8 +215,7 @@ def test_the_lock_of_a_dead_run_is_taken_over(base_dit, tmp_path, caplog):
 
 
 def test_two_processes_stop_together_and_resume_bitwise(base_dit, tmp_path):
-    # more steps than the one-process runs: two processes step fast, and the signal must land before the last one
-    # (a CI run at 8 steps saw the SIGUSR1 checkpoint fall on the final step)
+    # more steps than the one-process runs, so that a SIGUSR1 answered a poll later still falls before the last one
     n = 5 * STEPS
     config = write_config(base_dit, tmp_path / "unused", tmp_path / "config.yaml", train__max_steps=n)
 
