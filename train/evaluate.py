@@ -184,11 +184,12 @@ def evaluate_adherence(pipe=None, n: int = 1, seed: int = 0, reference: str | No
 
 def diversity_against_world(specs: list[PromptSpec], images: list, n: int, seed: int) -> dict:
     """train.diversity.report for `n` images per spec, the world's renders (other seeds) as training and held-out
-    images of each prompt."""
+    images of each prompt, rendered at the samples' size."""
     from train.diversity import report
 
-    train = reference_images(specs, DIVERSITY_REFS, "ground-truth", seed + 1_000_003)
-    heldout = reference_images(specs, DIVERSITY_REFS, "ground-truth", seed + 2_000_003)
+    size = images[0].shape[0]
+    train = reference_images(specs, DIVERSITY_REFS, "ground-truth", seed + 1_000_003, size)
+    heldout = reference_images(specs, DIVERSITY_REFS, "ground-truth", seed + 2_000_003, size)
     k = DIVERSITY_REFS
     return report({s.prompt: np.stack(images[i * n:(i + 1) * n]) for i, s in enumerate(specs)},
                   {s.prompt: np.stack(train[i * k:(i + 1) * k]) for i, s in enumerate(specs)}, np.stack(heldout))
