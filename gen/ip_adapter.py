@@ -114,17 +114,18 @@ def made_for(parts: dict) -> str:
     return WIDTHS.get(k.shape[1], f"cross-attention width {k.shape[1]}") if k is not None else "another model"
 
 
-def _check_unet(pipe, parts: dict, path: Path) -> None:
-    """A file in h94's layout whose layers fit this UNet's cross-attention layers, else GenError."""
+def _check_unet(pipe, parts: dict, path: Path, made: str) -> None:
+    """A file in h94's layout (`made`: made_for(parts)) whose layers fit this UNet's cross-attention layers, else
+    GenError."""
     unet = pipe.denoiser
     k = parts["ip_adapter"].get("1.to_k_ip.weight")
     ctx = unet.config.cross_attention_dim
     layers = len({key.split(".")[0] for key in parts["ip_adapter"]})
-    if made_for(parts) == "Flux":
+    if made == "Flux":
         raise GenError(f"{path.name} is a Flux IP-Adapter (XLabs' layout), but this is a {pipe.family.title} model; "
                        "use an IP-Adapter in h94's layout made for it")
     if k is None or k.shape[1] != ctx or layers != _cross_attention_layers(unet):
-        raise GenError(f"{path.name} is an IP-Adapter for {made_for(parts)} ({layers} cross-attention layers), but "
+        raise GenError(f"{path.name} is an IP-Adapter for {made} ({layers} cross-attention layers), but "
                        f"this {pipe.family.title} UNet has width {ctx} and {_cross_attention_layers(unet)} layers")
 
 
@@ -158,7 +159,7 @@ def load(pipe, path: str | Path, image_encoder: str | Path | None = None, allow_
     path = Path(path)
     parts = split(load_object(path, allow_pickle), path)
     hidden_states, width = projection_input(parts["image_proj"], path)
-    check(pipe, parts, path)
+    check(pipe, parts, path, made_for(parts))
     folder = Path(image_encoder) if image_encoder is not None else path.parent / "image_encoder"
     if not (folder / "config.json").is_file():
         raise GenError(f"no CLIP image encoder at {folder}: pass --image-encoder FOLDER (image_encoder=), the "

@@ -14,11 +14,10 @@ from pathlib import Path
 from gen.errors import GenError
 
 
-def check(pipe, parts: dict, path: Path) -> None:
-    """A file in XLabs' layout whose layers fit this Flux transformer, else GenError (before anything changes)."""
-    from gen.ip_adapter import made_for
-
-    transformer, made = pipe.denoiser, made_for(parts)
+def check(pipe, parts: dict, path: Path, made: str) -> None:
+    """A file in XLabs' layout (`made`: gen.ip_adapter.made_for(parts)) whose layers fit this Flux transformer, else
+    GenError (before anything changes)."""
+    transformer = pipe.denoiser
     if made != "Flux":
         raise GenError(f"{path.name} is an IP-Adapter for {made} UNets (h94's layout), but this is a Flux model; "
                        "use a Flux IP-Adapter (XLabs' ip_adapter.safetensors)")

@@ -49,6 +49,13 @@ def unet_nets(unet, seeds=(1, 2)):
             for s in seeds]
 
 
+
+def quiet(theirs: dict) -> dict:
+    """diffusers' pipelines of a fixture, their progress bars off."""
+    for p in theirs.values():
+        p.set_progress_bar_config(disable=True)
+    return theirs
+
 @pytest.fixture(scope="module")
 def hint_images():
     rng = np.random.RandomState(0)
@@ -99,9 +106,7 @@ def sd(tmp_path_factory):
     extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     theirs = {k: StableDiffusionControlNetPipeline(**comp, controlnet=pick(nets, k), **extra)
               for k in CASES}
-    for p in theirs.values():
-        p.set_progress_bar_config(disable=True)
-    return folder, quiet_pipeline(folder), nets, theirs
+    return folder, quiet_pipeline(folder), nets, quiet(theirs)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -170,9 +175,7 @@ def sdxl(tmp_path_factory):
     StableDiffusionXLPipeline(**comp).save_pretrained(folder)
     nets = unet_nets(comp["unet"], seeds=(3, 4))
     theirs = {k: StableDiffusionXLControlNetPipeline(**comp, controlnet=pick(nets, k)) for k in CASES}
-    for p in theirs.values():
-        p.set_progress_bar_config(disable=True)
-    return quiet_pipeline(folder), nets, theirs
+    return quiet_pipeline(folder), nets, quiet(theirs)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -191,9 +194,7 @@ def flux(tmp_path_factory):
             for s in (5, 6)]
     # from the folder, as gen loads it (its T5 tokenizer read back from there)
     theirs = {k: FluxControlNetPipeline.from_pretrained(tmp / "flux", controlnet=pick(nets, k)) for k in CASES}
-    for p in theirs.values():
-        p.set_progress_bar_config(disable=True)
-    return quiet_pipeline(tmp / "flux"), nets, theirs
+    return quiet_pipeline(tmp / "flux"), nets, quiet(theirs)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -319,9 +320,7 @@ def sd3(tmp_path_factory):
     theirs = {k: StableDiffusion3ControlNetPipeline.from_pretrained(folder, controlnet=pick(nets, k),
                                                                     text_encoder_3=None, tokenizer_3=None)
               for k in CASES}
-    for p in theirs.values():
-        p.set_progress_bar_config(disable=True)
-    return quiet_pipeline(folder), nets, theirs
+    return quiet_pipeline(folder), nets, quiet(theirs)
 
 
 @pytest.mark.parametrize("case", CASES)

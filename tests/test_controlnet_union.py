@@ -19,7 +19,7 @@ from gen.control import Control, parse
 from gen.errors import GenError
 from tests.conftest import quiet_pipeline, tiny_flux_components, tiny_sdxl_components
 from tests import test_controlnet
-from tests.test_controlnet import PROMPTS, SIZE, a1111_controlnet_units, randomized
+from tests.test_controlnet import PROMPTS, SIZE, a1111_controlnet_units, quiet, randomized
 from tests.test_controlnet import NONZERO as PLAIN_NONZERO
 
 hint_images = test_controlnet.hint_images  # the fixture: two random 32 px hints
@@ -88,9 +88,7 @@ def sdxl_union(tmp_path_factory):
     net.save_pretrained(folder.parent / "union-net")
     theirs = {"one": StableDiffusionXLControlNetUnionPipeline(**comp, controlnet=net),
               "two": StableDiffusionXLControlNetUnionPipeline(**comp, controlnet=[net, net])}
-    for p in theirs.values():
-        p.set_progress_bar_config(disable=True)
-    return folder, quiet_pipeline(folder), net, theirs
+    return folder, quiet_pipeline(folder), net, quiet(theirs)
 
 
 @pytest.mark.parametrize("case", CASES)

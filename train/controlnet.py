@@ -24,8 +24,7 @@ from torch import nn
 
 from gen.errors import GenError
 from train.config import Config
-from train.lora import align_objective
-from train.task import DenoiserTask, Shared, signature
+from train.task import DenoiserTask, Shared, align_objective, signature
 
 log = logging.getLogger("gen")
 

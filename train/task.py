@@ -23,6 +23,8 @@ from torch import nn
 
 from gen import families, formulations
 from gen.errors import GenError
+from gen.folder import GEN_CONFIG
+from gen.io import read_json
 from gen.models import vae as vae_lib
 from gen.models.text import TextEncoder
 from gen.pipeline import Pipeline
@@ -30,6 +32,36 @@ from train.config import Config
 from train.data import masks
 
 log = logging.getLogger("gen")
+
+
+def base_formulation(base: str | Path):
+    """The objective the base folder was trained with (gen_config.json, else its scheduler config); for a single
+    file, the one it samples with (gen/single_file.py recorded_formulation), else None (the config's objective.*
+    keys stand: an SD3/Flux file without gen's record cannot tell)."""
+    base = Path(base)
+    if base.is_file():
+        from gen.single_file import recorded_formulation
+
+        return recorded_formulation(base)
+    if (base / GEN_CONFIG).is_file() and "formulation" in read_json(base / GEN_CONFIG):
+        return formulations.from_dict(read_json(base / GEN_CONFIG)["formulation"])
+    sched = base / "scheduler" / "scheduler_config.json"
+    if not sched.is_file():
+        raise GenError(f"config key 'model.base': {base} is not a model folder (no scheduler/scheduler_config.json)")
+    return formulations.from_scheduler_config(read_json(sched))
+
+
+def align_objective(cfg: Config) -> None:
+    """A LoRA trains with its base model's objective: the objective.* keys the base fixes are set from it."""
+    f = base_formulation(cfg.model.base)
+    if f is None:
+        log.info("model.base %s records no objective; training with the config's objective.*", cfg.model.base)
+        return
+    f = formulations.to_dict(f)
+    o = cfg.objective
+    for key in ("type", "prediction_type", "beta_schedule", "zero_terminal_snr", "shift", "logit_mean", "logit_std"):
+        if key in f and hasattr(o, key):
+            setattr(o, key, f[key])
 
 
 def build_formulation(cfg: Config):

@@ -47,11 +47,10 @@ def read(path: Path, size: tuple[int, int]):
     from PIL import Image
 
     from train.data import exif
-    from train.data.folder import IMAGE_ERRORS
 
     try:
         with Image.open(path) as im:
             im = exif.upright(im).convert("RGB")
-    except IMAGE_ERRORS as e:
+    except exif.IMAGE_ERRORS as e:
         raise GenError(f"stage=controlnet: cannot decode the control image {path} ({e})") from None
     return im if im.size == size else im.resize(size, Image.Resampling.BICUBIC)

@@ -1,10 +1,14 @@
 """EXIF orientation: a phone stores a portrait photo as landscape pixels plus an Orientation tag that every
-viewer applies. Training applies it too (ImageOps.exif_transpose), or the photo would train sideways."""
+viewer applies. Training applies it too (ImageOps.exif_transpose), or the photo would train sideways. Also what a
+file that does not decode raises (IMAGE_ERRORS), for the readers of images, masks and control images."""
 
 from __future__ import annotations
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+# What PIL raises for a file it cannot (or must not) decode; DecompressionBombError (over twice
+# Image.MAX_IMAGE_PIXELS, raised by Image.open from the header alone) is none of the others.
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 ORIENTATION = 0x0112  # the EXIF tag; 1 is upright, 5-8 turn by 90 degrees (width and height swap)
 
 

@@ -9,20 +9,16 @@ import json
 import logging
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from gen.errors import GenError
 from train.data import controls, exif, masks
+from train.data.exif import IMAGE_ERRORS
 
 log = logging.getLogger("gen")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 METADATA = "metadata.jsonl"
-
-
-# What PIL raises for a file it cannot (or must not) decode; DecompressionBombError (over twice
-# Image.MAX_IMAGE_PIXELS, raised by Image.open from the header alone) is none of the others.
-IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def _probe(path: Path) -> bool | None:
