@@ -536,10 +536,11 @@ class Pipeline:
                 raise GenError(f"skip-layer guidance is for SD3 models; a {self.family.title} model cannot skip layers")
             slg.check(self.denoiser.config.num_layers)
         scale, embedded = self.family.guidance(self.denoiser, scale, true_cfg_scale, negative_prompt is not None, n)
+        cfg = uses_cfg(scale) or (by_diffusers is None and ksampler.cfg_pp)  # CFG++ needs the unconditional pass
         texts = self._texts(max_sequence_length)
         if "_embeddings" in self.__dict__:  # the call's copies read its textual-inversion embeddings
             texts = self._embeddings.for_call(texts, prompts + negs)
-        chunks = pw.chunk_counts(texts, prompts, negs if uses_cfg(scale) else None, prompt_weighting)
+        chunks = pw.chunk_counts(texts, prompts, negs if cfg else None, prompt_weighting)
         if len(set(chunks)) > 1:  # no prompt is padded to another's length
             return pw.by_chunks(self, call, prompts, negs, chunks, seeds, generator)
         texts = pw.with_syntax(texts, prompt_weighting, clip_skip, chunks[0])  # for this call only
@@ -562,7 +563,7 @@ class Pipeline:
         with self._on_device(*(t.model for t in texts)):  # each tower runs once per prompt batch, not per image
             cond = families.repeat(self.encode_prompts(prompts, height, width, texts), num_images_per_prompt) | extra
             neg = None
-            if uses_cfg(scale):
+            if cfg:
                 neg = self.family.encode_negative(texts, negs, negative_prompt is not None, height, width)
                 neg = families.repeat(families.to(neg, self.dtype), num_images_per_prompt) | extra
         if ip_adapter_image is not None:

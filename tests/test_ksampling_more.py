@@ -69,9 +69,11 @@ def test_four_step_tcd_equals_diffusers_pipeline(theirs, ours):  # noqa: F811
     assert ref.std() > 0.01 and diff <= TOL < float(np.abs(eta0 - got).max())
 
 
-def test_cfg_pp_samplers_step_along_the_unconditional_prediction(theirs, ours):  # noqa: F811
+@pytest.mark.parametrize("scale", [GUIDANCE, 0.56], ids=["cfg", "below-1"])
+def test_cfg_pp_samplers_step_along_the_unconditional_prediction(theirs, ours, scale):  # noqa: F811
     """gen's pipeline hands the CFG batch's unconditional half to the CFG++ samplers: its image is the one
-    euler_cfg_pp gives with diffusers' UNet and text encoder wired by hand, and not Euler's."""
+    euler_cfg_pp gives with diffusers' UNet and text encoder wired by hand, and not Euler's. Also at CFG++'s own
+    scales below 1 (A1111's CFG 7 / 12.5), where plain CFG would skip the unconditional pass: CFG++ still needs it."""
     cond, uncond = theirs.encode_prompt(PROMPT, "cpu", 1, True)
     emb = torch.cat([uncond, cond])
     ms = Denoiser(None, ours.formulation)
@@ -79,7 +81,7 @@ def test_cfg_pp_samplers_step_along_the_unconditional_prediction(theirs, ours): 
     def predict(x, t):
         u, c = theirs.unet(torch.cat([x] * 2), t, encoder_hidden_states=emb).sample.chunk(2)
         ms.keep_uncond(u)
-        return u + GUIDANCE * (c - u)
+        return u + scale * (c - u)
 
     ms.predict = predict
     sigmas = schedules.karras(ms, STEPS)
@@ -87,7 +89,8 @@ def test_cfg_pp_samplers_step_along_the_unconditional_prediction(theirs, ours): 
     x = torch.randn((1, 4, side, side), generator=torch.Generator("cpu").manual_seed(SEED)) * sigmas[0]
     with torch.no_grad():
         ref = decoded(theirs, k.euler_cfg_pp(ms, x, sigmas, None)).permute(0, 2, 3, 1)[0].numpy()
-    run = dict(num_inference_steps=STEPS, seed=SEED, schedule="karras", output_type="np", **KW)
+    run = dict(num_inference_steps=STEPS, seed=SEED, schedule="karras", output_type="np", height=SIZE, width=SIZE,
+               guidance_scale=scale)
     got = ours(PROMPT, sampler="euler_cfg_pp", **run).images[0]
     euler = ours(PROMPT, sampler="euler", **run).images[0]
     diff = float(np.abs(ref - got).max())

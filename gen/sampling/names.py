@@ -25,6 +25,12 @@ class Sampler:
     aliases: tuple[str, ...] = ()
 
     @property
+    def cfg_pp(self) -> bool:
+        """A CFG++ sampler: it steps along the unconditional prediction, so it needs the unconditional pass at any
+        scale (ComfyUI's cfg_pp samplers set disable_cfg1_optimization; A1111's DDIM CFG++ runs at about 0.56)."""
+        return self.name.endswith("cfg++")
+
+    @property
     def kinds(self) -> tuple[str, ...]:
         kinds = set(self.diffusers or ())
         if self.fn is not None:
