@@ -158,14 +158,28 @@ class SD3(OriginalLayout, Family):
         return None
 
     def control_hint(self, pipe, net, image, generator, n: int):
-        """The VAE posterior's mean (diffusers draws an unseeded sample here), scaled; InstantX's nets
-        (force_zeros_for_pooled_projection) take no shift."""
-        from gen.models import vae as vae_lib
-
+        """The VAE posterior's mean (diffusers draws an unseeded sample here), scaled (_hint_latents)."""
         with pipe._on_device(pipe.vae):
             z = pipe.vae.encode(image.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mode()
-        plain = net.config.force_zeros_for_pooled_projection
-        return (z * pipe.vae.config.scaling_factor if plain else vae_lib.to_latents(pipe.vae, z)).repeat(n, 1, 1, 1)
+        return _hint_latents(pipe.vae, net, z).repeat(n, 1, 1, 1)
+
+    def new_controlnet(self, denoiser, num_layers: int = 12):
+        """diffusers' SD3ControlNetModel.from_transformer with train_controlnet_sd3.py's settings (12 blocks, no
+        extra hint channels): the embedders and first blocks copied, the hint's patch embedding zeroed. It takes
+        zeros for the pooled text and unshifted hint latents (force_zeros_for_pooled_projection, diffusers' default),
+        as StableDiffusion3ControlNetPipeline and ComfyUI's load_controlnet_mmdit run such nets."""
+        from types import SimpleNamespace
+
+        from diffusers import SD3ControlNetModel
+
+        # from_transformer writes num_layers into the config it is given: hand it a copy, not the frozen base's
+        parts = ("pos_embed", "time_text_embed", "context_embedder", "transformer_blocks")
+        view = SimpleNamespace(config=dict(denoiser.config), **{k: getattr(denoiser, k) for k in parts})
+        return SD3ControlNetModel.from_transformer(view, num_layers=num_layers, num_extra_conditioning_channels=0)
+
+    def control_train_hint(self, vae, net, pixels, generator):
+        z = vae.encode((pixels * 2 - 1).to(vae.device, vae.dtype)).latent_dist.sample(generator)
+        return _hint_latents(vae, net, z)
 
     def control_call(self, net, x, t, cond, hint, scale, mode=None) -> dict:
         pooled = torch.zeros_like(cond["pooled"]) if net.config.force_zeros_for_pooled_projection else cond["pooled"]
@@ -204,3 +218,13 @@ class SD3(OriginalLayout, Family):
     def default_settings(self, denoiser, vae_factor: int, flow: bool) -> dict:
         # StableDiffusion3Pipeline's defaults: 28 steps, guidance 7.0, sample_size x the VAE factor
         return super().default_settings(denoiser, vae_factor, flow) | {"guidance": 7.0}
+
+
+def _hint_latents(vae, net, z: torch.Tensor) -> torch.Tensor:
+    """VAE latents of a hint as an SD3 ControlNet takes them: scaled; InstantX-style nets
+    (force_zeros_for_pooled_projection, also what from_transformer makes) take no shift, as the pipeline feeds them."""
+    from gen.models import vae as vae_lib
+
+    if net.config.force_zeros_for_pooled_projection:
+        return z * vae.config.scaling_factor
+    return vae_lib.to_latents(vae, z)
