@@ -144,7 +144,9 @@ def test_a_base_without_controlnets_and_a_key_the_family_lacks_are_one_line_erro
                                            (bases["flux"], "flux", {"controlnet.hint_channels": [16, 32]},
                                             "hint_channels", "num_layers, controlnet.num_single_layers"),
                                            (sd_folder, "sd3", {}, "num_layers", "hint_channels"),
-                                           (bases["sd3"], "sd3", {"controlnet.num_layers": 0}, "num_layers", None)):
-        with pytest.raises(GenError, match=f"'controlnet.{key}': " + (f".*take controlnet.{takes}\\)" if takes
-                                                                       else "0 blocks")):
+                                           (bases["sd3"], "sd3", {"controlnet.num_layers": 0}, "num_layers", None),
+                                           (bases["sd3"], "sd3", {"controlnet.num_layers": 2}, "num_layers", "")):
+        # SD3: a ControlNet copies the transformer's first blocks, never its last (context_pre_only)
+        why = f".*take controlnet.{takes}\\)" if takes else "0 blocks" if takes is None else "2 blocks.* at most 1$"
+        with pytest.raises(GenError, match=f"'controlnet.{key}': " + why):
             train(load_config(RECIPE, extra=settings(base, images, tmp_path / key, family) | more))
