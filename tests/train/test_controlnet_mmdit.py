@@ -81,7 +81,7 @@ def step_tensors(run, step, part):
     return load_file(str(run / "checkpoints" / f"step-{step:08d}" / f"{part}.safetensors"))
 
 
-def test_a_resumed_run_ends_as_one_straight_run(runs):
+def test_a_resumed_run_ends_as_one_straight_run(runs, images):
     family, a, b = runs
     names = {f"controlnet.{k}" for k in NETS[family].from_pretrained(a / "controlnet").state_dict()}
     assert set(step_tensors(b, 2, "model")) == names  # the ControlNet's weights alone, none of the transformer's
@@ -92,6 +92,8 @@ def test_a_resumed_run_ends_as_one_straight_run(runs):
     assert not torch.equal(step_tensors(a, 2, "model")[zero], step_tensors(a, 4, "model")[zero])
     grid = Image.open(a / "samples" / "step-00000004.png")
     assert grid.size == (2 * SIZE, SIZE)  # one seed, one prompt: the hint, then the image
+    hint = np.asarray(Image.open(images / "000000.control.png").convert("RGB"))
+    assert np.array_equal(np.asarray(grid)[:, :SIZE], hint)
 
 
 def test_the_trained_controlnet_gives_gens_images_in_diffusers(runs, bases, images):
