@@ -152,3 +152,24 @@ def test_a_base_without_controlnets_and_a_key_the_family_lacks_are_one_line_erro
         why = f".*take controlnet.{takes}\\)" if takes else "0 blocks" if takes is None else "2 blocks.* at most 1$"
         with pytest.raises(GenError, match=f"'controlnet.{key}': " + why):
             train(load_config(RECIPE, extra=settings(base, images, tmp_path / key, family) | more))
+
+
+def test_an_sd35_style_lone_file_reads_back_with_its_config(tmp_path):
+    """A diffusers folder's weights shared alone, SD3.5-style (qk norm, a dual-attention block, 4 extra hint
+    channels): gen.control.keyed reads the config from the shapes (the head width from the qk norm) and the weights."""
+    import shutil
+
+    torch.manual_seed(0)
+    base = SD3Transformer2DModel(sample_size=16, patch_size=1, in_channels=4, num_layers=3, attention_head_dim=8,
+                                 num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=80,
+                                 pooled_projection_dim=64, out_channels=4, qk_norm="rms_norm",
+                                 dual_attention_layers=(0,), pos_embed_max_size=24)
+    net = SD3ControlNetModel.from_transformer(base, num_layers=2, num_extra_conditioning_channels=4)
+    net.save_pretrained(tmp_path / "folder")
+    shutil.copy(tmp_path / "folder" / "diffusion_pytorch_model.safetensors", tmp_path / "lone.safetensors")
+    back = load_controlnet(tmp_path / "lone.safetensors")  # no base: every value here is in the shapes
+    for key in ("num_layers", "attention_head_dim", "num_attention_heads", "qk_norm", "pos_embed_max_size",
+                "extra_conditioning_channels", "joint_attention_dim", "caption_projection_dim"):
+        assert back.config[key] == net.config[key], key
+    assert list(back.config.dual_attention_layers) == [0]
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in net.state_dict().items())
