@@ -202,11 +202,15 @@ class LoraOptions:
 
 @dataclass
 class ControlNetOptions:
-    """stage=controlnet: a ControlNet made from model.base's UNet (diffusers' ControlNetModel.from_unet) trains on
-    image + control image pairs, the base frozen; see train/controlnet.py."""
-    # the hint encoder's widths, one a level, each level but the first halving the hint: as many levels as make the
-    # VAE's factor (SD: 4 -> 8x); empty: diffusers' (16, 32, 96, 256), cut to that many
+    """stage=controlnet: a ControlNet made from model.base's denoiser (diffusers' ControlNetModel.from_unet,
+    SD3ControlNetModel / FluxControlNetModel.from_transformer) trains on image + control image pairs, the base
+    frozen; see train/controlnet.py."""
+    # UNet ControlNets: the hint encoder's widths, one a level, each level but the first halving the hint: as many
+    # levels as make the VAE's factor (SD: 4 -> 8x); empty: diffusers' (16, 32, 96, 256), cut to that many
     hint_channels: list[int] = field(default_factory=list)
+    # SD3 and Flux ControlNets: their (double) transformer blocks; None: diffusers' training scripts' (SD3 12, Flux 4)
+    num_layers: int | None = None
+    num_single_layers: int | None = None  # Flux's single blocks; None: train_controlnet_flux.py's 4
 
 
 @dataclass

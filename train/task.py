@@ -321,11 +321,17 @@ class DenoiserTask:
                                          text["crop"], text["target"])
             else:
                 cond = self.family.train_conditioning(self.texts, **text)
-        return self._denoising_loss(model, x0, g, mask, cond=cond, inputs=self.model_inputs(batch))
+            inputs = self.model_inputs(batch, g)
+        return self._denoising_loss(model, x0, g, mask, cond=cond, inputs=inputs)
 
-    def model_inputs(self, batch: dict) -> dict:
-        """Keywords the trained model's call takes from the batch besides the family's (a ControlNet's hint)."""
+    def model_inputs(self, batch: dict, g: torch.Generator) -> dict:
+        """What the trained model's call takes from the batch besides the family's conditioning (a ControlNet's
+        hint), made without gradients; randomness from `g`."""
         return {}
+
+    def predict(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict, inputs: dict) -> torch.Tensor:
+        """The trained model's prediction for x_t at t (the family's layout and timestep convention)."""
+        return self.family.predict(model, x, t, cond, **inputs)
 
     def _denoising_loss(self, model: nn.Module, x0: torch.Tensor, g: torch.Generator, mask: torch.Tensor | None = None,
                         cond: dict | None = None, text: dict | None = None, inputs: dict | None = None) -> torch.Tensor:
@@ -344,7 +350,7 @@ class DenoiserTask:
         if text is not None:
             pred = model(x_t, f.model_timestep(t), text=text, extra=extra)
         else:
-            pred = self.family.predict(model, x_t, f.model_timestep(t), cond | extra, **(inputs or {}))
+            pred = self.predict(model, x_t, f.model_timestep(t), cond | extra, inputs or {})
         pred = self.family.unpack(pred, *x0.shape[2:])
         err = (pred.float() - f.target(x0, noise, t)).pow(2)  # (N, C, h, w)
         if mask is not None:

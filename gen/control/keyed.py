@@ -1,6 +1,7 @@
-"""Lone ControlNet files in diffusers' key layout (ControlNetModel, ControlNetUnionModel, FluxControlNetModel): a
-ControlNet folder's `diffusion_pytorch_model.safetensors` shared without its config.json, as diffusers' SDXL
-ControlNets, xinsir's union files and InstantX's / Shakker-Labs' Flux ControlNets are shared. The class is told by
+"""Lone ControlNet files in diffusers' key layout (ControlNetModel, ControlNetUnionModel, FluxControlNetModel,
+SD3ControlNetModel): a ControlNet folder's `diffusion_pytorch_model.safetensors` shared without its config.json, as
+diffusers' SDXL ControlNets, xinsir's union files, InstantX's / Shakker-Labs' Flux ControlNets and the SD3 and Flux
+ControlNets gen trains (`write`) are shared. The class is told by
 the keys, the config by the tensor shapes; what shapes cannot tell (a UNet's attention heads, a Flux ControlNet's
 rotary axes) is the base model's, as diffusers' from_unet / from_transformer copy it. XLabs' Flux ControlNets
 (`double_blocks.*` keys, pixel hints) are recognised and refused in one line, as gen does not run them yet."""
@@ -8,6 +9,7 @@ rotary axes) is the base model's, as diffusers' from_unet / from_transformer cop
 from __future__ import annotations
 
 import inspect
+import json
 import re
 from pathlib import Path
 
@@ -16,6 +18,8 @@ from gen.errors import GenError
 FLUX_KEY = "controlnet_x_embedder.weight"  # InstantX's layout: the hint's packed latents embedded
 XLABS_KEY = "double_blocks.0.img_attn.qkv.weight"
 UNET_KEY = "controlnet_cond_embedding.conv_in.weight"  # a UNet ControlNet's hint encoder, diffusers-named
+SD3_KEY = "pos_embed_input.proj.weight"  # an SD3 ControlNet's hint patch embedding (ComfyUI's test, with the next)
+SD35_KEY = "transformer_blocks.0.adaLN_modulation.1.bias"  # Stability's SD3.5 ControlNets: another layout
 
 
 def kind(keys: set) -> str | None:
@@ -23,6 +27,8 @@ def kind(keys: set) -> str | None:
     layout: the original LDM one, or not a ControlNet)."""
     if UNET_KEY in keys and "time_embedding.linear_1.weight" in keys:
         return "ControlNetUnionModel" if "task_embedding" in keys else "ControlNetModel"
+    if SD3_KEY in keys and "controlnet_blocks.0.weight" in keys and SD35_KEY not in keys:
+        return "SD3ControlNetModel"
     if FLUX_KEY in keys and any(k.startswith("controlnet_single_blocks.") for k in keys):
         return "FluxControlNetModel"
     if XLABS_KEY in keys and any(k.startswith("controlnet_blocks.") for k in keys):
@@ -68,6 +74,32 @@ def flux_config(shapes: dict, base) -> dict:
                 guidance_embeds=any(k.startswith("time_text_embed.guidance_embedder.") for k in keys),
                 axes_dims_rope=list(axes), num_mode=shapes.get("controlnet_mode_embedder.weight", [None])[0],
                 conditioning_embedding_channels=shapes.get("input_hint_block.0.weight", [None])[0])
+
+
+def sd3_config(shapes: dict, base) -> dict:
+    """SD3ControlNetModel's config from its shapes: patch, widths, blocks, text widths, the positional table, SD3.5's
+    qk norm and dual-attention blocks; the head width from the qk norm, else from the base transformer (`base`;
+    SD3's 64 without one) and the sample size the base's. force_zeros_for_pooled_projection stays diffusers'
+    default (True: zeros for the pooled text, unshifted hint latents), as ComfyUI's load_controlnet_mmdit runs
+    every such file."""
+    keys = set(shapes)
+    inner, in_channels, patch, _ = shapes["pos_embed.proj.weight"]
+    blocks = _count(keys, "transformer_blocks")
+    norm = next((v[0] for k, v in shapes.items() if k.endswith("attn.norm_q.weight")), None)
+    cfg = {k: v for k, v in (base.config.items() if base is not None else ()) if not k.startswith("_")}
+    head = norm or cfg.get("attention_head_dim", 64)
+    context = shapes.get("context_embedder.weight")
+    table = shapes.get("pos_embed.pos_embed")
+    return dict(sample_size=cfg.get("sample_size", 128), patch_size=patch, in_channels=in_channels,
+                out_channels=cfg.get("out_channels", in_channels), num_layers=blocks, attention_head_dim=head,
+                num_attention_heads=inner // head, joint_attention_dim=context[1] if context else None,
+                caption_projection_dim=context[0] if context else inner,
+                pooled_projection_dim=shapes["time_text_embed.text_embedder.linear_1.weight"][1],
+                pos_embed_max_size=round(table[1] ** 0.5) if table else None,
+                extra_conditioning_channels=shapes[SD3_KEY][1] - in_channels,
+                dual_attention_layers=tuple(i for i in range(blocks) if f"transformer_blocks.{i}.attn2.to_q.weight"
+                                            in keys),
+                qk_norm="rms_norm" if norm else None)
 
 
 def unet_config(shapes: dict, base) -> dict:
@@ -116,7 +148,7 @@ def load(path: Path, keys: set, base=None):
     state = load_state_dict(path)
     cls = getattr(diffusers, name)
     try:
-        config = (flux_config if name == "FluxControlNetModel" else unet_config)(
+        config = {"FluxControlNetModel": flux_config, "SD3ControlNetModel": sd3_config}.get(name, unet_config)(
             {k: list(v.shape) for k, v in state.items()}, base)
     except (KeyError, StopIteration, IndexError) as e:
         raise GenError(f"{path} is not a {name} gen can read: it lacks {e}") from None
@@ -129,3 +161,20 @@ def load(path: Path, keys: set, base=None):
         raise GenError(f"{path} is not a {name} gen can read: {len(missing)} weights missing, {len(unexpected)} "
                        f"unknown ({(missing or unexpected)[0]})")
     return net
+
+
+def write(net, path: str | Path, base=None) -> None:
+    """Writes a ControlNet as a lone file in diffusers' keys (its state dict); read back through `load` for `base`
+    (the denoiser it steers) and compared before it is kept, so that the file alone gives the same net."""
+    import torch
+
+    from gen.io import write_safetensors
+
+    path, state = Path(path), {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    write_safetensors(path, state, {})
+    back = load(path, header_keys(path), base)
+    same = all(json.dumps(back.config[k]) == json.dumps(v) for k, v in net.config.items()
+               if not k.startswith("_") and k in back.config)  # (a from_transformer config keeps unused keys)
+    if not same or any(not torch.equal(back.state_dict()[k], v) for k, v in state.items()):
+        path.unlink()
+        raise GenError(f"could not write {type(net).__name__} as a lone diffusers-keyed file: it does not read back")

@@ -221,6 +221,18 @@ class Family:
         """A union ControlNet's mode names by index (its `mode=`), or None for a single-mode ControlNet."""
         return None
 
+    def new_controlnet(self, denoiser, hint_channels: tuple[int, ...]):
+        """A zero-initialised ControlNet for this denoiser (stage=controlnet): diffusers' ControlNetModel.from_unet,
+        the UNet's encoder copied, its hint encoder `hint_channels` wide per level."""
+        from diffusers import ControlNetModel
+
+        return ControlNetModel.from_unet(denoiser, conditioning_embedding_out_channels=hint_channels)
+
+    def control_train_hint(self, vae, net, pixels: torch.Tensor, generator) -> torch.Tensor:
+        """A training batch's hints (N, 3, H, W) in [0, 1] as the ControlNet takes them (what control_hint makes
+        when sampling; latent-hint families draw the posterior sample from the training generator)."""
+        return pixels
+
     def control_call(self, net, x: torch.Tensor, t: torch.Tensor, cond: dict, hint: torch.Tensor,
                      scale: float, mode: int | None = None) -> dict:
         """One ControlNet's residuals for this step, as predict's keywords (StableDiffusionControlNetPipeline);

@@ -193,6 +193,22 @@ class Flux(OriginalLayout, Family):
         with pipe._on_device(pipe.vae):
             return self.pack(_sample(pipe, image, generator, n))[0]
 
+    def new_controlnet(self, denoiser, num_layers: int = 4, num_single_layers: int = 4):
+        """diffusers' FluxControlNetModel.from_transformer as train_controlnet_flux.py calls it (4 double and 4
+        single blocks, the transformer's heads): the embedders and first blocks copied, the hint embedding zeroed."""
+        from diffusers import FluxControlNetModel
+
+        c = denoiser.config
+        return FluxControlNetModel.from_transformer(denoiser, num_layers=num_layers, num_single_layers=num_single_layers,
+                                                    attention_head_dim=c.attention_head_dim,
+                                                    num_attention_heads=c.num_attention_heads)
+
+    def control_train_hint(self, vae, net, pixels, generator):
+        """train_controlnet_flux.py's: a posterior sample of the hint in [-1, 1], shifted, scaled, packed."""
+        from gen.models import vae as vae_lib
+
+        return self.pack(vae_lib.encode(vae, pixels * 2 - 1, generator=generator))[0]
+
     # InstantX's FLUX.1-dev-Controlnet-Union (and Shakker-Labs' Union-Pro) model card: the modes by index
     UNION_MODES = ("canny", "tile", "depth", "blur", "pose", "gray", "lq")
 

@@ -9,13 +9,18 @@ adapt the transformer and the two CLIPs; T5 stays frozen."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from gen.errors import GenError
 from gen.families import Family, new_model, projected_text, register
 from gen.families.dit import GenDiT
 from gen.families.mmdit_keys import OriginalLayout, sd3_links
 from gen.formulations.flow import scheduler_mu
 from gen.samplers import check_schedule
+
+log = logging.getLogger("gen")
 
 CLIPS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 T5 = ("text_encoder_3", "tokenizer_3")
@@ -158,14 +163,42 @@ class SD3(OriginalLayout, Family):
         return None
 
     def control_hint(self, pipe, net, image, generator, n: int):
-        """The VAE posterior's mean (diffusers draws an unseeded sample here), scaled; InstantX's nets
-        (force_zeros_for_pooled_projection) take no shift."""
-        from gen.models import vae as vae_lib
-
+        """The VAE posterior's mean (diffusers draws an unseeded sample here), scaled (_hint_latents)."""
         with pipe._on_device(pipe.vae):
             z = pipe.vae.encode(image.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mode()
-        plain = net.config.force_zeros_for_pooled_projection
-        return (z * pipe.vae.config.scaling_factor if plain else vae_lib.to_latents(pipe.vae, z)).repeat(n, 1, 1, 1)
+        return _hint_latents(pipe.vae, net, z).repeat(n, 1, 1, 1)
+
+    def new_controlnet(self, denoiser, num_layers: int | None = None):
+        """diffusers' SD3ControlNetModel.from_transformer with train_controlnet_sd3.py's settings (12 blocks, no
+        extra hint channels): the embedders and first blocks copied, the hint's patch embedding zeroed. It takes
+        zeros for the pooled text and unshifted hint latents (force_zeros_for_pooled_projection, diffusers' default),
+        as StableDiffusion3ControlNetPipeline and ComfyUI's load_controlnet_mmdit run such nets. The transformer's
+        last block (context_pre_only) has no ControlNet counterpart (from_transformer fails copying it): at most
+        depth - 1 blocks; None: 12, or depth - 1 where that is fewer (logged)."""
+        from types import SimpleNamespace
+
+        from diffusers import SD3ControlNetModel
+
+        depth = denoiser.config.num_layers
+        if depth < 2:
+            raise GenError(f"this SD3 transformer has {depth} block; a ControlNet copies its first blocks, not its "
+                           "last (context_pre_only), so it needs 2 or more")
+        if num_layers is None:
+            num_layers = min(12, depth - 1)
+            if num_layers < 12:
+                log.info("SD3 ControlNet: %d blocks (diffusers' 12, but this transformer has %d)", num_layers, depth)
+        elif num_layers > depth - 1:
+            raise GenError(f"config key 'controlnet.num_layers': {num_layers} blocks, but a ControlNet copies this "
+                           f"transformer's first blocks and not its last (context_pre_only): give at most {depth - 1}")
+
+        # from_transformer writes num_layers into the config it is given: hand it a copy, not the frozen base's
+        parts = ("pos_embed", "time_text_embed", "context_embedder", "transformer_blocks")
+        view = SimpleNamespace(config=dict(denoiser.config), **{k: getattr(denoiser, k) for k in parts})
+        return SD3ControlNetModel.from_transformer(view, num_layers=num_layers, num_extra_conditioning_channels=0)
+
+    def control_train_hint(self, vae, net, pixels, generator):
+        z = vae.encode((pixels * 2 - 1).to(vae.device, vae.dtype)).latent_dist.sample(generator)
+        return _hint_latents(vae, net, z)
 
     def control_call(self, net, x, t, cond, hint, scale, mode=None) -> dict:
         pooled = torch.zeros_like(cond["pooled"]) if net.config.force_zeros_for_pooled_projection else cond["pooled"]
@@ -204,3 +237,13 @@ class SD3(OriginalLayout, Family):
     def default_settings(self, denoiser, vae_factor: int, flow: bool) -> dict:
         # StableDiffusion3Pipeline's defaults: 28 steps, guidance 7.0, sample_size x the VAE factor
         return super().default_settings(denoiser, vae_factor, flow) | {"guidance": 7.0}
+
+
+def _hint_latents(vae, net, z: torch.Tensor) -> torch.Tensor:
+    """VAE latents of a hint as an SD3 ControlNet takes them: scaled; InstantX-style nets
+    (force_zeros_for_pooled_projection, also what from_transformer makes) take no shift, as the pipeline feeds them."""
+    from gen.models import vae as vae_lib
+
+    if net.config.force_zeros_for_pooled_projection:
+        return z * vae.config.scaling_factor
+    return vae_lib.to_latents(vae, z)

@@ -38,6 +38,7 @@ SHRINK = {
     "lora-sd3-flux.yaml": ["lora.rank=4"],
     "finetune-sd3-flux.yaml": [],
     "controlnet-sd.yaml": [],
+    "controlnet-sd3-flux.yaml": ["controlnet.num_layers=1", "controlnet.num_single_layers=1"],
 }
 
 
@@ -60,7 +61,7 @@ def sd3_base(tmp_path: Path) -> Path:
 
 
 # Recipes for other families than SD and gen's DiT, and the stand-in base each trains on.
-FAMILY_BASES = {"lora-sd3-flux.yaml": flux_base, "finetune-sd3-flux.yaml": sd3_base}
+FAMILY_BASES = {"lora-sd3-flux.yaml": flux_base, "finetune-sd3-flux.yaml": sd3_base, "controlnet-sd3-flux.yaml": flux_base}
 # The chain configs/default-model.yaml, whose stages are default/clip.yaml, default/vae.yaml, default/dit.yaml.
 CHAIN = ["data.resolution=16", "data.num_images=16", "train.batch_size=2", "train.max_steps=3", "log.progress=false",
          "log.tracker=none", "clip:clip.eval_images=8", "vae:vae.eval_images=8", "denoiser:sampling.steps=2",

@@ -166,8 +166,8 @@ def test_a_missing_or_unreadable_control_image_is_a_one_line_error(sd_folder, tm
                   control=True)
 
 
-def test_a_controlnet_needs_a_unet_base(dit_folder, images, tmp_path):
-    with pytest.raises(GenError, match="ControlNets for UNet models .* is a .* model"):
+def test_a_controlnet_needs_a_base_that_takes_one(dit_folder, images, tmp_path):
+    with pytest.raises(GenError, match="is a gen DiT model, which takes no ControlNet"):
         train(load_config(RECIPE, extra=settings(dit_folder, images, tmp_path / "run")))
 
 
