@@ -30,14 +30,15 @@ log = logging.getLogger("gen")
 
 
 def build_source(cfg: DataConfig, control: bool = False) -> ImageFolder | ShapesWorld | Shards:
-    """The data.source; with `control` (stage=controlnet), an image folder whose images carry control images."""
-    if control and cfg.source != "folder":
-        raise GenError(f"stage=controlnet trains on an image folder with control images (data.source=folder), not "
-                       f"data.source={cfg.source}")
+    """The data.source; with `control` (stage=controlnet), an image folder or shards whose images carry control
+    images."""
+    if control and cfg.source == "shapes":
+        raise GenError("stage=controlnet trains on images with control images (data.source=folder or shards), not "
+                       "data.source=shapes (python -m train.data.shapes DIR --control writes such a folder)")
     if cfg.source == "shapes":
         return ShapesWorld(cfg.num_images, cfg.seed)
     if cfg.source == "shards":
-        return Shards(cfg.path)
+        return Shards(cfg.path, control)
     return ImageFolder(cfg.path, control)
 
 
