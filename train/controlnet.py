@@ -105,9 +105,9 @@ class ControlNetTask(DenoiserTask):
             return []
         files = list(v.control_images)
         if not files:
-            from train.data import controls
+            from train.data import first_hints
 
-            files = controls.first(self.cfg.data, len(v.prompts))
+            files = first_hints(self.cfg.data, len(v.prompts))
         if len(files) == 1:
             files = files * len(v.prompts)
         if len(files) != len(v.prompts):

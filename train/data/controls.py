@@ -55,20 +55,3 @@ def read(path: Path, size: tuple[int, int]):
         raise GenError(f"stage=controlnet: cannot decode the control image {path} ({e})") from None
     return im if im.size == size else im.resize(size, Image.Resampling.BICUBIC)
 
-
-def first(data, n: int) -> list:
-    """The control images of the first `n` training samples (validation's default hints): a folder's files in its
-    order, shards' hints in list and tar order."""
-    if data.source != "shards":
-        from train.data.folder import ImageFolder
-
-        return ImageFolder(data.path, control=True).controls[:n]
-    from train.data.shards import Shards, decode
-
-    source, out = Shards(data.path), []
-    for j in range(len(source.urls)):
-        for _, name, _, _, hint in source.read(j, hints=True):
-            out.append(decode(hint, name + ".control"))
-            if len(out) == n:
-                return out
-    return out
