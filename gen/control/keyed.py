@@ -1,6 +1,7 @@
-"""Lone ControlNet files in diffusers' key layout (ControlNetModel, ControlNetUnionModel, FluxControlNetModel): a
-ControlNet folder's `diffusion_pytorch_model.safetensors` shared without its config.json, as diffusers' SDXL
-ControlNets, xinsir's union files and InstantX's / Shakker-Labs' Flux ControlNets are shared. The class is told by
+"""Lone ControlNet files in diffusers' key layout (ControlNetModel, ControlNetUnionModel, FluxControlNetModel,
+SD3ControlNetModel): a ControlNet folder's `diffusion_pytorch_model.safetensors` shared without its config.json, as
+diffusers' SDXL ControlNets, xinsir's union files and InstantX's / Shakker-Labs' Flux and SD3 ControlNets are
+shared; and Stability's SD3.5 ControlNets in their own layout (gen.control.sd35), renamed first. The class is told by
 the keys, the config by the tensor shapes; what shapes cannot tell (a UNet's attention heads, a Flux ControlNet's
 rotary axes) is the base model's, as diffusers' from_unet / from_transformer copy it. XLabs' Flux ControlNets
 (`double_blocks.*` keys, pixel hints) are recognised and refused in one line, as gen does not run them yet."""
@@ -16,6 +17,7 @@ from gen.errors import GenError
 FLUX_KEY = "controlnet_x_embedder.weight"  # InstantX's layout: the hint's packed latents embedded
 XLABS_KEY = "double_blocks.0.img_attn.qkv.weight"
 UNET_KEY = "controlnet_cond_embedding.conv_in.weight"  # a UNet ControlNet's hint encoder, diffusers-named
+SD3_KEY = "pos_embed_input.proj.weight"  # an SD3 ControlNet's hint latents embedded
 
 
 def kind(keys: set) -> str | None:
@@ -27,6 +29,10 @@ def kind(keys: set) -> str | None:
         return "FluxControlNetModel"
     if XLABS_KEY in keys and any(k.startswith("controlnet_blocks.") for k in keys):
         return "xlabs"
+    if SD3_KEY in keys and "controlnet_blocks.0.weight" in keys:
+        from gen.control import sd35
+
+        return "sd35" if sd35.is_sd35(keys) else "SD3ControlNetModel"
     return None
 
 
@@ -68,6 +74,34 @@ def flux_config(shapes: dict, base) -> dict:
                 guidance_embeds=any(k.startswith("time_text_embed.guidance_embedder.") for k in keys),
                 axes_dims_rope=list(axes), num_mode=shapes.get("controlnet_mode_embedder.weight", [None])[0],
                 conditioning_embedding_channels=shapes.get("input_hint_block.0.weight", [None])[0])
+
+
+def sd3_config(shapes: dict, base) -> dict:
+    """SD3ControlNetModel's config from its shapes: widths, depth, hint channels, text widths, qk norm and dual
+    attention blocks; the head width, sample size and position grid (when the file holds none) from the base
+    transformer, as from_transformer copies them. Without a text embedder it is an SD3.5 large ControlNet: it
+    borrows the base's patch embedding and takes the real pooled text and shifted hint latents; with one (InstantX's)
+    it takes zeros for the pooled text and unshifted latents (force_zeros_for_pooled_projection), as diffusers'
+    pipeline treats each."""
+    keys, bc = set(shapes), (base.config if base is not None else {})
+    inner, hint, patch = shapes[SD3_KEY][:3]
+    layers = _count(keys, "transformer_blocks")
+    head = bc.get("attention_head_dim", 64) if "context_embedder.weight" in keys else 64
+    cfg = dict(patch_size=patch, num_layers=layers, attention_head_dim=head, num_attention_heads=inner // head,
+               pooled_projection_dim=shapes["time_text_embed.text_embedder.linear_1.weight"][1])
+    if "context_embedder.weight" not in keys:  # Stability's SD3.5 large layout, diffusers-named
+        return cfg | dict(in_channels=hint, out_channels=hint, joint_attention_dim=None, pos_embed_max_size=None,
+                          pos_embed_type=None, use_pos_embed=False, force_zeros_for_pooled_projection=False)
+    channels, grid = shapes["pos_embed.proj.weight"][1], shapes.get("pos_embed.pos_embed")
+    return cfg | dict(in_channels=channels, out_channels=channels, extra_conditioning_channels=hint - channels,
+                      joint_attention_dim=shapes["context_embedder.weight"][1],
+                      caption_projection_dim=shapes["context_embedder.weight"][0],
+                      sample_size=bc.get("sample_size", 128),
+                      pos_embed_max_size=round(grid[1] ** 0.5) if grid else bc.get("pos_embed_max_size", 96),
+                      qk_norm="rms_norm" if any(k.endswith("attn.norm_q.weight") for k in keys) else None,
+                      dual_attention_layers=tuple(i for i in range(layers)
+                                                  if f"transformer_blocks.{i}.attn2.to_q.weight" in keys),
+                      force_zeros_for_pooled_projection=True)
 
 
 def unet_config(shapes: dict, base) -> dict:
@@ -114,10 +148,14 @@ def load(path: Path, keys: set, base=None):
         raise GenError(f"{path} is an XLabs Flux ControlNet (double_blocks, pixel hints), which gen does not run yet; "
                        "InstantX-layout Flux ControlNets (controlnet_x_embedder) load")
     state = load_state_dict(path)
+    if name == "sd35":
+        from gen.control import sd35
+
+        state, name = sd35.to_diffusers(state, path), "SD3ControlNetModel"
     cls = getattr(diffusers, name)
+    configs = {"FluxControlNetModel": flux_config, "SD3ControlNetModel": sd3_config}
     try:
-        config = (flux_config if name == "FluxControlNetModel" else unet_config)(
-            {k: list(v.shape) for k, v in state.items()}, base)
+        config = configs.get(name, unet_config)({k: list(v.shape) for k, v in state.items()}, base)
     except (KeyError, StopIteration, IndexError) as e:
         raise GenError(f"{path} is not a {name} gen can read: it lacks {e}") from None
     except GenError as e:
