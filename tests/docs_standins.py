@@ -144,7 +144,7 @@ def client(argv: list[str]) -> int:
 NAMES = {
     "sd-folder": "sd", "sd15": "sd", "PATH": "sd", "BASE": "sd", "FOLDER": "sd", "PATH/TO/sd-1.5": "sd",
     "lcm-folder": "lcm", "sdxl-folder": "sdxl", "sdxl-base": "sdxl", "PATH/TO/sdxl-base": "sdxl",
-    "sd3-folder": "sd3", "sd35-folder": "sd35", "sd3.5-folder": "sd35",
+    "sd3-folder": "sd3", "sd35-folder": "sd35", "sd3.5-folder": "sd35", "sd3.5-large-folder": "sd35-large",
     "flux-dev-folder": "flux-dev", "FLUX.1-dev": "flux-dev", "flux-folder": "flux-dev",
     "flux-schnell-folder": "flux-schnell",
     "sd_xl_base_1.0.safetensors": "sdxl.safetensors", "model.safetensors": "sd.safetensors",
@@ -167,6 +167,8 @@ NAMES = {
     "depth-sdxl": "control-sdxl", "flux-canny": "control-flux", "house.png": "house.png", "edges.png": "src.png",
     "depth.png": "src.png", "face.png": "src.png", "union-sdxl": "control-union-sdxl",
     "flux-union": "control-union-flux", "instantx-flux-union.safetensors": "control-union-flux.safetensors",
+    "sd3.5_large_controlnet_canny.safetensors": "control-sd35.safetensors",
+    "instantx-sd3-canny.safetensors": "control-sd3.safetensors",
     "controlnet-canny-sdxl.safetensors": "control-sdxl.safetensors", "models": "ip-sd15", "sdxl_models": "ip-sdxl",
     "flux-ip-adapter": "ip-flux", "clip-vit-large-patch14": "ip-flux-encoder",
     "pairs": "pairs",
@@ -185,6 +187,7 @@ def build(root: Path, gen) -> dict[str, Path]:
     from tests.conftest import (quiet_pipeline, tiny_flux_components, tiny_sd3_components, tiny_sd_components,
                                 tiny_sdxl_components)
     from tests.test_lora_dora import sd_layers
+    from tests.test_controlnet_sd35 import large
     from tests.test_lora_dora import write as dora_file
     from tests.test_lora_xlabs import xlabs_file
     from tests.test_quant_fp8 import E4M3, fp8_file
@@ -200,6 +203,7 @@ def build(root: Path, gen) -> dict[str, Path]:
                "sdxl": lambda: StableDiffusionXLPipeline(**tiny_sdxl_components()),
                "sd3": lambda: StableDiffusion3Pipeline(**tiny_sd3_components()),
                "sd35": lambda: StableDiffusion3Pipeline(**sd35_components()),
+               "sd35-large": lambda: StableDiffusion3Pipeline(**large(tiny_sd3_components())),
                "flux-dev": lambda: FluxPipeline(**tiny_flux_components(root / "t5-dev")),
                "flux-schnell": lambda: FluxPipeline(**tiny_flux_components(root / "t5-schnell", False))}
     for name, make in folders.items():
@@ -256,10 +260,11 @@ def controls_and_adapters(root: Path) -> dict[str, Path]:
     """ControlNets (an original-layout SD-1 file, an SDXL and a Flux folder, SDXL and Flux union folders, a lone
     InstantX-layout Flux union file) and h94-layout IP-Adapters (SD-1 and
     SDXL, sharing one image encoder as h94's models/image_encoder) and an XLabs-layout Flux one for the stand-in bases."""
-    from diffusers import ControlNetModel, FluxControlNetModel
+    from diffusers import ControlNetModel, FluxControlNetModel, SD3ControlNetModel
 
     from gen.control.files import to_original
     from tests.conftest import quiet_pipeline
+    from tests.test_controlnet_sd35 import release_file
     from tests.test_controlnet_union import tiny_flux_union, tiny_sdxl_union
     from tests.test_ip_adapter import h94_adapter
     from tests.test_ip_adapter_flux import xlabs_adapter
@@ -273,7 +278,11 @@ def controls_and_adapters(root: Path) -> dict[str, Path]:
         root / "control-flux")
     tiny_sdxl_union(sdxl).save_pretrained(root / "control-union-sdxl")
     tiny_flux_union(quiet_pipeline(root / "flux-dev").denoiser).save_pretrained(root / "control-union-flux")
-    for name in ("control-union-flux", "control-sdxl"):  # the lone files people share (InstantX, diffusers)
+    SD3ControlNetModel.from_transformer(quiet_pipeline(root / "sd3").denoiser, num_layers=1,
+                                        num_extra_conditioning_channels=0,
+                                        load_weights_from_transformer=False).save_pretrained(root / "control-sd3")
+    release_file(root / "control-sd35.safetensors")  # Stability's SD3.5 layout, for the sd35-large base
+    for name in ("control-union-flux", "control-sdxl", "control-sd3"):  # the lone files people share
         shutil.copy(root / name / "diffusion_pytorch_model.safetensors", root / f"{name}.safetensors")
     h94_adapter(root / "ip-sd15", sd, "ip-adapter_sd15.safetensors")
     h94_adapter(root / "ip-sdxl", sdxl, "ip-adapter_sdxl_vit-h.safetensors")

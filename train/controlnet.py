@@ -122,9 +122,9 @@ class ControlNetTask(DenoiserTask):
             return []
         files = list(v.control_images)
         if not files:
-            from train.data.folder import ImageFolder
+            from train.data import first_hints
 
-            files = ImageFolder(self.cfg.data.path, control=True).controls[:len(v.prompts)]
+            files = first_hints(self.cfg.data, len(v.prompts))
         if len(files) == 1:
             files = files * len(v.prompts)
         if len(files) != len(v.prompts):

@@ -1,7 +1,7 @@
 """ControlNet files: diffusers folders (ControlNetModel for SD-1.x/2.x and SDXL, SD3ControlNetModel,
-FluxControlNetModel), lone diffusers-keyed files (gen.control.keyed) and SD-1.x/2.x and SDXL single files in the
-original layout (lllyasviel's control_v11p_sd15_canny.safetensors: `control_model.*` keys, or
-bare), the config read from the tensor shapes and the weights renamed by diffusers' converter, offline.
+FluxControlNetModel), lone diffusers-keyed files and Stability's SD3.5 files (gen.control.keyed, gen.control.sd35)
+and SD-1.x/2.x and SDXL single files in the original layout (lllyasviel's control_v11p_sd15_canny.safetensors:
+`control_model.*` keys, or bare), the config read from the tensor shapes and the weights renamed by diffusers' converter, offline.
 `to_original` writes that layout (the inverse renaming, checked by reading it back)."""
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def _from_original(path: Path, allow_pickle: bool):
         state = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
     if "input_hint_block.0.weight" not in state or "input_blocks.0.0.weight" not in state:
         raise GenError(f"{path} is not a ControlNet in the original (LDM) layout: it has no input_hint_block "
-                       "(SD3 ControlNets load from diffusers folders; SDXL and Flux ones also from lone "
-                       "diffusers-keyed files)")
+                       "(SDXL, Flux and SD3 ControlNets also load from lone diffusers-keyed files, SD3.5 "
+                       "ones in Stability's release layout)")
     hints = json.loads(read_metadata(path).get(META, "{}")) if path.suffix == ".safetensors" else {}
     config = _config({k: list(v.shape) for k, v in state.items()}, hints)
     # the hint encoder by gen's table: diffusers' converter assumes its 4 levels (input_hint_block.14 = conv_out)

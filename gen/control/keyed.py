@@ -1,7 +1,7 @@
 """Lone ControlNet files in diffusers' key layout (ControlNetModel, ControlNetUnionModel, FluxControlNetModel,
 SD3ControlNetModel): a ControlNet folder's `diffusion_pytorch_model.safetensors` shared without its config.json, as
-diffusers' SDXL ControlNets, xinsir's union files, InstantX's / Shakker-Labs' Flux ControlNets and the SD3 and Flux
-ControlNets gen trains (`write`) are shared. The class is told by
+diffusers' SDXL ControlNets, xinsir's union files and InstantX's / Shakker-Labs' Flux and SD3 ControlNets are
+shared; and Stability's SD3.5 ControlNets in their own layout (gen.control.sd35), renamed first. The class is told by
 the keys, the config by the tensor shapes; what shapes cannot tell (a UNet's attention heads, a Flux ControlNet's
 rotary axes) is the base model's, as diffusers' from_unet / from_transformer copy it. XLabs' Flux ControlNets
 (`double_blocks.*` keys, pixel hints) are recognised and refused in one line, as gen does not run them yet."""
@@ -18,8 +18,7 @@ from gen.errors import GenError
 FLUX_KEY = "controlnet_x_embedder.weight"  # InstantX's layout: the hint's packed latents embedded
 XLABS_KEY = "double_blocks.0.img_attn.qkv.weight"
 UNET_KEY = "controlnet_cond_embedding.conv_in.weight"  # a UNet ControlNet's hint encoder, diffusers-named
-SD3_KEY = "pos_embed_input.proj.weight"  # an SD3 ControlNet's hint patch embedding (ComfyUI's test, with the next)
-SD35_KEY = "transformer_blocks.0.adaLN_modulation.1.bias"  # Stability's SD3.5 ControlNets: another layout
+SD3_KEY = "pos_embed_input.proj.weight"  # an SD3 ControlNet's hint latents embedded
 
 
 def kind(keys: set) -> str | None:
@@ -27,12 +26,14 @@ def kind(keys: set) -> str | None:
     layout: the original LDM one, or not a ControlNet)."""
     if UNET_KEY in keys and "time_embedding.linear_1.weight" in keys:
         return "ControlNetUnionModel" if "task_embedding" in keys else "ControlNetModel"
-    if SD3_KEY in keys and "controlnet_blocks.0.weight" in keys and SD35_KEY not in keys:
-        return "SD3ControlNetModel"
     if FLUX_KEY in keys and any(k.startswith("controlnet_single_blocks.") for k in keys):
         return "FluxControlNetModel"
     if XLABS_KEY in keys and any(k.startswith("controlnet_blocks.") for k in keys):
         return "xlabs"
+    if SD3_KEY in keys and "controlnet_blocks.0.weight" in keys:
+        from gen.control import sd35
+
+        return "sd35" if sd35.is_sd35(keys) else "SD3ControlNetModel"
     return None
 
 
@@ -77,29 +78,32 @@ def flux_config(shapes: dict, base) -> dict:
 
 
 def sd3_config(shapes: dict, base) -> dict:
-    """SD3ControlNetModel's config from its shapes: patch, widths, blocks, text widths, the positional table, SD3.5's
-    qk norm and dual-attention blocks; the head width from the qk norm, else from the base transformer (`base`;
-    SD3's 64 without one) and the sample size the base's. force_zeros_for_pooled_projection stays diffusers'
-    default (True: zeros for the pooled text, unshifted hint latents), as ComfyUI's load_controlnet_mmdit runs
-    every such file."""
-    keys = set(shapes)
-    inner, in_channels, patch, _ = shapes["pos_embed.proj.weight"]
-    blocks = _count(keys, "transformer_blocks")
-    norm = next((v[0] for k, v in shapes.items() if k.endswith("attn.norm_q.weight")), None)
-    cfg = {k: v for k, v in (base.config.items() if base is not None else ()) if not k.startswith("_")}
-    head = norm or cfg.get("attention_head_dim", 64)
-    context = shapes.get("context_embedder.weight")
-    table = shapes.get("pos_embed.pos_embed")
-    return dict(sample_size=cfg.get("sample_size", 128), patch_size=patch, in_channels=in_channels,
-                out_channels=cfg.get("out_channels", in_channels), num_layers=blocks, attention_head_dim=head,
-                num_attention_heads=inner // head, joint_attention_dim=context[1] if context else None,
-                caption_projection_dim=context[0] if context else inner,
-                pooled_projection_dim=shapes["time_text_embed.text_embedder.linear_1.weight"][1],
-                pos_embed_max_size=round(table[1] ** 0.5) if table else None,
-                extra_conditioning_channels=shapes[SD3_KEY][1] - in_channels,
-                dual_attention_layers=tuple(i for i in range(blocks) if f"transformer_blocks.{i}.attn2.to_q.weight"
-                                            in keys),
-                qk_norm="rms_norm" if norm else None)
+    """SD3ControlNetModel's config from its shapes: widths, depth, hint channels, text widths, qk norm and dual
+    attention blocks; the head width from the qk norm where there is one, else (with the sample size and, when the
+    file holds none, the position grid) from the base transformer, as from_transformer copies them. Without a text embedder it is an SD3.5 large ControlNet: it
+    borrows the base's patch embedding and takes the real pooled text and shifted hint latents; with one (InstantX's)
+    it takes zeros for the pooled text and unshifted latents (force_zeros_for_pooled_projection), as diffusers'
+    pipeline treats each."""
+    keys, bc = set(shapes), (base.config if base is not None else {})
+    inner, hint, patch = shapes[SD3_KEY][:3]
+    layers = _count(keys, "transformer_blocks")
+    norm = next((v[0] for k, v in shapes.items() if k.endswith("attn.norm_q.weight")), None)  # the head width
+    head = norm or (bc.get("attention_head_dim", 64) if "context_embedder.weight" in keys else 64)
+    cfg = dict(patch_size=patch, num_layers=layers, attention_head_dim=head, num_attention_heads=inner // head,
+               pooled_projection_dim=shapes["time_text_embed.text_embedder.linear_1.weight"][1])
+    if "context_embedder.weight" not in keys:  # Stability's SD3.5 large layout, diffusers-named
+        return cfg | dict(in_channels=hint, out_channels=hint, joint_attention_dim=None, pos_embed_max_size=None,
+                          pos_embed_type=None, use_pos_embed=False, force_zeros_for_pooled_projection=False)
+    channels, grid = shapes["pos_embed.proj.weight"][1], shapes.get("pos_embed.pos_embed")
+    return cfg | dict(in_channels=channels, out_channels=channels, extra_conditioning_channels=hint - channels,
+                      joint_attention_dim=shapes["context_embedder.weight"][1],
+                      caption_projection_dim=shapes["context_embedder.weight"][0],
+                      sample_size=bc.get("sample_size", 128),
+                      pos_embed_max_size=round(grid[1] ** 0.5) if grid else bc.get("pos_embed_max_size", 96),
+                      qk_norm="rms_norm" if norm else None,
+                      dual_attention_layers=tuple(i for i in range(layers)
+                                                  if f"transformer_blocks.{i}.attn2.to_q.weight" in keys),
+                      force_zeros_for_pooled_projection=True)
 
 
 def unet_config(shapes: dict, base) -> dict:
@@ -146,10 +150,14 @@ def load(path: Path, keys: set, base=None):
         raise GenError(f"{path} is an XLabs Flux ControlNet (double_blocks, pixel hints), which gen does not run yet; "
                        "InstantX-layout Flux ControlNets (controlnet_x_embedder) load")
     state = load_state_dict(path)
+    if name == "sd35":
+        from gen.control import sd35
+
+        state, name = sd35.to_diffusers(state, path), "SD3ControlNetModel"
     cls = getattr(diffusers, name)
+    configs = {"FluxControlNetModel": flux_config, "SD3ControlNetModel": sd3_config}
     try:
-        config = {"FluxControlNetModel": flux_config, "SD3ControlNetModel": sd3_config}.get(name, unet_config)(
-            {k: list(v.shape) for k, v in state.items()}, base)
+        config = configs.get(name, unet_config)({k: list(v.shape) for k, v in state.items()}, base)
     except (KeyError, StopIteration, IndexError) as e:
         raise GenError(f"{path} is not a {name} gen can read: it lacks {e}") from None
     except GenError as e:

@@ -31,6 +31,7 @@ def load(pipe, model, allow_pickle: bool = False):
     why = fam.control_fits(net, pipe.denoiser)
     if why:
         raise GenError(f"the ControlNet {name} does not fit this {fam.title} model: {why}")
+    fam.control_attach(net, pipe.denoiser)
     if net.dtype != pipe.dtype:  # diffusers warns on any cast, even to the dtype it has
         net.to(dtype=pipe.dtype)
     return net.to(pipe.device).eval().requires_grad_(False)

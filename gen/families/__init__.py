@@ -212,6 +212,10 @@ class Family:
                 return f"its {key} is {net.config.get(key)}, this model's {denoiser.config.get(key)}"
         return None
 
+    def control_attach(self, net, denoiser) -> None:
+        """Gives `net` what it borrows from the denoiser it steers (nothing here; SD3.5's large ControlNets take
+        the transformer's patch embedding)."""
+
     def control_hint(self, pipe, net, image: torch.Tensor, generator, n: int) -> torch.Tensor:
         """The hint as the ControlNet takes it, from the image at the sampling size (1, 3, H, W): here the pixels
         in [0, 1]; latent-hint families encode it (in [-1, 1], control_latent_hint)."""

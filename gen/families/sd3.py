@@ -160,7 +160,15 @@ class SD3(OriginalLayout, Family):
         for key in ("in_channels", "patch_size", "pooled_projection_dim"):
             if net.config.get(key) != denoiser.config.get(key):
                 return f"its {key} is {net.config.get(key)}, this model's {denoiser.config.get(key)}"
+        if net.config.get("use_pos_embed") is False and net.inner_dim != denoiser.inner_dim:  # it adds to its tokens
+            return f"it is {net.inner_dim} wide, this model's transformer {denoiser.inner_dim}"
         return None
+
+    def control_attach(self, net, denoiser) -> None:
+        """SD3.5's large ControlNets (use_pos_embed false) embed the latents with the transformer's own patch
+        embedding, as StableDiffusion3ControlNetPipeline hands it over."""
+        if net.config.get("use_pos_embed") is False and net.pos_embed is None:
+            net.pos_embed = net._get_pos_embed_from_transformer(denoiser).to(denoiser.device, denoiser.dtype)
 
     def control_hint(self, pipe, net, image, generator, n: int):
         """The VAE posterior's mean (diffusers draws an unseeded sample here), scaled (_hint_latents)."""

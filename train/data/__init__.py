@@ -23,6 +23,7 @@ from train.data import exif
 from train.data.buckets import Buckets, BucketSampler
 from train.data.folder import ImageFolder
 from train.data.shapes import ShapesWorld
+from train.data import shards
 from train.data.shards import Shards, ShardStream
 from train.signals import ignore_stop_signals
 
@@ -30,15 +31,30 @@ log = logging.getLogger("gen")
 
 
 def build_source(cfg: DataConfig, control: bool = False) -> ImageFolder | ShapesWorld | Shards:
-    """The data.source; with `control` (stage=controlnet), an image folder whose images carry control images."""
-    if control and cfg.source != "folder":
-        raise GenError(f"stage=controlnet trains on an image folder with control images (data.source=folder), not "
-                       f"data.source={cfg.source}")
+    """The data.source; with `control` (stage=controlnet), an image folder or shards whose images carry control
+    images."""
+    if control and cfg.source == "shapes":
+        raise GenError("stage=controlnet trains on images with control images (data.source=folder or shards), not "
+                       "data.source=shapes (python -m train.data.shapes DIR --control writes such a folder)")
     if cfg.source == "shapes":
         return ShapesWorld(cfg.num_images, cfg.seed)
     if cfg.source == "shards":
-        return Shards(cfg.path)
+        return Shards(cfg.path, control)
     return ImageFolder(cfg.path, control)
+
+
+def first_hints(cfg: DataConfig, n: int) -> list:
+    """The control images of the first `n` training samples (stage=controlnet's default validation hints): a
+    folder's files in its order, shards' hints in list and tar order."""
+    if cfg.source != "shards":
+        return ImageFolder(cfg.path, control=True).controls[:n]
+    source, out = Shards(cfg.path), []
+    for j in range(len(source.urls)):
+        for _, name, _, _, hint in source.read(j, hints=True):
+            out.append(shards.decode(hint, name + ".control"))
+            if len(out) == n:
+                return out
+    return out
 
 
 def transform(img: Image.Image, size: int | tuple[int, int], crop: str, flip: bool,

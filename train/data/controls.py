@@ -54,3 +54,4 @@ def read(path: Path, size: tuple[int, int]):
     except exif.IMAGE_ERRORS as e:
         raise GenError(f"stage=controlnet: cannot decode the control image {path} ({e})") from None
     return im if im.size == size else im.resize(size, Image.Resampling.BICUBIC)
+

@@ -104,6 +104,7 @@ class ImageFolder:
             raise GenError(f"config key 'data.path': no readable images in {root} (expected images with a "
                            f"{METADATA} of file_name/text rows, or .txt caption sidecars)")
         self.root, self.items, self.failed, self.num_masked = root, good, set(), masked
+        self.given = given  # metadata.jsonl's control column, by image path (gen data pack carries it)
         self.controls = controls.pair(root, good, given, _probe) if control else None
 
     def __len__(self) -> int:

@@ -1,4 +1,5 @@
-"""WebDataset shards: tar files of `KEY.<image ext>` + `KEY.txt` members, read as a stream.
+"""WebDataset shards: tar files of `KEY.<image ext>` + `KEY.txt` members (+ `KEY.control.png`, the hint, for
+stage=controlnet), read as a stream.
 
 Shards live in a local folder, a glob, a brace pattern (`shard-{000000..000099}.tar`) or any fsspec URL
 (`s3://bucket/shards/`, needs `pip install fsspec` and the filesystem's package). They are read with
@@ -36,6 +37,7 @@ log = logging.getLogger("gen")
 
 INDEX = "shards.json"  # {"shardlist": [{"url": NAME, "nsamples": N}, ...]}, as WebDataset's wids index
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
+CONTROL_EXTS = ("control.png", "control.jpg", "control.jpeg", "control.webp")  # a sample's hint (stage=controlnet)
 
 
 def _is_remote(path: str) -> bool:
@@ -141,15 +143,31 @@ def _read_counts(urls: list[str]) -> list[int]:
     return counts
 
 
-class Shards:
-    """A list of shards and their sample counts; item i is the i-th sample of all shards in list order."""
+def _hint_member(url: str, key: str, members: dict) -> tarfile.TarInfo:
+    """A sample's control member; a sample without one is an error naming its shard and key."""
+    ext = next((e for e in CONTROL_EXTS if e in members), None)
+    if ext is None:
+        raise GenError(f"stage=controlnet: the sample {key} of shard {url} has no control image (expected a "
+                       f"{key}.control.png member beside {key}.<image>); add one to every sample, or leave it out")
+    return members[ext]
 
-    def __init__(self, path: str):
-        self.urls = list_shards(path)
+
+class Shards:
+    """A list of shards and their sample counts; item i is the i-th sample of all shards in list order. With
+    `control` (stage=controlnet) every sample must carry a `KEY.control.png` (.jpg, .webp) member: local shards
+    are checked now (member headers only), remote ones as they are read."""
+
+    def __init__(self, path: str, control: bool = False):
+        self.urls, self.control = list_shards(path), control
         self.counts = _read_counts(self.urls)
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).tolist()
         if not self.offsets[-1]:
             raise GenError(f"config key 'data.path': the shards at {path} hold no image samples")
+        for url in self.urls if control else ():
+            if not _is_remote(url):
+                with open_binary(url) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                    for key, members in samples(tar):
+                        _hint_member(url, key, members)
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -180,8 +198,9 @@ class Shards:
         perm = torch.randperm(len(self.urls), generator=torch.Generator().manual_seed(seed + epoch))
         return perm[rank::world].tolist()
 
-    def read(self, j: int, skip: int = 0) -> Iterator[tuple[int, str, bytes | None, str | None]]:
-        """(item, key, image bytes or None if unreadable, caption or None) of shard j from its `skip`-th sample."""
+    def read(self, j: int, skip: int = 0, hints: bool = False) -> Iterator[tuple]:
+        """(item, key, image bytes or None if unreadable, caption or None) of shard j from its `skip`-th sample;
+        with `hints`, the control member's bytes (None if unreadable) after them."""
         url, n = self.urls[j], 0
         try:
             with open_binary(url) as f, tarfile.open(fileobj=f, mode="r:") as tar:
@@ -190,12 +209,14 @@ class Shards:
                     if n <= skip:
                         continue
                     ext = next(e for e in IMAGE_EXTS if e in members)
+                    hint = _hint_member(url, key, members) if hints else None
                     try:
                         data = tar.extractfile(members[ext]).read()
                         text = tar.extractfile(members["txt"]).read().decode("utf-8").strip() if "txt" in members else None
+                        control = (tar.extractfile(hint).read(),) if hints else ()
                     except (OSError, tarfile.TarError, UnicodeDecodeError):
-                        data, text = None, None
-                    yield self.offsets[j] + n - 1, f"{url}:{key}", data, text
+                        data, text, control = None, None, (None,) if hints else ()
+                    yield self.offsets[j] + n - 1, f"{url}:{key}", data, text, *control
                     tar.members.clear()  # tarfile keeps every header it read; a shard can be large
         except (OSError, tarfile.TarError) as e:
             raise GenError(f"shard {url} cannot be read ({e}); fix or remove it from data.path") from None
@@ -214,7 +235,7 @@ class Shards:
                 n = self.counts[j]
                 if base + n > start:
                     skip = max(0, start - base)
-                    for k, sample in enumerate(self.read(j, skip)):
+                    for k, sample in enumerate(self.read(j, skip, self.control)):
                         yield base + skip + k, sample
                 base += n
 
@@ -236,6 +257,14 @@ def decode(data: bytes | None, name: str) -> Image.Image | None:
 _warned: set[str] = set()
 
 
+def _hint(data: bytes | None, name: str, img: Image.Image) -> Image.Image:
+    """A sample's control image, RGB at its image's size (as a folder's control image is read)."""
+    hint = decode(data, name + ".control")
+    if hint is None:
+        raise GenError(f"stage=controlnet: the control image of the sample {name} is not a readable image")
+    return hint if hint.size == img.size else hint.resize(img.size, Image.Resampling.BICUBIC)
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """Endless batches of one process's shard stream from loop position `position` (samples consumed by all
     processes). DataLoader workers take batches round-robin, so the batch order never depends on their
@@ -253,12 +282,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         source, rows = self.data.source, []
-        for local, (item, name, data, text) in source.stream(self.data.seed, self.world, self.rank, self.start):
+        for local, (item, name, data, text, *control) in source.stream(self.data.seed, self.world, self.rank,
+                                                                        self.start):
             k = (local - self.start) // self.bs
             if k % nw == wid:
                 img = decode(data, name)
+                hint = _hint(control[0], name, img) if control and img is not None else None
                 if img is not None:
-                    rows.append(self.data.example(item, self.key(local), img, text or ""))
+                    rows.append(self.data.example(item, self.key(local), img, text or "", hint=hint))
                 if (local - self.start) % self.bs == self.bs - 1:
                     if not rows:
                         raise GenError(f"every sample of a batch was corrupt (last: {name}); check data.path")
@@ -273,10 +304,13 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def pack(src: str | Path, out: str | Path, shard_size: int = 1000, progress: bool = True) -> list[Path]:
-    """Writes the images and captions of an image folder, in its order, to out/shard-NNNNNN.tar + shards.json.
-    Image files go in unchanged (no re-encoding), so a shard decodes to exactly the folder's pixels."""
+    """Writes the images and captions of an image folder, in its order, to out/shard-NNNNNN.tar + shards.json,
+    with each image's control image (stage=controlnet's metadata.jsonl column or NAME.control.png) where it has
+    one, as `KEY.control.EXT`. Files go in unchanged (no re-encoding), so a shard decodes to exactly the folder's
+    pixels."""
     from tqdm.auto import tqdm
 
+    from train.data import controls
     from train.data.folder import ImageFolder
 
     if shard_size < 1:
@@ -285,7 +319,7 @@ def pack(src: str | Path, out: str | Path, shard_size: int = 1000, progress: boo
     if out.is_dir() and any(out.glob("*.tar")):
         raise GenError(f"{out} already holds .tar files; remove them or give another output folder")
     out.mkdir(parents=True, exist_ok=True)
-    written, rows, width = [], [], max(6, len(str(len(folder) // shard_size)))
+    written, rows, width, hints = [], [], max(6, len(str(len(folder) // shard_size))), 0
     bar = tqdm(total=len(folder), desc="pack", unit="img", disable=not progress, dynamic_ncols=True)
     for s in range(0, len(folder), shard_size):
         path = out / f"shard-{s // shard_size:0{width}d}.tar"
@@ -296,11 +330,17 @@ def pack(src: str | Path, out: str | Path, shard_size: int = 1000, progress: boo
                 key = f"{i:09d}"
                 _tar_add(tar, f"{key}{p.suffix.lower()}", p.read_bytes())
                 _tar_add(tar, f"{key}.txt", text.encode("utf-8"))
+                hint = folder.given.get(p) or controls.control_file(p)
+                if hint.is_file() and f"control{hint.suffix.lower()}" in CONTROL_EXTS:
+                    _tar_add(tar, f"{key}.control{hint.suffix.lower()}", hint.read_bytes())
+                    hints += 1
                 bar.update(1)
         tmp.replace(path)
         written.append(path)
         rows.append({"url": path.name, "nsamples": len(chunk)})
     bar.close()
+    if hints:
+        log.info("packed %d control image(s) with their %d images", hints, len(folder))
     index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": Path(src).name, "shardlist": rows}
     (out / INDEX).write_text(json.dumps(index, indent=1) + "\n")
     return written
