@@ -184,7 +184,9 @@ NEW = ["deis", "unipc", "unipc-bh1", "tcd", "restart", "euler-cfg++", "dpm++2m-c
 
 
 def test_every_new_sampler_samples_flux_and_the_ode_ones_agree_with_many_euler_steps(flux_folder):
-    """Every new sampler by gen's name on tiny Flux (dev: no CFG batch, so the CFG++ ones step as their bases)."""
+    """Every new sampler by gen's name on tiny Flux. Flux takes no CFG batch at its default scale, but the CFG++ ones
+    make the unconditional pass all the same (as ComfyUI's, disable_cfg1_optimization) and step along it: not their
+    bases' images; the other ODE ones agree with many Euler steps."""
     pipe = quiet_pipeline(flux_folder)
     kw = dict(height=16, width=16, seed=SEED, output_type="np")
     ref = pipe(PROMPT, num_inference_steps=40, sampler="euler", **kw).images[0]
@@ -194,7 +196,10 @@ def test_every_new_sampler_samples_flux_and_the_ode_ones_agree_with_many_euler_s
         err = float(np.abs(got - ref).max())
         print(f"flux {flux_folder.name} {name} 8 steps vs euler 40: max abs diff {err:.2e} (euler 8: {euler_err:.2e})")
         assert np.isfinite(got).all() and got.std() > 0.01
-        if names.BY_NAME[name].fn in ODE:  # the tiny random transformer's ODE is nearly straight: Euler's order
+        if names.BY_NAME[name].cfg_pp:
+            base = pipe(PROMPT, num_inference_steps=8, sampler=name.replace("-cfg++", ""), **kw).images[0]
+            assert np.abs(got - base).max() > 1e-3  # equal to 1e-6 without the unconditional pass
+        elif names.BY_NAME[name].fn in ODE:  # the tiny random transformer's ODE is nearly straight: Euler's order
             assert err < 2 * euler_err
 
 
@@ -210,3 +215,29 @@ def test_names_and_table():
     tcd_folder = folder_defaults({"_class_name": "TCDScheduler"}, DDPM())
     assert tcd_folder == dict(sampler="tcd", schedule="lcm", steps=4, guidance=1.0)
     assert math.isclose(float(schedules.karras_sigmas(3, 0.1, 10.0)[0]), 10.0, rel_tol=1e-6)
+
+
+def test_dpm_fast_steps_a_flow_model_evenly_in_its_log_snr():
+    """dpm-fast's steps on a flow model start at sigma_max and fall evenly in log((1 - sigma) / sigma), DPM-Solver's
+    spacing, from -5 on (even in -log sigma, k-diffusion's, a flow model's sigma > 0.5 got 2 of 11 steps); an
+    epsilon model's stay even in -log sigma (k-diffusion's, test_kdiffusion_parity)."""
+    from gen.sampling import dpm_solver
+
+    for formulation, even in [(Flow(shift=3.0), lambda s: ((1 - s) / s).log()), (DDPM(), lambda s: -s.log())]:
+        ms, calls = gaussian(formulation), []
+
+        def model(x, sigma, ms=ms):
+            calls.append(float(sigma))
+            return ms(x, sigma)
+
+        model.kind = ms.kind
+        sigmas = schedules.simple(ms, 30) if ms.kind == "flow" else schedules.karras(ms, 30)
+        x = torch.randn(8, 4, 2, 2, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+        dpm_solver.dpm_fast(model, x, sigmas, None)
+        starts = torch.tensor([calls[i] for i in list(range(0, 27, 3)) + [27, 29]], dtype=torch.float64)
+        gaps = even(starts[1:]).diff() if ms.kind == "flow" else even(starts).diff()
+        print(f"dpm-fast {ms.kind}: step starts {[round(float(s), 4) for s in starts]}")
+        assert len(calls) == 30 and abs(starts[0] - float(sigmas[0])) < 1e-5
+        assert float((gaps - gaps.mean()).abs().max()) < 1e-4 * float(gaps.mean().abs())
+        if ms.kind == "flow":
+            assert abs(float(even(starts[1:2])) - (-5 + float(gaps.mean()))) < 1e-4 and (starts > 0.5).sum() >= 5

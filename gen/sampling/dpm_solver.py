@@ -5,7 +5,9 @@ with a PID step-size controller), Lu et al. 2022 (arXiv 2206.00927), in the form
 They step in t = -log sigma on eps = (x - D(x, sigma)) / sigma from sigma_max to sigma_min and end there, not at
 sigma 0: the samplers' sigmas give only those two ends (and, for dpm_fast, the number of model calls). eta 0 by
 default, as k-diffusion's and ComfyUI's (A1111 passes its "Eta" setting, 1 unless set); the ancestral form (eta > 0)
-is VE's, so a flow model samples them at eta 0.
+is VE's, so a flow model samples them at eta 0. On a flow model dpm-fast's fixed steps fall evenly in its own log-SNR
+(_times), not in -log sigma as k-diffusion's and ComfyUI's do, which leave the high-noise range two or three steps:
+the bundled flow model's adherence at 100 steps 59.5% that way, Euler's 97.6% this way (bench/sampler_quality.py).
 """
 
 from __future__ import annotations
@@ -69,6 +71,21 @@ def _ends(model, sigmas, eta):
     return t_start, t_end, (eta if model.kind != "flow" else 0.0)
 
 
+FLOW_LAMBDA_START = -5.0  # a flow model's first log-SNR boundary: DPM-Solver's VP start (alpha_T 0.0064), sigma 0.9933
+
+
+def _times(model, t_start, t_end, m: int) -> torch.Tensor:
+    """dpm-fast's m + 1 step boundaries in t = -log sigma: even in t (k-diffusion's, float32), or for a flow model
+    even in its half log-SNR lambda = log((1 - sigma) / sigma), DPM-Solver's spacing (-log sigma is no log-SNR there:
+    even in it, a flow model's high-noise range, where it places objects, gets two or three steps), from
+    FLOW_LAMBDA_START, the first step from sigma_max itself."""
+    if model.kind != "flow":
+        return torch.linspace(t_start, t_end, m + 1)
+    lam_end = math.log((1 - _sigma(t_end)) / _sigma(t_end))
+    lam = torch.linspace(min(FLOW_LAMBDA_START, lam_end), lam_end, m + 1, dtype=torch.float64)
+    return torch.cat([t_start.reshape(1).double().cpu(), torch.nn.functional.softplus(lam[1:])]).float()
+
+
 def dpm_fast(model, x, sigmas, noise, callback=None, eta=0.0):
     """DPM-Solver-Fast (Lu et al. 2022, section 3.4; k-diffusion's sample_dpm_fast, A1111's "DPM fast"): len(sigmas)
     - 1 model calls in floor(n / 3) + 1 even steps in t, of order 3 and a last one or two of lower order."""
@@ -76,7 +93,7 @@ def dpm_fast(model, x, sigmas, noise, callback=None, eta=0.0):
     t_start, t_end, eta = _ends(model, sigmas, eta)
     solver = _Solver(model, callback)
     m = math.floor(n / 3) + 1
-    ts = torch.linspace(t_start, t_end, m + 1, device=sigmas.device)  # float32, as k-diffusion's
+    ts = _times(model, t_start, t_end, m).to(sigmas.device)
     orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
     for i, order in enumerate(orders):
         t, t_next = ts[i], ts[i + 1]
