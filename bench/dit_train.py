@@ -13,6 +13,7 @@ the GPU's dense bf16 peak. Peak memory is torch.cuda.max_memory_allocated over t
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,7 @@ def make_step(preset: str, latent: int, batch: int, device: torch.device, dtype:
     cfg = SimpleNamespace(objective=ObjectiveConfig(type="flow"), train=SimpleNamespace(guidance=None))
     task = SimpleNamespace(cfg=cfg, formulation=build_formulation(cfg), family=families.get("dit"),
                            model=model)  # what _denoising_loss reads
+    task.predict = functools.partial(DenoiserTask.predict, task)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(batch, 4, latent, latent, generator=g).to(device)
     cond = {"hidden": torch.randn(batch, TEXT_TOKENS, TEXT_WIDTH, generator=g).to(device),
