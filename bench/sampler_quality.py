@@ -95,9 +95,8 @@ def main() -> int:
     results = {name: run(name, args.steps) for name in names}
     floor = results["euler"] - args.margin
     unstable = [n for n, objects in results.items() if objects < floor and n not in DISTILLED]
-    failed = [n for n in unstable if args.converge > args.steps and run(n, args.converge) < floor]
-    if args.converge <= args.steps:
-        failed = unstable
+    again = args.converge > args.steps
+    failed = [n for n in unstable if run(n, args.converge) < floor] if again else unstable
     lines.append(f"below {floor:.1f}% (Euler's {results['euler']:.1f} - {args.margin:g}) at {args.steps} steps: "
                  + (", ".join(unstable) or "none") + f"; at {args.converge} too: " + (", ".join(failed) or "none"))
     print(lines[-1])

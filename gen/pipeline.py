@@ -536,7 +536,7 @@ class Pipeline:
                 raise GenError(f"skip-layer guidance is for SD3 models; a {self.family.title} model cannot skip layers")
             slg.check(self.denoiser.config.num_layers)
         scale, embedded = self.family.guidance(self.denoiser, scale, true_cfg_scale, negative_prompt is not None, n)
-        cfg = uses_cfg(scale) or (by_diffusers is None and ksampler.cfg_pp)  # CFG++ needs the unconditional pass
+        cfg = uses_cfg(scale) or ksampler.cfg_pp  # CFG++ steps along the unconditional pass at any scale
         texts = self._texts(max_sequence_length)
         if "_embeddings" in self.__dict__:  # the call's copies read its textual-inversion embeddings
             texts = self._embeddings.for_call(texts, prompts + negs)

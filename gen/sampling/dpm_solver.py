@@ -74,16 +74,16 @@ def _ends(model, sigmas, eta):
 FLOW_LAMBDA_START = -5.0  # a flow model's first log-SNR boundary: DPM-Solver's VP start (alpha_T 0.0064), sigma 0.9933
 
 
-def _times(model, t_start, t_end, m: int) -> torch.Tensor:
+def _times(model, t_start, t_end, m: int, device) -> torch.Tensor:
     """dpm-fast's m + 1 step boundaries in t = -log sigma: even in t (k-diffusion's, float32), or for a flow model
     even in its half log-SNR lambda = log((1 - sigma) / sigma), DPM-Solver's spacing (-log sigma is no log-SNR there:
     even in it, a flow model's high-noise range, where it places objects, gets two or three steps), from
     FLOW_LAMBDA_START, the first step from sigma_max itself."""
     if model.kind != "flow":
-        return torch.linspace(t_start, t_end, m + 1)
+        return torch.linspace(t_start, t_end, m + 1, device=device)  # float32 there, as k-diffusion's
     lam_end = math.log((1 - _sigma(t_end)) / _sigma(t_end))
     lam = torch.linspace(min(FLOW_LAMBDA_START, lam_end), lam_end, m + 1, dtype=torch.float64)
-    return torch.cat([t_start.reshape(1).double().cpu(), torch.nn.functional.softplus(lam[1:])]).float()
+    return torch.cat([t_start.reshape(1).double().cpu(), torch.nn.functional.softplus(lam[1:])]).float().to(device)
 
 
 def dpm_fast(model, x, sigmas, noise, callback=None, eta=0.0):
@@ -93,7 +93,7 @@ def dpm_fast(model, x, sigmas, noise, callback=None, eta=0.0):
     t_start, t_end, eta = _ends(model, sigmas, eta)
     solver = _Solver(model, callback)
     m = math.floor(n / 3) + 1
-    ts = _times(model, t_start, t_end, m).to(sigmas.device)
+    ts = _times(model, t_start, t_end, m, sigmas.device)
     orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
     for i, order in enumerate(orders):
         t, t_next = ts[i], ts[i + 1]

@@ -23,7 +23,7 @@ from train.data import exif
 from train.data.buckets import Buckets, BucketSampler
 from train.data.folder import ImageFolder
 from train.data.shapes import ShapesWorld
-from train.data import shards
+from train.data import controls, shards
 from train.data.shards import Shards, ShardStream
 from train.signals import ignore_stop_signals
 
@@ -51,7 +51,7 @@ def first_hints(cfg: DataConfig, n: int) -> list:
     source, out = Shards(cfg.path), []
     for j in range(len(source.urls)):
         for _, name, _, _, hint in source.read(j, hints=True):
-            out.append(shards.decode(hint, name + ".control"))
+            out.append(controls.read(hint, name=f"of the sample {name}"))
             if len(out) == n:
                 return out
     return out

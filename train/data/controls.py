@@ -42,16 +42,22 @@ def pair(root: Path, items: list[tuple[Path, str]], given: dict[Path, Path], rea
     return out
 
 
-def read(path: Path, size: tuple[int, int]):
-    """The control image as RGB at its training image's (width, height)."""
+def read(source: Path | bytes | None, size: tuple[int, int] | None = None, name: str | None = None):
+    """A control image (a file, or a shard member's bytes; None: a member that could not be read) as RGB at its
+    training image's (width, height) (None: as it is); one line naming it (`name`, e.g. "of the sample KEY",
+    else the path) if it does not decode."""
+    import io
+
     from PIL import Image
 
     from train.data import exif
 
+    name = name or source
     try:
-        with Image.open(path) as im:
+        if source is None:
+            raise OSError("unreadable member")
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             im = exif.upright(im).convert("RGB")
     except exif.IMAGE_ERRORS as e:
-        raise GenError(f"stage=controlnet: cannot decode the control image {path} ({e})") from None
-    return im if im.size == size else im.resize(size, Image.Resampling.BICUBIC)
-
+        raise GenError(f"stage=controlnet: the control image {name} is not a readable image ({e})") from None
+    return im if size is None or im.size == size else im.resize(size, Image.Resampling.BICUBIC)

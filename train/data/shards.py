@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from gen.errors import GenError
-from train.data import exif
+from train.data import controls, exif
 
 log = logging.getLogger("gen")
 
@@ -247,7 +247,7 @@ def decode(data: bytes | None, name: str) -> Image.Image | None:
             raise OSError("unreadable member")
         with Image.open(io.BytesIO(data)) as im:
             return exif.upright(im).convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except exif.IMAGE_ERRORS as e:
         if name not in _warned:  # once per sample and process, not every epoch
             _warned.add(name)
             log.warning("skipped a corrupt sample %s (%s)", name, e)
@@ -255,14 +255,6 @@ def decode(data: bytes | None, name: str) -> Image.Image | None:
 
 
 _warned: set[str] = set()
-
-
-def _hint(data: bytes | None, name: str, img: Image.Image) -> Image.Image:
-    """A sample's control image, RGB at its image's size (as a folder's control image is read)."""
-    hint = decode(data, name + ".control")
-    if hint is None:
-        raise GenError(f"stage=controlnet: the control image of the sample {name} is not a readable image")
-    return hint if hint.size == img.size else hint.resize(img.size, Image.Resampling.BICUBIC)
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -287,7 +279,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             k = (local - self.start) // self.bs
             if k % nw == wid:
                 img = decode(data, name)
-                hint = _hint(control[0], name, img) if control and img is not None else None
+                hint = controls.read(control[0], img.size, f"of the sample {name}") if control and img is not None else None
                 if img is not None:
                     rows.append(self.data.example(item, self.key(local), img, text or "", hint=hint))
                 if (local - self.start) % self.bs == self.bs - 1:
@@ -310,7 +302,6 @@ def pack(src: str | Path, out: str | Path, shard_size: int = 1000, progress: boo
     pixels."""
     from tqdm.auto import tqdm
 
-    from train.data import controls
     from train.data.folder import ImageFolder
 
     if shard_size < 1:
