@@ -11,6 +11,7 @@ fields hold what A1111 has no field for, so that `gen sample --from` makes the s
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -353,6 +354,8 @@ def sha256(path: str | Path, start: int = 0) -> str:
     with open(path, "rb") as f:
         f.seek(start)
         while chunk := f.read(1 << 20):
+            if _EXITING.is_set():
+                raise InterruptedError("the interpreter is exiting")
             h.update(chunk)
     with _CACHE_LOCK:  # re-read: another thread may have added its entry meanwhile
         try:
@@ -386,22 +389,42 @@ def model_hash(path: str | Path) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()[:10]
 
 
+_EXITING = threading.Event()  # set at exit: a hash in progress stops at its next 1 MiB
+_HASHING: set[threading.Thread] = set()
+
+
+@atexit.register
+def _stop_hashing() -> None:
+    """A hash thread still reading at exit stops and is joined before the interpreter finalizes: a daemon thread
+    killed there once aborted a `gen sample` that had already printed its error ("terminate called without an
+    active exception", exit -6 instead of 2)."""
+    _EXITING.set()
+    for thread in list(_HASHING):
+        thread.join(timeout=5)
+
+
 class HashInBackground:
     """The model's hash (gen.recipe.model_hash), computed in a daemon thread while the first images are sampled:
-    it never holds back an exit (SIGTERM, Ctrl-C, an error), and where it fails (an unreadable file) the images
-    are written all the same, without a `Model hash`, and a warning says why."""
+    it never holds back an exit (SIGTERM, Ctrl-C, an error: at exit it stops within one 1 MiB read), and where it
+    fails (an unreadable file) the images are written all the same, without a `Model hash`, and a warning says
+    why."""
 
     def __init__(self, path: str | Path):
         self.path, self.value, self.done = Path(path), None, threading.Event()
-        threading.Thread(target=self._run, name="gen-model-hash", daemon=True).start()
+        thread = threading.Thread(target=self._run, name="gen-model-hash", daemon=True)
+        _HASHING.add(thread)
+        thread.start()
 
     def _run(self) -> None:
         try:
             self.value = model_hash(self.path)
+        except InterruptedError:
+            pass  # exiting
         except Exception as e:  # noqa: BLE001 -- any failure only costs the recipe its hash
             log.warning("the model hash is unknown: could not hash %s (%s: %s); the images are written without "
                         "one", self.path, type(e).__name__, e)
         finally:
+            _HASHING.discard(threading.current_thread())
             self.done.set()
 
     def result(self) -> str | None:

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -363,3 +364,22 @@ def test_file_hashes_are_cached_by_size_and_mtime(tmp_path, monkeypatch):
     f.write_bytes(b"y" * 1001)  # another size (and mtime): hashed again
     assert recipe.sha256(f) == hashlib.sha256(b"y" * 1001).hexdigest()
     assert recipe.sha256(f, 8) == hashlib.sha256(b"y" * 993).hexdigest()  # each start offset is its own entry
+
+
+def test_a_hash_still_running_at_exit_stops_and_the_exit_stays_clean(tmp_path):
+    """A background hash still reading at exit stops within one 1 MiB read and is joined before the interpreter
+    finalizes (a daemon thread killed mid-read once turned a `gen sample` exit 2 into an abort, -6), promptly."""
+    big = tmp_path / "big.safetensors"
+    with open(big, "wb") as f:
+        f.truncate(6 << 30)  # 6 GiB of sparse zeros: a full hash takes seconds
+    # registered before gen's handler, so it runs after it (atexit runs last-registered first)
+    code = ("import atexit, threading, time\n"
+            "atexit.register(lambda: print('alive', [t.name for t in threading.enumerate() if 'hash' in t.name], "
+            "time.time() - t0))\n"
+            f"from gen import recipe\nh = recipe.HashInBackground({str(big)!r})\ntime.sleep(0.3)\nt0 = time.time()\n")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("alive [] "), out.stdout  # the hash thread had ended
+    assert float(out.stdout.split()[-1]) < 2.0, out.stdout  # at once, not after the whole file
+    assert not (tmp_path / "cache" / "gen" / "hashes.json").exists()  # the stopped hash cached nothing

@@ -261,6 +261,8 @@ def _train(cfg: Config, task_class, acc, dtype: torch.dtype, guard: Guard) -> Pa
     else:
         model, optimizer = acc.prepare(model, optimizer)
     fingerprint = json.loads(json.dumps({**task.fingerprint(), "data": data.fingerprint()}))
+    weights = acc.unwrap_model(model).parameters()
+    guard.expect_save(sum(p.numel() * (p.element_size() + 8 * p.requires_grad) for p in weights))  # + Adam's two
 
     if cfg.train.resume == "none":
         _set_aside(run_dir / "checkpoints", main, acc.wait_for_everyone)

@@ -44,7 +44,8 @@ class Action:
 class Guard:
     """The loop's view of signals and clocks. `checkpoint_minutes`: a save at least that often; `time_limit`
     (minutes from `start`) and $SLURM_JOB_END_TIME: a stop with a checkpoint while twice the slowest step plus
-    the slowest save so far still fit before the earlier of the two."""
+    the slowest save so far (before the first save, `expect_save`'s estimate) still fit before the earlier of the
+    two."""
 
     def __init__(self, checkpoint_minutes: float | None, time_limit: float | None, start: float, device,
                  world: int, main: bool):
@@ -59,6 +60,7 @@ class Guard:
         self.save_asks, self.asks_seen, self.old = 0, 0, {}  # SIGUSR1s received, and those a poll has answered
         self.last_save = self.last_poll = time.monotonic()
         self.slowest_step = self.slowest_save = 0.0
+        self.measured = False  # whether slowest_save is a measured save, not expect_save's guess
         self.polls = 0
 
     def __enter__(self) -> Guard:
@@ -87,8 +89,14 @@ class Guard:
         if self.main:
             os.write(2, f"\ngen: {what}\n".encode())  # os.write: safe inside a handler, unlike print
 
+    def expect_save(self, nbytes: int) -> None:
+        """The first save's time, before one is measured: `nbytes` at a slow disk's 100 MB/s plus half a second (a
+        CI run whose only save came at the deadline overran it by 0.7 s while the guess was 0)."""
+        self.slowest_save = max(self.slowest_save, 0.5 + nbytes / 100e6)
+
     def saved(self, seconds: float) -> None:
-        self.last_save, self.slowest_save = time.monotonic(), max(self.slowest_save, seconds)
+        self.last_save, self.slowest_save = time.monotonic(), max(self.slowest_save if self.measured else 0.0, seconds)
+        self.measured = True
 
     def poll(self) -> Action:
         """At a step boundary: what to do now, the same answer in every process."""

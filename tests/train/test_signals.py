@@ -259,7 +259,8 @@ def test_two_processes_stop_together_and_resume_bitwise(base_dit, tmp_path):
 def test_a_time_budget_stops_with_a_checkpoint_before_it_runs_out(budget, base_dit, tmp_path, monkeypatch, caplog):
     end = time.time() + 3
     if budget == "SLURM_JOB_END_TIME":
-        monkeypatch.setenv(budget, str(int(end)))
+        end = int(end) + 1  # whole seconds, as $SLURM_JOB_END_TIME holds them
+        monkeypatch.setenv(budget, str(end))
     extra = {"train__time_limit": 0.05} if budget == "train.time_limit" else {}  # 3 s
     run = tmp_path / "run"
     with caplog.at_level("INFO", logger="gen"):
