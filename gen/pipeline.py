@@ -41,7 +41,8 @@ class Pipeline:
         denoiser: diffusers UNet2DConditionModel or gen's DiT.
         scheduler_config: the folder's diffusers scheduler config (step spacing; the maths by default).
         formulation: the training objective; read off `scheduler_config` when None.
-        defaults: sampling defaults (steps, guidance, sampler, height, width, guidance_rescale).
+        defaults: sampling defaults (steps, guidance, sampler, height, width, guidance_rescale,
+            guidance_interval).
         recipe: the training recipe, recorded in saved folders.
         attention: attention backend, triton | xformers | sdpa | math | auto (None = auto); a UNet's
             attention layers are routed through it (gen.attention.install_processor).
@@ -440,7 +441,7 @@ class Pipeline:
                  height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
                  seed: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
                  sampler: str | None = None, output_type: str = "pil", guidance_rescale: float | None = None,
-                 guidance_interval: tuple[float, float] = (0.0, 1.0), cache_interval: int = 1,
+                 guidance_interval: tuple[float, float] | None = None, cache_interval: int = 1,
                  true_cfg_scale: float | None = None, image=None, strength: float | None = None, mask_image=None,
                  mask_blur: float = 0, padding_mask_crop: int | None = None, clip_skip: int = 1,
                  prompt_weighting: bool = True, hires_scale: float | None = None, hires_strength: float = 0.7,
@@ -459,7 +460,8 @@ class Pipeline:
             generator: a torch.Generator or one per image, as in diffusers; overrides `seed`.
             output_type: "pil" (list of PIL images), "np" (B, H, W, 3) in [0, 1], "pt" (B, 3, H, W)
                 in [0, 1], or "latent" (B, C, H/f, W/f) model-space latents.
-            guidance_interval: (start, end) fractions of the run where guidance applies.
+            guidance_interval: (start, end) fractions of the run where guidance applies (None: the model's
+                default, else the whole run).
             cache_interval: the approximate fast mode (gen.fastmode, after DeepCache) where > 1: the whole
                 denoiser runs every cache_interval-th step, the steps between reuse its deep features.
             true_cfg_scale: for families whose guidance_scale is an embedded input (Flux dev): classifier-free
@@ -504,6 +506,8 @@ class Pipeline:
         steps = d["steps"] if num_inference_steps is None else num_inference_steps
         scale = d["guidance"] if guidance_scale is None else guidance_scale
         rescale = d.get("guidance_rescale", 0.0) if guidance_rescale is None else guidance_rescale
+        if guidance_interval is None:
+            guidance_interval = tuple(d.get("guidance_interval", (0.0, 1.0)))
         height = d["height"] if height is None else height
         width = d["width"] if width is None else width
         by_diffusers, ksampler, schedule = ksampling.route(sampler or d["sampler"], schedule or own_schedule(d, sampler),
@@ -588,7 +592,9 @@ class Pipeline:
         predict = run.wrap(predict) if run.wrap else predict
         if control:
             predict = ctl.Controlled(self, predict, list(control), nets, hints)
-        with attn.use_backend(self.attention), self._on_device(self.denoiser):
+        # gen's DiT computes its text keys and values once per run (not when streamed: its blocks' weights move)
+        reuse = getattr(self.denoiser, "reusing_context", None) if self._streamed is None else None
+        with attn.use_backend(self.attention), self._on_device(self.denoiser), reuse() if reuse else contextlib.nullcontext():
             if by_diffusers is None:
                 latents = ksampling.run(ksampler, plan, predict, run.latents, cond, both, scale, rescale,
                                         guidance_interval, slg, generator, seeds, self._progress_bar_config)

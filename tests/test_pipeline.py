@@ -82,6 +82,31 @@ def test_guidance_at_most_one_skips_unconditional_pass(dit_folder):
     assert sizes == [1, 1, 2, 2]
 
 
+def test_a_models_default_guidance_interval_is_kept_and_used_by_the_api_and_the_cli(dit_folder, tmp_path):
+    """sampling.guidance_interval in a model folder's gen_config.json is its default: the API and `gen sample` use
+    it (only the conditional pass outside it), the PNG records it, and a given interval overrides it."""
+    from gen.recipe import read_png
+    from tests.test_cli import gen
+
+    pipe = Pipeline.from_pretrained(dit_folder)
+    pipe.defaults["guidance_interval"] = [0.5, 1.0]
+    pipe.save_pretrained(tmp_path / "m")
+    pipe = Pipeline.from_pretrained(tmp_path / "m")
+    pipe.progress = False
+    sizes = count_batches(pipe)
+    call(pipe, guidance_scale=4.0, num_inference_steps=4)
+    assert sizes == [1, 1, 2, 2]
+    sizes.clear()
+    call(pipe, guidance_scale=4.0, num_inference_steps=4, guidance_interval=(0.0, 1.0))
+    assert sizes == [2, 2, 2, 2]
+    r = gen("sample", "a red circle", "--model", tmp_path / "m", "--steps", 4, "--seed", 3, "--out",
+            tmp_path / "a.png", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert read_png(tmp_path / "a.png").guidance_interval == (0.5, 1.0)
+    shown = np.asarray(Image.open(tmp_path / "a.png")) / 255.0
+    assert np.abs(shown - call(pipe, guidance_scale=pipe.defaults["guidance"], num_inference_steps=4)[0]).max() <= 1 / 255
+
+
 def test_negative_prompt_and_rescale_change_the_result(sd_folder):
     pipe = Pipeline.from_pretrained(sd_folder)
     pipe.progress = False
@@ -164,3 +189,24 @@ def test_save_pretrained_round_trip_keeps_defaults_and_recipe(dit_pipe, tmp_path
     a = call(dit_pipe)
     again.progress = False
     assert np.abs(a - call(again)).max() == 0
+
+
+def test_a_dit_run_computes_its_text_keys_once_and_draws_the_same_image(dit_pipe):
+    """gen's DiT reuses a run's cross-attention keys and values (DiT.reusing_context): bitwise the image of computing
+    them at every step, the key projections run once per text tensor (CFG's batch, then the conditional one outside
+    the guidance interval), not once per step; nothing is kept after the run."""
+    dit = dit_pipe.denoiser
+    kw = dict(guidance_scale=4.0, num_inference_steps=4, guidance_interval=(0.0, 0.5))
+    calls = []
+    hook = dit.blocks[0].cross_attn.to_k.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    reused = call(dit_pipe, **kw)
+    assert calls == [2, 1] and dit._context_kv is None
+    calls.clear()
+    dit.reusing_context = None  # the pipeline then computes them at every step
+    try:
+        every_step = call(dit_pipe, **kw)
+    finally:
+        del dit.reusing_context
+    hook.remove()
+    assert calls == [2, 2, 1, 1]
+    assert np.array_equal(reused, every_step)

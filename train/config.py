@@ -141,7 +141,8 @@ class SamplingConfig:
     steps: int | None = None
     guidance: float | None = None
     sampler: str | None = None
-
+    guidance_interval: list[float] | None = None  # [start, end] fractions of the run where guidance applies
+    #                                               (Kynkaanniemi et al. 2024): outside it only the conditional pass runs
 
 @dataclass
 class VAEStage:
@@ -468,7 +469,10 @@ def validate(cfg: Config) -> Config:
               ("clip.vocab_size", cfg.clip.vocab_size >= 1, ">= 1"),
               ("validation.every", cfg.validation.every >= 0, ">= 0 (0: only at the end)"),
               ("sampling.steps", sa.steps is None or sa.steps >= 1, ">= 1 (or null)"),
-              ("sampling.guidance", sa.guidance is None or sa.guidance >= 0, ">= 0 (or null)")]
+              ("sampling.guidance", sa.guidance is None or sa.guidance >= 0, ">= 0 (or null)"),
+              ("sampling.guidance_interval", sa.guidance_interval is None or (
+                  isinstance(sa.guidance_interval, list) and len(sa.guidance_interval) == 2
+                  and 0 <= sa.guidance_interval[0] <= sa.guidance_interval[1] <= 1), "[start, end], 0 <= start <= end <= 1")]
     for key, ok, *rule in checks + ranged:
         if not ok:
             value = cfg

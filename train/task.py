@@ -362,7 +362,8 @@ class DenoiserTask:
     def pipeline(self, model: nn.Module, recipe: dict | None = None) -> Pipeline:
         """A sampling Pipeline around the live text encoder, VAE and `model` (Pipeline freezes `model`)."""
         s = self.cfg.sampling
-        defaults = {k: v for k, v in dict(steps=s.steps, guidance=s.guidance, sampler=s.sampler).items()
+        defaults = {k: v for k, v in dict(steps=s.steps, guidance=s.guidance, sampler=s.sampler,
+                                          guidance_interval=s.guidance_interval).items()
                     if v is not None}
         denoiser, trained = parts(model)
         texts = {enc: t.model for enc, t in self.text_parts.items()} | trained

@@ -287,7 +287,7 @@ class Engine:
         sized = job.image is None or job.padding is not None  # else img2img keeps its source's size
         run = dict(prompt=prompt, negative_prompt=job.negative_prompt or None,
                    num_inference_steps=_first(job.steps, d["steps"]), guidance_scale=_first(job.guidance, d["guidance"]),
-                   height=_first(job.height, d["height"] if sized else None), guidance_interval=(0.0, 1.0),
+                   height=_first(job.height, d["height"] if sized else None), guidance_interval=tuple(d.get("guidance_interval", (0.0, 1.0))),
                    width=_first(job.width, d["width"] if sized else None), cache_interval=1,
                    sampler=_first(job.sampler, d["sampler"]), schedule=_first(job.schedule, own_schedule(d, job.sampler)),
                    guidance_rescale=d.get("guidance_rescale", 0.0), num_images_per_prompt=job.batch_size,
