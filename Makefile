@@ -65,16 +65,18 @@ browser:
 	  >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; }; } || echo "no chromium: the page's browser test skips (apt-get install chromium chromium-driver)"
 
 # Trains the bundled default model from scratch (CLIP, VAE, DiT-flow on the shapes world; see
-# configs/default-model.yaml) and installs it into gen/assets/default/ with its training log.
+# configs/default-model.yaml), then trains its DiT on (configs/default/dit-polish.yaml), and installs it into
+# gen/assets/default/ with its training log.
 default-model: setup
 	mkdir -p runs
-	@echo "training (1-2 h on a 2-core CPU); progress in runs/default-model.log"
+	@echo "training (about 2 h on a 2-core CPU); progress in runs/default-model.log"
 	$(VENV)/bin/gen train configs/default-model.yaml $(ARGS) > runs/default-model.log 2>&1 \
+	  && $(VENV)/bin/gen train configs/default/dit-polish.yaml >> runs/default-model.log 2>&1 \
 	  || (tail -5 runs/default-model.log; exit 1)
 	rm -rf gen/assets/default && mkdir -p gen/assets
-	cp -r runs/default/denoiser/model gen/assets/default
+	cp -r runs/default/polish/model gen/assets/default
 	tr '\r' '\n' < runs/default-model.log | grep -v '^train: ' > gen/assets/default/train.log
-	$(VENV)/bin/gen eval adherence --n 4 --json gen/assets/default/adherence.json
+	$(VENV)/bin/gen eval adherence --n 16 --diversity --json gen/assets/default/adherence.json
 	$(PY) -c "from gen import Pipeline; from train.loop import grid; from train.evaluate import SHOWCASE; \
 	  p = Pipeline.from_pretrained(); grid([p(t, seed=0).images[0] for t in SHOWCASE], 6).save('gen/assets/samples.png')"
 

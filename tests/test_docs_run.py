@@ -31,8 +31,8 @@ EXCUSED = {
     "make lock": "make lock: fresh venv from the network, then the whole suite",
     "make setup LOCK=": "network: installs the newest releases",
     "make demo": "network: sets up .venv first (its `gen sample` is the README's next command, run here)",
-    "make default-model": "network (make setup), then ~75 min of training; its config runs here as "
-                          "`gen train configs/default-model.yaml`",
+    "make default-model": "network (make setup), then ~105 min of training; its configs run here as "
+                          "`gen train configs/default-model.yaml` and in tests/train/test_configs.py",
     "make setup && bench/gpu.sh": "GPU-only (bench/gpu.sh; its CPU dry run is tests/test_bench_gpu.py)",
     ".venv/bin/python bench/sample_vs_diffusers.py --device cuda*": "GPU-only (--device cuda)",
     ".venv/bin/python bench/attention_kernels.py*": "GPU-only (CUDA kernels; dry run in tests/test_bench_gpu.py)",
