@@ -306,7 +306,7 @@ def _runs(args, jobs, pipe) -> list[tuple[int, dict]]:
     d = pipe.defaults
     shared = dict(sampler=_first(args.sampler, d["sampler"]), schedule=_first(args.schedule, own_schedule(d, args.sampler)),
                   guidance_rescale=_first(args.guidance_rescale, d.get("guidance_rescale", 0.0)),
-                  guidance_interval=tuple(_first(args.guidance_interval, d.get("guidance_interval"), (0.0, 1.0))),
+                  guidance_interval=tuple(_first(args.guidance_interval, pipe.guidance_interval)),
                   cache_interval=_first(args.cache_interval, 1), num_images_per_prompt=_first(args.num_images, 1),
                   max_sequence_length=args.max_sequence_length)
     if args.slg_layers is not None:

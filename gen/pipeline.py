@@ -137,6 +137,12 @@ class Pipeline:
         return self.family.default_settings(self.denoiser, self.vae_scale_factor, flow) | dict(
             sampler=default_sampler(self.formulation), guidance_rescale=0.0) | folder
 
+    @property
+    def guidance_interval(self) -> tuple[float, float]:
+        """The default guidance interval: the model folder's (gen_config.json sampling.guidance_interval), else the
+        whole run."""
+        return tuple(self.defaults.get("guidance_interval", (0.0, 1.0)))
+
     def _warn_unknown_scheduler(self, given: dict) -> None:
         """A folder whose scheduler gen has no sampler for (an EDMEulerScheduler) is sampled with gen's
         default sampler and steps unless told otherwise: said in one warning at load."""
@@ -506,8 +512,7 @@ class Pipeline:
         steps = d["steps"] if num_inference_steps is None else num_inference_steps
         scale = d["guidance"] if guidance_scale is None else guidance_scale
         rescale = d.get("guidance_rescale", 0.0) if guidance_rescale is None else guidance_rescale
-        if guidance_interval is None:
-            guidance_interval = tuple(d.get("guidance_interval", (0.0, 1.0)))
+        guidance_interval = self.guidance_interval if guidance_interval is None else tuple(guidance_interval)
         height = d["height"] if height is None else height
         width = d["width"] if width is None else width
         by_diffusers, ksampler, schedule = ksampling.route(sampler or d["sampler"], schedule or own_schedule(d, sampler),
@@ -594,7 +599,8 @@ class Pipeline:
             predict = ctl.Controlled(self, predict, list(control), nets, hints)
         # gen's DiT computes its text keys and values once per run (not when streamed: its blocks' weights move)
         reuse = getattr(self.denoiser, "reusing_context", None) if self._streamed is None else None
-        with attn.use_backend(self.attention), self._on_device(self.denoiser), reuse() if reuse else contextlib.nullcontext():
+        reusing = reuse() if reuse else contextlib.nullcontext()
+        with attn.use_backend(self.attention), self._on_device(self.denoiser), reusing:
             if by_diffusers is None:
                 latents = ksampling.run(ksampler, plan, predict, run.latents, cond, both, scale, rescale,
                                         guidance_interval, slg, generator, seeds, self._progress_bar_config)

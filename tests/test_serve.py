@@ -18,6 +18,8 @@ import pytest
 import requests
 from PIL import Image
 
+from gen import recipe
+
 openai = pytest.importorskip("openai")
 webuiapi = pytest.importorskip("webuiapi")
 
@@ -119,7 +121,7 @@ def _png(image) -> bytes:
     return out.getvalue()
 
 
-def test_txt2img_with_a_lora_in_the_prompt_is_gen_samples_image(a1111, folders, tmp_path):
+def test_txt2img_with_a_lora_in_the_prompt_is_gen_samples_image(a1111, folders, pipe, tmp_path):
     r = a1111.txt2img(prompt="a red circle <lora:style:0.5>", batch_size=2, **RUN)
     done = subprocess.run([sys.executable, "-m", "gen", "sample", "a red circle", "--sampler", "Euler", "--steps", "2",
                            "--seed", "7", "--width", "32", "--height", "32", "--num-images", "2", "--lora",
@@ -132,6 +134,8 @@ def test_txt2img_with_a_lora_in_the_prompt_is_gen_samples_image(a1111, folders, 
         assert np.array_equal(pixels(image), pixels(ours))
         assert image.text["parameters"].splitlines()[0] == "a red circle <lora:style:0.5>"  # gen's recipe
         assert "Lora hashes: \"style: " in image.text["parameters"]
+        # the model's default guidance interval, as `gen sample --from` needs it to remake the image
+        assert recipe.from_text(image.text["parameters"]).guidance_interval == pipe.guidance_interval
     assert r.info["all_seeds"] == [7, 8] and r.info["infotexts"][1] == r.images[1].text["parameters"]
 
 

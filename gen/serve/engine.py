@@ -287,7 +287,8 @@ class Engine:
         sized = job.image is None or job.padding is not None  # else img2img keeps its source's size
         run = dict(prompt=prompt, negative_prompt=job.negative_prompt or None,
                    num_inference_steps=_first(job.steps, d["steps"]), guidance_scale=_first(job.guidance, d["guidance"]),
-                   height=_first(job.height, d["height"] if sized else None), guidance_interval=tuple(d.get("guidance_interval", (0.0, 1.0))),
+                   height=_first(job.height, d["height"] if sized else None),
+                   guidance_interval=pipe.guidance_interval,
                    width=_first(job.width, d["width"] if sized else None), cache_interval=1,
                    sampler=_first(job.sampler, d["sampler"]), schedule=_first(job.schedule, own_schedule(d, job.sampler)),
                    guidance_rescale=d.get("guidance_rescale", 0.0), num_images_per_prompt=job.batch_size,
@@ -302,7 +303,8 @@ class Engine:
                       inpaint_padding=job.padding) if job.image is not None else {}
         base = recipe.Recipe(prompt=prompt, negative_prompt=job.negative_prompt or "", steps=run["num_inference_steps"],
                              guidance=run["guidance_scale"], sampler=sampler, schedule=schedule,
-                             guidance_rescale=run["guidance_rescale"], model=str(path) if path else None,
+                             guidance_rescale=run["guidance_rescale"], guidance_interval=run["guidance_interval"],
+                             model=str(path) if path else None,
                              model_name=path.name if path else DEFAULT_NAME, loras=loras,
                              lora_hashes={recipe.lora_alias(p): recipe.lora_hash(p) for p, _ in loras},
                              weights=pipe.weights, vae_tile=pipe.vae_tiling, **source)
