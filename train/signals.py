@@ -60,7 +60,7 @@ class Guard:
         self.save_asks, self.asks_seen, self.old = 0, 0, {}  # SIGUSR1s received, and those a poll has answered
         self.last_save = self.last_poll = time.monotonic()
         self.slowest_step = self.slowest_save = 0.0
-        self.measured = False  # whether slowest_save is a measured save, not expect_save's guess
+        self.save_guess = 0.0  # expect_save's, until a save is measured
         self.polls = 0
 
     def __enter__(self) -> Guard:
@@ -92,11 +92,10 @@ class Guard:
     def expect_save(self, nbytes: int) -> None:
         """The first save's time, before one is measured: `nbytes` at a slow disk's 100 MB/s plus half a second (a
         CI run whose only save came at the deadline overran it by 0.7 s while the guess was 0)."""
-        self.slowest_save = max(self.slowest_save, 0.5 + nbytes / 100e6)
+        self.save_guess = 0.5 + nbytes / 100e6
 
     def saved(self, seconds: float) -> None:
-        self.last_save, self.slowest_save = time.monotonic(), max(self.slowest_save if self.measured else 0.0, seconds)
-        self.measured = True
+        self.last_save, self.slowest_save = time.monotonic(), max(self.slowest_save, seconds)
 
     def poll(self) -> Action:
         """At a step boundary: what to do now, the same answer in every process."""
@@ -108,7 +107,7 @@ class Guard:
         self.last_poll, self.polls = now, self.polls + 1
         due = self.every is not None and now - self.last_save >= self.every
         late = (self.deadline is not None
-                and time.time() + 2 * (self.slowest_step + self.slowest_save) >= self.deadline)
+                and time.time() + 2 * (self.slowest_step + (self.slowest_save or self.save_guess)) >= self.deadline)
         # a count, not a flag cleared after the all-reduce: a SIGUSR1 whose handler runs while the all-reduce waits
         # (Python runs it when the call returns) is answered at the next poll instead of lost (a CI run lost one)
         asks = self.save_asks

@@ -271,6 +271,21 @@ def test_a_time_budget_stops_with_a_checkpoint_before_it_runs_out(budget, base_d
     assert f"stopped at step {k} of 100000 (" in caplog.text and budget in caplog.text and " is near)" in caplog.text
 
 
+def test_before_a_save_is_measured_the_guard_counts_the_expected_one():
+    """A run whose first save would come at the deadline stops while the save's estimate (weights and Adam state at
+    100 MB/s, plus 0.5 s) still fits; once a save is measured, that time counts instead."""
+    from train.signals import Guard
+
+    guard = Guard(None, 1.0, time.time() - 60 + 3, torch.device("cpu"), 1, True)  # 3 s left
+    assert not guard.poll().stop  # a save guessed at 0 s fits
+    guard.expect_save(100_000_000)  # 1.5 s, twice: 3 s
+    assert guard.poll().stop and "train.time_limit is near" in guard.reason
+    guard = Guard(None, 1.0, time.time() - 60 + 3, torch.device("cpu"), 1, True)
+    guard.expect_save(100_000_000)
+    guard.saved(0.1)  # measured: 0.2 s of the 3 fit
+    assert not guard.poll().stop
+
+
 def test_checkpoint_minutes_saves_by_the_clock(base_dit, tmp_path):
     run = tmp_path / "run"
     train(fast_config(base_dit, run, train__max_steps=3, train__checkpoint_every=0, train__keep_checkpoints=10,
