@@ -70,8 +70,8 @@ def main(argv=None) -> None:
     ap.add_argument("--cold", type=int, default=3)
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
     a = ap.parse_args(argv)
-    (default, whole), measured = in_process(a.images), {"cold": cold(a.cold)}
-    measured["in-process"] = default
+    default, whole = in_process(a.images)
+    measured = {"in-process": default, "cold": cold(a.cold)}
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [f"# bundled default model, {cpu_name()}, {os.cpu_count()} cores, {when}",
              f"# python bench/default_model_speed.py --images {a.images} --cold {a.cold}; load average at end "

@@ -178,8 +178,8 @@ class DiT(ModelMixin, ConfigMixin):
     @contextmanager
     def reusing_context(self):
         """Within it, outside autograd: the cross-attention keys and values of a text-states tensor already seen are
-        reused (a sampling run passes the same tensors at every step; the same numbers, 8% less time per image for
-        the bundled model on CPU). Scoped, so weights changed between runs (a LoRA) never meet stale keys."""
+        reused (a sampling run passes the same tensors at every step; the same numbers, 0.955x the time per image
+        of the bundled model on CPU, median of 30 interleaved). Scoped, so weights changed between runs (a LoRA) never meet stale keys."""
         self._context_kv = {}
         try:
             yield
@@ -191,7 +191,7 @@ class DiT(ModelMixin, ConfigMixin):
         if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return [None] * len(self.blocks)
         seen = cache.get(id(context))
-        if seen is None or seen[0] is not context:  # the tensor itself is held: its id cannot be reused meanwhile
+        if seen is None:  # the tensor is held beside its keys: its id cannot pass to another tensor meanwhile
             seen = cache[id(context)] = (context, [block.cross_attn.kv(context) for block in self.blocks])
         return seen[1]
 
