@@ -7,7 +7,7 @@ from diffusers import (StableDiffusion3Img2ImgPipeline, StableDiffusionImg2ImgPi
                        UNet2DConditionModel)
 from PIL import Image
 
-from conftest import diffusers_pipeline, quiet_pipeline, tiny_sd_components
+from tests.conftest import diffusers_pipeline, quiet_pipeline, tiny_sd_components
 from gen.errors import GenError
 from gen.samplers import SAMPLERS
 

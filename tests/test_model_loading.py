@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from conftest import quiet_pipeline, tiny_sd_components
+from tests.conftest import quiet_pipeline, tiny_sd_components
 from gen import recipe
 
 

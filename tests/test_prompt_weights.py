@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import quiet_pipeline, tiny_t5_tokenizer
+from tests.conftest import quiet_pipeline, tiny_t5_tokenizer
 from gen import prompt_weights as pw
 from gen.errors import GenError
 from gen.models.text import TextEncoder, build_text_encoder, byte_level_tokenizer

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import quiet_pipeline
+from tests.conftest import quiet_pipeline
 from gen.errors import GenError
 
 KW = dict(num_inference_steps=2, output_type="np", seed=0)
