@@ -79,6 +79,7 @@ class Pipeline:
         self.vae_tiling: int | None = None  # the VAE's tile size in pixels under enable_vae_tiling
         self._progress_bar_config: dict = {}
         self.defaults = self._default_settings() | dict(defaults or {})
+        self.family.use_defaults(self.defaults)
         self._warn_unknown_scheduler(defaults or {})
         attn.set_backend(attention)  # checked here, so an unavailable backend fails at load
         self.attention = attention  # and used for this pipeline's sampling (gen.attention.use_backend)

@@ -168,6 +168,10 @@ class Family:
                            "guidance-distilled models, Flux dev); remove the key")
         return {}
 
+    def use_defaults(self, defaults: dict) -> None:
+        """Takes the model's own settings that change how its prompts are encoded (gen_config.json's defaults, read
+        by Pipeline); here none."""
+
     def denoiser_options(self, encoders: list) -> dict:
         """Architecture keys of a denoiser built from scratch for these text encoders."""
         return {"cross_attention_dim": encoders[0].model.config.hidden_size}

@@ -229,9 +229,22 @@ class SD3(OriginalLayout, Family):
 
     def stage_texts(self, text, folder) -> list:
         """Both CLIP slots from one clip stage (two copies that train apart), no T5: the joint attention then takes
-        the CLIPs' concatenated width, with nothing padded."""
+        the CLIPs' concatenated width, with nothing padded, and the CLIPs' tokens alone: no zero tokens stand in
+        for a T5 the model never had (max_sequence_length 0 in its defaults, as StableDiffusion3Pipeline takes it;
+        the 256 zeros of a released model's would be nine tenths of a tiny model's work)."""
         self.joint_dim = 2 * text.model.config.hidden_size
+        self.t5_length = 0
         return [projected_text(text, folder) for _ in CLIPS]
+
+    def use_defaults(self, defaults: dict) -> None:
+        """Without T5: a model's max_sequence_length default is the count of zero tokens in its place."""
+        n = defaults.get("max_sequence_length")
+        if self.has_t5 or n is None:
+            return
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 512:
+            raise GenError(f"the model's default max_sequence_length (gen_config.json) must be an integer in [0, 512], "
+                           f"not {n!r}")
+        self.t5_length = n
 
     def new_denoiser(self, encoders: list, preset: str, options: dict, latent_channels: int, sample_size: int):
         """An SD3Transformer2DModel of a named size, its text widths from the encoders: T5's (or, without one,
@@ -244,7 +257,8 @@ class SD3(OriginalLayout, Family):
 
     def default_settings(self, denoiser, vae_factor: int, flow: bool) -> dict:
         # StableDiffusion3Pipeline's defaults: 28 steps, guidance 7.0, sample_size x the VAE factor
-        return super().default_settings(denoiser, vae_factor, flow) | {"guidance": 7.0}
+        own = {} if self.has_t5 or self.t5_length == SD3.t5_length else {"max_sequence_length": self.t5_length}
+        return super().default_settings(denoiser, vae_factor, flow) | {"guidance": 7.0} | own
 
 
 def _hint_latents(vae, net, z: torch.Tensor) -> torch.Tensor:
