@@ -492,6 +492,8 @@ class Pipeline:
                 skip_layer_guidance_scale on the steps between the start and stop fractions; as diffusers'
                 StableDiffusion3Pipeline (7, 8, 9 with scale 2.8 for SD3.5-medium), and only with guidance > 1.
             max_sequence_length: the T5 encoder's token length (SD3: 256 by default, Flux: 512), as diffusers'.
+                An SD3 model without T5 takes zeros in its place, as many as the model sets (256; a
+                model gen trained from scratch, model.family=sd3: 0).
             sampler, schedule: gen's, A1111's or ComfyUI's names (gen.sampling.names); schedule None: the model's own.
             ip_adapter_image: the image prompt of the loaded IP-Adapter (load_ip_adapter; a path or PIL image), its
                 tokens weighted by ip_adapter_scale (0: as without the adapter).
