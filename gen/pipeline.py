@@ -429,9 +429,7 @@ class Pipeline:
             raise GenError(f"max_sequence_length (--max-sequence-length) sets the T5 encoder's token length, but this "
                            f"{self.family.title} model has no T5 encoder ({part or 'none'}); leave it out"
                            + (f" or use a folder with {part}/" if part else ""))
-        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) \
-                or not 1 <= max_sequence_length <= 512:
-            raise GenError(f"max_sequence_length must be an integer in [1, 512], not {max_sequence_length!r}")
+        families.sequence_length(max_sequence_length, 1, "max_sequence_length")
         i = names.index(part)
         texts = list(self.texts)
         texts[i] = TextEncoder(texts[i].model, texts[i].tokenizer, max_length=max_sequence_length)

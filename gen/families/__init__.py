@@ -336,6 +336,13 @@ def get(name: str) -> Family:
     return REGISTRY[name]()
 
 
+def sequence_length(n, low: int, what: str) -> int:
+    """`n` as a T5 token length (or an absent T5's zero count, from `low` 0), else a GenError naming `what`."""
+    if isinstance(n, bool) or not isinstance(n, int) or not low <= n <= 512:
+        raise GenError(f"{what} must be an integer in [{low}, 512], not {n!r}")
+    return n
+
+
 def folder_configs(path: Path, index: dict) -> dict[str, dict]:
     """Each part's config.json (or scheduler_config.json) in a diffusers folder, {} where absent."""
     from gen.io import read_json

@@ -14,7 +14,7 @@ import logging
 import torch
 
 from gen.errors import GenError
-from gen.families import Family, new_model, projected_text, register
+from gen.families import Family, new_model, projected_text, register, sequence_length
 from gen.families.dit import GenDiT
 from gen.families.mmdit_keys import OriginalLayout, sd3_links
 from gen.formulations.flow import scheduler_mu
@@ -239,12 +239,8 @@ class SD3(OriginalLayout, Family):
     def use_defaults(self, defaults: dict) -> None:
         """Without T5: a model's max_sequence_length default is the count of zero tokens in its place."""
         n = defaults.get("max_sequence_length")
-        if self.has_t5 or n is None:
-            return
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 512:
-            raise GenError(f"the model's default max_sequence_length (gen_config.json) must be an integer in [0, 512], "
-                           f"not {n!r}")
-        self.t5_length = n
+        if not self.has_t5 and n is not None:
+            self.t5_length = sequence_length(n, 0, "the model's default max_sequence_length (gen_config.json)")
 
     def new_denoiser(self, encoders: list, preset: str, options: dict, latent_channels: int, sample_size: int):
         """An SD3Transformer2DModel of a named size, its text widths from the encoders: T5's (or, without one,

@@ -77,8 +77,13 @@ def test_a_family_trains_on_gens_stages_samples_and_converts(stages, tmp_path, f
     _gen(capsys, *sample, file, "--out", tmp_path / "b.png")
     a, b = (np.asarray(Image.open(tmp_path / n), np.int16) for n in ("a.png", "b.png"))
     assert a.shape == (RES, RES, 3) and np.abs(a - b).max() <= 1
-    if family == "sd3":  # the file keeps the setting
+    if family == "sd3":  # the file keeps the setting; a bad one in gen_config.json is a one-line error
         assert Pipeline.from_pretrained(file).family.t5_length == 0
+        config = json.loads((folder / "gen_config.json").read_text())
+        config["sampling"]["max_sequence_length"] = "none"
+        (folder / "gen_config.json").write_text(json.dumps(config))
+        with pytest.raises(GenError, match=r"default max_sequence_length \(gen_config.json\) must be an integer"):
+            Pipeline.from_pretrained(folder)
 
 
 def test_family_refusals(stages, tmp_path):

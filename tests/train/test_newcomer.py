@@ -83,6 +83,13 @@ def test_gen_info_without_a_model_describes_the_bundled_one(tmp_path):
     assert str(ROOT / "gen" / "assets" / "default") in r.stdout and "family: gen DiT" in r.stdout
 
 
+def test_the_bundled_model_stays_within_its_budget_and_the_readme_says_its_size():
+    """Issue 30: a better bundled model in the same repository budget (25.2 MB before it) or smaller."""
+    size = sum(p.stat().st_size for p in (ROOT / "gen" / "assets" / "default").rglob("*") if p.is_file())
+    assert size <= 26e6, f"gen/assets/default is {size / 1e6:.1f} MB"
+    assert f"gen/assets/default/ ({round(size / 1e6)} MB)" in (ROOT / "README.md").read_text()
+
+
 @pytest.mark.parametrize("device, bf16, amx, expected", [
     ("cuda", True, False, "bf16"),   # Ampere and later
     ("cuda", False, False, "fp16"),  # older GPUs: fp16 with loss scaling
