@@ -1,6 +1,7 @@
 """Prompt adherence on the shapes world, scored by pixel statistics (no downloaded evaluator).
 
-A fixed, seeded prompt set: every color x shape alone, and pairs of objects with each relation.
+A fixed, seeded prompt set: every color x shape alone, and pairs of objects with each relation, drawn
+from the pairs the shapes world never puts in one scene (HELDOUT_PAIRS), so they are held-out prompts.
 Each image is scored by finding, for every object the prompt names, the connected region of pixels
 close to its color; its shape is read off the region's fill ratio and how its width grows from top to
 bottom; the relation off the regions' centroids.
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.data.shapes import COLORS, RELATIONS, SHAPES, phrase, place_scene, render
+from train.data.shapes import COLORS, HELDOUT_PAIRS, KINDS, RELATIONS, phrase, place_scene, render
 
 COLOR_TOLERANCE = 70.0  # max RGB distance from a palette color, at 64 px
 MIN_AREA = 40  # pixels (at 64 px) for an object to count as present; the smallest circle has ~200
@@ -35,15 +36,16 @@ class PromptSpec:
 
 
 def prompt_set(pairs_per_relation: int = 6, seed: int = 0) -> list[PromptSpec]:
-    """Every color x shape alone, then `pairs_per_relation` seeded pairs for each relation."""
-    singles = [PromptSpec(((c, s),), None) for c in COLORS for s in SHAPES]
+    """Every color x shape alone, then for each relation `pairs_per_relation` seeded held-out pairs, each in a
+    seeded order."""
+    singles = [PromptSpec((kind,), None) for kind in KINDS]
     rng = np.random.default_rng(seed)
-    kinds = [(c, s) for c in COLORS for s in SHAPES]
+    heldout = sorted(tuple(sorted(p)) for p in HELDOUT_PAIRS)
     pairs = []
     for rel in RELATIONS:
-        for _ in range(pairs_per_relation):
-            i, j = rng.choice(len(kinds), size=2, replace=False)
-            pairs.append(PromptSpec((kinds[i], kinds[j]), rel))
+        for i in rng.choice(len(heldout), size=pairs_per_relation, replace=False):
+            a, b = heldout[i]
+            pairs.append(PromptSpec((a, b) if rng.integers(2) else (b, a), rel))
     return singles + pairs
 
 

@@ -11,7 +11,8 @@ from gen.errors import GenError
 from train.config import load_config
 from train.data import OrderSampler, TrainData, transform
 from train.data.folder import ImageFolder
-from train.data.shapes import COLORS, RELATIONS, SHAPES, ShapesWorld, relation_of, render, write_folder
+from train.data.shapes import (COLORS, HELDOUT_PAIRS, KINDS, RELATIONS, SHAPES, ShapesWorld, relation_of, render,
+                               write_folder)
 
 
 def test_shapes_world_follows_the_spec():
@@ -40,6 +41,20 @@ def test_shapes_world_follows_the_spec():
     assert len(kinds) == len(COLORS) * len(SHAPES) and relations == set(RELATIONS)
     assert [world.scene(i) for i in range(5)] == [ShapesWorld(300, seed=3).scene(i) for i in range(5)]
     assert world.scene(0) != ShapesWorld(300, seed=4).scene(0)
+
+
+def test_a_fifth_of_the_pairs_never_share_a_scene_and_every_object_still_pairs_with_others():
+    assert len(HELDOUT_PAIRS) == 30 and all(len(p) == 2 and p <= set(KINDS) for p in HELDOUT_PAIRS)
+    seen = set()
+    for seed in (0, 1):
+        world = ShapesWorld(3000, seed=seed)
+        for i in range(len(world)):
+            objs = world.scene(i).objects
+            if len(objs) == 2:
+                seen.add(frozenset((o.color, o.shape) for o in objs))
+    assert not seen & HELDOUT_PAIRS
+    assert len(seen) == 153 - 30  # every other pair is drawn
+    assert {k for p in seen for k in p} == set(KINDS)
 
 
 def test_written_folder_reads_back(tmp_path):

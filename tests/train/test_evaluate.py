@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from train.data.shapes import render
+from train.data.shapes import HELDOUT_PAIRS, ShapesWorld, render
 from train.evaluate import PromptSpec, evaluate_adherence, place_scene, prompt_set, score_image
 
 
@@ -19,6 +19,12 @@ def test_prompt_set_covers_every_color_shape_and_relation():
     assert len(singles) == 18  # 6 colors x 3 shapes
     assert {s.relation for s in specs if len(s.kinds) == 2} == {"left of", "right of", "above", "below"}
     assert specs == prompt_set()  # fixed and seeded
+    pairs = [s for s in specs if len(s.kinds) == 2]
+    assert len(pairs) == 24 and all(frozenset(s.kinds) in HELDOUT_PAIRS for s in pairs)
+    world = ShapesWorld(5000, seed=0)
+    captions = {world.scene(i).caption for i in range(len(world))}
+    assert not captions & {s.prompt for s in pairs}  # held-out prompts: no training caption
+    assert {s.prompt for s in specs if len(s.kinds) == 1} <= captions
     assert "an orange" in " ".join(s.prompt for s in specs)
 
 

@@ -4,6 +4,8 @@
 "a red circle", "a red circle and a blue square", "an orange triangle above a green circle".
 Everything is a pure function of (seed, index), so the world is the same on every machine.
 The color table, drawing and caption grammar are importable for prompt-adherence scoring.
+A seeded fifth of the (object, object) pairs never share a scene (HELDOUT_PAIRS): `gen eval adherence`
+asks for those pairs, so a model trained on the world is scored on pair prompts it never saw.
 
     python -m train.data.shapes OUT --num-images 1000 --seed 0   # writes an image folder
     python -m train.data.shapes OUT --control                     # + each scene's mask, a ControlNet's hint
@@ -28,6 +30,17 @@ SHAPES = ("circle", "square", "triangle")
 RELATIONS = ("left of", "right of", "above", "below")
 MIN_SIDE, MAX_SIDE = 16, 32  # object size at 64 px
 BACKGROUND = (255, 255, 255)
+KINDS = tuple((c, s) for c in COLORS for s in SHAPES)  # the 18 objects
+
+
+def _heldout_pairs(seed: int = 30) -> frozenset[frozenset]:
+    """A seeded fifth (30 of 153) of the unordered pairs of distinct objects."""
+    pairs = [frozenset((a, b)) for i, a in enumerate(KINDS) for b in KINDS[i + 1:]]
+    pick = np.random.default_rng(seed).choice(len(pairs), size=len(pairs) // 5, replace=False)
+    return frozenset(pairs[i] for i in pick)
+
+
+HELDOUT_PAIRS = _heldout_pairs()  # never in one scene of the world, in any relation or with "and"
 
 
 @dataclass(frozen=True)
@@ -84,13 +97,14 @@ def _overlap(a: tuple, b: tuple, gap: int) -> bool:
 
 
 def sample_scene(rng: np.random.Generator, size: int = SIZE) -> Scene:
-    """A random scene: 1-2 objects of distinct (color, shape), a relation that is true when stated."""
+    """A random scene: 1-2 objects of distinct (color, shape), never a held-out pair, and a relation that is
+    true when stated."""
     n = int(rng.integers(1, 3))
     colors, shapes = list(COLORS), list(SHAPES)
     kinds: list[tuple[str, str]] = []
     while len(kinds) < n:
         kind = (colors[rng.integers(len(colors))], shapes[rng.integers(len(shapes))])
-        if kind not in kinds:
+        if kind not in kinds and not (kinds and frozenset((kinds[0], kind)) in HELDOUT_PAIRS):
             kinds.append(kind)
     want = None if n == 1 else [None, *RELATIONS][rng.integers(len(RELATIONS) + 1)]
     return place_scene(kinds, want, rng, size)
@@ -165,7 +179,8 @@ class ShapesWorld:
         return render(s), s.caption
 
     def fingerprint(self) -> dict:
-        return {"source": "shapes", "num_images": self.num_images, "seed": self.seed, "size": self.size}
+        return {"source": "shapes", "num_images": self.num_images, "seed": self.seed, "size": self.size,
+                "heldout_pairs": len(HELDOUT_PAIRS)}
 
 
 def write_folder(out: str | Path, num_images: int, seed: int = 0, size: int = SIZE, control: bool = False) -> Path:
