@@ -75,6 +75,8 @@ default-model: setup
 	  || (tail -5 runs/default-model.log; exit 1)
 	rm -rf gen/assets/default && mkdir -p gen/assets
 	cp -r runs/default/polish/model gen/assets/default
+	cp runs/default/clip/model/stage.json gen/assets/default/stage-clip.json
+	cp runs/default/vae/model/stage.json gen/assets/default/stage-vae.json
 	tr '\r' '\n' < runs/default-model.log | grep -v '^train: ' > gen/assets/default/train.log
 	$(VENV)/bin/gen eval adherence --n 16 --diversity --json gen/assets/default/adherence.json
 	$(PY) -c "from gen import Pipeline; from train.loop import grid; from train.evaluate import SHOWCASE; \
