@@ -65,16 +65,17 @@ browser:
 	  >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; }; } || echo "no chromium: the page's browser test skips (apt-get install chromium chromium-driver)"
 
 # Trains the bundled default model from scratch (CLIP, VAE, DiT-flow on the shapes world; see
-# configs/default-model.yaml), then trains its DiT on (configs/default/dit-polish.yaml), and installs it into
+# configs/default-model.yaml), then trains its DiT on (configs/default/dit-polish.yaml, then dit-purple.yaml), and installs it into
 # gen/assets/default/ with its training log.
 default-model: setup
 	mkdir -p runs
 	@echo "training (about 2 h on a 2-core CPU); progress in runs/default-model.log"
 	$(VENV)/bin/gen train configs/default-model.yaml $(ARGS) > runs/default-model.log 2>&1 \
 	  && $(VENV)/bin/gen train configs/default/dit-polish.yaml >> runs/default-model.log 2>&1 \
+	  && $(VENV)/bin/gen train configs/default/dit-purple.yaml >> runs/default-model.log 2>&1 \
 	  || (tail -5 runs/default-model.log; exit 1)
 	rm -rf gen/assets/default && mkdir -p gen/assets
-	cp -r runs/default/polish/model gen/assets/default
+	cp -r runs/default/purple/model gen/assets/default
 	cp runs/default/clip/model/stage.json gen/assets/default/stage-clip.json
 	cp runs/default/vae/model/stage.json gen/assets/default/stage-vae.json
 	tr '\r' '\n' < runs/default-model.log | grep -v '^train: ' > gen/assets/default/train.log

@@ -72,6 +72,7 @@ class DataConfig:
     flip: bool = False                      # off by default: it would falsify "left of" captions
     num_images: int = 10000                 # size of the synthetic shapes world (source=shapes)
     seed: int = 0                           # shapes world seed (the data order uses train.seed)
+    color_weights: dict[str, float] | None = None  # shapes world: how often each color is drawn, relative (1 if unnamed)
     num_workers: int = 0
     buckets: bool = False                   # aspect-ratio buckets of about resolution^2 pixels
     bucket_step: int = 64                   # bucket sides are multiples of this (VAE factor x patch size or more)

@@ -40,6 +40,7 @@ SHRINK = {
     "controlnet-sd.yaml": [],
     "controlnet-sd3-flux.yaml": ["controlnet.num_layers=1", "controlnet.num_single_layers=1"],
     "default/dit-polish.yaml": [],  # the bundled model's second DiT run, on the tiny DiT stand-in
+    "default/dit-purple.yaml": [],  # and its third
 }
 
 

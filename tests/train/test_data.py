@@ -3,6 +3,7 @@
 import json
 import logging
 import tarfile
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from train.config import load_config
 from train.data import OrderSampler, TrainData, transform
 from train.data.folder import ImageFolder
 from train.data.shapes import (COLORS, HELDOUT_PAIRS, KINDS, RELATIONS, SHAPES, ShapesWorld, relation_of, render,
-                               write_folder)
+                               scene, write_folder)
 
 
 def test_shapes_world_follows_the_spec():
@@ -55,6 +56,24 @@ def test_a_fifth_of_the_pairs_never_share_a_scene_and_every_object_still_pairs_w
     assert not seen & HELDOUT_PAIRS
     assert len(seen) == 153 - 30  # every other pair is drawn
     assert {k for p in seen for k in p} == set(KINDS)
+
+
+def test_color_weights_draw_a_color_more_often_and_a_uniform_world_is_unchanged():
+    heavy = ShapesWorld(6000, seed=0, color_weights={"purple": 1.5})
+    counts = Counter(o.color for i in range(len(heavy)) for o in heavy.scene(i).objects)
+    share = {c: n / sum(counts.values()) for c, n in counts.items()}
+    others = [share[c] for c in COLORS if c != "purple"]
+    assert max(others) - min(others) < 0.02  # the other five equally often
+    assert abs(share["purple"] / (sum(others) / 5) - 1.5) < 0.15
+    assert heavy.fingerprint()["color_weights"] == {"purple": 1.5}  # a cache of the uniform world is not reused
+    uniform = ShapesWorld(50, seed=0)
+    assert "color_weights" not in uniform.fingerprint()
+    assert [uniform.scene(i) for i in range(50)] == [scene(0, i) for i in range(50)]
+    for bad in ({"pink": 2.0}, {"red": -1.0}):
+        with pytest.raises(GenError, match="data.color_weights"):
+            ShapesWorld(10, color_weights=bad)
+    cfg = load_config("configs/default/dit-polish.yaml", ["data.color_weights.purple=1.5"])
+    assert TrainData(cfg.data, 0).fingerprint()["color_weights"] == {"purple": 1.5}
 
 
 def test_written_folder_reads_back(tmp_path):

@@ -37,7 +37,7 @@ def build_source(cfg: DataConfig, control: bool = False) -> ImageFolder | Shapes
         raise GenError("stage=controlnet trains on images with control images (data.source=folder or shards), not "
                        "data.source=shapes (python -m train.data.shapes DIR --control writes such a folder)")
     if cfg.source == "shapes":
-        return ShapesWorld(cfg.num_images, cfg.seed)
+        return ShapesWorld(cfg.num_images, cfg.seed, color_weights=cfg.color_weights)
     if cfg.source == "shards":
         return Shards(cfg.path, control)
     return ImageFolder(cfg.path, control)

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from gen.errors import GenError
+
 SIZE = 64
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220),
@@ -96,14 +98,16 @@ def _overlap(a: tuple, b: tuple, gap: int) -> bool:
     return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
 
 
-def sample_scene(rng: np.random.Generator, size: int = SIZE) -> Scene:
+def sample_scene(rng: np.random.Generator, size: int = SIZE, color_weights: dict | None = None) -> Scene:
     """A random scene: 1-2 objects of distinct (color, shape), never a held-out pair, and a relation that is
-    true when stated."""
+    true when stated. Colors are equally likely, or drawn in proportion to `color_weights` (name -> weight)."""
     n = int(rng.integers(1, 3))
     colors, shapes = list(COLORS), list(SHAPES)
+    p = None if color_weights is None else np.array([color_weights.get(c, 1.0) for c in colors], float)
     kinds: list[tuple[str, str]] = []
     while len(kinds) < n:
-        kind = (colors[rng.integers(len(colors))], shapes[rng.integers(len(shapes))])
+        c = rng.integers(len(colors)) if p is None else rng.choice(len(colors), p=p / p.sum())
+        kind = (colors[c], shapes[rng.integers(len(shapes))])
         if kind not in kinds and not (kinds and frozenset((kinds[0], kind)) in HELDOUT_PAIRS):
             kinds.append(kind)
     want = None if n == 1 else [None, *RELATIONS][rng.integers(len(RELATIONS) + 1)]
@@ -129,9 +133,9 @@ def place_scene(kinds: list[tuple[str, str]], want: str | None, rng: np.random.G
         return Scene(objs, want, caption(objs, want), size)
 
 
-def scene(seed: int, index: int, size: int = SIZE) -> Scene:
-    """Scene `index` of the world with `seed`."""
-    return sample_scene(np.random.default_rng([seed, index]), size)
+def scene(seed: int, index: int, size: int = SIZE, color_weights: dict | None = None) -> Scene:
+    """Scene `index` of the world with `seed` (and `color_weights`, see sample_scene)."""
+    return sample_scene(np.random.default_rng([seed, index]), size, color_weights)
 
 
 def draw(d: ImageDraw.ImageDraw, obj: Obj, colors: dict | None = None) -> None:
@@ -165,14 +169,18 @@ def mask(s: Scene) -> Image.Image:
 class ShapesWorld:
     """`num_images` scenes of the world with `seed`, as (PIL image, caption) items plus their layout."""
 
-    def __init__(self, num_images: int, seed: int = 0, size: int = SIZE):
-        self.num_images, self.seed, self.size = num_images, seed, size
+    def __init__(self, num_images: int, seed: int = 0, size: int = SIZE, color_weights: dict | None = None):
+        unknown = set(color_weights or ()) - set(COLORS)
+        if unknown or any(w < 0 for w in (color_weights or {}).values()):
+            raise GenError(f"data.color_weights: {sorted(unknown) or color_weights} is not a map of the world's colors "
+                           f"({', '.join(COLORS)}) to weights >= 0")
+        self.num_images, self.seed, self.size, self.color_weights = num_images, seed, size, color_weights
 
     def __len__(self) -> int:
         return self.num_images
 
     def scene(self, i: int) -> Scene:
-        return scene(self.seed, i, self.size)
+        return scene(self.seed, i, self.size, self.color_weights)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, str]:
         s = self.scene(i)
@@ -180,7 +188,7 @@ class ShapesWorld:
 
     def fingerprint(self) -> dict:
         return {"source": "shapes", "num_images": self.num_images, "seed": self.seed, "size": self.size,
-                "heldout_pairs": len(HELDOUT_PAIRS)}
+                "heldout_pairs": len(HELDOUT_PAIRS)} | ({"color_weights": self.color_weights} if self.color_weights else {})
 
 
 def write_folder(out: str | Path, num_images: int, seed: int = 0, size: int = SIZE, control: bool = False) -> Path:
