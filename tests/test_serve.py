@@ -131,12 +131,22 @@ def test_txt2img_with_a_lora_in_the_prompt_is_gen_samples_image(a1111, folders, 
     assert len(r.images) == 2
     for image, seed in zip(r.images, (7, 8)):
         ours = Image.open(tmp_path / f"{seed}.png")
-        assert np.array_equal(pixels(image), pixels(ours))
+        # the same image up to float rounding (the server's worker unloads and loads LoRAs on a pipeline it keeps,
+        # a fresh process loads one once): a value can land 1 level apart (1 of 3072 with the bundled model of 2026-12-07); leaving the LoRA out
+        # moves most values by far more (checked below)
+        d = np.abs(pixels(image).astype(int) - pixels(ours).astype(int))
+        assert d.max() <= 1 and (d > 0).mean() < 0.002, (d.max(), (d > 0).sum())
         assert image.text["parameters"].splitlines()[0] == "a red circle <lora:style:0.5>"  # gen's recipe
         assert "Lora hashes: \"style: " in image.text["parameters"]
         # the model's default guidance interval, as `gen sample --from` needs it to remake the image
         assert recipe.from_text(image.text["parameters"]).guidance_interval == pipe.guidance_interval
     assert r.info["all_seeds"] == [7, 8] and r.info["infotexts"][1] == r.images[1].text["parameters"]
+    plain = subprocess.run([sys.executable, "-m", "gen", "sample", "a red circle", "--sampler", "Euler", "--steps", "2",
+                            "--seed", "7", "--width", "32", "--height", "32", "--out", tmp_path / "plain", "--no-progress"],
+                           capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert plain.returncode == 0, plain.stderr
+    d = np.abs(pixels(r.images[0]).astype(int) - pixels(Image.open(tmp_path / "plain" / "7.png")).astype(int))
+    assert (d > 1).mean() > 0.1  # the LoRA left out: more than 1 level apart in 57% of the values (2026-12-07)
 
 
 def test_img2img_and_openai_generate_and_edit_are_the_pipelines_images(a1111, client, pipe):
