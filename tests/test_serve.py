@@ -131,9 +131,8 @@ def test_txt2img_with_a_lora_in_the_prompt_is_gen_samples_image(a1111, folders, 
     assert len(r.images) == 2
     for image, seed in zip(r.images, (7, 8)):
         ours = Image.open(tmp_path / f"{seed}.png")
-        # the same image up to float rounding (the server's worker unloads and loads LoRAs on a pipeline it keeps,
-        # a fresh process loads one once): a value can land 1 level apart (1 of 3072 with the bundled model of 2026-12-07); leaving the LoRA out
-        # moves most values by far more (checked below)
+        # the same image up to float rounding, not yet traced: a value can land 1 level apart (1 of 3072 with the
+        # bundled model of 2026-12-07); leaving the LoRA out moves most values by far more (checked below)
         d = np.abs(pixels(image).astype(int) - pixels(ours).astype(int))
         assert d.max() <= 1 and (d > 0).mean() < 0.002, (d.max(), (d > 0).sum())
         assert image.text["parameters"].splitlines()[0] == "a red circle <lora:style:0.5>"  # gen's recipe

@@ -69,7 +69,7 @@ def test_color_weights_draw_a_color_more_often_and_a_uniform_world_is_unchanged(
     uniform = ShapesWorld(50, seed=0)
     assert "color_weights" not in uniform.fingerprint()
     assert [uniform.scene(i) for i in range(50)] == [scene(0, i) for i in range(50)]
-    for bad in ({"pink": 2.0}, {"red": -1.0}):
+    for bad in ({"pink": 2.0}, {"red": -1.0}, dict.fromkeys(COLORS, 0.0)):
         with pytest.raises(GenError, match="data.color_weights"):
             ShapesWorld(10, color_weights=bad)
     cfg = load_config("configs/default/dit-polish.yaml", ["data.color_weights.purple=1.5"])

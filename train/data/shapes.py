@@ -98,15 +98,26 @@ def _overlap(a: tuple, b: tuple, gap: int) -> bool:
     return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
 
 
-def sample_scene(rng: np.random.Generator, size: int = SIZE, color_weights: dict | None = None) -> Scene:
+def color_probabilities(color_weights: dict | None) -> np.ndarray | None:
+    """COLORS' draw probabilities from relative weights (1 for a color not named); None (equally likely) for None."""
+    if color_weights is None:
+        return None
+    unknown = set(color_weights) - set(COLORS)
+    p = np.array([color_weights.get(c, 1.0) for c in COLORS], float)
+    if unknown or (p < 0).any() or p.sum() <= 0:
+        raise GenError(f"data.color_weights: {sorted(unknown) or color_weights} is not a map of the world's colors "
+                       f"({', '.join(COLORS)}) to weights >= 0, not all 0")
+    return p / p.sum()
+
+
+def sample_scene(rng: np.random.Generator, size: int = SIZE, color_p: np.ndarray | None = None) -> Scene:
     """A random scene: 1-2 objects of distinct (color, shape), never a held-out pair, and a relation that is
-    true when stated. Colors are equally likely, or drawn in proportion to `color_weights` (name -> weight)."""
+    true when stated. Colors are equally likely, or drawn with probabilities `color_p` (color_probabilities)."""
     n = int(rng.integers(1, 3))
     colors, shapes = list(COLORS), list(SHAPES)
-    p = None if color_weights is None else np.array([color_weights.get(c, 1.0) for c in colors], float)
     kinds: list[tuple[str, str]] = []
     while len(kinds) < n:
-        c = rng.integers(len(colors)) if p is None else rng.choice(len(colors), p=p / p.sum())
+        c = rng.integers(len(colors)) if color_p is None else rng.choice(len(colors), p=color_p)
         kind = (colors[c], shapes[rng.integers(len(shapes))])
         if kind not in kinds and not (kinds and frozenset((kinds[0], kind)) in HELDOUT_PAIRS):
             kinds.append(kind)
@@ -133,9 +144,9 @@ def place_scene(kinds: list[tuple[str, str]], want: str | None, rng: np.random.G
         return Scene(objs, want, caption(objs, want), size)
 
 
-def scene(seed: int, index: int, size: int = SIZE, color_weights: dict | None = None) -> Scene:
-    """Scene `index` of the world with `seed` (and `color_weights`, see sample_scene)."""
-    return sample_scene(np.random.default_rng([seed, index]), size, color_weights)
+def scene(seed: int, index: int, size: int = SIZE, color_p: np.ndarray | None = None) -> Scene:
+    """Scene `index` of the world with `seed` (and color probabilities `color_p`, see sample_scene)."""
+    return sample_scene(np.random.default_rng([seed, index]), size, color_p)
 
 
 def draw(d: ImageDraw.ImageDraw, obj: Obj, colors: dict | None = None) -> None:
@@ -170,17 +181,14 @@ class ShapesWorld:
     """`num_images` scenes of the world with `seed`, as (PIL image, caption) items plus their layout."""
 
     def __init__(self, num_images: int, seed: int = 0, size: int = SIZE, color_weights: dict | None = None):
-        unknown = set(color_weights or ()) - set(COLORS)
-        if unknown or any(w < 0 for w in (color_weights or {}).values()):
-            raise GenError(f"data.color_weights: {sorted(unknown) or color_weights} is not a map of the world's colors "
-                           f"({', '.join(COLORS)}) to weights >= 0")
+        self.color_p = color_probabilities(color_weights)  # checked and normalized once, not per scene
         self.num_images, self.seed, self.size, self.color_weights = num_images, seed, size, color_weights
 
     def __len__(self) -> int:
         return self.num_images
 
     def scene(self, i: int) -> Scene:
-        return scene(self.seed, i, self.size, self.color_weights)
+        return scene(self.seed, i, self.size, self.color_p)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, str]:
         s = self.scene(i)
