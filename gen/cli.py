@@ -446,7 +446,8 @@ def cmd_sample(args) -> int:
                 recipe.write_png(image, path, recipe.infotext(r, sampler_fields))
                 made += 1
                 bar.update()
-                tqdm.write(str(path), file=sys.stdout)
+                tqdm.write(f"{path}\n", file=sys.stdout, end="")  # one write: processes sharing a pipe don't
+                sys.stdout.flush()  # split each other's lines (tqdm writes the text and the newline apart)
     except (KeyboardInterrupt, Stopped) as e:
         bar.close()
         raise Stopped(f"interrupted: wrote {made} of {total} images ({args.out})",

@@ -47,3 +47,29 @@ def test_processes_without_a_seed_are_refused(tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == ("gen: error: 2 processes (accelerate launch) need --seed (or a "
                                                       "seed on every --prompts line), so that they agree on each "
                                                       "image's seed"), r.stderr
+
+
+class Writes:
+    """A stdout that keeps each write() apart, as an unbuffered pipe (PYTHONUNBUFFERED) hands each to the OS."""
+
+    def __init__(self):
+        self.calls = []
+
+    def write(self, text):
+        self.calls.append(text)
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def test_each_image_path_goes_out_in_one_write_with_its_newline(tmp_path, monkeypatch):
+    # two processes on one pipe interleave between writes: a path and its newline written apart merged two lines
+    from gen.cli import main
+
+    out = Writes()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["sample", "a red circle", "--num-images", "2", "--seed", "5", "--steps", "1", "--width", "32",
+                 "--height", "32", "--no-progress", "--out", str(tmp_path)]) == 0
+    lines = [text for text in out.calls if ".png" in text]
+    assert sorted(lines) == sorted(f"{p}\n" for p in tmp_path.iterdir()) and len(lines) == 2
