@@ -446,8 +446,10 @@ def cmd_sample(args) -> int:
                 recipe.write_png(image, path, recipe.infotext(r, sampler_fields))
                 made += 1
                 bar.update()
-                tqdm.write(f"{path}\n", file=sys.stdout, end="")  # one write: processes sharing a pipe don't
-                sys.stdout.flush()  # split each other's lines (tqdm writes the text and the newline apart)
+                # the path and its newline in one write (tqdm.write's own end= is a second one), flushed at once:
+                # processes sharing an unbuffered pipe then never split each other's lines
+                tqdm.write(f"{path}\n", file=sys.stdout, end="")
+                sys.stdout.flush()
     except (KeyboardInterrupt, Stopped) as e:
         bar.close()
         raise Stopped(f"interrupted: wrote {made} of {total} images ({args.out})",

@@ -69,6 +69,8 @@ def test_color_weights_draw_a_color_more_often_and_a_uniform_world_is_unchanged(
     uniform = ShapesWorld(50, seed=0)
     assert "color_weights" not in uniform.fingerprint()
     assert [uniform.scene(i) for i in range(50)] == [scene(0, i) for i in range(50)]
+    empty = ShapesWorld(50, seed=0, color_weights={})  # no weights: the uniform world, its scenes and fingerprint
+    assert empty.fingerprint() == uniform.fingerprint() and [empty.scene(i) for i in range(50)] == [scene(0, i) for i in range(50)]
     for bad in ({"pink": 2.0}, {"red": -1.0}, dict.fromkeys(COLORS, 0.0)):
         with pytest.raises(GenError, match="data.color_weights"):
             ShapesWorld(10, color_weights=bad)

@@ -99,8 +99,9 @@ def _overlap(a: tuple, b: tuple, gap: int) -> bool:
 
 
 def color_probabilities(color_weights: dict | None) -> np.ndarray | None:
-    """COLORS' draw probabilities from relative weights (1 for a color not named); None (equally likely) for None."""
-    if color_weights is None:
+    """COLORS' draw probabilities from relative weights (1 for a color not named); None (equally likely, the uniform
+    world's own draws and fingerprint) for no weights."""
+    if not color_weights:
         return None
     unknown = set(color_weights) - set(COLORS)
     p = np.array([color_weights.get(c, 1.0) for c in COLORS], float)
